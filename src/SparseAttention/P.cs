@@ -1,0 +1,1 @@
+namespace SparseAttention; public static class Placeholder {}
