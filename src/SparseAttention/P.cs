@@ -1,1 +1,0 @@
-namespace SparseAttention; public static class Placeholder {}
