@@ -221,6 +221,19 @@ public sealed class BlockMask
     /// </summary>
     public (Tensor KeyBlockIndex, Tensor SlotMask) ToGatherIndex()
     {
+        lock (gatherLock)
+        {
+            // Built once per mask and kept outside any dispose scope: a BlockMask is reused across calls.
+            gatherIndex ??= BuildGatherIndex();
+            return gatherIndex.Value;
+        }
+    }
+
+    private readonly object gatherLock = new();
+    private (Tensor, Tensor)? gatherIndex;
+
+    private (Tensor, Tensor) BuildGatherIndex()
+    {
         int k = Math.Max(1, MaxKeyBlocksPerRow), b = BlockSize, tile = b * b;
         var index = new long[(long)Heads * NumBlocks * k];
         var mask = new bool[(long)Heads * NumBlocks * k * tile];
@@ -232,6 +245,7 @@ public sealed class BlockMask
                 if (tileIndex[e] < 0) Array.Fill(mask, true, (int)(slot * tile), tile);
                 else Array.Copy(tiles, (long)tileIndex[e] * tile, mask, slot * tile, tile);
             }
-        return (tensor(index, new long[] { Heads, NumBlocks, k }), tensor(mask, new long[] { Heads, NumBlocks, k, b, b }));
+        return (tensor(index, new long[] { Heads, NumBlocks, k }).DetachFromDisposeScope(),
+                tensor(mask, new long[] { Heads, NumBlocks, k, b, b }).DetachFromDisposeScope());
     }
 }

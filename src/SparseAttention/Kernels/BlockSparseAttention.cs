@@ -1,0 +1,51 @@
+using SparseAttention.Patterns;
+using static TorchSharp.torch;
+
+namespace SparseAttention.Kernels;
+
+/// <summary>Which implementation computes block-sparse attention.</summary>
+public enum AttentionKernel
+{
+    /// <summary>The fastest implementation that applies to the inputs (currently <see cref="Ops"/>).</summary>
+    Auto,
+    /// <summary>TorchSharp tensor ops (<see cref="BlockSparseOpsAttention"/>): any device, any float dtype.</summary>
+    Ops,
+    /// <summary>The dense oracle with the pattern's token-level mask (<see cref="ReferenceAttention"/>): O(T²) memory.</summary>
+    Reference,
+}
+
+/// <summary>Block-sparse attention over a compiled pattern, dispatching to a kernel.</summary>
+public static class BlockSparseAttention
+{
+    /// <summary>
+    /// Attention where query i may attend key j iff <paramref name="mask"/> allows (head, i, j) and
+    /// <paramref name="keyMask"/> marks j as real.
+    /// </summary>
+    /// <param name="q">Queries (B, H, T, D).</param>
+    /// <param name="k">Keys (B, H, T, D).</param>
+    /// <param name="v">Values (B, H, T, Dv).</param>
+    /// <param name="mask">The compiled pattern for (T, block, H).</param>
+    /// <param name="keyMask">Optional (B, T) bool; true = real key.</param>
+    /// <param name="scale">Score scale; default 1/√D.</param>
+    /// <param name="kernel">Implementation to use.</param>
+    /// <returns>(B, H, T, Dv).</returns>
+    public static Tensor Attention(Tensor q, Tensor k, Tensor v, BlockMask mask, Tensor? keyMask = null,
+        double? scale = null, AttentionKernel kernel = AttentionKernel.Auto)
+    {
+        ArgumentNullException.ThrowIfNull(mask);
+        switch (kernel)
+        {
+            case AttentionKernel.Reference:
+                Check.That(mask.SeqLen == q.shape[2] && mask.Heads == q.shape[1], nameof(mask),
+                    $"was compiled for (T = {mask.SeqLen}, H = {mask.Heads}), q has (T = {q.shape[2]}, H = {q.shape[1]}).");
+                using (var dense = mask.ToDense())                                 // (H, T, T)
+                using (var onDevice = dense.to(q.device))
+                    return ReferenceAttention.Attention(q, k, v, onDevice.unsqueeze(0), keyMask: keyMask, scale: scale);
+            case AttentionKernel.Auto:
+            case AttentionKernel.Ops:
+                return BlockSparseOpsAttention.Attention(q, k, v, mask, keyMask, scale);
+            default:
+                throw new ArgumentException($"kernel: unknown value {kernel}.", nameof(kernel));
+        }
+    }
+}
