@@ -44,7 +44,7 @@ public static class TestSupport
         Assert.False(actual.isnan().any().item<bool>(), $"{what}: NaN in result");
         if (!allclose(actual, expected, r, a))
         {
-            double maxDiff = (actual - expected).abs().max().item<double>();
+            double maxDiff = (actual - expected).abs().max().to(ScalarType.Float64).item<double>();
             Assert.Fail($"{what}: max |diff| = {maxDiff:G4} exceeds atol {a:G2} / rtol {r:G2}");
         }
     }

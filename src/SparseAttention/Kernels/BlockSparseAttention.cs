@@ -6,8 +6,10 @@ namespace SparseAttention.Kernels;
 /// <summary>Which implementation computes block-sparse attention.</summary>
 public enum AttentionKernel
 {
-    /// <summary>The fastest implementation that applies to the inputs (currently <see cref="Ops"/>).</summary>
+    /// <summary><see cref="Fused"/> for float32 CPU tensors, otherwise <see cref="Ops"/>.</summary>
     Auto,
+    /// <summary>C# SIMD kernels (<see cref="FusedBlockSparseAttention"/>): float32 on CPU only.</summary>
+    Fused,
     /// <summary>TorchSharp tensor ops (<see cref="BlockSparseOpsAttention"/>): any device, any float dtype.</summary>
     Ops,
     /// <summary>The dense oracle with the pattern's token-level mask (<see cref="ReferenceAttention"/>): O(T²) memory.</summary>
@@ -41,6 +43,10 @@ public static class BlockSparseAttention
                 using (var dense = mask.ToDense())                                 // (H, T, T)
                 using (var onDevice = dense.to(q.device))
                     return ReferenceAttention.Attention(q, k, v, onDevice.unsqueeze(0), keyMask: keyMask, scale: scale);
+            case AttentionKernel.Fused:
+                return FusedBlockSparseAttention.Attention(q, k, v, mask, keyMask, scale);
+            case AttentionKernel.Auto when FusedBlockSparseAttention.Supports(q):
+                return FusedBlockSparseAttention.Attention(q, k, v, mask, keyMask, scale);
             case AttentionKernel.Auto:
             case AttentionKernel.Ops:
                 return BlockSparseOpsAttention.Attention(q, k, v, mask, keyMask, scale);

@@ -11,6 +11,18 @@ namespace SparseAttention.Kernels;
 /// </summary>
 public static class BlockSparseOpsAttention
 {
+    /// <summary>Argument checks shared by every block-sparse kernel.</summary>
+    internal static void CheckArguments(Tensor q, Tensor k, Tensor v, BlockMask mask, Tensor? keyMask)
+    {
+        ArgumentNullException.ThrowIfNull(mask);
+        Check.QueryKeyValue(q, k, v);
+        long seqLen = q.shape[2];
+        Check.That(k.shape[2] == seqLen, nameof(k), $"block-sparse attention is self-attention: k must have T = {seqLen} like q, got {k.shape[2]}.");
+        Check.That(mask.SeqLen == seqLen, nameof(mask), $"was compiled for seq_len {mask.SeqLen}, but q has T = {seqLen}.");
+        Check.That(mask.Heads == q.shape[1], nameof(mask), $"was compiled for {mask.Heads} heads, but q has H = {q.shape[1]}.");
+        Check.KeyMask(keyMask, q.shape[0], seqLen);
+    }
+
     /// <param name="q">Queries (B, H, T, D).</param>
     /// <param name="k">Keys (B, H, T, D).</param>
     /// <param name="v">Values (B, H, T, Dv).</param>
@@ -20,13 +32,8 @@ public static class BlockSparseOpsAttention
     /// <returns>(B, H, T, Dv); a query with no allowed key gets zeros.</returns>
     public static Tensor Attention(Tensor q, Tensor k, Tensor v, BlockMask mask, Tensor? keyMask = null, double? scale = null)
     {
-        ArgumentNullException.ThrowIfNull(mask);
-        Check.QueryKeyValue(q, k, v);
+        CheckArguments(q, k, v, mask, keyMask);
         long batch = q.shape[0], heads = q.shape[1], seqLen = q.shape[2], dim = q.shape[3], dimV = v.shape[3];
-        Check.That(k.shape[2] == seqLen, nameof(k), $"block-sparse attention is self-attention: k must have T = {seqLen} like q, got {k.shape[2]}.");
-        Check.That(mask.SeqLen == seqLen, nameof(mask), $"was compiled for seq_len {mask.SeqLen}, but q has T = {seqLen}.");
-        Check.That(mask.Heads == heads, nameof(mask), $"was compiled for {mask.Heads} heads, but q has H = {heads}.");
-        Check.KeyMask(keyMask, batch, seqLen);
 
         using var scope = NewDisposeScope();
         int nb = mask.NumBlocks, b = mask.BlockSize, slots = Math.Max(1, mask.MaxKeyBlocksPerRow);

@@ -23,6 +23,12 @@ public sealed class BlockMask
         this.rowStart = rowStart; this.keyBlock = keyBlock; this.tileIndex = tileIndex; this.tiles = tiles;
     }
 
+    // Raw compiled data for kernels in this assembly (read-only by convention).
+    internal int[] RowStart => rowStart;
+    internal int[] KeyBlockOfEntry => keyBlock;
+    internal int[] TileOfEntry => tileIndex;
+    internal bool[] Tiles => tiles;
+
     public string Name { get; }
     public bool IsCausal { get; }
     public int SeqLen { get; }

@@ -1,0 +1,206 @@
+using System.Runtime.InteropServices;
+using System.Runtime.Intrinsics;
+
+namespace SparseAttention.Kernels.Fused;
+
+/// <summary>Raw pointers and sizes of one fused call (pointers as nint so lambdas can carry them).</summary>
+internal struct KernelArgs
+{
+    public int Batch, Heads, SeqLen, Dim, DimV, Threads;
+    public float Scale;
+    public nint Q, K, V;            // (B, H, T, D), (B, H, T, D), (B, H, T, Dv)
+    public nint QT, KT, VT, DOT;    // transposed copies (B, H, D|Dv, T), where a pass needs them
+    public nint KeyBias;            // (B, T): 0 = real key, −∞ = padding; 0 when there is no key mask
+    public nint O, Lse;             // forward outputs: (B, H, T, Dv), (B, H, T)
+    public nint DO, Delta;          // backward inputs: (B, H, T, Dv), (B, H, T) = rowsum(dO ∘ O)
+    public nint DQ, DK, DV;         // backward outputs
+}
+
+/// <summary>
+/// Flash-style block-sparse attention on raw float32 CPU memory: per query block an online softmax
+/// over the visited key blocks (no T×T scores), the per-row log-sum-exp saved for the backward;
+/// the backward recomputes probabilities in two passes, query-major for dQ and key-major for dK/dV,
+/// so no two threads ever write the same row and results do not depend on the thread count.
+/// </summary>
+internal static unsafe class BlockSparseKernel
+{
+    public static void Forward(FusedLayout layout, in KernelArgs args)
+    {
+        if (Vector512.IsHardwareAccelerated) Forward<Simd512, Vector512<float>>(layout, args);
+        else if (Vector256.IsHardwareAccelerated) Forward<Simd256, Vector256<float>>(layout, args);
+        else Forward<SimdScalar, float>(layout, args);
+    }
+
+    public static void Backward(FusedLayout layout, in KernelArgs args)
+    {
+        if (Vector512.IsHardwareAccelerated) Backward<Simd512, Vector512<float>>(layout, args);
+        else if (Vector256.IsHardwareAccelerated) Backward<Simd256, Vector256<float>>(layout, args);
+        else Backward<SimdScalar, float>(layout, args);
+    }
+
+    /// <summary>Per-thread scratch: a few block-sized tiles, freed when the thread's share is done.</summary>
+    private sealed class Scratch : IDisposable
+    {
+        public readonly float* S, P, Acc, Acc2, RowMax, RowSum;
+        private readonly void* memory;
+
+        public Scratch(int block, int width)
+        {
+            long tile = (long)block * block, acc = (long)block * width;
+            memory = NativeMemory.AlignedAlloc((nuint)((2 * tile + 2 * acc + 2 * block) * sizeof(float)), 64);
+            S = (float*)memory; P = S + tile; Acc = P + tile; Acc2 = Acc + acc; RowMax = Acc2 + acc; RowSum = RowMax + block;
+        }
+
+        public void Dispose() => NativeMemory.AlignedFree(memory);
+    }
+
+    private static void ParallelOver(int count, int threads, int block, int width, Action<int, Scratch> body)
+    {
+        Parallel.For(0, count, new ParallelOptions { MaxDegreeOfParallelism = Math.Max(1, threads) },
+            () => new Scratch(block, width),
+            (task, _, scratch) => { body(task, scratch); return scratch; },
+            scratch => scratch.Dispose());
+    }
+
+    private static void Forward<TS, TV>(FusedLayout L, KernelArgs a) where TS : struct, ISimd<TV> where TV : unmanaged
+    {
+        int nb = L.NumBlocks, bs = L.BlockSize;
+        ParallelOver(a.Batch * a.Heads * nb, a.Threads, bs, Math.Max(a.Dim, a.DimV), (task, scratch) =>
+        {
+            int qb = task % nb, bh = task / nb, h = bh % a.Heads, b = bh / a.Heads;
+            int T = a.SeqLen, D = a.Dim, Dv = a.DimV;
+            int q0 = qb * bs, rows = Math.Min(bs, T - q0);
+            float* q = (float*)a.Q + ((long)bh * T + q0) * D;
+            float* kt = (float*)a.KT + (long)bh * D * T;                          // (D, T)
+            float* v = (float*)a.V + (long)bh * T * Dv;                           // (T, Dv)
+            float* keyBias = a.KeyBias == 0 ? null : (float*)a.KeyBias + (long)b * T;
+            float* s = scratch.S, acc = scratch.Acc, m = scratch.RowMax, l = scratch.RowSum;
+            new Span<float>(acc, rows * Dv).Clear();
+            new Span<float>(m, rows).Fill(float.NegativeInfinity);
+            new Span<float>(l, rows).Clear();
+
+            fixed (float* tileBias = L.TileBias)
+            {
+                int row = h * nb + qb;
+                for (int e = L.RowStart[row]; e < L.RowStart[row + 1]; e++)
+                {
+                    int k0 = L.KeyBlock[e] * bs, cols = Math.Min(bs, T - k0);
+                    float* bias = L.TileIndex[e] < 0 ? null : tileBias + (long)L.TileIndex[e] * bs * bs;
+                    Tile<TS, TV>.Gemm(rows, cols, D, q, D, kt + k0, T, s, bs, accumulate: false);   // S = Q·Kᵀ (rows × cols)
+                    for (int i = 0; i < rows; i++)
+                    {
+                        float* si = s + i * bs;
+                        Tile<TS, TV>.ScaleAddBias(si, cols, a.Scale, bias == null ? null : bias + i * bs, 0f);
+                        if (keyBias != null) Tile<TS, TV>.ScaleAddBias(si, cols, 1f, keyBias + k0, 0f);
+                        float mNew = MathF.Max(m[i], Tile<TS, TV>.Max(si, cols));
+                        if (float.IsNegativeInfinity(mNew)) { new Span<float>(si, cols).Clear(); continue; }  // nothing allowed yet
+                        float alpha = MathF.Exp(m[i] - mNew);
+                        l[i] = l[i] * alpha + Tile<TS, TV>.ExpShiftSum(si, cols, mNew);
+                        m[i] = mNew;
+                        if (alpha != 1f) Tile<TS, TV>.Scale(acc + i * Dv, Dv, alpha);
+                    }
+                    Tile<TS, TV>.Gemm(rows, Dv, cols, s, bs, v + (long)k0 * Dv, Dv, acc, Dv, accumulate: true);  // acc += P·V
+                }
+            }
+            float* o = (float*)a.O + ((long)bh * T + q0) * Dv;
+            float* lse = (float*)a.Lse + (long)bh * T + q0;
+            for (int i = 0; i < rows; i++)
+            {
+                // A row with no allowed key: zero output, and +∞ log-sum-exp so the backward's exp(S − lse) is 0.
+                bool empty = l[i] == 0f;
+                float inv = empty ? 0f : 1f / l[i];
+                for (int d = 0; d < Dv; d++) o[(long)i * Dv + d] = acc[i * Dv + d] * inv;
+                lse[i] = empty ? float.PositiveInfinity : m[i] + MathF.Log(l[i]);
+            }
+        });
+    }
+
+    private static void Backward<TS, TV>(FusedLayout L, KernelArgs a) where TS : struct, ISimd<TV> where TV : unmanaged
+    {
+        int nb = L.NumBlocks, bs = L.BlockSize, width = Math.Max(a.Dim, a.DimV);
+
+        // Pass 1, query-major: dQ = scale · Σ_blocks dS·K with dS = P ∘ (dO·Vᵀ − Δ).
+        ParallelOver(a.Batch * a.Heads * nb, a.Threads, bs, width, (task, scratch) =>
+        {
+            int qb = task % nb, bh = task / nb, h = bh % a.Heads, b = bh / a.Heads;
+            int T = a.SeqLen, D = a.Dim, Dv = a.DimV;
+            int q0 = qb * bs, rows = Math.Min(bs, T - q0);
+            float* q = (float*)a.Q + ((long)bh * T + q0) * D;
+            float* kt = (float*)a.KT + (long)bh * D * T;
+            float* k = (float*)a.K + (long)bh * T * D;
+            float* vt = (float*)a.VT + (long)bh * Dv * T;
+            float* dO = (float*)a.DO + ((long)bh * T + q0) * Dv;
+            float* lse = (float*)a.Lse + (long)bh * T + q0;
+            float* delta = (float*)a.Delta + (long)bh * T + q0;
+            float* keyBias = a.KeyBias == 0 ? null : (float*)a.KeyBias + (long)b * T;
+            float* s = scratch.S, dp = scratch.P, dq = scratch.Acc;
+            new Span<float>(dq, rows * D).Clear();
+            fixed (float* tileBias = L.TileBias)
+            {
+                int row = h * nb + qb;
+                for (int e = L.RowStart[row]; e < L.RowStart[row + 1]; e++)
+                {
+                    int k0 = L.KeyBlock[e] * bs, cols = Math.Min(bs, T - k0);
+                    float* bias = L.TileIndex[e] < 0 ? null : tileBias + (long)L.TileIndex[e] * bs * bs;
+                    Tile<TS, TV>.Gemm(rows, cols, D, q, D, kt + k0, T, s, bs, accumulate: false);        // S
+                    Tile<TS, TV>.Gemm(rows, cols, Dv, dO, Dv, vt + k0, T, dp, bs, accumulate: false);    // dP = dO·Vᵀ
+                    for (int i = 0; i < rows; i++)
+                    {
+                        float* si = s + i * bs;
+                        Tile<TS, TV>.ScaleAddBias(si, cols, a.Scale, bias == null ? null : bias + i * bs, -lse[i]);
+                        if (keyBias != null) Tile<TS, TV>.ScaleAddBias(si, cols, 1f, keyBias + k0, 0f);
+                        Tile<TS, TV>.ExpShiftSum(si, cols, 0f);                                           // P = exp(S − lse)
+                        Tile<TS, TV>.SoftmaxGrad(si, dp + i * bs, cols, delta[i]);                        // dS
+                    }
+                    Tile<TS, TV>.Gemm(rows, D, cols, dp, bs, k + (long)k0 * D, D, dq, D, accumulate: true);  // dQ += dS·K
+                }
+            }
+            float* dqOut = (float*)a.DQ + ((long)bh * T + q0) * D;
+            for (int i = 0; i < rows * D; i++) dqOut[i] = dq[i] * a.Scale;
+        });
+
+        // Pass 2, key-major on transposed tiles: dV = Σ Pᵀ·dO, dK = scale · Σ dSᵀ·Q.
+        ParallelOver(a.Batch * a.Heads * nb, a.Threads, bs, width, (task, scratch) =>
+        {
+            int kb = task % nb, bh = task / nb, h = bh % a.Heads, b = bh / a.Heads;
+            int T = a.SeqLen, D = a.Dim, Dv = a.DimV;
+            int k0 = kb * bs, cols = Math.Min(bs, T - k0);
+            float* k = (float*)a.K + ((long)bh * T + k0) * D;
+            float* v = (float*)a.V + ((long)bh * T + k0) * Dv;
+            float* qt = (float*)a.QT + (long)bh * D * T;
+            float* q = (float*)a.Q + (long)bh * T * D;
+            float* dOt = (float*)a.DOT + (long)bh * Dv * T;
+            float* dO = (float*)a.DO + (long)bh * T * Dv;
+            float* lse = (float*)a.Lse + (long)bh * T;
+            float* delta = (float*)a.Delta + (long)bh * T;
+            float* keyBias = a.KeyBias == 0 ? null : (float*)a.KeyBias + (long)b * T + k0;
+            float* st = scratch.S, dpt = scratch.P, dk = scratch.Acc, dv = scratch.Acc2;
+            new Span<float>(dk, cols * D).Clear();
+            new Span<float>(dv, cols * Dv).Clear();
+            fixed (float* tileBiasT = L.TileBiasT)
+            {
+                int col = h * nb + kb;
+                for (int c = L.ColStart[col]; c < L.ColStart[col + 1]; c++)
+                {
+                    int e = L.ColEntry[c], q0 = L.ColQueryBlock[c] * bs, rows = Math.Min(bs, T - q0);
+                    float* biasT = L.TileIndex[e] < 0 ? null : tileBiasT + (long)L.TileIndex[e] * bs * bs;
+                    Tile<TS, TV>.Gemm(cols, rows, D, k, D, qt + q0, T, st, bs, accumulate: false);       // Sᵀ = K·Qᵀ
+                    Tile<TS, TV>.Gemm(cols, rows, Dv, v, Dv, dOt + q0, T, dpt, bs, accumulate: false);   // dPᵀ = V·dOᵀ
+                    for (int j = 0; j < cols; j++)
+                    {
+                        float* sj = st + j * bs;
+                        Tile<TS, TV>.ScaleAddBias(sj, rows, a.Scale, biasT == null ? null : biasT + j * bs, keyBias == null ? 0f : keyBias[j]);
+                        Tile<TS, TV>.ExpShiftEach(sj, rows, lse + q0);                                    // Pᵀ
+                        Tile<TS, TV>.SoftmaxGradEach(sj, dpt + j * bs, rows, delta + q0);                 // dSᵀ
+                    }
+                    Tile<TS, TV>.Gemm(cols, Dv, rows, st, bs, dO + (long)q0 * Dv, Dv, dv, Dv, accumulate: true);  // dV += Pᵀ·dO
+                    Tile<TS, TV>.Gemm(cols, D, rows, dpt, bs, q + (long)q0 * D, D, dk, D, accumulate: true);      // dK += dSᵀ·Q
+                }
+            }
+            float* dkOut = (float*)a.DK + ((long)bh * T + k0) * D;
+            float* dvOut = (float*)a.DV + ((long)bh * T + k0) * Dv;
+            for (int i = 0; i < cols * D; i++) dkOut[i] = dk[i] * a.Scale;
+            new Span<float>(dv, cols * Dv).CopyTo(new Span<float>(dvOut, cols * Dv));
+        });
+    }
+}

@@ -1,0 +1,105 @@
+using System.Runtime.InteropServices;
+using SparseAttention.Kernels.Fused;
+using SparseAttention.Patterns;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace SparseAttention.Kernels;
+
+/// <summary>
+/// Fused block-sparse attention for float32 CPU tensors: C# SIMD kernels over raw memory
+/// (flash-style online softmax per query block, multi-threaded over batch × head × block),
+/// forward and backward, wrapped as a TorchSharp autograd function.
+/// </summary>
+public static class FusedBlockSparseAttention
+{
+    /// <summary>True when the fused kernels can run on tensors like <paramref name="q"/> (float32 on CPU).</summary>
+    public static bool Supports(Tensor q) => q.device_type == DeviceType.CPU && q.dtype == ScalarType.Float32;
+
+    /// <summary>Threads the fused kernels use when a call does not say; default: all processors.</summary>
+    public static int DefaultThreads { get; set; } = Environment.ProcessorCount;
+
+    /// <inheritdoc cref="BlockSparseOpsAttention.Attention"/>
+    /// <param name="threads">Worker threads (results do not depend on it); default <see cref="DefaultThreads"/>.</param>
+    public static Tensor Attention(Tensor q, Tensor k, Tensor v, BlockMask mask, Tensor? keyMask = null,
+        double? scale = null, int? threads = null)
+    {
+        BlockSparseOpsAttention.CheckArguments(q, k, v, mask, keyMask);
+        Check.That(Supports(q), nameof(q), $"the fused kernels need float32 CPU tensors, got {q.dtype} on {q.device}.");
+        if (threads is int t) Check.Positive(t, nameof(threads));
+        double s = scale ?? 1.0 / Math.Sqrt(q.shape[3]);
+        return BlockSparseFunction.apply(q, k, v, keyMask, new Settings(mask, (float)s, threads ?? DefaultThreads));
+    }
+
+    internal sealed record Settings(BlockMask Mask, float Scale, int Threads);
+
+    internal static unsafe nint Pointer(Tensor t)
+    {
+        // CPU tensor memory is native, so the address stays valid after the fixed block.
+        fixed (byte* p = t.bytes) return (nint)p;
+    }
+
+    private sealed class BlockSparseFunction : autograd.SingleTensorFunction<BlockSparseFunction>
+    {
+        public override string Name => "FusedBlockSparseAttention";
+
+        public override Tensor forward(autograd.AutogradContext ctx, params object[] vars)
+        {
+            var (q, k, v) = (((Tensor)vars[0]).contiguous(), ((Tensor)vars[1]).contiguous(), ((Tensor)vars[2]).contiguous());
+            var keyMask = vars[3] as Tensor;
+            var settings = (Settings)vars[4];
+            long batch = q.shape[0], heads = q.shape[1], seqLen = q.shape[2], dimV = v.shape[3];
+            Tensor? keyBias = null;
+            if (keyMask is not null)
+            {
+                var drop = keyMask.logical_not();
+                k = k.masked_fill(drop.view(batch, 1, seqLen, 1), 0);                      // NaN in padding must not leak via 0·x
+                v = v.masked_fill(drop.view(batch, 1, seqLen, 1), 0);
+                keyBias = zeros(batch, seqLen).masked_fill(drop, float.NegativeInfinity);  // (B, T)
+            }
+            var kt = k.transpose(-1, -2).contiguous();                                     // (B, H, D, T)
+            var output = empty(new[] { batch, heads, seqLen, dimV });                      // (B, H, T, Dv)
+            var lse = empty(new[] { batch, heads, seqLen });                               // (B, H, T)
+            var args = Arguments(q, settings);
+            args.K = Pointer(k); args.KT = Pointer(kt); args.V = Pointer(v);
+            args.KeyBias = keyBias is null ? 0 : Pointer(keyBias);
+            args.O = Pointer(output); args.Lse = Pointer(lse);
+            args.DimV = (int)dimV;
+            BlockSparseKernel.Forward(FusedLayout.For(settings.Mask), args);
+            GC.KeepAlive(kt);
+            ctx.save_for_backward([q, k, v, output, lse, keyBias ?? empty(0)]);
+            ctx.save_data("settings", settings);
+            return output;
+        }
+
+        public override List<Tensor> backward(autograd.AutogradContext ctx, Tensor gradOutput)
+        {
+            var saved = ctx.get_saved_variables();
+            var (q, k, v, output, lse, keyBias) = (saved[0], saved[1], saved[2], saved[3], saved[4], saved[5]);
+            var settings = (Settings)ctx.get_data("settings");
+            var dO = gradOutput.contiguous();
+            var delta = (dO * output).sum(-1).contiguous();                                // (B, H, T) = rowsum(dO ∘ O)
+            var qt = q.transpose(-1, -2).contiguous();                                     // (B, H, D, T)
+            var kt = k.transpose(-1, -2).contiguous();                                     // (B, H, D, T)
+            var vt = v.transpose(-1, -2).contiguous();                                     // (B, H, Dv, T)
+            var dOt = dO.transpose(-1, -2).contiguous();                                   // (B, H, Dv, T)
+            var (dq, dk, dv) = (empty_like(q), empty_like(k), empty_like(v));
+            var args = Arguments(q, settings);
+            args.DimV = (int)v.shape[3];
+            args.K = Pointer(k); args.V = Pointer(v);
+            args.QT = Pointer(qt); args.KT = Pointer(kt); args.VT = Pointer(vt); args.DOT = Pointer(dOt);
+            args.KeyBias = keyBias.numel() == 0 ? 0 : Pointer(keyBias);
+            args.Lse = Pointer(lse); args.DO = Pointer(dO); args.Delta = Pointer(delta);
+            args.DQ = Pointer(dq); args.DK = Pointer(dk); args.DV = Pointer(dv);
+            BlockSparseKernel.Backward(FusedLayout.For(settings.Mask), args);
+            GC.KeepAlive(qt); GC.KeepAlive(kt); GC.KeepAlive(vt); GC.KeepAlive(dOt);
+            return [dq, dk, dv, null!, null!];
+        }
+
+        private static KernelArgs Arguments(Tensor q, Settings settings) => new()
+        {
+            Batch = (int)q.shape[0], Heads = (int)q.shape[1], SeqLen = (int)q.shape[2], Dim = (int)q.shape[3],
+            Threads = settings.Threads, Scale = settings.Scale, Q = Pointer(q),
+        };
+    }
+}

@@ -1,0 +1,125 @@
+using SparseAttention.Kernels;
+using SparseAttention.Patterns;
+using TorchSharp;
+using Xunit;
+using static TorchSharp.torch;
+
+namespace SparseAttention.Tests;
+
+public class FusedAttentionTests
+{
+    public static TheoryData<string, bool, int, int, int> Cases() => OpsAttentionTests.Cases();
+
+    private static void AssertFusedMatchesOracle(BlockMask mask, Tensor q, Tensor k, Tensor v, Tensor? keyMask, int? threads = null)
+    {
+        var upstream = randn(new[] { q.shape[0], q.shape[1], q.shape[2], v.shape[3] }, generator: new Generator(7));
+        var dense = mask.ToDense().unsqueeze(0);
+        // The oracle in float64 from the same float32 inputs: the fused kernel is compared with exact math.
+        Tensor F64(Tensor t) => t.detach().to(ScalarType.Float64).requires_grad_(true);
+        var expected = TestSupport.ForwardBackward((a, b, c) => ReferenceAttention.Attention(a, b, c, mask: dense, keyMask: keyMask),
+            F64(q), F64(k), F64(v), upstream.to(ScalarType.Float64));
+        var actual = TestSupport.ForwardBackward((a, b, c) => FusedBlockSparseAttention.Attention(a, b, c, mask, keyMask, threads: threads),
+            q, k, v, upstream);
+        var keep = keyMask is null ? ones(1, dtype: ScalarType.Bool) : keyMask.view(keyMask.shape[0], 1, keyMask.shape[1], 1);
+        // Padded keys get no gradient on either path (the oracle's comes from masked_fill); compare the rest.
+        Tensor Real(Tensor t) => t.to(ScalarType.Float32).masked_fill(keep.logical_not(), 0);
+        TestSupport.AssertClose(expected.Output.to(ScalarType.Float32), actual.Output, "output");
+        TestSupport.AssertClose(expected.Dq.to(ScalarType.Float32), actual.Dq, "dq");
+        Assert.False(actual.Dk.isnan().any().item<bool>() || actual.Dv.isnan().any().item<bool>(), "NaN in dk/dv");
+        TestSupport.AssertClose(Real(expected.Dk), Real(actual.Dk), "dk");
+        TestSupport.AssertClose(Real(expected.Dv), Real(actual.Dv), "dv");
+    }
+
+    [Theory]
+    [MemberData(nameof(Cases))]
+    public void FusedEqualsOracleInOutputsAndGradients(string kind, bool causal, int seqLen, int block, int heads)
+    {
+        var mask = OpsAttentionTests.Make(kind, causal).Compile(seqLen, block, heads);
+        var (q, k, v) = TestSupport.RandomQkv(2, heads, seqLen, 5, seed: seqLen * 7 + heads, dtype: ScalarType.Float32);
+        AssertFusedMatchesOracle(mask, q, k, v, keyMask: null);
+    }
+
+    [Theory]
+    [InlineData(40, 16, 64, 64)]   // full vector tiles (AVX-512 4×4 micro-kernel) and a short last block
+    [InlineData(70, 32, 48, 16)]   // D not a multiple of the 4-vector tile
+    [InlineData(33, 8, 17, 3)]     // odd sizes everywhere
+    public void FusedHandlesVectorTilesAndTails(int seqLen, int block, int dim, int dimV)
+    {
+        var mask = new WindowPattern(block, 1, 0, false, causal: true).Or(new FixedPattern(8, 2, 2, causal: true)).Compile(seqLen, block, 2);
+        var gen = new Generator(5);
+        var q = randn(new long[] { 2, 2, seqLen, dim }, generator: gen).requires_grad_(true);
+        var k = randn(new long[] { 2, 2, seqLen, dim }, generator: gen).requires_grad_(true);
+        var v = randn(new long[] { 2, 2, seqLen, dimV }, generator: gen).requires_grad_(true);
+        AssertFusedMatchesOracle(mask, q, k, v, keyMask: null);
+    }
+
+    [Fact]
+    public void KeyMaskAndNaNInPaddingNeverLeak()
+    {
+        const int seqLen = 27, heads = 3;
+        var mask = AttentionPattern.HeadGroups((new LocalBandPattern(5, true), 1), (new StridedPattern(4, true), 2)).Compile(seqLen, 8, heads);
+        var (q, k, v) = TestSupport.RandomQkv(3, heads, seqLen, 6, seed: 13, dtype: ScalarType.Float32);
+        var keyMask = ones(3, seqLen, dtype: ScalarType.Bool);
+        keyMask[1, 20..] = tensor(false);
+        keyMask[2, 0] = tensor(false); keyMask[2, 9] = tensor(false);
+        var padded = keyMask.logical_not().view(3, 1, seqLen, 1).expand_as(k);
+        var kNan = k.detach().masked_fill(padded, float.NaN).requires_grad_(true);
+        var vNan = v.detach().masked_fill(padded, float.NaN).requires_grad_(true);
+        AssertFusedMatchesOracle(mask, q, kNan, vNan, keyMask);
+    }
+
+    [Fact]
+    public void RowsWithNoAllowedKeyGiveZeroOutputAndZeroGradient()
+    {
+        var pattern = new StridedPattern(4, true, FactorizedCombine.Interleaved, layer: 1).And(new LocalBandPattern(2, true));
+        var mask = pattern.Compile(10, 4, 1);
+        var (q, k, v) = TestSupport.RandomQkv(1, 1, 10, 3, seed: 9, dtype: ScalarType.Float32);
+        var keyMask = (arange(10) % 2).eq(1).view(1, 10);
+        var output = FusedBlockSparseAttention.Attention(q, k, v, mask, keyMask);
+        output.sum().backward();
+        Assert.False(output.isnan().any().item<bool>());
+        foreach (var g in new[] { q.grad!, k.grad!, v.grad! }) Assert.False(g.isnan().any().item<bool>());
+        var even = arange(0, 10, 2);
+        Assert.Equal(0.0, output.index_select(2, even).abs().sum().item<float>());
+        Assert.Equal(0.0, q.grad!.index_select(2, even).abs().sum().item<float>());
+        Assert.Equal(0.0, k.grad!.index_select(2, even).abs().sum().item<float>());
+    }
+
+    [Fact]
+    public void ResultsDoNotDependOnTheThreadCount()
+    {
+        var mask = new BigBirdLikePattern().Compile(300, 32, 4);
+        var (q, k, v) = TestSupport.RandomQkv(2, 4, 300, 32, seed: 3, dtype: ScalarType.Float32);
+        var upstream = randn(q.shape, generator: new Generator(1));
+        var one = TestSupport.ForwardBackward((a, b, c) => FusedBlockSparseAttention.Attention(a, b, c, mask, threads: 1), q, k, v, upstream);
+        var two = TestSupport.ForwardBackward((a, b, c) => FusedBlockSparseAttention.Attention(a, b, c, mask, threads: 2), q, k, v, upstream);
+        // Every output row is written by exactly one task in a fixed order: results are bit-identical.
+        Assert.True(torch.equal(one.Output, two.Output).all().item<bool>());
+        Assert.True(torch.equal(one.Dq, two.Dq).all().item<bool>());
+        Assert.True(torch.equal(one.Dk, two.Dk).all().item<bool>());
+        Assert.True(torch.equal(one.Dv, two.Dv).all().item<bool>());
+    }
+
+    /// <summary>Local band plus a few global columns: a mix of full, partial and skipped blocks.</summary>
+    private sealed class BigBirdLikePattern() : AttentionPattern("local+global")
+    {
+        public override bool IsCausal => false;
+        public override bool Allows(int head, int query, int key, int seqLen) => Math.Abs(query - key) < 40 + head * 8 || key < 16 || query < 16;
+        public override bool SameForAllHeads => false;
+    }
+
+    [Fact]
+    public void DispatchUsesFusedOnCpuFloat32AndRejectsOtherDtypes()
+    {
+        var mask = new LocalBandPattern(3, true).Compile(12, 4, 1);
+        var (q, k, v) = TestSupport.RandomQkv(1, 1, 12, 4, seed: 2);
+        Assert.Equal("q", Assert.Throws<ArgumentException>(() => FusedBlockSparseAttention.Attention(q, k, v, mask)).ParamName);
+        Assert.Equal("threads", Assert.Throws<ArgumentException>(() =>
+            FusedBlockSparseAttention.Attention(q.@float(), k.@float(), v.@float(), mask, threads: 0)).ParamName);
+        // Auto on float64 falls back to the Ops path and still matches the oracle.
+        var dense = mask.ToDense().unsqueeze(0);
+        TestSupport.AssertClose(ReferenceAttention.Attention(q, k, v, mask: dense), BlockSparseAttention.Attention(q, k, v, mask), "auto float64");
+        TestSupport.AssertClose(ReferenceAttention.Attention(q, k, v, mask: dense).@float(),
+            BlockSparseAttention.Attention(q.@float(), k.@float(), v.@float(), mask, kernel: AttentionKernel.Fused), "fused float32");
+    }
+}
