@@ -57,16 +57,14 @@ public static class FusedBlockSparseAttention
                 v = v.masked_fill(drop.view(batch, 1, seqLen, 1), 0);
                 keyBias = zeros(batch, seqLen).masked_fill(drop, float.NegativeInfinity);  // (B, T)
             }
-            var kt = k.transpose(-1, -2).contiguous();                                     // (B, H, D, T)
             var output = empty(new[] { batch, heads, seqLen, dimV });                      // (B, H, T, Dv)
             var lse = empty(new[] { batch, heads, seqLen });                               // (B, H, T)
             var args = Arguments(q, settings);
-            args.K = Pointer(k); args.KT = Pointer(kt); args.V = Pointer(v);
+            args.K = Pointer(k); args.V = Pointer(v);
             args.KeyBias = keyBias is null ? 0 : Pointer(keyBias);
             args.O = Pointer(output); args.Lse = Pointer(lse);
             args.DimV = (int)dimV;
             BlockSparseKernel.Forward(FusedLayout.For(settings.Mask), args);
-            GC.KeepAlive(kt);
             ctx.save_for_backward([q, k, v, output, lse, keyBias ?? empty(0)]);
             ctx.save_data("settings", settings);
             return output;
@@ -79,20 +77,14 @@ public static class FusedBlockSparseAttention
             var settings = (Settings)ctx.get_data("settings");
             var dO = gradOutput.contiguous();
             var delta = (dO * output).sum(-1).contiguous();                                // (B, H, T) = rowsum(dO ∘ O)
-            var qt = q.transpose(-1, -2).contiguous();                                     // (B, H, D, T)
-            var kt = k.transpose(-1, -2).contiguous();                                     // (B, H, D, T)
-            var vt = v.transpose(-1, -2).contiguous();                                     // (B, H, Dv, T)
-            var dOt = dO.transpose(-1, -2).contiguous();                                   // (B, H, Dv, T)
             var (dq, dk, dv) = (empty_like(q), empty_like(k), empty_like(v));
             var args = Arguments(q, settings);
             args.DimV = (int)v.shape[3];
             args.K = Pointer(k); args.V = Pointer(v);
-            args.QT = Pointer(qt); args.KT = Pointer(kt); args.VT = Pointer(vt); args.DOT = Pointer(dOt);
             args.KeyBias = keyBias.numel() == 0 ? 0 : Pointer(keyBias);
             args.Lse = Pointer(lse); args.DO = Pointer(dO); args.Delta = Pointer(delta);
             args.DQ = Pointer(dq); args.DK = Pointer(dk); args.DV = Pointer(dv);
             BlockSparseKernel.Backward(FusedLayout.For(settings.Mask), args);
-            GC.KeepAlive(qt); GC.KeepAlive(kt); GC.KeepAlive(vt); GC.KeepAlive(dOt);
             return [dq, dk, dv, null!, null!];
         }
 

@@ -1,3 +1,4 @@
+using System.Runtime.CompilerServices;
 using System.Runtime.InteropServices;
 using System.Runtime.Intrinsics;
 
@@ -9,7 +10,6 @@ internal struct KernelArgs
     public int Batch, Heads, SeqLen, Dim, DimV, Threads;
     public float Scale;
     public nint Q, K, V;            // (B, H, T, D), (B, H, T, D), (B, H, T, Dv)
-    public nint QT, KT, VT, DOT;    // transposed copies (B, H, D|Dv, T), where a pass needs them
     public nint KeyBias;            // (B, T): 0 = real key, −∞ = padding; 0 when there is no key mask
     public nint O, Lse;             // forward outputs: (B, H, T, Dv), (B, H, T)
     public nint DO, Delta;          // backward inputs: (B, H, T, Dv), (B, H, T) = rowsum(dO ∘ O)
@@ -41,17 +41,27 @@ internal static unsafe class BlockSparseKernel
     /// <summary>Per-thread scratch: a few block-sized tiles, freed when the thread's share is done.</summary>
     private sealed class Scratch : IDisposable
     {
-        public readonly float* S, P, Acc, Acc2, RowMax, RowSum;
+        public readonly float* S, P, Acc, Acc2, T1, T2, RowMax, RowSum;
         private readonly void* memory;
 
         public Scratch(int block, int width)
         {
             long tile = (long)block * block, acc = (long)block * width;
-            memory = NativeMemory.AlignedAlloc((nuint)((2 * tile + 2 * acc + 2 * block) * sizeof(float)), 64);
-            S = (float*)memory; P = S + tile; Acc = P + tile; Acc2 = Acc + acc; RowMax = Acc2 + acc; RowSum = RowMax + block;
+            memory = NativeMemory.AlignedAlloc((nuint)((2 * tile + 4 * acc + 2 * block) * sizeof(float)), 64);
+            S = (float*)memory; P = S + tile; Acc = P + tile; Acc2 = Acc + acc; T1 = Acc2 + acc; T2 = T1 + acc;
+            RowMax = T2 + acc; RowSum = RowMax + block;
         }
 
         public void Dispose() => NativeMemory.AlignedFree(memory);
+    }
+
+    /// <summary>dst (dim × ldDst) = srcᵀ for src (rows × dim, contiguous); the transposed tile is read
+    /// with a short row stride, which keeps it in cache (a row stride of T would not).</summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    private static void Transpose(float* src, int rows, int dim, float* dst, int ldDst)
+    {
+        for (int i = 0; i < rows; i++)
+            for (int d = 0; d < dim; d++) dst[d * ldDst + i] = src[i * dim + d];
     }
 
     private static void ParallelOver(int count, int threads, int block, int width, Action<int, Scratch> body)
@@ -65,16 +75,16 @@ internal static unsafe class BlockSparseKernel
     private static void Forward<TS, TV>(FusedLayout L, KernelArgs a) where TS : struct, ISimd<TV> where TV : unmanaged
     {
         int nb = L.NumBlocks, bs = L.BlockSize;
-        ParallelOver(a.Batch * a.Heads * nb, a.Threads, bs, Math.Max(a.Dim, a.DimV), (task, scratch) =>
+        ParallelOver(a.Batch * a.Heads * nb, a.Threads, bs, Math.Max(a.Dim, a.DimV), [MethodImpl(MethodImplOptions.AggressiveOptimization)] (task, scratch) =>
         {
             int qb = task % nb, bh = task / nb, h = bh % a.Heads, b = bh / a.Heads;
             int T = a.SeqLen, D = a.Dim, Dv = a.DimV;
             int q0 = qb * bs, rows = Math.Min(bs, T - q0);
             float* q = (float*)a.Q + ((long)bh * T + q0) * D;
-            float* kt = (float*)a.KT + (long)bh * D * T;                          // (D, T)
+            float* k = (float*)a.K + (long)bh * T * D;                            // (T, D)
             float* v = (float*)a.V + (long)bh * T * Dv;                           // (T, Dv)
             float* keyBias = a.KeyBias == 0 ? null : (float*)a.KeyBias + (long)b * T;
-            float* s = scratch.S, acc = scratch.Acc, m = scratch.RowMax, l = scratch.RowSum;
+            float* s = scratch.S, acc = scratch.Acc, kt = scratch.T1, m = scratch.RowMax, l = scratch.RowSum;
             new Span<float>(acc, rows * Dv).Clear();
             new Span<float>(m, rows).Fill(float.NegativeInfinity);
             new Span<float>(l, rows).Clear();
@@ -86,7 +96,8 @@ internal static unsafe class BlockSparseKernel
                 {
                     int k0 = L.KeyBlock[e] * bs, cols = Math.Min(bs, T - k0);
                     float* bias = L.TileIndex[e] < 0 ? null : tileBias + (long)L.TileIndex[e] * bs * bs;
-                    Tile<TS, TV>.Gemm(rows, cols, D, q, D, kt + k0, T, s, bs, accumulate: false);   // S = Q·Kᵀ (rows × cols)
+                    Transpose(k + (long)k0 * D, cols, D, kt, bs);                                           // (D, cols)
+                    Tile<TS, TV>.Gemm(rows, cols, D, q, D, kt, bs, s, bs, accumulate: false);               // S = Q·Kᵀ (rows × cols)
                     for (int i = 0; i < rows; i++)
                     {
                         float* si = s + i * bs;
@@ -120,20 +131,19 @@ internal static unsafe class BlockSparseKernel
         int nb = L.NumBlocks, bs = L.BlockSize, width = Math.Max(a.Dim, a.DimV);
 
         // Pass 1, query-major: dQ = scale · Σ_blocks dS·K with dS = P ∘ (dO·Vᵀ − Δ).
-        ParallelOver(a.Batch * a.Heads * nb, a.Threads, bs, width, (task, scratch) =>
+        ParallelOver(a.Batch * a.Heads * nb, a.Threads, bs, width, [MethodImpl(MethodImplOptions.AggressiveOptimization)] (task, scratch) =>
         {
             int qb = task % nb, bh = task / nb, h = bh % a.Heads, b = bh / a.Heads;
             int T = a.SeqLen, D = a.Dim, Dv = a.DimV;
             int q0 = qb * bs, rows = Math.Min(bs, T - q0);
             float* q = (float*)a.Q + ((long)bh * T + q0) * D;
-            float* kt = (float*)a.KT + (long)bh * D * T;
-            float* k = (float*)a.K + (long)bh * T * D;
-            float* vt = (float*)a.VT + (long)bh * Dv * T;
+            float* k = (float*)a.K + (long)bh * T * D;                           // (T, D)
+            float* v = (float*)a.V + (long)bh * T * Dv;                          // (T, Dv)
             float* dO = (float*)a.DO + ((long)bh * T + q0) * Dv;
             float* lse = (float*)a.Lse + (long)bh * T + q0;
             float* delta = (float*)a.Delta + (long)bh * T + q0;
             float* keyBias = a.KeyBias == 0 ? null : (float*)a.KeyBias + (long)b * T;
-            float* s = scratch.S, dp = scratch.P, dq = scratch.Acc;
+            float* s = scratch.S, dp = scratch.P, dq = scratch.Acc, kt = scratch.T1, vt = scratch.T2;
             new Span<float>(dq, rows * D).Clear();
             fixed (float* tileBias = L.TileBias)
             {
@@ -142,8 +152,10 @@ internal static unsafe class BlockSparseKernel
                 {
                     int k0 = L.KeyBlock[e] * bs, cols = Math.Min(bs, T - k0);
                     float* bias = L.TileIndex[e] < 0 ? null : tileBias + (long)L.TileIndex[e] * bs * bs;
-                    Tile<TS, TV>.Gemm(rows, cols, D, q, D, kt + k0, T, s, bs, accumulate: false);        // S
-                    Tile<TS, TV>.Gemm(rows, cols, Dv, dO, Dv, vt + k0, T, dp, bs, accumulate: false);    // dP = dO·Vᵀ
+                    Transpose(k + (long)k0 * D, cols, D, kt, bs);                                     // (D, cols)
+                    Transpose(v + (long)k0 * Dv, cols, Dv, vt, bs);                                   // (Dv, cols)
+                    Tile<TS, TV>.Gemm(rows, cols, D, q, D, kt, bs, s, bs, accumulate: false);         // S
+                    Tile<TS, TV>.Gemm(rows, cols, Dv, dO, Dv, vt, bs, dp, bs, accumulate: false);     // dP = dO·Vᵀ
                     for (int i = 0; i < rows; i++)
                     {
                         float* si = s + i * bs;
@@ -160,21 +172,19 @@ internal static unsafe class BlockSparseKernel
         });
 
         // Pass 2, key-major on transposed tiles: dV = Σ Pᵀ·dO, dK = scale · Σ dSᵀ·Q.
-        ParallelOver(a.Batch * a.Heads * nb, a.Threads, bs, width, (task, scratch) =>
+        ParallelOver(a.Batch * a.Heads * nb, a.Threads, bs, width, [MethodImpl(MethodImplOptions.AggressiveOptimization)] (task, scratch) =>
         {
             int kb = task % nb, bh = task / nb, h = bh % a.Heads, b = bh / a.Heads;
             int T = a.SeqLen, D = a.Dim, Dv = a.DimV;
             int k0 = kb * bs, cols = Math.Min(bs, T - k0);
             float* k = (float*)a.K + ((long)bh * T + k0) * D;
             float* v = (float*)a.V + ((long)bh * T + k0) * Dv;
-            float* qt = (float*)a.QT + (long)bh * D * T;
             float* q = (float*)a.Q + (long)bh * T * D;
-            float* dOt = (float*)a.DOT + (long)bh * Dv * T;
             float* dO = (float*)a.DO + (long)bh * T * Dv;
             float* lse = (float*)a.Lse + (long)bh * T;
             float* delta = (float*)a.Delta + (long)bh * T;
             float* keyBias = a.KeyBias == 0 ? null : (float*)a.KeyBias + (long)b * T + k0;
-            float* st = scratch.S, dpt = scratch.P, dk = scratch.Acc, dv = scratch.Acc2;
+            float* st = scratch.S, dpt = scratch.P, dk = scratch.Acc, dv = scratch.Acc2, qt = scratch.T1, dOt = scratch.T2;
             new Span<float>(dk, cols * D).Clear();
             new Span<float>(dv, cols * Dv).Clear();
             fixed (float* tileBiasT = L.TileBiasT)
@@ -184,8 +194,10 @@ internal static unsafe class BlockSparseKernel
                 {
                     int e = L.ColEntry[c], q0 = L.ColQueryBlock[c] * bs, rows = Math.Min(bs, T - q0);
                     float* biasT = L.TileIndex[e] < 0 ? null : tileBiasT + (long)L.TileIndex[e] * bs * bs;
-                    Tile<TS, TV>.Gemm(cols, rows, D, k, D, qt + q0, T, st, bs, accumulate: false);       // Sᵀ = K·Qᵀ
-                    Tile<TS, TV>.Gemm(cols, rows, Dv, v, Dv, dOt + q0, T, dpt, bs, accumulate: false);   // dPᵀ = V·dOᵀ
+                    Transpose(q + (long)q0 * D, rows, D, qt, bs);                                     // (D, rows)
+                    Transpose(dO + (long)q0 * Dv, rows, Dv, dOt, bs);                                 // (Dv, rows)
+                    Tile<TS, TV>.Gemm(cols, rows, D, k, D, qt, bs, st, bs, accumulate: false);        // Sᵀ = K·Qᵀ
+                    Tile<TS, TV>.Gemm(cols, rows, Dv, v, Dv, dOt, bs, dpt, bs, accumulate: false);    // dPᵀ = V·dOᵀ
                     for (int j = 0; j < cols; j++)
                     {
                         float* sj = st + j * bs;

@@ -8,7 +8,11 @@ namespace SparseAttention.Kernels.Fused;
 /// </summary>
 internal static unsafe class Tile<TS, TV> where TS : struct, ISimd<TV> where TV : unmanaged
 {
+    // Kernels are JIT-compiled fully optimised at once (no tier-0 pass over hot loops).
+    private const MethodImplOptions Hot = MethodImplOptions.AggressiveOptimization;
+
     /// <summary>C (m×n, row stride ldc) = A (m×k, lda) · B (k×n, ldb); adds to C when <paramref name="accumulate"/>.</summary>
+    [MethodImpl(Hot)]
     public static void Gemm(int m, int n, int k, float* a, int lda, float* b, int ldb, float* c, int ldc, bool accumulate)
     {
         int w = TS.Width, nr = 4 * w;
@@ -47,6 +51,7 @@ internal static unsafe class Tile<TS, TV> where TS : struct, ISimd<TV> where TV 
     }
 
     // 4 rows × 4 vectors of C held in 16 registers; each step reads 4 vectors of B and 4 scalars of A.
+    [MethodImpl(Hot)]
     private static void Micro4x4(int k, float* a0, int lda, float* b, int ldb, float* c0, int ldc, bool accumulate)
     {
         int w = TS.Width;
@@ -75,6 +80,7 @@ internal static unsafe class Tile<TS, TV> where TS : struct, ISimd<TV> where TV 
         Put(c3, c30, accumulate); Put(c3 + w, c31, accumulate); Put(c3 + 2 * w, c32, accumulate); Put(c3 + 3 * w, c33, accumulate);
     }
 
+    [MethodImpl(Hot)]
     private static void Micro4x1(int k, float* a0, int lda, float* b, int ldb, float* c0, int ldc, bool accumulate)
     {
         float* a1 = a0 + lda, a2 = a1 + lda, a3 = a2 + lda;
@@ -95,6 +101,7 @@ internal static unsafe class Tile<TS, TV> where TS : struct, ISimd<TV> where TV 
     private static void Put(float* c, TV v, bool accumulate) => TS.Store(c, accumulate ? TS.Add(TS.Load(c), v) : v);
 
     /// <summary>x[j] = x[j]·scale + rowBias[j] (if any) + colBias (scalar, added to every element).</summary>
+    [MethodImpl(Hot)]
     public static void ScaleAddBias(float* x, int n, float scale, float* rowBias, float colBias)
     {
         int w = TS.Width, j = 0;
@@ -111,6 +118,7 @@ internal static unsafe class Tile<TS, TV> where TS : struct, ISimd<TV> where TV 
         }
     }
 
+    [MethodImpl(Hot)]
     public static float Max(float* x, int n)
     {
         int w = TS.Width, j = 0;
@@ -126,6 +134,7 @@ internal static unsafe class Tile<TS, TV> where TS : struct, ISimd<TV> where TV 
     }
 
     /// <summary>x[j] = exp(x[j] − shift); returns the sum.</summary>
+    [MethodImpl(Hot)]
     public static float ExpShiftSum(float* x, int n, float shift)
     {
         int w = TS.Width, j = 0;
@@ -142,6 +151,7 @@ internal static unsafe class Tile<TS, TV> where TS : struct, ISimd<TV> where TV 
     }
 
     /// <summary>x[j] = exp(x[j] − shift[j]) (per-element shift).</summary>
+    [MethodImpl(Hot)]
     public static void ExpShiftEach(float* x, int n, float* shift)
     {
         int w = TS.Width, j = 0;
@@ -150,6 +160,7 @@ internal static unsafe class Tile<TS, TV> where TS : struct, ISimd<TV> where TV 
     }
 
     /// <summary>x[j] *= a.</summary>
+    [MethodImpl(Hot)]
     public static void Scale(float* x, int n, float a)
     {
         int w = TS.Width, j = 0;
@@ -159,6 +170,7 @@ internal static unsafe class Tile<TS, TV> where TS : struct, ISimd<TV> where TV 
     }
 
     /// <summary>dp[j] = p[j]·(dp[j] − delta) — the softmax backward with a scalar row term.</summary>
+    [MethodImpl(Hot)]
     public static void SoftmaxGrad(float* p, float* dp, int n, float delta)
     {
         int w = TS.Width, j = 0;
@@ -168,6 +180,7 @@ internal static unsafe class Tile<TS, TV> where TS : struct, ISimd<TV> where TV 
     }
 
     /// <summary>dp[j] = p[j]·(dp[j] − delta[j]) — per-element row term (transposed layout).</summary>
+    [MethodImpl(Hot)]
     public static void SoftmaxGradEach(float* p, float* dp, int n, float* delta)
     {
         int w = TS.Width, j = 0;
