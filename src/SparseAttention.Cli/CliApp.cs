@@ -19,6 +19,7 @@ public static class CliApp
     public static RootCommand BuildRootCommand()
     {
         var root = new RootCommand("Sparse attention for long sequences: draw attention patterns (more commands to come).");
+        root.Add(PatternCommand.Create());
         return root;
     }
 
