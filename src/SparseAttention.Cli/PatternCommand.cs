@@ -1,0 +1,271 @@
+using System.CommandLine;
+using SparseAttention.Patterns;
+
+namespace SparseAttention.Cli;
+
+/// <summary>
+/// <c>sparse-attn pattern</c>: builds one static attention pattern from options, compiles it with
+/// <c>pattern.Compile(--seq-len, --block, --heads)</c> and prints it (ASCII, JSON) or saves it (JSON, PNG).
+/// </summary>
+internal sealed class PatternCommand
+{
+    /// <summary>The accepted <c>--kind</c> values, in help order.</summary>
+    public static readonly string[] Kinds =
+        ["all", "local", "window", "strided", "fixed", "ds-fixed", "ds-variable", "bigbird", "longformer", "sliding-window"];
+
+    public static readonly string[] Formats = ["ascii", "json", "png"];
+
+    // Common options.
+    private readonly Option<string> kindOption = new("--kind")
+    {
+        HelpName = "KIND",
+        Description = "Pattern kind: " + string.Join(", ", Kinds) + ".",
+        Required = true,
+    };
+    private readonly Option<int> seqLenOption = new("--seq-len") { HelpName = "T", Description = "Sequence length T in tokens.", DefaultValueFactory = _ => 256 };
+    private readonly Option<int> blockOption = new("--block") { HelpName = "b", Description = "Block size b: tokens per query/key block (and the block of block layouts).", DefaultValueFactory = _ => 16 };
+    private readonly Option<int> headsOption = new("--heads") { HelpName = "H", Description = "Number of heads H.", DefaultValueFactory = _ => 1 };
+    private readonly Option<bool> causalOption = new("--causal") { Description = "Causal: a query never sees a later key (the default)." };
+    private readonly Option<bool> bidirectionalOption = new("--bidirectional") { Description = "Bidirectional: queries may see later keys." };
+    private readonly Option<string> formatOption = new("--format") { HelpName = "ascii|json|png", Description = "Output format: ascii (block layout), json (layout and token mask) or png (token mask, needs --out).", DefaultValueFactory = _ => "ascii" };
+    private readonly Option<string?> outOption = new("--out") { HelpName = "FILE", Description = "Write to this file (atomically) instead of stdout." };
+    private readonly Option<int> maxHeadsOption = new("--max-heads") { Description = "Draw at most this many heads (ascii, png); json always holds every head.", DefaultValueFactory = _ => 8 };
+
+    // local / window.
+    private readonly Option<int?> localAttnCtxOption = new("--local-attn-ctx") { HelpName = "C", Description = "local: band width C; a query sees the last C keys (bidirectional: |q - k| < C). Default: --block." };
+    private readonly Option<int?> windowSizeOption = new("--window-size") { HelpName = "W", Description = "window: window size W in tokens. Default: --block." };
+    private readonly Option<int> lookBackwardOption = new("--look-backward") { Description = "window: windows looked back.", DefaultValueFactory = _ => 1 };
+    private readonly Option<int> lookForwardOption = new("--look-forward") { Description = "window: windows looked forward (bidirectional only).", DefaultValueFactory = _ => 0 };
+    private readonly Option<bool> exactWindowSizeOption = new("--exact-windowsize") { Description = "window: limit the reach to exactly W·look-backward tokens back (W·look-forward forward)." };
+
+    // strided / fixed (Sparse Transformer).
+    private readonly Option<int?> strideOption = new("--stride") { HelpName = "L", Description = "strided, fixed: stride L. Default: --block." };
+    private readonly Option<string> combineOption = new("--combine") { HelpName = "merged|multihead|interleaved", Description = "strided, fixed: how the two factorized parts combine: merged, multihead or interleaved (with --layer).", DefaultValueFactory = _ => "merged" };
+    private readonly Option<int> layerOption = new("--layer") { Description = "strided, fixed with --combine interleaved: layer index (even = part A, odd = part B).", DefaultValueFactory = _ => 0 };
+    private readonly Option<int> vertsizeOption = new("--vertsize") { Description = "fixed: summary cells c at the end of each stride block.", DefaultValueFactory = _ => 1 };
+    private readonly Option<int> numVertsOption = new("--num-verts") { Description = "fixed: number of different summary offsets across heads.", DefaultValueFactory = _ => 1 };
+
+    // Block layouts (DeepSpeed's parameter names). Nullable: each kind has its own default.
+    private readonly Option<int?> numLocalBlocksOption = new("--num-local-blocks") { Description = "ds-fixed: blocks per local window (default 4)." };
+    private readonly Option<int?> numGlobalBlocksOption = new("--num-global-blocks") { Description = "ds-fixed, bigbird: global blocks (default 1)." };
+    private readonly Option<bool> horizontalGlobalAttentionOption = new("--horizontal-global-attention") { Description = "ds-fixed, ds-variable: global blocks also attend everything (bidirectional only)." };
+    private readonly Option<int?> numDifferentGlobalPatternsOption = new("--num-different-global-patterns") { Description = "ds-fixed: different global patterns across heads (default 1)." };
+    private readonly Option<int?> numRandomBlocksOption = new("--num-random-blocks") { Description = "ds-variable (default 0), bigbird (default 1): random blocks per block row." };
+    private readonly Option<string?> localWindowBlocksOption = new("--local-window-blocks") { HelpName = "N,N,...", Description = "ds-variable: comma-separated local window sizes in blocks, e.g. 4,8 (the last repeats)." };
+    private readonly Option<string?> globalBlockIndicesOption = new("--global-block-indices") { HelpName = "N,N,...", Description = "ds-variable, longformer: comma-separated global block indices, e.g. 0." };
+    private readonly Option<string?> globalBlockEndIndicesOption = new("--global-block-end-indices") { HelpName = "N,N,...", Description = "ds-variable, longformer: comma-separated exclusive ends; makes --global-block-indices ranges." };
+    private readonly Option<int?> numSlidingWindowBlocksOption = new("--num-sliding-window-blocks") { Description = "bigbird, longformer, sliding-window: sliding window width in blocks (default 3)." };
+    private readonly Option<bool> differentLayoutPerHeadOption = new("--different-layout-per-head") { Description = "ds-fixed, ds-variable, bigbird, longformer: a different layout per head." };
+    private readonly Option<int?> seedOption = new("--seed") { Description = "ds-variable, bigbird: seed of the random blocks (default 0)." };
+
+    private readonly Option[] common;
+
+    /// <summary>Kind-specific options each kind accepts; giving any other kind-specific option is an error.</summary>
+    private readonly Dictionary<string, Option[]> kindOptions;
+
+    private PatternCommand()
+    {
+        common = [kindOption, seqLenOption, blockOption, headsOption, causalOption, bidirectionalOption, formatOption, outOption, maxHeadsOption];
+
+        kindOptions = new()
+        {
+            ["all"] = [],
+            ["local"] = [localAttnCtxOption],
+            ["window"] = [windowSizeOption, lookBackwardOption, lookForwardOption, exactWindowSizeOption],
+            ["strided"] = [strideOption, combineOption, layerOption],
+            ["fixed"] = [strideOption, combineOption, layerOption, vertsizeOption, numVertsOption],
+            ["ds-fixed"] = [numLocalBlocksOption, numGlobalBlocksOption, horizontalGlobalAttentionOption, numDifferentGlobalPatternsOption, differentLayoutPerHeadOption],
+            ["ds-variable"] = [numRandomBlocksOption, localWindowBlocksOption, globalBlockIndicesOption, globalBlockEndIndicesOption, horizontalGlobalAttentionOption, differentLayoutPerHeadOption, seedOption],
+            ["bigbird"] = [numRandomBlocksOption, numSlidingWindowBlocksOption, numGlobalBlocksOption, differentLayoutPerHeadOption, seedOption],
+            ["longformer"] = [numSlidingWindowBlocksOption, globalBlockIndicesOption, globalBlockEndIndicesOption, differentLayoutPerHeadOption],
+            ["sliding-window"] = [numSlidingWindowBlocksOption],
+        };
+    }
+
+    /// <summary>A new <c>pattern</c> command (options are per instance: a command tree is built per run).</summary>
+    public static Command Create()
+    {
+        var self = new PatternCommand();
+        var command = new Command("pattern", "Print or save a static attention pattern (block layout and token-level mask).");
+        foreach (var option in self.common.Concat(self.kindOptions.Values.SelectMany(o => o)).Distinct())
+        {
+            if (option.HelpName is null && option.ValueType != typeof(bool)) option.HelpName = "N";
+            command.Add(option);
+        }
+        command.SetAction(self.Execute);
+        return command;
+    }
+
+    private int Execute(ParseResult parse)
+    {
+        var output = parse.InvocationConfiguration.Output;
+        string kind = parse.GetValue(kindOption)!.Trim().ToLowerInvariant();
+        if (!kindOptions.TryGetValue(kind, out var accepted))
+            throw new CliUsageException($"--kind: unknown kind '{parse.GetValue(kindOption)}'; expected one of: {string.Join(", ", Kinds)}.");
+        foreach (var option in kindOptions.Values.SelectMany(o => o).Distinct())
+            if (!accepted.Contains(option) && parse.GetResult(option) is { Implicit: false })
+                throw new CliUsageException($"{option.Name} does not apply to --kind {kind}" +
+                    (accepted.Length == 0 ? "; it takes no kind-specific options." : $"; it takes {string.Join(", ", accepted.Select(o => o.Name))}."));
+
+        int seqLen = parse.GetValue(seqLenOption), block = parse.GetValue(blockOption), heads = parse.GetValue(headsOption);
+        int maxHeads = parse.GetValue(maxHeadsOption);
+        RequirePositive(seqLenOption, seqLen, "tokens");
+        RequirePositive(blockOption, block, "tokens per block");
+        RequirePositive(headsOption, heads, "heads");
+        RequirePositive(maxHeadsOption, maxHeads, "heads to draw");
+        if (parse.GetValue(causalOption) && parse.GetValue(bidirectionalOption))
+            throw new CliUsageException("--causal and --bidirectional exclude each other; give at most one (causal is the default).");
+        bool causal = !parse.GetValue(bidirectionalOption);
+
+        string format = parse.GetValue(formatOption)!.Trim().ToLowerInvariant();
+        if (!Formats.Contains(format))
+            throw new CliUsageException($"--format: unknown format '{parse.GetValue(formatOption)}'; expected one of: {string.Join(", ", Formats)}.");
+        string? outPath = parse.GetValue(outOption);
+        if (format == "png" && string.IsNullOrWhiteSpace(outPath))
+            throw new CliUsageException("--out: --format png writes an image file; give --out FILE.png.");
+
+        var pattern = Build(kind, parse, seqLen, block, causal);
+        var mask = pattern.Compile(seqLen, block, heads);
+
+        switch (format)
+        {
+            case "ascii":
+                Write(PatternRendering.Ascii(mask, maxHeads), outPath, output);
+                break;
+            case "json":
+                Write(PatternRendering.Json(mask, kind), outPath, output);
+                break;
+            default:
+                PatternRendering.Png(mask, outPath!, maxHeads);
+                break;
+        }
+        if (outPath is not null) output.WriteLine($"wrote {outPath} ({format}, {mask.Name}, sparsity {mask.Sparsity:F3})");
+        return CliApp.Ok;
+    }
+
+    private static void Write(string text, string? path, TextWriter output)
+    {
+        if (path is null) output.Write(text);
+        else AtomicFile.WriteAllText(path, text);
+    }
+
+    private AttentionPattern Build(string kind, ParseResult parse, int seqLen, int block, bool causal)
+    {
+        switch (kind)
+        {
+            case "all":
+                return new DensePattern(causal);
+            case "local":
+            {
+                int ctx = OrBlock(parse, localAttnCtxOption, block, seqLen);
+                NotLongerThanSequence(localAttnCtxOption, ctx, seqLen);
+                return new LocalBandPattern(ctx, causal);
+            }
+            case "window":
+            {
+                int size = OrBlock(parse, windowSizeOption, block, seqLen);
+                NotLongerThanSequence(windowSizeOption, size, seqLen);
+                return new WindowPattern(size, parse.GetValue(lookBackwardOption), parse.GetValue(lookForwardOption),
+                    parse.GetValue(exactWindowSizeOption), causal);
+            }
+            case "strided":
+            {
+                int stride = OrBlock(parse, strideOption, block, seqLen);
+                NotLongerThanSequence(strideOption, stride, seqLen);
+                return new StridedPattern(stride, causal, Combine(parse), Layer(parse));
+            }
+            case "fixed":
+            {
+                int stride = OrBlock(parse, strideOption, block, seqLen);
+                NotLongerThanSequence(strideOption, stride, seqLen);
+                return new FixedPattern(stride, parse.GetValue(vertsizeOption), parse.GetValue(numVertsOption), causal, Combine(parse), Layer(parse));
+            }
+            case "ds-fixed":
+                return new DsFixedPattern(block, causal,
+                    numLocalBlocks: parse.GetValue(numLocalBlocksOption) ?? 4,
+                    numGlobalBlocks: parse.GetValue(numGlobalBlocksOption) ?? 1,
+                    horizontalGlobalAttention: parse.GetValue(horizontalGlobalAttentionOption),
+                    numDifferentGlobalPatterns: parse.GetValue(numDifferentGlobalPatternsOption) ?? 1,
+                    differentLayoutPerHead: parse.GetValue(differentLayoutPerHeadOption));
+            case "ds-variable":
+                return new DsVariablePattern(block, causal,
+                    numRandomBlocks: parse.GetValue(numRandomBlocksOption) ?? 0,
+                    localWindowBlocks: IntList(parse, localWindowBlocksOption),
+                    globalBlockIndices: IntList(parse, globalBlockIndicesOption),
+                    globalBlockEndIndices: IntList(parse, globalBlockEndIndicesOption),
+                    horizontalGlobalAttention: parse.GetValue(horizontalGlobalAttentionOption),
+                    differentLayoutPerHead: parse.GetValue(differentLayoutPerHeadOption),
+                    seed: parse.GetValue(seedOption) ?? 0);
+            case "bigbird":
+                return new BigBirdPattern(block, causal,
+                    numRandomBlocks: parse.GetValue(numRandomBlocksOption) ?? 1,
+                    numSlidingWindowBlocks: parse.GetValue(numSlidingWindowBlocksOption) ?? 3,
+                    numGlobalBlocks: parse.GetValue(numGlobalBlocksOption) ?? 1,
+                    differentLayoutPerHead: parse.GetValue(differentLayoutPerHeadOption),
+                    seed: parse.GetValue(seedOption) ?? 0);
+            case "longformer":
+                return new LongformerPattern(block, causal,
+                    numSlidingWindowBlocks: parse.GetValue(numSlidingWindowBlocksOption) ?? 3,
+                    globalBlockIndices: IntList(parse, globalBlockIndicesOption),
+                    globalBlockEndIndices: IntList(parse, globalBlockEndIndicesOption),
+                    differentLayoutPerHead: parse.GetValue(differentLayoutPerHeadOption));
+            case "sliding-window":
+                return new SlidingWindowPattern(block, causal,
+                    numSlidingWindowBlocks: parse.GetValue(numSlidingWindowBlocksOption) ?? 3);
+            default:
+                throw new InvalidOperationException($"kind '{kind}' is listed but not built."); // Kinds and Build out of step
+        }
+    }
+
+    private FactorizedCombine Combine(ParseResult parse)
+    {
+        string value = parse.GetValue(combineOption)!;
+        var combine = value.Trim().ToLowerInvariant() switch
+        {
+            "merged" => FactorizedCombine.Merged,
+            "multihead" => FactorizedCombine.MultiHead,
+            "interleaved" => FactorizedCombine.Interleaved,
+            _ => throw new CliUsageException($"--combine: unknown value '{value}'; expected merged, multihead or interleaved."),
+        };
+        if (combine != FactorizedCombine.Interleaved && parse.GetResult(layerOption) is { Implicit: false })
+            throw new CliUsageException($"--layer only applies with --combine interleaved (got --combine {value}).");
+        return combine;
+    }
+
+    private int Layer(ParseResult parse)
+    {
+        int layer = parse.GetValue(layerOption);
+        if (layer < 0) throw new CliUsageException($"--layer must be >= 0, got {layer}.");
+        return layer;
+    }
+
+    /// <summary>The option's value, or by default the block size (at most the sequence length).</summary>
+    private static int OrBlock(ParseResult parse, Option<int?> option, int block, int seqLen) =>
+        parse.GetValue(option) ?? Math.Min(block, seqLen);
+
+    private static void RequirePositive(Option<int> option, int value, string what)
+    {
+        if (value <= 0) throw new CliUsageException($"{option.Name} must be > 0 ({what}), got {value}.");
+    }
+
+    private static void NotLongerThanSequence(Option<int?> option, int value, int seqLen)
+    {
+        if (value > seqLen)
+            throw new CliUsageException($"{option.Name} must be at most --seq-len ({seqLen}), got {value}; a window covering the whole sequence is --kind all.");
+    }
+
+    /// <summary>Parses "4,8" (spaces allowed) into ints; null when the option was not given.</summary>
+    private int[]? IntList(ParseResult parse, Option<string?> option)
+    {
+        string? text = parse.GetValue(option);
+        if (text is null) return null;
+        var parts = text.Split(',', StringSplitOptions.TrimEntries | StringSplitOptions.RemoveEmptyEntries);
+        var values = new int[parts.Length];
+        for (int i = 0; i < parts.Length; i++)
+            if (!int.TryParse(parts[i], System.Globalization.NumberStyles.Integer, System.Globalization.CultureInfo.InvariantCulture, out values[i]))
+                throw new CliUsageException($"{option.Name}: expected comma-separated integers such as 4,8; '{parts[i]}' in '{text}' is not an integer.");
+        if (values.Length == 0)
+            throw new CliUsageException($"{option.Name}: expected comma-separated integers such as 4,8, got '{text}'.");
+        return values;
+    }
+}
