@@ -76,13 +76,13 @@ public static class FusedBlockSparseAttention
             var (q, k, v, output, lse, keyBias) = (saved[0], saved[1], saved[2], saved[3], saved[4], saved[5]);
             var settings = (Settings)ctx.get_data("settings");
             var dO = gradOutput.contiguous();
-            var delta = (dO * output).sum(-1).contiguous();                                // (B, H, T) = rowsum(dO ∘ O)
+            var delta = empty(lse.shape);                                                  // (B, H, T), filled by pass 1
             var (dq, dk, dv) = (empty_like(q), empty_like(k), empty_like(v));
             var args = Arguments(q, settings);
             args.DimV = (int)v.shape[3];
             args.K = Pointer(k); args.V = Pointer(v);
             args.KeyBias = keyBias.numel() == 0 ? 0 : Pointer(keyBias);
-            args.Lse = Pointer(lse); args.DO = Pointer(dO); args.Delta = Pointer(delta);
+            args.Lse = Pointer(lse); args.DO = Pointer(dO); args.O = Pointer(output); args.Delta = Pointer(delta);
             args.DQ = Pointer(dq); args.DK = Pointer(dk); args.DV = Pointer(dv);
             BlockSparseKernel.Backward(FusedLayout.For(settings.Mask), args);
             return [dq, dk, dv, null!, null!];

@@ -12,7 +12,7 @@ internal struct KernelArgs
     public nint Q, K, V;            // (B, H, T, D), (B, H, T, D), (B, H, T, Dv)
     public nint KeyBias;            // (B, T): 0 = real key, −∞ = padding; 0 when there is no key mask
     public nint O, Lse;             // forward outputs: (B, H, T, Dv), (B, H, T)
-    public nint DO, Delta;          // backward inputs: (B, H, T, Dv), (B, H, T) = rowsum(dO ∘ O)
+    public nint DO, Delta;          // backward: dO (B, H, T, Dv); Δ = rowsum(dO ∘ O) (B, H, T), written by pass 1
     public nint DQ, DK, DV;         // backward outputs
 }
 
@@ -142,6 +142,8 @@ internal static unsafe class BlockSparseKernel
             float* dO = (float*)a.DO + ((long)bh * T + q0) * Dv;
             float* lse = (float*)a.Lse + (long)bh * T + q0;
             float* delta = (float*)a.Delta + (long)bh * T + q0;
+            float* o = (float*)a.O + ((long)bh * T + q0) * Dv;
+            for (int i = 0; i < rows; i++) delta[i] = Tile<TS, TV>.Dot(dO + (long)i * Dv, o + (long)i * Dv, Dv);
             float* keyBias = a.KeyBias == 0 ? null : (float*)a.KeyBias + (long)b * T;
             float* s = scratch.S, dp = scratch.P, dq = scratch.Acc, kt = scratch.T1, vt = scratch.T2;
             new Span<float>(dq, rows * D).Clear();

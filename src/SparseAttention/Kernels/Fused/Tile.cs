@@ -159,6 +159,18 @@ internal static unsafe class Tile<TS, TV> where TS : struct, ISimd<TV> where TV 
         for (; j < n; j++) x[j] = MathF.Exp(x[j] - shift[j]);
     }
 
+    /// <summary>Σ x[j]·y[j].</summary>
+    [MethodImpl(Hot)]
+    public static float Dot(float* x, float* y, int n)
+    {
+        int w = TS.Width, j = 0;
+        TV acc = TS.Zero;
+        for (; j + w <= n; j += w) acc = TS.MulAdd(TS.Load(x + j), TS.Load(y + j), acc);
+        float sum = TS.ReduceSum(acc);
+        for (; j < n; j++) sum += x[j] * y[j];
+        return sum;
+    }
+
     /// <summary>x[j] *= a.</summary>
     [MethodImpl(Hot)]
     public static void Scale(float* x, int n, float a)

@@ -1,0 +1,247 @@
+using System.CommandLine;
+using System.Diagnostics;
+using System.Text.Json;
+using SparseAttention.Kernels;
+using SparseAttention.Patterns;
+using Spectre.Console;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace SparseAttention.Cli;
+
+/// <summary>
+/// <c>sparse-attn bench</c>: times attention kernels (median of several runs after warm-up) beside
+/// dense <c>scaled_dot_product_attention</c> and the machine's matrix-multiply rate, all measured in
+/// the same process run, and reports ratios.
+/// </summary>
+internal sealed class BenchCommand
+{
+    /// <summary>Attention kinds the bench knows, with the pattern each stands for.</summary>
+    public static readonly string[] Attentions = ["dense", "local", "strided", "fixed"];
+    public static readonly string[] Impls = ["sdpa", "reference", "ops", "fused"];
+    public static readonly string[] Passes = ["forward", "forward_backward"];
+
+    private readonly Option<string> seqLensOption = new("--seq-lens") { HelpName = "T,T,...", Description = "Sequence lengths.", DefaultValueFactory = _ => "1024,4096,16384" };
+    private readonly Option<string> attentionOption = new("--attention") { HelpName = "KIND,...", Description = "Attention kinds: " + string.Join(", ", Attentions) + ".", DefaultValueFactory = _ => "dense,local,strided,fixed" };
+    private readonly Option<string> implOption = new("--impl") { HelpName = "IMPL,...", Description = "Implementations of the sparse kinds: reference, ops, fused (dense always runs as sdpa).", DefaultValueFactory = _ => "ops,fused" };
+    private readonly Option<string> passOption = new("--pass") { HelpName = "PASS,...", Description = "forward, forward_backward.", DefaultValueFactory = _ => "forward,forward_backward" };
+    private readonly Option<int> batchOption = new("--batch") { Description = "Batch size B.", DefaultValueFactory = _ => 1 };
+    private readonly Option<int> headsOption = new("--heads") { Description = "Heads H.", DefaultValueFactory = _ => 8 };
+    private readonly Option<int> headDimOption = new("--head-dim") { Description = "Head width D.", DefaultValueFactory = _ => 64 };
+    private readonly Option<int> windowOption = new("--window") { Description = "Window / block / stride size w.", DefaultValueFactory = _ => 128 };
+    private readonly Option<bool> bidirectionalOption = new("--bidirectional") { Description = "Bidirectional attention (default causal)." };
+    private readonly Option<int> runsOption = new("--runs") { Description = "Timed runs per figure (the median is reported).", DefaultValueFactory = _ => 5 };
+    private readonly Option<bool> quickOption = new("--quick") { Description = "T ∈ {1024, 4096}, 3 runs: a fast smoke run." };
+    private readonly Option<long> maxDenseLenOption = new("--max-dense-len") { Description = "Skip dense SDPA above this length (its time grows as T²).", DefaultValueFactory = _ => 16384 };
+    private readonly Option<double> maxGatherGbOption = new("--max-gather-gb") { Description = "Skip the ops/reference paths when their intermediates would exceed this many GB.", DefaultValueFactory = _ => 4.0 };
+    private readonly Option<string?> jsonOption = new("--json") { HelpName = "FILE", Description = "Also write the results as JSON (atomically)." };
+
+    public static Command Create()
+    {
+        var self = new BenchCommand();
+        var command = new Command("bench", "Time attention kernels against dense SDPA and the GEMM rate, in one run.");
+        foreach (var o in new Option[] { self.seqLensOption, self.attentionOption, self.implOption, self.passOption, self.batchOption,
+                     self.headsOption, self.headDimOption, self.windowOption, self.bidirectionalOption, self.runsOption,
+                     self.quickOption, self.maxDenseLenOption, self.maxGatherGbOption, self.jsonOption })
+            command.Add(o);
+        command.SetAction(self.Execute);
+        return command;
+    }
+
+    private static string[] List(ParseResult parse, Option<string> option, string[] allowed)
+    {
+        var items = parse.GetValue(option)!.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries);
+        foreach (var item in items)
+            if (!allowed.Contains(item))
+                throw new CliUsageException($"{option.Name}: unknown value '{item}'; expected one of: {string.Join(", ", allowed)}.");
+        if (items.Length == 0) throw new CliUsageException($"{option.Name}: give at least one of: {string.Join(", ", allowed)}.");
+        return items;
+    }
+
+    /// <summary>One measured figure; field names are the JSON schema of the issue.</summary>
+    internal sealed record Result(string attention, string impl, string pass, long seq_len, long batch, long heads, long head_dim,
+        long window, bool causal, double ms, double gflops, double efficiency, double? speedup_vs_dense, double peak_rss_mb);
+
+    private int Execute(ParseResult parse)
+    {
+        var stdout = parse.InvocationConfiguration.Output;
+        var stderr = parse.InvocationConfiguration.Error;
+        bool quick = parse.GetValue(quickOption);
+        long[] seqLens = quick && parse.GetResult(seqLensOption) is null or { Implicit: true }
+            ? [1024, 4096]
+            : parse.GetValue(seqLensOption)!.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries)
+                .Select(s => long.TryParse(s, out long t) && t > 0 ? t : throw new CliUsageException($"--seq-lens: '{s}' is not a positive integer.")).ToArray();
+        var attentions = List(parse, attentionOption, Attentions);
+        var impls = List(parse, implOption, Impls.Where(i => i != "sdpa").ToArray());
+        var passes = List(parse, passOption, Passes);
+        int batch = parse.GetValue(batchOption), heads = parse.GetValue(headsOption), dim = parse.GetValue(headDimOption), window = parse.GetValue(windowOption);
+        int runs = quick && parse.GetResult(runsOption) is null or { Implicit: true } ? 3 : parse.GetValue(runsOption);
+        foreach (var (value, name) in new[] { (batch, "--batch"), (heads, "--heads"), (dim, "--head-dim"), (window, "--window"), (runs, "--runs") })
+            if (value <= 0) throw new CliUsageException($"{name} must be > 0, got {value}.");
+        bool causal = !parse.GetValue(bidirectionalOption);
+        long maxDense = parse.GetValue(maxDenseLenOption);
+        double maxGatherBytes = parse.GetValue(maxGatherGbOption) * 1e9;
+
+        int threads = get_num_threads();
+        FusedBlockSparseAttention.DefaultThreads = threads;
+        stderr.WriteLine($"bench: {threads} threads; measuring the GEMM rate ...");
+        double gemm = MeasureGemm(runs);
+        stderr.WriteLine($"bench: GEMM {gemm:F1} GFLOP/s (2048×2048 float32 matmul, median of {runs})");
+
+        var results = new List<Result>();
+        var denseMs = new Dictionary<(long, string), double>();
+        int total = seqLens.Length * passes.Length * (1 + attentions.Count(a => a != "dense") * impls.Length), step = 0;
+        foreach (long seqLen in seqLens)
+            foreach (string pass in passes)
+            {
+                bool backward = pass == "forward_backward";
+                double flopFactor = backward ? 3.5 : 1.0;   // backward = 5 matmuls to the forward's 2 (FlashAttention's count)
+                using var scope = NewDisposeScope();
+                var gen = new Generator(1);
+                var q = randn(new long[] { batch, heads, seqLen, dim }, generator: gen);
+                var k = randn(new long[] { batch, heads, seqLen, dim }, generator: gen);
+                var v = randn(new long[] { batch, heads, seqLen, dim }, generator: gen);
+                var upstream = randn(new long[] { batch, heads, seqLen, dim }, generator: gen);
+
+                // Dense SDPA first: every sparse figure is reported as a ratio against it.
+                step++;
+                if (seqLen <= maxDense)
+                {
+                    stderr.WriteLine($"[{step}/{total}] dense sdpa {pass} T={seqLen}");
+                    double pairs = (double)heads * (causal ? seqLen * (seqLen + 1) / 2.0 : (double)seqLen * seqLen);
+                    var (ms, rss) = Time((a, b, c) => nn.functional.scaled_dot_product_attention(a, b, c, is_casual: causal), q, k, v, upstream, backward, runs);
+                    denseMs[(seqLen, pass)] = ms;
+                    results.Add(Make("dense", "sdpa", pass, seqLen, batch, heads, dim, seqLen, causal, ms, 4 * pairs * dim * batch * flopFactor, gemm, 1.0, rss));
+                }
+                else stderr.WriteLine($"[{step}/{total}] dense sdpa {pass} T={seqLen}: skipped (above --max-dense-len {maxDense})");
+
+                foreach (string attention in attentions.Where(a => a != "dense"))
+                {
+                    var mask = PatternFor(attention, window, causal).Compile((int)seqLen, Math.Min(window, (int)seqLen), heads);
+                    double pairs = mask.Density * heads * (double)seqLen * seqLen;
+                    foreach (string impl in impls)
+                    {
+                        step++;
+                        double gatherBytes = impl switch
+                        {
+                            // gathered keys and values (K·b rows of D per query block) plus scores, probabilities and mask
+                            "ops" => 4.0 * batch * heads * seqLen * mask.MaxKeyBlocksPerRow * (2.0 * dim + 3.0 * mask.BlockSize) * (backward ? 2 : 1),
+                            "reference" => 4.0 * batch * heads * (double)seqLen * seqLen * (backward ? 4 : 3),
+                            _ => 0,
+                        };
+                        if (gatherBytes > maxGatherBytes)
+                        {
+                            stderr.WriteLine($"[{step}/{total}] {attention} {impl} {pass} T={seqLen}: skipped (needs ~{gatherBytes / 1e9:F1} GB > --max-gather-gb)");
+                            continue;
+                        }
+                        stderr.WriteLine($"[{step}/{total}] {attention} {impl} {pass} T={seqLen}");
+                        var kernel = impl switch { "ops" => AttentionKernel.Ops, "reference" => AttentionKernel.Reference, _ => AttentionKernel.Fused };
+                        var (ms, rss) = Time((a, b, c) => BlockSparseAttention.Attention(a, b, c, mask, kernel: kernel), q, k, v, upstream, backward, runs);
+                        double? speedup = denseMs.TryGetValue((seqLen, pass), out double d) ? d / ms : null;
+                        results.Add(Make(attention, impl, pass, seqLen, batch, heads, dim, window, causal, ms, 4 * pairs * dim * batch * flopFactor, gemm, speedup, rss));
+                    }
+                }
+            }
+
+        Print(stdout, results, threads, gemm);
+        if (parse.GetValue(jsonOption) is string jsonPath)
+        {
+            var document = new { threads, gemm_gflops = Math.Round(gemm, 2), results };
+            AtomicFile.WriteAllText(jsonPath, JsonSerializer.Serialize(document, new JsonSerializerOptions { WriteIndented = true }));
+            stderr.WriteLine($"bench: wrote {jsonPath}");
+        }
+        return CliApp.Ok;
+    }
+
+    public static AttentionPattern PatternFor(string attention, int window, bool causal) => attention switch
+    {
+        "local" => new WindowPattern(window, 1, causal ? 0 : 1, exactWindowSize: false, causal),
+        "strided" => new StridedPattern(window, causal, FactorizedCombine.Merged),
+        "fixed" => new FixedPattern(window, Math.Max(1, window / 16), 1, causal, FactorizedCombine.Merged),
+        "dense" => new DensePattern(causal),
+        _ => throw new CliUsageException($"--attention: unknown kind '{attention}'."),
+    };
+
+    private static Result Make(string attention, string impl, string pass, long seqLen, int batch, int heads, int dim, long window,
+        bool causal, double ms, double usefulFlops, double gemm, double? speedup, double rss)
+    {
+        double gflops = usefulFlops / (ms * 1e6);
+        return new Result(attention, impl, pass, seqLen, batch, heads, dim, window, causal, Math.Round(ms, 3), Math.Round(gflops, 2),
+            Math.Round(gflops / gemm, 4), speedup is double s ? Math.Round(s, 2) : null, Math.Round(rss, 1));
+    }
+
+    /// <summary>Median wall time of <paramref name="runs"/> calls after one warm-up, and the peak RSS of the timed calls.</summary>
+    private static (double Ms, double PeakRssMb) Time(Func<Tensor, Tensor, Tensor, Tensor> attention, Tensor q, Tensor k, Tensor v,
+        Tensor upstream, bool backward, int runs)
+    {
+        void Once()
+        {
+            using var scope = NewDisposeScope();
+            if (!backward)
+            {
+                using var _ = no_grad();
+                attention(q, k, v);
+                return;
+            }
+            var (q2, k2, v2) = (q.detach().requires_grad_(true), k.detach().requires_grad_(true), v.detach().requires_grad_(true));
+            (attention(q2, k2, v2) * upstream).sum().backward();
+        }
+        Once();
+        ResetPeakRss();
+        var times = new double[runs];
+        for (int i = 0; i < runs; i++)
+        {
+            var sw = Stopwatch.StartNew();
+            Once();
+            times[i] = sw.Elapsed.TotalMilliseconds;
+        }
+        Array.Sort(times);
+        return (times[runs / 2], PeakRssMb());
+    }
+
+    private static double MeasureGemm(int runs)
+    {
+        using var scope = NewDisposeScope();
+        var a = randn(2048, 2048); var b = randn(2048, 2048);
+        matmul(a, b);
+        var times = new double[runs];
+        for (int i = 0; i < runs; i++)
+        {
+            var sw = Stopwatch.StartNew();
+            using (matmul(a, b)) { }
+            times[i] = sw.Elapsed.TotalSeconds;
+        }
+        Array.Sort(times);
+        return 2.0 * 2048 * 2048 * 2048 / times[runs / 2] / 1e9;
+    }
+
+    // Linux: writing 5 to clear_refs resets the peak RSS (VmHWM) so each figure gets its own peak.
+    private static void ResetPeakRss()
+    {
+        try { File.WriteAllText("/proc/self/clear_refs", "5"); } catch (IOException) { } catch (UnauthorizedAccessException) { }
+    }
+
+    private static double PeakRssMb()
+    {
+        try
+        {
+            foreach (var line in File.ReadLines("/proc/self/status"))
+                if (line.StartsWith("VmHWM:", StringComparison.Ordinal))
+                    return double.Parse(line.Split(' ', StringSplitOptions.RemoveEmptyEntries)[1]) / 1024.0;
+        }
+        catch (IOException) { }
+        return Process.GetCurrentProcess().PeakWorkingSet64 / 1048576.0;
+    }
+
+    private static void Print(TextWriter stdout, List<Result> results, int threads, double gemm)
+    {
+        var console = AnsiConsole.Create(new AnsiConsoleSettings { Out = new AnsiConsoleOutput(stdout), Ansi = AnsiSupport.No, ColorSystem = ColorSystemSupport.NoColors });
+        console.Profile.Width = 140;
+        var table = new Table().Title($"attention bench — {threads} threads, GEMM {gemm:F1} GFLOP/s");
+        foreach (var c in new[] { "attention", "impl", "pass", "T", "ms", "GFLOP/s", "% of GEMM", "× dense", "peak RSS MB" }) table.AddColumn(c);
+        foreach (var r in results)
+            table.AddRow(r.attention, r.impl, r.pass, r.seq_len.ToString(), r.ms.ToString("F1"), r.gflops.ToString("F1"),
+                (r.efficiency * 100).ToString("F0"), r.speedup_vs_dense is double s ? s.ToString("F1") : "–", r.peak_rss_mb.ToString("F0"));
+        console.Write(table);
+    }
+}
