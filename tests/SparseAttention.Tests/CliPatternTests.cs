@@ -259,15 +259,9 @@ public class CliPatternTests
     }
 }
 
-/// <summary>
-/// The block-layout kinds (ds-fixed, ds-variable, bigbird, longformer, sliding-window) against the
-/// library classes. Skipped until src/SparseAttention/Patterns/BlockLayouts.cs is merged (and the CLI's
-/// stand-ins in src/SparseAttention.Cli/_PendingBlockLayouts.cs are deleted): then remove the Skip.
-/// </summary>
+/// <summary>The block-layout kinds (ds-fixed, ds-variable, bigbird, longformer, sliding-window) against the library classes.</summary>
 public class CliBlockLayoutPatternTests
 {
-    private const string Pending = "needs BlockLayouts.cs in the library; delete src/SparseAttention.Cli/_PendingBlockLayouts.cs and remove this Skip";
-
     public static TheoryData<string[], string, string> Cases => new()
     {
         { ["--num-local-blocks", "2", "--num-global-blocks", "1", "--num-different-global-patterns", "2", "--different-layout-per-head", "--heads", "2"], "ds-fixed", "causal" },
@@ -290,7 +284,7 @@ public class CliBlockLayoutPatternTests
         _ => new SlidingWindowPattern(block, true, numSlidingWindowBlocks: 3),
     };
 
-    [Theory(Skip = Pending)]
+    [Theory]
     [MemberData(nameof(Cases))]
     public void Json_MatchesTheLibraryPattern(string[] options, string kind, string variant)
     {
@@ -301,7 +295,7 @@ public class CliBlockLayoutPatternTests
         CliRunner.AssertJsonMatches(r.Out, kind, Expected(kind, variant, block), seqLen, block, heads);
     }
 
-    [Fact(Skip = Pending)]
+    [Fact]
     public void Ascii_DrawsEveryKind()
     {
         foreach (var kind in new[] { "ds-fixed", "ds-variable", "bigbird", "longformer", "sliding-window" })

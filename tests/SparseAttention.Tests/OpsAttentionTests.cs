@@ -19,21 +19,32 @@ public class OpsAttentionTests
         "strided3multihead" => new StridedPattern(3, causal, FactorizedCombine.MultiHead),
         "fixed4merged" => new FixedPattern(4, 1, 2, causal, FactorizedCombine.Merged),
         "fixed4multihead" => new FixedPattern(4, 1, 2, causal, FactorizedCombine.MultiHead),
+        // Block layouts with their own block of 4 (compiled with other block sizes too).
+        "dsfixed" => new DsFixedPattern(4, causal, numLocalBlocks: 2, numGlobalBlocks: 1, horizontalGlobalAttention: !causal),
+        "dsvariable" => new DsVariablePattern(4, causal, numRandomBlocks: 1, localWindowBlocks: [1, 2], globalBlockIndices: [0], differentLayoutPerHead: true, seed: 3),
+        "bigbird" => new BigBirdPattern(4, causal, numRandomBlocks: 1, numSlidingWindowBlocks: 3, numGlobalBlocks: 1, differentLayoutPerHead: true, seed: 1),
+        "longformer" => new LongformerPattern(4, causal, numSlidingWindowBlocks: 3, globalBlockIndices: [1]),
+        "slidingwindow" => new SlidingWindowPattern(4, causal, numSlidingWindowBlocks: 3),
         "groups" => AttentionPattern.HeadGroups((new LocalBandPattern(2, causal), 1), (new StridedPattern(2, causal), 2)),
         _ => throw new ArgumentException(kind),
     };
 
     public static readonly string[] Kinds =
-        ["all", "local3", "window4", "window3exact", "strided3merged", "strided3multihead", "fixed4merged", "fixed4multihead"];
+        ["all", "local3", "window4", "window3exact", "strided3merged", "strided3multihead", "fixed4merged", "fixed4multihead",
+         "dsfixed", "dsvariable", "bigbird", "longformer", "slidingwindow"];
+
+    private static readonly string[] BlockLayoutKinds = ["dsfixed", "dsvariable", "bigbird", "longformer", "slidingwindow"];
 
     public static TheoryData<string, bool, int, int, int> Cases()
     {
         var data = new TheoryData<string, bool, int, int, int>();
         foreach (var kind in Kinds)
             foreach (bool causal in new[] { true, false })
-                foreach (var (seqLen, block) in new[] { (1, 4), (5, 4), (16, 4), (19, 8), (13, 16) })
+                foreach (var (seqLen, block) in new[] { (1, 4), (5, 4), (16, 4), (19, 8), (13, 16), (23, 3) })
                     foreach (int heads in new[] { 1, 3 })
-                        data.Add(kind, causal, seqLen, block, heads);
+                        // DeepSpeed rejects layouts with fewer blocks than the window/random/global counts (tested elsewhere).
+                        if (!BlockLayoutKinds.Contains(kind) || seqLen > 8)
+                            data.Add(kind, causal, seqLen, block, heads);
         return data;
     }
 
