@@ -17,12 +17,12 @@ namespace SparseAttention.Cli;
 internal sealed class BenchCommand
 {
     /// <summary>Attention kinds the bench knows, with the pattern each stands for.</summary>
-    public static readonly string[] Attentions = ["dense", "local", "strided", "fixed"];
+    public static readonly string[] Attentions = ["dense", "local", "strided", "fixed", "bigbird"];
     public static readonly string[] Impls = ["sdpa", "reference", "ops", "fused"];
     public static readonly string[] Passes = ["forward", "forward_backward"];
 
     private readonly Option<string> seqLensOption = new("--seq-lens") { HelpName = "T,T,...", Description = "Sequence lengths.", DefaultValueFactory = _ => "1024,4096,16384" };
-    private readonly Option<string> attentionOption = new("--attention") { HelpName = "KIND,...", Description = "Attention kinds: " + string.Join(", ", Attentions) + ".", DefaultValueFactory = _ => "dense,local,strided,fixed" };
+    private readonly Option<string> attentionOption = new("--attention") { HelpName = "KIND,...", Description = "Attention kinds: " + string.Join(", ", Attentions) + ".", DefaultValueFactory = _ => "dense,local,strided,fixed,bigbird" };
     private readonly Option<string> implOption = new("--impl") { HelpName = "IMPL,...", Description = "Implementations of the sparse kinds: reference, ops, fused (dense always runs as sdpa).", DefaultValueFactory = _ => "ops,fused" };
     private readonly Option<string> passOption = new("--pass") { HelpName = "PASS,...", Description = "forward, forward_backward.", DefaultValueFactory = _ => "forward,forward_backward" };
     private readonly Option<int> batchOption = new("--batch") { Description = "Batch size B.", DefaultValueFactory = _ => 1 };
@@ -158,6 +158,7 @@ internal sealed class BenchCommand
         "local" => new WindowPattern(window, 1, causal ? 0 : 1, exactWindowSize: false, causal),
         "strided" => new StridedPattern(window, causal, FactorizedCombine.Merged),
         "fixed" => new FixedPattern(window, Math.Max(1, window / 16), 1, causal, FactorizedCombine.Merged),
+        "bigbird" => new BigBirdPattern(window, causal, numRandomBlocks: 1, numSlidingWindowBlocks: 3, numGlobalBlocks: 1),
         "dense" => new DensePattern(causal),
         _ => throw new CliUsageException($"--attention: unknown kind '{attention}'."),
     };
