@@ -41,27 +41,66 @@ internal static unsafe class BlockSparseKernel
     /// <summary>Per-thread scratch: a few block-sized tiles, freed when the thread's share is done.</summary>
     private sealed class Scratch : IDisposable
     {
-        public readonly float* S, P, Acc, Acc2, T1, T2, RowMax, RowSum;
+        public readonly float* S, P, Acc, Acc2, T1, T2, T3, T4, KeyBias, RowMax, RowSum;
         private readonly void* memory;
 
         public Scratch(int block, int width)
         {
             long tile = (long)block * block, acc = (long)block * width;
-            memory = NativeMemory.AlignedAlloc((nuint)((2 * tile + 4 * acc + 2 * block) * sizeof(float)), 64);
-            S = (float*)memory; P = S + tile; Acc = P + tile; Acc2 = Acc + acc; T1 = Acc2 + acc; T2 = T1 + acc;
-            RowMax = T2 + acc; RowSum = RowMax + block;
+            memory = NativeMemory.AlignedAlloc((nuint)((2 * tile + 6 * acc + 3 * block) * sizeof(float)), 64);
+            S = (float*)memory; P = S + tile; Acc = P + tile; Acc2 = Acc + acc;
+            T1 = Acc2 + acc; T2 = T1 + acc; T3 = T2 + acc; T4 = T3 + acc;
+            KeyBias = T4 + acc; RowMax = KeyBias + block; RowSum = RowMax + block;
         }
 
         public void Dispose() => NativeMemory.AlignedFree(memory);
     }
 
-    /// <summary>dst (dim × ldDst) = srcᵀ for src (rows × dim, contiguous); the transposed tile is read
-    /// with a short row stride, which keeps it in cache (a row stride of T would not).</summary>
+    /// <summary>dst (dim × ldDst) = the chosen rows of src (row r = idx[r], or r when idx is null), transposed.
+    /// The tile is then read with a short row stride, which keeps it in cache (a stride of T would not).</summary>
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-    private static void Transpose(float* src, int rows, int dim, float* dst, int ldDst)
+    private static void GatherTransposed(float* src, int* idx, int count, int dim, float* dst, int ldDst)
     {
-        for (int i = 0; i < rows; i++)
-            for (int d = 0; d < dim; d++) dst[d * ldDst + i] = src[i * dim + d];
+        for (int i = 0; i < count; i++)
+        {
+            float* row = src + (long)(idx == null ? i : idx[i]) * dim;
+            for (int d = 0; d < dim; d++) dst[d * ldDst + i] = row[d];
+        }
+    }
+
+    /// <summary>The chosen rows of src (row r = idx[r]) copied contiguously, or src itself when idx is null.</summary>
+    private static float* Rows(float* src, int* idx, int count, int dim, float* scratch)
+    {
+        if (idx == null) return src;
+        for (int i = 0; i < count; i++)
+            new Span<float>(src + (long)idx[i] * dim, dim).CopyTo(new Span<float>(scratch + (long)i * dim, dim));
+        return scratch;
+    }
+
+    /// <summary>The entry's key columns: all <paramref name="cols"/> of the block, or (compacted
+    /// entries) only the active ones, with the bias tile re-ordered to match; returns their count.</summary>
+    private static int KeyColumns(FusedLayout L, int e, int cols, int* active, float* tileBias, float* compactBias,
+        out int* index, out float* bias)
+    {
+        long tile = (long)L.BlockSize * L.BlockSize;
+        if (L.ActiveStart[e] >= 0)
+        {
+            index = active + L.ActiveStart[e];
+            bias = compactBias + L.CompactTile[e] * tile;
+            return L.ActiveCount[e];
+        }
+        index = null;
+        bias = L.TileIndex[e] < 0 ? null : tileBias + L.TileIndex[e] * tile;
+        return cols;
+    }
+
+    /// <summary>Key biases (0 / −∞ from the key mask) of the entry's columns, or null without a key mask.</summary>
+    private static float* KeyBiasOf(float* keyBias, int k0, int* idx, int count, float* scratch)
+    {
+        if (keyBias == null) return null;
+        if (idx == null) return keyBias + k0;
+        for (int j = 0; j < count; j++) scratch[j] = keyBias[k0 + idx[j]];
+        return scratch;
     }
 
     private static void ParallelOver(int count, int threads, int block, int width, Action<int, Scratch> body)
@@ -89,28 +128,31 @@ internal static unsafe class BlockSparseKernel
             new Span<float>(m, rows).Fill(float.NegativeInfinity);
             new Span<float>(l, rows).Clear();
 
-            fixed (float* tileBias = L.TileBias)
+            fixed (float* tileBias = L.TileBias, compactBias = L.CompactBias)
+            fixed (int* active = L.ActiveColumns)
             {
                 int row = h * nb + qb;
                 for (int e = L.RowStart[row]; e < L.RowStart[row + 1]; e++)
                 {
-                    int k0 = L.KeyBlock[e] * bs, cols = Math.Min(bs, T - k0);
-                    float* bias = L.TileIndex[e] < 0 ? null : tileBias + (long)L.TileIndex[e] * bs * bs;
-                    Transpose(k + (long)k0 * D, cols, D, kt, bs);                                           // (D, cols)
-                    Tile<TS, TV>.Gemm(rows, cols, D, q, D, kt, bs, s, bs, accumulate: false);               // S = Q·Kᵀ (rows × cols)
+                    int k0 = L.KeyBlock[e] * bs;
+                    int n = KeyColumns(L, e, Math.Min(bs, T - k0), active, tileBias, compactBias, out int* idx, out float* bias);
+                    float* kb = KeyBiasOf(keyBias, k0, idx, n, scratch.KeyBias);
+                    GatherTransposed(k + (long)k0 * D, idx, n, D, kt, bs);                                  // (D, n)
+                    float* vRows = Rows(v + (long)k0 * Dv, idx, n, Dv, scratch.T2);                        // (n, Dv)
+                    Tile<TS, TV>.Gemm(rows, n, D, q, D, kt, bs, s, bs, accumulate: false);                  // S = Q·Kᵀ (rows × n)
                     for (int i = 0; i < rows; i++)
                     {
                         float* si = s + i * bs;
-                        Tile<TS, TV>.ScaleAddBias(si, cols, a.Scale, bias == null ? null : bias + i * bs, 0f);
-                        if (keyBias != null) Tile<TS, TV>.ScaleAddBias(si, cols, 1f, keyBias + k0, 0f);
-                        float mNew = MathF.Max(m[i], Tile<TS, TV>.Max(si, cols));
-                        if (float.IsNegativeInfinity(mNew)) { new Span<float>(si, cols).Clear(); continue; }  // nothing allowed yet
+                        Tile<TS, TV>.ScaleAddBias(si, n, a.Scale, bias == null ? null : bias + i * bs, 0f);
+                        if (kb != null) Tile<TS, TV>.ScaleAddBias(si, n, 1f, kb, 0f);
+                        float mNew = MathF.Max(m[i], Tile<TS, TV>.Max(si, n));
+                        if (float.IsNegativeInfinity(mNew)) { new Span<float>(si, n).Clear(); continue; }  // nothing allowed yet
                         float alpha = MathF.Exp(m[i] - mNew);
-                        l[i] = l[i] * alpha + Tile<TS, TV>.ExpShiftSum(si, cols, mNew);
+                        l[i] = l[i] * alpha + Tile<TS, TV>.ExpShiftSum(si, n, mNew);
                         m[i] = mNew;
                         if (alpha != 1f) Tile<TS, TV>.Scale(acc + i * Dv, Dv, alpha);
                     }
-                    Tile<TS, TV>.Gemm(rows, Dv, cols, s, bs, v + (long)k0 * Dv, Dv, acc, Dv, accumulate: true);  // acc += P·V
+                    Tile<TS, TV>.Gemm(rows, Dv, n, s, bs, vRows, Dv, acc, Dv, accumulate: true);            // acc += P·V
                 }
             }
             float* o = (float*)a.O + ((long)bh * T + q0) * Dv;
@@ -147,26 +189,29 @@ internal static unsafe class BlockSparseKernel
             float* keyBias = a.KeyBias == 0 ? null : (float*)a.KeyBias + (long)b * T;
             float* s = scratch.S, dp = scratch.P, dq = scratch.Acc, kt = scratch.T1, vt = scratch.T2;
             new Span<float>(dq, rows * D).Clear();
-            fixed (float* tileBias = L.TileBias)
+            fixed (float* tileBias = L.TileBias, compactBias = L.CompactBias)
+            fixed (int* active = L.ActiveColumns)
             {
                 int row = h * nb + qb;
                 for (int e = L.RowStart[row]; e < L.RowStart[row + 1]; e++)
                 {
-                    int k0 = L.KeyBlock[e] * bs, cols = Math.Min(bs, T - k0);
-                    float* bias = L.TileIndex[e] < 0 ? null : tileBias + (long)L.TileIndex[e] * bs * bs;
-                    Transpose(k + (long)k0 * D, cols, D, kt, bs);                                     // (D, cols)
-                    Transpose(v + (long)k0 * Dv, cols, Dv, vt, bs);                                   // (Dv, cols)
-                    Tile<TS, TV>.Gemm(rows, cols, D, q, D, kt, bs, s, bs, accumulate: false);         // S
-                    Tile<TS, TV>.Gemm(rows, cols, Dv, dO, Dv, vt, bs, dp, bs, accumulate: false);     // dP = dO·Vᵀ
+                    int k0 = L.KeyBlock[e] * bs;
+                    int n = KeyColumns(L, e, Math.Min(bs, T - k0), active, tileBias, compactBias, out int* idx, out float* bias);
+                    float* kb = KeyBiasOf(keyBias, k0, idx, n, scratch.KeyBias);
+                    GatherTransposed(k + (long)k0 * D, idx, n, D, kt, bs);                            // (D, n)
+                    GatherTransposed(v + (long)k0 * Dv, idx, n, Dv, vt, bs);                          // (Dv, n)
+                    Tile<TS, TV>.Gemm(rows, n, D, q, D, kt, bs, s, bs, accumulate: false);            // S
+                    Tile<TS, TV>.Gemm(rows, n, Dv, dO, Dv, vt, bs, dp, bs, accumulate: false);        // dP = dO·Vᵀ
                     for (int i = 0; i < rows; i++)
                     {
                         float* si = s + i * bs;
-                        Tile<TS, TV>.ScaleAddBias(si, cols, a.Scale, bias == null ? null : bias + i * bs, -lse[i]);
-                        if (keyBias != null) Tile<TS, TV>.ScaleAddBias(si, cols, 1f, keyBias + k0, 0f);
-                        Tile<TS, TV>.ExpShiftSum(si, cols, 0f);                                           // P = exp(S − lse)
-                        Tile<TS, TV>.SoftmaxGrad(si, dp + i * bs, cols, delta[i]);                        // dS
+                        Tile<TS, TV>.ScaleAddBias(si, n, a.Scale, bias == null ? null : bias + i * bs, -lse[i]);
+                        if (kb != null) Tile<TS, TV>.ScaleAddBias(si, n, 1f, kb, 0f);
+                        Tile<TS, TV>.ExpShiftSum(si, n, 0f);                                           // P = exp(S − lse)
+                        Tile<TS, TV>.SoftmaxGrad(si, dp + i * bs, n, delta[i]);                        // dS
                     }
-                    Tile<TS, TV>.Gemm(rows, D, cols, dp, bs, k + (long)k0 * D, D, dq, D, accumulate: true);  // dQ += dS·K
+                    float* kRows = Rows(k + (long)k0 * D, idx, n, D, scratch.T3);                     // (n, D)
+                    Tile<TS, TV>.Gemm(rows, D, n, dp, bs, kRows, D, dq, D, accumulate: true);         // dQ += dS·K
                 }
             }
             float* dqOut = (float*)a.DQ + ((long)bh * T + q0) * D;
@@ -189,26 +234,44 @@ internal static unsafe class BlockSparseKernel
             float* st = scratch.S, dpt = scratch.P, dk = scratch.Acc, dv = scratch.Acc2, qt = scratch.T1, dOt = scratch.T2;
             new Span<float>(dk, cols * D).Clear();
             new Span<float>(dv, cols * Dv).Clear();
-            fixed (float* tileBiasT = L.TileBiasT)
+            fixed (float* tileBiasT = L.TileBiasT, compactBiasT = L.CompactBiasT)
+            fixed (int* active = L.ActiveColumns)
             {
                 int col = h * nb + kb;
                 for (int c = L.ColStart[col]; c < L.ColStart[col + 1]; c++)
                 {
                     int e = L.ColEntry[c], q0 = L.ColQueryBlock[c] * bs, rows = Math.Min(bs, T - q0);
-                    float* biasT = L.TileIndex[e] < 0 ? null : tileBiasT + (long)L.TileIndex[e] * bs * bs;
-                    Transpose(q + (long)q0 * D, rows, D, qt, bs);                                     // (D, rows)
-                    Transpose(dO + (long)q0 * Dv, rows, Dv, dOt, bs);                                 // (Dv, rows)
-                    Tile<TS, TV>.Gemm(cols, rows, D, k, D, qt, bs, st, bs, accumulate: false);        // Sᵀ = K·Qᵀ
-                    Tile<TS, TV>.Gemm(cols, rows, Dv, v, Dv, dOt, bs, dpt, bs, accumulate: false);    // dPᵀ = V·dOᵀ
-                    for (int j = 0; j < cols; j++)
+                    // Key-major: the entry's (active) keys are the rows here, its queries the columns.
+                    int n = KeyColumns(L, e, cols, active, tileBiasT, compactBiasT, out int* idx, out float* biasT);
+                    float* kRows = Rows(k, idx, n, D, scratch.T3);                                     // (n, D)
+                    float* vRows = Rows(v, idx, n, Dv, scratch.T4);                                    // (n, Dv)
+                    GatherTransposed(q + (long)q0 * D, null, rows, D, qt, bs);                         // (D, rows)
+                    GatherTransposed(dO + (long)q0 * Dv, null, rows, Dv, dOt, bs);                     // (Dv, rows)
+                    Tile<TS, TV>.Gemm(n, rows, D, kRows, D, qt, bs, st, bs, accumulate: false);       // Sᵀ = K·Qᵀ
+                    Tile<TS, TV>.Gemm(n, rows, Dv, vRows, Dv, dOt, bs, dpt, bs, accumulate: false);   // dPᵀ = V·dOᵀ
+                    for (int j = 0; j < n; j++)
                     {
                         float* sj = st + j * bs;
-                        Tile<TS, TV>.ScaleAddBias(sj, rows, a.Scale, biasT == null ? null : biasT + j * bs, keyBias == null ? 0f : keyBias[j]);
+                        float keyTerm = keyBias == null ? 0f : keyBias[idx == null ? j : idx[j]];
+                        Tile<TS, TV>.ScaleAddBias(sj, rows, a.Scale, biasT == null ? null : biasT + j * bs, keyTerm);
                         Tile<TS, TV>.ExpShiftEach(sj, rows, lse + q0);                                    // Pᵀ
                         Tile<TS, TV>.SoftmaxGradEach(sj, dpt + j * bs, rows, delta + q0);                 // dSᵀ
                     }
-                    Tile<TS, TV>.Gemm(cols, Dv, rows, st, bs, dO + (long)q0 * Dv, Dv, dv, Dv, accumulate: true);  // dV += Pᵀ·dO
-                    Tile<TS, TV>.Gemm(cols, D, rows, dpt, bs, q + (long)q0 * D, D, dk, D, accumulate: true);      // dK += dSᵀ·Q
+                    if (idx == null)
+                    {
+                        Tile<TS, TV>.Gemm(n, Dv, rows, st, bs, dO + (long)q0 * Dv, Dv, dv, Dv, accumulate: true);  // dV += Pᵀ·dO
+                        Tile<TS, TV>.Gemm(n, D, rows, dpt, bs, q + (long)q0 * D, D, dk, D, accumulate: true);      // dK += dSᵀ·Q
+                        continue;
+                    }
+                    // Compacted entry: compute the active keys' share, then add it to their rows.
+                    float* dvPart = scratch.T1, dkPart = scratch.T2;
+                    Tile<TS, TV>.Gemm(n, Dv, rows, st, bs, dO + (long)q0 * Dv, Dv, dvPart, Dv, accumulate: false);
+                    Tile<TS, TV>.Gemm(n, D, rows, dpt, bs, q + (long)q0 * D, D, dkPart, D, accumulate: false);
+                    for (int j = 0; j < n; j++)
+                    {
+                        Tile<TS, TV>.AddTo(dv + (long)idx[j] * Dv, dvPart + (long)j * Dv, Dv);
+                        Tile<TS, TV>.AddTo(dk + (long)idx[j] * D, dkPart + (long)j * D, D);
+                    }
                 }
             }
             float* dkOut = (float*)a.DK + ((long)bh * T + k0) * D;

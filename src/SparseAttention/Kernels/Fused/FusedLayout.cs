@@ -6,7 +6,9 @@ namespace SparseAttention.Kernels.Fused;
 /// <summary>
 /// What the fused kernels need from a <see cref="BlockMask"/>, built once per mask: partial tiles as
 /// additive float biases (0 or −∞, also transposed for the key-major backward pass) and the
-/// transposed block index (per key block, the query blocks that visit it).
+/// transposed block index (per key block, the query blocks that visit it), and compacted entries:
+/// a partial tile whose allowed pairs fall in at most half of its key columns (e.g. the summary
+/// columns of the fixed pattern) is computed over those columns only.
 /// </summary>
 internal sealed class FusedLayout
 {
@@ -18,6 +20,9 @@ internal sealed class FusedLayout
     public readonly int[] RowStart, KeyBlock, TileIndex;          // query-major CSR (from the mask)
     public readonly int[] ColStart, ColQueryBlock, ColEntry;      // key-major CSR: (head, key block) → query blocks
     public readonly float[] TileBias, TileBiasT;                  // per partial tile, [q, k] and [k, q]; pinned
+    public readonly int[] ActiveStart, ActiveCount, CompactTile;  // per entry; ActiveStart −1 = not compacted
+    public readonly int[] ActiveColumns;                          // key columns (within the block) of compacted entries
+    public readonly float[] CompactBias, CompactBiasT;            // per compacted entry, [q, active j] and [active j, q]
 
     private FusedLayout(BlockMask mask)
     {
@@ -36,6 +41,47 @@ internal sealed class FusedLayout
                     TileBias[(long)t * tile + i * b + j] = bias;
                     TileBiasT[(long)t * tile + j * b + i] = bias;
                 }
+
+        // Compaction: keep only the key columns that some query of the tile may attend.
+        ActiveStart = new int[KeyBlock.Length];
+        ActiveCount = new int[KeyBlock.Length];
+        CompactTile = new int[KeyBlock.Length];
+        var columns = new List<int>();
+        var compacted = new List<int>();
+        for (int e = 0; e < KeyBlock.Length; e++)
+        {
+            ActiveStart[e] = -1;
+            int t = TileIndex[e];
+            if (t < 0) continue;
+            var used = new List<int>();
+            for (int j = 0; j < b; j++)
+                for (int i = 0; i < b; i++)
+                    if (tiles[(long)t * tile + i * b + j]) { used.Add(j); break; }
+            if (used.Count > b / 2) continue;
+            ActiveStart[e] = columns.Count;
+            ActiveCount[e] = used.Count;
+            CompactTile[e] = compacted.Count;
+            columns.AddRange(used);
+            compacted.Add(e);
+        }
+        ActiveColumns = GC.AllocateArray<int>(Math.Max(1, columns.Count), pinned: true);
+        columns.CopyTo(ActiveColumns);
+        CompactBias = GC.AllocateArray<float>(Math.Max(1, compacted.Count * tile), pinned: true);
+        CompactBiasT = GC.AllocateArray<float>(Math.Max(1, compacted.Count * tile), pinned: true);
+        for (int c = 0; c < compacted.Count; c++)
+        {
+            int e = compacted[c], t = TileIndex[e];
+            for (int jj = 0; jj < ActiveCount[e]; jj++)
+            {
+                int j = ActiveColumns[ActiveStart[e] + jj];
+                for (int i = 0; i < b; i++)
+                {
+                    float bias = TileBias[(long)t * tile + i * b + j];
+                    CompactBias[(long)c * tile + i * b + jj] = bias;
+                    CompactBiasT[(long)c * tile + jj * b + i] = bias;
+                }
+            }
+        }
 
         // Counting sort of entries by (head, key block); query blocks stay in increasing order.
         int rows = Heads * NumBlocks;

@@ -159,6 +159,15 @@ internal static unsafe class Tile<TS, TV> where TS : struct, ISimd<TV> where TV 
         for (; j < n; j++) x[j] = MathF.Exp(x[j] - shift[j]);
     }
 
+    /// <summary>x[j] += y[j].</summary>
+    [MethodImpl(Hot)]
+    public static void AddTo(float* x, float* y, int n)
+    {
+        int w = TS.Width, j = 0;
+        for (; j + w <= n; j += w) TS.Store(x + j, TS.Add(TS.Load(x + j), TS.Load(y + j)));
+        for (; j < n; j++) x[j] += y[j];
+    }
+
     /// <summary>Σ x[j]·y[j].</summary>
     [MethodImpl(Hot)]
     public static float Dot(float* x, float* y, int n)
