@@ -53,6 +53,22 @@ public class FusedAttentionTests
         AssertFusedMatchesOracle(mask, q, k, v, keyMask: null);
     }
 
+    [Theory]
+    [InlineData(true, 200)]
+    [InlineData(false, 150)]
+    public void CompactedSummaryColumnTilesMatchOracle(bool causal, int seqLen)
+    {
+        // Fixed pattern, stride 16, 2 summary cells, 2 offsets: past key blocks of 64 hold 8 allowed columns,
+        // which the fused layout compacts (padded to 16 columns); the last block is cut short.
+        var mask = new FixedPattern(16, 2, 2, causal).Compile(seqLen, 64, 2);
+        var layout = SparseAttention.Kernels.Fused.FusedLayout.For(mask);
+        Assert.Contains(layout.ActiveStart, start => start >= 0);
+        var (q, k, v) = TestSupport.RandomQkv(2, 2, seqLen, 16, seed: 4, dtype: ScalarType.Float32);
+        var keyMask = ones(2, seqLen, dtype: ScalarType.Bool);
+        keyMask[1, 47] = tensor(false); keyMask[1, (seqLen - 5)..] = tensor(false);
+        AssertFusedMatchesOracle(mask, q, k, v, keyMask);
+    }
+
     [Fact]
     public void KeyMaskAndNaNInPaddingNeverLeak()
     {

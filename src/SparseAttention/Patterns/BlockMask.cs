@@ -92,6 +92,8 @@ public sealed class BlockMask
         var keyBlock = new List<int>();
         var tileIndex = new List<int>();
         var tiles = new List<bool[]>();
+        // Identical tiles are stored once (e.g. every summary-column tile of the fixed pattern).
+        var tileIds = new Dictionary<bool[], int>(TileContentComparer.Instance);
         long allowedPairs = 0;
         int maxPerRow = 0;
         int compiledHeads = pattern.SameForAllHeads ? 1 : heads;
@@ -116,8 +118,14 @@ public sealed class BlockMask
                     keyBlock.Add(kb);
                     // Full only when every real (query, key) pair is allowed and no key is padding.
                     bool full = count == (q1 - q0) * blockSize;
-                    tileIndex.Add(full ? -1 : tiles.Count);
-                    if (!full) tiles.Add(t);
+                    if (full) { tileIndex.Add(-1); continue; }
+                    if (!tileIds.TryGetValue(t, out int id))
+                    {
+                        id = tiles.Count;
+                        tiles.Add(t);
+                        tileIds.Add(t, id);
+                    }
+                    tileIndex.Add(id);
                 }
                 maxPerRow = Math.Max(maxPerRow, keyBlock.Count - rowStart[h * numBlocks + qb]);
             }
@@ -145,6 +153,18 @@ public sealed class BlockMask
             MaxKeyBlocksPerRow = maxPerRow,
             Density = allowedPairs / ((double)heads * seqLen * seqLen),
         };
+    }
+
+    private sealed class TileContentComparer : IEqualityComparer<bool[]>
+    {
+        public static readonly TileContentComparer Instance = new();
+        public bool Equals(bool[]? a, bool[]? b) => a.AsSpan().SequenceEqual(b);
+        public int GetHashCode(bool[] tile)
+        {
+            var hash = new HashCode();
+            hash.AddBytes(System.Runtime.InteropServices.MemoryMarshal.AsBytes(tile.AsSpan()));
+            return hash.ToHashCode();
+        }
     }
 
     /// <summary>The token-level mask, shape (Heads, SeqLen, SeqLen), true = may attend.</summary>

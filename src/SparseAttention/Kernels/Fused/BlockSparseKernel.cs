@@ -83,14 +83,15 @@ internal static unsafe class BlockSparseKernel
         out int* index, out float* bias)
     {
         long tile = (long)L.BlockSize * L.BlockSize;
-        if (L.ActiveStart[e] >= 0)
+        int t = L.TileIndex[e];
+        if (t >= 0 && L.ActiveStart[t] >= 0)
         {
-            index = active + L.ActiveStart[e];
-            bias = compactBias + L.CompactTile[e] * tile;
-            return L.ActiveCount[e];
+            index = active + L.ActiveStart[t];
+            bias = compactBias + L.CompactTile[t] * tile;
+            return L.ActiveCount[t];
         }
         index = null;
-        bias = L.TileIndex[e] < 0 ? null : tileBias + L.TileIndex[e] * tile;
+        bias = t < 0 ? null : tileBias + t * tile;
         return cols;
     }
 

@@ -14,15 +14,18 @@ internal sealed class FusedLayout
 {
     private static readonly ConditionalWeakTable<BlockMask, FusedLayout> Cache = new();
 
+    /// <summary>Compacted tiles keep a multiple of this many columns (one 512-bit vector of floats).</summary>
+    private const int CompactGranule = 16;
+
     public static FusedLayout For(BlockMask mask) => Cache.GetValue(mask, m => new FusedLayout(m));
 
     public readonly int Heads, NumBlocks, BlockSize, SeqLen;
     public readonly int[] RowStart, KeyBlock, TileIndex;          // query-major CSR (from the mask)
     public readonly int[] ColStart, ColQueryBlock, ColEntry;      // key-major CSR: (head, key block) → query blocks
     public readonly float[] TileBias, TileBiasT;                  // per partial tile, [q, k] and [k, q]; pinned
-    public readonly int[] ActiveStart, ActiveCount, CompactTile;  // per entry; ActiveStart −1 = not compacted
+    public readonly int[] ActiveStart, ActiveCount, CompactTile;  // per distinct tile; ActiveStart −1 = not compacted
     public readonly int[] ActiveColumns;                          // key columns (within the block) of compacted entries
-    public readonly float[] CompactBias, CompactBiasT;            // per compacted entry, [q, active j] and [active j, q]
+    public readonly float[] CompactBias, CompactBiasT;            // per compacted tile, [q, active j] and [active j, q]
 
     private FusedLayout(BlockMask mask)
     {
@@ -42,27 +45,33 @@ internal sealed class FusedLayout
                     TileBiasT[(long)t * tile + j * b + i] = bias;
                 }
 
-        // Compaction: keep only the key columns that some query of the tile may attend.
-        ActiveStart = new int[KeyBlock.Length];
-        ActiveCount = new int[KeyBlock.Length];
-        CompactTile = new int[KeyBlock.Length];
+        // Compaction, per distinct tile: keep only the key columns that some query of the tile may attend.
+        ActiveStart = new int[tileCount];
+        ActiveCount = new int[tileCount];
+        CompactTile = new int[tileCount];
         var columns = new List<int>();
         var compacted = new List<int>();
-        for (int e = 0; e < KeyBlock.Length; e++)
+        var realCount = new List<int>();
+        for (int t = 0; t < tileCount; t++)
         {
-            ActiveStart[e] = -1;
-            int t = TileIndex[e];
-            if (t < 0) continue;
+            ActiveStart[t] = -1;
             var used = new List<int>();
             for (int j = 0; j < b; j++)
                 for (int i = 0; i < b; i++)
                     if (tiles[(long)t * tile + i * b + j]) { used.Add(j); break; }
-            if (used.Count > b / 2) continue;
-            ActiveStart[e] = columns.Count;
-            ActiveCount[e] = used.Count;
-            CompactTile[e] = compacted.Count;
+            int realColumns = used.Count;
+            // Pad to a whole number of 512-bit vectors (a narrow tile would run the GEMM's scalar tail) by
+            // repeating a real column with bias −∞: zero weight, and its key row exists even when the
+            // tile is used for a last block cut short by the sequence end.
+            int padded = Math.Min(b, (used.Count + CompactGranule - 1) / CompactGranule * CompactGranule);
+            if (padded >= b) continue;
+            while (used.Count < padded) used.Add(used[0]);
+            ActiveStart[t] = columns.Count;
+            ActiveCount[t] = used.Count;
+            CompactTile[t] = compacted.Count;
             columns.AddRange(used);
-            compacted.Add(e);
+            compacted.Add(t);
+            realCount.Add(realColumns);
         }
         ActiveColumns = GC.AllocateArray<int>(Math.Max(1, columns.Count), pinned: true);
         columns.CopyTo(ActiveColumns);
@@ -70,13 +79,14 @@ internal sealed class FusedLayout
         CompactBiasT = GC.AllocateArray<float>(Math.Max(1, compacted.Count * tile), pinned: true);
         for (int c = 0; c < compacted.Count; c++)
         {
-            int e = compacted[c], t = TileIndex[e];
-            for (int jj = 0; jj < ActiveCount[e]; jj++)
+            int t = compacted[c];
+            for (int jj = 0; jj < ActiveCount[t]; jj++)
             {
-                int j = ActiveColumns[ActiveStart[e] + jj];
+                int j = ActiveColumns[ActiveStart[t] + jj];
+                bool padding = jj >= realCount[c];
                 for (int i = 0; i < b; i++)
                 {
-                    float bias = TileBias[(long)t * tile + i * b + j];
+                    float bias = padding ? float.NegativeInfinity : TileBias[(long)t * tile + i * b + j];
                     CompactBias[(long)c * tile + i * b + jj] = bias;
                     CompactBiasT[(long)c * tile + jj * b + i] = bias;
                 }
