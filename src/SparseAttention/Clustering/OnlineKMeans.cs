@@ -1,0 +1,358 @@
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace SparseAttention.Clustering;
+
+/// <summary>How <see cref="OnlineKMeans"/> normalises the vectors it clusters (and its centroids): both
+/// give a cosine-like geometry in which "nearest centroid" is "largest dot product".</summary>
+public enum KMeansNorm
+{
+    /// <summary>Divide by the L2 norm (unit vectors), as the PyTorch routing-transformer library does.</summary>
+    L2,
+
+    /// <summary>Layer normalisation over the feature dimension without scale or bias (mean 0, variance 1,
+    /// norm √D), as the Routing Transformer authors do.</summary>
+    LayerNorm,
+}
+
+/// <summary>Result of one <see cref="OnlineKMeans"/> forward.</summary>
+/// <param name="Normalized">(B, H, T, D) the normalised input; carries gradients (shared-QK routing uses it as the keys).</param>
+/// <param name="Similarities">(B, H, T, C) dot products with the centroids this forward used; no gradient;
+/// 0 at padded positions.</param>
+/// <param name="Nearest">(B, H, T) int64 index of the nearest centroid (argmax similarity); −1 at padded positions.</param>
+/// <param name="Loss">Scalar commitment loss <c>commitment_factor · mse(x_normalised, means[nearest])</c> over real
+/// tokens (centroids detached); 0 when there is no real token.</param>
+public sealed record KMeansOutput(Tensor Normalized, Tensor Similarities, Tensor Nearest, Tensor Loss);
+
+/// <summary>
+/// Online spherical k-means per head: the centroid buffer <c>means</c> (H, C, D) of the Routing Transformer,
+/// moved by exponential moving averages of the vectors assigned to each centroid.
+/// </summary>
+/// <remarks>
+/// <para>Roy, Saffar, Vaswani, Grangier, "Efficient Content-Based Sparse Attention with Routing Transformers",
+/// TACL 2021, arXiv 2003.05997.</para>
+/// <para><b>State.</b> <c>means</c> (heads × clusters × dim) and <c>initted</c> (bool scalar) are registered buffers,
+/// so both are in the state dict and survive save/load. Before the first training batch, <c>means</c> holds random
+/// normalised vectors drawn from the constructor's seed, so an uninitialised module can still be run in eval mode:
+/// it then routes by those random directions (like random-projection hashing) and changes nothing.</para>
+/// <para><b>Initialisation.</b> On the first training forward (not suspended), the centroids are set from C random
+/// real (non-padding) tokens of that batch — drawn with a generator seeded in the constructor, so deterministic —
+/// refined by <c>initIterations</c> Lloyd iterations, each renormalised. A batch without any real token leaves the
+/// module uninitialised.</para>
+/// <para><b>A forward uses the centroids as they stood when it began.</b> Similarities, assignments and the
+/// commitment loss of a forward are computed with a snapshot of <c>means</c> taken before any initialisation or
+/// update that this forward triggers; those take effect from the next forward. In particular the initialising
+/// forward routes with the seeded random centroids. This is what keeps causal routing causal: the batch (including
+/// future tokens) can only influence the centroids used by <i>later</i> forwards.</para>
+/// <para><b>Update policy.</b> A training forward only <i>accumulates</i> statistics (per-cluster sums of the assigned
+/// normalised vectors and their counts; padding excluded). <see cref="Update"/> applies ONE step
+/// <c>means ← normalise(decay·means + (1 − decay)·batch_mean)</c> from everything accumulated since the previous
+/// update and clears the statistics; clusters that received no vector keep their mean. So k micro-batches of
+/// gradient accumulation followed by one <see cref="Update"/> equal one step on their union, and every micro-batch
+/// of an optimizer step routes with the same centroids. Call <see cref="Update"/> (or <see cref="UpdateAll"/>) once
+/// after each optimizer step. <see cref="UpdateOnForward"/> (default <c>false</c>) restores the PyTorch library's
+/// behaviour of one EMA step per training forward; it is off by default because that behaviour takes several steps
+/// per optimizer step under gradient accumulation and would step again during a reversible recompute.</para>
+/// <para><b>Eval mode</b> never initialises or accumulates. <see cref="SuspendUpdates()"/> gives the same guarantee in
+/// training mode for the duration of a <c>using</c> scope (for reversible-layer or checkpoint recomputes).</para>
+/// <para>Pending statistics are transient: they are not part of the state dict and are kept in float64 on the
+/// centroids' device.</para>
+/// </remarks>
+public sealed class OnlineKMeans : nn.Module<Tensor, Tensor?, KMeansOutput>
+{
+    // Buffers (registered by RegisterComponents; PyTorch-style names so state dicts read alike).
+    private Tensor means;      // (H, C, D)
+    private Tensor initted;    // () bool
+
+    // Not tensors: invisible to RegisterComponents and to module.to(...).
+    private readonly Generator generator;
+    private readonly PendingStatistics pending = new();
+    private readonly int heads, dim, clusters, initIterations;
+    private readonly double emaDecay, commitmentFactor;
+    private readonly KMeansNorm norm;
+    private int suspendDepth;
+
+    /// <param name="heads">Number of heads H; each head has its own centroids.</param>
+    /// <param name="dim">Feature size D of the clustered vectors.</param>
+    /// <param name="clusters">Number of centroids C per head.</param>
+    /// <param name="emaDecay">EMA decay in [0, 1) (<c>kmeans_ema_decay</c>, default 0.999).</param>
+    /// <param name="commitmentFactor">Weight of the commitment loss (<c>commitment_factor</c>, default 1e-4), ≥ 0.</param>
+    /// <param name="norm">How vectors and centroids are normalised.</param>
+    /// <param name="seed">Seed of the random initial centroids and of the sampling at initialisation.</param>
+    /// <param name="initIterations">Lloyd iterations refining the sampled initial centroids (default 10).</param>
+    /// <param name="name">Module name.</param>
+    public OnlineKMeans(int heads, int dim, int clusters, double emaDecay = 0.999, double commitmentFactor = 1e-4,
+        KMeansNorm norm = KMeansNorm.L2, long seed = 0, int initIterations = 10, string name = "kmeans") : base(name)
+    {
+        Check.Positive(heads, nameof(heads));
+        Check.Positive(dim, nameof(dim));
+        Check.Positive(clusters, nameof(clusters));
+        Check.NonNegative(initIterations, nameof(initIterations));
+        Check.That(emaDecay >= 0 && emaDecay < 1, nameof(emaDecay), $"must be in [0, 1), got {emaDecay}.");
+        Check.That(commitmentFactor >= 0 && double.IsFinite(commitmentFactor), nameof(commitmentFactor), $"must be finite and >= 0, got {commitmentFactor}.");
+        Check.That(Enum.IsDefined(norm), nameof(norm), $"unknown normalisation {norm}.");
+        this.heads = heads;
+        this.dim = dim;
+        this.clusters = clusters;
+        this.emaDecay = emaDecay;
+        this.commitmentFactor = commitmentFactor;
+        this.norm = norm;
+        this.initIterations = initIterations;
+        generator = new Generator((ulong)seed);
+        using (no_grad())
+            means = Normalize(randn(new long[] { heads, clusters, dim }, generator: generator)).DetachFromDisposeScope();  // (H, C, D)
+        initted = tensor(false).DetachFromDisposeScope();
+        RegisterComponents();
+    }
+
+    public int Heads => heads;
+    public int Dim => dim;
+    public int Clusters => clusters;
+    public double EmaDecay => emaDecay;
+    public double CommitmentFactor => commitmentFactor;
+    public KMeansNorm Norm => norm;
+
+    /// <summary>When true, every training forward that accumulates statistics immediately applies
+    /// <see cref="Update"/> (the PyTorch library's behaviour). Default false: call <see cref="Update"/> yourself
+    /// once per optimizer step (see the class remarks for why).</summary>
+    public bool UpdateOnForward { get; set; }
+
+    /// <summary>Whether the centroids have been initialised from data (the <c>initted</c> buffer).</summary>
+    public bool IsInitialized => initted.item<bool>();
+
+    /// <summary>Whether statistics are waiting for <see cref="Update"/>.</summary>
+    public bool HasPendingStatistics => pending.Counts is not null;
+
+    /// <summary>True inside a <see cref="SuspendUpdates()"/> scope.</summary>
+    public bool UpdatesSuspended => suspendDepth > 0;
+
+    /// <summary>A copy of the centroids (H, C, D).</summary>
+    public Tensor Means => means.detach().clone();
+
+    /// <summary>Sets the centroids to <c>normalise(<paramref name="newMeans"/>)</c> and marks the module initialised.
+    /// Pending statistics are discarded.</summary>
+    /// <param name="newMeans">(H, C, D) floating point.</param>
+    public void SetMeans(Tensor newMeans)
+    {
+        Check.Shape(newMeans, nameof(newMeans), "(H, C, D)", heads, clusters, dim);
+        Check.FloatingPoint(newMeans, nameof(newMeans));
+        using var scope = NewDisposeScope();
+        using (no_grad())
+        {
+            means.copy_(Normalize(newMeans.detach().to(ScalarType.Float64)).to(means.dtype, means.device));
+            initted.fill_(true);
+        }
+        DiscardPendingStatistics();
+    }
+
+    /// <summary>Normalises the last dimension the way this module clusters (L2 or LayerNorm without affine).</summary>
+    public Tensor Normalize(Tensor x) => norm switch
+    {
+        KMeansNorm.L2 => nn.functional.normalize(x, p: 2, dim: -1, eps: 1e-12),
+        _ => nn.functional.layer_norm(x, new long[] { x.shape[^1] }, null, null, 1e-5),
+    };
+
+    /// <summary>
+    /// Normalises <paramref name="x"/>, assigns every real token to its nearest centroid and computes the commitment
+    /// loss. In training mode (and not suspended) it then initialises the centroids if needed and accumulates this
+    /// batch's statistics for <see cref="Update"/> (applying it at once when <see cref="UpdateOnForward"/>).
+    /// </summary>
+    /// <param name="x">(B, H, T, D) vectors to cluster.</param>
+    /// <param name="keyMask">Optional (B, T) bool; true = real token, false = padding (excluded from every
+    /// statistic, from initialisation and from the loss).</param>
+    public override KMeansOutput forward(Tensor x, Tensor? keyMask = null)
+    {
+        Check.Shape(x, nameof(x), "(B, H, T, D)", -1, heads, -1, dim);
+        Check.FloatingPoint(x, nameof(x));
+        long batch = x.shape[0], seqLen = x.shape[2];
+        Check.KeyMask(keyMask, batch, seqLen);
+
+        using var scope = NewDisposeScope();
+        var centroids = means.detach().to(x.dtype, x.device).clone();             // (H, C, D) snapshot used by this forward
+        var normalized = Normalize(x);                                            // (B, H, T, D)
+        var padding = keyMask?.logical_not().view(batch, 1, seqLen);              // (B, 1, T)
+        Tensor similarities, nearest;
+        using (no_grad())
+        {
+            similarities = einsum("bhtd,hcd->bhtc", normalized, centroids);       // (B, H, T, C)
+            nearest = similarities.argmax(-1);                                    // (B, H, T)
+            if (padding is not null)
+            {
+                similarities = similarities.masked_fill(padding.unsqueeze(-1), 0);
+                nearest = nearest.masked_fill(padding, -1);
+            }
+        }
+
+        var routed = GatherCentroids(centroids, nearest.clamp_min(0));             // (B, H, T, D), no grad
+        var diff = normalized - routed;                                           // (B, H, T, D)
+        Tensor count;
+        if (padding is not null)
+        {
+            diff = diff.masked_fill(padding.unsqueeze(-1), 0);                    // also hides NaN in padding
+            count = keyMask!.sum().to(x.dtype) * (heads * dim);
+        }
+        else count = tensor((double)(batch * seqLen * heads * dim), dtype: x.dtype, device: x.device);
+        var loss = diff.square().sum() / count.clamp_min(1) * commitmentFactor;
+
+        if (training && suspendDepth == 0)
+        {
+            using (no_grad())
+            {
+                var real = padding is null ? normalized.detach() : normalized.detach().masked_fill(padding.unsqueeze(-1), 0);
+                var assignment = nearest;
+                if (!IsInitialized && Initialize(real, keyMask))
+                {
+                    var fresh = means.to(x.dtype, x.device);                      // (H, C, D)
+                    assignment = einsum("bhtd,hcd->bhtc", real, fresh).argmax(-1);  // (B, H, T)
+                    if (padding is not null) assignment = assignment.masked_fill(padding, -1);
+                }
+                if (IsInitialized)
+                {
+                    Accumulate(real, assignment);
+                    if (UpdateOnForward) Update();
+                }
+            }
+        }
+        return new KMeansOutput(normalized.MoveToOuterDisposeScope(), similarities.MoveToOuterDisposeScope(),
+            nearest.MoveToOuterDisposeScope(), loss.MoveToOuterDisposeScope());
+    }
+
+    /// <summary>
+    /// Applies one EMA step from the statistics accumulated since the last update and clears them:
+    /// for every cluster with at least one assigned vector,
+    /// <c>means ← normalise(decay·means + (1 − decay)·(sum / count))</c>; empty clusters keep their mean.
+    /// Works in any mode (statistics are only ever accumulated in training mode).
+    /// </summary>
+    /// <returns>Whether there was anything to apply.</returns>
+    public bool Update()
+    {
+        if (pending.Counts is null || pending.Sums is null) return false;
+        using (var scope = NewDisposeScope())
+        using (no_grad())
+        {
+            var counts = pending.Counts.to(means.device);                          // (H, C)
+            var sums = pending.Sums.to(means.device);                              // (H, C, D)
+            var old = means.to(ScalarType.Float64);                               // (H, C, D)
+            var batchMean = sums / counts.clamp_min(1).unsqueeze(-1);             // (H, C, D)
+            var moved = Normalize(old * emaDecay + batchMean * (1 - emaDecay));   // (H, C, D)
+            var next = where(counts.gt(0).unsqueeze(-1), moved, old);             // empty clusters keep their mean
+            means.copy_(next.to(means.dtype));
+        }
+        DiscardPendingStatistics();
+        return true;
+    }
+
+    /// <summary>Drops accumulated statistics without applying them.</summary>
+    public void DiscardPendingStatistics()
+    {
+        pending.Sums?.Dispose();
+        pending.Counts?.Dispose();
+        pending.Sums = null;
+        pending.Counts = null;
+    }
+
+    /// <summary>Suspends initialisation and accumulation (in training mode) until the returned scope is disposed.
+    /// Scopes nest. Use around a reversible-layer or checkpoint recompute.</summary>
+    public IDisposable SuspendUpdates()
+    {
+        suspendDepth++;
+        return new Resume(() => suspendDepth--);
+    }
+
+    /// <summary>Suspends every <see cref="OnlineKMeans"/> in <paramref name="root"/> (itself included).</summary>
+    public static IDisposable SuspendUpdates(nn.Module root)
+    {
+        ArgumentNullException.ThrowIfNull(root);
+        var scopes = FindAll(root).Select(k => k.SuspendUpdates()).ToList();
+        return new Resume(() => scopes.ForEach(s => s.Dispose()));
+    }
+
+    /// <summary>Calls <see cref="Update"/> on every <see cref="OnlineKMeans"/> in <paramref name="root"/> (itself included).</summary>
+    /// <returns>How many modules applied a step.</returns>
+    public static int UpdateAll(nn.Module root)
+    {
+        ArgumentNullException.ThrowIfNull(root);
+        return FindAll(root).Count(k => k.Update());
+    }
+
+    private static IEnumerable<OnlineKMeans> FindAll(nn.Module root) =>
+        new[] { root }.Concat(root.modules()).OfType<OnlineKMeans>().Distinct();
+
+    /// <summary>Gathers centroid rows per head: centroids (H, C, D), index (B, H, T) → (B, H, T, D).</summary>
+    private static Tensor GatherCentroids(Tensor centroids, Tensor index)
+    {
+        long batch = index.shape[0], h = index.shape[1], t = index.shape[2], c = centroids.shape[1], d = centroids.shape[2];
+        return centroids.unsqueeze(0).expand(batch, h, c, d)                     // (B, H, C, D)
+                        .gather(2, index.unsqueeze(-1).expand(batch, h, t, d));  // (B, H, T, D)
+    }
+
+    /// <summary>Initial centroids from random real tokens refined by Lloyd iterations. <paramref name="real"/> is
+    /// (B, H, T, D) normalised with padding zeroed; returns false (and stays uninitialised) without real tokens.</summary>
+    private bool Initialize(Tensor real, Tensor? keyMask)
+    {
+        using var scope = NewDisposeScope();
+        long batch = real.shape[0], seqLen = real.shape[2];
+        var flat = real.permute(1, 0, 2, 3).reshape(heads, batch * seqLen, dim); // (H, B·T, D)
+        var realRows = keyMask is null
+            ? arange(batch * seqLen, dtype: ScalarType.Int64)
+            : keyMask.reshape(-1).cpu().nonzero().view(-1);                       // (N)
+        long n = realRows.shape[0];
+        if (n == 0) return false;
+        var pick = n >= clusters
+            ? randperm(n, generator: generator).narrow(0, 0, clusters)
+            : randint(0, n, new long[] { clusters }, generator: generator);        // (C)
+        var points = flat.index_select(1, realRows.to(real.device));               // (H, N, D)
+        var current = points.index_select(1, pick.to(real.device));               // (H, C, D)
+        for (int i = 0; i < initIterations; i++) current = LloydStep(points, current);
+        means.copy_(current.to(means.dtype, means.device));
+        initted.fill_(true);
+        return true;
+    }
+
+    /// <summary>One Lloyd iteration: points (H, N, D), centroids (H, C, D) → (H, C, D), empty clusters unchanged.</summary>
+    private Tensor LloydStep(Tensor points, Tensor centroids)
+    {
+        var assignment = einsum("hnd,hcd->hnc", points, centroids).argmax(-1);     // (H, N)
+        var oneHot = nn.functional.one_hot(assignment, clusters).to(points.dtype); // (H, N, C)
+        var sums = matmul(oneHot.transpose(1, 2), points);                         // (H, C, D)
+        var counts = oneHot.sum(1);                                                // (H, C)
+        var mean = Normalize(sums / counts.clamp_min(1).unsqueeze(-1));
+        return where(counts.gt(0).unsqueeze(-1), mean, centroids);
+    }
+
+    /// <summary>Adds per-cluster sums and counts. real (B, H, T, D) with padding zeroed; assignment (B, H, T), −1 = none.</summary>
+    private void Accumulate(Tensor real, Tensor assignment)
+    {
+        using var scope = NewDisposeScope();
+        var oneHot = nn.functional.one_hot(assignment.clamp_min(0), clusters)
+                       .logical_and(assignment.ge(0).unsqueeze(-1))
+                       .to(ScalarType.Float64);                                   // (B, H, T, C)
+        var sums = einsum("bhtc,bhtd->hcd", oneHot, real.to(ScalarType.Float64)).to(means.device); // (H, C, D)
+        var counts = oneHot.sum(new long[] { 0, 2 }).to(means.device);             // (H, C)
+        if (pending.Sums is not null && pending.Counts is not null)
+        {
+            sums = sums + pending.Sums.to(means.device);
+            counts = counts + pending.Counts.to(means.device);
+            DiscardPendingStatistics();
+        }
+        pending.Sums = sums.DetachFromDisposeScope();
+        pending.Counts = counts.DetachFromDisposeScope();
+    }
+
+    private sealed class PendingStatistics
+    {
+        public Tensor? Sums;    // (H, C, D) float64
+        public Tensor? Counts;  // (H, C) float64
+    }
+
+    private sealed class Resume(Action onDispose) : IDisposable
+    {
+        private bool disposed;
+        public void Dispose()
+        {
+            if (disposed) return;
+            disposed = true;
+            onDispose();
+        }
+    }
+}
