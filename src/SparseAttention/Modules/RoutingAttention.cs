@@ -1,0 +1,284 @@
+using SparseAttention.Clustering;
+using SparseAttention.Kernels;
+using TorchSharp;
+using TorchSharp.Modules;
+using static TorchSharp.torch;
+
+namespace SparseAttention.Modules;
+
+/// <summary>Result of a <see cref="RoutingAttention"/> forward.</summary>
+/// <param name="Output">(B, H, T, D) attention output; zeros for tokens that joined no group (padding always).</param>
+/// <param name="QueryIndices">(B, H, G, W) int64 positions of each group's queries, −1 = empty slot.</param>
+/// <param name="KeyIndices">(B, H, G, W) int64 positions of each group's keys, −1 = empty slot.</param>
+/// <param name="GroupClusters">(B, H, G) int64 centroid of each group (selects its memory key/values), −1 = unused group.</param>
+/// <param name="AuxLoss">Scalar commitment loss of the k-means; add it to the training loss.</param>
+public sealed record RoutingAttentionOutput(Tensor Output, Tensor QueryIndices, Tensor KeyIndices, Tensor GroupClusters, Tensor AuxLoss);
+
+/// <summary>
+/// Routing attention heads: queries and keys are clustered by an <see cref="OnlineKMeans"/> and each token attends
+/// only inside its clusters. Takes q, k, v already split per head, (B, H, T, D), like the PyTorch library's
+/// <c>KmeansAttention</c>; local heads and projections live in the enclosing multi-head module.
+/// </summary>
+/// <remarks>
+/// <para>Roy, Saffar, Vaswani, Grangier, "Efficient Content-Based Sparse Attention with Routing Transformers",
+/// TACL 2021, arXiv 2003.05997.</para>
+/// <para><b>Clusters.</b> C = ⌈maxSeqLen / windowSize⌉ centroids per head, fixed at construction (they are
+/// learned state). Every sequence length T ≤ maxSeqLen uses all C centroids; nothing is padded — short sequences
+/// simply use groups of min(windowSize, T) slots.</para>
+/// <para><b>Non-causal: balanced routing</b> (the paper's). Each centroid takes the min(windowSize, T) real tokens
+/// most similar to it (top-k along the sequence), so all C groups have the same size and a token may join several
+/// groups (its output is the mean) or none (its output is zero). Without shared QK, queries and keys choose
+/// separately with the same centroids (the k-means clusters the union of normalised queries and keys). Padding is
+/// never chosen; where a cluster cannot be filled with real tokens its slots are empty (−1).</para>
+/// <para><b>Causal: position-ordered nearest-centroid groups.</b> Balanced top-k cannot be causal: whether token j
+/// is among a centroid's top-k depends on every other token, including later ones (the PyTorch library has this
+/// leak and the authors only blank future positions at decode time). Here instead each token's query goes to the
+/// cluster of its nearest centroid and its key to the nearest centroid of its (normalised) key — the same cluster
+/// with shared QK. A cluster's members (tokens whose query or key chose it) are ordered by position and cut into
+/// consecutive chunks of W = min(windowSize, T) members; every chunk is one group.</para>
+/// <para><i>Why the output at position i cannot depend on tokens after i:</i> (1) the centroids used by a forward are
+/// those from before it started (<see cref="OnlineKMeans"/> snapshots them; initialisation and EMA steps triggered by
+/// this batch only affect later forwards), so a token's clusters depend on that token alone; (2) the chunk of a
+/// member of cluster c is ⌊r / W⌋ where r counts the members of c at EARLIER positions — a function of tokens &lt; i
+/// and token i; (3) query i attends keys j ≤ i of its own group (causal rule on original positions), whose
+/// membership is by (2) a function of tokens ≤ j ≤ i, plus the memory key/values of its cluster; (4) each query is in
+/// exactly one group, so the mean is over one group. Later tokens only change where groups sit in the G order and
+/// how many groups there are, which the kernel's result does not depend on (no look-back is used). Tested by
+/// perturbing the future in training and eval mode, including the initialising forward.</para>
+/// <para>The trade-off: causal groups are not balanced (a popular cluster yields several chunks, a token near the
+/// start of a chunk sees few keys); every real token is in exactly one group and each query sees at most W keys.
+/// G ≤ ⌈2T / W⌉ + C.</para>
+/// <para><b>Shared QK</b>: the keys are the normalised queries (in the k-means normalisation) and a token attends to
+/// itself only when nothing else is allowed. <b>Memory</b>: <c>numMemKv</c> learned key/value pairs per cluster
+/// (parameters <c>mem_key</c>, <c>mem_value</c>, (H, C, M, D)) that every query of the cluster's groups may attend.</para>
+/// <para><b>k-means updates</b> are explicit: call <see cref="OnlineKMeans.Update"/> (or
+/// <see cref="OnlineKMeans.UpdateAll"/>) once per optimizer step; see <see cref="OnlineKMeans"/>.</para>
+/// </remarks>
+public sealed class RoutingAttention : nn.Module<Tensor, Tensor?, Tensor, Tensor?, RoutingAttentionOutput>
+{
+    private readonly OnlineKMeans kmeans;
+    private Parameter? mem_key;    // (H, C, M, D)
+    private Parameter? mem_value;  // (H, C, M, D)
+    private readonly int heads, dimHead, maxSeqLen, windowSize, clusters, numMemKv;
+    private readonly bool causal, sharedQk;
+
+    /// <param name="heads">Routing heads H.</param>
+    /// <param name="dimHead">Width D of one head (q, k and v).</param>
+    /// <param name="maxSeqLen">Longest sequence accepted.</param>
+    /// <param name="windowSize">Tokens per cluster (<c>window_size</c>); clusters = ⌈maxSeqLen / windowSize⌉.</param>
+    /// <param name="causal">Autoregressive: query i attends keys j ≤ i, routing never looks ahead (see remarks).</param>
+    /// <param name="sharedQk">Keys are the normalised queries (then pass <c>k = null</c>); the PyTorch library turns
+    /// this on for causal models.</param>
+    /// <param name="numMemKv">Learned memory key/values per cluster (<c>num_mem_kv</c>), ≥ 0.</param>
+    /// <param name="kmeansEmaDecay">EMA decay of the centroids (<c>kmeans_ema_decay</c>).</param>
+    /// <param name="commitmentFactor">Weight of the commitment loss (<c>commitment_factor</c>).</param>
+    /// <param name="norm">Normalisation of clustered vectors: L2 (PyTorch library) or LayerNorm (authors).</param>
+    /// <param name="seed">Seed of the initial centroids, their data initialisation and the memory key/values.</param>
+    /// <param name="name">Module name.</param>
+    public RoutingAttention(int heads, int dimHead, int maxSeqLen, int windowSize, bool causal = false, bool sharedQk = false,
+        int numMemKv = 0, double kmeansEmaDecay = 0.999, double commitmentFactor = 1e-4, KMeansNorm norm = KMeansNorm.L2,
+        long seed = 0, string name = "routing_attention") : base(name)
+    {
+        Check.Positive(heads, nameof(heads));
+        Check.Positive(dimHead, nameof(dimHead));
+        Check.Positive(maxSeqLen, nameof(maxSeqLen));
+        Check.Positive(windowSize, nameof(windowSize));
+        Check.That(windowSize <= maxSeqLen, nameof(windowSize), $"must be <= maxSeqLen ({maxSeqLen}), got {windowSize}.");
+        Check.NonNegative(numMemKv, nameof(numMemKv));
+        this.heads = heads;
+        this.dimHead = dimHead;
+        this.maxSeqLen = maxSeqLen;
+        this.windowSize = windowSize;
+        this.causal = causal;
+        this.sharedQk = sharedQk;
+        this.numMemKv = numMemKv;
+        clusters = (maxSeqLen + windowSize - 1) / windowSize;
+        kmeans = new OnlineKMeans(heads, dimHead, clusters, kmeansEmaDecay, commitmentFactor, norm, seed);
+        if (numMemKv > 0)
+        {
+            var gen = new Generator((ulong)seed + 0x9E3779B9UL);
+            mem_key = new Parameter(randn(new long[] { heads, clusters, numMemKv, dimHead }, generator: gen));
+            mem_value = new Parameter(randn(new long[] { heads, clusters, numMemKv, dimHead }, generator: gen));
+        }
+        RegisterComponents();
+    }
+
+    public OnlineKMeans KMeans => kmeans;
+    public int Heads => heads;
+    public int DimHead => dimHead;
+    public int MaxSeqLen => maxSeqLen;
+    public int WindowSize => windowSize;
+    public int Clusters => clusters;
+    public int NumMemKv => numMemKv;
+    public bool Causal => causal;
+    public bool SharedQk => sharedQk;
+
+    /// <param name="q">Queries (B, H, T, D), T ≤ maxSeqLen.</param>
+    /// <param name="k">Keys (B, H, T, D); must be null with shared QK (the keys are then the normalised queries).</param>
+    /// <param name="v">Values (B, H, T, D).</param>
+    /// <param name="keyMask">Optional (B, T) bool; true = real token, false = padding (never routed, never attended,
+    /// excluded from the k-means).</param>
+    public override RoutingAttentionOutput forward(Tensor q, Tensor? k, Tensor v, Tensor? keyMask = null)
+    {
+        Check.Shape(q, nameof(q), "(B, H, T, D)", -1, heads, -1, dimHead);
+        Check.FloatingPoint(q, nameof(q));
+        long batch = q.shape[0], seqLen = q.shape[2];
+        Check.That(seqLen <= maxSeqLen, nameof(q), $"sequence length T = {seqLen} exceeds maxSeqLen = {maxSeqLen}.");
+        Check.That(seqLen > 0, nameof(q), "sequence length T must be > 0.");
+        if (sharedQk) Check.That(k is null, nameof(k), "must be null with shared QK: the keys are the normalised queries.");
+        else
+        {
+            Check.That(k is not null, nameof(k), "is required without shared QK.");
+            Check.Shape(k!, nameof(k), "(B, H, T, D)", batch, heads, seqLen, dimHead);
+            Check.SameDtype(q, nameof(q), k!, nameof(k));
+        }
+        Check.Shape(v, nameof(v), "(B, H, T, D)", batch, heads, seqLen, dimHead);
+        Check.SameDtype(q, nameof(q), v, nameof(v));
+        Check.KeyMask(keyMask, batch, seqLen);
+
+        using var scope = NewDisposeScope();
+        Tensor keys, querySims, keySims, queryNearest, keyNearest;
+        KMeansOutput routed;
+        if (sharedQk)
+        {
+            routed = kmeans.forward(q, keyMask);
+            keys = routed.Normalized;                                                  // (B, H, T, D)
+            querySims = keySims = routed.Similarities;                                 // (B, H, T, C)
+            queryNearest = keyNearest = routed.Nearest;                                // (B, H, T)
+        }
+        else
+        {
+            var bothMask = keyMask is null ? null : cat([keyMask, keyMask], 1);        // (B, 2T)
+            routed = kmeans.forward(cat([q, k!], 2), bothMask);                        // on (B, H, 2T, D)
+            keys = k!;
+            querySims = routed.Similarities.narrow(2, 0, seqLen);                      // (B, H, T, C)
+            keySims = routed.Similarities.narrow(2, seqLen, seqLen);
+            queryNearest = routed.Nearest.narrow(2, 0, seqLen);                        // (B, H, T)
+            keyNearest = routed.Nearest.narrow(2, seqLen, seqLen);
+        }
+
+        Tensor queryIdx, keyIdx, groupClusters;
+        if (causal)
+            (queryIdx, keyIdx, groupClusters) = CausalGroups(queryNearest, keyNearest, windowSize, clusters);
+        else
+        {
+            queryIdx = BalancedGroups(querySims, keyMask, windowSize);                 // (B, H, C, W)
+            keyIdx = sharedQk ? queryIdx : BalancedGroups(keySims, keyMask, windowSize);
+            groupClusters = arange(clusters, dtype: ScalarType.Int64, device: q.device)
+                            .view(1, 1, clusters).expand(batch, heads, clusters).contiguous(); // (B, H, C)
+        }
+
+        Tensor? memKeys = null, memValues = null;
+        if (mem_key is not null && mem_value is not null)
+        {
+            memKeys = MemoryPerGroup(mem_key.to(q.dtype), groupClusters);              // (B, H, G, M, D)
+            memValues = MemoryPerGroup(mem_value.to(q.dtype), groupClusters);
+        }
+        var output = GroupedAttention.Attention(q, keys, v, queryIdx, keyIdx, causal: causal, sharedQk: sharedQk,
+            keyMask: keyMask, memoryKeys: memKeys, memoryValues: memValues);           // (B, H, T, D)
+        return new RoutingAttentionOutput(output.MoveToOuterDisposeScope(), queryIdx.MoveToOuterDisposeScope(),
+            keyIdx.MoveToOuterDisposeScope(), groupClusters.MoveToOuterDisposeScope(), routed.Loss.MoveToOuterDisposeScope());
+    }
+
+    /// <summary>Balanced routing: every centroid takes its min(windowSize, T) most similar real tokens.</summary>
+    /// <param name="similarities">(B, H, T, C) token–centroid similarities.</param>
+    /// <param name="keyMask">Optional (B, T) bool, true = real; padding is never chosen (slot −1 instead).</param>
+    /// <param name="windowSize">Tokens per centroid.</param>
+    /// <returns>(B, H, C, W) int64 positions per centroid, ascending, −1 = empty slot (sorted first).</returns>
+    public static Tensor BalancedGroups(Tensor similarities, Tensor? keyMask, int windowSize)
+    {
+        Check.Positive(windowSize, nameof(windowSize));
+        Check.Shape(similarities, nameof(similarities), "(B, H, T, C)", -1, -1, -1, -1);
+        long batch = similarities.shape[0], seqLen = similarities.shape[2];
+        Check.KeyMask(keyMask, batch, seqLen);
+        using var scope = NewDisposeScope();
+        int window = (int)Math.Min(windowSize, seqLen);
+        var sims = similarities.detach();
+        if (keyMask is not null)
+            sims = sims.masked_fill(keyMask.logical_not().view(batch, 1, seqLen, 1), double.NegativeInfinity);
+        var (top, index) = sims.topk(window, dim: 2);                                  // (B, H, W, C)
+        index = index.masked_fill(top.isneginf(), -1);                                 // padding → empty slot
+        var (sorted, _) = index.sort(dim: 2);                                          // position order
+        return sorted.transpose(2, 3).contiguous().MoveToOuterDisposeScope();         // (B, H, C, W)
+    }
+
+    /// <summary>
+    /// Causal routing groups: the members of each cluster (tokens whose query or key chose it), in position order,
+    /// cut into consecutive chunks of W = min(windowSize, T); a token's membership depends only on itself and
+    /// earlier tokens (see the class remarks).
+    /// </summary>
+    /// <param name="queryClusters">(B, H, T) int64 cluster of each token's query, −1 = not routed (padding).</param>
+    /// <param name="keyClusters">(B, H, T) int64 cluster of each token's key, −1 = not routed.</param>
+    /// <param name="windowSize">Members per chunk.</param>
+    /// <param name="clusters">Number of clusters C (values are in [−1, C)).</param>
+    /// <returns>Query and key positions (B, H, G, W) (−1 = empty slot; a slot holds the same token in both when it
+    /// is a member in both roles) and each group's cluster (B, H, G) (−1 = unused group).
+    /// G = the largest number of chunks over (B, H), at least 1.</returns>
+    public static (Tensor QueryIndices, Tensor KeyIndices, Tensor GroupClusters) CausalGroups(
+        Tensor queryClusters, Tensor keyClusters, int windowSize, int clusters)
+    {
+        Check.Positive(windowSize, nameof(windowSize));
+        Check.Positive(clusters, nameof(clusters));
+        Check.Shape(queryClusters, nameof(queryClusters), "(B, H, T)", -1, -1, -1);
+        Check.Shape(keyClusters, nameof(keyClusters), "(B, H, T)", queryClusters.shape[0], queryClusters.shape[1], queryClusters.shape[2]);
+        long batch = queryClusters.shape[0], heads = queryClusters.shape[1], seqLen = queryClusters.shape[2];
+        long window = Math.Max(1, Math.Min(windowSize, seqLen));
+        var device = queryClusters.device;
+
+        using var scope = NewDisposeScope();
+        // Entries: each token is a member of its query's cluster (role: query, and key too when its key chose the
+        // same cluster) and, when its key chose another cluster, a key-only member there. 2T candidate entries.
+        var positions = arange(seqLen, dtype: ScalarType.Int64, device: device).view(1, 1, seqLen).expand(batch, heads, seqLen); // (B, H, T)
+        var queryRouted = queryClusters.ge(0);                                          // (B, H, T)
+        var keyElsewhere = keyClusters.ge(0).logical_and(keyClusters.ne(queryClusters));
+        var entryCluster = cat([queryClusters.masked_fill(queryRouted.logical_not(), -1),
+                                keyClusters.masked_fill(keyElsewhere.logical_not(), -1)], 2);       // (B, H, 2T)
+        var entryIsQuery = cat([queryRouted, zeros_like(queryRouted)], 2);                         // (B, H, 2T)
+        var entryIsKey = cat([queryRouted.logical_and(keyClusters.eq(queryClusters)), keyElsewhere], 2);
+        var entryPos = cat([positions, positions], 2);                                             // (B, H, 2T)
+        var bucket = entryCluster.masked_fill(entryCluster.lt(0), clusters);           // unrouted → sentinel bucket C
+
+        // Sort by (cluster, position): each cluster's members become a run in position order.
+        var order = (bucket * seqLen + entryPos).sort(dim: 2, stable: true).Indices;   // (B, H, 2T)
+        var bucketSorted = bucket.gather(2, order);
+        var posSorted = entryPos.gather(2, order);
+        var routedSorted = bucketSorted.lt(clusters);
+        var querySorted = entryIsQuery.gather(2, order).logical_and(routedSorted);
+        var keySorted = entryIsKey.gather(2, order).logical_and(routedSorted);
+
+        var counts = zeros(new long[] { batch, heads, clusters + 1 }, dtype: ScalarType.Int64, device: device)
+                     .scatter_add(2, bucket, ones_like(bucket));                       // (B, H, C + 1)
+        var runStart = counts.cumsum(2) - counts;                                      // (B, H, C + 1) exclusive
+        var rank = arange(2 * seqLen, dtype: ScalarType.Int64, device: device).view(1, 1, 2 * seqLen)
+                   - runStart.gather(2, bucketSorted);                                 // (B, H, 2T) members before, same cluster
+        var chunk = rank.div(window, rounding_mode: RoundingMode.floor);
+        var slot = rank - chunk * window;
+        var chunks = (counts.narrow(2, 0, clusters) + (window - 1)).div(window, rounding_mode: RoundingMode.floor); // (B, H, C)
+        var groupStart = chunks.cumsum(2) - chunks;                                    // (B, H, C) exclusive
+        long groups = Math.Max(1, chunks.sum(2).max().item<long>());
+        var group = groupStart.gather(2, bucketSorted.clamp_max(clusters - 1)) + chunk; // (B, H, 2T)
+
+        long slots = groups * window, dummy = slots;                                   // one extra slot swallows non-members
+        var flat = group * window + slot;                                              // (B, H, 2T)
+        Tensor Place(Tensor member) =>
+            full(new long[] { batch, heads, slots + 1 }, -1L, dtype: ScalarType.Int64, device: device)
+                .scatter(2, flat.masked_fill(member.logical_not(), dummy), posSorted)  // (B, H, G·W + 1)
+                .narrow(2, 0, slots).view(batch, heads, groups, window);               // (B, H, G, W)
+        var queryIdx = Place(querySorted);
+        var keyIdx = Place(keySorted);
+        var groupClusters = full(new long[] { batch, heads, groups + 1 }, -1L, dtype: ScalarType.Int64, device: device)
+                            .scatter(2, group.masked_fill(routedSorted.logical_not(), groups), bucketSorted)
+                            .narrow(2, 0, groups).contiguous();                        // (B, H, G)
+        return (queryIdx.MoveToOuterDisposeScope(), keyIdx.MoveToOuterDisposeScope(), groupClusters.MoveToOuterDisposeScope());
+    }
+
+    /// <summary>Memory rows per group: memory (H, C, M, D), groupClusters (B, H, G) → (B, H, G, M, D).
+    /// Unused groups (−1) get cluster 0's memory; they have no queries.</summary>
+    private static Tensor MemoryPerGroup(Tensor memory, Tensor groupClusters)
+    {
+        long batch = groupClusters.shape[0], h = groupClusters.shape[1], g = groupClusters.shape[2];
+        long c = memory.shape[1], m = memory.shape[2], d = memory.shape[3];
+        var index = groupClusters.clamp_min(0).view(batch, h, g, 1, 1).expand(batch, h, g, m, d);  // (B, H, G, M, D)
+        return memory.unsqueeze(0).expand(batch, h, c, m, d).gather(2, index);                     // (B, H, G, M, D)
+    }
+}

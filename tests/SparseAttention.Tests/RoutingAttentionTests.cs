@@ -1,0 +1,319 @@
+using SparseAttention.Clustering;
+using SparseAttention.Modules;
+using TorchSharp;
+using Xunit;
+using static TorchSharp.torch;
+
+namespace SparseAttention.Tests;
+
+public class RoutingAttentionTests
+{
+    private const int Heads = 2, Dim = 4, MaxSeqLen = 16, Window = 4;
+
+    private static RoutingAttention Make(bool causal, bool sharedQk, int memKv, long seed = 3, double commitment = 1e-4)
+    {
+        var module = new RoutingAttention(Heads, Dim, MaxSeqLen, Window, causal, sharedQk, memKv, commitmentFactor: commitment, seed: seed);
+        module.to(ScalarType.Float64);
+        return module;
+    }
+
+    private static (Tensor Q, Tensor? K, Tensor V) Inputs(long seed, long batch, long seqLen, bool sharedQk)
+    {
+        var gen = new Generator((ulong)seed);
+        Tensor Make() => randn(new long[] { batch, Heads, seqLen, Dim }, dtype: ScalarType.Float64, generator: gen);
+        var q = Make(); var k = Make(); var v = Make();
+        return (q, sharedQk ? null : k, v);
+    }
+
+    /// <summary>One training forward on a full-length batch (initialises the centroids) and one EMA step.</summary>
+    private static void WarmUp(RoutingAttention module)
+    {
+        var (q, k, v) = Inputs(1000, 3, MaxSeqLen, module.SharedQk);
+        module.train();
+        module.forward(q, k, v, null);
+        module.KMeans.Update();
+    }
+
+    private static Tensor? PaddingMask(long batch, long seqLen, bool padded)
+    {
+        if (!padded) return null;
+        var mask = ones(batch, seqLen, dtype: ScalarType.Bool);
+        mask[0, Math.Min(2, seqLen - 1)] = tensor(false);
+        if (batch > 1 && seqLen >= 5) mask[1, (int)(seqLen - 3)..] = tensor(false);
+        return mask;
+    }
+
+    /// <summary>The memory rows of each group, looked up one by one from the module's parameters.</summary>
+    private static (Tensor? Keys, Tensor? Values) MemoryOf(RoutingAttention module, Tensor groupClusters)
+    {
+        if (module.NumMemKv == 0) return (null, null);
+        var p = module.named_parameters().ToDictionary(n => n.name, n => n.parameter);
+        long batch = groupClusters.shape[0], groups = groupClusters.shape[2];
+        Tensor Lookup(Tensor memory) => stack(Enumerable.Range(0, (int)batch).Select(b =>
+            stack(Enumerable.Range(0, Heads).Select(h =>
+                stack(Enumerable.Range(0, (int)groups).Select(g =>
+                    memory[h, Math.Max(0, groupClusters[b, h, g].item<long>())]))))));       // (B, H, G, M, D)
+        return (Lookup(p["mem_key"]), Lookup(p["mem_value"]));
+    }
+
+    /// <summary>Checks the returned memberships against the routing rules, recomputed from the centroids.</summary>
+    private static void CheckRouting(RoutingAttention module, Tensor q, Tensor? k, Tensor? keyMask, RoutingAttentionOutput result)
+    {
+        long batch = q.shape[0], seqLen = q.shape[2];
+        int window = (int)Math.Min(Window, seqLen), clusters = module.Clusters;
+        var means = module.KMeans.Means.to(q.dtype);                                           // (H, C, D)
+        var nq = nn.functional.normalize(q, 2, -1);
+        var nk = module.SharedQk ? nq : nn.functional.normalize(k!, 2, -1);
+        var simQ = einsum("bhtd,hcd->bhtc", nq, means).to(ScalarType.Float64).data<double>().ToArray();
+        var simK = einsum("bhtd,hcd->bhtc", nk, means).to(ScalarType.Float64).data<double>().ToArray();
+        var real = (keyMask ?? ones(batch, seqLen, dtype: ScalarType.Bool)).data<bool>().ToArray();
+        var qIdx = result.QueryIndices.data<long>().ToArray();
+        var kIdx = result.KeyIndices.data<long>().ToArray();
+        var gc = result.GroupClusters.data<long>().ToArray();
+        long groups = result.QueryIndices.shape[2], width = result.QueryIndices.shape[3];
+        double Sim(double[] s, long b, long h, long t, long c) => s[((b * Heads + h) * seqLen + t) * clusters + c];
+        string Slots(long[] idx, long b, long h, long g) =>
+            string.Join(",", Enumerable.Range(0, (int)width).Select(s => idx[((b * Heads + h) * groups + g) * width + s]).Where(p => p >= 0).Order());
+
+        for (long b = 0; b < batch; b++)
+            for (long h = 0; h < Heads; h++)
+            {
+                var realPositions = Enumerable.Range(0, (int)seqLen).Select(t => (long)t).Where(t => real[b * seqLen + t]).ToList();
+                if (!module.Causal)
+                {
+                    Assert.Equal(clusters, groups);
+                    for (long c = 0; c < clusters; c++)
+                    {
+                        string Top(double[] s) => string.Join(",", realPositions.OrderByDescending(t => Sim(s, b, h, t, c)).Take(window).Order());
+                        Assert.Equal(Top(simQ), Slots(qIdx, b, h, c));
+                        Assert.Equal(Top(simK), Slots(kIdx, b, h, c));
+                        Assert.Equal(c, gc[(b * Heads + h) * groups + c]);
+                    }
+                    continue;
+                }
+                long Nearest(double[] s, long t) => Enumerable.Range(0, clusters).MaxBy(c => Sim(s, b, h, t, c));
+                var expected = new List<string>();
+                for (long c = 0; c < clusters; c++)
+                {
+                    var members = realPositions.Where(t => Nearest(simQ, t) == c || Nearest(simK, t) == c).ToList();
+                    for (int start = 0; start < members.Count; start += window)
+                    {
+                        var chunk = members.Skip(start).Take(window).ToList();
+                        expected.Add($"{c}: q[{string.Join(",", chunk.Where(t => Nearest(simQ, t) == c))}] k[{string.Join(",", chunk.Where(t => Nearest(simK, t) == c))}]");
+                    }
+                }
+                var actual = new List<string>();
+                for (long g = 0; g < groups; g++)
+                {
+                    long cluster = gc[(b * Heads + h) * groups + g];
+                    string qs = Slots(qIdx, b, h, g), ks = Slots(kIdx, b, h, g);
+                    if (cluster < 0) { Assert.Equal("", qs + ks); continue; }
+                    actual.Add($"{cluster}: q[{qs}] k[{ks}]");
+                }
+                Assert.Equal(expected.Order(), actual.Order());
+            }
+    }
+
+    public static TheoryData<bool, bool, int, int, bool> Cases()
+    {
+        var data = new TheoryData<bool, bool, int, int, bool>();
+        foreach (bool causal in new[] { false, true })
+            foreach (bool sharedQk in new[] { false, true })
+                foreach (int memKv in new[] { 0, 2 })
+                    foreach (var (seqLen, padded) in new[] { (13, false), (13, true), (16, true), (3, false) })
+                        data.Add(causal, sharedQk, memKv, seqLen, padded);
+        return data;
+    }
+
+    [Theory]
+    [MemberData(nameof(Cases))]
+    public void EqualsOracleOnItsOwnMembershipsAndFollowsTheRoutingRule(bool causal, bool sharedQk, int memKv, int seqLen, bool padded)
+    {
+        const long batch = 2;
+        var module = Make(causal, sharedQk, memKv);
+        WarmUp(module);
+        var (q, k, v) = Inputs(seqLen * 7 + memKv, batch, seqLen, sharedQk);
+        var keyMask = PaddingMask(batch, seqLen, padded);
+        var result = module.forward(q, k, v, keyMask);
+        Assert.Equal(new long[] { batch, Heads, seqLen, Dim }, result.Output.shape);
+        CheckRouting(module, q, k, keyMask, result);
+
+        var joined = GroupedOracle.Membership(result.QueryIndices, seqLen).sum(2);              // (B, H, T)
+        var real = (keyMask ?? ones(batch, seqLen, dtype: ScalarType.Bool)).unsqueeze(1).expand(batch, Heads, seqLen);
+        if (causal) Assert.True(joined.eq(real.to(ScalarType.Int64)).all().item<bool>(), "causal: every real token in exactly one group");
+        else if (seqLen == 13 && !padded)
+        {
+            Assert.True(joined.max().item<long>() >= 2, "some token in several clusters");
+            Assert.True(joined.min().item<long>() == 0, "some token in none");
+        }
+
+        var (memK, memV) = MemoryOf(module, result.GroupClusters);
+        var upstream = randn(result.Output.shape, dtype: ScalarType.Float64, generator: new Generator(5));
+        var inputs = sharedQk ? new[] { q, v } : new[] { q, k!, v };
+        Tensor Module(Tensor[] x) => module.forward(x[0], sharedQk ? null : x[1], x[^1], keyMask).Output;
+        Tensor Oracle(Tensor[] x) => GroupedOracle.Attention(x[0], sharedQk ? nn.functional.normalize(x[0], 2, -1) : x[1], x[^1],
+            result.QueryIndices, result.KeyIndices, causal, sharedQk, keyMask, memoryKeys: memK, memoryValues: memV);
+        var expected = GroupedAttentionTests.Grad(Oracle, upstream, inputs);
+        var actual = GroupedAttentionTests.Grad(Module, upstream, inputs);
+        TestSupport.AssertClose(expected.Output, actual.Output, "output");
+        for (int n = 0; n < inputs.Length; n++) TestSupport.AssertClose(expected.Grads[n], actual.Grads[n], $"gradient {n}");
+        var nowhere = joined.eq(0).unsqueeze(-1).expand_as(actual.Output);
+        Assert.Equal(0.0, actual.Output.masked_select(nowhere).abs().sum().item<double>());
+    }
+
+    public static TheoryData<bool, string> LeakCases()
+    {
+        var data = new TheoryData<bool, string>();
+        foreach (bool sharedQk in new[] { false, true })
+            foreach (var mode in new[] { "eval", "train", "train-initialising", "train-update-on-forward" })
+                data.Add(sharedQk, mode);
+        return data;
+    }
+
+    [Theory]
+    [MemberData(nameof(LeakCases))]
+    public void CausalOutputsNeverDependOnLaterTokens(bool sharedQk, string mode)
+    {
+        const long batch = 2, seqLen = 14;
+        RoutingAttention Build()
+        {
+            var module = Make(causal: true, sharedQk, memKv: 1, seed: 11);
+            if (mode != "train-initialising") WarmUp(module);
+            if (mode == "eval") module.eval(); else module.train();
+            module.KMeans.UpdateOnForward = mode == "train-update-on-forward";
+            return module;
+        }
+        var (q, k, v) = Inputs(42, batch, seqLen, sharedQk);
+        var keyMask = ones(batch, seqLen, dtype: ScalarType.Bool);
+        keyMask[1, (int)(seqLen - 2)..] = tensor(false);
+        foreach (int t in new[] { 0, 3, 8, 12 })
+        {
+            var gen = new Generator((ulong)t + 500);
+            Tensor? Perturb(Tensor? x)
+            {
+                if (x is null) return null;
+                var y = x.clone();
+                y[.., .., (t + 1)..] = randn(new long[] { batch, Heads, seqLen - t - 1, Dim }, dtype: ScalarType.Float64, generator: gen) * 5;
+                return y;
+            }
+            var first = Build();
+            var second = Build();
+            var before = first.forward(q, k, v, keyMask).Output;
+            var after = second.forward(Perturb(q)!, Perturb(k), Perturb(v)!, keyMask).Output;
+            TestSupport.AssertClose(before.narrow(2, 0, t + 1), after.narrow(2, 0, t + 1), $"outputs up to t = {t} ({mode})");
+            Assert.False(allclose(before.narrow(2, t + 1, seqLen - t - 1), after.narrow(2, t + 1, seqLen - t - 1)), "later outputs do change");
+            if (mode == "train-initialising")
+            {
+                // The initialisation did see the different futures; only later forwards route with it.
+                Assert.True(first.KMeans.IsInitialized && second.KMeans.IsInitialized);
+                Assert.False(allclose(first.KMeans.Means, second.KMeans.Means));
+            }
+        }
+    }
+
+    [Theory]
+    [InlineData(false)]
+    [InlineData(true)]
+    public void Float32ModuleMatchesOracle(bool causal)
+    {
+        var module = new RoutingAttention(Heads, Dim, MaxSeqLen, Window, causal, sharedQk: false, numMemKv: 1, seed: 4);
+        var gen = new Generator(6);
+        Tensor Make() => randn(new long[] { 2, Heads, 15, Dim }, generator: gen);
+        var (q, k, v) = (Make(), Make(), Make());
+        module.train();
+        module.forward(q, k, v, null);                                                         // initialise
+        var result = module.forward(q, k, v, null);
+        var (memK, memV) = MemoryOf(module, result.GroupClusters);
+        var expected = GroupedOracle.Attention(q, k, v, result.QueryIndices, result.KeyIndices, causal, false, memoryKeys: memK, memoryValues: memV);
+        Assert.Equal(ScalarType.Float32, result.Output.dtype);
+        TestSupport.AssertClose(expected, result.Output, "float32 output");
+        CheckRouting(module, q, k, null, result);
+    }
+
+    [Fact]
+    public void AuxLossIsTheCommitmentOfRealQueriesAndKeys()
+    {
+        var module = Make(causal: false, sharedQk: false, memKv: 0, commitment: 1.0);
+        WarmUp(module);
+        var (q, k, v) = Inputs(8, 2, 10, sharedQk: false);
+        var keyMask = PaddingMask(2, 10, padded: true)!;
+        var result = module.forward(q, k, v, keyMask);
+        var x = nn.functional.normalize(cat([q, k!], 2), 2, -1);                              // (B, H, 2T, D)
+        var means = module.KMeans.Means;
+        var nearest = einsum("bhtd,hcd->bhtc", x, means).argmax(-1);                        // (B, H, 2T)
+        double sum = 0; long count = 0;
+        var real = cat([keyMask, keyMask], 1);
+        for (int b = 0; b < 2; b++)
+            for (int h = 0; h < Heads; h++)
+                for (int t = 0; t < 20; t++)
+                {
+                    if (!real[b, t].item<bool>()) continue;
+                    sum += (x[b, h, t] - means[h, nearest[b, h, t].item<long>()]).square().sum().item<double>();
+                    count += Dim;
+                }
+        Assert.Equal(sum / count, result.AuxLoss.item<double>(), 12);
+    }
+
+    [Fact]
+    public void StateDictRoundTripRestoresIdenticalOutputs()
+    {
+        var trained = Make(causal: true, sharedQk: true, memKv: 2, seed: 1);
+        WarmUp(trained);
+        Assert.Equal(new[] { "kmeans.initted", "kmeans.means", "mem_key", "mem_value" }, trained.state_dict().Keys.Order().ToArray());
+        var stream = new MemoryStream();
+        trained.save(stream);
+        var restored = Make(causal: true, sharedQk: true, memKv: 2, seed: 2);
+        restored.load(new MemoryStream(stream.ToArray()));
+        Assert.True(restored.KMeans.IsInitialized);
+        trained.eval(); restored.eval();
+        var (q, _, v) = Inputs(3, 2, 11, sharedQk: true);
+        var expected = trained.forward(q, null, v, null);
+        var actual = restored.forward(q, null, v, null);
+        TestSupport.AssertClose(expected.Output, actual.Output, "output", atol: 0, rtol: 0);
+        Assert.True(expected.QueryIndices.eq(actual.QueryIndices).all().item<bool>());
+    }
+
+    [Fact]
+    public void UpdateAllStepsEveryRoutingModuleOnce()
+    {
+        var module = Make(causal: false, sharedQk: true, memKv: 0);
+        WarmUp(module);
+        var before = module.KMeans.Means;
+        var (q, _, v) = Inputs(4, 2, 12, sharedQk: true);
+        module.forward(q, null, v, null);
+        module.forward(q, null, v, null);
+        TestSupport.AssertClose(before, module.KMeans.Means, "no update during forwards", atol: 0, rtol: 0);
+        Assert.Equal(1, OnlineKMeans.UpdateAll(module));
+        Assert.False(allclose(before, module.KMeans.Means));
+        using (OnlineKMeans.SuspendUpdates(module))
+        {
+            module.forward(q, null, v, null);
+            Assert.False(module.KMeans.HasPendingStatistics);
+        }
+    }
+
+    [Fact]
+    public void BadInputNamesTheArgument()
+    {
+        var shared = Make(causal: true, sharedQk: true, memKv: 0);
+        var separate = Make(causal: false, sharedQk: false, memKv: 0);
+        var x = zeros(new long[] { 1, Heads, 8, Dim }, dtype: ScalarType.Float64);
+        string Param(Action a) => Assert.Throws<ArgumentException>(a).ParamName!;
+        Assert.Equal("q", Param(() => shared.forward(zeros(new long[] { 1, Heads, MaxSeqLen + 1, Dim }, dtype: ScalarType.Float64), null, zeros(new long[] { 1, Heads, MaxSeqLen + 1, Dim }, dtype: ScalarType.Float64), null)));
+        Assert.Equal("q", Param(() => shared.forward(zeros(new long[] { 1, Heads + 1, 8, Dim }, dtype: ScalarType.Float64), null, x, null)));
+        Assert.Equal("q", Param(() => shared.forward(zeros(new long[] { 1, Heads, 8, Dim + 1 }, dtype: ScalarType.Float64), null, x, null)));
+        Assert.Equal("k", Param(() => shared.forward(x, x, x, null)));
+        Assert.Equal("k", Param(() => separate.forward(x, null, x, null)));
+        Assert.Equal("k", Param(() => separate.forward(x, zeros(new long[] { 1, Heads, 7, Dim }, dtype: ScalarType.Float64), x, null)));
+        Assert.Equal("v", Param(() => separate.forward(x, x, zeros(new long[] { 1, Heads, 7, Dim }, dtype: ScalarType.Float64), null)));
+        Assert.Equal("keyMask", Param(() => separate.forward(x, x, x, ones(1, 7, dtype: ScalarType.Bool))));
+        Assert.Equal("keyMask", Param(() => separate.forward(x, x, x, ones(1, 8))));
+        Assert.Equal("windowSize", Param(() => new RoutingAttention(2, 4, 16, 0)));
+        Assert.Equal("windowSize", Param(() => new RoutingAttention(2, 4, 16, -3)));
+        Assert.Equal("windowSize", Param(() => new RoutingAttention(2, 4, 16, 17)));
+        Assert.Equal("maxSeqLen", Param(() => new RoutingAttention(2, 4, 0, 4)));
+        Assert.Equal("numMemKv", Param(() => new RoutingAttention(2, 4, 16, 4, numMemKv: -1)));
+        Assert.Equal("heads", Param(() => new RoutingAttention(0, 4, 16, 4)));
+        Assert.Equal("dimHead", Param(() => new RoutingAttention(2, 0, 16, 4)));
+    }
+}
