@@ -38,9 +38,28 @@ public static class GroupedAttention
     /// <param name="memoryValues">Optional (B or 1, H, G, M, Dv) memory values; given iff <paramref name="memoryKeys"/> is.</param>
     /// <param name="scale">Score scale; default 1/√D.</param>
     /// <returns>(B, H, Tq, Dv); never NaN from masking (rows with no allowed key are zeros).</returns>
+    /// <param name="kernel">Auto: the fused kernel for float32 CPU tensors without memory key/values, else Ops.</param>
     public static Tensor Attention(Tensor q, Tensor k, Tensor v, Tensor queryIndices, Tensor keyIndices,
         bool causal = false, bool sharedQk = false, Tensor? keyMask = null, bool lookBackward = false,
-        Tensor? memoryKeys = null, Tensor? memoryValues = null, double? scale = null)
+        Tensor? memoryKeys = null, Tensor? memoryValues = null, double? scale = null, AttentionKernel kernel = AttentionKernel.Auto)
+    {
+        CheckArguments(q, k, v, queryIndices, keyIndices, causal, sharedQk, keyMask, memoryKeys, memoryValues);
+        switch (kernel)
+        {
+            case AttentionKernel.Fused:
+                Check.That(memoryKeys is null, nameof(memoryKeys), "the fused grouped kernel does not take memory key/values; use the Ops kernel.");
+                return FusedGroupedAttention.Attention(q, k, v, queryIndices, keyIndices, causal, sharedQk, keyMask, lookBackward, scale);
+            case AttentionKernel.Auto when FusedGroupedAttention.Supports(q, memoryKeys):
+                return FusedGroupedAttention.Attention(q, k, v, queryIndices, keyIndices, causal, sharedQk, keyMask, lookBackward, scale);
+            case AttentionKernel.Reference:
+                throw new ArgumentException("kernel: grouped attention has Ops and Fused kernels; its oracle is ReferenceAttention with the implied mask.", nameof(kernel));
+        }
+        return OpsAttention(q, k, v, queryIndices, keyIndices, causal, sharedQk, keyMask, lookBackward, memoryKeys, memoryValues, scale);
+    }
+
+    /// <summary>Argument checks shared by the Ops and fused grouped kernels.</summary>
+    internal static void CheckArguments(Tensor q, Tensor k, Tensor v, Tensor queryIndices, Tensor keyIndices,
+        bool causal, bool sharedQk, Tensor? keyMask, Tensor? memoryKeys, Tensor? memoryValues)
     {
         Check.QueryKeyValue(q, k, v);
         long batch = q.shape[0], heads = q.shape[1], tq = q.shape[2], dim = q.shape[3], tk = k.shape[2], dimV = v.shape[3];
@@ -52,7 +71,6 @@ public static class GroupedAttention
         CheckIndices(keyIndices, nameof(keyIndices), batch, heads, groups, tk);
         Check.That((memoryKeys is null) == (memoryValues is null), memoryKeys is null ? nameof(memoryKeys) : nameof(memoryValues),
             "memoryKeys and memoryValues must be given together.");
-        long mem = 0;
         if (memoryKeys is not null && memoryValues is not null)
         {
             Check.Shape(memoryKeys, nameof(memoryKeys), "(B or 1, H, G, M, D)", -1, heads, groups, -1, dim);
@@ -63,8 +81,15 @@ public static class GroupedAttention
                 $"first dimension must be 1 or B = {batch}, got {Check.ShapeOf(memoryValues)}.");
             Check.SameDtype(q, nameof(q), memoryKeys, nameof(memoryKeys));
             Check.SameDtype(q, nameof(q), memoryValues, nameof(memoryValues));
-            mem = memoryKeys.shape[3];
         }
+    }
+
+    private static Tensor OpsAttention(Tensor q, Tensor k, Tensor v, Tensor queryIndices, Tensor keyIndices,
+        bool causal, bool sharedQk, Tensor? keyMask, bool lookBackward, Tensor? memoryKeys, Tensor? memoryValues, double? scale)
+    {
+        long batch = q.shape[0], heads = q.shape[1], tq = q.shape[2], dim = q.shape[3], tk = k.shape[2], dimV = v.shape[3];
+        long groups = queryIndices.shape[2], wq = queryIndices.shape[3];
+        long mem = memoryKeys?.shape[3] ?? 0;
 
         using var scope = NewDisposeScope();
         var keyIdx = keyIndices;                                                         // (B, H, G, Wk)

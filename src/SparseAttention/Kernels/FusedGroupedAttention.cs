@@ -1,0 +1,95 @@
+using SparseAttention.Kernels.Fused;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace SparseAttention.Kernels;
+
+/// <summary>
+/// Fused grouped attention (routing clusters, LSH chunks) for float32 CPU tensors: the rules of
+/// <see cref="GroupedAttention"/> computed by C# SIMD kernels that read q/k/v rows by index, forward
+/// and backward, wrapped as a TorchSharp autograd function. Memory key/values are not supported here
+/// (<see cref="GroupedAttention"/> falls back to its Ops path for them).
+/// </summary>
+public static class FusedGroupedAttention
+{
+    /// <summary>True when the fused kernel can run (float32 CPU tensors, no memory key/values).</summary>
+    public static bool Supports(Tensor q, Tensor? memoryKeys) => FusedBlockSparseAttention.Supports(q) && memoryKeys is null;
+
+    /// <inheritdoc cref="GroupedAttention.Attention"/>
+    /// <param name="threads">Worker threads (results do not depend on it); default <see cref="FusedBlockSparseAttention.DefaultThreads"/>.</param>
+    public static Tensor Attention(Tensor q, Tensor k, Tensor v, Tensor queryIndices, Tensor keyIndices,
+        bool causal = false, bool sharedQk = false, Tensor? keyMask = null, bool lookBackward = false,
+        double? scale = null, int? threads = null)
+    {
+        GroupedAttention.CheckArguments(q, k, v, queryIndices, keyIndices, causal, sharedQk, keyMask, null, null);
+        Check.That(FusedBlockSparseAttention.Supports(q), nameof(q), $"the fused kernels need float32 CPU tensors, got {q.dtype} on {q.device}.");
+        if (threads is int t) Check.Positive(t, nameof(threads));
+        var settings = new Settings(causal, sharedQk, lookBackward, (float)(scale ?? 1.0 / Math.Sqrt(q.shape[3])),
+            threads ?? FusedBlockSparseAttention.DefaultThreads);
+        return GroupedFunction.apply(q, k, v, queryIndices, keyIndices, keyMask, settings);
+    }
+
+    private sealed record Settings(bool Causal, bool SharedQk, bool LookBackward, float Scale, int Threads);
+
+    private sealed class GroupedFunction : autograd.SingleTensorFunction<GroupedFunction>
+    {
+        public override string Name => "FusedGroupedAttention";
+
+        public override Tensor forward(autograd.AutogradContext ctx, params object[] vars)
+        {
+            var (q, k, v) = (((Tensor)vars[0]).contiguous(), ((Tensor)vars[1]).contiguous(), ((Tensor)vars[2]).contiguous());
+            var (queryIndex, keyIndex) = (((Tensor)vars[3]).contiguous(), ((Tensor)vars[4]).contiguous());
+            var keyMask = (vars[5] as Tensor)?.contiguous();
+            var settings = (Settings)vars[6];
+            long batch = q.shape[0], heads = q.shape[1], seqLen = q.shape[2], dimV = v.shape[3];
+            long groups = queryIndex.shape[2], wq = queryIndex.shape[3];
+            if (keyMask is not null)
+            {
+                var drop = keyMask.logical_not().view(batch, 1, seqLen, 1);
+                k = k.masked_fill(drop, 0);                                                // NaN in padding must not leak via 0·x
+                v = v.masked_fill(drop, 0);
+            }
+            var output = empty(new[] { batch, heads, seqLen, dimV });                      // (B, H, T, Dv)
+            var groupOut = empty(new[] { batch, heads, groups, wq, dimV });                // (B, H, G, Wq, Dv)
+            var lse = empty(new[] { batch, heads, groups, wq });                           // (B, H, G, Wq)
+            var args = Arguments(q, k, v, queryIndex, keyIndex, keyMask, settings);
+            args.O = FusedBlockSparseAttention.Pointer(output);
+            args.GroupOut = FusedBlockSparseAttention.Pointer(groupOut);
+            args.Lse = FusedBlockSparseAttention.Pointer(lse);
+            GroupedKernel.Forward(args);
+            ctx.save_for_backward([q, k, v, queryIndex, keyIndex, keyMask ?? empty(0, dtype: ScalarType.Bool), groupOut, lse]);
+            ctx.save_data("settings", settings);
+            return output;
+        }
+
+        public override List<Tensor> backward(autograd.AutogradContext ctx, Tensor gradOutput)
+        {
+            var saved = ctx.get_saved_variables();
+            var (q, k, v, queryIndex, keyIndex) = (saved[0], saved[1], saved[2], saved[3], saved[4]);
+            var keyMask = saved[5].numel() == 0 ? null : saved[5];
+            var (groupOut, lse) = (saved[6], saved[7]);
+            var settings = (Settings)ctx.get_data("settings");
+            var dO = gradOutput.contiguous();
+            var (dq, dk, dv) = (empty_like(q), empty_like(k), empty_like(v));
+            var args = Arguments(q, k, v, queryIndex, keyIndex, keyMask, settings);
+            args.GroupOut = FusedBlockSparseAttention.Pointer(groupOut);
+            args.Lse = FusedBlockSparseAttention.Pointer(lse);
+            args.DO = FusedBlockSparseAttention.Pointer(dO);
+            args.DQ = FusedBlockSparseAttention.Pointer(dq);
+            args.DK = FusedBlockSparseAttention.Pointer(dk);
+            args.DV = FusedBlockSparseAttention.Pointer(dv);
+            GroupedKernel.Backward(args);
+            return [dq, dk, dv, null!, null!, null!, null!];
+        }
+
+        private static GroupedArgs Arguments(Tensor q, Tensor k, Tensor v, Tensor queryIndex, Tensor keyIndex, Tensor? keyMask, Settings s) => new()
+        {
+            Batch = (int)q.shape[0], Heads = (int)q.shape[1], SeqLen = (int)q.shape[2], Dim = (int)q.shape[3], DimV = (int)v.shape[3],
+            Groups = (int)queryIndex.shape[2], QuerySlots = (int)queryIndex.shape[3], KeySlots = (int)keyIndex.shape[3],
+            Threads = s.Threads, Causal = s.Causal, SharedQk = s.SharedQk, LookBackward = s.LookBackward, Scale = s.Scale,
+            Q = FusedBlockSparseAttention.Pointer(q), K = FusedBlockSparseAttention.Pointer(k), V = FusedBlockSparseAttention.Pointer(v),
+            QueryIndex = FusedBlockSparseAttention.Pointer(queryIndex), KeyIndex = FusedBlockSparseAttention.Pointer(keyIndex),
+            KeyMask = keyMask is null ? 0 : FusedBlockSparseAttention.Pointer(keyMask),
+        };
+    }
+}
