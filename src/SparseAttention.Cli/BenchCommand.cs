@@ -17,12 +17,12 @@ namespace SparseAttention.Cli;
 internal sealed class BenchCommand
 {
     /// <summary>Attention kinds the bench knows, with the pattern each stands for.</summary>
-    public static readonly string[] Attentions = ["dense", "local", "strided", "fixed", "bigbird"];
+    public static readonly string[] Attentions = ["dense", "local", "strided", "fixed", "bigbird", "routing"];
     public static readonly string[] Impls = ["sdpa", "reference", "ops", "fused"];
     public static readonly string[] Passes = ["forward", "forward_backward"];
 
     private readonly Option<string> seqLensOption = new("--seq-lens") { HelpName = "T,T,...", Description = "Sequence lengths.", DefaultValueFactory = _ => "1024,4096,16384" };
-    private readonly Option<string> attentionOption = new("--attention") { HelpName = "KIND,...", Description = "Attention kinds: " + string.Join(", ", Attentions) + ".", DefaultValueFactory = _ => "dense,local,strided,fixed,bigbird" };
+    private readonly Option<string> attentionOption = new("--attention") { HelpName = "KIND,...", Description = "Attention kinds: " + string.Join(", ", Attentions) + ".", DefaultValueFactory = _ => "dense,local,strided,fixed,bigbird,routing" };
     private readonly Option<string> implOption = new("--impl") { HelpName = "IMPL,...", Description = "Implementations of the sparse kinds: reference, ops, fused (dense always runs as sdpa).", DefaultValueFactory = _ => "ops,fused" };
     private readonly Option<string> passOption = new("--pass") { HelpName = "PASS,...", Description = "forward, forward_backward.", DefaultValueFactory = _ => "forward,forward_backward" };
     private readonly Option<int> batchOption = new("--batch") { Description = "Batch size B.", DefaultValueFactory = _ => 1 };
@@ -117,6 +117,19 @@ internal sealed class BenchCommand
 
                 foreach (string attention in attentions.Where(a => a != "dense"))
                 {
+                    if (attention == "routing")
+                    {
+                        foreach (string impl in impls.Where(i => i != "reference"))
+                        {
+                            step++;
+                            stderr.WriteLine($"[{step}/{total}] routing {impl} {pass} T={seqLen}");
+                            var (ms, rss, groupPairs) = TimeRouting(q, k, v, upstream, window, causal, impl == "ops" ? AttentionKernel.Ops : AttentionKernel.Fused, backward, runs);
+                            double? speedup = denseMs.TryGetValue((seqLen, pass), out double d) ? d / ms : null;
+                            results.Add(Make("routing", impl, pass, seqLen, batch, heads, dim, window, causal, ms, 4 * groupPairs * dim * flopFactor, gemm, speedup, rss));
+                        }
+                        if (impls.Contains("reference")) step++;
+                        continue;
+                    }
                     var mask = PatternFor(attention, window, causal).Compile((int)seqLen, Math.Min(window, (int)seqLen), heads);
                     double pairs = mask.Density * heads * (double)seqLen * seqLen;
                     foreach (string impl in impls)
@@ -198,6 +211,36 @@ internal sealed class BenchCommand
         }
         Array.Sort(times);
         return (times[runs / 2], PeakRssMb());
+    }
+
+    /// <summary>
+    /// Routing attention with the clustering included (k-means assignment, balanced top-k or causal
+    /// chunking, grouped attention), clusters = T / window; the k-means is initialised in the warm-up.
+    /// Useful work = the allowed (query, key) pairs inside the groups it formed, summed over batch.
+    /// </summary>
+    private static (double Ms, double PeakRssMb, double Pairs) TimeRouting(Tensor q, Tensor k, Tensor v, Tensor upstream,
+        int window, bool causal, AttentionKernel kernel, bool backward, int runs)
+    {
+        long heads = q.shape[1], seqLen = q.shape[2], dim = q.shape[3];
+        using var routing = new SparseAttention.Modules.RoutingAttention((int)heads, (int)dim, (int)seqLen, Math.Min(window, (int)seqLen), causal) { Kernel = kernel };
+        double pairs = 0;
+        var (ms, rss) = Time((a, b, c) =>
+        {
+            var result = routing.forward(a, b, c);
+            if (pairs == 0) pairs = GroupPairs(result.QueryIndices, result.KeyIndices, causal);
+            return result.Output;
+        }, q, k, v, upstream, backward, runs);
+        return (ms, rss, pairs);
+    }
+
+    /// <summary>Allowed (query, key) slot pairs of a grouping: both slots filled and, when causal, key ≤ query.</summary>
+    private static double GroupPairs(Tensor queryIndices, Tensor keyIndices, bool causal)
+    {
+        using var scope = NewDisposeScope();
+        var qi = queryIndices.unsqueeze(-1); var ki = keyIndices.unsqueeze(-2);       // (B, H, G, Wq, 1), (B, H, G, 1, Wk)
+        var allowed = qi.ge(0).logical_and(ki.ge(0));
+        if (causal) allowed = allowed.logical_and(ki.le(qi));
+        return allowed.sum().to(ScalarType.Float64).item<double>();
     }
 
     private static double MeasureGemm(int runs)

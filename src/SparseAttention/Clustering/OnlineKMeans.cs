@@ -324,11 +324,19 @@ public sealed class OnlineKMeans : nn.Module<Tensor, Tensor?, KMeansOutput>
     private void Accumulate(Tensor real, Tensor assignment)
     {
         using var scope = NewDisposeScope();
-        var oneHot = nn.functional.one_hot(assignment.clamp_min(0), clusters)
-                       .logical_and(assignment.ge(0).unsqueeze(-1))
-                       .to(ScalarType.Float64);                                   // (B, H, T, C)
-        var sums = einsum("bhtc,bhtd->hcd", oneHot, real.to(ScalarType.Float64)).to(means.device); // (H, C, D)
-        var counts = oneHot.sum(new long[] { 0, 2 }).to(means.device);             // (H, C)
+        // Index-add per (head, cluster) instead of a one-hot product: O(T·D), not O(T·C·D).
+        long batch = real.shape[0], t = real.shape[2];
+        var headOffset = (arange(heads, device: assignment.device) * clusters).view(1, heads, 1);   // (1, H, 1)
+        var valid = assignment.ge(0);                                                            // (B, H, T)
+        var slot = (assignment.clamp_min(0) + headOffset).masked_fill(valid.logical_not(), heads * clusters)
+                   .flatten();                                                                   // (B·H·T), padding → spare row
+        var rows = real.to(ScalarType.Float64).reshape(batch * heads * t, dim);                 // (B·H·T, D)
+        var sums = zeros(heads * clusters + 1, dim, dtype: ScalarType.Float64, device: real.device)
+                   .index_add_(0, slot, rows, 1.0).narrow(0, 0, heads * clusters)
+                   .view(heads, clusters, dim).to(means.device);                               // (H, C, D)
+        var counts = zeros(heads * clusters + 1, dtype: ScalarType.Float64, device: real.device)
+                     .index_add_(0, slot, ones(slot.shape[0], dtype: ScalarType.Float64, device: real.device), 1.0)
+                     .narrow(0, 0, heads * clusters).view(heads, clusters).to(means.device);   // (H, C)
         if (pending.Sums is not null && pending.Counts is not null)
         {
             sums = sums + pending.Sums.to(means.device);

@@ -118,6 +118,9 @@ public sealed class RoutingAttention : nn.Module<Tensor, Tensor?, Tensor, Tensor
     /// <param name="v">Values (B, H, T, D).</param>
     /// <param name="keyMask">Optional (B, T) bool; true = real token, false = padding (never routed, never attended,
     /// excluded from the k-means).</param>
+    /// <summary>Kernel of the attention inside clusters (Auto: fused for float32 CPU without memory key/values).</summary>
+    public AttentionKernel Kernel { get; set; } = AttentionKernel.Auto;
+
     public override RoutingAttentionOutput forward(Tensor q, Tensor? k, Tensor v, Tensor? keyMask = null)
     {
         Check.Shape(q, nameof(q), "(B, H, T, D)", -1, heads, -1, dimHead);
@@ -175,7 +178,7 @@ public sealed class RoutingAttention : nn.Module<Tensor, Tensor?, Tensor, Tensor
             memValues = MemoryPerGroup(mem_value.to(q.dtype), groupClusters);
         }
         var output = GroupedAttention.Attention(q, keys, v, queryIdx, keyIdx, causal: causal, sharedQk: sharedQk,
-            keyMask: keyMask, memoryKeys: memKeys, memoryValues: memValues);           // (B, H, T, D)
+            keyMask: keyMask, memoryKeys: memKeys, memoryValues: memValues, kernel: Kernel); // (B, H, T, D)
         return new RoutingAttentionOutput(output.MoveToOuterDisposeScope(), queryIdx.MoveToOuterDisposeScope(),
             keyIdx.MoveToOuterDisposeScope(), groupClusters.MoveToOuterDisposeScope(), routed.Loss.MoveToOuterDisposeScope());
     }
