@@ -52,6 +52,7 @@ public sealed class StaticPatternAttention : HeadGroupAttention
     private readonly double dropout;
     private readonly AttentionKernel kernel;
     private readonly ConcurrentDictionary<int, BlockMask> masks = new();
+    private readonly ConcurrentDictionary<int, Tensor> denseMasks = new();   // (Hg, T, T) bool on the CPU, dense path only
 
     /// <param name="heads">Heads in the group (Hg).</param>
     /// <param name="dimHead">Head width D.</param>
@@ -108,7 +109,8 @@ public sealed class StaticPatternAttention : HeadGroupAttention
     private Tensor RelativeDense(Tensor q, Tensor k, Tensor v, Tensor? keyMask, int seqLen)
     {
         long batch = q.shape[0], dim = q.shape[3];
-        var allowed = MaskFor(seqLen).ToDense().to(q.device).unsqueeze(0);                 // (1, Hg, T, T)
+        var dense = denseMasks.GetOrAdd(seqLen, t => MaskFor(t).ToDense().DetachFromDisposeScope());   // (Hg, T, T)
+        var allowed = dense.to(q.device).unsqueeze(0);                                     // (1, Hg, T, T)
         if (keyMask is not null)
         {
             allowed = allowed.logical_and(keyMask.view(batch, 1, 1, seqLen));              // (B, Hg, T, T)

@@ -141,7 +141,8 @@ public sealed record TransformerConfig
     // ---- kernels -------------------------------------------------------------------------------
     /// <summary>64 — block size static patterns are compiled with (performance only; capped at T).</summary>
     [JsonPropertyName("block_size")] public int BlockSize { get; init; } = 64;
-    /// <summary>Auto — kernel for static head groups (Auto = fused C# kernels for float32 CPU, else TorchSharp ops).</summary>
+    /// <summary>Auto — kernel for static head groups (Auto = fused C# kernels for float32 CPU, else TorchSharp ops);
+    /// not used by the dense RelativeShaw path or by cross-attention, which are always dense.</summary>
     [JsonPropertyName("kernel"), JsonConverter(typeof(JsonStringEnumConverter<AttentionKernel>))]
     public AttentionKernel Kernel { get; init; } = AttentionKernel.Auto;
 
