@@ -163,10 +163,15 @@ public partial class ModelTests
     // Generation
     // ------------------------------------------------------------------------------------------
 
-    [Fact]
-    public void GenerateWorksFromOneTokenBeforeTraining()
+    [Theory]
+    [InlineData(false)]
+    [InlineData(true)]
+    public void GenerateWorksFromOneTokenBeforeTraining(bool everyOption)
     {
-        var model = Lm(Tiny());
+        var config = everyOption
+            ? Tiny() with { ShiftTokens = true, PositionalEncoding = PositionalEncoding.RelativeShaw, Reversible = true, EmbDim = 8, TieEmbedding = true, FfGlu = true, FfChunks = 2 }
+            : Tiny();
+        var model = Lm(config);
         model.train();
         var sample = model.Generate(tensor(new long[] { 3 }).view(1, 1), maxNewTokens: 40, seed: 1);   // longer than MaxSeqLen = 32: cropped
         Assert.Equal([1L, 40], sample.shape);
