@@ -1,0 +1,156 @@
+using TorchSharp;
+using TorchSharp.Modules;
+using static TorchSharp.torch;
+
+namespace SparseAttention.Model;
+
+/// <summary>The attention sublayer of a <see cref="TransformerBlock"/>: self-attention or cross-attention.</summary>
+public abstract class AttentionSublayer : nn.Module
+{
+    protected AttentionSublayer(string name) : base(name) { }
+
+    /// <param name="x">(B, T, dim), already normalised.</param>
+    /// <param name="inputMask">Optional (B, T) bool; true = real token.</param>
+    /// <param name="context">Optional (B, S, contextDim) sequence for cross-attention.</param>
+    /// <param name="contextMask">Optional (B, S) bool; true = real context token.</param>
+    /// <returns>(B, T, dim) and a scalar auxiliary loss.</returns>
+    public abstract (Tensor Output, Tensor AuxLoss) Forward(Tensor x, Tensor? inputMask, Tensor? context, Tensor? contextMask);
+}
+
+/// <summary>
+/// Multi-head self-attention whose heads are split into groups, each computed by a
+/// <see cref="HeadGroupAttention"/> (local, static pattern, later routing). Owns the q/k/v/out
+/// projections; applies rotary embeddings to q and k when configured; concatenates the groups'
+/// outputs in head order, projects back to dim and applies the attention-layer dropout.
+/// </summary>
+public sealed class AttentionLayer : AttentionSublayer
+{
+    private readonly Linear to_q, to_k, to_v, to_out;
+    private readonly ModuleList<HeadGroupAttention> groups;
+    private readonly int heads, dimHead;
+    private readonly bool rotary;
+    private readonly double layerDropout;
+
+    /// <summary>Builds layer <paramref name="layer"/> of a model with configuration <paramref name="config"/>.</summary>
+    public AttentionLayer(TransformerConfig config, int layer, string name = "attention") : base(name)
+    {
+        ArgumentNullException.ThrowIfNull(config);
+        heads = config.Heads;
+        dimHead = config.ResolvedDimHead;
+        rotary = config.PositionalEncoding == PositionalEncoding.Rotary;
+        layerDropout = config.AttnLayerDropout;
+        int inner = heads * dimHead;
+        to_q = nn.Linear(config.Dim, inner, hasBias: false);
+        to_k = nn.Linear(config.Dim, inner, hasBias: false);
+        to_v = nn.Linear(config.Dim, inner, hasBias: false);
+        to_out = nn.Linear(inner, config.Dim, hasBias: false);
+        var plan = config.HeadGroupsForLayer(layer);
+        Check.That(plan.Sum(g => g.Heads) == heads, nameof(config), $"layer {layer}'s head groups hold {plan.Sum(g => g.Heads)} heads, expected {heads}.");
+        groups = nn.ModuleList(plan.Select(g => CreateGroup(config, layer, g)).ToArray());
+        RegisterComponents();
+    }
+
+    /// <summary>The head groups, in head order.</summary>
+    public IReadOnlyList<HeadGroupAttention> Groups => groups.ToList();
+
+    /// <summary>
+    /// The module computing one head group. Local and static groups attend with their pattern.
+    /// Routing groups are not part of this build yet: asking for routing heads fails with an error
+    /// naming <see cref="TransformerConfig.NLocalAttnHeads"/>.
+    /// </summary>
+    public static HeadGroupAttention CreateGroup(TransformerConfig config, int layer, HeadGroupPlan group) => group.Kind switch
+    {
+        HeadGroupKind.Local or HeadGroupKind.Static => new StaticPatternAttention(group.Heads, config.ResolvedDimHead, group.Pattern!,
+            config.BlockSize, config.AttnDropout,
+            config.PositionalEncoding == PositionalEncoding.RelativeShaw ? config.MaxRelativePosition : 0, config.Kernel),
+        HeadGroupKind.Routing => throw new ArgumentException(
+            $"{nameof(TransformerConfig.NLocalAttnHeads)}: layer {layer} leaves {group.Heads} of {config.Heads} heads for routing attention, " +
+            "which is not available in this build yet; give every head a local or static group (NLocalAttnHeads + StaticHeadGroups heads = Heads).",
+            nameof(TransformerConfig.NLocalAttnHeads)),
+        _ => throw new ArgumentException($"group: unknown head group kind {group.Kind}.", nameof(group)),
+    };
+
+    public override (Tensor Output, Tensor AuxLoss) Forward(Tensor x, Tensor? inputMask, Tensor? context, Tensor? contextMask)
+    {
+        Check.Shape(x, nameof(x), "(B, T, dim)", -1, -1, to_q.in_features);
+        Check.KeyMask(inputMask, x.shape[0], x.shape[1]);
+        using var scope = NewDisposeScope();
+        long batch = x.shape[0], seqLen = x.shape[1];
+        Tensor SplitHeads(Tensor t) => t.view(batch, seqLen, heads, dimHead).transpose(1, 2);   // (B, H, T, Dh)
+        var q = SplitHeads(to_q.forward(x));
+        var k = SplitHeads(to_k.forward(x));
+        var v = SplitHeads(to_v.forward(x));
+        if (rotary)
+        {
+            q = RotaryEmbedding.Apply(q);                                                       // (B, H, T, Dh)
+            k = RotaryEmbedding.Apply(k);
+        }
+        var outputs = new List<Tensor>();
+        var aux = zeros(Array.Empty<long>(), dtype: x.dtype, device: x.device);
+        long first = 0;
+        foreach (var group in groups)
+        {
+            var (o, loss) = group.Forward(q.narrow(1, first, group.Heads), k.narrow(1, first, group.Heads),
+                                          v.narrow(1, first, group.Heads), inputMask);          // (B, Hg, T, Dh)
+            outputs.Add(o);
+            aux = aux + loss;
+            first += group.Heads;
+        }
+        var attended = outputs.Count == 1 ? outputs[0] : cat(outputs, 1);                       // (B, H, T, Dh)
+        var merged = attended.transpose(1, 2).reshape(batch, seqLen, heads * dimHead);         // (B, T, H·Dh)
+        var output = nn.functional.dropout(to_out.forward(merged), layerDropout, training);    // (B, T, dim)
+        return (output.MoveToOuterDisposeScope(), aux.MoveToOuterDisposeScope());
+    }
+}
+
+/// <summary>
+/// Dense multi-head cross-attention from the sequence to a context (e.g. an encoder's output): every
+/// query may attend every real context token. Computed with <see cref="Kernels.ReferenceAttention"/>
+/// (O(T·S) memory); attention dropout applies to the output of the heads, attention-layer dropout after
+/// the output projection. No positional encoding (the two sequences' positions are unrelated).
+/// </summary>
+public sealed class CrossAttentionLayer : AttentionSublayer
+{
+    private readonly Linear to_q, to_k, to_v, to_out;
+    private readonly int heads, dimHead;
+    private readonly double dropout, layerDropout;
+
+    public CrossAttentionLayer(TransformerConfig config, string name = "cross_attention") : base(name)
+    {
+        ArgumentNullException.ThrowIfNull(config);
+        heads = config.Heads;
+        dimHead = config.ResolvedDimHead;
+        dropout = config.AttnDropout;
+        layerDropout = config.AttnLayerDropout;
+        int inner = heads * dimHead;
+        to_q = nn.Linear(config.Dim, inner, hasBias: false);
+        to_k = nn.Linear(config.ResolvedContextDim, inner, hasBias: false);
+        to_v = nn.Linear(config.ResolvedContextDim, inner, hasBias: false);
+        to_out = nn.Linear(inner, config.Dim, hasBias: false);
+        RegisterComponents();
+    }
+
+    public override (Tensor Output, Tensor AuxLoss) Forward(Tensor x, Tensor? inputMask, Tensor? context, Tensor? contextMask)
+    {
+        Check.Shape(x, nameof(x), "(B, T, dim)", -1, -1, to_q.in_features);
+        Check.That(context is not null, nameof(context), "this model receives context (ReceivesContext = true); pass the context sequence.");
+        Check.Shape(context!, nameof(context), "(B, S, contextDim)", x.shape[0], -1, to_k.in_features);
+        Check.SameDtype(x, nameof(x), context!, nameof(context));
+        long batch = x.shape[0], seqLen = x.shape[1], ctxLen = context!.shape[1];
+        if (contextMask is not null)
+        {
+            Check.Shape(contextMask, nameof(contextMask), "(B, S)", batch, ctxLen);
+            Check.Bool(contextMask, nameof(contextMask));
+        }
+        using var scope = NewDisposeScope();
+        var q = to_q.forward(x).view(batch, seqLen, heads, dimHead).transpose(1, 2);           // (B, H, T, Dh)
+        var k = to_k.forward(context).view(batch, ctxLen, heads, dimHead).transpose(1, 2);     // (B, H, S, Dh)
+        var v = to_v.forward(context).view(batch, ctxLen, heads, dimHead).transpose(1, 2);     // (B, H, S, Dh)
+        var attended = Kernels.ReferenceAttention.Attention(q, k, v, keyMask: contextMask);     // (B, H, T, Dh)
+        attended = nn.functional.dropout(attended, dropout, training);
+        var merged = attended.transpose(1, 2).reshape(batch, seqLen, heads * dimHead);         // (B, T, H·Dh)
+        var output = nn.functional.dropout(to_out.forward(merged), layerDropout, training);    // (B, T, dim)
+        var aux = zeros(Array.Empty<long>(), dtype: x.dtype, device: x.device);
+        return (output.MoveToOuterDisposeScope(), aux.MoveToOuterDisposeScope());
+    }
+}

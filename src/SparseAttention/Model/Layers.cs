@@ -1,0 +1,179 @@
+using TorchSharp;
+using TorchSharp.Modules;
+using static TorchSharp.torch;
+
+namespace SparseAttention.Model;
+
+/// <summary>
+/// Rotary position embeddings: feature pairs (i, i + D/2) of every query and key are rotated by the
+/// angle position·θ<sub>i</sub>, θ<sub>i</sub> = base<sup>−2i/D</sup>, so that q·k after rotation depends on
+/// the two positions only through their difference. No parameters.
+/// </summary>
+/// <remarks>Su et al. 2021, "RoFormer: Enhanced Transformer with Rotary Position Embedding" (arXiv 2104.09864).
+/// This uses the "rotate half" pairing; any fixed pairing has the same relative property.</remarks>
+public static class RotaryEmbedding
+{
+    /// <summary>Rotates <paramref name="x"/> (B, H, T, D), D even, for positions offset … offset + T − 1.</summary>
+    /// <returns>(B, H, T, D), same dtype.</returns>
+    public static Tensor Apply(Tensor x, long offset = 0, double theta = 10000)
+    {
+        Check.That(x.dim() >= 2, nameof(x), $"must have shape (..., T, D), got {Check.ShapeOf(x)}.");
+        long seqLen = x.shape[^2], dim = x.shape[^1];
+        Check.That(dim % 2 == 0, nameof(x), $"rotary embeddings need an even feature size, got D = {dim}.");
+        using var scope = NewDisposeScope();
+        long half = dim / 2;
+        var invFreq = pow(theta, -arange(half, dtype: ScalarType.Float64, device: x.device) / half);   // (D/2)
+        var pos = arange(offset, offset + seqLen, dtype: ScalarType.Float64, device: x.device);         // (T)
+        var angles = outer(pos, invFreq);                                                               // (T, D/2)
+        var cos = cat([angles.cos(), angles.cos()], -1).to(x.dtype);                                   // (T, D)
+        var sin = cat([angles.sin(), angles.sin()], -1).to(x.dtype);                                   // (T, D)
+        var x1 = x.narrow(-1, 0, half);                                                                 // (..., T, D/2)
+        var x2 = x.narrow(-1, half, half);
+        var rotated = cat([-x2, x1], -1);                                                               // (..., T, D)
+        return (x * cos + rotated * sin).MoveToOuterDisposeScope();
+    }
+}
+
+/// <summary>
+/// Token shift: some feature slices of each token are replaced by the same slices of a neighbouring
+/// token, a cheap way to mix in local context. With shifts (s₀, …, s<sub>n−1</sub>) the features are cut
+/// into n slices of ⌊dim/n⌋ (the remainder is left alone) and slice i at position t takes the value at
+/// position t − s<sub>i</sub> (zero outside the sequence). Causal models use (0, 1): the second half
+/// comes from the previous token. Bidirectional models use (−1, 0, 1): the first third comes from the
+/// next token, the last third from the previous token. Padded positions are zeroed before shifting so
+/// that they cannot reach real tokens. This is the variant of the PyTorch routing-transformer.
+/// </summary>
+public static class TokenShift
+{
+    /// <summary>The shifts used for a causal or bidirectional model.</summary>
+    public static int[] ShiftsFor(bool causal) => causal ? [0, 1] : [-1, 0, 1];
+
+    /// <param name="x">(B, T, dim).</param>
+    /// <param name="shifts">Shift per slice; positive = take from an earlier token.</param>
+    /// <param name="mask">Optional (B, T) bool; true = real token.</param>
+    /// <returns>(B, T, dim).</returns>
+    public static Tensor Apply(Tensor x, int[] shifts, Tensor? mask = null)
+    {
+        Check.Shape(x, nameof(x), "(B, T, dim)", -1, -1, -1);
+        Check.KeyMask(mask, x.shape[0], x.shape[1]);
+        using var scope = NewDisposeScope();
+        long seqLen = x.shape[1], slice = x.shape[2] / shifts.Length;
+        if (slice == 0) return x.alias().MoveToOuterDisposeScope();
+        var parts = new List<Tensor>();
+        for (int i = 0; i < shifts.Length; i++)
+        {
+            var part = x.narrow(2, i * slice, slice);                                     // (B, T, slice)
+            int s = shifts[i];
+            if (s != 0)
+            {
+                if (mask is not null) part = part.masked_fill(mask.logical_not().unsqueeze(-1), 0);
+                long n = Math.Min(Math.Abs(s), seqLen);
+                part = s > 0
+                    ? nn.functional.pad(part.narrow(1, 0, seqLen - n), [0, 0, n, 0])       // (B, T, slice): from t − s
+                    : nn.functional.pad(part.narrow(1, n, seqLen - n), [0, 0, 0, n]);      // (B, T, slice): from t + |s|
+            }
+            parts.Add(part);
+        }
+        long rest = x.shape[2] - slice * shifts.Length;
+        if (rest > 0) parts.Add(x.narrow(2, slice * shifts.Length, rest));
+        return cat(parts, 2).MoveToOuterDisposeScope();                                   // (B, T, dim)
+    }
+}
+
+/// <summary>ScaleNorm: g · x / max(‖x‖, eps) over the last dimension, one learned scalar g (init √dim).</summary>
+/// <remarks>Nguyen and Salazar 2019, "Transformers without Tears" (arXiv 1910.05895).</remarks>
+public sealed class ScaleNorm : nn.Module<Tensor, Tensor>
+{
+    private readonly Parameter g;
+    private readonly double eps;
+
+    public ScaleNorm(int dim, double eps = 1e-5, string name = "scale_norm") : base(name)
+    {
+        Check.Positive(dim, nameof(dim));
+        this.eps = eps;
+        g = new Parameter(ones(1) * Math.Sqrt(dim));
+        RegisterComponents();
+    }
+
+    /// <param name="x">(..., dim).</param>
+    public override Tensor forward(Tensor x)
+    {
+        using var scope = NewDisposeScope();
+        var norm = x.norm(-1, keepdim: true).clamp_min(eps);                              // (..., 1)
+        return (x / norm * g).MoveToOuterDisposeScope();
+    }
+}
+
+/// <summary>ReZero gate: multiplies a residual branch by a learned scalar initialised to 0, so every
+/// layer starts as the identity.</summary>
+/// <remarks>Bachlechner et al. 2020, "ReZero is All You Need" (arXiv 2003.04887).</remarks>
+public sealed class ReZero : nn.Module<Tensor, Tensor>
+{
+    private readonly Parameter g;
+
+    public ReZero(string name = "rezero") : base(name)
+    {
+        g = new Parameter(zeros(1));
+        RegisterComponents();
+    }
+
+    public override Tensor forward(Tensor x)
+    {
+        using var scope = NewDisposeScope();
+        return (x * g).MoveToOuterDisposeScope();
+    }
+}
+
+/// <summary>
+/// Position-wise feed-forward: Linear(dim → mult·dim) → GELU → dropout → Linear(mult·dim → dim), or
+/// with GLU the GEGLU variant GELU(x·W) ⊙ (x·V). With chunks &gt; 1 the sequence is processed in that
+/// many pieces along T (the Reformer's chunking): the result is the same, the widest intermediate is
+/// (B, T/chunks, mult·dim) at a time when gradients are not recorded.
+/// </summary>
+/// <remarks>GLU variants: Shazeer 2020 (arXiv 2002.05202). Chunking: Kitaev et al. 2020 (Reformer).</remarks>
+public sealed class FeedForward : nn.Module<Tensor, Tensor>
+{
+    private readonly Linear w1, w2;
+    private readonly bool glu;
+    private readonly int chunks;
+    private readonly double dropout;
+
+    public FeedForward(int dim, int mult = 4, bool glu = false, double dropout = 0, int chunks = 1, string name = "feed_forward") : base(name)
+    {
+        Check.Positive(dim, nameof(dim));
+        Check.Positive(mult, nameof(mult));
+        Check.Positive(chunks, nameof(chunks));
+        Check.That(dropout >= 0 && dropout < 1, nameof(dropout), $"must be in [0, 1), got {dropout}.");
+        this.glu = glu;
+        this.chunks = chunks;
+        this.dropout = dropout;
+        int hidden = dim * mult;
+        w1 = nn.Linear(dim, glu ? 2 * hidden : hidden);
+        w2 = nn.Linear(hidden, dim);
+        RegisterComponents();
+    }
+
+    /// <param name="x">(B, T, dim).</param>
+    /// <returns>(B, T, dim).</returns>
+    public override Tensor forward(Tensor x)
+    {
+        using var scope = NewDisposeScope();
+        var output = chunks <= 1 || x.dim() < 2 || x.shape[1] <= 1
+            ? Apply(x)
+            : cat(x.chunk(chunks, 1).Select(Apply).ToArray(), 1);                          // (B, T, dim)
+        return output.MoveToOuterDisposeScope();
+    }
+
+    private Tensor Apply(Tensor x)
+    {
+        var h = w1.forward(x);                                                              // (B, t, hidden or 2·hidden)
+        if (glu)
+        {
+            var parts = h.chunk(2, -1);                                                     // 2 × (B, t, hidden)
+            h = nn.functional.gelu(parts[0]) * parts[1];
+        }
+        else h = nn.functional.gelu(h);
+        h = nn.functional.dropout(h, dropout, training);
+        return w2.forward(h);                                                               // (B, t, dim)
+    }
+}

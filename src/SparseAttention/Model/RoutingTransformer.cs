@@ -1,0 +1,179 @@
+using TorchSharp;
+using TorchSharp.Modules;
+using static TorchSharp.torch;
+
+namespace SparseAttention.Model;
+
+/// <summary>
+/// The Transformer body on embeddings: (B, T, Dim) → (B, T, Dim) plus the summed auxiliary loss of all
+/// head groups (add it to the main loss before backpropagating). Depth pre-norm layers (see
+/// <see cref="TransformerBlock"/>) — with ReceivesContext each followed by a cross-attention layer — then
+/// a final norm. Encoder (Causal = false) or decoder (Causal = true); any T ≤ MaxSeqLen.
+/// </summary>
+/// <remarks>
+/// Sequential layers: x ← x + f(x); x ← x + g(x). Reversible layers (Gomez et al. 2017, as in the
+/// Reformer): the stream is duplicated into (x1, x2), each layer computes y1 = x1 + f(x2),
+/// y2 = x2 + g(y1), and the output is (x1 + x2) / 2. Gradients come from ordinary autograd (no
+/// recomputation, so no memory is saved). LayerDrop (Fan et al. 2020): in training each layer is
+/// skipped with probability LayerDropout (drawn from the global torch generator); in evaluation all run.
+/// </remarks>
+public sealed class RoutingTransformer : nn.Module<Tensor, Tensor?, (Tensor Output, Tensor AuxLoss)>
+{
+    private readonly ModuleList<TransformerBlock> layers;
+    private readonly nn.Module<Tensor, Tensor> norm;
+    private readonly int[] schedule;   // blocks run in order (indices into layers; repeats with WeightTie)
+    private readonly TransformerConfig config;
+
+    public RoutingTransformer(TransformerConfig config, string name = "routing_transformer") : base(name)
+    {
+        ArgumentNullException.ThrowIfNull(config);
+        this.config = config.Validate();
+        int unique = config.WeightTie ? 1 : config.Depth;
+        var blocks = new List<TransformerBlock>();
+        for (int layer = 0; layer < unique; layer++)
+        {
+            blocks.Add(new TransformerBlock(config, new AttentionLayer(config, layer)));
+            if (config.ReceivesContext) blocks.Add(new TransformerBlock(config, new CrossAttentionLayer(config)));
+        }
+        int perLayer = config.ReceivesContext ? 2 : 1;
+        schedule = Enumerable.Range(0, config.Depth)
+                             .SelectMany(l => Enumerable.Range((config.WeightTie ? 0 : l) * perLayer, perLayer)).ToArray();
+        layers = nn.ModuleList(blocks.ToArray());
+        norm = TransformerBlock.Norm(config);
+        RegisterComponents();
+    }
+
+    public TransformerConfig Config => config;
+
+    /// <summary>The distinct blocks (one per layer, or one in total with WeightTie; cross-attention blocks interleaved).</summary>
+    public IReadOnlyList<TransformerBlock> Blocks => layers.ToList();
+
+    /// <param name="x">(B, T, Dim) embeddings, T ≤ MaxSeqLen.</param>
+    /// <param name="inputMask">Optional (B, T) bool; true = real token, false = padding (never attended).</param>
+    /// <returns>(B, T, Dim) and the scalar auxiliary loss.</returns>
+    public override (Tensor Output, Tensor AuxLoss) forward(Tensor x, Tensor? inputMask = null) => Forward(x, inputMask, null, null);
+
+    /// <param name="x">(B, T, Dim) embeddings, T ≤ MaxSeqLen.</param>
+    /// <param name="inputMask">Optional (B, T) bool; true = real token, false = padding (never attended).</param>
+    /// <param name="context">(B, S, ContextDim) sequence to cross-attend to; required iff ReceivesContext.</param>
+    /// <param name="contextMask">Optional (B, S) bool; true = real context token.</param>
+    /// <returns>(B, T, Dim) and the scalar auxiliary loss.</returns>
+    public (Tensor Output, Tensor AuxLoss) Forward(Tensor x, Tensor? inputMask, Tensor? context, Tensor? contextMask)
+    {
+        Check.Shape(x, nameof(x), "(B, T, Dim)", -1, -1, config.Dim);
+        Check.FloatingPoint(x, nameof(x));
+        Check.That(x.shape[1] >= 1 && x.shape[1] <= config.MaxSeqLen, nameof(x), $"sequence length T must be in [1, MaxSeqLen = {config.MaxSeqLen}], got {x.shape[1]}.");
+        Check.KeyMask(inputMask, x.shape[0], x.shape[1]);
+        Check.That(config.ReceivesContext || context is null, nameof(context), "this model does not receive context (ReceivesContext = false).");
+        Check.That(!config.ReceivesContext || context is not null, nameof(context), "this model receives context (ReceivesContext = true); pass the context sequence.");
+
+        using var scope = NewDisposeScope();
+        var aux = zeros(Array.Empty<long>(), dtype: x.dtype, device: x.device);
+        Tensor x1 = x, x2 = x;                                                          // reversible halves, each (B, T, Dim)
+        foreach (int index in schedule)
+        {
+            if (training && config.LayerDropout > 0 && rand(1).item<float>() < config.LayerDropout) continue;
+            var block = layers[index];
+            if (config.Reversible)
+            {
+                var (f, loss) = block.AttentionBranch(x2, inputMask, context, contextMask);
+                var y1 = x1 + f;
+                var y2 = x2 + block.FeedForwardBranch(y1, inputMask);
+                (x1, x2, aux) = (y1, y2, aux + loss);
+            }
+            else
+            {
+                var (f, loss) = block.AttentionBranch(x1, inputMask, context, contextMask);
+                x1 = x1 + f;
+                x1 = x1 + block.FeedForwardBranch(x1, inputMask);
+                aux = aux + loss;
+            }
+        }
+        var output = config.Reversible ? (x1 + x2) / 2 : x1;                             // (B, T, Dim)
+        return (norm.forward(output).MoveToOuterDisposeScope(), aux.MoveToOuterDisposeScope());
+    }
+}
+
+/// <summary>
+/// Language model: token ids (B, T) int64 → logits (B, T, NumTokens) plus the auxiliary loss. Token
+/// embedding (EmbDim wide; projected to Dim and back when EmbDim ≠ Dim), a <see cref="RoutingTransformer"/>,
+/// then the output layer (or the embedding matrix transposed with TieEmbedding). Positions enter through
+/// the attention layers (<see cref="TransformerConfig.PositionalEncoding"/>); there is no absolute
+/// position embedding.
+/// </summary>
+public sealed class RoutingTransformerLM : nn.Module<Tensor, Tensor?, (Tensor Logits, Tensor AuxLoss)>
+{
+    private readonly Embedding token_emb;
+    private readonly Linear? project_in, project_out, to_logits;
+    private readonly RoutingTransformer transformer;
+    private readonly TransformerConfig config;
+
+    public RoutingTransformerLM(TransformerConfig config, string name = "routing_transformer_lm") : base(name)
+    {
+        ArgumentNullException.ThrowIfNull(config);
+        this.config = config.Validate();
+        int embDim = config.ResolvedEmbDim;
+        token_emb = nn.Embedding(config.NumTokens, embDim);
+        using (no_grad()) nn.init.normal_(token_emb.weight!, 0, 0.02);
+        if (embDim != config.Dim)
+        {
+            project_in = nn.Linear(embDim, config.Dim);
+            project_out = nn.Linear(config.Dim, embDim);
+        }
+        transformer = new RoutingTransformer(config);
+        if (!config.TieEmbedding) to_logits = nn.Linear(embDim, config.NumTokens);
+        RegisterComponents();
+    }
+
+    public TransformerConfig Config => config;
+
+    public RoutingTransformer Transformer => transformer;
+
+    /// <param name="tokens">(B, T) int64 token ids in [0, NumTokens), T ≤ MaxSeqLen.</param>
+    /// <param name="inputMask">Optional (B, T) bool; true = real token, false = padding (never attended).</param>
+    /// <returns>Logits (B, T, NumTokens) and the scalar auxiliary loss.</returns>
+    public override (Tensor Logits, Tensor AuxLoss) forward(Tensor tokens, Tensor? inputMask = null) => Forward(tokens, inputMask, null, null);
+
+    /// <param name="tokens">(B, T) int64 token ids in [0, NumTokens), T ≤ MaxSeqLen.</param>
+    /// <param name="inputMask">Optional (B, T) bool; true = real token, false = padding (never attended).</param>
+    /// <param name="context">(B, S, ContextDim) sequence to cross-attend to; required iff ReceivesContext.</param>
+    /// <param name="contextMask">Optional (B, S) bool; true = real context token.</param>
+    /// <returns>Logits (B, T, NumTokens) and the scalar auxiliary loss.</returns>
+    public (Tensor Logits, Tensor AuxLoss) Forward(Tensor tokens, Tensor? inputMask, Tensor? context, Tensor? contextMask)
+    {
+        using var scope = NewDisposeScope();
+        var (hidden, aux) = Hidden(tokens, inputMask, context, contextMask);              // (B, T, Dim)
+        if (project_out is not null) hidden = project_out.forward(hidden);               // (B, T, EmbDim)
+        var logits = to_logits is not null
+            ? to_logits.forward(hidden)                                                  // (B, T, NumTokens)
+            : matmul(hidden, token_emb.weight!.t());                                     // (B, T, NumTokens)
+        return (logits.MoveToOuterDisposeScope(), aux.MoveToOuterDisposeScope());
+    }
+
+    /// <summary>The transformer's output before the output layer: (B, T, Dim) and the auxiliary loss
+    /// (what an encoder hands to a decoder).</summary>
+    public (Tensor Hidden, Tensor AuxLoss) Hidden(Tensor tokens, Tensor? inputMask, Tensor? context = null, Tensor? contextMask = null)
+    {
+        Check.Shape(tokens, nameof(tokens), "(B, T)", -1, -1);
+        Check.That(tokens.dtype == ScalarType.Int64, nameof(tokens), $"must be int64 token ids, got {tokens.dtype}.");
+        Check.That(tokens.shape[1] >= 1 && tokens.shape[1] <= config.MaxSeqLen, nameof(tokens),
+            $"sequence length T must be in [1, MaxSeqLen = {config.MaxSeqLen}], got {tokens.shape[1]}.");
+        if (tokens.numel() > 0)
+        {
+            long min = tokens.min().item<long>(), max = tokens.max().item<long>();
+            Check.That(min >= 0 && max < config.NumTokens, nameof(tokens), $"token ids must be in [0, NumTokens = {config.NumTokens}), got [{min}, {max}].");
+        }
+        using var scope = NewDisposeScope();
+        var x = token_emb.forward(tokens);                                               // (B, T, EmbDim)
+        if (project_in is not null) x = project_in.forward(x);                           // (B, T, Dim)
+        var (hidden, aux) = transformer.Forward(x, inputMask, context, contextMask);     // (B, T, Dim)
+        return (hidden.MoveToOuterDisposeScope(), aux.MoveToOuterDisposeScope());
+    }
+
+    /// <summary>Samples a continuation of <paramref name="prompt"/>; see <see cref="Sampling.Generate"/>.</summary>
+    public Tensor Generate(Tensor prompt, int maxNewTokens, double temperature = 1.0, int? topK = null, double? topP = null,
+        long? eos = null, ulong seed = 0, Tensor? context = null, Tensor? contextMask = null) =>
+        Sampling.Generate(this, prompt, maxNewTokens, config.MaxSeqLen,
+            window => Forward(window, null, context, contextMask).Logits,
+            temperature, topK, topP, eos, seed);
+}

@@ -1,0 +1,66 @@
+using System.Text.Json.Serialization;
+using SparseAttention.Patterns;
+
+namespace SparseAttention.Model;
+
+/// <summary>Which static pattern a <see cref="StaticPatternSpec"/> describes.</summary>
+[JsonConverter(typeof(JsonStringEnumConverter<StaticPatternKind>))]
+public enum StaticPatternKind
+{
+    /// <summary>Every key (causal: every key ≤ query) — <see cref="DensePattern"/>.</summary>
+    Dense,
+    /// <summary>OpenAI's local band of <c>Size</c> tokens — <see cref="LocalBandPattern"/>.</summary>
+    LocalBand,
+    /// <summary>Blocked local windows of <c>Size</c> tokens with look-backward / look-forward windows — <see cref="WindowPattern"/>.</summary>
+    Window,
+    /// <summary>Sparse Transformer strided pattern with stride <c>Size</c> — <see cref="StridedPattern"/>.</summary>
+    Strided,
+    /// <summary>Sparse Transformer fixed pattern with stride <c>Size</c> — <see cref="FixedPattern"/>.</summary>
+    Fixed,
+}
+
+/// <summary>
+/// A serialisable description of a static attention pattern (a kind and its parameters), turned into
+/// an <see cref="AttentionPattern"/> by <see cref="ToPattern"/>. Only the parameters of the chosen
+/// kind are read; the others keep their defaults.
+/// </summary>
+/// <param name="Kind">Which pattern.</param>
+/// <param name="Size">LocalBand: context length; Window: window size; Strided / Fixed: stride. Unused by Dense.</param>
+/// <param name="LookBackward">Window: windows attended before the query's own window.</param>
+/// <param name="LookForward">Window: windows attended after it (forced to 0 when the model is causal).</param>
+/// <param name="ExactWindowSize">Window: limit the reach to exactly Size·LookBackward tokens.</param>
+/// <param name="Vertsize">Fixed: summary cells per block (c).</param>
+/// <param name="NumVerts">Fixed: number of different summary offsets cycled over heads.</param>
+/// <param name="Combine">Strided / Fixed: how the two factorized parts are combined.</param>
+public sealed record StaticPatternSpec(
+    [property: JsonPropertyName("kind")] StaticPatternKind Kind,
+    [property: JsonPropertyName("size")] int Size = 0,
+    [property: JsonPropertyName("look_backward")] int LookBackward = 1,
+    [property: JsonPropertyName("look_forward")] int LookForward = 0,
+    [property: JsonPropertyName("exact_window_size")] bool ExactWindowSize = false,
+    [property: JsonPropertyName("vertsize")] int Vertsize = 1,
+    [property: JsonPropertyName("num_verts")] int NumVerts = 1,
+    [property: JsonPropertyName("combine"), JsonConverter(typeof(JsonStringEnumConverter<FactorizedCombine>))] FactorizedCombine Combine = FactorizedCombine.Merged)
+{
+    /// <summary>
+    /// The pattern for a causal (decoder) or bidirectional (encoder) model. <paramref name="layer"/>
+    /// only matters for <see cref="FactorizedCombine.Interleaved"/> (even layers part A, odd layers part B).
+    /// Throws <see cref="ArgumentException"/> naming the bad parameter.
+    /// </summary>
+    public AttentionPattern ToPattern(bool causal, int layer = 0) => Kind switch
+    {
+        StaticPatternKind.Dense => new DensePattern(causal),
+        StaticPatternKind.LocalBand => new LocalBandPattern(Size, causal),
+        StaticPatternKind.Window => new WindowPattern(Size, LookBackward, causal ? 0 : LookForward, ExactWindowSize, causal),
+        StaticPatternKind.Strided => new StridedPattern(Size, causal, Combine, layer),
+        StaticPatternKind.Fixed => new FixedPattern(Size, Vertsize, NumVerts, causal, Combine, layer),
+        _ => throw new ArgumentException($"Kind: unknown static pattern kind {Kind}.", nameof(Kind)),
+    };
+}
+
+/// <summary>A group of <paramref name="Heads"/> heads in every attention layer that attend with a static pattern.</summary>
+/// <param name="Pattern">The pattern, described as data.</param>
+/// <param name="Heads">How many heads use it (&gt; 0).</param>
+public sealed record StaticHeadGroup(
+    [property: JsonPropertyName("pattern")] StaticPatternSpec Pattern,
+    [property: JsonPropertyName("heads")] int Heads);

@@ -1,0 +1,270 @@
+using System.Text.Json.Serialization;
+using SparseAttention.Kernels;
+using SparseAttention.Patterns;
+
+namespace SparseAttention.Model;
+
+/// <summary>How token positions enter attention.</summary>
+[JsonConverter(typeof(JsonStringEnumConverter<PositionalEncoding>))]
+public enum PositionalEncoding
+{
+    /// <summary>Rotary embeddings (RoFormer) applied to q and k of every self-attention head; no parameters.
+    /// Works with every kernel. What the PyTorch routing-transformer uses.</summary>
+    Rotary,
+    /// <summary>Shaw et al. (2018) learned relative embeddings on the key and value side, distances
+    /// clipped to ±<see cref="TransformerConfig.MaxRelativePosition"/> (the authors' Routing Transformer).
+    /// Needs a per-(query, key) term, so static head groups attend through a dense masked path
+    /// (O(T²) memory per layer) instead of the block-sparse kernels.</summary>
+    RelativeShaw,
+    /// <summary>No positional information at all.</summary>
+    None,
+}
+
+/// <summary>The kind of a head group inside an attention layer.</summary>
+public enum HeadGroupKind
+{
+    /// <summary>Local heads: a <see cref="WindowPattern"/> built from the local-attention fields.</summary>
+    Local,
+    /// <summary>One of <see cref="TransformerConfig.StaticHeadGroups"/>.</summary>
+    Static,
+    /// <summary>Content-based routing heads (online k-means): the heads not claimed by local or static groups.</summary>
+    Routing,
+}
+
+/// <summary>One head group of one layer, as the configuration lays it out.</summary>
+/// <param name="Kind">What computes the group.</param>
+/// <param name="Heads">Number of heads in the group.</param>
+/// <param name="Pattern">The static pattern (Local and Static groups); null for Routing.</param>
+public sealed record HeadGroupPlan(HeadGroupKind Kind, int Heads, AttentionPattern? Pattern);
+
+/// <summary>
+/// The one configuration record behind <see cref="RoutingTransformer"/> and <see cref="RoutingTransformerLM"/>.
+/// Property names mirror the PyTorch <c>routing_transformer</c> library in PascalCase; JSON presets use
+/// its snake_case names. Each comment gives the default and the meaning.
+/// </summary>
+/// <remarks>Roy et al. 2020, "Efficient Content-Based Sparse Attention with Routing Transformers" (arXiv 2003.05997).</remarks>
+public sealed record TransformerConfig
+{
+    // ---- sizes -------------------------------------------------------------------------------
+    /// <summary>20000 — vocabulary size (LM only): token ids are in [0, NumTokens).</summary>
+    [JsonPropertyName("num_tokens")] public int NumTokens { get; init; } = 20000;
+    /// <summary>512 — model width (features per token inside the layers).</summary>
+    [JsonPropertyName("dim")] public int Dim { get; init; } = 512;
+    /// <summary>12 — number of layers (each: attention sublayer + feed-forward sublayer).</summary>
+    [JsonPropertyName("depth")] public int Depth { get; init; } = 12;
+    /// <summary>8 — attention heads per layer (local + static groups + routing).</summary>
+    [JsonPropertyName("heads")] public int Heads { get; init; } = 8;
+    /// <summary>null — width of one head; null = Dim / Heads (then Dim must divide by Heads).</summary>
+    [JsonPropertyName("dim_head")] public int? DimHead { get; init; }
+    /// <summary>8192 — longest sequence the model accepts; any T ≤ MaxSeqLen works.</summary>
+    [JsonPropertyName("max_seq_len")] public int MaxSeqLen { get; init; } = 8192;
+    /// <summary>false — true = decoder (no query sees a later key), false = encoder (bidirectional).</summary>
+    [JsonPropertyName("causal")] public bool Causal { get; init; }
+
+    // ---- head groups ---------------------------------------------------------------------------
+    /// <summary>64 — used by routing heads: tokens per k-means cluster; clusters = MaxSeqLen / WindowSize.</summary>
+    [JsonPropertyName("window_size")] public int WindowSize { get; init; } = 64;
+    /// <summary>null — local heads' window (tokens); null = WindowSize / 2, as in the PyTorch library.</summary>
+    [JsonPropertyName("local_attn_window_size")] public int? LocalAttnWindowSize { get; init; }
+    /// <summary>1 — local heads attend their own window plus this many windows back (and forward when not causal).</summary>
+    [JsonPropertyName("local_attn_radius_blocks")] public int LocalAttnRadiusBlocks { get; init; } = 1;
+    /// <summary>[0] — local heads per layer: one value = every layer, or one value per layer (Depth values).</summary>
+    [JsonPropertyName("n_local_attn_heads")] public int[] NLocalAttnHeads { get; init; } = [0];
+    /// <summary>0 — the first N layers have no routing heads: the heads that would route are local heads there.</summary>
+    [JsonPropertyName("sparsity_skip_first")] public int SparsitySkipFirst { get; init; }
+    /// <summary>null — extra static head groups in every layer (e.g. strided or fixed heads), after the local heads;
+    /// the remaining heads route.</summary>
+    [JsonPropertyName("static_head_groups")] public StaticHeadGroup[]? StaticHeadGroups { get; init; }
+
+    // ---- regularisation ------------------------------------------------------------------------
+    /// <summary>0 — attention dropout: on attention probabilities where they are materialised (the dense
+    /// RelativeShaw path), otherwise on each head group's output before the output projection (the fused
+    /// block-sparse kernels never form probabilities).</summary>
+    [JsonPropertyName("attn_dropout")] public double AttnDropout { get; init; }
+    /// <summary>0 — dropout on the attention sublayer's output, after the output projection.</summary>
+    [JsonPropertyName("attn_layer_dropout")] public double AttnLayerDropout { get; init; }
+    /// <summary>0 — dropout inside the feed-forward, after the activation.</summary>
+    [JsonPropertyName("ff_dropout")] public double FfDropout { get; init; }
+    /// <summary>0 — LayerDrop (Fan et al. 2020): in training, each layer is skipped with this probability.</summary>
+    [JsonPropertyName("layer_dropout")] public double LayerDropout { get; init; }
+
+    // ---- feed-forward --------------------------------------------------------------------------
+    /// <summary>4 — feed-forward hidden width = FfMult · Dim.</summary>
+    [JsonPropertyName("ff_mult")] public int FfMult { get; init; } = 4;
+    /// <summary>false — GEGLU feed-forward (Shazeer 2020): GELU(x·W) ⊙ (x·V) instead of GELU(x·W).</summary>
+    [JsonPropertyName("ff_glu")] public bool FfGlu { get; init; }
+    /// <summary>1 — the feed-forward runs over the sequence in this many chunks (same result, smaller peak
+    /// intermediate when gradients are not recorded).</summary>
+    [JsonPropertyName("ff_chunks")] public int FfChunks { get; init; } = 1;
+
+    // ---- architecture --------------------------------------------------------------------------
+    /// <summary>false — RevNet layers (y1 = x1 + attn(x2), y2 = x2 + ff(y1), output = (y1 + y2) / 2). The
+    /// backward is ordinary autograd: same math, activations are not recomputed, so no memory is saved yet.</summary>
+    [JsonPropertyName("reversible")] public bool Reversible { get; init; }
+    /// <summary>false — one layer's weights are shared by all Depth layers (needs the same head groups in every layer).</summary>
+    [JsonPropertyName("weight_tie")] public bool WeightTie { get; init; }
+    /// <summary>false — LM only: logits use the token embedding matrix transposed instead of a separate output layer.</summary>
+    [JsonPropertyName("tie_embedding")] public bool TieEmbedding { get; init; }
+    /// <summary>null — LM only: token embedding width; when ≠ Dim, embeddings are projected EmbDim → Dim and back (factorized embedding).</summary>
+    [JsonPropertyName("emb_dim")] public int? EmbDim { get; init; }
+    /// <summary>false — ScaleNorm (g·x/‖x‖, g learned, init √Dim) instead of LayerNorm before each sublayer and at the end.</summary>
+    [JsonPropertyName("use_scale_norm")] public bool UseScaleNorm { get; init; }
+    /// <summary>false — ReZero: no pre-norm; each sublayer's output is scaled by a learned scalar initialised to 0.</summary>
+    [JsonPropertyName("use_rezero")] public bool UseRezero { get; init; }
+    /// <summary>false — token shift before each sublayer's norm: causal, the second half of the features comes from
+    /// the previous token; bidirectional, the first third from the next token and the last third from the previous
+    /// one (padding is zeroed first). See <see cref="TokenShift"/>.</summary>
+    [JsonPropertyName("shift_tokens")] public bool ShiftTokens { get; init; }
+
+    // ---- routing (k-means) ---------------------------------------------------------------------
+    /// <summary>0 — used by routing heads: learned memory key/value pairs per cluster.</summary>
+    [JsonPropertyName("num_mem_kv")] public int NumMemKv { get; init; }
+    /// <summary>null — used by routing heads: share query and key projections; null = Causal (the PyTorch default).</summary>
+    [JsonPropertyName("shared_qk")] public bool? SharedQk { get; init; }
+    /// <summary>0.999 — used by routing heads: EMA decay of the k-means centroids, in [0, 1).</summary>
+    [JsonPropertyName("kmeans_ema_decay")] public double KmeansEmaDecay { get; init; } = 0.999;
+    /// <summary>1e-4 — used by routing heads: weight of the k-means commitment loss in the auxiliary loss.</summary>
+    [JsonPropertyName("commitment_factor")] public double CommitmentFactor { get; init; } = 1e-4;
+
+    // ---- positions -----------------------------------------------------------------------------
+    /// <summary>Rotary — how positions enter attention; see <see cref="Model.PositionalEncoding"/>.</summary>
+    [JsonPropertyName("positional_encoding")] public PositionalEncoding PositionalEncoding { get; init; } = PositionalEncoding.Rotary;
+    /// <summary>16 — RelativeShaw only: relative distances are clipped to ±this (2·this + 1 learned embeddings per table).</summary>
+    [JsonPropertyName("max_relative_position")] public int MaxRelativePosition { get; init; } = 16;
+
+    // ---- encoder-decoder -----------------------------------------------------------------------
+    /// <summary>false — every layer also cross-attends (dense, all heads) to a context sequence, e.g. an encoder's output.</summary>
+    [JsonPropertyName("receives_context")] public bool ReceivesContext { get; init; }
+    /// <summary>null — ReceivesContext only: width of the context vectors; null = Dim.</summary>
+    [JsonPropertyName("context_dim")] public int? ContextDim { get; init; }
+
+    // ---- kernels -------------------------------------------------------------------------------
+    /// <summary>64 — block size static patterns are compiled with (performance only; capped at T).</summary>
+    [JsonPropertyName("block_size")] public int BlockSize { get; init; } = 64;
+    /// <summary>Auto — kernel for static head groups (Auto = fused C# kernels for float32 CPU, else TorchSharp ops);
+    /// not used by the dense RelativeShaw path or by cross-attention, which are always dense.</summary>
+    [JsonPropertyName("kernel"), JsonConverter(typeof(JsonStringEnumConverter<AttentionKernel>))]
+    public AttentionKernel Kernel { get; init; } = AttentionKernel.Auto;
+
+    // ---- derived values ------------------------------------------------------------------------
+    /// <summary>DimHead, or Dim / Heads when unset.</summary>
+    [JsonIgnore] public int ResolvedDimHead => DimHead ?? Dim / Math.Max(1, Heads);
+    /// <summary>LocalAttnWindowSize, or WindowSize / 2 (at least 1) when unset.</summary>
+    [JsonIgnore] public int ResolvedLocalAttnWindowSize => LocalAttnWindowSize ?? Math.Max(1, WindowSize / 2);
+    /// <summary>EmbDim, or Dim when unset.</summary>
+    [JsonIgnore] public int ResolvedEmbDim => EmbDim ?? Dim;
+    /// <summary>SharedQk, or Causal when unset.</summary>
+    [JsonIgnore] public bool ResolvedSharedQk => SharedQk ?? Causal;
+    /// <summary>ContextDim, or Dim when unset.</summary>
+    [JsonIgnore] public int ResolvedContextDim => ContextDim ?? Dim;
+
+    /// <summary>Local heads in layer <paramref name="layer"/> as NLocalAttnHeads gives them (before SparsitySkipFirst).</summary>
+    public int LocalHeadsInLayer(int layer) => NLocalAttnHeads.Length == 1 ? NLocalAttnHeads[0] : NLocalAttnHeads[layer];
+
+    /// <summary>
+    /// The head groups of layer <paramref name="layer"/>, in head order: local heads, then each static
+    /// group, then routing heads (the rest). Layers below SparsitySkipFirst turn their routing heads into
+    /// local heads. Empty groups are left out. Call <see cref="Validate"/> first.
+    /// </summary>
+    public IReadOnlyList<HeadGroupPlan> HeadGroupsForLayer(int layer)
+    {
+        Check.That(layer >= 0 && layer < Depth, nameof(layer), $"must be in [0, Depth = {Depth}), got {layer}.");
+        int staticHeads = StaticHeadGroups?.Sum(g => g.Heads) ?? 0;
+        int local = LocalHeadsInLayer(layer);
+        int routing = Heads - local - staticHeads;
+        if (layer < SparsitySkipFirst) { local += routing; routing = 0; }
+        var plan = new List<HeadGroupPlan>();
+        if (local > 0)
+        {
+            int radius = LocalAttnRadiusBlocks;
+            plan.Add(new HeadGroupPlan(HeadGroupKind.Local, local,
+                new WindowPattern(ResolvedLocalAttnWindowSize, radius, Causal ? 0 : radius, exactWindowSize: false, Causal)));
+        }
+        foreach (var g in StaticHeadGroups ?? [])
+            plan.Add(new HeadGroupPlan(HeadGroupKind.Static, g.Heads, g.Pattern.ToPattern(Causal, layer)));
+        if (routing > 0) plan.Add(new HeadGroupPlan(HeadGroupKind.Routing, routing, null));
+        return plan;
+    }
+
+    /// <summary>Throws <see cref="ArgumentException"/> whose ParamName is the offending field when the
+    /// configuration is inconsistent; returns this configuration otherwise.</summary>
+    public TransformerConfig Validate()
+    {
+        Check.Positive(NumTokens, nameof(NumTokens));
+        Check.Positive(Dim, nameof(Dim));
+        Check.Positive(Depth, nameof(Depth));
+        Check.Positive(Heads, nameof(Heads));
+        if (DimHead is int dh) Check.Positive(dh, nameof(DimHead));
+        else Check.That(Dim % Heads == 0, nameof(Heads), $"Dim ({Dim}) must be divisible by Heads ({Heads}) when DimHead is not set.");
+        Check.Positive(MaxSeqLen, nameof(MaxSeqLen));
+
+        Check.Positive(WindowSize, nameof(WindowSize));
+        if (LocalAttnWindowSize is int lw) Check.Positive(lw, nameof(LocalAttnWindowSize));
+        Check.NonNegative(LocalAttnRadiusBlocks, nameof(LocalAttnRadiusBlocks));
+        Check.That(NLocalAttnHeads is not null && (NLocalAttnHeads.Length == 1 || NLocalAttnHeads.Length == Depth),
+            nameof(NLocalAttnHeads), $"must hold one value (all layers) or Depth = {Depth} values, got {NLocalAttnHeads?.Length.ToString() ?? "null"}.");
+        int staticHeads = 0;
+        if (StaticHeadGroups is not null)
+            for (int i = 0; i < StaticHeadGroups.Length; i++)
+            {
+                var g = StaticHeadGroups[i];
+                string field = $"{nameof(StaticHeadGroups)}[{i}]";
+                Check.That(g is not null && g.Pattern is not null, field, "must be a group with a pattern.");
+                Check.That(g!.Heads > 0, field, $"Heads must be > 0, got {g.Heads}.");
+                try { g.Pattern!.ToPattern(Causal); }
+                catch (ArgumentException e) { throw new ArgumentException($"{field}: {e.Message}", field, e); }
+                staticHeads += g.Heads;
+            }
+        for (int layer = 0; layer < NLocalAttnHeads!.Length; layer++)
+        {
+            int local = NLocalAttnHeads[layer];
+            Check.That(local >= 0 && local + staticHeads <= Heads, nameof(NLocalAttnHeads),
+                $"local heads ({local}{(NLocalAttnHeads.Length > 1 ? $" in layer {layer}" : "")}) plus static group heads ({staticHeads}) must be in [0, Heads = {Heads}].");
+        }
+        Check.That(SparsitySkipFirst >= 0 && SparsitySkipFirst <= Depth, nameof(SparsitySkipFirst),
+            $"must be in [0, Depth = {Depth}], got {SparsitySkipFirst}.");
+        bool anyRouting = Enumerable.Range(0, Depth).Any(l => HeadGroupsForLayer(l).Any(g => g.Kind == HeadGroupKind.Routing));
+        if (anyRouting)
+            Check.That(MaxSeqLen % WindowSize == 0, nameof(WindowSize),
+                $"routing heads need MaxSeqLen ({MaxSeqLen}) divisible by WindowSize ({WindowSize}) to fix the number of clusters.");
+
+        Probability(AttnDropout, nameof(AttnDropout));
+        Probability(AttnLayerDropout, nameof(AttnLayerDropout));
+        Probability(FfDropout, nameof(FfDropout));
+        Probability(LayerDropout, nameof(LayerDropout));
+
+        Check.Positive(FfMult, nameof(FfMult));
+        Check.Positive(FfChunks, nameof(FfChunks));
+        if (EmbDim is int ed) Check.Positive(ed, nameof(EmbDim));
+        Check.That(!(UseScaleNorm && UseRezero), nameof(UseRezero),
+            "ReZero replaces the pre-norm, so UseScaleNorm would have no effect; set at most one of UseScaleNorm and UseRezero.");
+        if (WeightTie)
+        {
+            var first = Signature(0);
+            for (int l = 1; l < Depth; l++)
+                Check.That(Signature(l) == first, nameof(WeightTie),
+                    $"shares one layer across depth, so every layer needs the same head groups; layer {l} has {Signature(l)}, layer 0 has {first} (see NLocalAttnHeads, SparsitySkipFirst, Interleaved static groups).");
+        }
+
+        Check.NonNegative(NumMemKv, nameof(NumMemKv));
+        Check.That(KmeansEmaDecay >= 0 && KmeansEmaDecay < 1, nameof(KmeansEmaDecay), $"must be in [0, 1), got {KmeansEmaDecay}.");
+        Check.That(CommitmentFactor >= 0 && double.IsFinite(CommitmentFactor), nameof(CommitmentFactor), $"must be finite and >= 0, got {CommitmentFactor}.");
+
+        Check.That(Enum.IsDefined(PositionalEncoding), nameof(PositionalEncoding), $"unknown value {PositionalEncoding}.");
+        if (PositionalEncoding == PositionalEncoding.Rotary)
+            Check.That(ResolvedDimHead % 2 == 0, nameof(DimHead), $"rotary embeddings rotate pairs of features, so the head width must be even, got {ResolvedDimHead}.");
+        if (PositionalEncoding == PositionalEncoding.RelativeShaw) Check.Positive(MaxRelativePosition, nameof(MaxRelativePosition));
+
+        if (ContextDim is int cd) Check.Positive(cd, nameof(ContextDim));
+        Check.That(ContextDim is null || ReceivesContext, nameof(ContextDim), "is only used when ReceivesContext is true.");
+        Check.Positive(BlockSize, nameof(BlockSize));
+        Check.That(Enum.IsDefined(Kernel), nameof(Kernel), $"unknown value {Kernel}.");
+        return this;
+    }
+
+    private string Signature(int layer) =>
+        string.Join(" + ", HeadGroupsForLayer(layer).Select(g => $"{g.Heads}×{g.Pattern?.Name ?? g.Kind.ToString()}"));
+
+    private static void Probability(double p, string name) =>
+        Check.That(p >= 0 && p < 1, name, $"must be in [0, 1), got {p}.");
+}
