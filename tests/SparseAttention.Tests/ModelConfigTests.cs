@@ -127,15 +127,14 @@ public partial class ModelTests
     }
 
     [Fact]
-    public void RoutingHeadsAreRefusedByNameUntilRoutingAttentionLands()
+    public void HeadsLeftOverBecomeRoutingHeads()
     {
         var config = Tiny() with { NLocalAttnHeads = [1] };                      // 1 local + 2 static → 1 routing head
-        config.Validate();                                                       // a valid configuration …
+        config.Validate();
         var plan = config.HeadGroupsForLayer(0);
         Assert.Equal([HeadGroupKind.Local, HeadGroupKind.Static, HeadGroupKind.Static, HeadGroupKind.Routing], plan.Select(g => g.Kind));
-        var error = Assert.ThrowsAny<ArgumentException>(() => new RoutingTransformerLM(config));   // … this build cannot run yet
-        Assert.Equal("NLocalAttnHeads", error.ParamName);
-        Assert.Contains("routing", error.Message);
+        var model = new RoutingTransformerLM(config);
+        Assert.Contains(model.named_buffers(), b => b.name.EndsWith("means"));     // the routing heads' k-means centroids
     }
 
     [Fact]

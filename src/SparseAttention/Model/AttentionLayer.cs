@@ -54,19 +54,15 @@ public sealed class AttentionLayer : AttentionSublayer
     public IReadOnlyList<HeadGroupAttention> Groups => groups.ToList();
 
     /// <summary>
-    /// The module computing one head group. Local and static groups attend with their pattern.
-    /// Routing groups are not part of this build yet: asking for routing heads fails with an error
-    /// naming <see cref="TransformerConfig.NLocalAttnHeads"/>.
+    /// The module computing one head group: local and static groups attend with their pattern,
+    /// routing groups with <see cref="RoutingHeadGroup"/>.
     /// </summary>
     public static HeadGroupAttention CreateGroup(TransformerConfig config, int layer, HeadGroupPlan group) => group.Kind switch
     {
         HeadGroupKind.Local or HeadGroupKind.Static => new StaticPatternAttention(group.Heads, config.ResolvedDimHead, group.Pattern!,
             config.BlockSize, config.AttnDropout,
             config.PositionalEncoding == PositionalEncoding.RelativeShaw ? config.MaxRelativePosition : 0, config.Kernel),
-        HeadGroupKind.Routing => throw new ArgumentException(
-            $"{nameof(TransformerConfig.NLocalAttnHeads)}: layer {layer} leaves {group.Heads} of {config.Heads} heads for routing attention, " +
-            "which is not available in this build yet; give every head a local or static group (NLocalAttnHeads + StaticHeadGroups heads = Heads).",
-            nameof(TransformerConfig.NLocalAttnHeads)),
+        HeadGroupKind.Routing => new RoutingHeadGroup(config, group.Heads, layer),
         _ => throw new ArgumentException($"group: unknown head group kind {group.Kind}.", nameof(group)),
     };
 

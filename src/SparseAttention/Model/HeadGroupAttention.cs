@@ -1,5 +1,7 @@
 using System.Collections.Concurrent;
+using SparseAttention.Clustering;
 using SparseAttention.Kernels;
+using SparseAttention.Modules;
 using SparseAttention.Patterns;
 using TorchSharp;
 using static TorchSharp.torch;
@@ -131,5 +133,38 @@ public sealed class StaticPatternAttention : HeadGroupAttention
         var perBucket = zeros(batch, Heads, seqLen, buckets, dtype: q.dtype, device: q.device)
                         .scatter_add(-1, index, probs);                                    // (B, Hg, T, 2R+1)
         return matmul(probs, v) + matmul(perBucket, rel_v!.to(q.dtype));                  // (B, Hg, T, D)
+    }
+}
+
+/// <summary>
+/// A head group of content-based routing attention (<see cref="RoutingAttention"/>): clusters of
+/// <c>WindowSize</c> tokens chosen by online k-means, clusters = ⌈MaxSeqLen / WindowSize⌉; returns
+/// the k-means commitment loss as its auxiliary loss. With shared QK the keys are the normalised
+/// queries (the layer's k projection is not used by this group). Attention dropout applies to the
+/// group's output, as for static groups. The k-means centroids move when the trainer calls
+/// <see cref="OnlineKMeans.UpdateAll"/> after an optimizer step (see <see cref="OnlineKMeans"/>).
+/// </summary>
+public sealed class RoutingHeadGroup : HeadGroupAttention
+{
+    private readonly RoutingAttention routing;
+    private readonly double dropout;
+
+    public RoutingHeadGroup(TransformerConfig config, int heads, int layer, string name = "routing_group") : base(name, heads)
+    {
+        routing = new RoutingAttention(heads, config.ResolvedDimHead, config.MaxSeqLen, config.WindowSize, config.Causal,
+            config.ResolvedSharedQk, config.NumMemKv, config.KmeansEmaDecay, config.CommitmentFactor, seed: layer)
+        { Kernel = config.Kernel };
+        dropout = config.AttnDropout;
+        RegisterComponents();
+    }
+
+    public RoutingAttention Routing => routing;
+
+    public override (Tensor Output, Tensor AuxLoss) Forward(Tensor q, Tensor k, Tensor v, Tensor? keyMask)
+    {
+        using var scope = NewDisposeScope();
+        var result = routing.forward(q, routing.SharedQk ? null : k, v, keyMask);
+        var output = dropout > 0 ? nn.functional.dropout(result.Output, dropout, training) : result.Output;  // (B, Hg, T, D)
+        return (output.MoveToOuterDisposeScope(), result.AuxLoss.MoveToOuterDisposeScope());
     }
 }
