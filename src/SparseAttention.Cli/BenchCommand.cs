@@ -1,7 +1,9 @@
 using System.CommandLine;
 using System.Diagnostics;
 using System.Text.Json;
+using SparseAttention.Clustering;
 using SparseAttention.Kernels;
+using SparseAttention.Model;
 using SparseAttention.Patterns;
 using Spectre.Console;
 using TorchSharp;
@@ -12,7 +14,9 @@ namespace SparseAttention.Cli;
 /// <summary>
 /// <c>sparse-attn bench</c>: times attention kernels (median of several runs after warm-up) beside
 /// dense <c>scaled_dot_product_attention</c> and the machine's matrix-multiply rate, all measured in
-/// the same process run, and reports ratios.
+/// the same process run, and reports ratios. With <c>--model</c> it times full training steps of a small
+/// byte-level <see cref="RoutingTransformerLM"/> (dense vs local vs routing heads) instead; the kernel rows
+/// then run only when <c>--attention</c>, <c>--impl</c> or <c>--pass</c> is given explicitly.
 /// </summary>
 internal sealed class BenchCommand
 {
@@ -35,6 +39,10 @@ internal sealed class BenchCommand
     private readonly Option<long> maxDenseLenOption = new("--max-dense-len") { Description = "Skip dense SDPA above this length (its time grows as T²).", DefaultValueFactory = _ => 16384 };
     private readonly Option<double> maxGatherGbOption = new("--max-gather-gb") { Description = "Skip the ops/reference paths when their intermediates would exceed this many GB.", DefaultValueFactory = _ => 4.0 };
     private readonly Option<string?> jsonOption = new("--json") { HelpName = "FILE", Description = "Also write the results as JSON (atomically)." };
+    private readonly Option<bool> modelOption = new("--model") { Description = "Time a full training step (forward, next-token + aux loss, backward, AdamW, k-means update) of a small byte-level LM with dense, local and routing heads; T defaults to 8192. Kernel rows then run only if --attention, --impl or --pass is given." };
+    private readonly Option<int> modelDimOption = new("--model-dim") { Description = "--model: model width.", DefaultValueFactory = _ => 256 };
+    private readonly Option<int> modelHeadsOption = new("--model-heads") { Description = "--model: heads per layer (head width = dim / heads; routing = half local, half routing).", DefaultValueFactory = _ => 4 };
+    private readonly Option<int> modelDepthOption = new("--model-depth") { Description = "--model: layers.", DefaultValueFactory = _ => 2 };
 
     public static Command Create()
     {
@@ -42,7 +50,8 @@ internal sealed class BenchCommand
         var command = new Command("bench", "Time attention kernels against dense SDPA and the GEMM rate, in one run.");
         foreach (var o in new Option[] { self.seqLensOption, self.attentionOption, self.implOption, self.passOption, self.batchOption,
                      self.headsOption, self.headDimOption, self.windowOption, self.bidirectionalOption, self.runsOption,
-                     self.quickOption, self.maxDenseLenOption, self.maxGatherGbOption, self.jsonOption })
+                     self.quickOption, self.maxDenseLenOption, self.maxGatherGbOption, self.jsonOption,
+                     self.modelOption, self.modelDimOption, self.modelHeadsOption, self.modelDepthOption })
             command.Add(o);
         command.SetAction(self.Execute);
         return command;
@@ -62,12 +71,23 @@ internal sealed class BenchCommand
     internal sealed record Result(string attention, string impl, string pass, long seq_len, long batch, long heads, long head_dim,
         long window, bool causal, double ms, double gflops, double efficiency, double? speedup_vs_dense, double peak_rss_mb);
 
+    /// <summary>One model training-step figure (the <c>"model_results"</c> JSON rows).</summary>
+    internal sealed record ModelResult(string model, long seq_len, long batch, long dim, long heads, long depth,
+        double ms_per_step, double tokens_per_s, double? speedup_vs_dense, double peak_rss_mb);
+
+    public static readonly string[] Models = ["dense", "local", "routing"];
+
     private int Execute(ParseResult parse)
     {
         var stdout = parse.InvocationConfiguration.Output;
         var stderr = parse.InvocationConfiguration.Error;
         bool quick = parse.GetValue(quickOption);
-        long[] seqLens = quick && parse.GetResult(seqLensOption) is null or { Implicit: true }
+        bool model = parse.GetValue(modelOption);
+        static bool Given(ParseResult p, Option o) => p.GetResult(o) is { Implicit: false };
+        bool kernels = !model || Given(parse, attentionOption) || Given(parse, implOption) || Given(parse, passOption);
+        long[] seqLens = !Given(parse, seqLensOption) && model
+            ? [8192]
+            : quick && !Given(parse, seqLensOption)
             ? [1024, 4096]
             : parse.GetValue(seqLensOption)!.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries)
                 .Select(s => long.TryParse(s, out long t) && t > 0 ? t : throw new CliUsageException($"--seq-lens: '{s}' is not a positive integer.")).ToArray();
@@ -76,8 +96,14 @@ internal sealed class BenchCommand
         var passes = List(parse, passOption, Passes);
         int batch = parse.GetValue(batchOption), heads = parse.GetValue(headsOption), dim = parse.GetValue(headDimOption), window = parse.GetValue(windowOption);
         int runs = quick && parse.GetResult(runsOption) is null or { Implicit: true } ? 3 : parse.GetValue(runsOption);
-        foreach (var (value, name) in new[] { (batch, "--batch"), (heads, "--heads"), (dim, "--head-dim"), (window, "--window"), (runs, "--runs") })
+        int modelDim = parse.GetValue(modelDimOption), modelHeads = parse.GetValue(modelHeadsOption), modelDepth = parse.GetValue(modelDepthOption);
+        foreach (var (value, name) in new[] { (batch, "--batch"), (heads, "--heads"), (dim, "--head-dim"), (window, "--window"), (runs, "--runs"),
+                     (modelDim, "--model-dim"), (modelHeads, "--model-heads"), (modelDepth, "--model-depth") })
             if (value <= 0) throw new CliUsageException($"{name} must be > 0, got {value}.");
+        if (model && (modelDim % modelHeads != 0 || modelDim / modelHeads % 2 != 0))
+            throw new CliUsageException($"--model-dim ({modelDim}) / --model-heads ({modelHeads}) must be a whole, even head width (rotary embeddings).");
+        if (model && modelHeads < 2)
+            throw new CliUsageException("--model-heads must be >= 2 (the routing model has half local, half routing heads).");
         bool causal = !parse.GetValue(bidirectionalOption);
         long maxDense = parse.GetValue(maxDenseLenOption);
         double maxGatherBytes = parse.GetValue(maxGatherGbOption) * 1e9;
@@ -91,7 +117,7 @@ internal sealed class BenchCommand
         var results = new List<Result>();
         var denseMs = new Dictionary<(long, string), double>();
         int total = seqLens.Length * passes.Length * (1 + attentions.Count(a => a != "dense") * impls.Length), step = 0;
-        foreach (long seqLen in seqLens)
+        foreach (long seqLen in kernels ? seqLens : [])
             foreach (string pass in passes)
             {
                 bool backward = pass == "forward_backward";
@@ -156,10 +182,51 @@ internal sealed class BenchCommand
                 }
             }
 
-        Print(stdout, results, threads, gemm);
+        var modelResults = new List<ModelResult>();
+        string modelConfig = "";
+        if (model)
+        {
+            modelConfig = $"byte-level LM (vocab 256), dim {modelDim}, heads {modelHeads} × {modelDim / modelHeads}, depth {modelDepth}, "
+                + $"ff ×4, rotary, causal, batch {batch}, window {window}; dense = {modelHeads} dense heads, local = {modelHeads} local heads "
+                + $"(window {window}, radius 1), routing = {modelHeads / 2} local + {modelHeads - modelHeads / 2} routing heads (clusters = T / {window}); "
+                + $"step = forward + next-token/aux loss + backward + AdamW + k-means update; median of {runs} after 1 warm-up";
+            stderr.WriteLine($"bench: model {modelConfig}");
+            // One process-wide warm-up first, so the C# kernels every configuration uses are past tiered JIT before
+            // any figure is timed (otherwise whichever configuration runs first pays for it).
+            int warmLen = 2 * window;
+            stderr.WriteLine($"bench: model JIT warm-up (3 steps of each configuration at T={warmLen}) ...");
+            foreach (string kind in Models)
+                TimeModelStep(ModelConfig(kind, warmLen, modelDim, modelHeads, modelDepth, window), warmLen, 1, 2);
+            int modelTotal = seqLens.Length * Models.Length, modelStep = 0;
+            foreach (long seqLen in seqLens)
+            {
+                double? denseStepMs = null;
+                foreach (string kind in Models)
+                {
+                    modelStep++;
+                    if (kind == "routing" && seqLen % window != 0)
+                    {
+                        stderr.WriteLine($"[{modelStep}/{modelTotal}] model {kind} T={seqLen}: skipped (T must be a multiple of --window {window} to fix the number of clusters)");
+                        continue;
+                    }
+                    stderr.WriteLine($"[{modelStep}/{modelTotal}] model {kind} T={seqLen}");
+                    var config = ModelConfig(kind, (int)seqLen, modelDim, modelHeads, modelDepth, window);
+                    var (ms, rss) = TimeModelStep(config, seqLen, batch, runs);
+                    if (kind == "dense") denseStepMs = ms;
+                    double? speedup = denseStepMs is double d ? d / ms : null;
+                    modelResults.Add(new ModelResult(kind, seqLen, batch, modelDim, modelHeads, modelDepth, Math.Round(ms, 3),
+                        Math.Round(batch * seqLen / (ms / 1000.0), 1), speedup is double s ? Math.Round(s, 2) : null, Math.Round(rss, 1)));
+                }
+            }
+        }
+
+        if (kernels) Print(stdout, results, threads, gemm);
+        if (model) PrintModel(stdout, modelResults, threads, gemm, modelConfig);
         if (parse.GetValue(jsonOption) is string jsonPath)
         {
-            var document = new { threads, gemm_gflops = Math.Round(gemm, 2), results };
+            object document = model
+                ? new { threads, gemm_gflops = Math.Round(gemm, 2), results, model_results = modelResults }
+                : new { threads, gemm_gflops = Math.Round(gemm, 2), results };
             AtomicFile.WriteAllText(jsonPath, JsonSerializer.Serialize(document, new JsonSerializerOptions { WriteIndented = true }));
             stderr.WriteLine($"bench: wrote {jsonPath}");
         }
@@ -175,6 +242,63 @@ internal sealed class BenchCommand
         "dense" => new DensePattern(causal),
         _ => throw new CliUsageException($"--attention: unknown kind '{attention}'."),
     };
+
+    /// <summary>
+    /// The three model configurations of one size, causal, vocab 256, MaxSeqLen = T: <c>dense</c> = every head in a
+    /// Dense static group; <c>local</c> = every head local (window <paramref name="window"/>, radius 1);
+    /// <c>routing</c> = half local heads, the rest routing heads (WindowSize = window, so clusters = T / window).
+    /// </summary>
+    internal static TransformerConfig ModelConfig(string kind, int seqLen, int dim, int heads, int depth, int window)
+    {
+        var config = new TransformerConfig
+        {
+            NumTokens = 256, Dim = dim, Heads = heads, Depth = depth, MaxSeqLen = seqLen, Causal = true,
+            WindowSize = Math.Min(window, seqLen), LocalAttnWindowSize = window, LocalAttnRadiusBlocks = 1, SparsitySkipFirst = 0,
+        };
+        config = kind switch
+        {
+            "dense" => config with { NLocalAttnHeads = [0], StaticHeadGroups = [new StaticHeadGroup(new StaticPatternSpec(StaticPatternKind.Dense), heads)] },
+            "local" => config with { NLocalAttnHeads = [heads] },
+            "routing" => config with { NLocalAttnHeads = [heads / 2] },
+            _ => throw new CliUsageException($"unknown model kind '{kind}'."),
+        };
+        return config.Validate();
+    }
+
+    /// <summary>Median wall time of one training step (forward, next-token + aux loss, backward, AdamW step,
+    /// k-means UpdateAll) over <paramref name="runs"/> steps after one warm-up step (which also initialises the
+    /// k-means), and the peak RSS of the timed steps.</summary>
+    private static (double Ms, double PeakRssMb) TimeModelStep(TransformerConfig config, long seqLen, int batch, int runs)
+    {
+        random.manual_seed(1);
+        using var lm = new RoutingTransformerLM(config);
+        lm.train();
+        var optimizer = optim.AdamW(lm.parameters(), lr: 1e-4);
+        using var tokens = randint(0, config.NumTokens, new long[] { batch, seqLen }, dtype: ScalarType.Int64, generator: new Generator(2));
+        void Step()
+        {
+            using var scope = NewDisposeScope();
+            optimizer.zero_grad();
+            var (logits, aux) = lm.forward(tokens);
+            var loss = LanguageModelLoss.NextToken(logits, tokens, aux);
+            loss.backward();
+            optimizer.step();
+            OnlineKMeans.UpdateAll(lm);
+        }
+        Step();
+        ResetPeakRss();
+        var times = new double[runs];
+        for (int i = 0; i < runs; i++)
+        {
+            var sw = Stopwatch.StartNew();
+            Step();
+            times[i] = sw.Elapsed.TotalMilliseconds;
+        }
+        double rss = PeakRssMb();
+        optimizer.Dispose();
+        Array.Sort(times);
+        return (times[runs / 2], rss);
+    }
 
     private static Result Make(string attention, string impl, string pass, long seqLen, int batch, int heads, int dim, long window,
         bool causal, double ms, double usefulFlops, double gemm, double? speedup, double rss)
@@ -287,5 +411,18 @@ internal sealed class BenchCommand
             table.AddRow(r.attention, r.impl, r.pass, r.seq_len.ToString(), r.ms.ToString("F1"), r.gflops.ToString("F1"),
                 (r.efficiency * 100).ToString("F0"), r.speedup_vs_dense is double s ? s.ToString("F1") : "–", r.peak_rss_mb.ToString("F0"));
         console.Write(table);
+    }
+
+    private static void PrintModel(TextWriter stdout, List<ModelResult> results, int threads, double gemm, string config)
+    {
+        var console = AnsiConsole.Create(new AnsiConsoleSettings { Out = new AnsiConsoleOutput(stdout), Ansi = AnsiSupport.No, ColorSystem = ColorSystemSupport.NoColors });
+        console.Profile.Width = 140;
+        var table = new Table().Title($"model training step — {threads} threads, GEMM {gemm:F1} GFLOP/s");
+        foreach (var c in new[] { "model", "T", "B", "dim", "heads", "depth", "ms/step", "tokens/s", "× dense", "peak RSS MB" }) table.AddColumn(c);
+        foreach (var r in results)
+            table.AddRow(r.model, r.seq_len.ToString(), r.batch.ToString(), r.dim.ToString(), r.heads.ToString(), r.depth.ToString(),
+                r.ms_per_step.ToString("F1"), r.tokens_per_s.ToString("F0"), r.speedup_vs_dense is double s ? s.ToString("F2") : "–", r.peak_rss_mb.ToString("F0"));
+        console.Write(table);
+        stdout.WriteLine("model: " + config);
     }
 }
