@@ -42,6 +42,7 @@ internal sealed class BenchCommand
     private readonly Option<bool> modelOption = new("--model") { Description = "Time a full training step (forward, next-token + aux loss, backward, AdamW, k-means update) of a small byte-level LM with dense, local and routing heads; T defaults to 8192. Kernel rows then run only if --attention, --impl or --pass is given." };
     private readonly Option<int> modelDimOption = new("--model-dim") { Description = "--model: model width.", DefaultValueFactory = _ => 256 };
     private readonly Option<int> modelHeadsOption = new("--model-heads") { Description = "--model: heads per layer (head width = dim / heads; routing = half local, half routing).", DefaultValueFactory = _ => 4 };
+    private readonly Option<int?> modelDimHeadOption = new("--model-dim-head") { Description = "--model: head width (default dim / heads; must be even)." };
     private readonly Option<int> modelDepthOption = new("--model-depth") { Description = "--model: layers.", DefaultValueFactory = _ => 2 };
 
     public static Command Create()
@@ -51,7 +52,7 @@ internal sealed class BenchCommand
         foreach (var o in new Option[] { self.seqLensOption, self.attentionOption, self.implOption, self.passOption, self.batchOption,
                      self.headsOption, self.headDimOption, self.windowOption, self.bidirectionalOption, self.runsOption,
                      self.quickOption, self.maxDenseLenOption, self.maxGatherGbOption, self.jsonOption,
-                     self.modelOption, self.modelDimOption, self.modelHeadsOption, self.modelDepthOption })
+                     self.modelOption, self.modelDimOption, self.modelHeadsOption, self.modelDimHeadOption, self.modelDepthOption })
             command.Add(o);
         command.SetAction(self.Execute);
         return command;
@@ -100,8 +101,12 @@ internal sealed class BenchCommand
         foreach (var (value, name) in new[] { (batch, "--batch"), (heads, "--heads"), (dim, "--head-dim"), (window, "--window"), (runs, "--runs"),
                      (modelDim, "--model-dim"), (modelHeads, "--model-heads"), (modelDepth, "--model-depth") })
             if (value <= 0) throw new CliUsageException($"{name} must be > 0, got {value}.");
-        if (model && (modelDim % modelHeads != 0 || modelDim / modelHeads % 2 != 0))
-            throw new CliUsageException($"--model-dim ({modelDim}) / --model-heads ({modelHeads}) must be a whole, even head width (rotary embeddings).");
+        int? modelDimHeadGiven = parse.GetValue(modelDimHeadOption);
+        if (modelDimHeadGiven is int dh && (dh <= 0 || dh % 2 != 0))
+            throw new CliUsageException($"--model-dim-head must be a positive even number (rotary embeddings), got {dh}.");
+        if (model && modelDimHeadGiven is null && (modelDim % modelHeads != 0 || modelDim / modelHeads % 2 != 0))
+            throw new CliUsageException($"--model-dim ({modelDim}) / --model-heads ({modelHeads}) must be a whole, even head width (rotary embeddings); or give --model-dim-head.");
+        int modelDimHead = modelDimHeadGiven ?? modelDim / modelHeads;
         if (model && modelHeads < 2)
             throw new CliUsageException("--model-heads must be >= 2 (the routing model has half local, half routing heads).");
         bool causal = !parse.GetValue(bidirectionalOption);
@@ -186,7 +191,7 @@ internal sealed class BenchCommand
         string modelConfig = "";
         if (model)
         {
-            modelConfig = $"byte-level LM (vocab 256), dim {modelDim}, heads {modelHeads} × {modelDim / modelHeads}, depth {modelDepth}, "
+            modelConfig = $"byte-level LM (vocab 256), dim {modelDim}, heads {modelHeads} × {modelDimHead}, depth {modelDepth}, "
                 + $"ff ×4, rotary, causal, batch {batch}, window {window}; dense = {modelHeads} dense heads, local = {modelHeads} local heads "
                 + $"(window {window}, radius 1), routing = {modelHeads / 2} local + {modelHeads - modelHeads / 2} routing heads (clusters = T / {window}); "
                 + $"step = forward + next-token/aux loss + backward + AdamW + k-means update; median of {runs} after 1 warm-up";
@@ -196,7 +201,7 @@ internal sealed class BenchCommand
             int warmLen = 2 * window;
             stderr.WriteLine($"bench: model JIT warm-up (3 steps of each configuration at T={warmLen}) ...");
             foreach (string kind in Models)
-                TimeModelStep(ModelConfig(kind, warmLen, modelDim, modelHeads, modelDepth, window), warmLen, 1, 2);
+                TimeModelStep(ModelConfig(kind, warmLen, modelDim, modelHeads, modelDimHead, modelDepth, window), warmLen, 1, 2);
             int modelTotal = seqLens.Length * Models.Length, modelStep = 0;
             foreach (long seqLen in seqLens)
             {
@@ -210,7 +215,7 @@ internal sealed class BenchCommand
                         continue;
                     }
                     stderr.WriteLine($"[{modelStep}/{modelTotal}] model {kind} T={seqLen}");
-                    var config = ModelConfig(kind, (int)seqLen, modelDim, modelHeads, modelDepth, window);
+                    var config = ModelConfig(kind, (int)seqLen, modelDim, modelHeads, modelDimHead, modelDepth, window);
                     var (ms, rss) = TimeModelStep(config, seqLen, batch, runs);
                     if (kind == "dense") denseStepMs = ms;
                     double? speedup = denseStepMs is double d ? d / ms : null;
@@ -248,11 +253,11 @@ internal sealed class BenchCommand
     /// Dense static group; <c>local</c> = every head local (window <paramref name="window"/>, radius 1);
     /// <c>routing</c> = half local heads, the rest routing heads (WindowSize = window, so clusters = T / window).
     /// </summary>
-    internal static TransformerConfig ModelConfig(string kind, int seqLen, int dim, int heads, int depth, int window)
+    internal static TransformerConfig ModelConfig(string kind, int seqLen, int dim, int heads, int dimHead, int depth, int window)
     {
         var config = new TransformerConfig
         {
-            NumTokens = 256, Dim = dim, Heads = heads, Depth = depth, MaxSeqLen = seqLen, Causal = true,
+            NumTokens = 256, Dim = dim, Heads = heads, DimHead = dimHead, Depth = depth, MaxSeqLen = seqLen, Causal = true,
             WindowSize = Math.Min(window, seqLen), LocalAttnWindowSize = window, LocalAttnRadiusBlocks = 1, SparsitySkipFirst = 0,
         };
         config = kind switch
