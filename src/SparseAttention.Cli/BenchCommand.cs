@@ -194,33 +194,52 @@ internal sealed class BenchCommand
             modelConfig = $"byte-level LM (vocab 256), dim {modelDim}, heads {modelHeads} × {modelDimHead}, depth {modelDepth}, "
                 + $"ff ×4, rotary, causal, batch {batch}, window {window}; dense = {modelHeads} dense heads, local = {modelHeads} local heads "
                 + $"(window {window}, radius 1), routing = {modelHeads / 2} local + {modelHeads - modelHeads / 2} routing heads (clusters = T / {window}); "
-                + $"step = forward + next-token/aux loss + backward + AdamW + k-means update; median of {runs} after 1 warm-up";
+                + $"step = forward + next-token/aux loss + backward + AdamW + k-means update; median of {runs} after 1 warm-up, configurations interleaved";
             stderr.WriteLine($"bench: model {modelConfig}");
             // One process-wide warm-up first, so the C# kernels every configuration uses are past tiered JIT before
             // any figure is timed (otherwise whichever configuration runs first pays for it).
             int warmLen = 2 * window;
             stderr.WriteLine($"bench: model JIT warm-up (3 steps of each configuration at T={warmLen}) ...");
             foreach (string kind in Models)
-                TimeModelStep(ModelConfig(kind, warmLen, modelDim, modelHeads, modelDimHead, modelDepth, window), warmLen, 1, 2);
-            int modelTotal = seqLens.Length * Models.Length, modelStep = 0;
+            {
+                using var warm = new ModelStep(ModelConfig(kind, warmLen, modelDim, modelHeads, modelDimHead, modelDepth, window), 1);
+                for (int i = 0; i < 3; i++) warm.Run();
+            }
             foreach (long seqLen in seqLens)
             {
-                double? denseStepMs = null;
-                foreach (string kind in Models)
+                // The three configurations step in turn (dense, local, routing, dense, ...) so a change of load on
+                // the machine during the run hits all of them alike; each gets one warm-up step (k-means init) first.
+                var kinds = Models.Where(kind => kind != "routing" || seqLen % window == 0).ToArray();
+                if (kinds.Length < Models.Length)
+                    stderr.WriteLine($"bench: model routing T={seqLen}: skipped (T must be a multiple of --window {window} to fix the number of clusters)");
+                var steps = kinds.Select(kind => new ModelStep(ModelConfig(kind, (int)seqLen, modelDim, modelHeads, modelDimHead, modelDepth, window), batch)).ToArray();
+                try
                 {
-                    modelStep++;
-                    if (kind == "routing" && seqLen % window != 0)
+                    var times = kinds.Select(_ => new double[runs]).ToArray();
+                    var rss = new double[kinds.Length];
+                    for (int r = -1; r < runs; r++)
+                        for (int i = 0; i < kinds.Length; i++)
+                        {
+                            stderr.WriteLine(r < 0 ? $"model {kinds[i]} T={seqLen}: warm-up step" : $"model {kinds[i]} T={seqLen}: step {r + 1}/{runs}");
+                            if (r < 0) { steps[i].Run(); continue; }
+                            ResetPeakRss();
+                            var sw = Stopwatch.StartNew();
+                            steps[i].Run();
+                            times[i][r] = sw.Elapsed.TotalMilliseconds;
+                            rss[i] = Math.Max(rss[i], PeakRssMb());
+                        }
+                    var medians = times.Select(t => { Array.Sort(t); return t[runs / 2]; }).ToArray();
+                    int dense = Array.IndexOf(kinds, "dense");
+                    for (int i = 0; i < kinds.Length; i++)
                     {
-                        stderr.WriteLine($"[{modelStep}/{modelTotal}] model {kind} T={seqLen}: skipped (T must be a multiple of --window {window} to fix the number of clusters)");
-                        continue;
+                        double ms = medians[i];
+                        modelResults.Add(new ModelResult(kinds[i], seqLen, batch, modelDim, modelHeads, modelDepth, Math.Round(ms, 3),
+                            Math.Round(batch * seqLen / (ms / 1000.0), 1), Math.Round(medians[dense] / ms, 2), Math.Round(rss[i], 1)));
                     }
-                    stderr.WriteLine($"[{modelStep}/{modelTotal}] model {kind} T={seqLen}");
-                    var config = ModelConfig(kind, (int)seqLen, modelDim, modelHeads, modelDimHead, modelDepth, window);
-                    var (ms, rss) = TimeModelStep(config, seqLen, batch, runs);
-                    if (kind == "dense") denseStepMs = ms;
-                    double? speedup = denseStepMs is double d ? d / ms : null;
-                    modelResults.Add(new ModelResult(kind, seqLen, batch, modelDim, modelHeads, modelDepth, Math.Round(ms, 3),
-                        Math.Round(batch * seqLen / (ms / 1000.0), 1), speedup is double s ? Math.Round(s, 2) : null, Math.Round(rss, 1)));
+                }
+                finally
+                {
+                    foreach (var modelStep in steps) modelStep.Dispose();
                 }
             }
         }
@@ -270,39 +289,39 @@ internal sealed class BenchCommand
         return config.Validate();
     }
 
-    /// <summary>Median wall time of one training step (forward, next-token + aux loss, backward, AdamW step,
-    /// k-means UpdateAll) over <paramref name="runs"/> steps after one warm-up step (which also initialises the
-    /// k-means), and the peak RSS of the timed steps.</summary>
-    private static (double Ms, double PeakRssMb) TimeModelStep(TransformerConfig config, long seqLen, int batch, int runs)
+    /// <summary>One configuration's training step: forward, next-token + aux loss, backward, AdamW step, k-means
+    /// UpdateAll, on a fixed batch of random bytes. The first step also initialises the k-means.</summary>
+    private sealed class ModelStep : IDisposable
     {
-        random.manual_seed(1);
-        using var lm = new RoutingTransformerLM(config);
-        lm.train();
-        var optimizer = optim.AdamW(lm.parameters(), lr: 1e-4);
-        using var tokens = randint(0, config.NumTokens, new long[] { batch, seqLen }, dtype: ScalarType.Int64, generator: new Generator(2));
-        void Step()
+        private readonly RoutingTransformerLM lm;
+        private readonly optim.Optimizer optimizer;
+        private readonly Tensor tokens;
+
+        public ModelStep(TransformerConfig config, int batch)
+        {
+            random.manual_seed(1);
+            lm = new RoutingTransformerLM(config);
+            lm.train();
+            optimizer = optim.AdamW(lm.parameters(), lr: 1e-4);
+            tokens = randint(0, config.NumTokens, new long[] { batch, config.MaxSeqLen }, dtype: ScalarType.Int64, generator: new Generator(2));
+        }
+
+        public void Run()
         {
             using var scope = NewDisposeScope();
             optimizer.zero_grad();
             var (logits, aux) = lm.forward(tokens);
-            var loss = LanguageModelLoss.NextToken(logits, tokens, aux);
-            loss.backward();
+            LanguageModelLoss.NextToken(logits, tokens, aux).backward();
             optimizer.step();
             OnlineKMeans.UpdateAll(lm);
         }
-        Step();
-        ResetPeakRss();
-        var times = new double[runs];
-        for (int i = 0; i < runs; i++)
+
+        public void Dispose()
         {
-            var sw = Stopwatch.StartNew();
-            Step();
-            times[i] = sw.Elapsed.TotalMilliseconds;
+            optimizer.Dispose();
+            tokens.Dispose();
+            lm.Dispose();
         }
-        double rss = PeakRssMb();
-        optimizer.Dispose();
-        Array.Sort(times);
-        return (times[runs / 2], rss);
     }
 
     private static Result Make(string attention, string impl, string pass, long seqLen, int batch, int heads, int dim, long window,
