@@ -1,7 +1,9 @@
 using System.CommandLine;
 using System.Diagnostics;
 using System.Text.Json;
+using SparseAttention.Clustering;
 using SparseAttention.Kernels;
+using SparseAttention.Model;
 using SparseAttention.Patterns;
 using Spectre.Console;
 using TorchSharp;
@@ -12,7 +14,9 @@ namespace SparseAttention.Cli;
 /// <summary>
 /// <c>sparse-attn bench</c>: times attention kernels (median of several runs after warm-up) beside
 /// dense <c>scaled_dot_product_attention</c> and the machine's matrix-multiply rate, all measured in
-/// the same process run, and reports ratios.
+/// the same process run, and reports ratios. With <c>--model</c> it times full training steps of a small
+/// byte-level <see cref="RoutingTransformerLM"/> (dense vs local vs routing heads) instead; the kernel rows
+/// then run only when <c>--attention</c>, <c>--impl</c> or <c>--pass</c> is given explicitly.
 /// </summary>
 internal sealed class BenchCommand
 {
@@ -35,6 +39,11 @@ internal sealed class BenchCommand
     private readonly Option<long> maxDenseLenOption = new("--max-dense-len") { Description = "Skip dense SDPA above this length (its time grows as T²).", DefaultValueFactory = _ => 16384 };
     private readonly Option<double> maxGatherGbOption = new("--max-gather-gb") { Description = "Skip the ops/reference paths when their intermediates would exceed this many GB.", DefaultValueFactory = _ => 4.0 };
     private readonly Option<string?> jsonOption = new("--json") { HelpName = "FILE", Description = "Also write the results as JSON (atomically)." };
+    private readonly Option<bool> modelOption = new("--model") { Description = "Time a full training step (forward, next-token + aux loss, backward, AdamW, k-means update) of a small byte-level LM with dense, local and routing heads; T defaults to 8192. Kernel rows then run only if --attention, --impl or --pass is given." };
+    private readonly Option<int> modelDimOption = new("--model-dim") { Description = "--model: model width.", DefaultValueFactory = _ => 256 };
+    private readonly Option<int> modelHeadsOption = new("--model-heads") { Description = "--model: heads per layer (head width = dim / heads; routing = half local, half routing).", DefaultValueFactory = _ => 4 };
+    private readonly Option<int?> modelDimHeadOption = new("--model-dim-head") { Description = "--model: head width (default dim / heads; must be even)." };
+    private readonly Option<int> modelDepthOption = new("--model-depth") { Description = "--model: layers.", DefaultValueFactory = _ => 2 };
 
     public static Command Create()
     {
@@ -42,7 +51,8 @@ internal sealed class BenchCommand
         var command = new Command("bench", "Time attention kernels against dense SDPA and the GEMM rate, in one run.");
         foreach (var o in new Option[] { self.seqLensOption, self.attentionOption, self.implOption, self.passOption, self.batchOption,
                      self.headsOption, self.headDimOption, self.windowOption, self.bidirectionalOption, self.runsOption,
-                     self.quickOption, self.maxDenseLenOption, self.maxGatherGbOption, self.jsonOption })
+                     self.quickOption, self.maxDenseLenOption, self.maxGatherGbOption, self.jsonOption,
+                     self.modelOption, self.modelDimOption, self.modelHeadsOption, self.modelDimHeadOption, self.modelDepthOption })
             command.Add(o);
         command.SetAction(self.Execute);
         return command;
@@ -62,12 +72,23 @@ internal sealed class BenchCommand
     internal sealed record Result(string attention, string impl, string pass, long seq_len, long batch, long heads, long head_dim,
         long window, bool causal, double ms, double gflops, double efficiency, double? speedup_vs_dense, double peak_rss_mb);
 
+    /// <summary>One model training-step figure (the <c>"model_results"</c> JSON rows).</summary>
+    internal sealed record ModelResult(string model, long seq_len, long batch, long dim, long heads, long depth,
+        double ms_per_step, double tokens_per_s, double? speedup_vs_dense, double peak_rss_mb);
+
+    public static readonly string[] Models = ["dense", "local", "routing"];
+
     private int Execute(ParseResult parse)
     {
         var stdout = parse.InvocationConfiguration.Output;
         var stderr = parse.InvocationConfiguration.Error;
         bool quick = parse.GetValue(quickOption);
-        long[] seqLens = quick && parse.GetResult(seqLensOption) is null or { Implicit: true }
+        bool model = parse.GetValue(modelOption);
+        static bool Given(ParseResult p, Option o) => p.GetResult(o) is { Implicit: false };
+        bool kernels = !model || Given(parse, attentionOption) || Given(parse, implOption) || Given(parse, passOption);
+        long[] seqLens = !Given(parse, seqLensOption) && model
+            ? [8192]
+            : quick && !Given(parse, seqLensOption)
             ? [1024, 4096]
             : parse.GetValue(seqLensOption)!.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries)
                 .Select(s => long.TryParse(s, out long t) && t > 0 ? t : throw new CliUsageException($"--seq-lens: '{s}' is not a positive integer.")).ToArray();
@@ -76,8 +97,18 @@ internal sealed class BenchCommand
         var passes = List(parse, passOption, Passes);
         int batch = parse.GetValue(batchOption), heads = parse.GetValue(headsOption), dim = parse.GetValue(headDimOption), window = parse.GetValue(windowOption);
         int runs = quick && parse.GetResult(runsOption) is null or { Implicit: true } ? 3 : parse.GetValue(runsOption);
-        foreach (var (value, name) in new[] { (batch, "--batch"), (heads, "--heads"), (dim, "--head-dim"), (window, "--window"), (runs, "--runs") })
+        int modelDim = parse.GetValue(modelDimOption), modelHeads = parse.GetValue(modelHeadsOption), modelDepth = parse.GetValue(modelDepthOption);
+        foreach (var (value, name) in new[] { (batch, "--batch"), (heads, "--heads"), (dim, "--head-dim"), (window, "--window"), (runs, "--runs"),
+                     (modelDim, "--model-dim"), (modelHeads, "--model-heads"), (modelDepth, "--model-depth") })
             if (value <= 0) throw new CliUsageException($"{name} must be > 0, got {value}.");
+        int? modelDimHeadGiven = parse.GetValue(modelDimHeadOption);
+        if (modelDimHeadGiven is int dh && (dh <= 0 || dh % 2 != 0))
+            throw new CliUsageException($"--model-dim-head must be a positive even number (rotary embeddings), got {dh}.");
+        if (model && modelDimHeadGiven is null && (modelDim % modelHeads != 0 || modelDim / modelHeads % 2 != 0))
+            throw new CliUsageException($"--model-dim ({modelDim}) / --model-heads ({modelHeads}) must be a whole, even head width (rotary embeddings); or give --model-dim-head.");
+        int modelDimHead = modelDimHeadGiven ?? modelDim / modelHeads;
+        if (model && modelHeads < 2)
+            throw new CliUsageException("--model-heads must be >= 2 (the routing model has half local, half routing heads).");
         bool causal = !parse.GetValue(bidirectionalOption);
         long maxDense = parse.GetValue(maxDenseLenOption);
         double maxGatherBytes = parse.GetValue(maxGatherGbOption) * 1e9;
@@ -91,7 +122,7 @@ internal sealed class BenchCommand
         var results = new List<Result>();
         var denseMs = new Dictionary<(long, string), double>();
         int total = seqLens.Length * passes.Length * (1 + attentions.Count(a => a != "dense") * impls.Length), step = 0;
-        foreach (long seqLen in seqLens)
+        foreach (long seqLen in kernels ? seqLens : [])
             foreach (string pass in passes)
             {
                 bool backward = pass == "forward_backward";
@@ -156,10 +187,70 @@ internal sealed class BenchCommand
                 }
             }
 
-        Print(stdout, results, threads, gemm);
+        var modelResults = new List<ModelResult>();
+        string modelConfig = "";
+        if (model)
+        {
+            modelConfig = $"byte-level LM (vocab 256), dim {modelDim}, heads {modelHeads} × {modelDimHead}, depth {modelDepth}, "
+                + $"ff ×4, rotary, causal, batch {batch}, window {window}; dense = {modelHeads} dense heads, local = {modelHeads} local heads "
+                + $"(window {window}, radius 1), routing = {modelHeads / 2} local + {modelHeads - modelHeads / 2} routing heads (clusters = T / {window}); "
+                + $"step = forward + next-token/aux loss + backward + AdamW + k-means update; median of {runs} after 1 warm-up, configurations interleaved";
+            stderr.WriteLine($"bench: model {modelConfig}");
+            // One process-wide warm-up first, so the C# kernels every configuration uses are past tiered JIT before
+            // any figure is timed (otherwise whichever configuration runs first pays for it).
+            int warmLen = 2 * window;
+            stderr.WriteLine($"bench: model JIT warm-up (3 steps of each configuration at T={warmLen}) ...");
+            foreach (string kind in Models)
+            {
+                using var warm = new ModelStep(ModelConfig(kind, warmLen, modelDim, modelHeads, modelDimHead, modelDepth, window), 1);
+                for (int i = 0; i < 3; i++) warm.Run();
+            }
+            foreach (long seqLen in seqLens)
+            {
+                // The three configurations step in turn (dense, local, routing, dense, ...) so a change of load on
+                // the machine during the run hits all of them alike; each gets one warm-up step (k-means init) first.
+                var kinds = Models.Where(kind => kind != "routing" || seqLen % window == 0).ToArray();
+                if (kinds.Length < Models.Length)
+                    stderr.WriteLine($"bench: model routing T={seqLen}: skipped (T must be a multiple of --window {window} to fix the number of clusters)");
+                var steps = kinds.Select(kind => new ModelStep(ModelConfig(kind, (int)seqLen, modelDim, modelHeads, modelDimHead, modelDepth, window), batch)).ToArray();
+                try
+                {
+                    var times = kinds.Select(_ => new double[runs]).ToArray();
+                    var rss = new double[kinds.Length];
+                    for (int r = -1; r < runs; r++)
+                        for (int i = 0; i < kinds.Length; i++)
+                        {
+                            stderr.WriteLine(r < 0 ? $"model {kinds[i]} T={seqLen}: warm-up step" : $"model {kinds[i]} T={seqLen}: step {r + 1}/{runs}");
+                            if (r < 0) { steps[i].Run(); continue; }
+                            ResetPeakRss();
+                            var sw = Stopwatch.StartNew();
+                            steps[i].Run();
+                            times[i][r] = sw.Elapsed.TotalMilliseconds;
+                            rss[i] = Math.Max(rss[i], PeakRssMb());
+                        }
+                    var medians = times.Select(t => { Array.Sort(t); return t[runs / 2]; }).ToArray();
+                    int dense = Array.IndexOf(kinds, "dense");
+                    for (int i = 0; i < kinds.Length; i++)
+                    {
+                        double ms = medians[i];
+                        modelResults.Add(new ModelResult(kinds[i], seqLen, batch, modelDim, modelHeads, modelDepth, Math.Round(ms, 3),
+                            Math.Round(batch * seqLen / (ms / 1000.0), 1), Math.Round(medians[dense] / ms, 2), Math.Round(rss[i], 1)));
+                    }
+                }
+                finally
+                {
+                    foreach (var modelStep in steps) modelStep.Dispose();
+                }
+            }
+        }
+
+        if (kernels) Print(stdout, results, threads, gemm);
+        if (model) PrintModel(stdout, modelResults, threads, gemm, modelConfig);
         if (parse.GetValue(jsonOption) is string jsonPath)
         {
-            var document = new { threads, gemm_gflops = Math.Round(gemm, 2), results };
+            object document = model
+                ? new { threads, gemm_gflops = Math.Round(gemm, 2), results, model_results = modelResults }
+                : new { threads, gemm_gflops = Math.Round(gemm, 2), results };
             AtomicFile.WriteAllText(jsonPath, JsonSerializer.Serialize(document, new JsonSerializerOptions { WriteIndented = true }));
             stderr.WriteLine($"bench: wrote {jsonPath}");
         }
@@ -175,6 +266,63 @@ internal sealed class BenchCommand
         "dense" => new DensePattern(causal),
         _ => throw new CliUsageException($"--attention: unknown kind '{attention}'."),
     };
+
+    /// <summary>
+    /// The three model configurations of one size, causal, vocab 256, MaxSeqLen = T: <c>dense</c> = every head in a
+    /// Dense static group; <c>local</c> = every head local (window <paramref name="window"/>, radius 1);
+    /// <c>routing</c> = half local heads, the rest routing heads (WindowSize = window, so clusters = T / window).
+    /// </summary>
+    internal static TransformerConfig ModelConfig(string kind, int seqLen, int dim, int heads, int dimHead, int depth, int window)
+    {
+        var config = new TransformerConfig
+        {
+            NumTokens = 256, Dim = dim, Heads = heads, DimHead = dimHead, Depth = depth, MaxSeqLen = seqLen, Causal = true,
+            WindowSize = Math.Min(window, seqLen), LocalAttnWindowSize = window, LocalAttnRadiusBlocks = 1, SparsitySkipFirst = 0,
+        };
+        config = kind switch
+        {
+            "dense" => config with { NLocalAttnHeads = [0], StaticHeadGroups = [new StaticHeadGroup(new StaticPatternSpec(StaticPatternKind.Dense), heads)] },
+            "local" => config with { NLocalAttnHeads = [heads] },
+            "routing" => config with { NLocalAttnHeads = [heads / 2] },
+            _ => throw new CliUsageException($"unknown model kind '{kind}'."),
+        };
+        return config.Validate();
+    }
+
+    /// <summary>One configuration's training step: forward, next-token + aux loss, backward, AdamW step, k-means
+    /// UpdateAll, on a fixed batch of random bytes. The first step also initialises the k-means.</summary>
+    private sealed class ModelStep : IDisposable
+    {
+        private readonly RoutingTransformerLM lm;
+        private readonly optim.Optimizer optimizer;
+        private readonly Tensor tokens;
+
+        public ModelStep(TransformerConfig config, int batch)
+        {
+            random.manual_seed(1);
+            lm = new RoutingTransformerLM(config);
+            lm.train();
+            optimizer = optim.AdamW(lm.parameters(), lr: 1e-4);
+            tokens = randint(0, config.NumTokens, new long[] { batch, config.MaxSeqLen }, dtype: ScalarType.Int64, generator: new Generator(2));
+        }
+
+        public void Run()
+        {
+            using var scope = NewDisposeScope();
+            optimizer.zero_grad();
+            var (logits, aux) = lm.forward(tokens);
+            LanguageModelLoss.NextToken(logits, tokens, aux).backward();
+            optimizer.step();
+            OnlineKMeans.UpdateAll(lm);
+        }
+
+        public void Dispose()
+        {
+            optimizer.Dispose();
+            tokens.Dispose();
+            lm.Dispose();
+        }
+    }
 
     private static Result Make(string attention, string impl, string pass, long seqLen, int batch, int heads, int dim, long window,
         bool causal, double ms, double usefulFlops, double gemm, double? speedup, double rss)
@@ -287,5 +435,18 @@ internal sealed class BenchCommand
             table.AddRow(r.attention, r.impl, r.pass, r.seq_len.ToString(), r.ms.ToString("F1"), r.gflops.ToString("F1"),
                 (r.efficiency * 100).ToString("F0"), r.speedup_vs_dense is double s ? s.ToString("F1") : "–", r.peak_rss_mb.ToString("F0"));
         console.Write(table);
+    }
+
+    private static void PrintModel(TextWriter stdout, List<ModelResult> results, int threads, double gemm, string config)
+    {
+        var console = AnsiConsole.Create(new AnsiConsoleSettings { Out = new AnsiConsoleOutput(stdout), Ansi = AnsiSupport.No, ColorSystem = ColorSystemSupport.NoColors });
+        console.Profile.Width = 140;
+        var table = new Table().Title($"model training step — {threads} threads, GEMM {gemm:F1} GFLOP/s");
+        foreach (var c in new[] { "model", "T", "B", "dim", "heads", "depth", "ms/step", "tokens/s", "× dense", "peak RSS MB" }) table.AddColumn(c);
+        foreach (var r in results)
+            table.AddRow(r.model, r.seq_len.ToString(), r.batch.ToString(), r.dim.ToString(), r.heads.ToString(), r.depth.ToString(),
+                r.ms_per_step.ToString("F1"), r.tokens_per_s.ToString("F0"), r.speedup_vs_dense is double s ? s.ToString("F2") : "–", r.peak_rss_mb.ToString("F0"));
+        console.Write(table);
+        stdout.WriteLine("model: " + config);
     }
 }
