@@ -277,7 +277,8 @@ internal sealed class TrainCommand
                                  $"val_bpc {(double.IsNaN(lastBpc) ? "-" : lastBpc.ToString("F4", CultureInfo.InvariantCulture))}  lr {r.LearningRate:0.00e+0}  " +
                                  $"{tps:F0} tok/s  elapsed {Format((Elapsed()))}  eta {Format((eta))}";
                         if (report is null) Print(status);
-                        else report(status, ProgressFraction(trainer, maxSteps, maxMinutes, session));
+                        else report($"step {r.Step}  loss {loss:F3}  val_bpc {(double.IsNaN(lastBpc) ? "-" : lastBpc.ToString("F3", CultureInfo.InvariantCulture))}  {tps:F0} tok/s",
+                            ProgressFraction(trainer, maxSteps, maxMinutes, session));   // the bar's own columns show progress and time left
                         Log(new LogLine(r.Step, Math.Round(loss, 6), null, Math.Round(tps, 1), r.LearningRate, Math.Round(Elapsed(), 3)));
                         intervalTokens = 0; lossSum = 0; lossCount = 0; interval.Restart();
                     }
