@@ -165,3 +165,40 @@ public sealed class CheckpointTests : TrainTestBase
         Assert.Contains("cannot continue on this data", Assert.Throws<CheckpointException>(() => Checkpoint.Load(path, TrainBytes, ValBytes[..10])).Message);
     }
 }
+
+public sealed class CheckpointMismatchTests : TrainTestBase
+{
+    [Fact]
+    public void Model_state_that_does_not_fit_the_stored_configuration_is_a_clear_error()
+    {
+        // A well-formed file (valid checksum) whose header says dim 32 while the tensors are dim 16.
+        string path = Path.Combine(Dir, "ckpt.sat");
+        using (var trainer = new Trainer(MicroConfig, MicroOptions, TrainBytes, ValBytes)) Checkpoint.Save(trainer, path);
+        var file = File.ReadAllBytes(path);
+        int fixedLen = 8 + 4 + 8;
+        long length = BitConverter.ToInt64(file, 12);
+        using var reader = new BinaryReader(new MemoryStream(file, fixedLen, (int)length));
+        string header = reader.ReadString();
+        var rest = reader.ReadBytes((int)(length - reader.BaseStream.Position));
+        Assert.Contains("\"dim\":16", header);
+        using var payload = new MemoryStream();
+        using (var w = new BinaryWriter(payload, Encoding.UTF8, leaveOpen: true))
+        {
+            w.Write(header.Replace("\"dim\":16", "\"dim\":32"));
+            w.Write(rest);
+        }
+        var bytes = payload.ToArray();
+        using (var w = new BinaryWriter(File.Create(path)))
+        {
+            w.Write(file, 0, 12);
+            w.Write((long)bytes.Length);
+            w.Write(bytes);
+            w.Write(System.Security.Cryptography.SHA256.HashData(bytes));
+        }
+        var before = File.ReadAllBytes(path);
+        Assert.Equal(32, Checkpoint.ReadHeader(path).Config.Dim);
+        var e = Assert.Throws<CheckpointException>(() => Checkpoint.Load(path, TrainBytes, ValBytes));
+        Assert.Contains("does not match its configuration", e.Message);
+        Assert.Equal(before, File.ReadAllBytes(path));
+    }
+}
