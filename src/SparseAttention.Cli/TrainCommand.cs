@@ -97,6 +97,8 @@ internal sealed class TrainCommand
                     throw new CliUsageException($"--resume: hyperparameters differ from {latest}: {DescribeOptionDiff(storedOptions, requestedOptions)}; drop those options to continue the run as it was.");
                 corpus = LoadCorpus(parse, storedOptions);
                 trainer = Checkpoint.Load(latest, corpus.Train, corpus.Validation);
+                int dropped = TrimLog(Path.Combine(outDir, "log.jsonl"), trainer.Step);
+                if (dropped > 0) output.WriteLine($"log.jsonl: dropped {dropped} line(s) after step {trainer.Step} (written after the newest checkpoint; those steps run again)");
                 output.WriteLine($"resumed {latest} at step {trainer.Step} ({trainer.TokensSeen:N0} tokens, {Format((trainer.ElapsedSeconds))} trained)");
             }
             else
@@ -125,6 +127,20 @@ internal sealed class TrainCommand
             error.WriteLine($"error: {e.Message}");
             return CliApp.Failure;
         }
+    }
+
+    /// <summary>Removes log lines of steps after <paramref name="step"/> (a run that stopped without saving them); returns how many.</summary>
+    private static int TrimLog(string logPath, long step)
+    {
+        if (!File.Exists(logPath)) return 0;
+        var lines = File.ReadAllLines(logPath);
+        var kept = lines.Where(line =>
+        {
+            try { using var doc = JsonDocument.Parse(line); return doc.RootElement.GetProperty("step").GetInt64() <= step; }
+            catch (Exception e) when (e is JsonException or KeyNotFoundException or InvalidOperationException) { return false; }
+        }).ToArray();
+        if (kept.Length != lines.Length) AtomicFile.WriteAllText(logPath, string.Concat(kept.Select(l => l + "\n")));
+        return lines.Length - kept.Length;
     }
 
     private TransformerConfig BuildConfig(ParseResult parse)

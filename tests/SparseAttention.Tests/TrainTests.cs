@@ -143,6 +143,16 @@ public sealed class TrainCliTests : TrainTestBase
         Assert.True(code == 0, stderr);
         Assert.Contains("resumed", stdout);
         Assert.Equal(8L, Checkpoint.List(run)[^1].Step);
+        // A run that logged steps past its newest checkpoint (e.g. killed): resuming drops those lines, so no step is logged twice.
+        string log = Path.Combine(run, "log.jsonl");
+        File.AppendAllText(log, "{\"step\":9,\"loss\":1.0,\"val_bpc\":null,\"tokens_per_s\":1.0,\"lr\":0.001,\"elapsed\":1.0}\n");
+        (code, stdout, stderr) = Train("--max-steps", "10", "--resume", "--log-every", "1");
+        Assert.True(code == 0, stderr);
+        Assert.Contains("dropped 1 line(s) after step 8", stdout);
+        var lossSteps = File.ReadAllLines(log).Select(l => JsonDocument.Parse(l).RootElement)
+            .Where(l => l.GetProperty("loss").ValueKind == JsonValueKind.Number).Select(l => l.GetProperty("step").GetInt64()).ToArray();
+        Assert.Equal(lossSteps.Distinct().Order().ToArray(), lossSteps);
+        Assert.Equal([9L, 10L], lossSteps[^2..]);
         (code, _, stderr) = Train("--max-steps", "8");
         Assert.Equal(CliApp.UsageError, code);
         Assert.StartsWith("error: --out:", stderr);
