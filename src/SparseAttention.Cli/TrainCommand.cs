@@ -1,0 +1,341 @@
+using System.CommandLine;
+using System.Diagnostics;
+using System.Globalization;
+using System.Text.Json;
+using SparseAttention.Model;
+using SparseAttention.Training;
+using Spectre.Console;
+
+namespace SparseAttention.Cli;
+
+/// <summary>
+/// <c>sparse-attn train</c>: trains a byte-level language model on a text file or folder, with periodic
+/// validation in bits per character, a JSONL log and atomic, resumable checkpoints in the run folder.
+/// </summary>
+internal sealed class TrainCommand
+{
+    private readonly Option<string> dataOption = new("--data") { HelpName = "PATH", Description = "Training text: a file, or a folder whose files are concatenated (ordinal path order).", Required = true };
+    private readonly Option<string> outOption = new("--out") { HelpName = "DIR", Description = "Run folder: checkpoints (ckpt-STEP.sat), log.jsonl, config.json.", Required = true };
+    private readonly Option<string> presetOption = new("--preset") { HelpName = "NAME|FILE", Description = $"Model preset: {string.Join(", ", Presets.Names)}, or a JSON file with the configuration's snake_case keys.", DefaultValueFactory = _ => "tiny" };
+    private readonly Option<string[]> setOption = new("--set") { HelpName = "KEY=VALUE", Description = "Override one configuration key (snake_case, e.g. --set dim=128 --set n_local_attn_heads=[2]); repeatable." };
+    private readonly Option<int?> maxStepsOption = new("--max-steps") { HelpName = "N", Description = "Stop after N optimizer steps in total (counting resumed steps)." };
+    private readonly Option<double?> maxMinutesOption = new("--max-minutes") { HelpName = "M", Description = "Stop after M minutes of this session." };
+    private readonly Option<bool> resumeOption = new("--resume") { Description = "Continue from the newest checkpoint in --out (its configuration and hyperparameters)." };
+    private readonly Option<int?> seqLenOption = new("--seq-len") { HelpName = "T", Description = "Tokens per training window (default: the preset's max_seq_len; routing heads need exactly max_seq_len)." };
+    private readonly Option<int> batchSizeOption = new("--batch-size") { HelpName = "B", Description = "Windows per micro-batch.", DefaultValueFactory = _ => 16 };
+    private readonly Option<int> accumOption = new("--accum") { HelpName = "N", Description = "Micro-batches accumulated per optimizer step.", DefaultValueFactory = _ => 1 };
+    private readonly Option<double> lrOption = new("--lr") { HelpName = "LR", Description = "Peak learning rate (AdamW).", DefaultValueFactory = _ => 1e-3 };
+    private readonly Option<int> warmupOption = new("--warmup") { HelpName = "N", Description = "Linear warm-up steps.", DefaultValueFactory = _ => 100 };
+    private readonly Option<int?> decayStepsOption = new("--decay-steps") { HelpName = "N", Description = "Step where the cosine decay reaches 0.1·LR (default: --max-steps, else 5000)." };
+    private readonly Option<double> weightDecayOption = new("--weight-decay") { HelpName = "W", Description = "AdamW weight decay.", DefaultValueFactory = _ => 0.01 };
+    private readonly Option<double> clipOption = new("--clip") { HelpName = "NORM", Description = "Clip the global gradient norm to this (0 = off).", DefaultValueFactory = _ => 1.0 };
+    private readonly Option<double> valFractionOption = new("--val-fraction") { HelpName = "F", Description = "Last fraction of the corpus held out for validation.", DefaultValueFactory = _ => 0.05 };
+    private readonly Option<int> evalBatchesOption = new("--eval-batches") { HelpName = "N", Description = "Validation batches per evaluation.", DefaultValueFactory = _ => 8 };
+    private readonly Option<long> seedOption = new("--seed") { HelpName = "N", Description = "Seed of initialisation, dropout and batch sampling.", DefaultValueFactory = _ => 0 };
+    private readonly Option<int> evalEveryOption = new("--eval-every") { HelpName = "N", Description = "Validate every N steps.", DefaultValueFactory = _ => 100 };
+    private readonly Option<int> logEveryOption = new("--log-every") { HelpName = "N", Description = "Log a line every N steps.", DefaultValueFactory = _ => 10 };
+    private readonly Option<int> checkpointEveryOption = new("--checkpoint-every") { HelpName = "N", Description = "Save a checkpoint every N steps (and always at the end).", DefaultValueFactory = _ => 500 };
+    private readonly Option<int> keepLastOption = new("--keep-last") { HelpName = "N", Description = "Keep the newest N checkpoints.", DefaultValueFactory = _ => 3 };
+    private readonly Option<int?> threadsOption = new("--threads") { HelpName = "N", Description = "libtorch intra-op threads (default: libtorch's choice)." };
+
+    /// <summary>Set to request a clean stop (as Ctrl-C does); checked between steps. For tests.</summary>
+    internal static volatile bool StopRequested;
+
+    public static Command Create()
+    {
+        var self = new TrainCommand();
+        var command = new Command("train", "Train a byte-level language model on text; checkpoints, validation bits per character, resumable.");
+        foreach (var option in new Option[] { self.dataOption, self.outOption, self.presetOption, self.setOption, self.maxStepsOption, self.maxMinutesOption,
+                     self.resumeOption, self.seqLenOption, self.batchSizeOption, self.accumOption, self.lrOption, self.warmupOption, self.decayStepsOption,
+                     self.weightDecayOption, self.clipOption, self.valFractionOption, self.evalBatchesOption, self.seedOption, self.evalEveryOption,
+                     self.logEveryOption, self.checkpointEveryOption, self.keepLastOption, self.threadsOption })
+            command.Add(option);
+        command.SetAction(self.Execute);
+        return command;
+    }
+
+    private bool Given(ParseResult parse, Option option) => parse.GetResult(option) is { Implicit: false };
+
+    private int Execute(ParseResult parse)
+    {
+        var output = parse.InvocationConfiguration.Output;
+        var error = parse.InvocationConfiguration.Error;
+        string outDir = parse.GetValue(outOption)!;
+        int? maxSteps = parse.GetValue(maxStepsOption);
+        double? maxMinutes = parse.GetValue(maxMinutesOption);
+        if (maxSteps is null && maxMinutes is null) throw new CliUsageException("--max-steps / --max-minutes: give at least one (when to stop).");
+        if (maxSteps is <= 0) throw new CliUsageException($"--max-steps must be > 0, got {maxSteps}.");
+        if (maxMinutes is double mm && !(mm > 0)) throw new CliUsageException($"--max-minutes must be > 0, got {mm}.");
+        foreach (var o in new[] { evalEveryOption, logEveryOption, checkpointEveryOption, keepLastOption })
+            if (parse.GetValue(o) <= 0) throw new CliUsageException($"{o.Name} must be > 0, got {parse.GetValue(o)}.");
+        if (parse.GetValue(threadsOption) is int threads)
+        {
+            if (threads <= 0) throw new CliUsageException($"--threads must be > 0, got {threads}.");
+            TorchSharp.torch.set_num_threads(threads);
+        }
+
+        bool resume = parse.GetValue(resumeOption);
+        var existing = Checkpoint.List(outDir);
+        try
+        {
+            Trainer trainer;
+            ByteCorpus corpus;
+            if (resume)
+            {
+                if (existing.Count == 0) throw new CliUsageException($"--resume: no checkpoint ({Checkpoint.Prefix}*{Checkpoint.Extension}) in {outDir}.");
+                string latest = existing[^1].Path;
+                var (storedConfig, storedOptions, _) = Checkpoint.ReadHeader(latest);
+                if (Given(parse, presetOption) || Given(parse, setOption))
+                {
+                    var requested = BuildConfig(parse);
+                    var diff = ConfigBinding.Differences(storedConfig, requested);
+                    if (diff.Count > 0)
+                        throw new CliUsageException($"--resume: {latest} was trained with a different configuration ({string.Join(", ", diff)} differ); drop --preset/--set or start a new --out.");
+                }
+                var requestedOptions = BuildOptions(parse, storedConfig, maxSteps, storedOptions);
+                if (requestedOptions != storedOptions)
+                    throw new CliUsageException($"--resume: hyperparameters differ from {latest}: {DescribeOptionDiff(storedOptions, requestedOptions)}; drop those options to continue the run as it was.");
+                corpus = LoadCorpus(parse, storedOptions);
+                trainer = Checkpoint.Load(latest, corpus.Train, corpus.Validation);
+                int dropped = TrimLog(Path.Combine(outDir, "log.jsonl"), trainer.Step);
+                if (dropped > 0) output.WriteLine($"log.jsonl: dropped {dropped} line(s) after step {trainer.Step} (written after the newest checkpoint; those steps run again)");
+                output.WriteLine($"resumed {latest} at step {trainer.Step} ({trainer.TokensSeen:N0} tokens, {Format((trainer.ElapsedSeconds))} trained)");
+            }
+            else
+            {
+                if (existing.Count > 0)
+                    throw new CliUsageException($"--out: {outDir} already holds checkpoints (newest {Path.GetFileName(existing[^1].Path)}); give --resume to continue it or choose another folder.");
+                var config = BuildConfig(parse);
+                var options = BuildOptions(parse, config, maxSteps, null);
+                corpus = LoadCorpus(parse, options);
+                try { trainer = new Trainer(config, options, corpus.Train, corpus.Validation); }
+                catch (ArgumentException e) { throw new CliUsageException(DescribeConfigError(e)); }
+                Directory.CreateDirectory(outDir);
+                AtomicFile.WriteAllText(Path.Combine(outDir, "config.json"), ConfigBinding.ToJson(config));
+            }
+            using (trainer)
+            {
+                long parameters = trainer.Model.parameters().Sum(p => p.numel());
+                output.WriteLine($"data: {corpus.Files} file(s), {corpus.Train.Length:N0} training + {corpus.Validation.Length:N0} validation bytes; " +
+                                 $"model: {parameters:N0} parameters (dim {trainer.Config.Dim}, depth {trainer.Config.Depth}, heads {trainer.Config.Heads}), " +
+                                 $"seq_len {trainer.Options.SeqLen}, batch {trainer.Options.BatchSize}×{trainer.Options.Accumulation}");
+                return Loop(parse, trainer, outDir, maxSteps, maxMinutes, output);
+            }
+        }
+        catch (CheckpointException e)
+        {
+            error.WriteLine($"error: {e.Message}");
+            return CliApp.Failure;
+        }
+    }
+
+    /// <summary>Removes log lines of steps after <paramref name="step"/> (a run that stopped without saving them); returns how many.</summary>
+    private static int TrimLog(string logPath, long step)
+    {
+        if (!File.Exists(logPath)) return 0;
+        var lines = File.ReadAllLines(logPath);
+        var kept = lines.Where(line =>
+        {
+            try { using var doc = JsonDocument.Parse(line); return doc.RootElement.GetProperty("step").GetInt64() <= step; }
+            catch (Exception e) when (e is JsonException or KeyNotFoundException or InvalidOperationException) { return false; }
+        }).ToArray();
+        if (kept.Length != lines.Length) AtomicFile.WriteAllText(logPath, string.Concat(kept.Select(l => l + "\n")));
+        return lines.Length - kept.Length;
+    }
+
+    private TransformerConfig BuildConfig(ParseResult parse)
+    {
+        var config = Presets.Load(parse.GetValue(presetOption)!);
+        try { config = ConfigBinding.Apply(config, parse.GetValue(setOption) ?? [], "set"); }
+        catch (ArgumentException e) { throw new CliUsageException("--" + Plain(e)); }
+        try { config.Validate(); }
+        catch (ArgumentException e) { throw new CliUsageException(DescribeConfigError(e)); }
+        return config;
+    }
+
+    /// <summary>The message without .NET's "(Parameter 'x')" suffix.</summary>
+    private static string Plain(ArgumentException e) =>
+        e.ParamName is null ? e.Message : e.Message.Replace($" (Parameter '{e.ParamName}')", "");
+
+    /// <summary>"configuration: max_seq_len: must be ..." for a config field, "--seq-len: must be ..." for a training option.</summary>
+    private static string DescribeConfigError(ArgumentException e)
+    {
+        string message = Plain(e);
+        if (e.ParamName is null) return $"configuration: {message}";
+        if (message.StartsWith(e.ParamName + ": ", StringComparison.Ordinal)) message = message[(e.ParamName.Length + 2)..];
+        else if (message.StartsWith(e.ParamName + " ", StringComparison.Ordinal)) message = message[(e.ParamName.Length + 1)..];
+        if (OptionOf.TryGetValue(e.ParamName, out var option)) return $"{option}: {message}";
+        return $"configuration: {ConfigBinding.KeyOf(e.ParamName)}: {message}";
+    }
+
+    /// <summary>The run's hyperparameters: <paramref name="stored"/> (resume) with explicitly given options applied, or defaults and options.</summary>
+    private TrainingOptions BuildOptions(ParseResult parse, TransformerConfig config, int? maxSteps, TrainingOptions? stored)
+    {
+        bool fresh = stored is null;
+        var o = stored ?? new TrainingOptions();
+        T Pick<T>(Option<T> option, T current) => fresh || Given(parse, option) ? parse.GetValue(option)! : current;
+        o = o with
+        {
+            SeqLen = (fresh || Given(parse, seqLenOption)) ? parse.GetValue(seqLenOption) ?? config.MaxSeqLen : o.SeqLen,
+            BatchSize = Pick(batchSizeOption, o.BatchSize),
+            Accumulation = Pick(accumOption, o.Accumulation),
+            LearningRate = Pick(lrOption, o.LearningRate),
+            WarmupSteps = Pick(warmupOption, o.WarmupSteps),
+            DecaySteps = (fresh || Given(parse, decayStepsOption)) ? parse.GetValue(decayStepsOption) ?? maxSteps ?? 5000 : o.DecaySteps,
+            WeightDecay = Pick(weightDecayOption, o.WeightDecay),
+            ClipNorm = Pick(clipOption, o.ClipNorm),
+            ValFraction = Pick(valFractionOption, o.ValFraction),
+            EvalBatches = Pick(evalBatchesOption, o.EvalBatches),
+            Seed = Pick(seedOption, o.Seed),
+        };
+        try { return o.Validate(); }
+        catch (ArgumentException e) { throw new CliUsageException(DescribeOptionError(e)); }
+    }
+
+    private static readonly Dictionary<string, string> OptionOf = new()
+    {
+        ["SeqLen"] = "--seq-len", ["BatchSize"] = "--batch-size", ["Accumulation"] = "--accum", ["LearningRate"] = "--lr",
+        ["MinLrRatio"] = "min_lr_ratio", ["WarmupSteps"] = "--warmup", ["DecaySteps"] = "--decay-steps", ["WeightDecay"] = "--weight-decay",
+        ["ClipNorm"] = "--clip", ["Seed"] = "--seed", ["ValFraction"] = "--val-fraction", ["EvalBatches"] = "--eval-batches",
+    };
+
+    private static string DescribeOptionError(ArgumentException e) => DescribeConfigError(e);
+
+    private static string DescribeOptionDiff(TrainingOptions a, TrainingOptions b) => string.Join(", ",
+        typeof(TrainingOptions).GetProperties().Where(p => !Equals(p.GetValue(a), p.GetValue(b)))
+            .Select(p => $"{(OptionOf.TryGetValue(p.Name, out var o) ? o : p.Name)} {p.GetValue(a)} in the checkpoint vs {p.GetValue(b)}"));
+
+    private ByteCorpus LoadCorpus(ParseResult parse, TrainingOptions options)
+    {
+        string data = parse.GetValue(dataOption)!;
+        try { return ByteCorpus.Load(data, options.ValFraction, options.SeqLen); }
+        catch (ArgumentException e) { throw new CliUsageException("--" + Plain(e)); }
+    }
+
+    private sealed record LogLine(
+        [property: System.Text.Json.Serialization.JsonPropertyName("step")] long Step,
+        [property: System.Text.Json.Serialization.JsonPropertyName("loss")] double? Loss,
+        [property: System.Text.Json.Serialization.JsonPropertyName("val_bpc")] double? ValBpc,
+        [property: System.Text.Json.Serialization.JsonPropertyName("tokens_per_s")] double? TokensPerSecond,
+        [property: System.Text.Json.Serialization.JsonPropertyName("lr")] double? LearningRate,
+        [property: System.Text.Json.Serialization.JsonPropertyName("elapsed")] double Elapsed);
+
+    private int Loop(ParseResult parse, Trainer trainer, string outDir, int? maxSteps, double? maxMinutes, TextWriter output)
+    {
+        int evalEvery = parse.GetValue(evalEveryOption), logEvery = parse.GetValue(logEveryOption);
+        int checkpointEvery = parse.GetValue(checkpointEveryOption), keepLast = parse.GetValue(keepLastOption);
+        string logPath = Path.Combine(outDir, "log.jsonl");
+        var session = Stopwatch.StartNew();
+        double startElapsed = trainer.ElapsedSeconds;
+        StopRequested = false;
+        void OnCancel(object? sender, ConsoleCancelEventArgs e)
+        {
+            if (StopRequested) return;          // a second Ctrl-C ends the process at once
+            e.Cancel = true;
+            StopRequested = true;
+        }
+        Console.CancelKeyPress += OnCancel;
+        bool interactive = ReferenceEquals(output, Console.Out) && !Console.IsOutputRedirected && AnsiConsole.Profile.Capabilities.Interactive;
+
+        void Log(LogLine line) => File.AppendAllText(logPath, JsonSerializer.Serialize(line) + "\n");
+        void Print(string line)
+        {
+            if (interactive) AnsiConsole.WriteLine(line);
+            else output.WriteLine(line);
+        }
+        double Elapsed() => startElapsed + session.Elapsed.TotalSeconds;
+        bool Done() => StopRequested || (maxSteps is int ms && trainer.Step >= ms) || (maxMinutes is double m && session.Elapsed.TotalMinutes >= m);
+        double lastBpc = double.NaN;
+        void Validate()
+        {
+            lastBpc = trainer.ValidationBitsPerCharacter();
+            trainer.ElapsedSeconds = Elapsed();
+            Print($"step {trainer.Step,7}  val_bpc {lastBpc:F4}");
+            Log(new LogLine(trainer.Step, null, lastBpc, null, null, Math.Round(trainer.ElapsedSeconds, 3)));
+        }
+        void Save()
+        {
+            trainer.ElapsedSeconds = Elapsed();
+            string path = Checkpoint.PathFor(outDir, trainer.Step);
+            Checkpoint.Save(trainer, path);
+            foreach (var (_, old) in Checkpoint.List(outDir).SkipLast(keepLast)) File.Delete(old);
+            Print($"step {trainer.Step,7}  saved {path}");
+        }
+
+        try
+        {
+            if (trainer.Step == 0) Validate();
+            long intervalTokens = 0;
+            var interval = Stopwatch.StartNew();
+            double lossSum = 0;
+            int lossCount = 0;
+            string status = "";
+            void RunSteps(Action<string, double>? report)
+            {
+                while (!Done())
+                {
+                    var r = trainer.TrainStep();
+                    intervalTokens += r.Tokens;
+                    lossSum += r.Loss;
+                    lossCount++;
+                    if (!double.IsFinite(r.Loss)) throw new InvalidOperationException($"training loss became {r.Loss} at step {r.Step}; try a lower --lr.");
+                    bool last = Done();
+                    if (r.Step % logEvery == 0 || last)
+                    {
+                        double seconds = interval.Elapsed.TotalSeconds;
+                        double tps = intervalTokens / Math.Max(seconds, 1e-9);
+                        double loss = lossSum / lossCount;
+                        double secPerStep = seconds / lossCount;
+                        double eta = double.PositiveInfinity;
+                        if (maxSteps is int ms) eta = Math.Max(0, ms - r.Step) * secPerStep;
+                        if (maxMinutes is double m) eta = Math.Min(eta, Math.Max(0, m * 60 - session.Elapsed.TotalSeconds));
+                        status = $"step {r.Step,7}{(maxSteps is int mx ? $"/{mx}" : "")}  loss {loss:F4}  bpc {loss / Math.Log(2):F4}  " +
+                                 $"val_bpc {(double.IsNaN(lastBpc) ? "-" : lastBpc.ToString("F4", CultureInfo.InvariantCulture))}  lr {r.LearningRate:0.00e+0}  " +
+                                 $"{tps:F0} tok/s  elapsed {Format((Elapsed()))}  eta {Format((eta))}";
+                        if (report is null) Print(status);
+                        else report($"step {r.Step}  loss {loss:F3}  val_bpc {(double.IsNaN(lastBpc) ? "-" : lastBpc.ToString("F3", CultureInfo.InvariantCulture))}  {tps:F0} tok/s",
+                            ProgressFraction(trainer, maxSteps, maxMinutes, session));   // the bar's own columns show progress and time left
+                        Log(new LogLine(r.Step, Math.Round(loss, 6), null, Math.Round(tps, 1), r.LearningRate, Math.Round(Elapsed(), 3)));
+                        intervalTokens = 0; lossSum = 0; lossCount = 0; interval.Restart();
+                    }
+                    if (r.Step % evalEvery == 0 || last) Validate();
+                    if (r.Step % checkpointEvery == 0 && !last) Save();
+                }
+            }
+            if (interactive)
+            {
+                AnsiConsole.Progress().AutoClear(false)
+                    .Columns(new TaskDescriptionColumn { Alignment = Justify.Left }, new ProgressBarColumn(), new PercentageColumn(), new RemainingTimeColumn())
+                    .Start(ctx =>
+                    {
+                        var task = ctx.AddTask("starting", maxValue: 1.0);
+                        RunSteps((s, fraction) => { task.Description = Markup.Escape(s); task.Value = fraction; });
+                        task.Value = 1.0;
+                    });
+                Print(status);
+            }
+            else RunSteps(null);
+            Save();
+            if (StopRequested) Print($"stopped by Ctrl-C at step {trainer.Step}; continue with --resume.");
+            Print($"done: step {trainer.Step}, val_bpc {lastBpc:F4}, {trainer.TokensSeen:N0} tokens, {Format((trainer.ElapsedSeconds))}; log {logPath}");
+            return CliApp.Ok;
+        }
+        finally
+        {
+            Console.CancelKeyPress -= OnCancel;
+        }
+    }
+
+    private static double ProgressFraction(Trainer trainer, int? maxSteps, double? maxMinutes, Stopwatch session)
+    {
+        double f = 0;
+        if (maxSteps is int ms) f = Math.Max(f, (double)trainer.Step / ms);
+        if (maxMinutes is double m) f = Math.Max(f, session.Elapsed.TotalMinutes / m);
+        return Math.Min(1, f);
+    }
+
+    private static string Format(double seconds) => !double.IsFinite(seconds) || seconds > 99 * 86400 ? "?" : Format(TimeSpan.FromSeconds(seconds));
+
+    private static string Format(TimeSpan t) =>
+        t.TotalHours >= 1 ? $"{(int)t.TotalHours}:{t.Minutes:D2}:{t.Seconds:D2}" : $"{t.Minutes}:{t.Seconds:D2}";
+}

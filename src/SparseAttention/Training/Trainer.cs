@@ -1,0 +1,155 @@
+using SparseAttention.Clustering;
+using SparseAttention.Model;
+using TorchSharp;
+using TorchSharp.Modules;
+using static TorchSharp.torch;
+
+namespace SparseAttention.Training;
+
+/// <summary>Result of one optimizer step.</summary>
+/// <param name="Step">Optimizer steps done after this one.</param>
+/// <param name="Loss">Mean next-byte cross-entropy (nats) over the step's micro-batches, without the auxiliary loss.</param>
+/// <param name="LearningRate">Learning rate used by this step.</param>
+/// <param name="Tokens">Tokens processed by this step.</param>
+public readonly record struct StepResult(long Step, double Loss, double LearningRate, long Tokens);
+
+/// <summary>
+/// Trains a byte-level <see cref="RoutingTransformerLM"/>: random windows of the training bytes (a seeded
+/// SplitMix64 sampler), AdamW, warm-up + cosine learning rate, gradient accumulation and clipping, and
+/// <see cref="OnlineKMeans.UpdateAll"/> after every optimizer step (routing heads' centroids).
+/// Everything needed to continue bit-for-bit is saved by <see cref="Checkpoint"/>.
+/// </summary>
+public sealed class Trainer : IDisposable
+{
+    private readonly byte[] train, validation;
+    private readonly AdamW optimizer;
+
+    /// <summary>The model being trained.</summary>
+    public RoutingTransformerLM Model { get; }
+    /// <summary>The model's configuration (vocabulary 256).</summary>
+    public TransformerConfig Config { get; }
+    /// <summary>The run's hyperparameters.</summary>
+    public TrainingOptions Options { get; }
+    /// <summary>Optimizer steps done.</summary>
+    public long Step { get; internal set; }
+    /// <summary>State of the batch sampler: the data position (which windows come next).</summary>
+    public ulong SamplerState { get; internal set; }
+    /// <summary>Training tokens processed so far.</summary>
+    public long TokensSeen { get; internal set; }
+    /// <summary>Training time accumulated over all sessions of this run (seconds), as saved in checkpoints.</summary>
+    public double ElapsedSeconds { get; set; }
+
+    internal AdamW Optimizer => optimizer;
+
+    /// <summary>A fresh run: seeds libtorch's global generator with Options.Seed, then builds the model and optimizer.</summary>
+    public Trainer(TransformerConfig config, TrainingOptions options, byte[] train, byte[] validation)
+    {
+        ArgumentNullException.ThrowIfNull(config);
+        ArgumentNullException.ThrowIfNull(options);
+        options.Validate();
+        config.Validate();
+        Check.That(config.NumTokens == 256, nameof(config.NumTokens), $"byte-level training needs num_tokens = 256, got {config.NumTokens}.");
+        Check.That(config.Causal, nameof(config.Causal), "a language model must be causal (causal = true).");
+        Check.That(options.SeqLen <= config.MaxSeqLen, nameof(options.SeqLen), $"must be at most max_seq_len = {config.MaxSeqLen}, got {options.SeqLen}.");
+        bool routing = Enumerable.Range(0, config.Depth).Any(l => config.HeadGroupsForLayer(l).Any(g => g.Kind == HeadGroupKind.Routing));
+        Check.That(!routing || options.SeqLen == config.MaxSeqLen, nameof(options.SeqLen),
+            $"models with routing heads train on windows of exactly max_seq_len = {config.MaxSeqLen} tokens (clusters are fixed by max_seq_len), got {options.SeqLen}.");
+        Check.That(train.Length > options.SeqLen && validation.Length > options.SeqLen, nameof(train),
+            $"both training ({train.Length} bytes) and validation ({validation.Length} bytes) data need more than seq_len = {options.SeqLen} bytes.");
+        this.train = train;
+        this.validation = validation;
+        Config = config;
+        Options = options;
+        random.manual_seed(options.Seed);
+        Model = new RoutingTransformerLM(config);
+        optimizer = optim.AdamW(Model.parameters(), options.LearningRate, weight_decay: options.WeightDecay);
+        SamplerState = (ulong)options.Seed ^ 0x9E3779B97F4A7C15UL;
+    }
+
+    /// <summary>One optimizer step over Options.Accumulation micro-batches.</summary>
+    public StepResult TrainStep()
+    {
+        Model.train();
+        optimizer.zero_grad();
+        double lossSum = 0;
+        long tokens = 0;
+        for (int micro = 0; micro < Options.Accumulation; micro++)
+        {
+            using var scope = NewDisposeScope();
+            var batch = NextBatch();                                                   // (B, T)
+            var (logits, aux) = Model.forward(batch, null);                            // (B, T, 256)
+            var lm = LanguageModelLoss.NextToken(logits, batch);
+            ((lm + aux) / Options.Accumulation).backward();
+            lossSum += lm.item<float>();
+            tokens += batch.numel();
+        }
+        if (Options.ClipNorm > 0) nn.utils.clip_grad_norm_(Model.parameters(), Options.ClipNorm);
+        double lr = Options.LearningRateAt(Step);
+        foreach (var group in optimizer.ParamGroups) group.LearningRate = lr;
+        optimizer.step();
+        OnlineKMeans.UpdateAll(Model);
+        Step++;
+        TokensSeen += tokens;
+        return new StepResult(Step, lossSum / Options.Accumulation, lr, tokens);
+    }
+
+    /// <summary>Validation bits per character (byte): mean next-byte cross-entropy / ln 2 over up to
+    /// Options.EvalBatches batches of non-overlapping windows from the start of the validation bytes (the same windows every time).</summary>
+    public double ValidationBitsPerCharacter()
+    {
+        Model.eval();
+        try
+        {
+            int seqLen = Options.SeqLen;
+            long windows = Math.Min((long)Options.EvalBatches * Options.BatchSize, (validation.Length - 1) / seqLen);
+            windows = Math.Max(1, windows);
+            double nats = 0;
+            long count = 0;
+            using var noGrad = no_grad();
+            for (long start = 0; start < windows; start += Options.BatchSize)
+            {
+                using var scope = NewDisposeScope();
+                int b = (int)Math.Min(Options.BatchSize, windows - start);
+                var data = new long[b * seqLen];
+                for (int i = 0; i < b; i++)
+                    for (int t = 0; t < seqLen; t++)
+                        data[i * seqLen + t] = validation[(start + i) * seqLen + t];
+                var batch = tensor(data, new long[] { b, seqLen });                   // (B, T)
+                var (logits, _) = Model.forward(batch, null);                         // (B, T, 256)
+                nats += LanguageModelLoss.NextToken(logits, batch).item<float>() * b * (seqLen - 1);
+                count += b * (seqLen - 1);
+            }
+            return nats / count / Math.Log(2);
+        }
+        finally { Model.train(); }
+    }
+
+    /// <summary>(BatchSize, SeqLen) int64 windows at random offsets of the training bytes; advances <see cref="SamplerState"/>.</summary>
+    private Tensor NextBatch()
+    {
+        int b = Options.BatchSize, seqLen = Options.SeqLen;
+        var data = new long[b * seqLen];
+        ulong range = (ulong)(train.Length - seqLen + 1);
+        for (int i = 0; i < b; i++)
+        {
+            int offset = (int)(NextRandom() % range);
+            for (int t = 0; t < seqLen; t++) data[i * seqLen + t] = train[offset + t];
+        }
+        return tensor(data, new long[] { b, seqLen });
+    }
+
+    private ulong NextRandom()
+    {
+        // SplitMix64: the whole sampler state is one ulong, saved in checkpoints.
+        ulong z = SamplerState += 0x9E3779B97F4A7C15UL;
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9UL;
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EBUL;
+        return z ^ (z >> 31);
+    }
+
+    public void Dispose()
+    {
+        optimizer.Dispose();
+        Model.Dispose();
+    }
+}
