@@ -37,7 +37,7 @@ public sealed record KMeansOutput(Tensor Normalized, Tensor Similarities, Tensor
 /// it then routes by those random directions (like random-projection hashing) and changes nothing.</para>
 /// <para><b>Initialisation.</b> On the first training forward (not suspended), the centroids are set from C random
 /// real (non-padding) tokens of that batch — drawn with a generator seeded in the constructor, so deterministic —
-/// refined by <c>initIterations</c> Lloyd iterations, each renormalised. A batch without any real token leaves the
+/// refined by <c>initIterations</c> Lloyd iterations, each renormalised, on a random subset of at most max(32·C, 4096) real tokens per head (all of them when there are fewer). A batch without any real token leaves the
 /// module uninitialised.</para>
 /// <para><b>A forward uses the centroids as they stood when it began.</b> Similarities, assignments and the
 /// commitment loss of a forward are computed with a snapshot of <c>means</c> taken before any initialisation or
@@ -70,6 +70,7 @@ public sealed class OnlineKMeans : nn.Module<Tensor, Tensor?, KMeansOutput>
     private readonly int heads, dim, clusters, initIterations;
     private readonly double emaDecay, commitmentFactor;
     private readonly KMeansNorm norm;
+    private const long InitSamplesPerCluster = 32, InitMinSamples = 4096;   // Lloyd iterations at initialisation see at most max(32·C, 4096) tokens
     private int suspendDepth;
 
     /// <param name="heads">Number of heads H; each head has its own centroids.</param>
@@ -160,7 +161,12 @@ public sealed class OnlineKMeans : nn.Module<Tensor, Tensor?, KMeansOutput>
     /// <param name="x">(B, H, T, D) vectors to cluster.</param>
     /// <param name="keyMask">Optional (B, T) bool; true = real token, false = padding (excluded from every
     /// statistic, from initialisation and from the loss).</param>
-    public override KMeansOutput forward(Tensor x, Tensor? keyMask = null)
+    public override KMeansOutput forward(Tensor x, Tensor? keyMask = null) => Forward(x, keyMask, similarities: true);
+
+    /// <summary><see cref="forward"/>, optionally without materialising the (B, H, T, C) similarities (then
+    /// <see cref="KMeansOutput.Similarities"/> is an empty tensor); the nearest centroids are then found in chunks
+    /// of tokens, so no (B, H, T, C) temporary is ever allocated.</summary>
+    internal KMeansOutput Forward(Tensor x, Tensor? keyMask, bool similarities)
     {
         Check.Shape(x, nameof(x), "(B, H, T, D)", -1, heads, -1, dim);
         Check.FloatingPoint(x, nameof(x));
@@ -171,50 +177,93 @@ public sealed class OnlineKMeans : nn.Module<Tensor, Tensor?, KMeansOutput>
         var centroids = means.detach().to(x.dtype, x.device).clone();             // (H, C, D) snapshot used by this forward
         var normalized = Normalize(x);                                            // (B, H, T, D)
         var padding = keyMask?.logical_not().view(batch, 1, seqLen);              // (B, 1, T)
-        Tensor similarities, nearest;
+        Tensor sims, nearest;
         using (no_grad())
         {
-            similarities = einsum("bhtd,hcd->bhtc", normalized, centroids);       // (B, H, T, C)
-            nearest = similarities.argmax(-1);                                    // (B, H, T)
-            if (padding is not null)
+            if (similarities)
             {
-                similarities = similarities.masked_fill(padding.unsqueeze(-1), 0);
-                nearest = nearest.masked_fill(padding, -1);
+                sims = einsum("bhtd,hcd->bhtc", normalized, centroids);           // (B, H, T, C)
+                nearest = sims.argmax(-1);                                        // (B, H, T)
+                if (padding is not null) sims = sims.masked_fill(padding.unsqueeze(-1), 0);
             }
+            else
+            {
+                sims = empty(0, dtype: x.dtype, device: x.device);
+                nearest = NearestInChunks(normalized, centroids);                 // (B, H, T)
+            }
+            if (padding is not null) nearest = nearest.masked_fill(padding, -1);
         }
 
-        var routed = GatherCentroids(centroids, nearest.clamp_min(0));             // (B, H, T, D), no grad
-        var diff = normalized - routed;                                           // (B, H, T, D)
+        // Commitment loss without gathering the routed centroids: with S_c = Σ_{t→c} x_t (the per-cluster sums,
+        // which the statistics need anyway) and n_c the counts, Σ_t |x_t − μ_{a(t)}|² = Σ_t |x_t|² − 2 Σ_c μ_c·S_c
+        // + Σ_c n_c |μ_c|². The gradient (through x and S) is 2 (x_t − μ_{a(t)}), as before.
+        var real = padding is null ? normalized : normalized.masked_fill(padding.unsqueeze(-1), 0);  // (B, H, T, D), NaN in padding hidden
+        var (sums, counts) = ClusterSums(real, nearest);                          // (H, C, D) with grad, (H, C)
         Tensor count;
-        if (padding is not null)
-        {
-            diff = diff.masked_fill(padding.unsqueeze(-1), 0);                    // also hides NaN in padding
-            count = keyMask!.sum().to(x.dtype) * (heads * dim);
-        }
+        if (padding is not null) count = keyMask!.sum().to(x.dtype) * (heads * dim);
         else count = tensor((double)(batch * seqLen * heads * dim), dtype: x.dtype, device: x.device);
-        var loss = diff.square().sum() / count.clamp_min(1) * commitmentFactor;
+        var flat = real.reshape(-1);
+        var squared = flat.dot(flat) - 2 * (sums * centroids).sum()
+                      + (counts * centroids.square().sum(-1)).sum();
+        var loss = squared / count.clamp_min(1) * commitmentFactor;
 
         if (training && suspendDepth == 0)
         {
             using (no_grad())
             {
-                var real = padding is null ? normalized.detach() : normalized.detach().masked_fill(padding.unsqueeze(-1), 0);
-                var assignment = nearest;
-                if (!IsInitialized && Initialize(real, keyMask))
+                var detached = real.detach();
+                if (!IsInitialized && Initialize(detached, keyMask))
                 {
                     var fresh = means.to(x.dtype, x.device);                      // (H, C, D)
-                    assignment = einsum("bhtd,hcd->bhtc", real, fresh).argmax(-1);  // (B, H, T)
+                    var assignment = NearestInChunks(detached, fresh);            // (B, H, T)
                     if (padding is not null) assignment = assignment.masked_fill(padding, -1);
+                    (sums, counts) = ClusterSums(detached, assignment);
+                    Accumulate(sums, counts);
+                    if (UpdateOnForward) Update();
                 }
-                if (IsInitialized)
+                else if (IsInitialized)
                 {
-                    Accumulate(real, assignment);
+                    Accumulate(sums.detach(), counts);
                     if (UpdateOnForward) Update();
                 }
             }
         }
-        return new KMeansOutput(normalized.MoveToOuterDisposeScope(), similarities.MoveToOuterDisposeScope(),
+        return new KMeansOutput(normalized.MoveToOuterDisposeScope(), sims.MoveToOuterDisposeScope(),
             nearest.MoveToOuterDisposeScope(), loss.MoveToOuterDisposeScope());
+    }
+
+    /// <summary>argmax over centroids of x·μ, in chunks of tokens: x (B, H, T, D), centroids (H, C, D) → (B, H, T).</summary>
+    private Tensor NearestInChunks(Tensor x, Tensor centroids)
+    {
+        long batch = x.shape[0], t = x.shape[2];
+        long chunk = Math.Max(1, (1L << 21) / Math.Max(1, batch * heads * clusters));   // ≤ 2M similarities (8 MB) at a time
+        if (chunk >= t) return einsum("bhtd,hcd->bhtc", x, centroids).argmax(-1);
+        var parts = new List<Tensor>();
+        for (long s = 0; s < t; s += chunk)
+        {
+            long len = Math.Min(chunk, t - s);
+            using var part = einsum("bhtd,hcd->bhtc", x.narrow(2, s, len), centroids);   // (B, H, len, C)
+            parts.Add(part.argmax(-1));
+        }
+        return cat(parts, 2);
+    }
+
+    /// <summary>Per-(head, cluster) sums and counts by index-add (O(T·D)): x (B, H, T, D) with padding zeroed,
+    /// assignment (B, H, T) with −1 = none → sums (H, C, D) in x's dtype (differentiable) and counts (H, C).</summary>
+    private (Tensor Sums, Tensor Counts) ClusterSums(Tensor x, Tensor assignment)
+    {
+        long batch = x.shape[0], t = x.shape[2];
+        var headOffset = (arange(heads, device: assignment.device) * clusters).view(1, heads, 1);   // (1, H, 1)
+        var valid = assignment.ge(0);                                                            // (B, H, T)
+        var slot = (assignment.clamp_min(0) + headOffset).masked_fill(valid.logical_not(), heads * clusters)
+                   .flatten();                                                                   // (B·H·T), padding → spare row
+        var sums = zeros(heads * clusters + 1, dim, dtype: x.dtype, device: x.device)
+                   .index_add(0, slot, x.reshape(batch * heads * t, dim), 1.0).narrow(0, 0, heads * clusters)
+                   .view(heads, clusters, dim);                                                  // (H, C, D)
+        var counts = zeros(heads * clusters + 1, dtype: x.dtype, device: x.device)
+                     .index_add_(0, slot, ones(slot.shape[0], dtype: x.dtype, device: x.device), 1.0)
+                     .narrow(0, 0, heads * clusters).view(heads, clusters);                      // (H, C)
+        return (sums, counts);
     }
 
     /// <summary>
@@ -298,6 +347,13 @@ public sealed class OnlineKMeans : nn.Module<Tensor, Tensor?, KMeansOutput>
             : keyMask.reshape(-1).cpu().nonzero().view(-1);                       // (N)
         long n = realRows.shape[0];
         if (n == 0) return false;
+        long sample = Math.Max(InitSamplesPerCluster * (long)clusters, InitMinSamples);
+        if (n > sample)
+        {
+            // Lloyd iterations on a random subset of the real tokens: the cost no longer grows with the batch.
+            realRows = realRows.index_select(0, randperm(n, generator: generator).narrow(0, 0, sample)).sort().Values;
+            n = sample;
+        }
         var pick = n >= clusters
             ? randperm(n, generator: generator).narrow(0, 0, clusters)
             : randint(0, n, new long[] { clusters }, generator: generator);        // (C)
@@ -313,30 +369,23 @@ public sealed class OnlineKMeans : nn.Module<Tensor, Tensor?, KMeansOutput>
     private Tensor LloydStep(Tensor points, Tensor centroids)
     {
         var assignment = einsum("hnd,hcd->hnc", points, centroids).argmax(-1);     // (H, N)
-        var oneHot = nn.functional.one_hot(assignment, clusters).to(points.dtype); // (H, N, C)
-        var sums = matmul(oneHot.transpose(1, 2), points);                         // (H, C, D)
-        var counts = oneHot.sum(1);                                                // (H, C)
+        long n = points.shape[1];
+        var slot = (assignment + (arange(heads, device: points.device) * clusters).view(heads, 1)).flatten();  // (H·N)
+        var sums = zeros(heads * clusters, dim, dtype: points.dtype, device: points.device)
+                   .index_add_(0, slot, points.reshape(heads * n, dim), 1.0).view(heads, clusters, dim);        // (H, C, D)
+        var counts = zeros(heads * clusters, dtype: points.dtype, device: points.device)
+                     .index_add_(0, slot, ones(heads * n, dtype: points.dtype, device: points.device), 1.0)
+                     .view(heads, clusters);                                                             // (H, C)
         var mean = Normalize(sums / counts.clamp_min(1).unsqueeze(-1));
         return where(counts.gt(0).unsqueeze(-1), mean, centroids);
     }
 
-    /// <summary>Adds per-cluster sums and counts. real (B, H, T, D) with padding zeroed; assignment (B, H, T), −1 = none.</summary>
-    private void Accumulate(Tensor real, Tensor assignment)
+    /// <summary>Adds per-cluster sums (H, C, D) and counts (H, C) to the pending statistics (kept in float64).</summary>
+    private void Accumulate(Tensor batchSums, Tensor batchCounts)
     {
         using var scope = NewDisposeScope();
-        // Index-add per (head, cluster) instead of a one-hot product: O(T·D), not O(T·C·D).
-        long batch = real.shape[0], t = real.shape[2];
-        var headOffset = (arange(heads, device: assignment.device) * clusters).view(1, heads, 1);   // (1, H, 1)
-        var valid = assignment.ge(0);                                                            // (B, H, T)
-        var slot = (assignment.clamp_min(0) + headOffset).masked_fill(valid.logical_not(), heads * clusters)
-                   .flatten();                                                                   // (B·H·T), padding → spare row
-        var rows = real.to(ScalarType.Float64).reshape(batch * heads * t, dim);                 // (B·H·T, D)
-        var sums = zeros(heads * clusters + 1, dim, dtype: ScalarType.Float64, device: real.device)
-                   .index_add_(0, slot, rows, 1.0).narrow(0, 0, heads * clusters)
-                   .view(heads, clusters, dim).to(means.device);                               // (H, C, D)
-        var counts = zeros(heads * clusters + 1, dtype: ScalarType.Float64, device: real.device)
-                     .index_add_(0, slot, ones(slot.shape[0], dtype: ScalarType.Float64, device: real.device), 1.0)
-                     .narrow(0, 0, heads * clusters).view(heads, clusters).to(means.device);   // (H, C)
+        var sums = batchSums.to(ScalarType.Float64).to(means.device);
+        var counts = batchCounts.to(ScalarType.Float64).to(means.device);
         if (pending.Sums is not null && pending.Counts is not null)
         {
             sums = sums + pending.Sums.to(means.device);

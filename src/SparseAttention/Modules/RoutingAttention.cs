@@ -144,7 +144,7 @@ public sealed class RoutingAttention : nn.Module<Tensor, Tensor?, Tensor, Tensor
         KMeansOutput routed;
         if (sharedQk)
         {
-            routed = kmeans.forward(q, keyMask);
+            routed = kmeans.Forward(q, keyMask, similarities: !causal);               // causal routing needs only the nearest
             keys = routed.Normalized;                                                  // (B, H, T, D)
             querySims = keySims = routed.Similarities;                                 // (B, H, T, C)
             queryNearest = keyNearest = routed.Nearest;                                // (B, H, T)
@@ -152,10 +152,10 @@ public sealed class RoutingAttention : nn.Module<Tensor, Tensor?, Tensor, Tensor
         else
         {
             var bothMask = keyMask is null ? null : cat([keyMask, keyMask], 1);        // (B, 2T)
-            routed = kmeans.forward(cat([q, k!], 2), bothMask);                        // on (B, H, 2T, D)
+            routed = kmeans.Forward(cat([q, k!], 2), bothMask, similarities: !causal); // on (B, H, 2T, D)
             keys = k!;
-            querySims = routed.Similarities.narrow(2, 0, seqLen);                      // (B, H, T, C)
-            keySims = routed.Similarities.narrow(2, seqLen, seqLen);
+            querySims = causal ? routed.Similarities : routed.Similarities.narrow(2, 0, seqLen);   // (B, H, T, C); unused when causal
+            keySims = causal ? routed.Similarities : routed.Similarities.narrow(2, seqLen, seqLen);
             queryNearest = routed.Nearest.narrow(2, 0, seqLen);                        // (B, H, T)
             keyNearest = routed.Nearest.narrow(2, seqLen, seqLen);
         }
