@@ -46,6 +46,7 @@ internal static unsafe class GroupedKernel
     {
         public readonly float* Q, KT, K, VT, V, S, P, PT, DST, DOg, DQ, DKV, Count;
         public readonly long* KeyPos;
+        public readonly int* KeyKey;
         private readonly void* memory;
 
         public Scratch(int wq, int n, int dim, int dimV, int seqLen)
@@ -53,12 +54,13 @@ internal static unsafe class GroupedKernel
             int w = Math.Max(dim, dimV);
             long q = (long)wq * w, kv = (long)n * w, s = (long)wq * n;
             long floats = 3 * q + 5 * kv + 5 * s + seqLen;
-            memory = NativeMemory.AlignedAlloc((nuint)(floats * sizeof(float) + n * sizeof(long)), 64);
+            memory = NativeMemory.AlignedAlloc((nuint)(floats * sizeof(float) + n * sizeof(long) + n * sizeof(int)), 64);
             float* p = (float*)memory;
             Q = p; p += q; KT = p; p += kv; K = p; p += kv; VT = p; p += kv; V = p; p += kv;
             S = p; p += s; P = p; p += s; PT = p; p += s; DST = p; p += s; DOg = p; p += q; DQ = p; p += q;
             DKV = p; p += kv + s; Count = p; p += seqLen;
             KeyPos = (long*)p;
+            KeyKey = (int*)(KeyPos + n);
         }
 
         public void Dispose() => NativeMemory.AlignedFree(memory);
@@ -106,29 +108,80 @@ internal static unsafe class GroupedKernel
     {
         int wq = a.QuerySlots;
         Tile<TS, TV>.Gemm(wq, n, a.Dim, x.Q, a.Dim, x.KT, n, x.S, n, accumulate: false);      // (Wq, n)
+        // Key slots that may be attended at all hold their position; empty or padded slots hold int.MaxValue,
+        // which is never ≤ nor equal to a query position.
+        int* key = x.KeyKey;
+        for (int j = 0; j < n; j++)
+        {
+            long kp = keyPos[j];
+            key[j] = kp >= 0 && (keyMask == null || keyMask[kp] != 0) ? (int)kp : int.MaxValue;
+        }
         for (int i = 0; i < wq; i++)
         {
             float* si = x.S + (long)i * n;
             long qp = queryPos[i];
-            bool other = false;
-            int selfSlots = 0;
-            for (int j = 0; j < n; j++)
-            {
-                long kp = keyPos[j];
-                bool allowed = qp >= 0 && kp >= 0 && (keyMask == null || keyMask[kp] != 0) && (!a.Causal || kp <= qp);
-                bool self = a.SharedQk && allowed && kp == qp;
-                if (self) selfSlots++;
-                else if (allowed) other = true;
-                si[j] = allowed && !self ? si[j] * a.Scale : float.NegativeInfinity;
-            }
-            if (selfSlots > 0 && !other)
+            if (qp < 0) { new Span<float>(si, n).Fill(float.NegativeInfinity); continue; }
+            bool other, self;
+            if (Vector512.IsHardwareAccelerated) MaskRow512(si, key, n, (int)qp, a.Causal, a.SharedQk, a.Scale, out other, out self);
+            else MaskRowScalar(si, key, 0, n, (int)qp, a.Causal, a.SharedQk, a.Scale, out other, out self);
+            if (self && !other)
             {
                 // Nothing else is allowed: the query may attend itself (score recomputed for those slots).
                 for (int j = 0; j < n; j++)
-                    if (keyPos[j] == qp && (keyMask == null || keyMask[qp] != 0))
+                    if (key[j] == qp)
                         si[j] = Tile<TS, TV>.Dot(x.Q + (long)i * a.Dim, x.K + (long)j * a.Dim, a.Dim) * a.Scale;
             }
         }
+    }
+
+    /// <summary>One score row from slot <paramref name="from"/> on: allowed and not self → scale·s, else −∞;
+    /// reports whether any other key is allowed and whether a self slot is.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static void MaskRowScalar(float* si, int* key, int from, int n, int qp, bool causal, bool sharedQk, float scale,
+        out bool other, out bool self)
+    {
+        other = false; self = false;
+        for (int j = from; j < n; j++)
+        {
+            int kp = key[j];
+            bool allowed = kp != int.MaxValue && (!causal || kp <= qp);
+            bool isSelf = sharedQk && allowed && kp == qp;
+            self |= isSelf;
+            bool ok = allowed && !isSelf;
+            other |= ok;
+            si[j] = ok ? si[j] * scale : float.NegativeInfinity;
+        }
+    }
+
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    private static void MaskRow512(float* si, int* key, int n, int qp, bool causal, bool sharedQk, float scale,
+        out bool other, out bool self)
+    {
+        var q = Vector512.Create(qp);
+        var none = Vector512.Create(int.MaxValue);
+        var s = Vector512.Create(scale);
+        var negInf = Vector512.Create(float.NegativeInfinity);
+        var anyOk = Vector512<int>.Zero;
+        var anySelf = Vector512<int>.Zero;
+        int j = 0;
+        for (; j + 16 <= n; j += 16)
+        {
+            var kp = Vector512.Load(key + j);
+            var allowed = causal ? Vector512.LessThanOrEqual(kp, q) : ~Vector512.Equals(kp, none);
+            var ok = allowed;
+            if (sharedQk)
+            {
+                var isSelf = Vector512.Equals(kp, q);       // MaxValue never equals a position
+                anySelf |= isSelf;
+                ok = Vector512.AndNot(allowed, isSelf);
+            }
+            anyOk |= ok;
+            var v = Vector512.Load(si + j) * s;
+            Vector512.ConditionalSelect(ok.AsSingle(), v, negInf).Store(si + j);
+        }
+        MaskRowScalar(si, key, j, n, qp, causal, sharedQk, scale, out other, out self);
+        other |= anyOk != Vector512<int>.Zero;
+        self |= anySelf != Vector512<int>.Zero;
     }
 
     /// <summary>Gathers the group's query rows (Q), key rows (K and Kᵀ) and value rows (V and Vᵀ); empty slots are zero.</summary>
