@@ -170,66 +170,107 @@ public sealed class OnlineKMeans : nn.Module<Tensor, Tensor?, KMeansOutput>
     {
         Check.Shape(x, nameof(x), "(B, H, T, D)", -1, heads, -1, dim);
         Check.FloatingPoint(x, nameof(x));
-        long batch = x.shape[0], seqLen = x.shape[2];
-        Check.KeyMask(keyMask, batch, seqLen);
+        Check.KeyMask(keyMask, x.shape[0], x.shape[2]);
+        using var scope = NewDisposeScope();
+        var r = ForwardParts([x], keyMask, similarities);
+        return new KMeansOutput(r.Normalized[0].MoveToOuterDisposeScope(), r.Similarities[0].MoveToOuterDisposeScope(),
+            r.Nearest[0].MoveToOuterDisposeScope(), r.Loss.MoveToOuterDisposeScope());
+    }
+
+    /// <summary>
+    /// <see cref="Forward"/> on <c>cat(parts, 2)</c> without building the concatenation: every part is
+    /// (B, H, T, D) with the same B and T, and <paramref name="keyMask"/> (B, T) applies to each part. Returns the
+    /// per-part normalised inputs, similarities (empty unless <paramref name="similarities"/>) and nearest
+    /// centroids, and the loss over all parts — the same as one forward on the concatenation.
+    /// </summary>
+    internal (Tensor[] Normalized, Tensor[] Similarities, Tensor[] Nearest, Tensor Loss) ForwardParts(
+        Tensor[] parts, Tensor? keyMask, bool similarities)
+    {
+        var x0 = parts[0];
+        foreach (var part in parts)
+        {
+            Check.Shape(part, nameof(parts), "(B, H, T, D)", x0.shape[0], heads, x0.shape[2], dim);
+            Check.SameDtype(x0, nameof(parts), part, nameof(parts));
+        }
+        long batch = x0.shape[0], seqLen = x0.shape[2];
+        int count = parts.Length;
 
         using var scope = NewDisposeScope();
-        var centroids = means.detach().to(x.dtype, x.device).clone();             // (H, C, D) snapshot used by this forward
-        var normalized = Normalize(x);                                            // (B, H, T, D)
+        var centroids = means.detach().to(x0.dtype, x0.device).clone();            // (H, C, D) snapshot used by this forward
         var padding = keyMask?.logical_not().view(batch, 1, seqLen);              // (B, 1, T)
-        Tensor sims, nearest;
-        using (no_grad())
+        var normalized = new Tensor[count];
+        var sims = new Tensor[count];
+        var nearest = new Tensor[count];
+        var real = new Tensor[count];
+        Tensor? sums = null, counts = null, squares = null;
+        for (int p = 0; p < count; p++)
         {
-            if (similarities)
+            normalized[p] = Normalize(parts[p]);                                  // (B, H, T, D)
+            using (no_grad())
             {
-                sims = einsum("bhtd,hcd->bhtc", normalized, centroids);           // (B, H, T, C)
-                nearest = sims.argmax(-1);                                        // (B, H, T)
-                if (padding is not null) sims = sims.masked_fill(padding.unsqueeze(-1), 0);
+                if (similarities)
+                {
+                    sims[p] = einsum("bhtd,hcd->bhtc", normalized[p], centroids);  // (B, H, T, C)
+                    nearest[p] = sims[p].argmax(-1);                              // (B, H, T)
+                    if (padding is not null) sims[p] = sims[p].masked_fill(padding.unsqueeze(-1), 0);
+                }
+                else
+                {
+                    sims[p] = empty(0, dtype: x0.dtype, device: x0.device);
+                    nearest[p] = NearestInChunks(normalized[p], centroids);       // (B, H, T)
+                }
+                if (padding is not null) nearest[p] = nearest[p].masked_fill(padding, -1);
             }
-            else
-            {
-                sims = empty(0, dtype: x.dtype, device: x.device);
-                nearest = NearestInChunks(normalized, centroids);                 // (B, H, T)
-            }
-            if (padding is not null) nearest = nearest.masked_fill(padding, -1);
+            // Commitment loss without gathering the routed centroids: with S_c = Σ_{t→c} x_t (the per-cluster sums,
+            // which the statistics need anyway) and n_c the counts, Σ_t |x_t − μ_{a(t)}|² = Σ_t |x_t|² − 2 Σ_c μ_c·S_c
+            // + Σ_c n_c |μ_c|². The gradient (through x and S) is 2 (x_t − μ_{a(t)}), as before.
+            real[p] = padding is null ? normalized[p] : normalized[p].masked_fill(padding.unsqueeze(-1), 0);  // NaN in padding hidden
+            var (partSums, partCounts) = ClusterSums(real[p], nearest[p]);        // (H, C, D) with grad, (H, C)
+            var flat = real[p].reshape(-1);
+            var partSquares = flat.dot(flat);
+            sums = sums is null ? partSums : sums + partSums;
+            counts = counts is null ? partCounts : counts + partCounts;
+            squares = squares is null ? partSquares : squares + partSquares;
         }
-
-        // Commitment loss without gathering the routed centroids: with S_c = Σ_{t→c} x_t (the per-cluster sums,
-        // which the statistics need anyway) and n_c the counts, Σ_t |x_t − μ_{a(t)}|² = Σ_t |x_t|² − 2 Σ_c μ_c·S_c
-        // + Σ_c n_c |μ_c|². The gradient (through x and S) is 2 (x_t − μ_{a(t)}), as before.
-        var real = padding is null ? normalized : normalized.masked_fill(padding.unsqueeze(-1), 0);  // (B, H, T, D), NaN in padding hidden
-        var (sums, counts) = ClusterSums(real, nearest);                          // (H, C, D) with grad, (H, C)
-        Tensor count;
-        if (padding is not null) count = keyMask!.sum().to(x.dtype) * (heads * dim);
-        else count = tensor((double)(batch * seqLen * heads * dim), dtype: x.dtype, device: x.device);
-        var flat = real.reshape(-1);
-        var squared = flat.dot(flat) - 2 * (sums * centroids).sum()
-                      + (counts * centroids.square().sum(-1)).sum();
-        var loss = squared / count.clamp_min(1) * commitmentFactor;
+        Tensor elements = padding is not null
+            ? keyMask!.sum().to(x0.dtype) * (heads * dim * count)
+            : tensor((double)(batch * seqLen * heads * dim * count), dtype: x0.dtype, device: x0.device);
+        var squared = squares! - 2 * (sums! * centroids).sum() + (counts! * centroids.square().sum(-1)).sum();
+        var loss = squared / elements.clamp_min(1) * commitmentFactor;
 
         if (training && suspendDepth == 0)
         {
             using (no_grad())
             {
-                var detached = real.detach();
-                if (!IsInitialized && Initialize(detached, keyMask))
+                if (!IsInitialized)
                 {
-                    var fresh = means.to(x.dtype, x.device);                      // (H, C, D)
-                    var assignment = NearestInChunks(detached, fresh);            // (B, H, T)
-                    if (padding is not null) assignment = assignment.masked_fill(padding, -1);
-                    (sums, counts) = ClusterSums(detached, assignment);
-                    Accumulate(sums, counts);
-                    if (UpdateOnForward) Update();
+                    var all = count == 1 ? real[0].detach() : cat(real.Select(t => t.detach()).ToArray(), 2);     // (B, H, count·T, D)
+                    var allMask = keyMask is null || count == 1 ? keyMask : cat(Enumerable.Repeat(keyMask, count).ToArray(), 1);
+                    if (Initialize(all, allMask))
+                    {
+                        var fresh = means.to(x0.dtype, x0.device);                // (H, C, D)
+                        Tensor? freshSums = null, freshCounts = null;
+                        for (int p = 0; p < count; p++)
+                        {
+                            var assignment = NearestInChunks(real[p].detach(), fresh);   // (B, H, T)
+                            if (padding is not null) assignment = assignment.masked_fill(padding, -1);
+                            var (ps, pc) = ClusterSums(real[p].detach(), assignment);
+                            freshSums = freshSums is null ? ps : freshSums + ps;
+                            freshCounts = freshCounts is null ? pc : freshCounts + pc;
+                        }
+                        Accumulate(freshSums!, freshCounts!);
+                        if (UpdateOnForward) Update();
+                    }
                 }
-                else if (IsInitialized)
+                else
                 {
-                    Accumulate(sums.detach(), counts);
+                    Accumulate(sums!.detach(), counts!);
                     if (UpdateOnForward) Update();
                 }
             }
         }
-        return new KMeansOutput(normalized.MoveToOuterDisposeScope(), sims.MoveToOuterDisposeScope(),
-            nearest.MoveToOuterDisposeScope(), loss.MoveToOuterDisposeScope());
+        return (normalized.Select(t => t.MoveToOuterDisposeScope()).ToArray(), sims.Select(t => t.MoveToOuterDisposeScope()).ToArray(),
+            nearest.Select(t => t.MoveToOuterDisposeScope()).ToArray(), loss.MoveToOuterDisposeScope());
     }
 
     /// <summary>argmax over centroids of x·μ, in chunks of tokens: x (B, H, T, D), centroids (H, C, D) → (B, H, T).</summary>

@@ -141,23 +141,25 @@ public sealed class RoutingAttention : nn.Module<Tensor, Tensor?, Tensor, Tensor
 
         using var scope = NewDisposeScope();
         Tensor keys, querySims, keySims, queryNearest, keyNearest;
-        KMeansOutput routed;
+        Tensor aux;
         if (sharedQk)
         {
-            routed = kmeans.Forward(q, keyMask, similarities: !causal);               // causal routing needs only the nearest
+            var routed = kmeans.Forward(q, keyMask, similarities: !causal);           // causal routing needs only the nearest
+            aux = routed.Loss;
             keys = routed.Normalized;                                                  // (B, H, T, D)
             querySims = keySims = routed.Similarities;                                 // (B, H, T, C)
             queryNearest = keyNearest = routed.Nearest;                                // (B, H, T)
         }
         else
         {
-            var bothMask = keyMask is null ? null : cat([keyMask, keyMask], 1);        // (B, 2T)
-            routed = kmeans.Forward(cat([q, k!], 2), bothMask, similarities: !causal); // on (B, H, 2T, D)
+            // The k-means clusters the union of queries and keys, without concatenating them.
+            var (_, sims, nearest, loss) = kmeans.ForwardParts([q, k!], keyMask, similarities: !causal);
+            aux = loss;
             keys = k!;
-            querySims = causal ? routed.Similarities : routed.Similarities.narrow(2, 0, seqLen);   // (B, H, T, C); unused when causal
-            keySims = causal ? routed.Similarities : routed.Similarities.narrow(2, seqLen, seqLen);
-            queryNearest = routed.Nearest.narrow(2, 0, seqLen);                        // (B, H, T)
-            keyNearest = routed.Nearest.narrow(2, seqLen, seqLen);
+            querySims = sims[0];                                                       // (B, H, T, C); empty when causal
+            keySims = sims[1];
+            queryNearest = nearest[0];                                                 // (B, H, T)
+            keyNearest = nearest[1];
         }
 
         Tensor queryIdx, keyIdx, groupClusters;
@@ -180,7 +182,7 @@ public sealed class RoutingAttention : nn.Module<Tensor, Tensor?, Tensor, Tensor
         var output = GroupedAttention.Attention(q, keys, v, queryIdx, keyIdx, causal: causal, sharedQk: sharedQk,
             keyMask: keyMask, memoryKeys: memKeys, memoryValues: memValues, kernel: Kernel); // (B, H, T, D)
         return new RoutingAttentionOutput(output.MoveToOuterDisposeScope(), queryIdx.MoveToOuterDisposeScope(),
-            keyIdx.MoveToOuterDisposeScope(), groupClusters.MoveToOuterDisposeScope(), routed.Loss.MoveToOuterDisposeScope());
+            keyIdx.MoveToOuterDisposeScope(), groupClusters.MoveToOuterDisposeScope(), aux.MoveToOuterDisposeScope());
     }
 
     /// <summary>Balanced routing: every centroid takes its min(windowSize, T) most similar real tokens.</summary>
