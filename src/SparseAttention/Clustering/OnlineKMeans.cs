@@ -37,7 +37,7 @@ public sealed record KMeansOutput(Tensor Normalized, Tensor Similarities, Tensor
 /// it then routes by those random directions (like random-projection hashing) and changes nothing.</para>
 /// <para><b>Initialisation.</b> On the first training forward (not suspended), the centroids are set from C random
 /// real (non-padding) tokens of that batch — drawn with a generator seeded in the constructor, so deterministic —
-/// refined by <c>initIterations</c> Lloyd iterations, each renormalised. A batch without any real token leaves the
+/// refined by <c>initIterations</c> Lloyd iterations, each renormalised, on a random subset of at most max(32·C, 4096) real tokens per head (all of them when there are fewer). A batch without any real token leaves the
 /// module uninitialised.</para>
 /// <para><b>A forward uses the centroids as they stood when it began.</b> Similarities, assignments and the
 /// commitment loss of a forward are computed with a snapshot of <c>means</c> taken before any initialisation or
@@ -70,6 +70,7 @@ public sealed class OnlineKMeans : nn.Module<Tensor, Tensor?, KMeansOutput>
     private readonly int heads, dim, clusters, initIterations;
     private readonly double emaDecay, commitmentFactor;
     private readonly KMeansNorm norm;
+    private const long InitSamplesPerCluster = 32, InitMinSamples = 4096;   // Lloyd iterations at initialisation see at most max(32·C, 4096) tokens
     private int suspendDepth;
 
     /// <param name="heads">Number of heads H; each head has its own centroids.</param>
@@ -160,61 +161,150 @@ public sealed class OnlineKMeans : nn.Module<Tensor, Tensor?, KMeansOutput>
     /// <param name="x">(B, H, T, D) vectors to cluster.</param>
     /// <param name="keyMask">Optional (B, T) bool; true = real token, false = padding (excluded from every
     /// statistic, from initialisation and from the loss).</param>
-    public override KMeansOutput forward(Tensor x, Tensor? keyMask = null)
+    public override KMeansOutput forward(Tensor x, Tensor? keyMask = null) => Forward(x, keyMask, similarities: true);
+
+    /// <summary><see cref="forward"/>, optionally without materialising the (B, H, T, C) similarities (then
+    /// <see cref="KMeansOutput.Similarities"/> is an empty tensor); the nearest centroids are then found in chunks
+    /// of tokens, so no (B, H, T, C) temporary is ever allocated.</summary>
+    internal KMeansOutput Forward(Tensor x, Tensor? keyMask, bool similarities)
     {
         Check.Shape(x, nameof(x), "(B, H, T, D)", -1, heads, -1, dim);
         Check.FloatingPoint(x, nameof(x));
-        long batch = x.shape[0], seqLen = x.shape[2];
-        Check.KeyMask(keyMask, batch, seqLen);
+        Check.KeyMask(keyMask, x.shape[0], x.shape[2]);
+        using var scope = NewDisposeScope();
+        var r = ForwardParts([x], keyMask, similarities);
+        return new KMeansOutput(r.Normalized[0].MoveToOuterDisposeScope(), r.Similarities[0].MoveToOuterDisposeScope(),
+            r.Nearest[0].MoveToOuterDisposeScope(), r.Loss.MoveToOuterDisposeScope());
+    }
+
+    /// <summary>
+    /// <see cref="Forward"/> on <c>cat(parts, 2)</c> without building the concatenation: every part is
+    /// (B, H, T, D) with the same B and T, and <paramref name="keyMask"/> (B, T) applies to each part. Returns the
+    /// per-part normalised inputs, similarities (empty unless <paramref name="similarities"/>) and nearest
+    /// centroids, and the loss over all parts — the same as one forward on the concatenation.
+    /// </summary>
+    internal (Tensor[] Normalized, Tensor[] Similarities, Tensor[] Nearest, Tensor Loss) ForwardParts(
+        Tensor[] parts, Tensor? keyMask, bool similarities)
+    {
+        var x0 = parts[0];
+        foreach (var part in parts)
+        {
+            Check.Shape(part, nameof(parts), "(B, H, T, D)", x0.shape[0], heads, x0.shape[2], dim);
+            Check.SameDtype(x0, nameof(parts), part, nameof(parts));
+        }
+        long batch = x0.shape[0], seqLen = x0.shape[2];
+        int count = parts.Length;
 
         using var scope = NewDisposeScope();
-        var centroids = means.detach().to(x.dtype, x.device).clone();             // (H, C, D) snapshot used by this forward
-        var normalized = Normalize(x);                                            // (B, H, T, D)
+        var centroids = means.detach().to(x0.dtype, x0.device).clone();            // (H, C, D) snapshot used by this forward
         var padding = keyMask?.logical_not().view(batch, 1, seqLen);              // (B, 1, T)
-        Tensor similarities, nearest;
-        using (no_grad())
+        var normalized = new Tensor[count];
+        var sims = new Tensor[count];
+        var nearest = new Tensor[count];
+        var real = new Tensor[count];
+        Tensor? sums = null, counts = null, squares = null;
+        for (int p = 0; p < count; p++)
         {
-            similarities = einsum("bhtd,hcd->bhtc", normalized, centroids);       // (B, H, T, C)
-            nearest = similarities.argmax(-1);                                    // (B, H, T)
-            if (padding is not null)
+            normalized[p] = Normalize(parts[p]);                                  // (B, H, T, D)
+            using (no_grad())
             {
-                similarities = similarities.masked_fill(padding.unsqueeze(-1), 0);
-                nearest = nearest.masked_fill(padding, -1);
+                if (similarities)
+                {
+                    sims[p] = einsum("bhtd,hcd->bhtc", normalized[p], centroids);  // (B, H, T, C)
+                    nearest[p] = sims[p].argmax(-1);                              // (B, H, T)
+                    if (padding is not null) sims[p] = sims[p].masked_fill(padding.unsqueeze(-1), 0);
+                }
+                else
+                {
+                    sims[p] = empty(0, dtype: x0.dtype, device: x0.device);
+                    nearest[p] = NearestInChunks(normalized[p], centroids);       // (B, H, T)
+                }
+                if (padding is not null) nearest[p] = nearest[p].masked_fill(padding, -1);
             }
+            // Commitment loss without gathering the routed centroids: with S_c = Σ_{t→c} x_t (the per-cluster sums,
+            // which the statistics need anyway) and n_c the counts, Σ_t |x_t − μ_{a(t)}|² = Σ_t |x_t|² − 2 Σ_c μ_c·S_c
+            // + Σ_c n_c |μ_c|². The gradient (through x and S) is 2 (x_t − μ_{a(t)}), as before.
+            real[p] = padding is null ? normalized[p] : normalized[p].masked_fill(padding.unsqueeze(-1), 0);  // NaN in padding hidden
+            var (partSums, partCounts) = ClusterSums(real[p], nearest[p]);        // (H, C, D) with grad, (H, C)
+            var flat = real[p].reshape(-1);
+            var partSquares = flat.dot(flat);
+            sums = sums is null ? partSums : sums + partSums;
+            counts = counts is null ? partCounts : counts + partCounts;
+            squares = squares is null ? partSquares : squares + partSquares;
         }
-
-        var routed = GatherCentroids(centroids, nearest.clamp_min(0));             // (B, H, T, D), no grad
-        var diff = normalized - routed;                                           // (B, H, T, D)
-        Tensor count;
-        if (padding is not null)
-        {
-            diff = diff.masked_fill(padding.unsqueeze(-1), 0);                    // also hides NaN in padding
-            count = keyMask!.sum().to(x.dtype) * (heads * dim);
-        }
-        else count = tensor((double)(batch * seqLen * heads * dim), dtype: x.dtype, device: x.device);
-        var loss = diff.square().sum() / count.clamp_min(1) * commitmentFactor;
+        Tensor elements = padding is not null
+            ? keyMask!.sum().to(x0.dtype) * (heads * dim * count)
+            : tensor((double)(batch * seqLen * heads * dim * count), dtype: x0.dtype, device: x0.device);
+        var squared = squares! - 2 * (sums! * centroids).sum() + (counts! * centroids.square().sum(-1)).sum();
+        var loss = squared / elements.clamp_min(1) * commitmentFactor;
 
         if (training && suspendDepth == 0)
         {
             using (no_grad())
             {
-                var real = padding is null ? normalized.detach() : normalized.detach().masked_fill(padding.unsqueeze(-1), 0);
-                var assignment = nearest;
-                if (!IsInitialized && Initialize(real, keyMask))
+                if (!IsInitialized)
                 {
-                    var fresh = means.to(x.dtype, x.device);                      // (H, C, D)
-                    assignment = einsum("bhtd,hcd->bhtc", real, fresh).argmax(-1);  // (B, H, T)
-                    if (padding is not null) assignment = assignment.masked_fill(padding, -1);
+                    var all = count == 1 ? real[0].detach() : cat(real.Select(t => t.detach()).ToArray(), 2);     // (B, H, count·T, D)
+                    var allMask = keyMask is null || count == 1 ? keyMask : cat(Enumerable.Repeat(keyMask, count).ToArray(), 1);
+                    if (Initialize(all, allMask))
+                    {
+                        var fresh = means.to(x0.dtype, x0.device);                // (H, C, D)
+                        Tensor? freshSums = null, freshCounts = null;
+                        for (int p = 0; p < count; p++)
+                        {
+                            var assignment = NearestInChunks(real[p].detach(), fresh);   // (B, H, T)
+                            if (padding is not null) assignment = assignment.masked_fill(padding, -1);
+                            var (ps, pc) = ClusterSums(real[p].detach(), assignment);
+                            freshSums = freshSums is null ? ps : freshSums + ps;
+                            freshCounts = freshCounts is null ? pc : freshCounts + pc;
+                        }
+                        Accumulate(freshSums!, freshCounts!);
+                        if (UpdateOnForward) Update();
+                    }
                 }
-                if (IsInitialized)
+                else
                 {
-                    Accumulate(real, assignment);
+                    Accumulate(sums!.detach(), counts!);
                     if (UpdateOnForward) Update();
                 }
             }
         }
-        return new KMeansOutput(normalized.MoveToOuterDisposeScope(), similarities.MoveToOuterDisposeScope(),
-            nearest.MoveToOuterDisposeScope(), loss.MoveToOuterDisposeScope());
+        return (normalized.Select(t => t.MoveToOuterDisposeScope()).ToArray(), sims.Select(t => t.MoveToOuterDisposeScope()).ToArray(),
+            nearest.Select(t => t.MoveToOuterDisposeScope()).ToArray(), loss.MoveToOuterDisposeScope());
+    }
+
+    /// <summary>argmax over centroids of x·μ, in chunks of tokens: x (B, H, T, D), centroids (H, C, D) → (B, H, T).</summary>
+    private Tensor NearestInChunks(Tensor x, Tensor centroids)
+    {
+        long batch = x.shape[0], t = x.shape[2];
+        long chunk = Math.Max(1, (1L << 21) / Math.Max(1, batch * heads * clusters));   // ≤ 2M similarities (8 MB) at a time
+        if (chunk >= t) return einsum("bhtd,hcd->bhtc", x, centroids).argmax(-1);
+        var parts = new List<Tensor>();
+        for (long s = 0; s < t; s += chunk)
+        {
+            long len = Math.Min(chunk, t - s);
+            using var part = einsum("bhtd,hcd->bhtc", x.narrow(2, s, len), centroids);   // (B, H, len, C)
+            parts.Add(part.argmax(-1));
+        }
+        return cat(parts, 2);
+    }
+
+    /// <summary>Per-(head, cluster) sums and counts by index-add (O(T·D)): x (B, H, T, D) with padding zeroed,
+    /// assignment (B, H, T) with −1 = none → sums (H, C, D) in x's dtype (differentiable) and counts (H, C).</summary>
+    private (Tensor Sums, Tensor Counts) ClusterSums(Tensor x, Tensor assignment)
+    {
+        long batch = x.shape[0], t = x.shape[2];
+        var headOffset = (arange(heads, device: assignment.device) * clusters).view(1, heads, 1);   // (1, H, 1)
+        var valid = assignment.ge(0);                                                            // (B, H, T)
+        var slot = (assignment.clamp_min(0) + headOffset).masked_fill(valid.logical_not(), heads * clusters)
+                   .flatten();                                                                   // (B·H·T), padding → spare row
+        var sums = zeros(heads * clusters + 1, dim, dtype: x.dtype, device: x.device)
+                   .index_add(0, slot, x.reshape(batch * heads * t, dim), 1.0).narrow(0, 0, heads * clusters)
+                   .view(heads, clusters, dim);                                                  // (H, C, D)
+        var counts = zeros(heads * clusters + 1, dtype: x.dtype, device: x.device)
+                     .index_add_(0, slot, ones(slot.shape[0], dtype: x.dtype, device: x.device), 1.0)
+                     .narrow(0, 0, heads * clusters).view(heads, clusters);                      // (H, C)
+        return (sums, counts);
     }
 
     /// <summary>
@@ -298,6 +388,13 @@ public sealed class OnlineKMeans : nn.Module<Tensor, Tensor?, KMeansOutput>
             : keyMask.reshape(-1).cpu().nonzero().view(-1);                       // (N)
         long n = realRows.shape[0];
         if (n == 0) return false;
+        long sample = Math.Max(InitSamplesPerCluster * (long)clusters, InitMinSamples);
+        if (n > sample)
+        {
+            // Lloyd iterations on a random subset of the real tokens: the cost no longer grows with the batch.
+            realRows = realRows.index_select(0, randperm(n, generator: generator).narrow(0, 0, sample)).sort().Values;
+            n = sample;
+        }
         var pick = n >= clusters
             ? randperm(n, generator: generator).narrow(0, 0, clusters)
             : randint(0, n, new long[] { clusters }, generator: generator);        // (C)
@@ -313,30 +410,23 @@ public sealed class OnlineKMeans : nn.Module<Tensor, Tensor?, KMeansOutput>
     private Tensor LloydStep(Tensor points, Tensor centroids)
     {
         var assignment = einsum("hnd,hcd->hnc", points, centroids).argmax(-1);     // (H, N)
-        var oneHot = nn.functional.one_hot(assignment, clusters).to(points.dtype); // (H, N, C)
-        var sums = matmul(oneHot.transpose(1, 2), points);                         // (H, C, D)
-        var counts = oneHot.sum(1);                                                // (H, C)
+        long n = points.shape[1];
+        var slot = (assignment + (arange(heads, device: points.device) * clusters).view(heads, 1)).flatten();  // (H·N)
+        var sums = zeros(heads * clusters, dim, dtype: points.dtype, device: points.device)
+                   .index_add_(0, slot, points.reshape(heads * n, dim), 1.0).view(heads, clusters, dim);        // (H, C, D)
+        var counts = zeros(heads * clusters, dtype: points.dtype, device: points.device)
+                     .index_add_(0, slot, ones(heads * n, dtype: points.dtype, device: points.device), 1.0)
+                     .view(heads, clusters);                                                             // (H, C)
         var mean = Normalize(sums / counts.clamp_min(1).unsqueeze(-1));
         return where(counts.gt(0).unsqueeze(-1), mean, centroids);
     }
 
-    /// <summary>Adds per-cluster sums and counts. real (B, H, T, D) with padding zeroed; assignment (B, H, T), −1 = none.</summary>
-    private void Accumulate(Tensor real, Tensor assignment)
+    /// <summary>Adds per-cluster sums (H, C, D) and counts (H, C) to the pending statistics (kept in float64).</summary>
+    private void Accumulate(Tensor batchSums, Tensor batchCounts)
     {
         using var scope = NewDisposeScope();
-        // Index-add per (head, cluster) instead of a one-hot product: O(T·D), not O(T·C·D).
-        long batch = real.shape[0], t = real.shape[2];
-        var headOffset = (arange(heads, device: assignment.device) * clusters).view(1, heads, 1);   // (1, H, 1)
-        var valid = assignment.ge(0);                                                            // (B, H, T)
-        var slot = (assignment.clamp_min(0) + headOffset).masked_fill(valid.logical_not(), heads * clusters)
-                   .flatten();                                                                   // (B·H·T), padding → spare row
-        var rows = real.to(ScalarType.Float64).reshape(batch * heads * t, dim);                 // (B·H·T, D)
-        var sums = zeros(heads * clusters + 1, dim, dtype: ScalarType.Float64, device: real.device)
-                   .index_add_(0, slot, rows, 1.0).narrow(0, 0, heads * clusters)
-                   .view(heads, clusters, dim).to(means.device);                               // (H, C, D)
-        var counts = zeros(heads * clusters + 1, dtype: ScalarType.Float64, device: real.device)
-                     .index_add_(0, slot, ones(slot.shape[0], dtype: ScalarType.Float64, device: real.device), 1.0)
-                     .narrow(0, 0, heads * clusters).view(heads, clusters).to(means.device);   // (H, C)
+        var sums = batchSums.to(ScalarType.Float64).to(means.device);
+        var counts = batchCounts.to(ScalarType.Float64).to(means.device);
         if (pending.Sums is not null && pending.Counts is not null)
         {
             sums = sums + pending.Sums.to(means.device);

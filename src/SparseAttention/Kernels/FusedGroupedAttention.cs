@@ -50,14 +50,12 @@ public static class FusedGroupedAttention
                 v = v.masked_fill(drop, 0);
             }
             var output = empty(new[] { batch, heads, seqLen, dimV });                      // (B, H, T, Dv)
-            var groupOut = empty(new[] { batch, heads, groups, wq, dimV });                // (B, H, G, Wq, Dv)
             var lse = empty(new[] { batch, heads, groups, wq });                           // (B, H, G, Wq)
             var args = Arguments(q, k, v, queryIndex, keyIndex, keyMask, settings);
             args.O = FusedBlockSparseAttention.Pointer(output);
-            args.GroupOut = FusedBlockSparseAttention.Pointer(groupOut);
-            args.Lse = FusedBlockSparseAttention.Pointer(lse);
-            GroupedKernel.Forward(args);
-            ctx.save_for_backward([q, k, v, queryIndex, keyIndex, keyMask ?? empty(0, dtype: ScalarType.Bool), groupOut, lse]);
+            args.Lse = FusedBlockSparseAttention.Pointer(lse);                            // per-slot outputs are not kept:
+            GroupedKernel.Forward(args);                                                   // the backward recomputes them (G·Wq·Dv floats, often ≫ T·Dv)
+            ctx.save_for_backward([q, k, v, queryIndex, keyIndex, keyMask ?? empty(0, dtype: ScalarType.Bool), lse]);
             ctx.save_data("settings", settings);
             return output;
         }
@@ -67,12 +65,11 @@ public static class FusedGroupedAttention
             var saved = ctx.get_saved_variables();
             var (q, k, v, queryIndex, keyIndex) = (saved[0], saved[1], saved[2], saved[3], saved[4]);
             var keyMask = saved[5].numel() == 0 ? null : saved[5];
-            var (groupOut, lse) = (saved[6], saved[7]);
+            var lse = saved[6];
             var settings = (Settings)ctx.get_data("settings");
             var dO = gradOutput.contiguous();
             var (dq, dk, dv) = (empty_like(q), empty_like(k), empty_like(v));
             var args = Arguments(q, k, v, queryIndex, keyIndex, keyMask, settings);
-            args.GroupOut = FusedBlockSparseAttention.Pointer(groupOut);
             args.Lse = FusedBlockSparseAttention.Pointer(lse);
             args.DO = FusedBlockSparseAttention.Pointer(dO);
             args.DQ = FusedBlockSparseAttention.Pointer(dq);

@@ -141,23 +141,25 @@ public sealed class RoutingAttention : nn.Module<Tensor, Tensor?, Tensor, Tensor
 
         using var scope = NewDisposeScope();
         Tensor keys, querySims, keySims, queryNearest, keyNearest;
-        KMeansOutput routed;
+        Tensor aux;
         if (sharedQk)
         {
-            routed = kmeans.forward(q, keyMask);
+            var routed = kmeans.Forward(q, keyMask, similarities: !causal);           // causal routing needs only the nearest
+            aux = routed.Loss;
             keys = routed.Normalized;                                                  // (B, H, T, D)
             querySims = keySims = routed.Similarities;                                 // (B, H, T, C)
             queryNearest = keyNearest = routed.Nearest;                                // (B, H, T)
         }
         else
         {
-            var bothMask = keyMask is null ? null : cat([keyMask, keyMask], 1);        // (B, 2T)
-            routed = kmeans.forward(cat([q, k!], 2), bothMask);                        // on (B, H, 2T, D)
+            // The k-means clusters the union of queries and keys, without concatenating them.
+            var (_, sims, nearest, loss) = kmeans.ForwardParts([q, k!], keyMask, similarities: !causal);
+            aux = loss;
             keys = k!;
-            querySims = routed.Similarities.narrow(2, 0, seqLen);                      // (B, H, T, C)
-            keySims = routed.Similarities.narrow(2, seqLen, seqLen);
-            queryNearest = routed.Nearest.narrow(2, 0, seqLen);                        // (B, H, T)
-            keyNearest = routed.Nearest.narrow(2, seqLen, seqLen);
+            querySims = sims[0];                                                       // (B, H, T, C); empty when causal
+            keySims = sims[1];
+            queryNearest = nearest[0];                                                 // (B, H, T)
+            keyNearest = nearest[1];
         }
 
         Tensor queryIdx, keyIdx, groupClusters;
@@ -180,7 +182,7 @@ public sealed class RoutingAttention : nn.Module<Tensor, Tensor?, Tensor, Tensor
         var output = GroupedAttention.Attention(q, keys, v, queryIdx, keyIdx, causal: causal, sharedQk: sharedQk,
             keyMask: keyMask, memoryKeys: memKeys, memoryValues: memValues, kernel: Kernel); // (B, H, T, D)
         return new RoutingAttentionOutput(output.MoveToOuterDisposeScope(), queryIdx.MoveToOuterDisposeScope(),
-            keyIdx.MoveToOuterDisposeScope(), groupClusters.MoveToOuterDisposeScope(), routed.Loss.MoveToOuterDisposeScope());
+            keyIdx.MoveToOuterDisposeScope(), groupClusters.MoveToOuterDisposeScope(), aux.MoveToOuterDisposeScope());
     }
 
     /// <summary>Balanced routing: every centroid takes its min(windowSize, T) most similar real tokens.</summary>
@@ -224,6 +226,83 @@ public sealed class RoutingAttention : nn.Module<Tensor, Tensor?, Tensor, Tensor
         Check.Positive(clusters, nameof(clusters));
         Check.Shape(queryClusters, nameof(queryClusters), "(B, H, T)", -1, -1, -1);
         Check.Shape(keyClusters, nameof(keyClusters), "(B, H, T)", queryClusters.shape[0], queryClusters.shape[1], queryClusters.shape[2]);
+        if (queryClusters.device.type == DeviceType.CPU && keyClusters.device.type == DeviceType.CPU)
+            return CausalGroupsCpu(queryClusters, keyClusters, windowSize, clusters);
+        return CausalGroupsOps(queryClusters, keyClusters, windowSize, clusters);
+    }
+
+    /// <summary><see cref="CausalGroups"/> by one linear pass per (batch, head) over CPU memory: a stable counting
+    /// sort by cluster of the entries, which are generated in position order (a token's query entry and key-only
+    /// entry are in different clusters, so no two entries of one cluster share a position).</summary>
+    internal static unsafe (Tensor QueryIndices, Tensor KeyIndices, Tensor GroupClusters) CausalGroupsCpu(
+        Tensor queryClusters, Tensor keyClusters, int windowSize, int clusters)
+    {
+        long batch = queryClusters.shape[0], heads = queryClusters.shape[1], seqLen = queryClusters.shape[2];
+        int window = (int)Math.Max(1, Math.Min(windowSize, seqLen));
+        int rows = (int)(batch * heads), t = (int)seqLen;
+        using var scope = NewDisposeScope();
+        var qcT = queryClusters.to(ScalarType.Int64).contiguous();
+        var kcT = keyClusters.to(ScalarType.Int64).contiguous();
+        long* qcAll = (long*)FusedBlockSparseAttention.Pointer(qcT), kcAll = (long*)FusedBlockSparseAttention.Pointer(kcT);
+        var counts = new int[rows * clusters];
+        var groupsPerRow = new int[rows];
+        Parallel.For(0, rows, bh =>
+        {
+            long* qc = qcAll + (long)bh * t, kc = kcAll + (long)bh * t;
+            var count = counts.AsSpan(bh * clusters, clusters);
+            for (int i = 0; i < t; i++)
+            {
+                long c = qc[i], d = kc[i];
+                if (c >= 0 && c < clusters) count[(int)c]++;
+                if (d >= 0 && d < clusters && d != c) count[(int)d]++;
+            }
+            int g = 0;
+            foreach (int n in count) g += (n + window - 1) / window;
+            groupsPerRow[bh] = g;
+        });
+        int groups = Math.Max(1, groupsPerRow.Length == 0 ? 0 : groupsPerRow.Max());
+        var queryIdx = full(new long[] { batch, heads, groups, window }, -1L, dtype: ScalarType.Int64);
+        var keyIdx = full(new long[] { batch, heads, groups, window }, -1L, dtype: ScalarType.Int64);
+        var groupClusters = full(new long[] { batch, heads, groups }, -1L, dtype: ScalarType.Int64);
+        long* qOut = (long*)FusedBlockSparseAttention.Pointer(queryIdx), kOut = (long*)FusedBlockSparseAttention.Pointer(keyIdx), gOut = (long*)FusedBlockSparseAttention.Pointer(groupClusters);
+        Parallel.For(0, rows, bh =>
+        {
+            long* qc = qcAll + (long)bh * t, kc = kcAll + (long)bh * t;
+            long* qo = qOut + (long)bh * groups * window, ko = kOut + (long)bh * groups * window, go = gOut + (long)bh * groups;
+            var count = counts.AsSpan(bh * clusters, clusters);
+            var start = new int[clusters];
+            int g = 0;
+            for (int c = 0; c < clusters; c++) { start[c] = g; g += (count[c] + window - 1) / window; }
+            count.Clear();                                                                 // reused as running rank
+            for (int i = 0; i < t; i++)
+            {
+                long c = qc[i], d = kc[i];
+                if (c >= 0 && c < clusters)
+                {
+                    int r = count[(int)c]++;
+                    long at = (long)(start[c] + r / window) * window + r % window;
+                    qo[at] = i;
+                    if (d == c) ko[at] = i;
+                    go[start[c] + r / window] = c;
+                }
+                if (d >= 0 && d < clusters && d != c)
+                {
+                    int r = count[(int)d]++;
+                    long at = (long)(start[d] + r / window) * window + r % window;
+                    ko[at] = i;
+                    go[start[d] + r / window] = d;
+                }
+            }
+        });
+        var device = queryClusters.device;
+        return (queryIdx.to(device).MoveToOuterDisposeScope(), keyIdx.to(device).MoveToOuterDisposeScope(),
+            groupClusters.to(device).MoveToOuterDisposeScope());
+    }
+
+    /// <summary><see cref="CausalGroups"/> with tensor operations (any device).</summary>
+    internal static (Tensor QueryIndices, Tensor KeyIndices, Tensor GroupClusters) CausalGroupsOps(
+        Tensor queryClusters, Tensor keyClusters, int windowSize, int clusters)
+    {
         long batch = queryClusters.shape[0], heads = queryClusters.shape[1], seqLen = queryClusters.shape[2];
         long window = Math.Max(1, Math.Min(windowSize, seqLen));
         var device = queryClusters.device;

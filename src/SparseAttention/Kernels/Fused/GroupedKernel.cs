@@ -13,7 +13,7 @@ internal struct GroupedArgs
     public nint Q, K, V;             // (B, H, T, D), (B, H, T, D), (B, H, T, Dv); padded keys already zero
     public nint QueryIndex, KeyIndex; // (B, H, G, Wq), (B, H, G, Wk) int64, −1 = empty slot
     public nint KeyMask;             // (B, T) bool as bytes, or 0
-    public nint O, GroupOut, Lse;    // (B, H, T, Dv); per slot (B, H, G, Wq, Dv) and (B, H, G, Wq)
+    public nint O, GroupOut, Lse;    // (B, H, T, Dv); per slot (B, H, G, Wq, Dv) (optional: 0 = backward recomputes it) and (B, H, G, Wq)
     public nint DO, DQ, DK, DV;      // backward
 }
 
@@ -46,6 +46,7 @@ internal static unsafe class GroupedKernel
     {
         public readonly float* Q, KT, K, VT, V, S, P, PT, DST, DOg, DQ, DKV, Count;
         public readonly long* KeyPos;
+        public readonly int* KeyKey, QSlot;
         private readonly void* memory;
 
         public Scratch(int wq, int n, int dim, int dimV, int seqLen)
@@ -53,12 +54,14 @@ internal static unsafe class GroupedKernel
             int w = Math.Max(dim, dimV);
             long q = (long)wq * w, kv = (long)n * w, s = (long)wq * n;
             long floats = 3 * q + 5 * kv + 5 * s + seqLen;
-            memory = NativeMemory.AlignedAlloc((nuint)(floats * sizeof(float) + n * sizeof(long)), 64);
+            memory = NativeMemory.AlignedAlloc((nuint)(floats * sizeof(float) + n * sizeof(long) + (n + wq) * sizeof(int)), 64);
             float* p = (float*)memory;
             Q = p; p += q; KT = p; p += kv; K = p; p += kv; VT = p; p += kv; V = p; p += kv;
             S = p; p += s; P = p; p += s; PT = p; p += s; DST = p; p += s; DOg = p; p += q; DQ = p; p += q;
             DKV = p; p += kv + s; Count = p; p += seqLen;
             KeyPos = (long*)p;
+            KeyKey = (int*)(KeyPos + n);
+            QSlot = KeyKey + n;
         }
 
         public void Dispose() => NativeMemory.AlignedFree(memory);
@@ -97,62 +100,114 @@ internal static unsafe class GroupedKernel
     }
 
     /// <summary>
-    /// Scores of one group in the scratch S tile (Wq × n): scale·q·k where allowed, −∞ elsewhere,
+    /// Compacts group g: the m query slots holding a position (slot numbers in QSlot) and the nk key slots that may
+    /// be attended at all — not empty, not padded — (their positions in KeyKey, slot order kept). Empty query slots
+    /// have no output and other key slots are never allowed, so the group's tiles only need these rows.
+    /// </summary>
+    private static (int M, int Nk) Compact(in GroupedArgs a, long* queryPos, long* keyPos, int n, byte* keyMask, Scratch x)
+    {
+        int m = 0, nk = 0;
+        for (int i = 0; i < a.QuerySlots; i++) if (queryPos[i] >= 0) x.QSlot[m++] = i;
+        for (int j = 0; j < n; j++)
+        {
+            long kp = keyPos[j];
+            if (kp >= 0 && (keyMask == null || keyMask[kp] != 0)) x.KeyKey[nk++] = (int)kp;
+        }
+        return (m, nk);
+    }
+
+    /// <summary>
+    /// Scores of one compacted group in the scratch S tile (m × nk): scale·q·k where allowed, −∞ elsewhere,
     /// with the shared-QK rule (self only when nothing else is allowed) applied per row.
     /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-    private static void Scores<TS, TV>(in GroupedArgs a, long* queryPos, long* keyPos, int n, byte* keyMask, Scratch x)
+    private static void Scores<TS, TV>(in GroupedArgs a, long* queryPos, int m, int nk, Scratch x)
         where TS : struct, ISimd<TV> where TV : unmanaged
     {
-        int wq = a.QuerySlots;
-        Tile<TS, TV>.Gemm(wq, n, a.Dim, x.Q, a.Dim, x.KT, n, x.S, n, accumulate: false);      // (Wq, n)
-        for (int i = 0; i < wq; i++)
+        Tile<TS, TV>.Gemm(m, nk, a.Dim, x.Q, a.Dim, x.KT, nk, x.S, nk, accumulate: false);     // (m, nk)
+        int* key = x.KeyKey;
+        for (int r = 0; r < m; r++)
         {
-            float* si = x.S + (long)i * n;
-            long qp = queryPos[i];
-            bool other = false;
-            int selfSlots = 0;
-            for (int j = 0; j < n; j++)
-            {
-                long kp = keyPos[j];
-                bool allowed = qp >= 0 && kp >= 0 && (keyMask == null || keyMask[kp] != 0) && (!a.Causal || kp <= qp);
-                bool self = a.SharedQk && allowed && kp == qp;
-                if (self) selfSlots++;
-                else if (allowed) other = true;
-                si[j] = allowed && !self ? si[j] * a.Scale : float.NegativeInfinity;
-            }
-            if (selfSlots > 0 && !other)
+            float* si = x.S + (long)r * nk;
+            int qp = (int)queryPos[x.QSlot[r]];
+            bool other, self;
+            if (Vector512.IsHardwareAccelerated) MaskRow512(si, key, nk, qp, a.Causal, a.SharedQk, a.Scale, out other, out self);
+            else MaskRowScalar(si, key, 0, nk, qp, a.Causal, a.SharedQk, a.Scale, out other, out self);
+            if (self && !other)
             {
                 // Nothing else is allowed: the query may attend itself (score recomputed for those slots).
-                for (int j = 0; j < n; j++)
-                    if (keyPos[j] == qp && (keyMask == null || keyMask[qp] != 0))
-                        si[j] = Tile<TS, TV>.Dot(x.Q + (long)i * a.Dim, x.K + (long)j * a.Dim, a.Dim) * a.Scale;
+                for (int j = 0; j < nk; j++)
+                    if (key[j] == qp)
+                        si[j] = Tile<TS, TV>.Dot(x.Q + (long)r * a.Dim, x.K + (long)j * a.Dim, a.Dim) * a.Scale;
             }
         }
     }
 
-    /// <summary>Gathers the group's query rows (Q), key rows (K and Kᵀ) and value rows (V and Vᵀ); empty slots are zero.</summary>
+    /// <summary>One score row from slot <paramref name="from"/> on: allowed and not self → scale·s, else −∞;
+    /// reports whether any other key is allowed and whether a self slot is.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static void MaskRowScalar(float* si, int* key, int from, int n, int qp, bool causal, bool sharedQk, float scale,
+        out bool other, out bool self)
+    {
+        other = false; self = false;
+        for (int j = from; j < n; j++)
+        {
+            int kp = key[j];
+            bool allowed = kp != int.MaxValue && (!causal || kp <= qp);
+            bool isSelf = sharedQk && allowed && kp == qp;
+            self |= isSelf;
+            bool ok = allowed && !isSelf;
+            other |= ok;
+            si[j] = ok ? si[j] * scale : float.NegativeInfinity;
+        }
+    }
+
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-    private static void Gather(in GroupedArgs a, float* q, float* k, float* v, long* queryPos, long* keyPos, int n, Scratch x, bool transposedValues)
+    private static void MaskRow512(float* si, int* key, int n, int qp, bool causal, bool sharedQk, float scale,
+        out bool other, out bool self)
+    {
+        var q = Vector512.Create(qp);
+        var none = Vector512.Create(int.MaxValue);
+        var s = Vector512.Create(scale);
+        var negInf = Vector512.Create(float.NegativeInfinity);
+        var anyOk = Vector512<int>.Zero;
+        var anySelf = Vector512<int>.Zero;
+        int j = 0;
+        for (; j + 16 <= n; j += 16)
+        {
+            var kp = Vector512.Load(key + j);
+            var allowed = causal ? Vector512.LessThanOrEqual(kp, q) : ~Vector512.Equals(kp, none);
+            var ok = allowed;
+            if (sharedQk)
+            {
+                var isSelf = Vector512.Equals(kp, q);       // MaxValue never equals a position
+                anySelf |= isSelf;
+                ok = Vector512.AndNot(allowed, isSelf);
+            }
+            anyOk |= ok;
+            var v = Vector512.Load(si + j) * s;
+            Vector512.ConditionalSelect(ok.AsSingle(), v, negInf).Store(si + j);
+        }
+        MaskRowScalar(si, key, j, n, qp, causal, sharedQk, scale, out other, out self);
+        other |= anyOk != Vector512<int>.Zero;
+        self |= anySelf != Vector512<int>.Zero;
+    }
+
+    /// <summary>Gathers the compacted group's query rows (Q), key rows (K and Kᵀ) and value rows (V and, if asked, Vᵀ).</summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    private static void Gather(in GroupedArgs a, float* q, float* k, float* v, long* queryPos, int m, int nk, Scratch x, bool transposedValues)
     {
         int D = a.Dim, Dv = a.DimV;
-        for (int i = 0; i < a.QuerySlots; i++)
+        for (int r = 0; r < m; r++)
+            new Span<float>(q + queryPos[x.QSlot[r]] * D, D).CopyTo(new Span<float>(x.Q + (long)r * D, D));
+        for (int j = 0; j < nk; j++)
         {
-            var row = new Span<float>(x.Q + (long)i * D, D);
-            if (queryPos[i] >= 0) new Span<float>(q + queryPos[i] * D, D).CopyTo(row); else row.Clear();
-        }
-        for (int j = 0; j < n; j++)
-        {
-            var kRow = new Span<float>(x.K + (long)j * D, D);
-            var vRow = new Span<float>(x.V + (long)j * Dv, Dv);
-            if (keyPos[j] >= 0)
-            {
-                new Span<float>(k + keyPos[j] * D, D).CopyTo(kRow);
-                new Span<float>(v + keyPos[j] * Dv, Dv).CopyTo(vRow);
-            }
-            else { kRow.Clear(); vRow.Clear(); }
-            for (int d = 0; d < D; d++) x.KT[(long)d * n + j] = x.K[(long)j * D + d];
-            if (transposedValues) for (int d = 0; d < Dv; d++) x.VT[(long)d * n + j] = x.V[(long)j * Dv + d];
+            long p = x.KeyKey[j];
+            float* kRow = x.K + (long)j * D, vRow = x.V + (long)j * Dv;
+            new Span<float>(k + p * D, D).CopyTo(new Span<float>(kRow, D));
+            new Span<float>(v + p * Dv, Dv).CopyTo(new Span<float>(vRow, Dv));
+            for (int d = 0; d < D; d++) x.KT[(long)d * nk + j] = kRow[d];
+            if (transposedValues) for (int d = 0; d < Dv; d++) x.VT[(long)d * nk + j] = vRow[d];
         }
     }
 
@@ -169,26 +224,31 @@ internal static unsafe class GroupedKernel
         for (int g = 0; g < a.Groups; g++)
         {
             long* queryPos = queryIndex + (long)g * wq;
-            KeyPositions(a, keyIndex, g, x.KeyPos);
-            Gather(a, q, k, v, queryPos, x.KeyPos, n, x, transposedValues: false);
-            Scores<TS, TV>(a, queryPos, x.KeyPos, n, keyMask, x);
             float* lse = (float*)a.Lse + ((long)bh * a.Groups + g) * wq;
-            float* groupOut = (float*)a.GroupOut + ((long)bh * a.Groups + g) * wq * Dv;
-            for (int i = 0; i < wq; i++)
+            float* groupOut = a.GroupOut == 0 ? null : (float*)a.GroupOut + ((long)bh * a.Groups + g) * wq * Dv;
+            new Span<float>(lse, wq).Fill(float.PositiveInfinity);                              // empty slots: no key, zero output
+            if (groupOut != null) new Span<float>(groupOut, wq * Dv).Clear();
+            KeyPositions(a, keyIndex, g, x.KeyPos);
+            var (m, nk) = Compact(a, queryPos, x.KeyPos, n, keyMask, x);
+            if (m == 0 || nk == 0) continue;
+            Gather(a, q, k, v, queryPos, m, nk, x, transposedValues: false);
+            Scores<TS, TV>(a, queryPos, m, nk, x);
+            for (int r = 0; r < m; r++)
             {
-                float* si = x.S + (long)i * n;
-                float m = Tile<TS, TV>.Max(si, n);
-                if (float.IsNegativeInfinity(m)) { new Span<float>(si, n).Clear(); lse[i] = float.PositiveInfinity; continue; }
-                float sum = Tile<TS, TV>.ExpShiftSum(si, n, m);
-                Tile<TS, TV>.Scale(si, n, 1f / sum);
-                lse[i] = m + MathF.Log(sum);
+                float* si = x.S + (long)r * nk;
+                float mx = Tile<TS, TV>.Max(si, nk);
+                if (float.IsNegativeInfinity(mx)) { new Span<float>(si, nk).Clear(); continue; }
+                float sum = Tile<TS, TV>.ExpShiftSum(si, nk, mx);
+                Tile<TS, TV>.Scale(si, nk, 1f / sum);
+                lse[x.QSlot[r]] = mx + MathF.Log(sum);
             }
-            Tile<TS, TV>.Gemm(wq, Dv, n, x.S, n, x.V, Dv, groupOut, Dv, accumulate: false);    // (Wq, Dv)
-            for (int i = 0; i < wq; i++)
+            Tile<TS, TV>.Gemm(m, Dv, nk, x.S, nk, x.V, Dv, x.DOg, Dv, accumulate: false);       // (m, Dv)
+            for (int r = 0; r < m; r++)
             {
-                long p = queryPos[i];
-                if (p < 0) { new Span<float>(groupOut + (long)i * Dv, Dv).Clear(); continue; }
-                Tile<TS, TV>.AddTo(o + p * Dv, groupOut + (long)i * Dv, Dv);
+                int slot = x.QSlot[r];
+                float* row = x.DOg + (long)r * Dv;
+                if (groupOut != null) new Span<float>(row, Dv).CopyTo(new Span<float>(groupOut + (long)slot * Dv, Dv));
+                Tile<TS, TV>.AddTo(o + queryPos[slot] * Dv, row, Dv);
             }
         }
         for (int t = 0; t < T; t++)
@@ -213,55 +273,55 @@ internal static unsafe class GroupedKernel
         {
             long* queryPos = queryIndex + (long)g * wq;
             KeyPositions(a, keyIndex, g, x.KeyPos);
-            Gather(a, q, k, v, queryPos, x.KeyPos, n, x, transposedValues: true);
-            Scores<TS, TV>(a, queryPos, x.KeyPos, n, keyMask, x);
+            var (m, nk) = Compact(a, queryPos, x.KeyPos, n, keyMask, x);
+            if (m == 0 || nk == 0) continue;                                                    // no allowed pair: no gradient
+            Gather(a, q, k, v, queryPos, m, nk, x, transposedValues: true);
+            Scores<TS, TV>(a, queryPos, m, nk, x);
             float* lse = (float*)a.Lse + ((long)bh * a.Groups + g) * wq;
-            float* groupOut = (float*)a.GroupOut + ((long)bh * a.Groups + g) * wq * Dv;
+            float* groupOut = a.GroupOut == 0 ? null : (float*)a.GroupOut + ((long)bh * a.Groups + g) * wq * Dv;
             // dO of each slot = dOut at its position / number of slots holding that position.
-            for (int i = 0; i < wq; i++)
+            for (int r = 0; r < m; r++)
             {
-                var row = new Span<float>(x.DOg + (long)i * Dv, Dv);
-                long p = queryPos[i];
-                if (p < 0) { row.Clear(); continue; }
-                new Span<float>(dOut + p * Dv, Dv).CopyTo(row);
-                Tile<TS, TV>.Scale(x.DOg + (long)i * Dv, Dv, 1f / x.Count[p]);
+                long p = queryPos[x.QSlot[r]];
+                new Span<float>(dOut + p * Dv, Dv).CopyTo(new Span<float>(x.DOg + (long)r * Dv, Dv));
+                Tile<TS, TV>.Scale(x.DOg + (long)r * Dv, Dv, 1f / x.Count[p]);
             }
-            Tile<TS, TV>.Gemm(wq, n, Dv, x.DOg, Dv, x.VT, n, x.P, n, accumulate: false);         // dP = dO·Vᵀ (Wq, n)
-            for (int i = 0; i < wq; i++)
+            Tile<TS, TV>.Gemm(m, nk, Dv, x.DOg, Dv, x.VT, nk, x.P, nk, accumulate: false);      // dP = dO·Vᵀ (m, nk)
+            for (int r = 0; r < m; r++)
+                Tile<TS, TV>.ExpShiftSum(x.S + (long)r * nk, nk, lse[x.QSlot[r]]);                // P = exp(S − lse)
+            // The slots' outputs O (for delta = dO·O): saved by the forward, or recomputed as P·V (m × Dv, in DQ).
+            if (groupOut == null) Tile<TS, TV>.Gemm(m, Dv, nk, x.S, nk, x.V, Dv, x.DQ, Dv, accumulate: false);
+            for (int r = 0; r < m; r++)
             {
-                float* si = x.S + (long)i * n;
-                Tile<TS, TV>.ExpShiftSum(si, n, lse[i]);                                          // P = exp(S − lse)
-                float delta = Tile<TS, TV>.Dot(x.DOg + (long)i * Dv, groupOut + (long)i * Dv, Dv);
-                Tile<TS, TV>.SoftmaxGrad(si, x.P + (long)i * n, n, delta);                        // dS in P
+                float* outRow = groupOut == null ? x.DQ + (long)r * Dv : groupOut + (long)x.QSlot[r] * Dv;
+                float delta = Tile<TS, TV>.Dot(x.DOg + (long)r * Dv, outRow, Dv);
+                Tile<TS, TV>.SoftmaxGrad(x.S + (long)r * nk, x.P + (long)r * nk, nk, delta);      // dS in P
             }
-            Tile<TS, TV>.Gemm(wq, D, n, x.P, n, x.K, D, x.DQ, D, accumulate: false);             // dQ = dS·K (Wq, D)
-            for (int i = 0; i < wq; i++)
-                if (queryPos[i] >= 0)
-                {
-                    Tile<TS, TV>.Scale(x.DQ + (long)i * D, D, a.Scale);
-                    Tile<TS, TV>.AddTo(dq + queryPos[i] * D, x.DQ + (long)i * D, D);
-                }
-            // Key side: transpose P and dS (Wq × n → n × Wq) and multiply with dO and Q.
+            Tile<TS, TV>.Gemm(m, D, nk, x.P, nk, x.K, D, x.DQ, D, accumulate: false);           // dQ = dS·K (m, D)
+            for (int r = 0; r < m; r++)
+            {
+                Tile<TS, TV>.Scale(x.DQ + (long)r * D, D, a.Scale);
+                Tile<TS, TV>.AddTo(dq + queryPos[x.QSlot[r]] * D, x.DQ + (long)r * D, D);
+            }
+            // Key side: transpose P and dS (m × nk → nk × m) and multiply with dO and Q.
             float* pT = x.PT, dsT = x.DST;
-            Transpose(x.S, wq, n, pT);
-            Transpose(x.P, wq, n, dsT);
-            Tile<TS, TV>.Gemm(n, Dv, wq, pT, wq, x.DOg, Dv, dvPart, Dv, accumulate: false);      // dV = Pᵀ·dO (n, Dv)
-            ScatterKeys<TS, TV>(x.KeyPos, n, keyMask, dvPart, Dv, dv, 1f);
-            Tile<TS, TV>.Gemm(n, D, wq, dsT, wq, x.Q, D, dkPart, D, accumulate: false);          // dK = dSᵀ·Q (n, D)
-            ScatterKeys<TS, TV>(x.KeyPos, n, keyMask, dkPart, D, dk, a.Scale);
+            Transpose(x.S, m, nk, pT);
+            Transpose(x.P, m, nk, dsT);
+            Tile<TS, TV>.Gemm(nk, Dv, m, pT, m, x.DOg, Dv, dvPart, Dv, accumulate: false);      // dV = Pᵀ·dO (nk, Dv)
+            ScatterKeys<TS, TV>(x.KeyKey, nk, dvPart, Dv, dv, 1f);
+            Tile<TS, TV>.Gemm(nk, D, m, dsT, m, x.Q, D, dkPart, D, accumulate: false);          // dK = dSᵀ·Q (nk, D)
+            ScatterKeys<TS, TV>(x.KeyKey, nk, dkPart, D, dk, a.Scale);
         }
     }
 
-    /// <summary>Adds each key slot's row (times <paramref name="scale"/>) to its position; empty and padded slots get nothing.</summary>
-    private static void ScatterKeys<TS, TV>(long* keyPos, int n, byte* keyMask, float* rows, int width, float* target, float scale)
+    /// <summary>Adds each compacted key's row (times <paramref name="scale"/>) to its position.</summary>
+    private static void ScatterKeys<TS, TV>(int* keyPos, int nk, float* rows, int width, float* target, float scale)
         where TS : struct, ISimd<TV> where TV : unmanaged
     {
-        for (int j = 0; j < n; j++)
+        for (int j = 0; j < nk; j++)
         {
-            long p = keyPos[j];
-            if (p < 0 || (keyMask != null && keyMask[p] == 0)) continue;
             if (scale != 1f) Tile<TS, TV>.Scale(rows + (long)j * width, width, scale);
-            Tile<TS, TV>.AddTo(target + p * width, rows + (long)j * width, width);
+            Tile<TS, TV>.AddTo(target + (long)keyPos[j] * width, rows + (long)j * width, width);
         }
     }
 
