@@ -65,6 +65,7 @@ public static class FusedBlockSparseAttention
             args.O = Pointer(output); args.Lse = Pointer(lse);
             args.DimV = (int)dimV;
             BlockSparseKernel.Forward(FusedLayout.For(settings.Mask), args);
+            GC.KeepAlive(q); GC.KeepAlive(k); GC.KeepAlive(v); GC.KeepAlive(keyBias);  // read through raw pointers above
             ctx.save_for_backward([q, k, v, output, lse, keyBias ?? empty(0)]);
             ctx.save_data("settings", settings);
             return output;
@@ -85,6 +86,9 @@ public static class FusedBlockSparseAttention
             args.Lse = Pointer(lse); args.DO = Pointer(dO); args.O = Pointer(output); args.Delta = Pointer(delta);
             args.DQ = Pointer(dq); args.DK = Pointer(dk); args.DV = Pointer(dv);
             BlockSparseKernel.Backward(FusedLayout.For(settings.Mask), args);
+            // The kernel only saw raw pointers: keep every tensor it read or wrote reachable until it is
+            // done, or the GC may finalize a wrapper (and free its memory) mid-kernel in optimised builds.
+            GC.KeepAlive(saved); GC.KeepAlive(dO); GC.KeepAlive(delta);
             return [dq, dk, dv, null!, null!];
         }
 

@@ -54,7 +54,8 @@ public static class FusedGroupedAttention
             var args = Arguments(q, k, v, queryIndex, keyIndex, keyMask, settings);
             args.O = FusedBlockSparseAttention.Pointer(output);
             args.Lse = FusedBlockSparseAttention.Pointer(lse);                            // per-slot outputs are not kept:
-            GroupedKernel.Forward(args);                                                   // the backward recomputes them (G·Wq·Dv floats, often ≫ T·Dv)
+            GroupedKernel.Forward(args);
+            GC.KeepAlive(q); GC.KeepAlive(k); GC.KeepAlive(v); GC.KeepAlive(queryIndex); GC.KeepAlive(keyIndex); GC.KeepAlive(keyMask);                                                   // the backward recomputes them (G·Wq·Dv floats, often ≫ T·Dv)
             ctx.save_for_backward([q, k, v, queryIndex, keyIndex, keyMask ?? empty(0, dtype: ScalarType.Bool), lse]);
             ctx.save_data("settings", settings);
             return output;
@@ -76,6 +77,8 @@ public static class FusedGroupedAttention
             args.DK = FusedBlockSparseAttention.Pointer(dk);
             args.DV = FusedBlockSparseAttention.Pointer(dv);
             GroupedKernel.Backward(args);
+            // Raw pointers only: keep every tensor the kernel used reachable until it is done.
+            GC.KeepAlive(saved); GC.KeepAlive(dO);
             return [dq, dk, dv, null!, null!, null!, null!];
         }
 

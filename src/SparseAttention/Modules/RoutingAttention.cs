@@ -294,6 +294,7 @@ public sealed class RoutingAttention : nn.Module<Tensor, Tensor?, Tensor, Tensor
                 }
             }
         });
+        GC.KeepAlive(qcT); GC.KeepAlive(kcT);                                           // read through raw pointers above
         var device = queryClusters.device;
         return (queryIdx.to(device).MoveToOuterDisposeScope(), keyIdx.to(device).MoveToOuterDisposeScope(),
             groupClusters.to(device).MoveToOuterDisposeScope());
