@@ -113,14 +113,14 @@ public sealed class RoutingAttention : nn.Module<Tensor, Tensor?, Tensor, Tensor
     public bool Causal => causal;
     public bool SharedQk => sharedQk;
 
+    /// <summary>Kernel of the attention inside clusters (Auto: fused for float32 CPU without memory key/values).</summary>
+    public AttentionKernel Kernel { get; set; } = AttentionKernel.Auto;
+
     /// <param name="q">Queries (B, H, T, D), T ≤ maxSeqLen.</param>
     /// <param name="k">Keys (B, H, T, D); must be null with shared QK (the keys are then the normalised queries).</param>
     /// <param name="v">Values (B, H, T, D).</param>
     /// <param name="keyMask">Optional (B, T) bool; true = real token, false = padding (never routed, never attended,
     /// excluded from the k-means).</param>
-    /// <summary>Kernel of the attention inside clusters (Auto: fused for float32 CPU without memory key/values).</summary>
-    public AttentionKernel Kernel { get; set; } = AttentionKernel.Auto;
-
     public override RoutingAttentionOutput forward(Tensor q, Tensor? k, Tensor v, Tensor? keyMask = null)
     {
         Check.Shape(q, nameof(q), "(B, H, T, D)", -1, heads, -1, dimHead);
