@@ -13,7 +13,7 @@ internal struct GroupedArgs
     public nint Q, K, V;             // (B, H, T, D), (B, H, T, D), (B, H, T, Dv); padded keys already zero
     public nint QueryIndex, KeyIndex; // (B, H, G, Wq), (B, H, G, Wk) int64, −1 = empty slot
     public nint KeyMask;             // (B, T) bool as bytes, or 0
-    public nint O, GroupOut, Lse;    // (B, H, T, Dv); per slot (B, H, G, Wq, Dv) (optional: 0 = backward recomputes it) and (B, H, G, Wq)
+    public nint O, Lse;              // (B, H, T, Dv) and per slot (B, H, G, Wq); slot outputs are recomputed in the backward
     public nint DO, DQ, DK, DV;      // backward
 }
 
@@ -225,9 +225,7 @@ internal static unsafe class GroupedKernel
         {
             long* queryPos = queryIndex + (long)g * wq;
             float* lse = (float*)a.Lse + ((long)bh * a.Groups + g) * wq;
-            float* groupOut = a.GroupOut == 0 ? null : (float*)a.GroupOut + ((long)bh * a.Groups + g) * wq * Dv;
             new Span<float>(lse, wq).Fill(float.PositiveInfinity);                              // empty slots: no key, zero output
-            if (groupOut != null) new Span<float>(groupOut, wq * Dv).Clear();
             KeyPositions(a, keyIndex, g, x.KeyPos);
             var (m, nk) = Compact(a, queryPos, x.KeyPos, n, keyMask, x);
             if (m == 0 || nk == 0) continue;
@@ -245,10 +243,7 @@ internal static unsafe class GroupedKernel
             Tile<TS, TV>.Gemm(m, Dv, nk, x.S, nk, x.V, Dv, x.DOg, Dv, accumulate: false);       // (m, Dv)
             for (int r = 0; r < m; r++)
             {
-                int slot = x.QSlot[r];
-                float* row = x.DOg + (long)r * Dv;
-                if (groupOut != null) new Span<float>(row, Dv).CopyTo(new Span<float>(groupOut + (long)slot * Dv, Dv));
-                Tile<TS, TV>.AddTo(o + queryPos[slot] * Dv, row, Dv);
+                Tile<TS, TV>.AddTo(o + queryPos[x.QSlot[r]] * Dv, x.DOg + (long)r * Dv, Dv);
             }
         }
         for (int t = 0; t < T; t++)
@@ -278,7 +273,6 @@ internal static unsafe class GroupedKernel
             Gather(a, q, k, v, queryPos, m, nk, x, transposedValues: true);
             Scores<TS, TV>(a, queryPos, m, nk, x);
             float* lse = (float*)a.Lse + ((long)bh * a.Groups + g) * wq;
-            float* groupOut = a.GroupOut == 0 ? null : (float*)a.GroupOut + ((long)bh * a.Groups + g) * wq * Dv;
             // dO of each slot = dOut at its position / number of slots holding that position.
             for (int r = 0; r < m; r++)
             {
@@ -289,12 +283,11 @@ internal static unsafe class GroupedKernel
             Tile<TS, TV>.Gemm(m, nk, Dv, x.DOg, Dv, x.VT, nk, x.P, nk, accumulate: false);      // dP = dO·Vᵀ (m, nk)
             for (int r = 0; r < m; r++)
                 Tile<TS, TV>.ExpShiftSum(x.S + (long)r * nk, nk, lse[x.QSlot[r]]);                // P = exp(S − lse)
-            // The slots' outputs O (for delta = dO·O): saved by the forward, or recomputed as P·V (m × Dv, in DQ).
-            if (groupOut == null) Tile<TS, TV>.Gemm(m, Dv, nk, x.S, nk, x.V, Dv, x.DQ, Dv, accumulate: false);
+            // The slots' outputs O = P·V (for delta = dO·O), recomputed into DQ (m × Dv) rather than kept from the forward.
+            Tile<TS, TV>.Gemm(m, Dv, nk, x.S, nk, x.V, Dv, x.DQ, Dv, accumulate: false);
             for (int r = 0; r < m; r++)
             {
-                float* outRow = groupOut == null ? x.DQ + (long)r * Dv : groupOut + (long)x.QSlot[r] * Dv;
-                float delta = Tile<TS, TV>.Dot(x.DOg + (long)r * Dv, outRow, Dv);
+                float delta = Tile<TS, TV>.Dot(x.DOg + (long)r * Dv, x.DQ + (long)r * Dv, Dv);
                 Tile<TS, TV>.SoftmaxGrad(x.S + (long)r * nk, x.P + (long)r * nk, nk, delta);      // dS in P
             }
             Tile<TS, TV>.Gemm(m, D, nk, x.P, nk, x.K, D, x.DQ, D, accumulate: false);           // dQ = dS·K (m, D)
