@@ -63,22 +63,27 @@ internal static class ReversibleStack
             var steps = new List<Step>();
             using var scope = NewDisposeScope();
             var aux = zeros(Array.Empty<long>(), dtype: x.dtype, device: x.device);
-            Tensor x1 = x, x2 = x;                                                    // (B, T, Dim) each
+            Tensor x1 = x.clone(), x2 = x.clone();                                    // (B, T, Dim) each; fresh, so outputs never alias the input
             foreach (int index in plan.Schedule)
             {
                 if (plan.Training && plan.LayerDropout > 0 && rand(1).item<float>() < plan.LayerDropout) continue;
                 var block = plan.Blocks[index];
                 var centroids = OnlineKMeans.All(block).Select(k => (k, k.Means.DetachFromDisposeScope())).ToArray();
                 var rngAttention = get_rng_state().DetachFromDisposeScope();
-                var (f, loss) = block.AttentionBranch(x2, plan.InputMask, context, plan.ContextMask);
-                var y1 = x1 + f;
-                var rngFeedForward = get_rng_state().DetachFromDisposeScope();
-                var y2 = x2 + block.FeedForwardBranch(y1, plan.InputMask);
-                steps.Add(new Step(index, rngAttention, rngFeedForward, centroids));
-                (x1, x2, aux) = (y1, y2, aux + loss);
+                Tensor y1, y2, sum;
+                using (NewDisposeScope())                                             // frees this layer's temporaries now, not at the end
+                {
+                    var (f, loss) = block.AttentionBranch(x2, plan.InputMask, context, plan.ContextMask);
+                    y1 = (x1 + f).MoveToOuterDisposeScope();
+                    var rngFeedForward = get_rng_state().DetachFromDisposeScope();
+                    y2 = (x2 + block.FeedForwardBranch(y1, plan.InputMask)).MoveToOuterDisposeScope();
+                    sum = (aux + loss).MoveToOuterDisposeScope();
+                    steps.Add(new Step(index, rngAttention, rngFeedForward, centroids));
+                }
+                Replace(ref x1, y1);
+                Replace(ref x2, y2);
+                Replace(ref aux, sum);
             }
-            // The outputs must be fresh tensors (an input returned as an output would alias it in the graph).
-            if (ReferenceEquals(x1, x)) (x1, x2) = (x.clone(), x.clone());
             // TorchSharp's zero-filling of missing output gradients uses tensors that the caller's dispose scope
             // may already have freed; missing gradients are handled in backward instead.
             ctx.set_materialize_grads(false);
@@ -95,16 +100,15 @@ internal static class ReversibleStack
             var plan = (Plan)ctx.get_data("plan");
             // vars at forward time: x, context, parameters…, plan — one gradient entry each.
             var result = new List<Tensor>();
-            Tensor dx, y1, y2, dy1, dy2;
+            Tensor dx;
             Tensor? dContext = null;
             var callerRng = get_rng_state();
             try
             {
                 using var scope = NewDisposeScope();
-                y1 = saved[0].detach();
-                y2 = saved[1].detach();
-                dy1 = Defined(gradOutputs[0]) ?? zeros_like(y1);
-                dy2 = Defined(gradOutputs[1]) ?? zeros_like(y2);
+                Tensor y1 = saved[0].detach(), y2 = saved[1].detach();                 // (B, T, Dim): outputs of the layer being undone
+                Tensor dy1 = Defined(gradOutputs[0])?.clone() ?? zeros_like(y1);
+                Tensor dy2 = Defined(gradOutputs[1])?.clone() ?? zeros_like(y2);
                 var dAux = Defined(gradOutputs[2]) ?? zeros(Array.Empty<long>(), dtype: y1.dtype, device: y1.device);
                 Tensor? context = saved.Count > 2 ? saved[2] : null;
                 for (int s = steps.Count - 1; s >= 0; s--)
@@ -112,40 +116,49 @@ internal static class ReversibleStack
                     var step = steps[s];
                     var block = plan.Blocks[step.Block];
                     using var suspended = OnlineKMeans.SuspendUpdates(block);
-
-                    // Feed-forward branch: y2 = x2 + g(y1).
-                    var y1Leaf = y1.detach().requires_grad_(true);
-                    Tensor g;
-                    set_rng_state(step.RngBeforeFeedForward);
-                    using (enable_grad())
+                    Tensor x1, x2, dx1, dx2;
+                    using (NewDisposeScope())                                         // frees this layer's recompute now
                     {
-                        g = block.FeedForwardBranch(y1Leaf, plan.InputMask);
-                        g.backward([dy2]);
-                    }
-                    var x2 = (y2 - g.detach()).detach();
-                    dy1 = dy1 + y1Leaf.grad!;                                           // y1 feeds g as well as the output
-
-                    // Attention branch: y1 = x1 + f(x2).
-                    var x2Leaf = x2.requires_grad_(true);
-                    var contextLeaf = context?.detach().requires_grad_(context.requires_grad);
-                    Tensor f;
-                    set_rng_state(step.RngBeforeAttention);
-                    var restored = step.Centroids.Select(c => c.KMeans.RouteWith(c.Means)).ToList();
-                    try
-                    {
+                        // Feed-forward branch: y2 = x2 + g(y1).
+                        var y1Leaf = y1.detach().requires_grad_(true);
+                        Tensor g;
+                        set_rng_state(step.RngBeforeFeedForward);
                         using (enable_grad())
                         {
-                            var (fOut, loss) = block.AttentionBranch(x2Leaf, plan.InputMask, contextLeaf, plan.ContextMask);
-                            f = fOut;
-                            var surrogate = (fOut * dy1).sum() + (loss * dAux).sum();   // ∂/∂θ = dy1·∂f/∂θ + dAux·∂loss/∂θ
-                            surrogate.backward();
+                            g = block.FeedForwardBranch(y1Leaf, plan.InputMask);
+                            g.backward([dy2]);
                         }
+                        x2 = (y2 - g.detach()).detach();
+                        dx1 = dy1 + y1Leaf.grad!;                                       // y1 feeds g as well as the output
+
+                        // Attention branch: y1 = x1 + f(x2).
+                        var x2Leaf = x2.requires_grad_(true);
+                        var contextLeaf = context?.detach().requires_grad_(context.requires_grad);
+                        Tensor f;
+                        set_rng_state(step.RngBeforeAttention);
+                        var restored = step.Centroids.Select(c => c.KMeans.RouteWith(c.Means)).ToList();
+                        try
+                        {
+                            using (enable_grad())
+                            {
+                                var (fOut, loss) = block.AttentionBranch(x2Leaf, plan.InputMask, contextLeaf, plan.ContextMask);
+                                f = fOut;
+                                var surrogate = (fOut * dx1).sum() + (loss * dAux).sum();  // ∂/∂θ = dy1·∂f/∂θ + dAux·∂loss/∂θ
+                                surrogate.backward();
+                            }
+                        }
+                        finally { restored.ForEach(r => r.Dispose()); }
+                        x1 = (y1 - f.detach()).detach().MoveToOuterDisposeScope();
+                        dx2 = (dy2 + x2Leaf.grad!).MoveToOuterDisposeScope();             // x2 feeds f as well as y2
+                        x2 = x2.detach().MoveToOuterDisposeScope();
+                        dx1 = dx1.MoveToOuterDisposeScope();
+                        if (contextLeaf?.grad is Tensor cg)
+                            dContext = (dContext is null ? cg.clone() : dContext + cg).MoveToOuterDisposeScope();
                     }
-                    finally { restored.ForEach(r => r.Dispose()); }
-                    var x1 = (y1 - f.detach()).detach();
-                    dy2 = dy2 + x2Leaf.grad!;                                           // x2 feeds f as well as y2
-                    if (contextLeaf?.grad is Tensor cg) dContext = dContext is null ? cg.clone() : dContext + cg;
-                    (y1, y2) = (x1, x2);
+                    Replace(ref y1, x1);
+                    Replace(ref y2, x2);
+                    Replace(ref dy1, dx1);
+                    Replace(ref dy2, dx2);
                 }
                 dx = (dy1 + dy2).MoveToOuterDisposeScope();                             // the stream was duplicated: x1 = x2 = x
                 dContext = dContext?.MoveToOuterDisposeScope();
@@ -164,5 +177,13 @@ internal static class ReversibleStack
         }
 
         private static Tensor? Defined(Tensor? t) => t is null || t.IsInvalid ? null : t;
+
+        /// <summary>Frees <paramref name="slot"/>'s tensor and puts <paramref name="value"/> there (the carried tensors
+        /// of the layer loops are owned by the loop).</summary>
+        private static void Replace(ref Tensor slot, Tensor value)
+        {
+            slot.Dispose();
+            slot = value;
+        }
     }
 }
