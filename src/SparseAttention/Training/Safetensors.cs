@@ -296,7 +296,7 @@ public static class Safetensors
         if (offsets.Length != 2) throw Bad($"data_offsets must be [begin, end], got {offsets.Length} numbers.");
         long begin = offsets[0], end = offsets[1];
         if (begin > end) throw Bad($"data_offsets [{begin}, {end}] end before they begin.");
-        if (end > bufferLength) throw Bad($"data_offsets [{begin}, {end}] run past the end of the data buffer ({bufferLength} bytes).");
+        if (end > bufferLength) throw Bad($"data_offsets [{begin}, {end}] run past the end of the data buffer ({bufferLength} bytes; file truncated?).");
         long bytes = size;
         try { foreach (long d in shape) bytes = checked(bytes * d); }
         catch (OverflowException) { throw Bad($"shape [{string.Join(", ", shape)}] is too large."); }
