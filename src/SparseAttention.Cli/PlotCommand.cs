@@ -162,7 +162,7 @@ internal sealed class AttentionPlotCommand
         output.WriteLine($"wrote {outPath}: {heads.Select(h => h.Layer).Distinct().Count()} layers × {loaded.Config.Heads} heads on {t} bytes");
         if (heads.Any(h => h.Kind == HeadGroupKind.Routing))
         {
-            string clustersPath = Path.Combine(Path.GetDirectoryName(Path.GetFullPath(outPath))!, Path.GetFileNameWithoutExtension(outPath) + "-clusters.png");
+            string clustersPath = Path.Combine(Path.GetDirectoryName(outPath) ?? "", Path.GetFileNameWithoutExtension(outPath) + "-clusters.png");
             AttentionRendering.ClustersPng(heads, window, clusters, clustersPath, $"{loaded.Describe()}: routing clusters over positions");
             output.WriteLine($"wrote {clustersPath}: {heads.Count(h => h.Kind == HeadGroupKind.Routing)} routing heads, colour = cluster of the query's group");
         }

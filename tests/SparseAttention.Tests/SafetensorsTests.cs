@@ -246,6 +246,12 @@ public sealed class SafetensorsTests : TrainedModelTestBase
         Assert.True(code == 0, stderr);
         Assert.True(File.Exists(Path.Combine(folder, "model.safetensors")));
         Assert.Empty(ConfigBinding.Differences(MicroConfig, ConfigBinding.FromJson(File.ReadAllText(Path.Combine(folder, "config.json")), "c")));
+        // ... which --checkpoint reads like from_pretrained: the float16 weights score (almost) like the checkpoint.
+        string data = Path.Combine(Dir, "eval.txt");
+        File.WriteAllBytes(data, ValBytes);
+        double Bpc(string source) => JsonDocument.Parse(CliRunner.Run("eval", "--checkpoint", source, "--data", data, "--json").Out).RootElement.GetProperty("bpc").GetDouble();
+        double full = Bpc(checkpoint), half = Bpc(folder);
+        Assert.True(Math.Abs(full - half) < 2e-3 * full, $"bpc {full} (checkpoint) vs {half} (float16 export)");
 
         // Import into a run folder: a step-0 checkpoint with the same weights (bit-identical logits).
         string imported = Path.Combine(Dir, "imported");
