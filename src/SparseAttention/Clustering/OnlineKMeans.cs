@@ -365,6 +365,27 @@ public sealed class OnlineKMeans : nn.Module<Tensor, Tensor?, KMeansOutput>
         return FindAll(root).Count(k => k.Update());
     }
 
+    /// <summary>Every <see cref="OnlineKMeans"/> in <paramref name="root"/> (itself included), in module order.</summary>
+    internal static IReadOnlyList<OnlineKMeans> All(nn.Module root) => FindAll(root).ToList();
+
+    /// <summary>
+    /// Makes the centroids equal <paramref name="snapshot"/> (an earlier <see cref="Means"/>) until the returned scope
+    /// is disposed, then puts the current ones back. Pending statistics and the initialised flag are untouched: a
+    /// reversible-layer recompute routes exactly as the original forward did, even if that forward initialised or
+    /// (with <see cref="UpdateOnForward"/>) moved the centroids afterwards.
+    /// </summary>
+    internal IDisposable RouteWith(Tensor snapshot)
+    {
+        Check.Shape(snapshot, nameof(snapshot), "(H, C, D)", heads, clusters, dim);
+        var current = means.detach().clone().DetachFromDisposeScope();
+        using (no_grad()) means.copy_(snapshot);
+        return new Resume(() =>
+        {
+            using (no_grad()) means.copy_(current);
+            current.Dispose();
+        });
+    }
+
     private static IEnumerable<OnlineKMeans> FindAll(nn.Module root) =>
         new[] { root }.Concat(root.modules()).OfType<OnlineKMeans>().Distinct();
 

@@ -13,8 +13,8 @@ namespace SparseAttention.Model;
 /// <remarks>
 /// Sequential layers: x ← x + f(x); x ← x + g(x). Reversible layers (Gomez et al. 2017, as in the
 /// Reformer): the stream is duplicated into (x1, x2), each layer computes y1 = x1 + f(x2),
-/// y2 = x2 + g(y1), and the output is (x1 + x2) / 2. Gradients come from ordinary autograd (no
-/// recomputation, so no memory is saved). LayerDrop (Fan et al. 2020): in training each layer is
+/// y2 = x2 + g(y1), and the output is (x1 + x2) / 2; when gradients are recorded the layers' activations
+/// are not kept but recomputed in the backward (<see cref="ReversibleRecompute"/>). LayerDrop (Fan et al. 2020): in training each layer is
 /// skipped with probability LayerDropout (drawn from the global torch generator); in evaluation all run.
 /// </remarks>
 public sealed class RoutingTransformer : nn.Module<Tensor, Tensor?, (Tensor Output, Tensor AuxLoss)>
@@ -45,6 +45,14 @@ public sealed class RoutingTransformer : nn.Module<Tensor, Tensor?, (Tensor Outp
 
     public TransformerConfig Config => config;
 
+    /// <summary>
+    /// true (default) — with <see cref="TransformerConfig.Reversible"/>, a forward that records gradients keeps no
+    /// per-layer activations and the backward recomputes them layer by layer (see <see cref="ReversibleStack"/>).
+    /// false — the same reversible math through ordinary autograd (stores every layer's activations); the oracle the
+    /// recomputing path is tested against.
+    /// </summary>
+    public bool ReversibleRecompute { get; set; } = true;
+
     /// <summary>The distinct blocks (one per layer, or one in total with WeightTie; cross-attention blocks interleaved).</summary>
     public IReadOnlyList<TransformerBlock> Blocks => layers.ToList();
 
@@ -68,6 +76,13 @@ public sealed class RoutingTransformer : nn.Module<Tensor, Tensor?, (Tensor Outp
         Check.That(!config.ReceivesContext || context is not null, nameof(context), "this model receives context (ReceivesContext = true); pass the context sequence.");
 
         using var scope = NewDisposeScope();
+        if (config.Reversible && ReversibleRecompute && is_grad_enabled())
+        {
+            var plan = new ReversibleStack.Plan(Blocks, schedule, config.LayerDropout, training, inputMask, contextMask, 0);
+            var trainable = layers.parameters().Where(p => p.requires_grad).Cast<Tensor>().ToList();
+            var (y1, y2, loss) = ReversibleStack.Run(plan, x, context, trainable);                // (B, T, Dim) each
+            return (norm.forward((y1 + y2) / 2).MoveToOuterDisposeScope(), loss.MoveToOuterDisposeScope());
+        }
         var aux = zeros(Array.Empty<long>(), dtype: x.dtype, device: x.device);
         Tensor x1 = x, x2 = x;                                                          // reversible halves, each (B, T, Dim)
         foreach (int index in schedule)

@@ -98,8 +98,9 @@ public sealed record TransformerConfig
     [JsonPropertyName("ff_chunks")] public int FfChunks { get; init; } = 1;
 
     // ---- architecture --------------------------------------------------------------------------
-    /// <summary>false — RevNet layers (y1 = x1 + attn(x2), y2 = x2 + ff(y1), output = (y1 + y2) / 2). The
-    /// backward is ordinary autograd: same math, activations are not recomputed, so no memory is saved yet.</summary>
+    /// <summary>false — RevNet layers (y1 = x1 + attn(x2), y2 = x2 + ff(y1), output = (y1 + y2) / 2). Training keeps
+    /// no per-layer activations: the backward rebuilds each layer's input from its output and recomputes it, replaying
+    /// dropout masks and k-means routing exactly (memory for activations independent of Depth, one extra forward).</summary>
     [JsonPropertyName("reversible")] public bool Reversible { get; init; }
     /// <summary>false — one layer's weights are shared by all Depth layers (needs the same head groups in every layer).</summary>
     [JsonPropertyName("weight_tie")] public bool WeightTie { get; init; }

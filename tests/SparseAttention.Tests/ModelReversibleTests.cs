@@ -1,0 +1,113 @@
+using SparseAttention.Clustering;
+using SparseAttention.Model;
+using TorchSharp;
+using Xunit;
+using static TorchSharp.torch;
+
+namespace SparseAttention.Tests;
+
+/// <summary>Model tests, reversible part: the recomputing reversible stack against the same reversible math through
+/// ordinary autograd (<see cref="RoutingTransformer.ReversibleRecompute"/> = false), outputs and every gradient.</summary>
+public partial class ModelTests
+{
+    public static TheoryData<string> ReversibleVariants() => new(["static", "routing", "routing-update-on-forward", "dropout", "weight-tie", "padding"]);
+
+    [Theory]
+    [MemberData(nameof(ReversibleVariants))]
+    public void ReversibleRecomputeMatchesPlainAutograd(string variant)
+    {
+        var config = variant switch
+        {
+            "static" => Tiny() with { Depth = 3 },
+            "routing" or "routing-update-on-forward" or "padding" => WithRouting(causal: variant != "padding"),
+            "dropout" => WithRouting() with { AttnDropout = 0.2, FfDropout = 0.3, AttnLayerDropout = 0.1, LayerDropout = 0.3, Depth = 4 },
+            "weight-tie" => WithRouting() with { WeightTie = true, SparsitySkipFirst = 0 },
+            _ => throw new ArgumentException(variant),
+        } with { Reversible = true };
+        RoutingTransformerLM Model()
+        {
+            // A fresh model per path: same weights and the same k-means initialisation generator state.
+            var model = Lm(config, seed: 5);
+            model.train();
+            if (variant == "routing-update-on-forward")
+                foreach (var k in model.modules().OfType<OnlineKMeans>()) k.UpdateOnForward = true;
+            return model;
+        }
+        var tokens = Tokens(2, 27, 17, 9);
+        var mask = variant == "padding" ? ones(2, 27, dtype: ScalarType.Bool).index_put_(tensor(false), TensorIndex.Single(1), TensorIndex.Slice(20)) : null;
+
+        // Two steps each, so the second forward routes with centroids the first one initialised (or moved).
+        var plain = RunReversible(Model(), tokens, mask, recompute: false, steps: 2);
+        var recomputed = RunReversible(Model(), tokens, mask, recompute: true, steps: 2);
+
+        for (int i = 0; i < plain.Count; i++)
+            TestSupport.AssertClose(plain[i].Value, recomputed[i].Value, $"{variant}: {plain[i].Key}", atol: 2e-5, rtol: 1e-4);
+    }
+
+    /// <summary>Forward + backward <paramref name="steps"/> times; returns logits, aux loss, every gradient, the input
+    /// embedding gradient and the centroids after each step (k-means updated explicitly unless on forward).</summary>
+    private static List<KeyValuePair<string, Tensor>> RunReversible(RoutingTransformerLM model, Tensor tokens, Tensor? mask, bool recompute, int steps)
+    {
+        model.Transformer.ReversibleRecompute = recompute;
+        var results = new List<KeyValuePair<string, Tensor>>();
+        random.manual_seed(123);                                             // dropout and LayerDrop draws
+        for (int step = 0; step < steps; step++)
+        {
+            model.zero_grad();
+            var (logits, aux) = model.forward(tokens, mask);
+            var loss = LanguageModelLoss.NextToken(logits, tokens, aux);
+            loss.backward();
+            results.Add(new($"step {step} logits", logits.detach().clone()));
+            results.Add(new($"step {step} aux loss", aux.detach().clone()));
+            foreach (var (name, p) in model.named_parameters())
+                results.Add(new($"step {step} grad {name}", p.grad is null ? zeros(1) : p.grad.clone()));
+            OnlineKMeans.UpdateAll(model);
+            foreach (var (k, i) in model.modules().OfType<OnlineKMeans>().Select((k, i) => (k, i)))
+                results.Add(new($"step {step} centroids {i}", k.Means));
+            // What a later draw sees must not depend on the path either (the recompute puts the RNG back).
+            results.Add(new($"step {step} next draw", rand(3)));
+        }
+        return results;
+    }
+
+    [Fact]
+    public void ReversibleRecomputeGivesContextGradientsInTheEncoderDecoder()
+    {
+        var encoderConfig = Tiny(causal: false) with { Reversible = true };
+        var decoderConfig = Tiny() with { Reversible = true, ReceivesContext = true };
+        var source = Tokens(2, 13, 17, 3);
+        var target = Tokens(2, 11, 17, 4);
+        var sourceMask = ones(2, 13, dtype: ScalarType.Bool).index_put_(tensor(false), TensorIndex.Single(0), TensorIndex.Slice(9));
+        RoutingTransformerEncDec model = null!;
+        List<Tensor> Run(bool recompute)
+        {
+            random.manual_seed(8);
+            model = new RoutingTransformerEncDec(encoderConfig, decoderConfig);
+            model.train();
+            model.Encoder.Transformer.ReversibleRecompute = recompute;
+            model.Decoder.Transformer.ReversibleRecompute = recompute;
+            var (logits, aux) = model.Forward(source, target, sourceMask, null);
+            LanguageModelLoss.NextToken(logits, target, aux).backward();
+            return [logits.detach().clone(), .. model.parameters().Select(p => p.grad?.clone() ?? zeros(1))];
+        }
+        var plain = Run(false);
+        var recomputed = Run(true);
+        // The encoder's gradients only arrive through the decoder's context, so they test dContext.
+        Assert.True(model.Encoder.parameters().Any(p => p.grad is not null && p.grad.abs().sum().item<float>() > 0), "encoder got no gradient");
+        for (int i = 0; i < plain.Count; i++)
+            TestSupport.AssertClose(plain[i], recomputed[i], $"tensor {i}", atol: 2e-5, rtol: 1e-4);
+    }
+
+    [Fact]
+    public void ReversibleRecomputeTrainsEmbeddingsTheModelDoesNotOwn()
+    {
+        // The autograd function also runs when its input does not require a gradient (parameters are its inputs too).
+        var config = Tiny() with { Reversible = true };
+        random.manual_seed(2);
+        var body = new RoutingTransformer(config);
+        var x = randn(2, 9, config.Dim);
+        var (output, _) = body.forward(x, null);
+        output.square().sum().backward();
+        Assert.All(body.parameters(), p => Assert.True(p.grad is not null && p.grad.abs().sum().item<float>() > 0));
+    }
+}
