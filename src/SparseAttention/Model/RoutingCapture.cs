@@ -14,7 +14,8 @@ public sealed record RoutingRecord(RoutingHeadGroup Group, Tensor QueryIndices, 
 /// Records which clusters routing heads chose, for inspection (e.g. <c>sparse-attn plot attention</c>): while a
 /// capture is open on the current thread, every <see cref="RoutingHeadGroup"/> forward appends a
 /// <see cref="RoutingRecord"/> (detached CPU copies), in call order — i.e. layer order within one model forward.
-/// Costs nothing when no capture is open.
+/// Costs nothing when no capture is open. Capture around an inference forward (eval mode, no gradients): forwards
+/// recomputed by a reversible backward would be recorded again.
 /// </summary>
 /// <example><code>
 /// using var capture = RoutingCapture.Start();
