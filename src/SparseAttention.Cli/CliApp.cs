@@ -21,6 +21,8 @@ public static class CliApp
         var root = new RootCommand("Sparse attention for long sequences: draw attention patterns (more commands to come).");
         root.Add(PatternCommand.Create());
         root.Add(BenchCommand.Create()); root.Add(TrainCommand.Create());
+        root.Add(SampleCommand.Create()); root.Add(EvalCommand.Create()); root.Add(PlotCommand.Create());
+        root.Add(ExportCommand.Create()); root.Add(ImportCommand.Create());
         return root;
     }
 
@@ -65,6 +67,12 @@ public static class CliApp
             // Library argument checks name their parameter; say which option that is when we know.
             stderr.WriteLine($"error: {OptionNames.Describe(e, parsed.CommandResult.Command)}");
             return UsageError;
+        }
+        catch (Exception e) when (e is Training.CheckpointException or Training.SafetensorsException)
+        {
+            // A file the user named is corrupt or does not fit: the message says which and why.
+            stderr.WriteLine($"error: {e.Message}");
+            return Failure;
         }
         catch (Exception e) when (e is IOException or UnauthorizedAccessException)
         {

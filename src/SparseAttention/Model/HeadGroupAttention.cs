@@ -164,6 +164,7 @@ public sealed class RoutingHeadGroup : HeadGroupAttention
     {
         using var scope = NewDisposeScope();
         var result = routing.forward(q, routing.SharedQk ? null : k, v, keyMask);
+        RoutingCapture.Record(this, result);   // no-op unless a RoutingCapture is open (plots)
         var output = dropout > 0 ? nn.functional.dropout(result.Output, dropout, training) : result.Output;  // (B, Hg, T, D)
         return (output.MoveToOuterDisposeScope(), result.AuxLoss.MoveToOuterDisposeScope());
     }

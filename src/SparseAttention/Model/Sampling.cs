@@ -89,9 +89,11 @@ public static class Sampling
     /// <param name="eos">End-of-sequence id: a row that produced it keeps producing it; sampling stops
     /// when every row has produced it.</param>
     /// <param name="seed">Seed of the sampling generator: the same seed gives the same tokens.</param>
+    /// <param name="onToken">Called after each step with the (B) int64 tokens just chosen (for streaming output);
+    /// the tensor is only valid during the call.</param>
     /// <returns>(B, n) int64, the new tokens only (n ≤ maxNewTokens; n &lt; maxNewTokens only when all rows ended with eos).</returns>
     public static Tensor Generate(nn.Module model, Tensor prompt, int maxNewTokens, int maxSeqLen, Func<Tensor, Tensor> logits,
-        double temperature = 1.0, int? topK = null, double? topP = null, long? eos = null, ulong seed = 0)
+        double temperature = 1.0, int? topK = null, double? topP = null, long? eos = null, ulong seed = 0, Action<Tensor>? onToken = null)
     {
         ArgumentNullException.ThrowIfNull(model);
         ArgumentNullException.ThrowIfNull(logits);
@@ -132,6 +134,7 @@ public static class Sampling
                     finished = finished.logical_or(next.eq(e));
                 }
                 sequence = cat([sequence, next.unsqueeze(1)], 1);                                 // (B, len + 1)
+                onToken?.Invoke(next);
                 if (eos is not null && finished.all().item<bool>()) break;
             }
             return sequence.narrow(1, promptLen, sequence.shape[1] - promptLen).MoveToOuterDisposeScope();

@@ -1,0 +1,98 @@
+using System.CommandLine;
+using System.Diagnostics;
+using System.Globalization;
+using SparseAttention.Model;
+using static TorchSharp.torch;
+
+namespace SparseAttention.Cli;
+
+/// <summary>
+/// <c>sparse-attn eval</c>: bits per character (byte) of a model on a text file or folder.
+/// </summary>
+internal sealed class EvalCommand
+{
+    private readonly Option<string> checkpointOption = new("--checkpoint") { HelpName = "FILE|DIR", Description = "Checkpoint (ckpt-*.sat), run folder (its newest checkpoint), .safetensors file or exported folder.", Required = true };
+    private readonly Option<string?> configOption = new("--config") { HelpName = "FILE", Description = "Configuration JSON for safetensors weights that carry none (or to override theirs)." };
+    private readonly Option<string> dataOption = new("--data") { HelpName = "PATH", Description = "Text to score: a file, or a folder whose files are concatenated (ordinal path order, as train reads them).", Required = true };
+    private readonly Option<long?> maxBytesOption = new("--max-bytes") { HelpName = "N", Description = "Score only the first N bytes of the data." };
+    private readonly Option<int> batchSizeOption = new("--batch-size") { HelpName = "B", Description = "Windows per forward pass.", DefaultValueFactory = _ => 16 };
+    private readonly Option<bool> jsonOption = new("--json") { Description = "Print {\"bpc\":x, \"tokens\":n} instead of a sentence." };
+    private readonly Option<int?> threadsOption = new("--threads") { HelpName = "N", Description = "libtorch intra-op threads (default: libtorch's choice)." };
+
+    public static Command Create()
+    {
+        var self = new EvalCommand();
+        var command = new Command("eval",
+            "Bits per character of a model on text. The bytes are cut into windows of T = max_seq_len bytes that overlap by one byte " +
+            "(window k starts at byte k·(T−1); the last may be shorter), so every byte except the first is predicted exactly once, " +
+            "from the bytes before it in its window; bpc = mean next-byte cross-entropy in bits, tokens = bytes predicted.");
+        foreach (var option in new Option[] { self.checkpointOption, self.configOption, self.dataOption, self.maxBytesOption, self.batchSizeOption,
+                     self.jsonOption, self.threadsOption })
+            command.Add(option);
+        command.SetAction(self.Execute);
+        return command;
+    }
+
+    private int Execute(ParseResult parse)
+    {
+        var output = parse.InvocationConfiguration.Output;
+        int batchSize = parse.GetValue(batchSizeOption);
+        if (batchSize <= 0) throw new CliUsageException($"--batch-size must be > 0, got {batchSize}.");
+        long? maxBytes = parse.GetValue(maxBytesOption);
+        if (maxBytes is < 2) throw new CliUsageException($"--max-bytes must be >= 2 (one byte predicted from another), got {maxBytes}.");
+        CliThreads.Apply(parse.GetValue(threadsOption));
+        var data = TextData.Read(parse.GetValue(dataOption)!, "--data", minBytes: 2);
+        if (maxBytes is long mb && mb < data.Length) data = data[..(int)mb];
+
+        using var loaded = CheckpointLocator.Load(parse.GetValue(checkpointOption)!, parse.GetValue(configOption));
+        var watch = Stopwatch.StartNew();
+        var (nats, tokens, windows) = NextByteNats(loaded.Model, data, loaded.Config.MaxSeqLen, batchSize);
+        double bpc = nats / tokens / Math.Log(2);
+        if (parse.GetValue(jsonOption))
+            output.WriteLine($"{{\"bpc\":{bpc.ToString("R", CultureInfo.InvariantCulture)}, \"tokens\":{tokens}}}");
+        else
+            output.WriteLine($"bpc {bpc:F4} over {tokens:N0} predicted bytes ({windows:N0} windows of up to {loaded.Config.MaxSeqLen} bytes) " +
+                             $"with {loaded.Describe()} in {watch.Elapsed.TotalSeconds:F1} s");
+        return CliApp.Ok;
+    }
+
+    /// <summary>Windows as described in the command's help: starts k·(T−1), length min(T, N − start), while at least 2 bytes remain.</summary>
+    internal static IEnumerable<(int Start, int Length)> Windows(int dataLength, int seqLen)
+    {
+        int stride = Math.Max(1, seqLen - 1);
+        for (long start = 0; start < dataLength - 1; start += stride)
+            yield return ((int)start, (int)Math.Min(seqLen, dataLength - start));
+    }
+
+    /// <summary>Summed next-byte cross-entropy (nats) over all windows, the number of predicted bytes and of windows.</summary>
+    internal static (double Nats, long Tokens, int Windows) NextByteNats(RoutingTransformerLM model, byte[] data, int seqLen, int batchSize)
+    {
+        model.eval();
+        using var noGrad = no_grad();
+        double nats = 0;
+        long tokens = 0;
+        var windows = Windows(data.Length, seqLen).ToList();
+        // Windows of one length go through the model together (all full windows; the last may be shorter).
+        foreach (var sameLength in windows.GroupBy(w => w.Length))
+        {
+            var list = sameLength.ToList();
+            int length = sameLength.Key;
+            for (int first = 0; first < list.Count; first += batchSize)
+            {
+                using var scope = NewDisposeScope();
+                int b = Math.Min(batchSize, list.Count - first);
+                var ids = new long[b * length];
+                for (int i = 0; i < b; i++)
+                    for (int t = 0; t < length; t++) ids[i * length + t] = data[list[first + i].Start + t];
+                var batch = tensor(ids, new long[] { b, length });                                  // (B, T)
+                var logits = model.forward(batch, null).Logits;                                      // (B, T, 256)
+                var predictions = logits.narrow(1, 0, length - 1).reshape(-1, logits.shape[2]);      // (B·(T−1), 256)
+                var targets = batch.narrow(1, 1, length - 1).reshape(-1);                            // (B·(T−1))
+                var summed = nn.functional.cross_entropy(predictions.to(ScalarType.Float64), targets, reduction: nn.Reduction.Sum);
+                nats += summed.item<double>();
+                tokens += b * (length - 1);
+            }
+        }
+        return (nats, tokens, windows.Count);
+    }
+}
