@@ -186,18 +186,32 @@ public sealed class OnlineKMeans : nn.Module<Tensor, Tensor?, KMeansOutput>
     internal (Tensor[] Normalized, Tensor[] Similarities, Tensor[] Nearest, Tensor Loss) ForwardParts(
         Tensor[] parts, Tensor? keyMask, bool similarities)
     {
-        var x0 = parts[0];
         foreach (var part in parts)
+            Check.Shape(part, nameof(parts), "(B, H, T, D)", parts[0].shape[0], heads, parts[0].shape[2], dim);
+        return ForwardParts(parts, parts.Select(_ => keyMask).ToArray(), similarities);
+    }
+
+    /// <summary>
+    /// <see cref="ForwardParts(Tensor[], Tensor?, bool)"/> for parts of different lengths, each with its own mask:
+    /// part p is (B, H, T_p, D) and <paramref name="masks"/>[p] is null or (B, T_p) bool (true = real token). Used by
+    /// routing cross-attention, which clusters the decoder's queries together with the context's keys.
+    /// </summary>
+    internal (Tensor[] Normalized, Tensor[] Similarities, Tensor[] Nearest, Tensor Loss) ForwardParts(
+        Tensor[] parts, Tensor?[] masks, bool similarities)
+    {
+        Check.That(parts.Length > 0 && masks.Length == parts.Length, nameof(masks), $"needs one mask (or null) per part, got {masks.Length} for {parts.Length} parts.");
+        var x0 = parts[0];
+        for (int p = 0; p < parts.Length; p++)
         {
-            Check.Shape(part, nameof(parts), "(B, H, T, D)", x0.shape[0], heads, x0.shape[2], dim);
-            Check.SameDtype(x0, nameof(parts), part, nameof(parts));
+            Check.Shape(parts[p], nameof(parts), "(B, H, T, D)", x0.shape[0], heads, -1, dim);
+            Check.SameDtype(x0, nameof(parts), parts[p], nameof(parts));
+            Check.KeyMask(masks[p], x0.shape[0], parts[p].shape[2]);
         }
-        long batch = x0.shape[0], seqLen = x0.shape[2];
+        long batch = x0.shape[0];
         int count = parts.Length;
 
         using var scope = NewDisposeScope();
         var centroids = means.detach().to(x0.dtype, x0.device).clone();            // (H, C, D) snapshot used by this forward
-        var padding = keyMask?.logical_not().view(batch, 1, seqLen);              // (B, 1, T)
         var normalized = new Tensor[count];
         var sims = new Tensor[count];
         var nearest = new Tensor[count];
@@ -205,7 +219,8 @@ public sealed class OnlineKMeans : nn.Module<Tensor, Tensor?, KMeansOutput>
         Tensor? sums = null, counts = null, squares = null;
         for (int p = 0; p < count; p++)
         {
-            normalized[p] = Normalize(parts[p]);                                  // (B, H, T, D)
+            var padding = masks[p]?.logical_not().view(batch, 1, parts[p].shape[2]);  // (B, 1, T_p)
+            normalized[p] = Normalize(parts[p]);                                  // (B, H, T_p, D)
             using (no_grad())
             {
                 if (similarities)
@@ -232,9 +247,9 @@ public sealed class OnlineKMeans : nn.Module<Tensor, Tensor?, KMeansOutput>
             counts = counts is null ? partCounts : counts + partCounts;
             squares = squares is null ? partSquares : squares + partSquares;
         }
-        Tensor elements = padding is not null
-            ? keyMask!.sum().to(x0.dtype) * (heads * dim * count)
-            : tensor((double)(batch * seqLen * heads * dim * count), dtype: x0.dtype, device: x0.device);
+        Tensor elements = tensor(0.0, dtype: x0.dtype, device: x0.device);    // real tokens × H × D over all parts
+        for (int p = 0; p < count; p++)
+            elements = elements + (masks[p] is Tensor m ? m.sum().to(x0.dtype) : tensor((double)(batch * parts[p].shape[2]), dtype: x0.dtype, device: x0.device)) * (heads * dim);
         var squared = squares! - 2 * (sums! * centroids).sum() + (counts! * centroids.square().sum(-1)).sum();
         var loss = squared / elements.clamp_min(1) * commitmentFactor;
 
@@ -244,16 +259,17 @@ public sealed class OnlineKMeans : nn.Module<Tensor, Tensor?, KMeansOutput>
             {
                 if (!IsInitialized)
                 {
-                    var all = count == 1 ? real[0].detach() : cat(real.Select(t => t.detach()).ToArray(), 2);     // (B, H, count·T, D)
-                    var allMask = keyMask is null || count == 1 ? keyMask : cat(Enumerable.Repeat(keyMask, count).ToArray(), 1);
+                    var all = count == 1 ? real[0].detach() : cat(real.Select(t => t.detach()).ToArray(), 2);     // (B, H, ΣT_p, D)
+                    var allMask = masks.All(m => m is null) ? null : count == 1 ? masks[0]
+                        : cat(masks.Select((m, p) => m ?? ones(batch, parts[p].shape[2], dtype: ScalarType.Bool, device: x0.device)).ToArray(), 1);
                     if (Initialize(all, allMask))
                     {
                         var fresh = means.to(x0.dtype, x0.device);                // (H, C, D)
                         Tensor? freshSums = null, freshCounts = null;
                         for (int p = 0; p < count; p++)
                         {
-                            var assignment = NearestInChunks(real[p].detach(), fresh);   // (B, H, T)
-                            if (padding is not null) assignment = assignment.masked_fill(padding, -1);
+                            var assignment = NearestInChunks(real[p].detach(), fresh);   // (B, H, T_p)
+                            if (masks[p] is Tensor m) assignment = assignment.masked_fill(m.logical_not().view(batch, 1, parts[p].shape[2]), -1);
                             var (ps, pc) = ClusterSums(real[p].detach(), assignment);
                             freshSums = freshSums is null ? ps : freshSums + ps;
                             freshCounts = freshCounts is null ? pc : freshCounts + pc;

@@ -185,6 +185,66 @@ public sealed class RoutingAttention : nn.Module<Tensor, Tensor?, Tensor, Tensor
             keyIdx.MoveToOuterDisposeScope(), groupClusters.MoveToOuterDisposeScope(), aux.MoveToOuterDisposeScope());
     }
 
+    /// <summary>
+    /// Routing cross-attention: queries of one sequence (B, H, T, D) attend keys and values of a context
+    /// (B, H, S, D), e.g. an encoder's output. The k-means clusters the union of the real queries and real context
+    /// keys; every centroid takes its min(<paramref name="contextWindowSize"/>, S) most similar real context keys
+    /// (balanced top-k, as in self-attention — the context is fully visible, so this leaks nothing). Queries are
+    /// grouped as in self-attention: balanced top-windowSize when not causal; when causal, each query goes to its
+    /// nearest centroid and a cluster's queries are cut into chunks of windowSize in position order, so a query's
+    /// group and keys never depend on later queries. No causal rule between queries and context positions (they are
+    /// unrelated sequences), no memory key/values, no shared QK.
+    /// </summary>
+    /// <param name="q">Queries (B, H, T, D), T ≤ maxSeqLen.</param>
+    /// <param name="k">Context keys (B, H, S, D).</param>
+    /// <param name="v">Context values (B, H, S, D).</param>
+    /// <param name="queryMask">Optional (B, T) bool; false = padded query (not routed; zero output, excluded from the k-means).</param>
+    /// <param name="contextMask">Optional (B, S) bool; false = padded context token (never attended).</param>
+    /// <param name="contextWindowSize">Context keys per cluster.</param>
+    /// <returns>Output (B, H, T, D); query positions (B, H, G, Wq); context positions (B, H, G, Wc) (−1 = empty slot);
+    /// each group's cluster (B, H, G); the commitment loss.</returns>
+    public RoutingAttentionOutput CrossForward(Tensor q, Tensor k, Tensor v, Tensor? queryMask, Tensor? contextMask, int contextWindowSize)
+    {
+        Check.Shape(q, nameof(q), "(B, H, T, D)", -1, heads, -1, dimHead);
+        Check.FloatingPoint(q, nameof(q));
+        long batch = q.shape[0], seqLen = q.shape[2];
+        Check.That(seqLen > 0 && seqLen <= maxSeqLen, nameof(q), $"sequence length T must be in [1, maxSeqLen = {maxSeqLen}], got {seqLen}.");
+        Check.Shape(k, nameof(k), "(B, H, S, D)", batch, heads, -1, dimHead);
+        long ctxLen = k.shape[2];
+        Check.That(ctxLen > 0, nameof(k), "the context must hold at least one token.");
+        Check.Shape(v, nameof(v), "(B, H, S, D)", batch, heads, ctxLen, dimHead);
+        Check.SameDtype(q, nameof(q), k, nameof(k));
+        Check.SameDtype(q, nameof(q), v, nameof(v));
+        Check.KeyMask(queryMask, batch, seqLen);
+        Check.KeyMask(contextMask, batch, ctxLen);
+        Check.Positive(contextWindowSize, nameof(contextWindowSize));
+        Check.That(!sharedQk && numMemKv == 0, nameof(sharedQk), "routing cross-attention has its own keys and no memory key/values; build the module with sharedQk = false and numMemKv = 0.");
+
+        using var scope = NewDisposeScope();
+        var (_, sims, nearest, aux) = kmeans.ForwardParts([q, k], [queryMask, contextMask], similarities: true);
+        var contextIdx = BalancedGroups(sims[1], contextMask, contextWindowSize);         // (B, H, C, Wc)
+        Tensor queryIdx, keyIdx, groupClusters;
+        if (causal)
+        {
+            var unrouted = full_like(nearest[0], -1L);                                     // (B, H, T): no key roles among the queries
+            (queryIdx, _, groupClusters) = CausalGroups(nearest[0], unrouted, windowSize, clusters);   // (B, H, G, W), (B, H, G)
+            long groups = groupClusters.shape[2], wc = contextIdx.shape[3];
+            var index = groupClusters.clamp_min(0).unsqueeze(-1).expand(batch, heads, groups, wc);      // (B, H, G, Wc)
+            keyIdx = contextIdx.gather(2, index)
+                               .masked_fill(groupClusters.lt(0).unsqueeze(-1), -1);      // unused groups attend nothing
+        }
+        else
+        {
+            queryIdx = BalancedGroups(sims[0], queryMask, windowSize);                     // (B, H, C, W)
+            keyIdx = contextIdx;
+            groupClusters = arange(clusters, dtype: ScalarType.Int64, device: q.device)
+                            .view(1, 1, clusters).expand(batch, heads, clusters).contiguous(); // (B, H, C)
+        }
+        var output = GroupedAttention.Attention(q, k, v, queryIdx, keyIdx, keyMask: contextMask, kernel: Kernel);  // (B, H, T, D)
+        return new RoutingAttentionOutput(output.MoveToOuterDisposeScope(), queryIdx.MoveToOuterDisposeScope(),
+            keyIdx.MoveToOuterDisposeScope(), groupClusters.MoveToOuterDisposeScope(), aux.MoveToOuterDisposeScope());
+    }
+
     /// <summary>Balanced routing: every centroid takes its min(windowSize, T) most similar real tokens.</summary>
     /// <param name="similarities">(B, H, T, C) token–centroid similarities.</param>
     /// <param name="keyMask">Optional (B, T) bool, true = real; padding is never chosen (slot −1 instead).</param>
