@@ -27,7 +27,7 @@ public enum HeadGroupKind
     Local,
     /// <summary>One of <see cref="TransformerConfig.StaticHeadGroups"/>.</summary>
     Static,
-    /// <summary>Content-based routing heads (online k-means): the heads not claimed by local or static groups.</summary>
+    /// <summary>Content-based routing heads (online k-means): the heads not claimed by local, static or synthesizer groups.</summary>
     Routing,
     /// <summary>Synthesizer heads (<see cref="TransformerConfig.Synthesizer"/>), after the static groups.</summary>
     Synthesizer,
