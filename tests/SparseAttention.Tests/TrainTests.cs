@@ -69,6 +69,7 @@ public sealed class TrainConfigTests : TrainTestBase
             var kinds = Enumerable.Range(0, config.Depth).SelectMany(l => config.HeadGroupsForLayer(l)).Select(g => g.Kind).Distinct().ToArray();
             if (name.Contains("-local")) Assert.Equal([HeadGroupKind.Local], kinds);
             else if (name.Contains("-routing")) Assert.Equal([HeadGroupKind.Routing], kinds);
+            else if (name.Contains("-synthesizer")) Assert.Contains(HeadGroupKind.Synthesizer, kinds);
             else Assert.Equal([HeadGroupKind.Local, HeadGroupKind.Routing], kinds);
         }
         using var model = new RoutingTransformerLM(ConfigBinding.FromJson(

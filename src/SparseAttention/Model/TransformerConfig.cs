@@ -27,14 +27,16 @@ public enum HeadGroupKind
     Local,
     /// <summary>One of <see cref="TransformerConfig.StaticHeadGroups"/>.</summary>
     Static,
-    /// <summary>Content-based routing heads (online k-means): the heads not claimed by local or static groups.</summary>
+    /// <summary>Content-based routing heads (online k-means): the heads not claimed by local, static or synthesizer groups.</summary>
     Routing,
+    /// <summary>Synthesizer heads (<see cref="TransformerConfig.Synthesizer"/>), after the static groups.</summary>
+    Synthesizer,
 }
 
 /// <summary>One head group of one layer, as the configuration lays it out.</summary>
 /// <param name="Kind">What computes the group.</param>
 /// <param name="Heads">Number of heads in the group.</param>
-/// <param name="Pattern">The static pattern (Local and Static groups); null for Routing.</param>
+/// <param name="Pattern">The static pattern (Local and Static groups); null for Routing and Synthesizer.</param>
 public sealed record HeadGroupPlan(HeadGroupKind Kind, int Heads, AttentionPattern? Pattern);
 
 /// <summary>
@@ -52,7 +54,7 @@ public sealed record TransformerConfig
     [JsonPropertyName("dim")] public int Dim { get; init; } = 512;
     /// <summary>12 — number of layers (each: attention sublayer + feed-forward sublayer).</summary>
     [JsonPropertyName("depth")] public int Depth { get; init; } = 12;
-    /// <summary>8 — attention heads per layer (local + static groups + routing).</summary>
+    /// <summary>8 — attention heads per layer (local + static groups + synthesizer + routing).</summary>
     [JsonPropertyName("heads")] public int Heads { get; init; } = 8;
     /// <summary>null — width of one head; null = Dim / Heads (then Dim must divide by Heads).</summary>
     [JsonPropertyName("dim_head")] public int? DimHead { get; init; }
@@ -75,6 +77,9 @@ public sealed record TransformerConfig
     /// <summary>null — extra static head groups in every layer (e.g. strided or fixed heads), after the local heads;
     /// the remaining heads route.</summary>
     [JsonPropertyName("static_head_groups")] public StaticHeadGroup[]? StaticHeadGroups { get; init; }
+    /// <summary>null — Synthesizer heads in every layer (after the static groups; see <see cref="SynthesizerConfig"/>);
+    /// the remaining heads route.</summary>
+    [JsonPropertyName("synthesizer")] public SynthesizerConfig? Synthesizer { get; init; }
 
     // ---- regularisation ------------------------------------------------------------------------
     /// <summary>0 — attention dropout: on attention probabilities where they are materialised (the dense
@@ -164,7 +169,7 @@ public sealed record TransformerConfig
 
     /// <summary>
     /// The head groups of layer <paramref name="layer"/>, in head order: local heads, then each static
-    /// group, then routing heads (the rest). Layers below SparsitySkipFirst turn their routing heads into
+    /// group, then the synthesizer heads, then routing heads (the rest). Layers below SparsitySkipFirst turn their routing heads into
     /// local heads. Empty groups are left out. Call <see cref="Validate"/> first.
     /// </summary>
     public IReadOnlyList<HeadGroupPlan> HeadGroupsForLayer(int layer)
@@ -172,7 +177,8 @@ public sealed record TransformerConfig
         Check.That(layer >= 0 && layer < Depth, nameof(layer), $"must be in [0, Depth = {Depth}), got {layer}.");
         int staticHeads = StaticHeadGroups?.Sum(g => g.Heads) ?? 0;
         int local = LocalHeadsInLayer(layer);
-        int routing = Heads - local - staticHeads;
+        int synthesizer = Synthesizer?.Heads ?? 0;
+        int routing = Heads - local - staticHeads - synthesizer;
         if (layer < SparsitySkipFirst) { local += routing; routing = 0; }
         var plan = new List<HeadGroupPlan>();
         if (local > 0)
@@ -183,6 +189,7 @@ public sealed record TransformerConfig
         }
         foreach (var g in StaticHeadGroups ?? [])
             plan.Add(new HeadGroupPlan(HeadGroupKind.Static, g.Heads, g.Pattern.ToPattern(Causal, layer)));
+        if (synthesizer > 0) plan.Add(new HeadGroupPlan(HeadGroupKind.Synthesizer, synthesizer, null));
         if (routing > 0) plan.Add(new HeadGroupPlan(HeadGroupKind.Routing, routing, null));
         return plan;
     }
@@ -221,6 +228,13 @@ public sealed record TransformerConfig
             int local = NLocalAttnHeads[layer];
             Check.That(local >= 0 && local + staticHeads <= Heads, nameof(NLocalAttnHeads),
                 $"local heads ({local}{(NLocalAttnHeads.Length > 1 ? $" in layer {layer}" : "")}) plus static group heads ({staticHeads}) must be in [0, Heads = {Heads}].");
+        }
+        if (Synthesizer is not null)
+        {
+            Synthesizer.Validate(MaxSeqLen, nameof(Synthesizer));
+            int mostLocal = NLocalAttnHeads.Max();
+            Check.That(mostLocal + staticHeads + Synthesizer.Heads <= Heads, nameof(Synthesizer),
+                $"local heads ({mostLocal}) plus static group heads ({staticHeads}) plus synthesizer heads ({Synthesizer.Heads}) must be at most Heads = {Heads}.");
         }
         Check.That(SparsitySkipFirst >= 0 && SparsitySkipFirst <= Depth, nameof(SparsitySkipFirst),
             $"must be in [0, Depth = {Depth}], got {SparsitySkipFirst}.");
