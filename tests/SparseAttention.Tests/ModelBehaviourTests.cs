@@ -350,28 +350,34 @@ public partial class ModelTests
     // Encoder-decoder
     // ------------------------------------------------------------------------------------------
 
-    private static RoutingTransformerEncDec EncDec(long seed = 28)
+    private static RoutingTransformerEncDec EncDec(long seed = 28, CrossAttentionKind cross = CrossAttentionKind.Dense)
     {
         var encoder = Tiny(causal: false) with { NumTokens = 11, Dim = 12, Heads = 2, NLocalAttnHeads = [1], StaticHeadGroups = [new(new(StaticPatternKind.Dense), 1)] };
-        var decoder = Tiny() with { ReceivesContext = true, ContextDim = 12 };
+        var decoder = Tiny() with { ReceivesContext = true, ContextDim = 12, CrossAttention = cross, ContextWindowSize = cross == CrossAttentionKind.Routing ? 4 : null };
         random.manual_seed(seed);
         return new RoutingTransformerEncDec(encoder, decoder);
     }
 
-    [Fact]
-    public void EncoderDecoderCrossAttendsToRealSourceTokensOnly()
+    [Theory]
+    [InlineData(CrossAttentionKind.Dense, false)]
+    [InlineData(CrossAttentionKind.Routing, false)]
+    [InlineData(CrossAttentionKind.Routing, true)]
+    public void EncoderDecoderCrossAttendsToRealSourceTokensOnly(CrossAttentionKind cross, bool training)
     {
-        var model = EncDec();
-        model.eval();
+        var model = EncDec(cross: cross);
+        bool routing = cross == CrossAttentionKind.Routing;
         Assert.Contains("decoder.transformer.layers.1.attn.to_k.weight", model.named_parameters().Select(p => p.name));   // cross-attention block
         var source = Tokens(2, 9, 11, 29);
         var target = Tokens(2, 13, 17, 30);
         var sourceMask = ones(2, 9, dtype: ScalarType.Bool);
         sourceMask[0, 6..] = tensor(false);
         using var _ = no_grad();
+        model.train(training);
+        if (training) model.Forward(Tokens(2, 9, 11, 40), Tokens(2, 13, 17, 41), null, null);   // initialises the routing k-means
         var (logits, aux) = model.Forward(source, target, sourceMask, null);
         Assert.Equal([2L, 13, 17], logits.shape);
-        Assert.Equal(0f, aux.item<float>());
+        if (routing) Assert.True(aux.item<float>() > 0, "routing cross-attention adds its commitment loss");
+        else Assert.Equal(0f, aux.item<float>());
         // Padded source tokens change nothing; a real source token changes everything downstream.
         var otherPadding = source.clone();
         otherPadding[0, 6..] = tensor(3L);
@@ -381,11 +387,15 @@ public partial class ModelTests
         otherReal[1, 8] = tensor((source[1, 8].item<long>() + 1) % 11);
         var changed = model.Forward(otherReal, target, sourceMask, null).Logits;
         AssertSame(logits[0], changed[0], "row 0's position 8 is padding");
-        Assert.True(Differ(logits[1, 0], changed[1, 0]), "the last source token must reach the first target position");
-        // The decoder stays causal with context.
-        var perturbed = target.clone();
-        perturbed[.., 7..] = Tokens(2, 6, 17, 31);
-        AssertSame(logits[.., ..7], model.Forward(source, perturbed, sourceMask, null).Logits[.., ..7], "decoder causality");
+        if (routing) Assert.True(Differ(logits[1], changed[1]), "a real source token must reach the decoder");
+        else Assert.True(Differ(logits[1, 0], changed[1, 0]), "the last source token must reach the first target position");
+        // The decoder stays causal with context (routing: query groups never depend on later queries).
+        foreach (int t in new[] { 0, 4, 7, 11 })
+        {
+            var perturbed = target.clone();
+            perturbed[.., (t + 1)..] = Tokens(2, 12 - t, 17, (ulong)(31 + t));
+            AssertSame(logits[.., ..(t + 1)], model.Forward(source, perturbed, sourceMask, null).Logits[.., ..(t + 1)], $"decoder causality up to {t}");
+        }
         // Generation runs on top.
         Assert.Equal([2L, 5], model.Generate(source, target.narrow(1, 0, 1), 5, sourceMask, temperature: 0).shape);
     }

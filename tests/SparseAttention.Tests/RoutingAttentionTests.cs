@@ -161,6 +161,98 @@ public class RoutingAttentionTests
         Assert.Equal(0.0, actual.Output.masked_select(nowhere).abs().sum().item<double>());
     }
 
+    public static TheoryData<bool, int, int, bool> CrossCases()
+    {
+        var data = new TheoryData<bool, int, int, bool>();
+        foreach (bool causal in new[] { false, true })
+            foreach (var (seqLen, ctxLen, padded) in new[] { (13, 7, false), (13, 7, true), (16, 20, true), (1, 5, false), (3, 2, false) })
+                data.Add(causal, seqLen, ctxLen, padded);
+        return data;
+    }
+
+    [Theory]
+    [MemberData(nameof(CrossCases))]
+    public void CrossAttentionEqualsOracleOnItsOwnMembershipsAndFollowsTheRoutingRule(bool causal, int seqLen, int ctxLen, bool padded)
+    {
+        const long batch = 2;
+        const int contextWindow = 3;
+        var module = Make(causal, sharedQk: false, memKv: 0);
+        var (wq, wk, wv) = Inputs(2000, 3, MaxSeqLen, sharedQk: false);
+        module.train();
+        module.CrossForward(wq, wk!.narrow(2, 0, 9), wv.narrow(2, 0, 9), null, null, contextWindow);   // initialises the centroids
+        module.KMeans.Update();
+
+        var gen = new Generator((ulong)(seqLen * 31 + ctxLen));
+        Tensor Rand(long length) => randn(new long[] { batch, Heads, length, Dim }, dtype: ScalarType.Float64, generator: gen);
+        var (q, k, v) = (Rand(seqLen), Rand(ctxLen), Rand(ctxLen));
+        var queryMask = PaddingMask(batch, seqLen, padded);
+        var contextMask = PaddingMask(batch, ctxLen, padded);
+        var result = module.CrossForward(q, k, v, queryMask, contextMask, contextWindow);
+        Assert.Equal(new long[] { batch, Heads, seqLen, Dim }, result.Output.shape);
+
+        // The rule, recomputed from the centroids: context keys = each cluster's top real context tokens; queries =
+        // each cluster's top real queries (not causal) or nearest-centroid members chunked by position (causal).
+        var means = module.KMeans.Means.to(q.dtype);                                           // (H, C, D)
+        var simQ = einsum("bhtd,hcd->bhtc", nn.functional.normalize(q, 2, -1), means);         // (B, H, T, C)
+        var simK = einsum("bhtd,hcd->bhtc", nn.functional.normalize(k, 2, -1), means);         // (B, H, S, C)
+        var realQ = (queryMask ?? ones(batch, seqLen, dtype: ScalarType.Bool)).data<bool>().ToArray();
+        var realK = (contextMask ?? ones(batch, ctxLen, dtype: ScalarType.Bool)).data<bool>().ToArray();
+        long groups = result.QueryIndices.shape[2];
+        string Slots(Tensor idx, long b, long h, long g) => string.Join(",", idx[b, h, g].data<long>().ToArray().Where(p => p >= 0).Order());
+        for (long b = 0; b < batch; b++)
+            for (long h = 0; h < Heads; h++)
+            {
+                var queries = Enumerable.Range(0, seqLen).Where(t => realQ[b * seqLen + t]).ToList();
+                var contexts = Enumerable.Range(0, ctxLen).Where(t => realK[b * ctxLen + t]).ToList();
+                string TopContext(long c) => string.Join(",", contexts.OrderByDescending(t => simK[b, h, t, c].item<double>()).Take(contextWindow).Order());
+                if (!causal)
+                {
+                    Assert.Equal(module.Clusters, groups);
+                    for (long c = 0; c < module.Clusters; c++)
+                    {
+                        Assert.Equal(string.Join(",", queries.OrderByDescending(t => simQ[b, h, t, c].item<double>()).Take(Math.Min(Window, seqLen)).Order()), Slots(result.QueryIndices, b, h, c));
+                        Assert.Equal(TopContext(c), Slots(result.KeyIndices, b, h, c));
+                    }
+                    continue;
+                }
+                var expected = new List<string>();
+                for (long c = 0; c < module.Clusters; c++)
+                {
+                    var members = queries.Where(t => simQ[b, h, t].argmax().item<long>() == c).ToList();
+                    for (int start = 0; start < members.Count; start += Math.Min(Window, seqLen))
+                        expected.Add($"{c}: q[{string.Join(",", members.Skip(start).Take(Math.Min(Window, seqLen)))}] k[{TopContext(c)}]");
+                }
+                var actual = new List<string>();
+                for (long g = 0; g < groups; g++)
+                {
+                    long cluster = result.GroupClusters[b, h, g].item<long>();
+                    if (cluster < 0) { Assert.Equal("", Slots(result.QueryIndices, b, h, g) + Slots(result.KeyIndices, b, h, g)); continue; }
+                    actual.Add($"{cluster}: q[{Slots(result.QueryIndices, b, h, g)}] k[{Slots(result.KeyIndices, b, h, g)}]");
+                }
+                Assert.Equal(expected.Order(), actual.Order());
+            }
+
+        // Output and gradients equal the oracle run on the memberships the module chose.
+        var upstream = randn(result.Output.shape, dtype: ScalarType.Float64, generator: new Generator(6));
+        Tensor Module(Tensor[] x) => module.CrossForward(x[0], x[1], x[2], queryMask, contextMask, contextWindow).Output;
+        Tensor Oracle(Tensor[] x) => GroupedOracle.Attention(x[0], x[1], x[2], result.QueryIndices, result.KeyIndices,
+            causal: false, sharedQk: false, contextMask);
+        var expectedGrad = GroupedAttentionTests.Grad(Oracle, upstream, q, k, v);
+        var actualGrad = GroupedAttentionTests.Grad(Module, upstream, q, k, v);
+        TestSupport.AssertClose(expectedGrad.Output, actualGrad.Output, "output");
+        for (int n = 0; n < 3; n++) TestSupport.AssertClose(expectedGrad.Grads[n], actualGrad.Grads[n], $"gradient {n}");
+    }
+
+    [Fact]
+    public void CrossAttentionRejectsBadArguments()
+    {
+        var module = Make(causal: true, sharedQk: false, memKv: 0);
+        var (q, k, v) = Inputs(1, 1, 5, sharedQk: false);
+        Assert.Equal("contextWindowSize", Assert.ThrowsAny<ArgumentException>(() => module.CrossForward(q, k!, v, null, null, 0)).ParamName);
+        Assert.Equal("v", Assert.ThrowsAny<ArgumentException>(() => module.CrossForward(q, k!, v.narrow(2, 0, 4), null, null, 2)).ParamName);
+        Assert.Equal("sharedQk", Assert.ThrowsAny<ArgumentException>(() => Make(true, sharedQk: true, memKv: 0).CrossForward(q, k!, v, null, null, 2)).ParamName);
+    }
+
     public static TheoryData<bool, string> LeakCases()
     {
         var data = new TheoryData<bool, string>();

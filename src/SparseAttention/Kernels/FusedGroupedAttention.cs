@@ -23,6 +23,8 @@ public static class FusedGroupedAttention
     {
         GroupedAttention.CheckArguments(q, k, v, queryIndices, keyIndices, causal, sharedQk, keyMask, null, null);
         Check.That(FusedBlockSparseAttention.Supports(q), nameof(q), $"the fused kernels need float32 CPU tensors, got {q.dtype} on {q.device}.");
+        Check.That(k.shape[2] == q.shape[2], nameof(k),
+            $"the fused grouped kernel needs as many keys as queries (self-attention), got Tk = {k.shape[2]}, Tq = {q.shape[2]}; use the Ops kernel.");
         if (threads is int t) Check.Positive(t, nameof(threads));
         var settings = new Settings(causal, sharedQk, lookBackward, (float)(scale ?? 1.0 / Math.Sqrt(q.shape[3])),
             threads ?? FusedBlockSparseAttention.DefaultThreads);

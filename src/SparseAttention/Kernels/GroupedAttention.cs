@@ -38,7 +38,7 @@ public static class GroupedAttention
     /// <param name="memoryValues">Optional (B or 1, H, G, M, Dv) memory values; given iff <paramref name="memoryKeys"/> is.</param>
     /// <param name="scale">Score scale; default 1/√D.</param>
     /// <returns>(B, H, Tq, Dv); never NaN from masking (rows with no allowed key are zeros).</returns>
-    /// <param name="kernel">Auto: the fused kernel for float32 CPU tensors without memory key/values, else Ops.</param>
+    /// <param name="kernel">Auto: the fused kernel for float32 CPU self-attention (Tq = Tk) without memory key/values, else Ops.</param>
     public static Tensor Attention(Tensor q, Tensor k, Tensor v, Tensor queryIndices, Tensor keyIndices,
         bool causal = false, bool sharedQk = false, Tensor? keyMask = null, bool lookBackward = false,
         Tensor? memoryKeys = null, Tensor? memoryValues = null, double? scale = null, AttentionKernel kernel = AttentionKernel.Auto)
@@ -49,7 +49,7 @@ public static class GroupedAttention
             case AttentionKernel.Fused:
                 Check.That(memoryKeys is null, nameof(memoryKeys), "the fused grouped kernel does not take memory key/values; use the Ops kernel.");
                 return FusedGroupedAttention.Attention(q, k, v, queryIndices, keyIndices, causal, sharedQk, keyMask, lookBackward, scale);
-            case AttentionKernel.Auto when FusedGroupedAttention.Supports(q, memoryKeys):
+            case AttentionKernel.Auto when FusedGroupedAttention.Supports(q, memoryKeys) && k.shape[2] == q.shape[2]:
                 return FusedGroupedAttention.Attention(q, k, v, queryIndices, keyIndices, causal, sharedQk, keyMask, lookBackward, scale);
             case AttentionKernel.Reference:
                 throw new ArgumentException("kernel: grouped attention has Ops and Fused kernels; its oracle is ReferenceAttention with the implied mask.", nameof(kernel));

@@ -1,3 +1,4 @@
+using SparseAttention.Modules;
 using TorchSharp;
 using TorchSharp.Modules;
 using static TorchSharp.torch;
@@ -101,18 +102,24 @@ public sealed class AttentionLayer : AttentionSublayer
 }
 
 /// <summary>
-/// Dense multi-head cross-attention from the sequence to a context (e.g. an encoder's output): every
-/// query may attend every real context token. Computed with <see cref="Kernels.ReferenceAttention"/>
-/// (O(T·S) memory); attention dropout applies to the output of the heads, attention-layer dropout after
-/// the output projection. No positional encoding (the two sequences' positions are unrelated).
+/// Multi-head cross-attention from the sequence to a context (e.g. an encoder's output). Dense
+/// (<see cref="CrossAttentionKind.Dense"/>): every query may attend every real context token, computed with
+/// <see cref="Kernels.ReferenceAttention"/> (O(T·S) memory). Routing: all heads route with
+/// <see cref="RoutingAttention.CrossForward"/> (ContextWindowSize context keys per cluster; the commitment loss
+/// is this layer's auxiliary loss). Attention dropout applies to the output of the heads, attention-layer
+/// dropout after the output projection. No positional encoding (the two sequences' positions are unrelated).
 /// </summary>
 public sealed class CrossAttentionLayer : AttentionSublayer
 {
     private readonly Linear to_q, to_k, to_v, to_out;
-    private readonly int heads, dimHead;
+    private readonly RoutingAttention? routing;
+    private readonly int heads, dimHead, contextWindowSize;
     private readonly double dropout, layerDropout;
 
-    public CrossAttentionLayer(TransformerConfig config, string name = "cross_attention") : base(name)
+    /// <param name="config">The model configuration (Heads, DimHead, ContextDim, CrossAttention, …).</param>
+    /// <param name="layer">Layer index (seeds the routing k-means).</param>
+    /// <param name="name">Module name.</param>
+    public CrossAttentionLayer(TransformerConfig config, int layer = 0, string name = "cross_attention") : base(name)
     {
         ArgumentNullException.ThrowIfNull(config);
         heads = config.Heads;
@@ -124,8 +131,15 @@ public sealed class CrossAttentionLayer : AttentionSublayer
         to_k = nn.Linear(config.ResolvedContextDim, inner, hasBias: false);
         to_v = nn.Linear(config.ResolvedContextDim, inner, hasBias: false);
         to_out = nn.Linear(inner, config.Dim, hasBias: false);
+        contextWindowSize = config.ResolvedContextWindowSize;
+        if (config.CrossAttention == CrossAttentionKind.Routing)
+            routing = new RoutingAttention(heads, dimHead, config.MaxSeqLen, config.WindowSize, config.Causal, sharedQk: false,
+                numMemKv: 0, config.KmeansEmaDecay, config.CommitmentFactor, seed: 1000 + layer) { Kernel = config.Kernel };
         RegisterComponents();
     }
+
+    /// <summary>The routing module of a routing cross-attention layer; null when dense.</summary>
+    public RoutingAttention? Routing => routing;
 
     public override (Tensor Output, Tensor AuxLoss) Forward(Tensor x, Tensor? inputMask, Tensor? context, Tensor? contextMask)
     {
@@ -143,11 +157,20 @@ public sealed class CrossAttentionLayer : AttentionSublayer
         var q = to_q.forward(x).view(batch, seqLen, heads, dimHead).transpose(1, 2);           // (B, H, T, Dh)
         var k = to_k.forward(context).view(batch, ctxLen, heads, dimHead).transpose(1, 2);     // (B, H, S, Dh)
         var v = to_v.forward(context).view(batch, ctxLen, heads, dimHead).transpose(1, 2);     // (B, H, S, Dh)
-        var attended = Kernels.ReferenceAttention.Attention(q, k, v, keyMask: contextMask);     // (B, H, T, Dh)
+        Tensor attended, aux;
+        if (routing is null)
+        {
+            attended = Kernels.ReferenceAttention.Attention(q, k, v, keyMask: contextMask);     // (B, H, T, Dh)
+            aux = zeros(Array.Empty<long>(), dtype: x.dtype, device: x.device);
+        }
+        else
+        {
+            var routed = routing.CrossForward(q, k, v, inputMask, contextMask, contextWindowSize);
+            (attended, aux) = (routed.Output, routed.AuxLoss);                                 // (B, H, T, Dh)
+        }
         attended = nn.functional.dropout(attended, dropout, training);
         var merged = attended.transpose(1, 2).reshape(batch, seqLen, heads * dimHead);         // (B, T, H·Dh)
         var output = nn.functional.dropout(to_out.forward(merged), layerDropout, training);    // (B, T, dim)
-        var aux = zeros(Array.Empty<long>(), dtype: x.dtype, device: x.device);
         return (output.MoveToOuterDisposeScope(), aux.MoveToOuterDisposeScope());
     }
 }

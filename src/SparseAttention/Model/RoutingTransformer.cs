@@ -33,7 +33,7 @@ public sealed class RoutingTransformer : nn.Module<Tensor, Tensor?, (Tensor Outp
         for (int layer = 0; layer < unique; layer++)
         {
             blocks.Add(new TransformerBlock(config, new AttentionLayer(config, layer)));
-            if (config.ReceivesContext) blocks.Add(new TransformerBlock(config, new CrossAttentionLayer(config)));
+            if (config.ReceivesContext) blocks.Add(new TransformerBlock(config, new CrossAttentionLayer(config, layer)));
         }
         int perLayer = config.ReceivesContext ? 2 : 1;
         schedule = Enumerable.Range(0, config.Depth)

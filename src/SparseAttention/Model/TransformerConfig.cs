@@ -20,6 +20,15 @@ public enum PositionalEncoding
     None,
 }
 
+/// <summary>How cross-attention (ReceivesContext) attends the context.</summary>
+public enum CrossAttentionKind
+{
+    /// <summary>Every query attends every real context token.</summary>
+    Dense,
+    /// <summary>Content-based routing between queries and context keys (online k-means).</summary>
+    Routing,
+}
+
 /// <summary>The kind of a head group inside an attention layer.</summary>
 public enum HeadGroupKind
 {
@@ -143,6 +152,14 @@ public sealed record TransformerConfig
     [JsonPropertyName("receives_context")] public bool ReceivesContext { get; init; }
     /// <summary>null — ReceivesContext only: width of the context vectors; null = Dim.</summary>
     [JsonPropertyName("context_dim")] public int? ContextDim { get; init; }
+    /// <summary>Dense — ReceivesContext only: how the cross-attention attends the context. Dense: every query sees every
+    /// real context token (O(T·S)). Routing: all heads route — the k-means clusters queries and context keys together,
+    /// each cluster takes its ContextWindowSize nearest context keys, and queries are grouped like routing
+    /// self-attention (causal-safe in a decoder); see <see cref="Modules.RoutingAttention.CrossForward"/>.</summary>
+    [JsonPropertyName("cross_attention"), JsonConverter(typeof(JsonStringEnumConverter<CrossAttentionKind>))]
+    public CrossAttentionKind CrossAttention { get; init; } = CrossAttentionKind.Dense;
+    /// <summary>null — CrossAttention = Routing only: context tokens per cluster; null = WindowSize.</summary>
+    [JsonPropertyName("context_window_size")] public int? ContextWindowSize { get; init; }
 
     // ---- kernels -------------------------------------------------------------------------------
     /// <summary>64 — block size static patterns are compiled with (performance only; capped at T).</summary>
@@ -163,6 +180,8 @@ public sealed record TransformerConfig
     [JsonIgnore] public bool ResolvedSharedQk => SharedQk ?? Causal;
     /// <summary>ContextDim, or Dim when unset.</summary>
     [JsonIgnore] public int ResolvedContextDim => ContextDim ?? Dim;
+    /// <summary>ContextWindowSize, or WindowSize when unset.</summary>
+    [JsonIgnore] public int ResolvedContextWindowSize => ContextWindowSize ?? WindowSize;
 
     /// <summary>Local heads in layer <paramref name="layer"/> as NLocalAttnHeads gives them (before SparsitySkipFirst).</summary>
     public int LocalHeadsInLayer(int layer) => NLocalAttnHeads.Length == 1 ? NLocalAttnHeads[0] : NLocalAttnHeads[layer];
@@ -272,6 +291,16 @@ public sealed record TransformerConfig
 
         if (ContextDim is int cd) Check.Positive(cd, nameof(ContextDim));
         Check.That(ContextDim is null || ReceivesContext, nameof(ContextDim), "is only used when ReceivesContext is true.");
+        Check.That(Enum.IsDefined(CrossAttention), nameof(CrossAttention), $"unknown value {CrossAttention}.");
+        Check.That(CrossAttention == CrossAttentionKind.Dense || ReceivesContext, nameof(CrossAttention), "is only used when ReceivesContext is true.");
+        if (ContextWindowSize is int cw) Check.Positive(cw, nameof(ContextWindowSize));
+        Check.That(ContextWindowSize is null || CrossAttention == CrossAttentionKind.Routing, nameof(ContextWindowSize), "is only used when CrossAttention is Routing.");
+        if (CrossAttention == CrossAttentionKind.Routing)
+        {
+            Check.That(WindowSize <= MaxSeqLen, nameof(WindowSize), $"routing cross-attention needs WindowSize ({WindowSize}) <= MaxSeqLen ({MaxSeqLen}).");
+            Check.That(MaxSeqLen % WindowSize == 0, nameof(WindowSize),
+                $"routing cross-attention needs MaxSeqLen ({MaxSeqLen}) divisible by WindowSize ({WindowSize}) to fix the number of clusters.");
+        }
         Check.Positive(BlockSize, nameof(BlockSize));
         Check.That(Enum.IsDefined(Kernel), nameof(Kernel), $"unknown value {Kernel}.");
         return this;
