@@ -78,11 +78,8 @@ internal static class CheckpointLocator
     {
         if (configPath is not null)
             throw new CliUsageException($"--config: {file} is a checkpoint, which carries its own configuration; --config is for safetensors weights.");
-        var (_, options, step) = Checkpoint.ReadHeader(file);
-        // Checkpoint.Load restores a whole trainer; it needs data, so give it the smallest it accepts (never read here).
-        var dummy = new byte[options.SeqLen + 1];
-        var trainer = Checkpoint.Load(file, dummy, dummy);
-        return new LoadedModel(trainer.Model, trainer.Config, file, step, trainer);
+        var (model, config, step) = Checkpoint.LoadModel(file);
+        return new LoadedModel(model, config, file, step, model);
     }
 
     private static LoadedModel LoadSafetensors(string file, string? configPath, string option)

@@ -18,7 +18,7 @@ public static class CliApp
     /// <summary>Builds the root command with one subcommand per command file.</summary>
     public static RootCommand BuildRootCommand()
     {
-        var root = new RootCommand("Sparse attention for long sequences: draw attention patterns (more commands to come).");
+        var root = new RootCommand("Sparse attention for long sequences: demo, train, sample, eval, plot, export/import weights, draw patterns, benchmark kernels.");
         root.Add(PatternCommand.Create());
         root.Add(BenchCommand.Create()); root.Add(TrainCommand.Create());
         root.Add(SampleCommand.Create()); root.Add(EvalCommand.Create()); root.Add(PlotCommand.Create());

@@ -149,6 +149,34 @@ public static class Checkpoint
         }
     }
 
+    /// <summary>
+    /// Reads only the model from <paramref name="path"/> (for sampling, evaluation, export): no optimizer is built and
+    /// libtorch's global RNG is left alone. Throws <see cref="CheckpointException"/> like <see cref="Load"/>.
+    /// </summary>
+    public static (RoutingTransformerLM Model, TransformerConfig Config, long Step) LoadModel(string path)
+    {
+        var (header, reader) = ReadVerified(path);
+        using (reader)
+        {
+            var config = ConfigOf(header, path);
+            RoutingTransformerLM model;
+            try { model = new RoutingTransformerLM(config); }
+            catch (ArgumentException e) { throw new CheckpointException($"checkpoint {path} holds an invalid configuration: {e.Message}", e); }
+            try
+            {
+                int rngLen = reader.ReadInt32();
+                reader.ReadBytes(rngLen);                                          // the RNG state is for resuming training
+                model.load(reader, strict: true);
+            }
+            catch (Exception e) when (e is not CheckpointException)
+            {
+                model.Dispose();
+                throw new CheckpointException($"checkpoint {path} does not match its configuration (model state): {e.Message}", e);
+            }
+            return (model, config, header.Step);
+        }
+    }
+
     private static TransformerConfig ConfigOf(Header header, string path)
     {
         try { return ConfigBinding.FromJson(header.Config.GetRawText(), "config"); }
