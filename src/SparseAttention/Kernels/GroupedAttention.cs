@@ -195,7 +195,9 @@ public static class GroupedAttention
         switch (kernel)
         {
             case AttentionKernel.Fused:
-                throw new NotImplementedException("TODO fused merged");
+            case AttentionKernel.Auto when FusedGroupedAttention.Supports(q, null):
+                return FusedGroupedAttention.MergedAttention(q, k, v, queryIndices, keyIndices, previousGroup, rounds, causal, sharedQk,
+                    keyMask, queryLabels, keyLabels, dedup, scale);
             case AttentionKernel.Reference:
                 throw new ArgumentException("kernel: merged grouped attention has Ops and Fused kernels; its oracle is ReferenceAttention with the implied mask.", nameof(kernel));
         }
