@@ -1,8 +1,10 @@
+using System.Text.Json.Serialization;
 using static TorchSharp.torch;
 
 namespace SparseAttention.Hashing;
 
 /// <summary>Asymmetric transforms that turn maximum-inner-product search into angular nearest-neighbour search.</summary>
+[JsonConverter(typeof(JsonStringEnumConverter<AlshTransform>))]
 public enum AlshTransform
 {
     /// <summary>SimpleLSH (Neyshabur &amp; Srebro, ICML 2015, arXiv 1410.5518): keys scaled by the largest key norm M,
@@ -44,9 +46,12 @@ public static class MipsTransforms
     /// <param name="transform">Which transform.</param>
     /// <param name="queryNormalizedFirst">QNF: rescale every Q(q) row to the largest P(x) row norm.</param>
     /// <param name="keyMask">Optional (B, T) bool, true = real key; padding does not count towards the largest norm.</param>
+    /// <param name="causal">The largest norm (M, φ, and QNF's target) is a running maximum over the keys at positions
+    /// ≤ t for the key (and query) at t, so no transformed vector depends on later tokens (needs Tq = T). Keys with the
+    /// same running maximum keep the exact ordering; across a growth of the maximum the ordering is approximate.</param>
     /// <returns>P(keys) (B, H, T, D + e) and Q(queries) (B, H, Tq, D + e), detached (hashing has no gradient).</returns>
     public static (Tensor Keys, Tensor Queries) Apply(Tensor keys, Tensor queries, AlshTransform transform,
-        bool queryNormalizedFirst = false, Tensor? keyMask = null)
+        bool queryNormalizedFirst = false, Tensor? keyMask = null, bool causal = false)
     {
         Check.Shape(keys, nameof(keys), "(B, H, T, D)", -1, -1, -1, -1);
         Check.Shape(queries, nameof(queries), "(B, H, Tq, D)", keys.shape[0], keys.shape[1], -1, keys.shape[3]);
@@ -54,13 +59,15 @@ public static class MipsTransforms
         Check.SameDtype(keys, nameof(keys), queries, nameof(queries));
         Check.KeyMask(keyMask, keys.shape[0], keys.shape[2]);
         Check.That(Enum.IsDefined(transform), nameof(transform), $"unknown value {transform}.");
+        Check.That(!causal || queries.shape[2] == keys.shape[2], nameof(queries), $"causal transforms pair query t with key t, so Tq must equal T = {keys.shape[2]}, got {queries.shape[2]}.");
         using var scope = NewDisposeScope();
         long batch = keys.shape[0], seqLen = keys.shape[2];
         var x = keys.detach();
         var q = queries.detach();
         if (keyMask is not null) x = x.masked_fill(keyMask.logical_not().view(batch, 1, seqLen, 1), 0);   // (B, H, T, D)
         var keyNorm = x.norm(-1, keepdim: true);                                         // (B, H, T, 1)
-        var maxNorm = keyNorm.amax(new long[] { 2 }, keepdim: true).clamp_min(1e-12);    // (B, H, 1, 1): M (or φ)
+        var maxNorm = (causal ? keyNorm.cummax(2).values : keyNorm.amax(new long[] { 2 }, keepdim: true))
+                      .clamp_min(1e-12);                                                 // (B, H, T or 1, 1): M (or φ)
         var queryUnit = q / q.norm(-1, keepdim: true).clamp_min(1e-12);                 // (B, H, Tq, D)
         Tensor p, qq;
         switch (transform)
@@ -94,7 +101,7 @@ public static class MipsTransforms
         {
             var pNorm = p.norm(-1, keepdim: true);                                       // (B, H, T, 1)
             if (keyMask is not null) pNorm = pNorm.masked_fill(keyMask.logical_not().view(batch, 1, seqLen, 1), 0);
-            var target = pNorm.amax(new long[] { 2 }, keepdim: true);                     // (B, H, 1, 1)
+            var target = causal ? pNorm.cummax(2).values : pNorm.amax(new long[] { 2 }, keepdim: true);   // (B, H, T or 1, 1)
             qq = qq / qq.norm(-1, keepdim: true).clamp_min(1e-12) * target;              // (B, H, Tq, D + e)
         }
         return (p.MoveToOuterDisposeScope(), qq.MoveToOuterDisposeScope());

@@ -63,6 +63,7 @@ public sealed class AttentionLayer : AttentionSublayer
             config.BlockSize, config.AttnDropout,
             config.PositionalEncoding == PositionalEncoding.RelativeShaw ? config.MaxRelativePosition : 0, config.Kernel),
         HeadGroupKind.Routing => new RoutingHeadGroup(config, group.Heads, layer),
+        HeadGroupKind.Lsh => new LshHeadGroup(config, group.Heads, layer),
         _ => throw new ArgumentException($"group: unknown head group kind {group.Kind}.", nameof(group)),
     };
 

@@ -27,8 +27,10 @@ public enum HeadGroupKind
     Local,
     /// <summary>One of <see cref="TransformerConfig.StaticHeadGroups"/>.</summary>
     Static,
-    /// <summary>Content-based routing heads (online k-means): the heads not claimed by local or static groups.</summary>
+    /// <summary>Content-based routing heads (online k-means): the heads not claimed by local, static or LSH groups.</summary>
     Routing,
+    /// <summary>LSH / ALSH heads (<see cref="TransformerConfig.Lsh"/>), after the static groups and before routing.</summary>
+    Lsh,
 }
 
 /// <summary>One head group of one layer, as the configuration lays it out.</summary>
@@ -52,7 +54,7 @@ public sealed record TransformerConfig
     [JsonPropertyName("dim")] public int Dim { get; init; } = 512;
     /// <summary>12 — number of layers (each: attention sublayer + feed-forward sublayer).</summary>
     [JsonPropertyName("depth")] public int Depth { get; init; } = 12;
-    /// <summary>8 — attention heads per layer (local + static groups + routing).</summary>
+    /// <summary>8 — attention heads per layer (local + static groups + LSH + routing).</summary>
     [JsonPropertyName("heads")] public int Heads { get; init; } = 8;
     /// <summary>null — width of one head; null = Dim / Heads (then Dim must divide by Heads).</summary>
     [JsonPropertyName("dim_head")] public int? DimHead { get; init; }
@@ -75,6 +77,9 @@ public sealed record TransformerConfig
     /// <summary>null — extra static head groups in every layer (e.g. strided or fixed heads), after the local heads;
     /// the remaining heads route.</summary>
     [JsonPropertyName("static_head_groups")] public StaticHeadGroup[]? StaticHeadGroups { get; init; }
+    /// <summary>null — LSH (Reformer) or ALSH heads in every layer, after the static groups; see <see cref="LshSpec"/>
+    /// for its fields (heads, n_hashes, bucket_size, …). Below SparsitySkipFirst they are local heads.</summary>
+    [JsonPropertyName("lsh")] public LshSpec? Lsh { get; init; }
 
     // ---- regularisation ------------------------------------------------------------------------
     /// <summary>0 — attention dropout: on attention probabilities where they are materialised (the dense
@@ -163,16 +168,17 @@ public sealed record TransformerConfig
 
     /// <summary>
     /// The head groups of layer <paramref name="layer"/>, in head order: local heads, then each static
-    /// group, then routing heads (the rest). Layers below SparsitySkipFirst turn their routing heads into
-    /// local heads. Empty groups are left out. Call <see cref="Validate"/> first.
+    /// group, then LSH heads, then routing heads (the rest). Layers below SparsitySkipFirst turn their routing
+    /// and LSH heads into local heads. Empty groups are left out. Call <see cref="Validate"/> first.
     /// </summary>
     public IReadOnlyList<HeadGroupPlan> HeadGroupsForLayer(int layer)
     {
         Check.That(layer >= 0 && layer < Depth, nameof(layer), $"must be in [0, Depth = {Depth}), got {layer}.");
         int staticHeads = StaticHeadGroups?.Sum(g => g.Heads) ?? 0;
         int local = LocalHeadsInLayer(layer);
-        int routing = Heads - local - staticHeads;
-        if (layer < SparsitySkipFirst) { local += routing; routing = 0; }
+        int lsh = Lsh?.Heads ?? 0;
+        int routing = Heads - local - staticHeads - lsh;
+        if (layer < SparsitySkipFirst) { local += routing + lsh; routing = 0; lsh = 0; }
         var plan = new List<HeadGroupPlan>();
         if (local > 0)
         {
@@ -182,6 +188,7 @@ public sealed record TransformerConfig
         }
         foreach (var g in StaticHeadGroups ?? [])
             plan.Add(new HeadGroupPlan(HeadGroupKind.Static, g.Heads, g.Pattern.ToPattern(Causal, layer)));
+        if (lsh > 0) plan.Add(new HeadGroupPlan(HeadGroupKind.Lsh, lsh, null));
         if (routing > 0) plan.Add(new HeadGroupPlan(HeadGroupKind.Routing, routing, null));
         return plan;
     }
@@ -215,11 +222,13 @@ public sealed record TransformerConfig
                 catch (ArgumentException e) { throw new ArgumentException($"{field}: {e.Message}", field, e); }
                 staticHeads += g.Heads;
             }
+        Lsh?.Validate(nameof(Lsh));
+        int lshHeads = Lsh?.Heads ?? 0;
         for (int layer = 0; layer < NLocalAttnHeads!.Length; layer++)
         {
             int local = NLocalAttnHeads[layer];
-            Check.That(local >= 0 && local + staticHeads <= Heads, nameof(NLocalAttnHeads),
-                $"local heads ({local}{(NLocalAttnHeads.Length > 1 ? $" in layer {layer}" : "")}) plus static group heads ({staticHeads}) must be in [0, Heads = {Heads}].");
+            Check.That(local >= 0 && local + staticHeads + lshHeads <= Heads, nameof(NLocalAttnHeads),
+                $"local heads ({local}{(NLocalAttnHeads.Length > 1 ? $" in layer {layer}" : "")}) plus static group heads ({staticHeads}) plus LSH heads ({lshHeads}) must be in [0, Heads = {Heads}].");
         }
         Check.That(SparsitySkipFirst >= 0 && SparsitySkipFirst <= Depth, nameof(SparsitySkipFirst),
             $"must be in [0, Depth = {Depth}], got {SparsitySkipFirst}.");

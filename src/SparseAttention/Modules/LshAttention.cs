@@ -25,7 +25,8 @@ public sealed record LshAttentionOutput(Tensor Output, Tensor QueryBuckets, Tens
 /// is allowed in any round.</para>
 /// <para><b>ALSH</b> (set <c>alsh</c>): queries and keys are separate; keys are hashed from P(k) and queries from their
 /// own Q(q) (<see cref="MipsTransforms"/>) with sign random projections (<see cref="SignRandomProjection"/>,
-/// log2(nBuckets) bits), so a query lands with the keys of large inner product (maximum-inner-product routing).</para>
+/// log2(nBuckets) bits), so a query lands with the keys of large inner product (maximum-inner-product routing).
+/// Causal ALSH normalises by the running maximum key norm (see <see cref="MipsTransforms.Apply"/>).</para>
 /// <para><b>Rounds merge</b>: the output is one softmax over every key attended in any round, a key attended in c rounds
 /// counting c times — exactly the log-sum-exp-weighted average of the rounds' outputs; with <c>dedup</c> once.</para>
 /// <para><b>Chunks</b> and <b>causality</b>: see <see cref="LshGrouping"/> (causal chunks are cut per bucket so that
@@ -157,7 +158,7 @@ public sealed class LshAttention : nn.Module<Tensor, Tensor?, Tensor, Tensor?, L
         if (alsh is AlshTransform transform)
         {
             keys = k!;
-            var (pk, qq) = MipsTransforms.Apply(keys, q, transform, queryNormalizedFirst, keyMask);   // (B, H, T, D + e)
+            var (pk, qq) = MipsTransforms.Apply(keys, q, transform, queryNormalizedFirst, keyMask, causal);   // (B, H, T, D + e)
             keyBuckets = SignRandomProjection.Buckets(pk, hash);                          // (B, H, R, T)
             queryBuckets = SignRandomProjection.Buckets(qq, hash);                        // the query's OWN transformed vector
         }
