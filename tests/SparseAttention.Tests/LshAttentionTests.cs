@@ -288,4 +288,52 @@ public class LshAttentionTests
         var short_ = q.narrow(2, 0, 8);
         Assert.Throws<ArgumentException>(() => module.forward(short_, k.narrow(2, 0, 8), v.narrow(2, 0, 8)));
     }
+
+    [Theory]
+    [InlineData(false, true, null)]
+    [InlineData(true, true, null)]
+    [InlineData(false, false, null)]
+    [InlineData(false, false, AlshTransform.SignAlsh)]
+    [InlineData(true, true, AlshTransform.SimpleLsh)]
+    public void AttendedMaskMatchesTheImpliedMask(bool causal, bool across, AlshTransform? alsh)
+    {
+        const int batch = 2, heads = 2, T = 19, bucketSize = 4;
+        var module = new LshAttention(heads, Dim, 32, bucketSize, 2, nBuckets: 4, causal: causal, attendAcrossBuckets: across, alsh: alsh, seed: 12);
+        var (q, k, v) = TestSupport.RandomQkv(batch, heads, T, Dim, seed: 6, dtype: ScalarType.Float32);
+        var keyMask = PaddingMask(batch, T, true);
+        var result = module.forward(q, alsh is null ? null : k, v, keyMask);
+        var counts = ImpliedCounts(result.QueryBuckets, result.KeyBuckets, keyMask, bucketSize, causal, alsh is null, across, false);
+        var expected = counts.gt(0);
+        if (alsh is null)
+        {
+            var alone = expected.any(-1).logical_not().logical_and(keyMask!.view(batch, 1, T));
+            expected = expected.logical_or(alone.unsqueeze(-1).logical_and(eye(T, dtype: ScalarType.Bool)));
+        }
+        Assert.True(expected.equal(module.AttendedMask(result, keyMask)).all().item<bool>());
+    }
+
+    [Fact]
+    public void PatternCommandShowsLshBucketsAndTheImpliedMask()
+    {
+        var (code, stdout, stderr) = CliRunner.Run("pattern", "--kind", "lsh", "--seq-len", "24", "--block", "4", "--n-hashes", "2", "--seed", "1");
+        Assert.True(code == 0, stderr);
+        Assert.Contains("head 0 round 1 buckets: ", stdout);
+        Assert.Contains("token-level mask", stdout);
+        var row = stdout.Split('\n').First(l => l.StartsWith("head 0 round 0 buckets: "))["head 0 round 0 buckets: ".Length..].Trim();
+        Assert.Equal(24, row.Length);
+        string png = Path.Combine(Path.GetTempPath(), $"lsh-{Guid.NewGuid():N}.png");
+        try
+        {
+            (code, stdout, stderr) = CliRunner.Run("pattern", "--kind", "lsh", "--seq-len", "64", "--alsh", "Xbox", "--bidirectional", "--format", "png", "--out", png);
+            Assert.True(code == 0, stderr);
+            Assert.True(new FileInfo(png).Length > 1000);
+        }
+        finally { File.Delete(png); }
+        (code, _, stderr) = CliRunner.Run("pattern", "--kind", "lsh", "--alsh", "Nope");
+        Assert.NotEqual(0, code);
+        Assert.Contains("--alsh", stderr);
+        (code, _, stderr) = CliRunner.Run("pattern", "--kind", "local", "--n-hashes", "2");
+        Assert.NotEqual(0, code);
+        Assert.Contains("--n-hashes does not apply", stderr);
+    }
 }

@@ -129,6 +129,55 @@ public sealed class LshAttention : nn.Module<Tensor, Tensor?, Tensor, Tensor?, L
             : AngularLsh.Rotations(hr, nHashes, dimHead, nBuckets, generator);
     }
 
+    /// <summary>
+    /// Which keys each query attended in any round of <paramref name="result"/> (a forward of this module with the
+    /// same <paramref name="keyMask"/>), as a dense (B, H, T, T) bool tensor: the chunk window, causal rule, bucket
+    /// restriction and key mask applied; under shared QK a token's own key only where nothing else was allowed.
+    /// For display and inspection (O(T²) memory).
+    /// </summary>
+    public Tensor AttendedMask(LshAttentionOutput result, Tensor? keyMask = null)
+    {
+        ArgumentNullException.ThrowIfNull(result);
+        var g = result.Groups;
+        long batch = g.QueryIndices.shape[0], h = g.QueryIndices.shape[1], groups = g.QueryIndices.shape[2], wq = g.QueryIndices.shape[3];
+        long seqLen = result.QueryBuckets.shape[3];
+        Check.KeyMask(keyMask, batch, seqLen);
+        using var scope = NewDisposeScope();
+        var keyIdx = GroupedAttention.WithPreviousKeys(g.KeyIndices, g.PreviousGroup);  // (B, H, G, Wk2)
+        long wk = keyIdx.shape[3];
+        var qp = g.QueryIndices.unsqueeze(-1);                                           // (B, H, G, Wq, 1)
+        var kp = keyIdx.unsqueeze(-2);                                                   // (B, H, G, 1, Wk2)
+        var allowed = qp.ge(0).logical_and(kp.ge(0));                                    // (B, H, G, Wq, Wk2)
+        if (causal) allowed = allowed.logical_and(kp.le(qp));
+        if (SharedQk) allowed = allowed.logical_and(kp.ne(qp));
+        if (keyMask is not null)
+            allowed = allowed.logical_and(keyMask.view(batch, 1, seqLen).expand(batch, h, seqLen)
+                .gather(2, keyIdx.clamp_min(0).view(batch, h, -1)).view(batch, h, groups, 1, wk));
+        if (!attendAcrossBuckets && !causal)
+        {
+            var round = arange(groups, device: qp.device).div(groups / nHashes, rounding_mode: RoundingMode.floor)
+                        .view(1, 1, groups, 1).expand(batch, h, groups, wq);              // (B, H, G, Wq)
+            var qLabel = result.QueryBuckets.view(batch, h, -1)
+                         .gather(2, (round * seqLen + g.QueryIndices.clamp_min(0)).view(batch, h, -1)).view(batch, h, groups, wq, 1);
+            var kLabel = result.KeyBuckets.view(batch, h, -1)
+                         .gather(2, (round.narrow(3, 0, 1).expand(batch, h, groups, wk) * seqLen + keyIdx.clamp_min(0)).view(batch, h, -1))
+                         .view(batch, h, groups, 1, wk);
+            allowed = allowed.logical_and(qLabel.eq(kLabel));
+        }
+        var flat = (qp.clamp_min(0) * seqLen + kp.clamp_min(0)).masked_fill(allowed.logical_not(), seqLen * seqLen)
+                   .view(batch, h, -1);                                                  // (B, H, G·Wq·Wk2)
+        var dense = zeros(new long[] { batch, h, seqLen * seqLen + 1 }, dtype: ScalarType.Int64, device: qp.device)
+                    .scatter_add(2, flat, ones_like(flat))
+                    .narrow(2, 0, seqLen * seqLen).view(batch, h, seqLen, seqLen).gt(0);  // (B, H, T, T)
+        if (SharedQk)
+        {
+            var alone = dense.any(-1).logical_not();                                     // (B, H, T)
+            if (keyMask is not null) alone = alone.logical_and(keyMask.view(batch, 1, seqLen));
+            dense = dense.logical_or(alone.unsqueeze(-1).logical_and(eye(seqLen, dtype: ScalarType.Bool, device: qp.device)));
+        }
+        return dense.MoveToOuterDisposeScope();
+    }
+
     /// <param name="q">Queries (B, H, T, D), 0 &lt; T ≤ maxSeqLen.</param>
     /// <param name="k">Keys (B, H, T, D) for ALSH; must be null with shared QK (the keys are then q/‖q‖).</param>
     /// <param name="v">Values (B, H, T, D).</param>
