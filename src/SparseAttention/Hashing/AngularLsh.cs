@@ -39,8 +39,12 @@ public static class AngularLsh
         Check.That(rotations.shape[0] == 1 || rotations.shape[0] == x.shape[1], nameof(rotations),
             $"first dimension must be 1 or H = {x.shape[1]}, got {Check.ShapeOf(rotations)}.");
         using var scope = NewDisposeScope();
-        var rot = rotations.to(x.dtype).to(x.device);
-        var rotated = matmul(x.detach().unsqueeze(2), rot.unsqueeze(0));                 // (B, H, R, T, nBuckets/2)
+        long batch = x.shape[0], heads = x.shape[1], seqLen = x.shape[2], dim = x.shape[3];
+        long rounds = rotations.shape[1], half = rotations.shape[3];
+        var rot = rotations.to(x.dtype).to(x.device).permute(0, 2, 1, 3)                  // (Hr, D, R, nBuckets/2)
+                           .reshape(rotations.shape[0], dim, rounds * half);              // (Hr, D, R·nBuckets/2)
+        var rotated = matmul(x.detach(), rot)                                            // (B, H, T, R·nBuckets/2): one GEMM per head
+                      .view(batch, heads, seqLen, rounds, half).permute(0, 1, 3, 2, 4);   // (B, H, R, T, nBuckets/2)
         var both = cat([rotated, rotated.neg()], -1);                                    // (B, H, R, T, nBuckets)
         return both.argmax(-1).MoveToOuterDisposeScope();                                // (B, H, R, T)
     }
@@ -78,8 +82,10 @@ public static class SignRandomProjection
         Check.That(planes.shape[0] == 1 || planes.shape[0] == x.shape[1], nameof(planes),
             $"first dimension must be 1 or H = {x.shape[1]}, got {Check.ShapeOf(planes)}.");
         using var scope = NewDisposeScope();
-        long bits = planes.shape[3];
-        var projected = matmul(x.detach().unsqueeze(2), planes.to(x.dtype).to(x.device).unsqueeze(0)); // (B, H, R, T, bits)
+        long batch = x.shape[0], heads = x.shape[1], seqLen = x.shape[2], dim = x.shape[3];
+        long rounds = planes.shape[1], bits = planes.shape[3];
+        var flat = planes.to(x.dtype).to(x.device).permute(0, 2, 1, 3).reshape(planes.shape[0], dim, rounds * bits);   // (Hr, D, R·bits)
+        var projected = matmul(x.detach(), flat).view(batch, heads, seqLen, rounds, bits).permute(0, 1, 3, 2, 4);   // (B, H, R, T, bits)
         var weights = tensor(Enumerable.Range(0, (int)bits).Select(i => 1L << i).ToArray(), device: x.device);     // (bits)
         return (projected.ge(0).to(ScalarType.Int64) * weights).sum(-1).MoveToOuterDisposeScope();      // (B, H, R, T)
     }

@@ -94,7 +94,8 @@ public static class LshGrouping
     private static int[] SortByBucket(long[] buckets, long offset, int[] positions)
     {
         var sorted = (int[])positions.Clone();
-        var keys = sorted.Select(t => (buckets[offset + t], t)).ToArray();
+        var keys = new (long Bucket, int Position)[sorted.Length];
+        for (int i = 0; i < sorted.Length; i++) keys[i] = (buckets[offset + sorted[i]], sorted[i]);
         Array.Sort(keys, sorted);                                                        // by (bucket, position)
         return sorted;
     }
@@ -107,8 +108,8 @@ public static class LshGrouping
         var q = new List<List<int>>(); var k = new List<List<int>>(); var p = new List<int>();
         for (int c = 0; c < chunks; c++)
         {
-            q.Add(queries.Skip(c * w).Take(w).ToList());
-            k.Add(keys.Skip(c * w).Take(w).ToList());
+            q.Add(new List<int>(new ArraySegment<int>(queries, c * w, Math.Min(w, queries.Length - c * w))));
+            k.Add(new List<int>(new ArraySegment<int>(keys, c * w, Math.Min(w, keys.Length - c * w))));
             p.Add(c - 1);
         }
         return (q, k, p);
@@ -127,7 +128,7 @@ public static class LshGrouping
             firstGroup[bucket] = (k.Count, start, s - start);
             for (int c = start; c < s; c += w)
             {
-                k.Add(keys.Skip(c).Take(Math.Min(w, s - c)).ToList());
+                k.Add(new List<int>(new ArraySegment<int>(keys, c, Math.Min(w, s - c))));
                 q.Add(new List<int>());
                 p.Add(c == start ? -1 : k.Count - 2);
             }

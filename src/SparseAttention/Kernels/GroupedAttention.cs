@@ -164,7 +164,7 @@ public static class GroupedAttention
     /// <paramref name="causal"/>; j ≠ i when <paramref name="sharedQk"/>; and, with labels, queryLabels[r, i] =
     /// keyLabels[r, j] (e.g. the same hash bucket). Without <paramref name="dedup"/>, a key attended in c rounds counts
     /// c times (its score enters the softmax c times); with it, once (score − log c in every round it is attended,
-    /// Reformer §2.3, made exact: c counts the rounds in which the pair is allowed by all of the rules above).</para>
+    /// the Reformer's de-duplication made exact: c counts the rounds in which the pair is allowed by all of the rules above).</para>
     /// <para>Shared QK: a real position with no allowed pair in any round attends only itself (output v_i), the
     /// "self only when nothing else is allowed" rule applied to the union of the rounds. Otherwise such a position,
     /// and any position in no query slot, gets zeros.</para>
