@@ -55,7 +55,7 @@ public sealed class AttentionLayer : AttentionSublayer
 
     /// <summary>
     /// The module computing one head group: local and static groups attend with their pattern,
-    /// routing groups with <see cref="RoutingHeadGroup"/>.
+    /// routing groups with <see cref="RoutingHeadGroup"/>, LSH groups with <see cref="LshHeadGroup"/>.
     /// </summary>
     public static HeadGroupAttention CreateGroup(TransformerConfig config, int layer, HeadGroupPlan group) => group.Kind switch
     {
