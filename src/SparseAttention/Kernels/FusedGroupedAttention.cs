@@ -8,7 +8,8 @@ namespace SparseAttention.Kernels;
 /// Fused grouped attention (routing clusters, LSH chunks) for float32 CPU tensors: the rules of
 /// <see cref="GroupedAttention"/> computed by C# SIMD kernels that read q/k/v rows by index, forward
 /// and backward, wrapped as a TorchSharp autograd function. Memory key/values are not supported here
-/// (<see cref="GroupedAttention"/> falls back to its Ops path for them).
+/// (<see cref="GroupedAttention"/> falls back to its Ops path for them). <see cref="MergedAttention"/> is the
+/// multi-round (LSH) form: one softmax per position over all rounds, computed online across groups.
 /// </summary>
 public static class FusedGroupedAttention
 {

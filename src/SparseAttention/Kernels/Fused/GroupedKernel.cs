@@ -30,6 +30,10 @@ internal struct GroupedArgs
 /// groups a query joined). Rows are read by index into small tiles instead of gathering copies of
 /// the whole sequence. One task per (batch, head) walks its groups in order, so accumulation by
 /// index never races and results do not depend on the thread count.
+/// Merged mode (<see cref="GroupedArgs.Rounds"/> &gt; 0, LSH rounds): instead of the mean over groups, each position
+/// keeps a running max and sum over every row it gets in any group (online softmax across groups), look-back follows
+/// explicit previous-group links, optional labels and exact de-duplication apply per pair, and the backward uses the
+/// positions' final log-sum-exp.
 /// </summary>
 internal static unsafe class GroupedKernel
 {
