@@ -21,12 +21,12 @@ namespace SparseAttention.Cli;
 internal sealed class BenchCommand
 {
     /// <summary>Attention kinds the bench knows, with the pattern each stands for.</summary>
-    public static readonly string[] Attentions = ["dense", "local", "strided", "fixed", "bigbird", "routing"];
+    public static readonly string[] Attentions = ["dense", "local", "strided", "fixed", "bigbird", "routing", "lsh"];
     public static readonly string[] Impls = ["sdpa", "reference", "ops", "fused"];
     public static readonly string[] Passes = ["forward", "forward_backward"];
 
     private readonly Option<string> seqLensOption = new("--seq-lens") { HelpName = "T,T,...", Description = "Sequence lengths.", DefaultValueFactory = _ => "1024,4096,16384" };
-    private readonly Option<string> attentionOption = new("--attention") { HelpName = "KIND,...", Description = "Attention kinds: " + string.Join(", ", Attentions) + ".", DefaultValueFactory = _ => "dense,local,strided,fixed,bigbird,routing" };
+    private readonly Option<string> attentionOption = new("--attention") { HelpName = "KIND,...", Description = "Attention kinds: " + string.Join(", ", Attentions) + ".", DefaultValueFactory = _ => "dense,local,strided,fixed,bigbird,routing,lsh" };
     private readonly Option<string> implOption = new("--impl") { HelpName = "IMPL,...", Description = "Implementations of the sparse kinds: reference, ops, fused (dense always runs as sdpa).", DefaultValueFactory = _ => "ops,fused" };
     private readonly Option<string> passOption = new("--pass") { HelpName = "PASS,...", Description = "forward, forward_backward.", DefaultValueFactory = _ => "forward,forward_backward" };
     private readonly Option<int> batchOption = new("--batch") { Description = "Batch size B.", DefaultValueFactory = _ => 1 };
@@ -34,6 +34,7 @@ internal sealed class BenchCommand
     private readonly Option<int> headDimOption = new("--head-dim") { Description = "Head width D.", DefaultValueFactory = _ => 64 };
     private readonly Option<int> windowOption = new("--window") { Description = "Window / block / stride size w.", DefaultValueFactory = _ => 128 };
     private readonly Option<bool> bidirectionalOption = new("--bidirectional") { Description = "Bidirectional attention (default causal)." };
+    private readonly Option<int> nHashesOption = new("--n-hashes") { Description = "lsh rows: hash rounds (bucket size = --window, shared QK).", DefaultValueFactory = _ => 2 };
     private readonly Option<int> runsOption = new("--runs") { Description = "Timed runs per figure (the median is reported).", DefaultValueFactory = _ => 5 };
     private readonly Option<bool> quickOption = new("--quick") { Description = "T ∈ {1024, 4096}, 3 runs: a fast smoke run." };
     private readonly Option<long> maxDenseLenOption = new("--max-dense-len") { Description = "Skip dense SDPA above this length (its time grows as T²).", DefaultValueFactory = _ => 16384 };
@@ -50,7 +51,7 @@ internal sealed class BenchCommand
         var self = new BenchCommand();
         var command = new Command("bench", "Time attention kernels against dense SDPA and the GEMM rate, in one run.");
         foreach (var o in new Option[] { self.seqLensOption, self.attentionOption, self.implOption, self.passOption, self.batchOption,
-                     self.headsOption, self.headDimOption, self.windowOption, self.bidirectionalOption, self.runsOption,
+                     self.headsOption, self.headDimOption, self.windowOption, self.nHashesOption, self.bidirectionalOption, self.runsOption,
                      self.quickOption, self.maxDenseLenOption, self.maxGatherGbOption, self.jsonOption,
                      self.modelOption, self.modelDimOption, self.modelHeadsOption, self.modelDimHeadOption, self.modelDepthOption })
             command.Add(o);
@@ -97,8 +98,9 @@ internal sealed class BenchCommand
         var passes = List(parse, passOption, Passes);
         int batch = parse.GetValue(batchOption), heads = parse.GetValue(headsOption), dim = parse.GetValue(headDimOption), window = parse.GetValue(windowOption);
         int runs = quick && parse.GetResult(runsOption) is null or { Implicit: true } ? 3 : parse.GetValue(runsOption);
+        int nHashes = parse.GetValue(nHashesOption);
         int modelDim = parse.GetValue(modelDimOption), modelHeads = parse.GetValue(modelHeadsOption), modelDepth = parse.GetValue(modelDepthOption);
-        foreach (var (value, name) in new[] { (batch, "--batch"), (heads, "--heads"), (dim, "--head-dim"), (window, "--window"), (runs, "--runs"),
+        foreach (var (value, name) in new[] { (batch, "--batch"), (heads, "--heads"), (dim, "--head-dim"), (window, "--window"), (runs, "--runs"), (nHashes, "--n-hashes"),
                      (modelDim, "--model-dim"), (modelHeads, "--model-heads"), (modelDepth, "--model-depth") })
             if (value <= 0) throw new CliUsageException($"{name} must be > 0, got {value}.");
         int? modelDimHeadGiven = parse.GetValue(modelDimHeadOption);
@@ -148,6 +150,19 @@ internal sealed class BenchCommand
 
                 foreach (string attention in attentions.Where(a => a != "dense"))
                 {
+                    if (attention == "lsh")
+                    {
+                        foreach (string impl in impls.Where(i => i != "reference"))
+                        {
+                            step++;
+                            stderr.WriteLine($"[{step}/{total}] lsh {impl} {pass} T={seqLen}");
+                            var (ms, rss, lshPairs) = TimeLsh(q, v, upstream, window, nHashes, causal, impl == "ops" ? AttentionKernel.Ops : AttentionKernel.Fused, backward, runs);
+                            double? speedup = denseMs.TryGetValue((seqLen, pass), out double d) ? d / ms : null;
+                            results.Add(Make("lsh", impl, pass, seqLen, batch, heads, dim, window, causal, ms, 4 * lshPairs * dim * flopFactor, gemm, speedup, rss));
+                        }
+                        if (impls.Contains("reference")) step++;
+                        continue;
+                    }
                     if (attention == "routing")
                     {
                         foreach (string impl in impls.Where(i => i != "reference"))
@@ -378,6 +393,34 @@ internal sealed class BenchCommand
             if (pairs == 0) pairs = GroupPairs(result.QueryIndices, result.KeyIndices, causal);
             return result.Output;
         }, q, k, v, upstream, backward, runs);
+        return (ms, rss, pairs);
+    }
+
+    /// <summary>
+    /// LSH attention (shared QK, bucket size = window, buckets = ⌈T / window⌉ rounded up to even) with the hashing,
+    /// sorting and chunking included. Useful work = the (query, key) slot pairs the chunks hold (own chunk + previous
+    /// chunk, causal where asked), summed over rounds and batch.
+    /// </summary>
+    private static (double Ms, double PeakRssMb, double Pairs) TimeLsh(Tensor q, Tensor v, Tensor upstream,
+        int window, int nHashes, bool causal, AttentionKernel kernel, bool backward, int runs)
+    {
+        long heads = q.shape[1], seqLen = q.shape[2], dim = q.shape[3];
+        using var lsh = new SparseAttention.Modules.LshAttention((int)heads, (int)dim, (int)seqLen, Math.Min(window, (int)seqLen), nHashes, causal: causal) { Kernel = kernel };
+        double pairs = 0;
+        var (ms, rss) = Time((a, _, c) =>
+        {
+            var result = lsh.forward(a, null, c);
+            if (pairs == 0)
+            {
+                using var scope = NewDisposeScope();
+                var g = result.Groups;
+                long b = g.KeyIndices.shape[0], h = g.KeyIndices.shape[1], groups = g.KeyIndices.shape[2], wk = g.KeyIndices.shape[3];
+                var previous = g.KeyIndices.gather(2, g.PreviousGroup.clamp_min(0).unsqueeze(-1).expand(b, h, groups, wk))
+                                .masked_fill(g.PreviousGroup.lt(0).unsqueeze(-1), -1);            // (B, H, G, Wk)
+                pairs = GroupPairs(g.QueryIndices, cat([previous, g.KeyIndices], 3), causal);
+            }
+            return result.Output;
+        }, q, q, v, upstream, backward, runs);
         return (ms, rss, pairs);
     }
 

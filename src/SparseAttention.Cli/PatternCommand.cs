@@ -1,17 +1,22 @@
 using System.CommandLine;
+using SparseAttention.Hashing;
+using SparseAttention.Modules;
 using SparseAttention.Patterns;
+using static TorchSharp.torch;
 
 namespace SparseAttention.Cli;
 
 /// <summary>
 /// <c>sparse-attn pattern</c>: builds one static attention pattern from options, compiles it with
 /// <c>pattern.Compile(--seq-len, --block, --heads)</c> and prints it (ASCII, JSON) or saves it (JSON, PNG).
+/// <c>--kind lsh</c> is content-based: it runs an LSH attention head on seeded random queries and shows the buckets
+/// it drew and the mask they imply (which keys each query attended in any round).
 /// </summary>
 internal sealed class PatternCommand
 {
     /// <summary>The accepted <c>--kind</c> values, in help order.</summary>
     public static readonly string[] Kinds =
-        ["all", "local", "window", "strided", "fixed", "ds-fixed", "ds-variable", "bigbird", "longformer", "sliding-window"];
+        ["all", "local", "window", "strided", "fixed", "ds-fixed", "ds-variable", "bigbird", "longformer", "sliding-window", "lsh"];
 
     public static readonly string[] Formats = ["ascii", "json", "png"];
 
@@ -56,7 +61,15 @@ internal sealed class PatternCommand
     private readonly Option<string?> globalBlockEndIndicesOption = new("--global-block-end-indices") { HelpName = "N,N,...", Description = "ds-variable, longformer: comma-separated exclusive ends; makes --global-block-indices ranges." };
     private readonly Option<int?> numSlidingWindowBlocksOption = new("--num-sliding-window-blocks") { Description = "bigbird, longformer, sliding-window: sliding window width in blocks (default 3)." };
     private readonly Option<bool> differentLayoutPerHeadOption = new("--different-layout-per-head") { Description = "ds-fixed, ds-variable, bigbird, longformer: a different layout per head." };
-    private readonly Option<int?> seedOption = new("--seed") { Description = "ds-variable, bigbird: seed of the random blocks (default 0)." };
+    private readonly Option<int?> seedOption = new("--seed") { Description = "ds-variable, bigbird: seed of the random blocks; lsh: seed of the random input and rotations (default 0)." };
+
+    // lsh (content-based: shown on seeded random input).
+    private readonly Option<int?> bucketSizeOption = new("--bucket-size") { Description = "lsh: chunk length W (default --block)." };
+    private readonly Option<int> nHashesOption = new("--n-hashes") { Description = "lsh: hash rounds.", DefaultValueFactory = _ => 1 };
+    private readonly Option<int?> nBucketsOption = new("--n-buckets") { Description = "lsh: buckets per round (default ⌈T / W⌉, even; a power of two with --alsh)." };
+    private readonly Option<bool> sameBucketOnlyOption = new("--same-bucket-only") { Description = "lsh: a query attends only keys of its own bucket (attend_across_buckets = false)." };
+    private readonly Option<string?> alshOption = new("--alsh") { HelpName = "SimpleLsh|Xbox|SignAlsh", Description = "lsh: route separate random q and k by this MIPS transform instead of shared-QK angular LSH." };
+    private readonly Option<int> headDimOption = new("--head-dim") { Description = "lsh: width of the random head vectors.", DefaultValueFactory = _ => 16 };
 
     private readonly Option[] common;
 
@@ -79,6 +92,7 @@ internal sealed class PatternCommand
             ["bigbird"] = [numRandomBlocksOption, numSlidingWindowBlocksOption, numGlobalBlocksOption, differentLayoutPerHeadOption, seedOption],
             ["longformer"] = [numSlidingWindowBlocksOption, globalBlockIndicesOption, globalBlockEndIndicesOption, differentLayoutPerHeadOption],
             ["sliding-window"] = [numSlidingWindowBlocksOption],
+            ["lsh"] = [bucketSizeOption, nHashesOption, nBucketsOption, sameBucketOnlyOption, alshOption, headDimOption, seedOption],
         };
     }
 
@@ -86,7 +100,7 @@ internal sealed class PatternCommand
     public static Command Create()
     {
         var self = new PatternCommand();
-        var command = new Command("pattern", "Print or save a static attention pattern (block layout and token-level mask).");
+        var command = new Command("pattern", "Print or save a static attention pattern (block layout and token-level mask), or the buckets and implied mask of an LSH head (--kind lsh).");
         foreach (var option in self.common.Concat(self.kindOptions.Values.SelectMany(o => o)).Distinct())
         {
             if (option.HelpName is null && option.ValueType != typeof(bool)) option.HelpName = "N";
@@ -124,13 +138,14 @@ internal sealed class PatternCommand
         if (format == "png" && string.IsNullOrWhiteSpace(outPath))
             throw new CliUsageException("--out: --format png writes an image file; give --out FILE.png.");
 
-        var pattern = Build(kind, parse, seqLen, block, causal);
-        var mask = pattern.Compile(seqLen, block, heads);
+        string? buckets = null;
+        var pattern = kind == "lsh" ? BuildLsh(parse, seqLen, block, heads, causal, maxHeads, out buckets) : Build(kind, parse, seqLen, block, causal);
+        var mask = pattern.Compile(seqLen, kind == "lsh" ? Math.Min(block, seqLen) : block, heads);
 
         switch (format)
         {
             case "ascii":
-                Write(PatternRendering.Ascii(mask, maxHeads), outPath, output);
+                Write(buckets + PatternRendering.Ascii(mask, maxHeads), outPath, output);
                 break;
             case "json":
                 Write(PatternRendering.Json(mask, kind), outPath, output);
@@ -215,6 +230,79 @@ internal sealed class PatternCommand
             default:
                 throw new InvalidOperationException($"kind '{kind}' is listed but not built."); // Kinds and Build out of step
         }
+    }
+
+    /// <summary>
+    /// Runs an <see cref="LshAttention"/> head group on seeded random input (batch 1) and returns its implied mask as a
+    /// pattern; <paramref name="buckets"/> gets a text listing of each drawn head's buckets per round and, for short
+    /// sequences, the token-level mask.
+    /// </summary>
+    private AttentionPattern BuildLsh(ParseResult parse, int seqLen, int block, int heads, bool causal, int maxHeads, out string buckets)
+    {
+        int bucketSize = parse.GetValue(bucketSizeOption) ?? Math.Min(block, seqLen);
+        int nHashes = parse.GetValue(nHashesOption), dim = parse.GetValue(headDimOption), seed = parse.GetValue(seedOption) ?? 0;
+        int? nBuckets = parse.GetValue(nBucketsOption);
+        if (bucketSize <= 0) throw new CliUsageException($"--bucket-size must be > 0 (tokens per chunk), got {bucketSize}.");
+        if (nHashes <= 0) throw new CliUsageException($"--n-hashes must be > 0 (hash rounds), got {nHashes}.");
+        if (dim <= 0) throw new CliUsageException($"--head-dim must be > 0, got {dim}.");
+        AlshTransform? alsh = null;
+        if (parse.GetValue(alshOption) is string name)
+            alsh = Enum.TryParse<AlshTransform>(name.Trim(), ignoreCase: true, out var t) && Enum.IsDefined(t) ? t
+                : throw new CliUsageException($"--alsh: unknown transform '{name}'; expected one of: {string.Join(", ", Enum.GetNames<AlshTransform>())}.");
+        bool across = !parse.GetValue(sameBucketOnlyOption);
+        LshAttention lsh;
+        try
+        {
+            lsh = new LshAttention(heads, dim, seqLen, bucketSize, nHashes, nBuckets, causal, across, alsh: alsh, seed: seed);
+        }
+        catch (ArgumentException e) { throw new CliUsageException($"--kind lsh: {e.Message}"); }
+        using var scope = NewDisposeScope();
+        var gen = new Generator((ulong)seed + 1);
+        var q = randn(new long[] { 1, heads, seqLen, dim }, generator: gen);
+        var k = randn(new long[] { 1, heads, seqLen, dim }, generator: gen);
+        var v = randn(new long[] { 1, heads, seqLen, dim }, generator: gen);
+        var result = lsh.forward(q, alsh is null ? null : k, v);
+        bool[] dense = lsh.AttendedMask(result)[0].contiguous().data<bool>().ToArray();     // (H, T, T)
+        long[] qb = result.QueryBuckets[0].contiguous().data<long>().ToArray();              // (H, R, T)
+        long[] kb = result.KeyBuckets[0].contiguous().data<long>().ToArray();
+
+        var sb = new System.Text.StringBuilder();
+        sb.AppendLine($"lsh buckets: {lsh.NBuckets} buckets, bucket_size={bucketSize}, n_hashes={nHashes}, " +
+                      $"{(alsh is null ? "shared QK (angular LSH)" : $"ALSH {alsh}")}, {(causal ? "causal" : "bidirectional")}, seed={seed}; " +
+                      "random N(0, 1) input, one symbol per token (0-9, a-z, A-Z, then *)");
+        for (int h = 0; h < Math.Min(heads, maxHeads); h++)
+            for (int r = 0; r < nHashes; r++)
+            {
+                sb.AppendLine($"head {h} round {r} {(alsh is null ? "buckets" : "query buckets")}: {Symbols(qb, ((long)h * nHashes + r) * seqLen, seqLen)}");
+                if (alsh is not null) sb.AppendLine($"head {h} round {r} key buckets:   {Symbols(kb, ((long)h * nHashes + r) * seqLen, seqLen)}");
+            }
+        if (seqLen <= 128)
+        {
+            sb.AppendLine("token-level mask (rows = queries, columns = keys): █ attended in some round, · not");
+            for (int h = 0; h < Math.Min(heads, maxHeads); h++)
+            {
+                sb.AppendLine($"head {h}:");
+                for (int i = 0; i < seqLen; i++)
+                {
+                    sb.Append("  ");
+                    for (int j = 0; j < seqLen; j++) sb.Append(dense[((long)h * seqLen + i) * seqLen + j] ? '█' : '·');
+                    sb.AppendLine();
+                }
+            }
+        }
+        buckets = sb.ToString();
+        string patternName = $"lsh(bucket_size={bucketSize}, n_hashes={nHashes}, n_buckets={lsh.NBuckets}{(alsh is null ? "" : $", alsh={alsh}")}" +
+                             $"{(across ? "" : ", same bucket only")}, seed={seed})";
+        return AttentionPattern.FromPredicate(patternName, causal, sameForAllHeads: false,
+            (h, i, j, t) => dense[((long)h * t + i) * t + j]);
+    }
+
+    private static string Symbols(long[] values, long offset, int count)
+    {
+        const string digits = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ";
+        var chars = new char[count];
+        for (int i = 0; i < count; i++) { long b = values[offset + i]; chars[i] = b < digits.Length ? digits[(int)b] : '*'; }
+        return new string(chars);
     }
 
     private FactorizedCombine Combine(ParseResult parse)

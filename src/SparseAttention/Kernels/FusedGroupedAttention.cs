@@ -8,7 +8,8 @@ namespace SparseAttention.Kernels;
 /// Fused grouped attention (routing clusters, LSH chunks) for float32 CPU tensors: the rules of
 /// <see cref="GroupedAttention"/> computed by C# SIMD kernels that read q/k/v rows by index, forward
 /// and backward, wrapped as a TorchSharp autograd function. Memory key/values are not supported here
-/// (<see cref="GroupedAttention"/> falls back to its Ops path for them).
+/// (<see cref="GroupedAttention"/> falls back to its Ops path for them). <see cref="MergedAttention"/> is the
+/// multi-round (LSH) form: one softmax per position over all rounds, computed online across groups.
 /// </summary>
 public static class FusedGroupedAttention
 {
@@ -29,6 +30,91 @@ public static class FusedGroupedAttention
         var settings = new Settings(causal, sharedQk, lookBackward, (float)(scale ?? 1.0 / Math.Sqrt(q.shape[3])),
             threads ?? FusedBlockSparseAttention.DefaultThreads);
         return GroupedFunction.apply(q, k, v, queryIndices, keyIndices, keyMask, settings);
+    }
+
+    /// <inheritdoc cref="GroupedAttention.MergedAttention"/>
+    /// <param name="threads">Worker threads (results do not depend on it); default <see cref="FusedBlockSparseAttention.DefaultThreads"/>.</param>
+    public static Tensor MergedAttention(Tensor q, Tensor k, Tensor v, Tensor queryIndices, Tensor keyIndices, Tensor previousGroup,
+        int rounds, bool causal = false, bool sharedQk = false, Tensor? keyMask = null, Tensor? queryLabels = null,
+        Tensor? keyLabels = null, bool dedup = false, double? scale = null, int? threads = null)
+    {
+        GroupedAttention.CheckMergedArguments(q, k, v, queryIndices, keyIndices, previousGroup, rounds, keyMask, queryLabels, keyLabels);
+        Check.That(FusedBlockSparseAttention.Supports(q), nameof(q), $"the fused kernels need float32 CPU tensors, got {q.dtype} on {q.device}.");
+        if (threads is int t) Check.Positive(t, nameof(threads));
+        var settings = new MergedSettings(rounds, causal, sharedQk, dedup, (float)(scale ?? 1.0 / Math.Sqrt(q.shape[3])),
+            threads ?? FusedBlockSparseAttention.DefaultThreads);
+        return MergedFunction.apply(q, k, v, queryIndices, keyIndices, previousGroup, keyMask, queryLabels, keyLabels, settings);
+    }
+
+    private sealed record MergedSettings(int Rounds, bool Causal, bool SharedQk, bool Dedup, float Scale, int Threads);
+
+    private sealed class MergedFunction : autograd.SingleTensorFunction<MergedFunction>
+    {
+        public override string Name => "FusedMergedGroupedAttention";
+
+        public override Tensor forward(autograd.AutogradContext ctx, params object[] vars)
+        {
+            var (q, k, v) = (((Tensor)vars[0]).contiguous(), ((Tensor)vars[1]).contiguous(), ((Tensor)vars[2]).contiguous());
+            var (queryIndex, keyIndex, previous) = (((Tensor)vars[3]).contiguous(), ((Tensor)vars[4]).contiguous(), ((Tensor)vars[5]).contiguous());
+            var keyMask = (vars[6] as Tensor)?.contiguous();
+            var queryLabels = (vars[7] as Tensor)?.contiguous();
+            var keyLabels = (vars[8] as Tensor)?.contiguous();
+            var settings = (MergedSettings)vars[9];
+            long batch = q.shape[0], heads = q.shape[1], seqLen = q.shape[2], dimV = v.shape[3];
+            if (keyMask is not null)
+            {
+                var drop = keyMask.logical_not().view(batch, 1, seqLen, 1);
+                k = k.masked_fill(drop, 0);                                                // NaN in padding must not leak via 0·x
+                v = v.masked_fill(drop, 0);
+            }
+            var output = empty(new[] { batch, heads, seqLen, dimV });                      // (B, H, T, Dv)
+            var lse = empty(new[] { batch, heads, seqLen });                               // (B, H, T)
+            var args = Arguments(q, k, v, queryIndex, keyIndex, previous, keyMask, queryLabels, keyLabels, output, lse, settings);
+            GroupedKernel.Forward(args);
+            GC.KeepAlive(q); GC.KeepAlive(k); GC.KeepAlive(v); GC.KeepAlive(queryIndex); GC.KeepAlive(keyIndex); GC.KeepAlive(previous);
+            GC.KeepAlive(keyMask); GC.KeepAlive(queryLabels); GC.KeepAlive(keyLabels); GC.KeepAlive(output); GC.KeepAlive(lse);
+            var none = empty(0, dtype: ScalarType.Int64);
+            ctx.save_for_backward([q, k, v, queryIndex, keyIndex, previous, keyMask ?? empty(0, dtype: ScalarType.Bool),
+                                   queryLabels ?? none, keyLabels ?? none, output, lse]);
+            ctx.save_data("settings", settings);
+            return output;
+        }
+
+        public override List<Tensor> backward(autograd.AutogradContext ctx, Tensor gradOutput)
+        {
+            var saved = ctx.get_saved_variables();
+            var keyMask = saved[6].numel() == 0 ? null : saved[6];
+            var queryLabels = saved[7].numel() == 0 ? null : saved[7];
+            var keyLabels = saved[8].numel() == 0 ? null : saved[8];
+            var settings = (MergedSettings)ctx.get_data("settings");
+            var dO = gradOutput.contiguous();
+            var (dq, dk, dv) = (empty_like(saved[0]), empty_like(saved[1]), empty_like(saved[2]));
+            var args = Arguments(saved[0], saved[1], saved[2], saved[3], saved[4], saved[5], keyMask, queryLabels, keyLabels, saved[9], saved[10], settings);
+            args.DO = FusedBlockSparseAttention.Pointer(dO);
+            args.DQ = FusedBlockSparseAttention.Pointer(dq);
+            args.DK = FusedBlockSparseAttention.Pointer(dk);
+            args.DV = FusedBlockSparseAttention.Pointer(dv);
+            GroupedKernel.Backward(args);
+            // Raw pointers only: keep every tensor the kernel used reachable until it is done.
+            GC.KeepAlive(saved); GC.KeepAlive(dO); GC.KeepAlive(dq); GC.KeepAlive(dk); GC.KeepAlive(dv);
+            return [dq, dk, dv, null!, null!, null!, null!, null!, null!, null!];
+        }
+
+        private static GroupedArgs Arguments(Tensor q, Tensor k, Tensor v, Tensor queryIndex, Tensor keyIndex, Tensor previous, Tensor? keyMask,
+            Tensor? queryLabels, Tensor? keyLabels, Tensor output, Tensor lse, MergedSettings s) => new()
+        {
+            Batch = (int)q.shape[0], Heads = (int)q.shape[1], SeqLen = (int)q.shape[2], Dim = (int)q.shape[3], DimV = (int)v.shape[3],
+            Groups = (int)queryIndex.shape[2], QuerySlots = (int)queryIndex.shape[3], KeySlots = (int)keyIndex.shape[3],
+            Threads = s.Threads, Causal = s.Causal, SharedQk = s.SharedQk, LookBackward = true, Scale = s.Scale,
+            Rounds = s.Rounds, Dedup = s.Dedup,
+            Q = FusedBlockSparseAttention.Pointer(q), K = FusedBlockSparseAttention.Pointer(k), V = FusedBlockSparseAttention.Pointer(v),
+            QueryIndex = FusedBlockSparseAttention.Pointer(queryIndex), KeyIndex = FusedBlockSparseAttention.Pointer(keyIndex),
+            PreviousGroup = FusedBlockSparseAttention.Pointer(previous),
+            KeyMask = keyMask is null ? 0 : FusedBlockSparseAttention.Pointer(keyMask),
+            QueryLabels = queryLabels is null ? 0 : FusedBlockSparseAttention.Pointer(queryLabels),
+            KeyLabels = keyLabels is null ? 0 : FusedBlockSparseAttention.Pointer(keyLabels),
+            O = FusedBlockSparseAttention.Pointer(output), PositionLse = FusedBlockSparseAttention.Pointer(lse),
+        };
     }
 
     private sealed record Settings(bool Causal, bool SharedQk, bool LookBackward, float Scale, int Threads);

@@ -153,6 +153,223 @@ public static class GroupedAttention
                .MoveToOuterDisposeScope();                                               // (B, H, Tq, Dv)
     }
 
+    /// <summary>
+    /// Multi-round grouped attention (LSH rounds): R rounds of groups over the same tokens, each group's queries
+    /// attending its own key slots and those of its <paramref name="previousGroup"/>; the output at position i is ONE
+    /// softmax over every (round, key) pair allowed for i — the log-sum-exp merge of the rounds' results.
+    /// </summary>
+    /// <remarks>
+    /// <para>Rules, all on original positions: a pair (i, j) is attended in round r when i is in a query slot of a
+    /// group g of round r and j in a key slot of g or of previousGroup[g]; j is a real key (keyMask); j ≤ i when
+    /// <paramref name="causal"/>; j ≠ i when <paramref name="sharedQk"/>; and, with labels, queryLabels[r, i] =
+    /// keyLabels[r, j] (e.g. the same hash bucket). Without <paramref name="dedup"/>, a key attended in c rounds counts
+    /// c times (its score enters the softmax c times); with it, once (score − log c in every round it is attended,
+    /// the Reformer's de-duplication made exact: c counts the rounds in which the pair is allowed by all of the rules above).</para>
+    /// <para>Shared QK: a real position with no allowed pair in any round attends only itself (output v_i), the
+    /// "self only when nothing else is allowed" rule applied to the union of the rounds. Otherwise such a position,
+    /// and any position in no query slot, gets zeros.</para>
+    /// <para>Each position may occupy at most one query slot and at most one key slot per round.</para>
+    /// <para>Kitaev, Kaiser, Levskaya, "Reformer: The Efficient Transformer", ICLR 2020, arXiv 2001.04451.</para>
+    /// </remarks>
+    /// <param name="q">Queries (B, H, T, D).</param>
+    /// <param name="k">Keys (B, H, T, D).</param>
+    /// <param name="v">Values (B, H, T, Dv).</param>
+    /// <param name="queryIndices">(B, H, G, Wq) int64 query positions, −1 = empty; round r owns groups [r·G/R, (r+1)·G/R).</param>
+    /// <param name="keyIndices">(B, H, G, Wk) int64 key positions, −1 = empty.</param>
+    /// <param name="previousGroup">(B, H, G) int64 group (of the same round) whose keys each group also attends, −1 = none.</param>
+    /// <param name="rounds">R ≥ 1; G must be a multiple of R.</param>
+    /// <param name="causal">Query i attends keys j ≤ i only.</param>
+    /// <param name="sharedQk">Keys are the queries' own tokens: self only as a last resort (see remarks).</param>
+    /// <param name="keyMask">Optional (B, T) bool; true = real key.</param>
+    /// <param name="queryLabels">Optional (B, H, R, T) int64 label of each query per round; given iff <paramref name="keyLabels"/> is.</param>
+    /// <param name="keyLabels">Optional (B, H, R, T) int64 label of each key per round; a pair needs equal labels.</param>
+    /// <param name="dedup">Count a pair attended in several rounds once.</param>
+    /// <param name="scale">Score scale; default 1/√D.</param>
+    /// <param name="kernel">Auto: fused for float32 CPU tensors, else Ops.</param>
+    /// <returns>(B, H, T, Dv).</returns>
+    public static Tensor MergedAttention(Tensor q, Tensor k, Tensor v, Tensor queryIndices, Tensor keyIndices, Tensor previousGroup,
+        int rounds, bool causal = false, bool sharedQk = false, Tensor? keyMask = null, Tensor? queryLabels = null,
+        Tensor? keyLabels = null, bool dedup = false, double? scale = null, AttentionKernel kernel = AttentionKernel.Auto)
+    {
+        CheckMergedArguments(q, k, v, queryIndices, keyIndices, previousGroup, rounds, keyMask, queryLabels, keyLabels);
+        switch (kernel)
+        {
+            case AttentionKernel.Fused:
+            case AttentionKernel.Auto when FusedGroupedAttention.Supports(q, null):
+                return FusedGroupedAttention.MergedAttention(q, k, v, queryIndices, keyIndices, previousGroup, rounds, causal, sharedQk,
+                    keyMask, queryLabels, keyLabels, dedup, scale);
+            case AttentionKernel.Reference:
+                throw new ArgumentException("kernel: merged grouped attention has Ops and Fused kernels; its oracle is ReferenceAttention with the implied mask.", nameof(kernel));
+        }
+        return MergedOps(q, k, v, queryIndices, keyIndices, previousGroup, rounds, causal, sharedQk, keyMask, queryLabels, keyLabels, dedup, scale);
+    }
+
+    internal static void CheckMergedArguments(Tensor q, Tensor k, Tensor v, Tensor queryIndices, Tensor keyIndices, Tensor previousGroup,
+        int rounds, Tensor? keyMask, Tensor? queryLabels, Tensor? keyLabels)
+    {
+        Check.QueryKeyValue(q, k, v);
+        long batch = q.shape[0], heads = q.shape[1], seqLen = q.shape[2];
+        Check.That(k.shape[2] == seqLen, nameof(k), $"merged attention groups one sequence's tokens, so k must have T = {seqLen} like q, got {k.shape[2]}.");
+        Check.KeyMask(keyMask, batch, seqLen);
+        Check.Positive(rounds, nameof(rounds));
+        CheckIndices(queryIndices, nameof(queryIndices), batch, heads, -1, seqLen);
+        long groups = queryIndices.shape[2];
+        CheckIndices(keyIndices, nameof(keyIndices), batch, heads, groups, seqLen);
+        Check.That(groups % rounds == 0, nameof(rounds), $"the G = {groups} groups must split evenly into {rounds} rounds.");
+        Check.Shape(previousGroup, nameof(previousGroup), "(B, H, G)", batch, heads, groups);
+        Check.That(previousGroup.dtype == ScalarType.Int64, nameof(previousGroup), $"must be int64, got {previousGroup.dtype}.");
+        if (previousGroup.numel() > 0)
+        {
+            long perRound = groups / rounds;
+            var own = arange(groups, device: previousGroup.device).div(perRound, rounding_mode: RoundingMode.floor);   // (G) round of each group
+            var theirs = previousGroup.clamp_min(0).div(perRound, rounding_mode: RoundingMode.floor);                  // (B, H, G)
+            bool ok = previousGroup.ge(-1).all().item<bool>() && previousGroup.lt(groups).all().item<bool>()
+                      && previousGroup.lt(0).logical_or(theirs.eq(own)).all().item<bool>();
+            Check.That(ok, nameof(previousGroup), "entries must be −1 or a group of the same round.");
+        }
+        Check.That((queryLabels is null) == (keyLabels is null), queryLabels is null ? nameof(queryLabels) : nameof(keyLabels),
+            "queryLabels and keyLabels must be given together.");
+        if (queryLabels is not null && keyLabels is not null)
+        {
+            Check.Shape(queryLabels, nameof(queryLabels), "(B, H, R, T)", batch, heads, rounds, seqLen);
+            Check.Shape(keyLabels, nameof(keyLabels), "(B, H, R, T)", batch, heads, rounds, seqLen);
+            Check.That(queryLabels.dtype == ScalarType.Int64 && keyLabels.dtype == ScalarType.Int64, nameof(queryLabels), "labels must be int64.");
+        }
+        using var scope = NewDisposeScope();
+        Check.That(SlotsPerRound(queryIndices, rounds, seqLen).le(1).all().item<bool>(), nameof(queryIndices),
+            "a position may occupy at most one query slot per round.");
+        Check.That(SlotsPerRound(keyIndices, rounds, seqLen).le(1).all().item<bool>(), nameof(keyIndices),
+            "a position may occupy at most one key slot per round.");
+    }
+
+    /// <summary>(B, H, R, T): how many slots of each round hold each position.</summary>
+    private static Tensor SlotsPerRound(Tensor indices, int rounds, long seqLen) =>
+        GroupOfPosition(indices, rounds, seqLen, count: true);
+
+    /// <summary>(B, H, R, T) group holding each position in each round (−1 = none), from slot indices (B, H, G, W);
+    /// with <paramref name="count"/>, how many slots hold it instead.</summary>
+    internal static Tensor GroupOfPosition(Tensor indices, int rounds, long seqLen, bool count = false)
+    {
+        long batch = indices.shape[0], heads = indices.shape[1], groups = indices.shape[2], width = indices.shape[3];
+        long perRound = groups / rounds;
+        var group = arange(groups, device: indices.device).view(1, 1, groups, 1).expand(batch, heads, groups, width);     // (B, H, G, W)
+        var round = group.div(perRound, rounding_mode: RoundingMode.floor);
+        var valid = indices.ge(0);
+        var flat = (round * seqLen + indices).masked_fill(valid.logical_not(), rounds * seqLen)                         // dummy column for empties
+                   .reshape(batch, heads, groups * width);                                                              // (B, H, G·W)
+        Tensor result;
+        if (count)
+            result = zeros(new long[] { batch, heads, rounds * seqLen + 1 }, dtype: ScalarType.Int64, device: indices.device)
+                     .scatter_add(2, flat, ones_like(flat));
+        else
+            result = full(new long[] { batch, heads, rounds * seqLen + 1 }, -1L, dtype: ScalarType.Int64, device: indices.device)
+                     .scatter(2, flat, group.reshape(batch, heads, groups * width));
+        return result.narrow(2, 0, rounds * seqLen).view(batch, heads, rounds, seqLen);                                  // (B, H, R, T)
+    }
+
+    /// <summary>Key slots of each group followed by those of its previous group's: (B, H, G, 2·Wk), −1 = empty.</summary>
+    internal static Tensor WithPreviousKeys(Tensor keyIndices, Tensor previousGroup)
+    {
+        long batch = keyIndices.shape[0], heads = keyIndices.shape[1], groups = keyIndices.shape[2], wk = keyIndices.shape[3];
+        var previous = keyIndices.gather(2, previousGroup.clamp_min(0).unsqueeze(-1).expand(batch, heads, groups, wk))  // (B, H, G, Wk)
+                                 .masked_fill(previousGroup.lt(0).unsqueeze(-1), -1);
+        return cat([previous, keyIndices], 3);                                                                          // (B, H, G, 2·Wk)
+    }
+
+    private static Tensor MergedOps(Tensor q, Tensor k, Tensor v, Tensor queryIndices, Tensor keyIndices, Tensor previousGroup,
+        int rounds, bool causal, bool sharedQk, Tensor? keyMask, Tensor? queryLabels, Tensor? keyLabels, bool dedup, double? scale)
+    {
+        long batch = q.shape[0], heads = q.shape[1], seqLen = q.shape[2], dim = q.shape[3], dimV = v.shape[3];
+        long groups = queryIndices.shape[2], wq = queryIndices.shape[3];
+        using var scope = NewDisposeScope();
+        var keyIdx = WithPreviousKeys(keyIndices, previousGroup);                       // (B, H, G, Wk2)
+        long wk = keyIdx.shape[3];
+        var queryValid = queryIndices.ge(0);                                             // (B, H, G, Wq)
+        var querySafe = queryIndices.clamp_min(0).reshape(batch, heads, groups * wq);    // (B, H, G·Wq)
+        var keySafe = keyIdx.clamp_min(0).reshape(batch, heads, groups * wk);            // (B, H, G·Wk2)
+        if (keyMask is not null)
+        {
+            var drop = keyMask.logical_not().view(batch, 1, seqLen, 1);                 // (B, 1, T, 1)
+            k = k.masked_fill(drop, 0);
+            v = v.masked_fill(drop, 0);
+        }
+        var qg = GatherRows(q, querySafe).view(batch, heads, groups, wq, dim);           // (B, H, G, Wq, D)
+        var kg = GatherRows(k, keySafe).view(batch, heads, groups, wk, dim);             // (B, H, G, Wk2, D)
+        var vg = GatherRows(v, keySafe).view(batch, heads, groups, wk, dimV);            // (B, H, G, Wk2, Dv)
+
+        var allowed = queryValid.unsqueeze(-1).logical_and(keyIdx.ge(0).unsqueeze(-2));  // (B, H, G, Wq, Wk2)
+        if (keyMask is not null)
+            allowed = allowed.logical_and(keyMask.view(batch, 1, seqLen).expand(batch, heads, seqLen)
+                                                 .gather(2, keySafe).view(batch, heads, groups, 1, wk));
+        var queryPos = queryIndices.unsqueeze(-1);                                       // (B, H, G, Wq, 1)
+        var keyPos = keyIdx.unsqueeze(-2);                                               // (B, H, G, 1, Wk2)
+        if (causal) allowed = allowed.logical_and(keyPos.le(queryPos));
+        if (sharedQk) allowed = allowed.logical_and(keyPos.ne(queryPos));
+        Tensor? queryLabelsPerRound = null, keyLabelsPerRound = null;                    // (B, H, G·W, R)
+        if (queryLabels is not null && keyLabels is not null)
+        {
+            queryLabelsPerRound = GatherRows(queryLabels.transpose(2, 3), querySafe);   // (B, H, G·Wq, R)
+            keyLabelsPerRound = GatherRows(keyLabels.transpose(2, 3), keySafe);         // (B, H, G·Wk2, R)
+            var roundOfGroup = arange(groups, device: q.device).div(groups / rounds, rounding_mode: RoundingMode.floor)   // (G)
+                               .view(1, 1, groups, 1, 1);
+            var ql = queryLabelsPerRound.view(batch, heads, groups, wq, rounds)
+                     .gather(-1, roundOfGroup.expand(batch, heads, groups, wq, 1));     // (B, H, G, Wq, 1)
+            var kl = keyLabelsPerRound.view(batch, heads, groups, wk, rounds)
+                     .gather(-1, roundOfGroup.expand(batch, heads, groups, wk, 1))
+                     .view(batch, heads, groups, 1, wk);                                  // (B, H, G, 1, Wk2)
+            allowed = allowed.logical_and(ql.eq(kl));
+        }
+        double s = scale ?? 1.0 / Math.Sqrt(dim);
+        var scores = matmul(qg, kg.transpose(-1, -2)) * s;                               // (B, H, G, Wq, Wk2)
+        if (dedup)
+        {
+            // Rounds in which each pair is allowed: key's group is the query's group or its previous group (+ labels).
+            var queryGroup = GatherRows(GroupOfPosition(queryIndices, rounds, seqLen).transpose(2, 3), querySafe)
+                             .view(batch, heads, groups, wq, 1, rounds);                 // (B, H, G, Wq, 1, R)
+            var keyGroup = GatherRows(GroupOfPosition(keyIndices, rounds, seqLen).transpose(2, 3), keySafe)
+                           .view(batch, heads, groups, 1, wk, rounds);                   // (B, H, G, 1, Wk2, R)
+            var previousOfQuery = previousGroup.view(batch, heads, groups)
+                                  .gather(2, queryGroup.clamp_min(0).view(batch, heads, -1))
+                                  .view(batch, heads, groups, wq, 1, rounds)
+                                  .masked_fill(queryGroup.lt(0), -1);                    // (B, H, G, Wq, 1, R)
+            var together = keyGroup.ge(0).logical_and(keyGroup.eq(queryGroup).logical_or(keyGroup.eq(previousOfQuery)));
+            if (queryLabelsPerRound is not null && keyLabelsPerRound is not null)
+                together = together.logical_and(queryLabelsPerRound.view(batch, heads, groups, wq, 1, rounds)
+                                                .eq(keyLabelsPerRound.view(batch, heads, groups, 1, wk, rounds)));
+            var count = together.sum(-1L).clamp_min(1).to(scores.dtype);                // (B, H, G, Wq, Wk2)
+            scores = scores - count.log();
+        }
+        // One softmax per position over all its slots' allowed keys: shift by the position's max, sum, divide.
+        var masked = scores.masked_fill(allowed.logical_not(), double.NegativeInfinity);  // (B, H, G, Wq, Wk2)
+        var rowMax = masked.amax(new long[] { -1 }).detach().reshape(batch, heads, groups * wq);          // (B, H, G·Wq)
+        // Each position holds at most one query slot per round: scatter per round, then the max over rounds.
+        var round = arange(groups, device: q.device).div(groups / rounds, rounding_mode: RoundingMode.floor)
+                    .view(1, 1, groups, 1).expand(batch, heads, groups, wq);                             // (B, H, G, Wq)
+        var perRoundIndex = (round * seqLen + queryIndices).masked_fill(queryValid.logical_not(), rounds * seqLen)
+                            .reshape(batch, heads, groups * wq);                                         // (B, H, G·Wq)
+        var positionMax = full(new long[] { batch, heads, rounds * seqLen + 1 }, double.NegativeInfinity, dtype: q.dtype, device: q.device)
+                          .scatter(2, perRoundIndex, rowMax)
+                          .narrow(2, 0, rounds * seqLen).view(batch, heads, rounds, seqLen)               // (B, H, R, T)
+                          .amax(new long[] { 2 });                                                       // (B, H, T)
+        positionMax = positionMax.masked_fill(positionMax.isinf(), 0);
+        var shift = positionMax.gather(2, querySafe).view(batch, heads, groups, wq, 1);                   // (B, H, G, Wq, 1)
+        var weights = (masked - shift).exp();                                            // (B, H, G, Wq, Wk2), 0 where not allowed
+        var total = zeros(new long[] { batch, heads, seqLen }, dtype: q.dtype, device: q.device)
+                    .scatter_add(2, querySafe, weights.sum(-1L).reshape(batch, heads, groups * wq));      // (B, H, T)
+        var numerator = zeros(new long[] { batch, heads, seqLen, dimV }, dtype: q.dtype, device: q.device)
+                        .scatter_add(2, querySafe.unsqueeze(-1).expand(batch, heads, groups * wq, dimV),
+                                     matmul(weights, vg).reshape(batch, heads, groups * wq, dimV));      // (B, H, T, Dv)
+        // total is 0 (nothing allowed) or ≥ 1 (the maximum contributes exp(0)), so clamping at 1 is exact.
+        var output = numerator / total.clamp_min(1).unsqueeze(-1);                       // (B, H, T, Dv)
+        if (sharedQk)
+        {
+            var alone = total.eq(0);                                                     // (B, H, T)
+            if (keyMask is not null) alone = alone.logical_and(keyMask.view(batch, 1, seqLen));
+            output = where(alone.unsqueeze(-1), v, output);                              // self as the last resort
+        }
+        return output.MoveToOuterDisposeScope();
+    }
+
     /// <summary>Batched row gather: x (B, H, T, D), index (B, H, N) int64 in [0, T) → (B, H, N, D).</summary>
     public static Tensor GatherRows(Tensor x, Tensor index)
     {

@@ -56,7 +56,8 @@ public sealed class AttentionLayer : AttentionSublayer
 
     /// <summary>
     /// The module computing one head group: local and static groups attend with their pattern,
-    /// routing groups with <see cref="RoutingHeadGroup"/>, synthesizer groups with <see cref="SynthesizerHeadGroup"/>.
+    /// routing groups with <see cref="RoutingHeadGroup"/>, LSH groups with <see cref="LshHeadGroup"/>, synthesizer groups
+    /// with <see cref="SynthesizerHeadGroup"/>.
     /// </summary>
     public static HeadGroupAttention CreateGroup(TransformerConfig config, int layer, HeadGroupPlan group) => group.Kind switch
     {
@@ -64,6 +65,7 @@ public sealed class AttentionLayer : AttentionSublayer
             config.BlockSize, config.AttnDropout,
             config.PositionalEncoding == PositionalEncoding.RelativeShaw ? config.MaxRelativePosition : 0, config.Kernel),
         HeadGroupKind.Routing => new RoutingHeadGroup(config, group.Heads, layer),
+        HeadGroupKind.Lsh => new LshHeadGroup(config, group.Heads, layer),
         HeadGroupKind.Synthesizer => new SynthesizerHeadGroup(config, group.Heads, layer),
         _ => throw new ArgumentException($"group: unknown head group kind {group.Kind}.", nameof(group)),
     };

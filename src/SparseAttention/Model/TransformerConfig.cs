@@ -36,10 +36,12 @@ public enum HeadGroupKind
     Local,
     /// <summary>One of <see cref="TransformerConfig.StaticHeadGroups"/>.</summary>
     Static,
-    /// <summary>Content-based routing heads (online k-means): the heads not claimed by local, static or synthesizer groups.</summary>
+    /// <summary>Content-based routing heads (online k-means): the heads not claimed by local, static, LSH or synthesizer groups.</summary>
     Routing,
-    /// <summary>Synthesizer heads (<see cref="TransformerConfig.Synthesizer"/>), after the static groups.</summary>
+    /// <summary>Synthesizer heads (<see cref="TransformerConfig.Synthesizer"/>), after the LSH heads.</summary>
     Synthesizer,
+    /// <summary>LSH / ALSH heads (<see cref="TransformerConfig.Lsh"/>), after the static groups and before synthesizer and routing heads.</summary>
+    Lsh,
 }
 
 /// <summary>One head group of one layer, as the configuration lays it out.</summary>
@@ -63,7 +65,7 @@ public sealed record TransformerConfig
     [JsonPropertyName("dim")] public int Dim { get; init; } = 512;
     /// <summary>12 — number of layers (each: attention sublayer + feed-forward sublayer).</summary>
     [JsonPropertyName("depth")] public int Depth { get; init; } = 12;
-    /// <summary>8 — attention heads per layer (local + static groups + synthesizer + routing).</summary>
+    /// <summary>8 — attention heads per layer (local + static groups + LSH + synthesizer + routing).</summary>
     [JsonPropertyName("heads")] public int Heads { get; init; } = 8;
     /// <summary>null — width of one head; null = Dim / Heads (then Dim must divide by Heads).</summary>
     [JsonPropertyName("dim_head")] public int? DimHead { get; init; }
@@ -86,6 +88,9 @@ public sealed record TransformerConfig
     /// <summary>null — extra static head groups in every layer (e.g. strided or fixed heads), after the local heads;
     /// the remaining heads route.</summary>
     [JsonPropertyName("static_head_groups")] public StaticHeadGroup[]? StaticHeadGroups { get; init; }
+    /// <summary>null — LSH (Reformer) or ALSH heads in every layer, after the static groups; see <see cref="LshSpec"/>
+    /// for its fields (heads, n_hashes, bucket_size, …). Below SparsitySkipFirst they are local heads.</summary>
+    [JsonPropertyName("lsh")] public LshSpec? Lsh { get; init; }
     /// <summary>null — Synthesizer heads in every layer (after the static groups; see <see cref="SynthesizerConfig"/>);
     /// the remaining heads route.</summary>
     [JsonPropertyName("synthesizer")] public SynthesizerConfig? Synthesizer { get; init; }
@@ -188,17 +193,18 @@ public sealed record TransformerConfig
 
     /// <summary>
     /// The head groups of layer <paramref name="layer"/>, in head order: local heads, then each static
-    /// group, then the synthesizer heads, then routing heads (the rest). Layers below SparsitySkipFirst turn their routing heads into
-    /// local heads. Empty groups are left out. Call <see cref="Validate"/> first.
+    /// group, then LSH heads, then the synthesizer heads, then routing heads (the rest). Layers below SparsitySkipFirst turn
+    /// their routing and LSH heads into local heads. Empty groups are left out. Call <see cref="Validate"/> first.
     /// </summary>
     public IReadOnlyList<HeadGroupPlan> HeadGroupsForLayer(int layer)
     {
         Check.That(layer >= 0 && layer < Depth, nameof(layer), $"must be in [0, Depth = {Depth}), got {layer}.");
         int staticHeads = StaticHeadGroups?.Sum(g => g.Heads) ?? 0;
         int local = LocalHeadsInLayer(layer);
+        int lsh = Lsh?.Heads ?? 0;
         int synthesizer = Synthesizer?.Heads ?? 0;
-        int routing = Heads - local - staticHeads - synthesizer;
-        if (layer < SparsitySkipFirst) { local += routing; routing = 0; }
+        int routing = Heads - local - staticHeads - lsh - synthesizer;
+        if (layer < SparsitySkipFirst) { local += routing + lsh; routing = 0; lsh = 0; }
         var plan = new List<HeadGroupPlan>();
         if (local > 0)
         {
@@ -208,6 +214,7 @@ public sealed record TransformerConfig
         }
         foreach (var g in StaticHeadGroups ?? [])
             plan.Add(new HeadGroupPlan(HeadGroupKind.Static, g.Heads, g.Pattern.ToPattern(Causal, layer)));
+        if (lsh > 0) plan.Add(new HeadGroupPlan(HeadGroupKind.Lsh, lsh, null));
         if (synthesizer > 0) plan.Add(new HeadGroupPlan(HeadGroupKind.Synthesizer, synthesizer, null));
         if (routing > 0) plan.Add(new HeadGroupPlan(HeadGroupKind.Routing, routing, null));
         return plan;
@@ -242,18 +249,20 @@ public sealed record TransformerConfig
                 catch (ArgumentException e) { throw new ArgumentException($"{field}: {e.Message}", field, e); }
                 staticHeads += g.Heads;
             }
+        Lsh?.Validate(nameof(Lsh));
+        int lshHeads = Lsh?.Heads ?? 0;
         for (int layer = 0; layer < NLocalAttnHeads!.Length; layer++)
         {
             int local = NLocalAttnHeads[layer];
-            Check.That(local >= 0 && local + staticHeads <= Heads, nameof(NLocalAttnHeads),
-                $"local heads ({local}{(NLocalAttnHeads.Length > 1 ? $" in layer {layer}" : "")}) plus static group heads ({staticHeads}) must be in [0, Heads = {Heads}].");
+            Check.That(local >= 0 && local + staticHeads + lshHeads <= Heads, nameof(NLocalAttnHeads),
+                $"local heads ({local}{(NLocalAttnHeads.Length > 1 ? $" in layer {layer}" : "")}) plus static group heads ({staticHeads}) plus LSH heads ({lshHeads}) must be in [0, Heads = {Heads}].");
         }
         if (Synthesizer is not null)
         {
             Synthesizer.Validate(MaxSeqLen, nameof(Synthesizer));
             int mostLocal = NLocalAttnHeads.Max();
-            Check.That(mostLocal + staticHeads + Synthesizer.Heads <= Heads, nameof(Synthesizer),
-                $"local heads ({mostLocal}) plus static group heads ({staticHeads}) plus synthesizer heads ({Synthesizer.Heads}) must be at most Heads = {Heads}.");
+            Check.That(mostLocal + staticHeads + lshHeads + Synthesizer.Heads <= Heads, nameof(Synthesizer),
+                $"local heads ({mostLocal}) plus static group heads ({staticHeads}) plus LSH heads ({lshHeads}) plus synthesizer heads ({Synthesizer.Heads}) must be at most Heads = {Heads}.");
         }
         Check.That(SparsitySkipFirst >= 0 && SparsitySkipFirst <= Depth, nameof(SparsitySkipFirst),
             $"must be in [0, Depth = {Depth}], got {SparsitySkipFirst}.");

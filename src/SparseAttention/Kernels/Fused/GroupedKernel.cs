@@ -15,6 +15,12 @@ internal struct GroupedArgs
     public nint KeyMask;             // (B, T) bool as bytes, or 0
     public nint O, Lse;              // (B, H, T, Dv) and per slot (B, H, G, Wq); slot outputs are recomputed in the backward
     public nint DO, DQ, DK, DV;      // backward
+    // Merged (multi-round, LSH) mode — Rounds > 0; see GroupedKernel.ForwardMerged. Unused (0) otherwise.
+    public int Rounds;
+    public bool Dedup;
+    public nint PreviousGroup;       // (B, H, G) int64 look-back group, −1 = none (merged mode; LookBackward is then set)
+    public nint QueryLabels, KeyLabels; // (B, H, R, T) int64 or 0: a pair needs equal labels in its round
+    public nint PositionLse;         // (B, H, T) log-sum-exp of each position's merged softmax, +∞ = nothing attended
 }
 
 /// <summary>
@@ -24,6 +30,10 @@ internal struct GroupedArgs
 /// groups a query joined). Rows are read by index into small tiles instead of gathering copies of
 /// the whole sequence. One task per (batch, head) walks its groups in order, so accumulation by
 /// index never races and results do not depend on the thread count.
+/// Merged mode (<see cref="GroupedArgs.Rounds"/> &gt; 0, LSH rounds): instead of the mean over groups, each position
+/// keeps a running max and sum over every row it gets in any group (online softmax across groups), look-back follows
+/// explicit previous-group links, optional labels and exact de-duplication apply per pair, and the backward uses the
+/// positions' final log-sum-exp.
 /// </summary>
 internal static unsafe class GroupedKernel
 {
@@ -47,21 +57,30 @@ internal static unsafe class GroupedKernel
         public readonly float* Q, KT, K, VT, V, S, P, PT, DST, DOg, DQ, DKV, Count;
         public readonly long* KeyPos;
         public readonly int* KeyKey, QSlot;
+        public readonly float* PosMax, PosSum;   // merged mode: per position running max and sum (T each)
+        public readonly int* QueryGroup, KeyGroup; // merged mode with dedup: group of each position per round (R·T each)
+        // Merged mode, set per (batch, head) and group: labels (R·T) or null, look-back links (G), the group's round.
+        public long* QueryLabels, KeyLabels, PreviousGroup;
+        public int Round;
         private readonly void* memory;
 
-        public Scratch(int wq, int n, int dim, int dimV, int seqLen)
+        public Scratch(int wq, int n, int dim, int dimV, int seqLen, int rounds = 0)
         {
             int w = Math.Max(dim, dimV);
             long q = (long)wq * w, kv = (long)n * w, s = (long)wq * n;
-            long floats = 3 * q + 5 * kv + 5 * s + seqLen;
-            memory = NativeMemory.AlignedAlloc((nuint)(floats * sizeof(float) + n * sizeof(long) + (n + wq) * sizeof(int)), 64);
+            long floats = 3 * q + 5 * kv + 5 * s + seqLen + (rounds > 0 ? 2L * seqLen : 0);
+            long ints = n + wq + 2L * rounds * seqLen;
+            memory = NativeMemory.AlignedAlloc((nuint)(floats * sizeof(float) + n * sizeof(long) + ints * sizeof(int)), 64);
             float* p = (float*)memory;
             Q = p; p += q; KT = p; p += kv; K = p; p += kv; VT = p; p += kv; V = p; p += kv;
             S = p; p += s; P = p; p += s; PT = p; p += s; DST = p; p += s; DOg = p; p += q; DQ = p; p += q;
             DKV = p; p += kv + s; Count = p; p += seqLen;
+            if (rounds > 0) { PosMax = p; p += seqLen; PosSum = p; p += seqLen; }
             KeyPos = (long*)p;
             KeyKey = (int*)(KeyPos + n);
             QSlot = KeyKey + n;
+            QueryGroup = QSlot + wq;
+            KeyGroup = QueryGroup + (long)rounds * seqLen;
         }
 
         public void Dispose() => NativeMemory.AlignedFree(memory);
@@ -71,10 +90,14 @@ internal static unsafe class GroupedKernel
     {
         int n = a.LookBackward ? 2 * a.KeySlots : a.KeySlots;
         Parallel.For(0, a.Batch * a.Heads, new ParallelOptions { MaxDegreeOfParallelism = Math.Max(1, a.Threads) },
-            () => new Scratch(a.QuerySlots, n, a.Dim, a.DimV, a.SeqLen),
+            () => new Scratch(a.QuerySlots, n, a.Dim, a.DimV, a.SeqLen, a.Rounds),
             [MethodImpl(MethodImplOptions.AggressiveOptimization)] (bh, _, scratch) =>
             {
-                if (backward) BackwardHead<TS, TV>(a, bh, n, scratch); else ForwardHead<TS, TV>(a, bh, n, scratch);
+                if (a.Rounds > 0)
+                {
+                    if (backward) BackwardMergedHead<TS, TV>(a, bh, n, scratch); else ForwardMergedHead<TS, TV>(a, bh, n, scratch);
+                }
+                else if (backward) BackwardHead<TS, TV>(a, bh, n, scratch); else ForwardHead<TS, TV>(a, bh, n, scratch);
                 return scratch;
             },
             scratch => scratch.Dispose());
@@ -88,13 +111,15 @@ internal static unsafe class GroupedKernel
         for (long i = 0; i < slots; i++) if (queryIndex[i] >= 0) count[queryIndex[i]] += 1f;
     }
 
-    /// <summary>Key slot positions of group g (previous group's first with look-back), −1 = none.</summary>
-    private static void KeyPositions(in GroupedArgs a, long* keyIndex, int g, long* keyPos)
+    /// <summary>Key slot positions of group g (previous group's first with look-back), −1 = none. The previous group
+    /// is g − 1, or previousGroup[g] when given (merged mode).</summary>
+    private static void KeyPositions(in GroupedArgs a, long* keyIndex, int g, long* keyPos, long* previousGroup = null)
     {
         int wk = a.KeySlots, j = 0;
         if (a.LookBackward)
         {
-            for (int s = 0; s < wk; s++) keyPos[j++] = g > 0 ? keyIndex[(long)(g - 1) * wk + s] : -1;
+            long prev = previousGroup != null ? previousGroup[g] : g - 1;
+            for (int s = 0; s < wk; s++) keyPos[j++] = prev >= 0 ? keyIndex[prev * wk + s] : -1;
         }
         for (int s = 0; s < wk; s++) keyPos[j++] = keyIndex[(long)g * wk + s];
     }
@@ -133,6 +158,7 @@ internal static unsafe class GroupedKernel
             bool other, self;
             if (Vector512.IsHardwareAccelerated) MaskRow512(si, key, nk, qp, a.Causal, a.SharedQk, a.Scale, out other, out self);
             else MaskRowScalar(si, key, 0, nk, qp, a.Causal, a.SharedQk, a.Scale, out other, out self);
+            if (a.Rounds > 0) { MergedRules(a, si, key, nk, qp, x); continue; }             // merged mode: self handled per position
             if (self && !other)
             {
                 // Nothing else is allowed: the query may attend itself (score recomputed for those slots).
@@ -140,6 +166,38 @@ internal static unsafe class GroupedKernel
                     if (key[j] == qp)
                         si[j] = Tile<TS, TV>.Dot(x.Q + (long)r * a.Dim, x.K + (long)j * a.Dim, a.Dim) * a.Scale;
             }
+        }
+    }
+
+    /// <summary>
+    /// Merged mode's extra pair rules on one score row (already −∞ where not allowed): with labels, the query's and
+    /// the key's labels of this round must agree; with dedup, a pair allowed in c rounds gets score − log c, so it
+    /// counts once in the merged softmax.
+    /// </summary>
+    private static void MergedRules(in GroupedArgs a, float* si, int* key, int nk, int qp, Scratch x)
+    {
+        if (x.QueryLabels == null && !a.Dedup) return;
+        long T = a.SeqLen;
+        for (int j = 0; j < nk; j++)
+        {
+            if (float.IsNegativeInfinity(si[j])) continue;
+            int kp = key[j];
+            if (x.QueryLabels != null && x.QueryLabels[x.Round * T + qp] != x.KeyLabels[x.Round * T + kp])
+            {
+                si[j] = float.NegativeInfinity;
+                continue;
+            }
+            if (!a.Dedup) continue;
+            int count = 0;
+            for (int r = 0; r < a.Rounds; r++)
+            {
+                int gq = x.QueryGroup[r * T + qp], gk = x.KeyGroup[r * T + kp];
+                if (gq < 0 || gk < 0) continue;
+                if (gk != gq && gk != x.PreviousGroup[gq]) continue;
+                if (x.QueryLabels != null && x.QueryLabels[r * T + qp] != x.KeyLabels[r * T + kp]) continue;
+                count++;
+            }
+            if (count > 1) si[j] -= MathF.Log(count);
         }
     }
 
@@ -303,6 +361,151 @@ internal static unsafe class GroupedKernel
             Tile<TS, TV>.Gemm(nk, Dv, m, pT, m, x.DOg, Dv, dvPart, Dv, accumulate: false);      // dV = Pᵀ·dO (nk, Dv)
             ScatterKeys<TS, TV>(x.KeyKey, nk, dvPart, Dv, dv, 1f);
             Tile<TS, TV>.Gemm(nk, D, m, dsT, m, x.Q, D, dkPart, D, accumulate: false);          // dK = dSᵀ·Q (nk, D)
+            ScatterKeys<TS, TV>(x.KeyKey, nk, dkPart, D, dk, a.Scale);
+        }
+    }
+
+    /// <summary>Per-head pointers of merged mode in the scratch; with dedup, the group of each position per round.</summary>
+    private static void PrepareMerged(in GroupedArgs a, int bh, long* queryIndex, long* keyIndex, Scratch x)
+    {
+        long T = a.SeqLen;
+        x.PreviousGroup = (long*)a.PreviousGroup + (long)bh * a.Groups;
+        x.QueryLabels = a.QueryLabels == 0 ? null : (long*)a.QueryLabels + (long)bh * a.Rounds * T;
+        x.KeyLabels = a.KeyLabels == 0 ? null : (long*)a.KeyLabels + (long)bh * a.Rounds * T;
+        if (!a.Dedup) return;
+        int perRound = a.Groups / a.Rounds;
+        new Span<int>(x.QueryGroup, (int)(a.Rounds * T)).Fill(-1);
+        new Span<int>(x.KeyGroup, (int)(a.Rounds * T)).Fill(-1);
+        for (int g = 0; g < a.Groups; g++)
+        {
+            long r = g / perRound;
+            for (int s = 0; s < a.QuerySlots; s++) { long p = queryIndex[(long)g * a.QuerySlots + s]; if (p >= 0) x.QueryGroup[r * T + p] = g; }
+            for (int s = 0; s < a.KeySlots; s++) { long p = keyIndex[(long)g * a.KeySlots + s]; if (p >= 0) x.KeyGroup[r * T + p] = g; }
+        }
+    }
+
+    /// <summary>
+    /// Merged mode forward for one (batch, head): every group's rows join their position's ONE softmax (online: running
+    /// max and sum per position, rescaling the accumulated output when the max grows). Writes O and the per-position
+    /// log-sum-exp; under shared QK a real position with nothing attended gets its own value.
+    /// </summary>
+    private static void ForwardMergedHead<TS, TV>(in GroupedArgs a, int bh, int n, Scratch x) where TS : struct, ISimd<TV> where TV : unmanaged
+    {
+        int T = a.SeqLen, D = a.Dim, Dv = a.DimV, wq = a.QuerySlots, b = bh / a.Heads, perRound = a.Groups / a.Rounds;
+        float* q = (float*)a.Q + (long)bh * T * D, k = (float*)a.K + (long)bh * T * D, v = (float*)a.V + (long)bh * T * Dv;
+        long* queryIndex = (long*)a.QueryIndex + (long)bh * a.Groups * wq;
+        long* keyIndex = (long*)a.KeyIndex + (long)bh * a.Groups * a.KeySlots;
+        byte* keyMask = a.KeyMask == 0 ? null : (byte*)a.KeyMask + (long)b * T;
+        float* o = (float*)a.O + (long)bh * T * Dv, lse = (float*)a.PositionLse + (long)bh * T;
+        new Span<float>(o, T * Dv).Clear();
+        new Span<float>(x.PosMax, T).Fill(float.NegativeInfinity);
+        new Span<float>(x.PosSum, T).Clear();
+        PrepareMerged(a, bh, queryIndex, keyIndex, x);
+        for (int g = 0; g < a.Groups; g++)
+        {
+            long* queryPos = queryIndex + (long)g * wq;
+            x.Round = g / perRound;
+            KeyPositions(a, keyIndex, g, x.KeyPos, x.PreviousGroup);
+            var (m, nk) = Compact(a, queryPos, x.KeyPos, n, keyMask, x);
+            if (m == 0 || nk == 0) continue;
+            Gather(a, q, k, v, queryPos, m, nk, x, transposedValues: false);
+            Scores<TS, TV>(a, queryPos, m, nk, x);
+            for (int r = 0; r < m; r++)
+            {
+                float* si = x.S + (long)r * nk;
+                long p = queryPos[x.QSlot[r]];
+                float mx = Tile<TS, TV>.Max(si, nk);
+                if (float.IsNegativeInfinity(mx)) { new Span<float>(si, nk).Clear(); continue; }
+                float old = x.PosMax[p];
+                if (mx > old)
+                {
+                    if (x.PosSum[p] > 0)
+                    {
+                        float alpha = MathF.Exp(old - mx);
+                        x.PosSum[p] *= alpha;
+                        Tile<TS, TV>.Scale(o + p * Dv, Dv, alpha);
+                    }
+                    x.PosMax[p] = mx;
+                }
+                x.PosSum[p] += Tile<TS, TV>.ExpShiftSum(si, nk, x.PosMax[p]);                    // row ← exp(s − max so far)
+            }
+            Tile<TS, TV>.Gemm(m, Dv, nk, x.S, nk, x.V, Dv, x.DOg, Dv, accumulate: false);       // (m, Dv)
+            for (int r = 0; r < m; r++) Tile<TS, TV>.AddTo(o + queryPos[x.QSlot[r]] * Dv, x.DOg + (long)r * Dv, Dv);
+        }
+        for (int t = 0; t < T; t++)
+        {
+            float sum = x.PosSum[t];
+            if (sum > 0)
+            {
+                Tile<TS, TV>.Scale(o + (long)t * Dv, Dv, 1f / sum);
+                lse[t] = x.PosMax[t] + MathF.Log(sum);
+            }
+            else
+            {
+                lse[t] = float.PositiveInfinity;
+                if (a.SharedQk && (keyMask == null || keyMask[t] != 0))
+                    new Span<float>(v + (long)t * Dv, Dv).CopyTo(new Span<float>(o + (long)t * Dv, Dv));   // self, the last resort
+            }
+        }
+    }
+
+    /// <summary>
+    /// Merged mode backward for one (batch, head): P = exp(s − lse[position]) with the positions' final log-sum-exp,
+    /// dS = P ⊙ (dP − dO·O) per row; a self-only position passes dO straight to its value.
+    /// </summary>
+    private static void BackwardMergedHead<TS, TV>(in GroupedArgs a, int bh, int n, Scratch x) where TS : struct, ISimd<TV> where TV : unmanaged
+    {
+        int T = a.SeqLen, D = a.Dim, Dv = a.DimV, wq = a.QuerySlots, b = bh / a.Heads, perRound = a.Groups / a.Rounds;
+        float* q = (float*)a.Q + (long)bh * T * D, k = (float*)a.K + (long)bh * T * D, v = (float*)a.V + (long)bh * T * Dv;
+        long* queryIndex = (long*)a.QueryIndex + (long)bh * a.Groups * wq;
+        long* keyIndex = (long*)a.KeyIndex + (long)bh * a.Groups * a.KeySlots;
+        byte* keyMask = a.KeyMask == 0 ? null : (byte*)a.KeyMask + (long)b * T;
+        float* dOut = (float*)a.DO + (long)bh * T * Dv, o = (float*)a.O + (long)bh * T * Dv, lse = (float*)a.PositionLse + (long)bh * T;
+        float* dq = (float*)a.DQ + (long)bh * T * D, dk = (float*)a.DK + (long)bh * T * D, dv = (float*)a.DV + (long)bh * T * Dv;
+        new Span<float>(dq, T * D).Clear();
+        new Span<float>(dk, T * D).Clear();
+        new Span<float>(dv, T * Dv).Clear();
+        float* delta = x.PosSum;
+        for (int t = 0; t < T; t++)
+        {
+            delta[t] = Tile<TS, TV>.Dot(dOut + (long)t * Dv, o + (long)t * Dv, Dv);
+            if (float.IsPositiveInfinity(lse[t]) && a.SharedQk && (keyMask == null || keyMask[t] != 0))
+                Tile<TS, TV>.AddTo(dv + (long)t * Dv, dOut + (long)t * Dv, Dv);             // self-only: O = v
+        }
+        PrepareMerged(a, bh, queryIndex, keyIndex, x);
+        float* dkPart = x.DKV, dvPart = x.DKV;   // used one after the other
+        for (int g = 0; g < a.Groups; g++)
+        {
+            long* queryPos = queryIndex + (long)g * wq;
+            x.Round = g / perRound;
+            KeyPositions(a, keyIndex, g, x.KeyPos, x.PreviousGroup);
+            var (m, nk) = Compact(a, queryPos, x.KeyPos, n, keyMask, x);
+            if (m == 0 || nk == 0) continue;
+            Gather(a, q, k, v, queryPos, m, nk, x, transposedValues: true);
+            Scores<TS, TV>(a, queryPos, m, nk, x);
+            for (int r = 0; r < m; r++)
+            {
+                long p = queryPos[x.QSlot[r]];
+                new Span<float>(dOut + p * Dv, Dv).CopyTo(new Span<float>(x.DOg + (long)r * Dv, Dv));
+            }
+            Tile<TS, TV>.Gemm(m, nk, Dv, x.DOg, Dv, x.VT, nk, x.P, nk, accumulate: false);      // dP = dO·Vᵀ (m, nk)
+            for (int r = 0; r < m; r++)
+            {
+                long p = queryPos[x.QSlot[r]];
+                Tile<TS, TV>.ExpShiftSum(x.S + (long)r * nk, nk, lse[p]);                        // P = exp(S − lse), 0 if lse = +∞
+                Tile<TS, TV>.SoftmaxGrad(x.S + (long)r * nk, x.P + (long)r * nk, nk, delta[p]);   // dS in P
+            }
+            Tile<TS, TV>.Gemm(m, D, nk, x.P, nk, x.K, D, x.DQ, D, accumulate: false);           // dQ = dS·K (m, D)
+            for (int r = 0; r < m; r++)
+            {
+                Tile<TS, TV>.Scale(x.DQ + (long)r * D, D, a.Scale);
+                Tile<TS, TV>.AddTo(dq + queryPos[x.QSlot[r]] * D, x.DQ + (long)r * D, D);
+            }
+            Transpose(x.S, m, nk, x.PT);
+            Transpose(x.P, m, nk, x.DST);
+            Tile<TS, TV>.Gemm(nk, Dv, m, x.PT, m, x.DOg, Dv, dvPart, Dv, accumulate: false);    // dV = Pᵀ·dO (nk, Dv)
+            ScatterKeys<TS, TV>(x.KeyKey, nk, dvPart, Dv, dv, 1f);
+            Tile<TS, TV>.Gemm(nk, D, m, x.DST, m, x.Q, D, dkPart, D, accumulate: false);        // dK = dSᵀ·Q (nk, D)
             ScatterKeys<TS, TV>(x.KeyKey, nk, dkPart, D, dk, a.Scale);
         }
     }
