@@ -1,3 +1,4 @@
+using SparseAttention.Hashing;
 using SparseAttention.Model;
 using SparseAttention.Modules;
 using SparseAttention.Patterns;
@@ -12,13 +13,13 @@ public class BertAdapterTests
     private const int Hidden = 16, Heads = 4, HeadSize = Hidden / Heads, SeqLen = 11;
 
     /// <summary>An encoder config whose layer 0 has the given head groups (all others are routing heads).</summary>
-    private static TransformerConfig Encoder(int local, StaticHeadGroup[]? statics = null, SynthesizerConfig? synthesizer = null) => new()
+    private static TransformerConfig Encoder(int local, StaticHeadGroup[]? statics = null, SynthesizerConfig? synthesizer = null, LshSpec? lsh = null) => new()
     {
         NumTokens = 17, Dim = Hidden, Depth = 1, Heads = Heads, MaxSeqLen = 16, Causal = false, WindowSize = 4,
-        LocalAttnWindowSize = 3, NLocalAttnHeads = [local], StaticHeadGroups = statics, Synthesizer = synthesizer, BlockSize = 4,
+        LocalAttnWindowSize = 3, NLocalAttnHeads = [local], StaticHeadGroups = statics, Synthesizer = synthesizer, Lsh = lsh, BlockSize = 4,
     };
 
-    public enum Kind { Dense, Strided, Routing, Synthesizer, Mixed }
+    public enum Kind { Dense, Strided, Routing, Synthesizer, Mixed, Lsh }
 
     private static BertSelfAttention Make(Kind kind, long seed = 3)
     {
@@ -29,6 +30,7 @@ public class BertAdapterTests
             Kind.Strided => BertSelfAttention.FromPattern(Hidden, Heads, new StridedPattern(3, causal: false), blockSize: 4),
             Kind.Routing => BertSelfAttention.FromConfig(Encoder(local: 0)),
             Kind.Synthesizer => BertSelfAttention.FromConfig(Encoder(0, synthesizer: new SynthesizerConfig { Heads = Heads, Kind = SynthesizerKind.Dense, Mix = SynthesizerMix.Sum })),
+            Kind.Lsh => BertSelfAttention.FromConfig(Encoder(1, lsh: new LshSpec { Heads = 3, NHashes = 2, BucketSize = 3, Dedup = true })),  // local + LSH
             _ => BertSelfAttention.FromConfig(Encoder(1,
                     [new StaticHeadGroup(new StaticPatternSpec(StaticPatternKind.Fixed, Size: 4), 1)],
                     new SynthesizerConfig { Heads = 1, Kind = SynthesizerKind.FactorizedRandom, Rank = 2 })),   // local, fixed, synthesizer, routing
@@ -69,6 +71,7 @@ public class BertAdapterTests
     [InlineData(Kind.Routing)]
     [InlineData(Kind.Synthesizer)]
     [InlineData(Kind.Mixed)]
+    [InlineData(Kind.Lsh)]
     public void Returns_the_HF_tuple_and_probabilities_that_produce_the_context(Kind kind)
     {
         var m = Make(kind);
@@ -95,6 +98,7 @@ public class BertAdapterTests
     [InlineData(Kind.Routing)]
     [InlineData(Kind.Synthesizer)]
     [InlineData(Kind.Mixed)]
+    [InlineData(Kind.Lsh)]
     public void Padded_keys_get_no_weight_and_rows_sum_to_one_over_allowed_keys(Kind kind)
     {
         var m = Make(kind);

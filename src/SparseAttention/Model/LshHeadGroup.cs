@@ -60,7 +60,7 @@ public sealed record LshSpec
 /// Attention dropout applies to the group's output, as for routing groups. Auxiliary loss: zero. The model's kernel
 /// choice is passed on (Reference, which has no grouped form, means Auto here).
 /// </summary>
-public sealed class LshHeadGroup : HeadGroupAttention
+public sealed class LshHeadGroup : HeadGroupAttention, IAttentionProbabilitiesSource
 {
     private readonly LshAttention lsh;
     private readonly double dropout;
@@ -87,5 +87,24 @@ public sealed class LshHeadGroup : HeadGroupAttention
         var output = dropout > 0 ? nn.functional.dropout(result.Output, dropout, training) : result.Output;   // (B, Hg, T, D)
         var aux = zeros(Array.Empty<long>(), dtype: q.dtype, device: q.device);
         return (output.MoveToOuterDisposeScope(), aux.MoveToOuterDisposeScope());
+    }
+
+    /// <summary>
+    /// Forward plus the merged probabilities of the same forward. The output is linear in the values for fixed buckets,
+    /// so appending the identity to v, v' = [v | I] (B, Hg, T, D + T), makes the extra output columns exactly the
+    /// weights each query gave each key — every rule (rounds, dedup, self as last resort, padding) included — with the
+    /// buckets hashed once. O(T²) memory, like any probabilities.
+    /// </summary>
+    public (Tensor Output, Tensor AuxLoss, Tensor Probabilities) ForwardWithProbabilities(Tensor q, Tensor k, Tensor v, Tensor? keyMask)
+    {
+        using var scope = NewDisposeScope();
+        long batch = v.shape[0], seqLen = v.shape[2], dim = v.shape[3];
+        var identity = eye(seqLen, dtype: v.dtype, device: v.device).expand(batch, Heads, seqLen, seqLen);   // (B, Hg, T, T)
+        var result = lsh.forward(q, lsh.SharedQk ? null : k, cat([v, identity], -1), keyMask);              // (B, Hg, T, D + T)
+        var output = result.Output.narrow(-1, 0, dim);                                                       // (B, Hg, T, D)
+        var probabilities = result.Output.narrow(-1, dim, seqLen);                                           // (B, Hg, T, T)
+        if (dropout > 0) output = nn.functional.dropout(output, dropout, training);
+        var aux = zeros(Array.Empty<long>(), dtype: q.dtype, device: q.device);
+        return (output.MoveToOuterDisposeScope(), aux.MoveToOuterDisposeScope(), probabilities.contiguous().MoveToOuterDisposeScope());
     }
 }

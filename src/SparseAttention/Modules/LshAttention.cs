@@ -180,7 +180,7 @@ public sealed class LshAttention : nn.Module<Tensor, Tensor?, Tensor, Tensor?, L
 
     /// <param name="q">Queries (B, H, T, D), 0 &lt; T ≤ maxSeqLen.</param>
     /// <param name="k">Keys (B, H, T, D) for ALSH; must be null with shared QK (the keys are then q/‖q‖).</param>
-    /// <param name="v">Values (B, H, T, D).</param>
+    /// <param name="v">Values (B, H, T, Dv); Dv may differ from D.</param>
     /// <param name="keyMask">Optional (B, T) bool; true = real token, false = padding (never hashed into a chunk,
     /// never attended, zero output).</param>
     public override LshAttentionOutput forward(Tensor q, Tensor? k, Tensor v, Tensor? keyMask = null)
@@ -197,7 +197,7 @@ public sealed class LshAttention : nn.Module<Tensor, Tensor?, Tensor, Tensor?, L
             Check.Shape(k!, nameof(k), "(B, H, T, D)", batch, heads, seqLen, dimHead);
             Check.SameDtype(q, nameof(q), k!, nameof(k));
         }
-        Check.Shape(v, nameof(v), "(B, H, T, D)", batch, heads, seqLen, dimHead);
+        Check.Shape(v, nameof(v), "(B, H, T, Dv)", batch, heads, seqLen, -1);
         Check.SameDtype(q, nameof(q), v, nameof(v));
         Check.KeyMask(keyMask, batch, seqLen);
 
