@@ -1,4 +1,5 @@
 using SparseAttention.Clustering;
+using SparseAttention.Hashing;
 using SparseAttention.Kernels;
 using SparseAttention.Model;
 using SparseAttention.Modules;
@@ -45,5 +46,32 @@ public class ReadmeExamplesTests
         Assert.True(OnlineKMeans.UpdateAll(model) > 0);
         var sample = model.Generate(tokens[.., ..1], maxNewTokens: 10, temperature: 1.0, topP: 0.9, seed: 1);
         Assert.Equal(new long[] { 1, 10 }, sample.shape);
+    }
+
+    [Fact]
+    public void MixedHeadKindsAndBertAdapterExample()
+    {
+        var mixed = new TransformerConfig
+        {
+            NumTokens = 256, Dim = 32, Depth = 2, Heads = 8, MaxSeqLen = 128, Causal = true, WindowSize = 32,
+            NLocalAttnHeads = [2],
+            StaticHeadGroups = [new StaticHeadGroup(new StaticPatternSpec(StaticPatternKind.Strided, Size: 32), 1)],
+            Lsh = new LshSpec { Heads = 2, NHashes = 2, BucketSize = 16 },
+            Synthesizer = new SynthesizerConfig { Heads = 1, Kind = SynthesizerKind.FactorizedRandom, Mix = SynthesizerMix.Sum },
+            Reversible = true, BlockSize = 32,
+        };
+        Assert.Equal(2, mixed.Validate().HeadGroupsForLayer(1).Single(g => g.Kind == HeadGroupKind.Routing).Heads);
+        var model = new RoutingTransformerLM(mixed);
+        var tokens = randint(0, 256, new long[] { 1, 128 });
+        var (logits, aux) = model.forward(tokens);
+        LanguageModelLoss.NextToken(logits, tokens, aux).backward();
+        Assert.Equal(new long[] { 1, 128, 256 }, logits.shape);
+
+        var attention = BertSelfAttention.FromConfig(mixed with { Causal = false }, layer: 0);
+        var hidden = randn(2, 100, 32);
+        var additiveMask = zeros(2, 1, 1, 100);
+        var result = attention.forward(hidden, additiveMask, outputAttentions: true);
+        Assert.Equal(new long[] { 2, 100, 32 }, result.Context.shape);
+        Assert.Equal(new long[] { 2, 8, 100, 100 }, result.AttentionProbs!.shape);
     }
 }
