@@ -20,7 +20,7 @@ public static class CliApp
     {
         var root = new RootCommand("Sparse attention for long sequences: draw attention patterns (more commands to come).");
         root.Add(PatternCommand.Create());
-        root.Add(BenchCommand.Create()); root.Add(TrainCommand.Create());
+        root.Add(BenchCommand.Create()); root.Add(TrainCommand.Create()); root.Add(DemoCommand.Create());
         return root;
     }
 

@@ -160,10 +160,28 @@ public sealed class RoutingHeadGroup : HeadGroupAttention
 
     public RoutingAttention Routing => routing;
 
+    /// <summary>Off by default. When on, every forward keeps a detached copy of its memberships in
+    /// <see cref="LastQueryIndices"/> and <see cref="LastGroupClusters"/> (read-only inspection, e.g. pictures).</summary>
+    public bool CaptureMemberships { get; set; }
+
+    /// <summary>(B, Hg, G, W) query positions of each group from the last forward made with
+    /// <see cref="CaptureMemberships"/> on (see <see cref="RoutingAttentionOutput.QueryIndices"/>); null before.</summary>
+    public Tensor? LastQueryIndices { get; private set; }
+
+    /// <summary>(B, Hg, G) cluster of each group from that forward (see <see cref="RoutingAttentionOutput.GroupClusters"/>).</summary>
+    public Tensor? LastGroupClusters { get; private set; }
+
     public override (Tensor Output, Tensor AuxLoss) Forward(Tensor q, Tensor k, Tensor v, Tensor? keyMask)
     {
         using var scope = NewDisposeScope();
         var result = routing.forward(q, routing.SharedQk ? null : k, v, keyMask);
+        if (CaptureMemberships)
+        {
+            LastQueryIndices?.Dispose();
+            LastGroupClusters?.Dispose();
+            LastQueryIndices = result.QueryIndices.detach().clone().DetachFromDisposeScope();
+            LastGroupClusters = result.GroupClusters.detach().clone().DetachFromDisposeScope();
+        }
         var output = dropout > 0 ? nn.functional.dropout(result.Output, dropout, training) : result.Output;  // (B, Hg, T, D)
         return (output.MoveToOuterDisposeScope(), result.AuxLoss.MoveToOuterDisposeScope());
     }
