@@ -16,7 +16,7 @@ namespace SparseAttention.Cli;
 /// </summary>
 internal sealed class DemoCommand
 {
-    private readonly Option<int> stepsOption = new("--steps") { HelpName = "N", Description = "Training steps per model.", DefaultValueFactory = _ => 400 };
+    private readonly Option<int> stepsOption = new("--steps") { HelpName = "N", Description = "Training steps per model.", DefaultValueFactory = _ => 300 };
     private readonly Option<int> seqLenOption = new("--seq-len") { HelpName = "T", Description = "Tokens per sequence (a multiple of 8: the routing heads have 8 clusters of T/8 tokens).", DefaultValueFactory = _ => 512 };
     private readonly Option<int> batchOption = new("--batch") { HelpName = "B", Description = "Sequences per training step.", DefaultValueFactory = _ => 16 };
     private readonly Option<int> evalOption = new("--eval-sequences") { HelpName = "N", Description = "Held-out sequences scored at the end.", DefaultValueFactory = _ => 256 };
@@ -46,7 +46,7 @@ internal sealed class DemoCommand
             if (value <= 0) throw new CliUsageException($"{option.Name} must be > 0, got {value}.");
         if (string.IsNullOrWhiteSpace(outDir)) throw new CliUsageException("--out must name a folder.");
 
-        var settings = Experiment.Apply(new DemoSettings(seqLen, steps, batch, seed, evalSequences));
+        var settings = new DemoSettings(seqLen, steps, batch, seed, evalSequences);
         if (seqLen % settings.Clusters != 0)
             throw new CliUsageException($"--seq-len must be a multiple of {settings.Clusters} (the routing heads' clusters), got {seqLen}.");
         RecallTask task;
@@ -60,50 +60,33 @@ internal sealed class DemoCommand
         using var local = new DemoModel("local", routing: false, settings);
         using var routing = new DemoModel("routing", routing: true, settings);
         var models = new[] { local, routing };
-        output.WriteLine($"models: causal LM, dim {settings.Dim}, depth {settings.Depth}, {settings.Heads} heads × {settings.Dim / settings.Heads}, token shift, {settings.Positions}; " +
+        output.WriteLine($"models: causal LM, dim {settings.Dim}, depth {settings.Depth}, {settings.Heads} heads × {settings.Dim / settings.Heads}, token shift, " +
+                         $"{(settings.Positions == PositionalEncoding.None ? "no position encoding" : settings.Positions + " positions")}; " +
                          $"local = {settings.Heads} local heads per layer (window {settings.LocalWindow}, radius 1), {local.Parameters:N0} parameters; " +
                          $"routing = {settings.Heads / 2} local + {settings.Heads - settings.Heads / 2} routing heads per layer{(settings.SkipFirst > 0 ? $" after {settings.SkipFirst} local layer(s)" : "")} ({settings.Clusters} clusters of {seqLen / settings.Clusters}), {routing.Parameters:N0} parameters");
-        output.WriteLine($"training: {steps} steps × {batch} sequences each, AdamW lr {settings.LearningRate}, the same batches for both models");
+        output.WriteLine($"training: {steps} steps × {batch} sequences, the same batches for both models, trained at the same time; " +
+                         $"AdamW lr {settings.LearningRate.ToString(CultureInfo.InvariantCulture)}, k-means EMA decay {settings.KmeansDecay.ToString(CultureInfo.InvariantCulture)}; loss on the answers only");
 
         var wall = Stopwatch.StartNew();
         bool interactive = ReferenceEquals(output, Console.Out) && !Console.IsOutputRedirected && AnsiConsole.Profile.Capabilities.Interactive;
         Train(models, task, settings, output, interactive);
 
-        // ---- held-out evaluation ----
-        var evalRng = new Random(unchecked((int)(seed * 7919 + 104729)));
-        var evalBatch = task.Batch(evalSequences, evalRng);
-        var correct = new long[2];
-        long total = 0;
-        var firstPredictions = new Tensor[2];
-        const int EvalChunk = 32;
-        for (int start = 0; start < evalSequences; start += EvalChunk)
-        {
-            using var scope = NewDisposeScope();
-            int n = Math.Min(EvalChunk, evalSequences - start);
-            var tokens = evalBatch.Tokens.narrow(0, start, n);
-            var targets = evalBatch.Targets.narrow(0, start, n);
-            var scored = targets.narrow(1, 1, seqLen - 1).ne(-100);
-            for (int m = 0; m < 2; m++)
-            {
-                var predicted = models[m].Predict(tokens);                                    // (n, T)
-                correct[m] += predicted.narrow(1, 0, seqLen - 1).eq(targets.narrow(1, 1, seqLen - 1)).logical_and(scored).sum().item<long>();
-                if (start == 0) firstPredictions[m] = predicted.narrow(0, 0, 1).clone().DetachFromDisposeScope();
-            }
-            total += scored.sum().item<long>();
-        }
-        var accuracy = correct.Select(c => (double)c / total).ToArray();
-
+        var evalBatch = task.Batch(evalSequences, new Random(unchecked((int)(seed * 7919 + 104729))));   // held out: another stream
+        var result = Evaluate(models, task, evalBatch.Tokens, evalBatch.Targets, evalBatch.Examples);
+        var accuracy = result.Correct.Select(c => (double)c / result.Answers).ToArray();
         var example = evalBatch.Examples[0];
-        var (clusters, groups) = Memberships(routing, example);
-        PrintTable(output, models, accuracy, total, task.Chance);
-        PrintExamples(output, task, example, firstPredictions, groups);
+        PrintTable(output, models, accuracy, result.Answers, task.Chance);
+        double coGrouped = (double)result.CoGrouped / result.Answers;
+        output.WriteLine($"routing model, first layer: {coGrouped:P1} of the questions shared a routing group with their stored key (either head); " +
+                         $"accuracy on those {Ratio(result.CoGroupedCorrect, result.CoGrouped)}, on the others {Ratio(result.Correct[1] - result.CoGroupedCorrect, result.Answers - result.CoGrouped)}");
+        PrintExamples(output, task, example, result.FirstPredictions, result.FirstGroups);
 
         Directory.CreateDirectory(outDir);
         string curvesPath = Path.Combine(outDir, "demo-curves.png"), clustersPath = Path.Combine(outDir, "demo-clusters.png");
         string subtitle = $"seq_len {seqLen}, {task.Pairs} records, {task.Queries} questions, {task.NumValues} values; {steps} steps × {batch} sequences; " +
                           $"held-out accuracy: local {accuracy[0]:P1}, routing {accuracy[1]:P1} (chance {task.Chance:P1})";
         DemoPictures.LearningCurves(curvesPath, models, task.Chance, subtitle);
-        DemoPictures.Clusters(clustersPath, task, example, clusters, groups, settings.Clusters,
+        DemoPictures.Clusters(clustersPath, task, example, result.FirstClusters, result.FirstGroups, settings.Clusters,
             $"first routing layer of the routing model; causal routing: each position joins its nearest centroid, a cluster's members are cut into groups of {seqLen / settings.Clusters} in position order; a question attends only earlier members of its group");
         output.WriteLine($"wrote {curvesPath} and {clustersPath}");
 
@@ -123,7 +106,6 @@ internal sealed class DemoCommand
             output.WriteLine($"wrote {jsonPath}");
         }
         output.WriteLine($"wall time {wall.Elapsed.TotalSeconds:F0} s");
-        foreach (var t in firstPredictions) t?.Dispose();
         return CliApp.Ok;
     }
 
@@ -154,6 +136,7 @@ internal sealed class DemoCommand
             string Status(DemoModel m)
             {
                 var (steps, loss, accuracy) = m.Recent(reportEvery);
+                if (steps == 0) return $"{m.Name,-7} step {0,5}/{settings.Steps}  starting";
                 return $"{m.Name,-7} step {steps,5}/{settings.Steps}  loss {loss:F3}  acc {accuracy,4:P0}  {m.TrainSeconds,4:F0} s";
             }
             if (interactive)
@@ -206,18 +189,20 @@ internal sealed class DemoCommand
         var console = AnsiConsole.Create(new AnsiConsoleSettings { Out = new AnsiConsoleOutput(output), Ansi = AnsiSupport.No, ColorSystem = ColorSystemSupport.NoColors });
         console.Profile.Width = 120;
         var table = new Table().Title($"held-out accuracy ({total} answers)");
-        foreach (var c in new[] { "model", "parameters", "train s", "accuracy", "chance" }) table.AddColumn(c);
+        table.AddColumn("model");
+        foreach (var c in new[] { "parameters", "train s", "accuracy", "chance" }) table.AddColumn(new TableColumn(c).RightAligned());
         for (int i = 0; i < models.Length; i++)
             table.AddRow(models[i].Name, models[i].Parameters.ToString("N0", CultureInfo.InvariantCulture), models[i].TrainSeconds.ToString("F0"),
                 accuracy[i].ToString("P1", CultureInfo.InvariantCulture), chance.ToString("P1", CultureInfo.InvariantCulture));
         console.Write(table);
     }
 
-    private static void PrintExamples(TextWriter output, RecallTask task, RecallExample example, Tensor[] predictions, int[][] groups)
+    private static string Ratio(long part, long whole) => whole == 0 ? "–" : ((double)part / whole).ToString("P1", CultureInfo.InvariantCulture);
+
+    private static void PrintExamples(TextWriter output, RecallTask task, RecallExample example, long[][] predictions, int[][] groups)
     {
         output.WriteLine("worked examples (first held-out sequence; \"same group\" = which routing heads put the question and the stored key in one group):");
-        var local = predictions[0].data<long>().ToArray();
-        var routed = predictions[1].data<long>().ToArray();
+        long[] local = predictions[0], routed = predictions[1];
         int shown = Math.Min(4, example.AnswerPositions.Length);
         for (int i = 0; i < shown; i++)
         {
@@ -231,72 +216,104 @@ internal sealed class DemoCommand
         }
     }
 
-    /// <summary>Cluster and routing group of every position, per head of the routing model's first routing layer,
-    /// on <paramref name="example"/> (eval mode): [head][position], −1 = none.</summary>
-    private static (int[][] Clusters, int[][] Groups) Memberships(DemoModel routing, RecallExample example)
+    /// <summary>Held-out scores. Predictions are next-token argmaxes at the question keys.</summary>
+    /// <param name="Correct">Correct answers per model.</param>
+    /// <param name="Answers">Questions scored.</param>
+    /// <param name="CoGrouped">Questions whose key shared a routing group with the stored key in the routing model's
+    /// first routing layer (either head).</param>
+    /// <param name="CoGroupedCorrect">Of those, answered correctly by the routing model.</param>
+    /// <param name="FirstPredictions">[model][position] predicted next token on the first sequence.</param>
+    /// <param name="FirstClusters">[head][position] cluster in the first routing layer on the first sequence (−1 = none).</param>
+    /// <param name="FirstGroups">[head][position] routing group there (−1 = none).</param>
+    private sealed record Evaluation(long[] Correct, long Answers, long CoGrouped, long CoGroupedCorrect,
+        long[][] FirstPredictions, int[][] FirstClusters, int[][] FirstGroups);
+
+    private static Evaluation Evaluate(DemoModel[] models, RecallTask task, Tensor tokens, Tensor targets, RecallExample[] examples)
     {
-        var group = routing.RoutingGroups[0];
-        int seqLen = example.Tokens.Length;
-        group.CaptureMemberships = true;
+        int count = examples.Length, seqLen = task.SeqLen;
+        var correct = new long[models.Length];
+        long answers = 0, coGrouped = 0, coGroupedCorrect = 0;
+        var firstPredictions = new long[models.Length][];
+        int[][] firstClusters = [], firstGroups = [];
+        var routingGroup = models[1].RoutingGroups[0];
+        const int Chunk = 32;
+        int threadsBefore = get_num_threads();
+        set_num_threads(1);                                                               // see Train
+        routingGroup.CaptureMemberships = true;
         try
         {
-            using var scope = NewDisposeScope();
-            routing.Predict(tensor(example.Tokens, new long[] { 1, seqLen }));
-            var queryIndices = group.LastQueryIndices!;                                   // (1, Hg, G, W)
-            var groupClusters = group.LastGroupClusters!;                                 // (1, Hg, G)
-            int heads = (int)queryIndices.shape[1], count = (int)queryIndices.shape[2], width = (int)queryIndices.shape[3];
-            var qi = queryIndices.data<long>().ToArray();
-            var gc = groupClusters.data<long>().ToArray();
-            var clusters = new int[heads][];
-            var groups = new int[heads][];
+            for (int start = 0; start < count; start += Chunk)
+            {
+                using var scope = NewDisposeScope();
+                int n = Math.Min(Chunk, count - start);
+                var chunk = tokens.narrow(0, start, n);                                   // (n, T)
+                var predictions = new long[models.Length][];
+                for (int m = 0; m < models.Length; m++)
+                    predictions[m] = models[m].Predict(chunk).data<long>().ToArray();     // (n, T) flattened
+                var (clusters, groups) = Memberships(routingGroup, seqLen);              // [n][head][position]
+                for (int b = 0; b < n; b++)
+                {
+                    var e = examples[start + b];
+                    for (int i = 0; i < e.AnswerPositions.Length; i++)
+                    {
+                        int a = e.AnswerPositions[i], r = e.RecordPositions[i];
+                        bool together = groups[b].Any(g => g[a] >= 0 && g[a] == g[r]);
+                        answers++;
+                        for (int m = 0; m < models.Length; m++)
+                            if (predictions[m][(long)b * seqLen + a] == e.Answer(i)) correct[m]++;
+                        if (together)
+                        {
+                            coGrouped++;
+                            if (predictions[1][(long)b * seqLen + a] == e.Answer(i)) coGroupedCorrect++;
+                        }
+                    }
+                }
+                if (start == 0)
+                {
+                    for (int m = 0; m < models.Length; m++) firstPredictions[m] = predictions[m][..seqLen];
+                    (firstClusters, firstGroups) = (clusters[0], groups[0]);
+                }
+            }
+        }
+        finally
+        {
+            routingGroup.CaptureMemberships = false;
+            set_num_threads(threadsBefore);
+        }
+        return new Evaluation(correct, answers, coGrouped, coGroupedCorrect, firstPredictions, firstClusters, firstGroups);
+    }
+
+    /// <summary>Cluster and routing group of every position from the group's last captured forward:
+    /// [sequence][head][position], −1 = none.</summary>
+    private static (int[][][] Clusters, int[][][] Groups) Memberships(RoutingHeadGroup group, int seqLen)
+    {
+        var queryIndices = group.LastQueryIndices!;                                       // (B, Hg, G, W)
+        var groupClusters = group.LastGroupClusters!;                                     // (B, Hg, G)
+        int batch = (int)queryIndices.shape[0], heads = (int)queryIndices.shape[1];
+        int count = (int)queryIndices.shape[2], width = (int)queryIndices.shape[3];
+        var qi = queryIndices.data<long>().ToArray();
+        var gc = groupClusters.data<long>().ToArray();
+        var clusters = new int[batch][][];
+        var groups = new int[batch][][];
+        for (int b = 0; b < batch; b++)
+        {
+            clusters[b] = new int[heads][];
+            groups[b] = new int[heads][];
             for (int h = 0; h < heads; h++)
             {
-                clusters[h] = Enumerable.Repeat(-1, seqLen).ToArray();
-                groups[h] = Enumerable.Repeat(-1, seqLen).ToArray();
-                for (int g = 0; g < count; g++)
+                var c = clusters[b][h] = Enumerable.Repeat(-1, seqLen).ToArray();
+                var g = groups[b][h] = Enumerable.Repeat(-1, seqLen).ToArray();
+                long row = (long)b * heads + h;
+                for (int j = 0; j < count; j++)
                     for (int w = 0; w < width; w++)
                     {
-                        long position = qi[((long)h * count + g) * width + w];
+                        long position = qi[(row * count + j) * width + w];
                         if (position < 0) continue;
-                        clusters[h][position] = (int)gc[(long)h * count + g];
-                        groups[h][position] = g;
+                        c[position] = (int)gc[row * count + j];
+                        g[position] = j;
                     }
             }
-            return (clusters, groups);
         }
-        finally { group.CaptureMemberships = false; }
-    }
-}
-
-/// <summary>TEMPORARY: experiment overrides from DEMO_EXP="key=value;...".</summary>
-internal static class Experiment
-{
-    public static DemoSettings Apply(DemoSettings s)
-    {
-        var spec = Environment.GetEnvironmentVariable("DEMO_EXP");
-        if (string.IsNullOrEmpty(spec)) return s;
-        foreach (var part in spec.Split(';', StringSplitOptions.RemoveEmptyEntries))
-        {
-            var kv = part.Split('=');
-            string k = kv[0], v = kv[1];
-            s = k switch
-            {
-                "lr" => s with { LearningRate = double.Parse(v, CultureInfo.InvariantCulture) },
-                "decay" => s with { KmeansDecay = double.Parse(v, CultureInfo.InvariantCulture) },
-                "dim" => s with { Dim = int.Parse(v) },
-                "heads" => s with { Heads = int.Parse(v) },
-                "depth" => s with { Depth = int.Parse(v) },
-                "window" => s with { LocalWindow = int.Parse(v) },
-                "clusters" => s with { Clusters = int.Parse(v) },
-                "keys" => s with { NumKeys = int.Parse(v) },
-                "values" => s with { NumValues = int.Parse(v) },
-                "pairs" => s with { Pairs = int.Parse(v) },
-                "queries" => s with { Queries = int.Parse(v) },
-                "skip" => s with { SkipFirst = int.Parse(v) },
-                "pos" => s with { Positions = Enum.Parse<PositionalEncoding>(v) },
-                _ => throw new CliUsageException($"DEMO_EXP: unknown {k}"),
-            };
-        }
-        return s;
+        return (clusters, groups);
     }
 }

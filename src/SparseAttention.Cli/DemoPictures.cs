@@ -52,7 +52,7 @@ internal static class DemoPictures
             plot.Title(title, 14);
             plot.XLabel($"training step (moving average of {window})", 13);
             plot.YLabel(yLabel, 13);
-            plot.ShowLegend(p == 0 ? Alignment.UpperRight : Alignment.UpperLeft);
+            plot.ShowLegend(p == 0 ? Alignment.UpperRight : Alignment.MiddleRight);   // clear of both curves
         }
         Save(multiplot, path, 1200, 480, "Learning curves: local attention vs routing attention", subtitle);
     }
