@@ -151,17 +151,22 @@ public sealed class CliDemoTests
     {
         var settings = new DemoSettings(256, 1, 1, 1, 1);
         var task = settings.Task.Validate();
-        var e = task.Sample(new Random(9));
-        var changed = (long[])e.Tokens.Clone();
+        const int Sequences = 8;
+        var (before, _, examples) = task.Batch(Sequences, new Random(9));                  // (B, T)
+        var x = before.data<long>().ToArray();
         // Replace every record by a different one (other keys and values), the questions untouched.
-        for (int p = 0; p < task.QueryStart; p++)
-            if (changed[p] != RecallTask.Filler)
-                changed[p] = changed[p] >= task.FirstValue
-                    ? task.FirstValue + (changed[p] - task.FirstValue + 1) % task.NumValues
-                    : RecallTask.FirstKey + (changed[p] - RecallTask.FirstKey + 1) % task.NumKeys;
-        var before = tensor(e.Tokens, new long[] { 1, 256 });
-        var after = tensor(changed, new long[] { 1, 256 });
-        var answers = tensor(e.AnswerPositions.Select(a => (long)a).ToArray());
+        for (int b = 0; b < Sequences; b++)
+            for (int p = 0; p < task.QueryStart; p++)
+            {
+                long t = x[b * 256 + p];
+                if (t == RecallTask.Filler) continue;
+                x[b * 256 + p] = t >= task.FirstValue
+                    ? task.FirstValue + (t - task.FirstValue + 1) % task.NumValues
+                    : RecallTask.FirstKey + (t - RecallTask.FirstKey + 1) % task.NumKeys;
+            }
+        var changed = tensor(x, new long[] { Sequences, 256 });
+        Assert.False(changed.equal(before).all().item<bool>());
+        var answers = tensor(examples.SelectMany((e, b) => e.AnswerPositions.Select(a => (long)b * 256 + a)).ToArray());
         foreach (bool routing in new[] { false, true })
         {
             random.manual_seed(3);
@@ -170,9 +175,9 @@ public sealed class CliDemoTests
             model.forward(before);                                        // initialises the k-means
             model.eval();
             using var noGrad = no_grad();
-            var a = model.forward(before).Logits[0].index_select(0, answers);      // (Queries, V)
-            var b = model.forward(after).Logits[0].index_select(0, answers);
-            double diff = (a - b).abs().max().item<float>();
+            var a = model.forward(before).Logits.reshape(-1, task.Vocab).index_select(0, answers);   // (B·Queries, V)
+            var c = model.forward(changed).Logits.reshape(-1, task.Vocab).index_select(0, answers);
+            double diff = (a - c).abs().max().item<float>();
             if (routing) Assert.True(diff > 1e-4, $"routing model's answers ignore the records (max change {diff})");
             else Assert.Equal(0.0, diff);
         }
