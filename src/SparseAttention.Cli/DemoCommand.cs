@@ -71,6 +71,7 @@ internal sealed class DemoCommand
         bool interactive = ReferenceEquals(output, Console.Out) && !Console.IsOutputRedirected && AnsiConsole.Profile.Capabilities.Interactive;
         Train(models, task, settings, output, interactive);
 
+        using var evalScope = NewDisposeScope();
         var evalBatch = task.Batch(evalSequences, new Random(unchecked((int)(seed * 7919 + 104729))));   // held out: another stream
         var result = Evaluate(models, task, evalBatch.Tokens, evalBatch.Targets, evalBatch.Examples);
         var accuracy = result.Correct.Select(c => (double)c / result.Answers).ToArray();

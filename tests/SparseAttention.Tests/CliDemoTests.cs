@@ -183,6 +183,41 @@ public sealed class CliDemoTests
         }
     }
 
+    [Fact]
+    public void RoutingGroupCapturesItsMembershipsOnlyWhenAsked()
+    {
+        var settings = new DemoSettings(256, 1, 1, 1, 1);
+        random.manual_seed(2);
+        using var model = new RoutingTransformerLM(settings.Config(routing: true));
+        var group = model.modules().OfType<RoutingHeadGroup>().First();
+        var (tokens, _, _) = settings.Task.Batch(2, new Random(1));
+        model.eval();
+        using var noGrad = no_grad();
+        model.forward(tokens);
+        Assert.Null(group.LastQueryIndices);
+        group.CaptureMemberships = true;
+        model.forward(tokens);
+        group.CaptureMemberships = false;
+        var queries = group.LastQueryIndices!;                                             // (B, Hg, G, W)
+        var clusters = group.LastGroupClusters!;                                           // (B, Hg, G)
+        Assert.Equal(4, queries.dim());
+        Assert.Equal([2L, group.Heads, queries.shape[2]], clusters.shape);
+        // Causal routing: every position is the query of exactly one group, in every head.
+        var q = queries.data<long>().ToArray();
+        long perRow = queries.shape[2] * queries.shape[3];
+        for (long row = 0; row < 2 * group.Heads; row++)
+        {
+            var positions = q.Skip((int)(row * perRow)).Take((int)perRow).Where(p => p >= 0).OrderBy(p => p).ToArray();
+            Assert.Equal(Enumerable.Range(0, 256).Select(p => (long)p).ToArray(), positions);
+        }
+        var c = clusters.data<long>().ToArray();
+        Assert.All(c, v => Assert.InRange(v, -1, settings.Clusters - 1));
+        // Off again: a later forward leaves the capture as it was.
+        var before = queries.clone();
+        model.forward(settings.Task.Batch(2, new Random(7)).Tokens);
+        Assert.True(group.LastQueryIndices!.equal(before).all().item<bool>());
+    }
+
     [Theory]
     [InlineData(new[] { "--steps", "0" }, "--steps")]
     [InlineData(new[] { "--steps", "many" }, "--steps")]
