@@ -64,7 +64,7 @@ internal sealed class DemoCommand
                          $"{(settings.Positions == PositionalEncoding.None ? "no position encoding" : settings.Positions + " positions")}; " +
                          $"local = {settings.Heads} local heads per layer (window {settings.LocalWindow}, radius 1), {local.Parameters:N0} parameters; " +
                          $"routing = {settings.Heads / 2} local + {settings.Heads - settings.Heads / 2} routing heads per layer{(settings.SkipFirst > 0 ? $" after {settings.SkipFirst} local layer(s)" : "")} ({settings.Clusters} clusters of {seqLen / settings.Clusters}), {routing.Parameters:N0} parameters");
-        output.WriteLine($"training: {steps} steps × {batch} sequences, the same batches for both models, trained at the same time; " +
+        output.WriteLine($"training: {steps} steps × {batch} sequences, each step both models learn from the same batch; " +
                          $"AdamW lr {settings.LearningRate.ToString(CultureInfo.InvariantCulture)}, k-means EMA decay {settings.KmeansDecay.ToString(CultureInfo.InvariantCulture)}; loss on the answers only");
 
         var wall = Stopwatch.StartNew();
@@ -111,76 +111,64 @@ internal sealed class DemoCommand
     }
 
     /// <summary>
-    /// Trains both models at once, each on its own thread with libtorch's intra-op threads set to 1 (two models on
-    /// two cores without OpenMP barriers between them, which are slow when other processes share the cores). Both see
-    /// the same batches (each thread draws them from its own copy of the seeded generator). Progress: two live bars on
-    /// an interactive console, otherwise a line per model every tenth of the steps.
+    /// Trains both models side by side on one thread: each step draws one batch and both models take a step on it.
+    /// libtorch's intra-op threads are set to 1 for the run (OpenMP barriers between two threads are slow when other
+    /// processes share the two cores). Everything that calls TorchSharp runs on this one thread: with a second
+    /// managed thread allocating (training the models on two threads was tried), a garbage collection can finalize a
+    /// temporary TorchSharp Scalar while a native call still uses it; the demo crashed once that way.
+    /// Progress: two live bars on an interactive console (redrawn from this thread), otherwise a line per model every
+    /// tenth of the steps.
     /// </summary>
     private static void Train(DemoModel[] models, RecallTask task, DemoSettings settings, TextWriter output, bool interactive)
     {
+        int reportEvery = Math.Max(1, settings.Steps / 10);
+        string Status(DemoModel m)
+        {
+            var (steps, loss, accuracy) = m.Recent(reportEvery);
+            if (steps == 0) return $"{m.Name,-7} step {0,5}/{settings.Steps}  starting";
+            return $"{m.Name,-7} step {steps,5}/{settings.Steps}  loss {loss:F3}  acc {accuracy,4:P0}  {m.TrainSeconds,4:F0} s";
+        }
+        void Run(Action afterStep)
+        {
+            var rng = new Random(unchecked((int)settings.Seed));
+            for (int step = 0; step < settings.Steps; step++)
+            {
+                using var scope = NewDisposeScope();
+                var (tokens, targets, _) = task.Batch(settings.Batch, rng);
+                foreach (var m in models) m.TrainStep(tokens, targets, step);
+                afterStep();
+            }
+        }
+
         int threadsBefore = get_num_threads();
         set_num_threads(1);
         try
         {
-            var workers = models.Select(m => System.Threading.Tasks.Task.Factory.StartNew(() =>
-            {
-                var rng = new Random(unchecked((int)settings.Seed));
-                for (int step = 0; step < settings.Steps; step++)
-                {
-                    using var scope = NewDisposeScope();
-                    var (tokens, targets, _) = task.Batch(settings.Batch, rng);
-                    m.TrainStep(tokens, targets, step);
-                }
-            }, System.Threading.Tasks.TaskCreationOptions.LongRunning)).ToArray();
-
-            int reportEvery = Math.Max(1, settings.Steps / 10);
-            string Status(DemoModel m)
-            {
-                var (steps, loss, accuracy) = m.Recent(reportEvery);
-                if (steps == 0) return $"{m.Name,-7} step {0,5}/{settings.Steps}  starting";
-                return $"{m.Name,-7} step {steps,5}/{settings.Steps}  loss {loss:F3}  acc {accuracy,4:P0}  {m.TrainSeconds,4:F0} s";
-            }
             if (interactive)
             {
-                AnsiConsole.Progress().AutoClear(false)
+                AnsiConsole.Progress().AutoClear(false).AutoRefresh(false)
                     .Columns(new TaskDescriptionColumn { Alignment = Justify.Left }, new ProgressBarColumn(), new PercentageColumn(), new RemainingTimeColumn())
                     .Start(ctx =>
                     {
                         var bars = models.Select(m => ctx.AddTask(Markup.Escape(Status(m)), maxValue: settings.Steps)).ToArray();
-                        while (true)
+                        ctx.Refresh();
+                        Run(() =>
                         {
-                            bool done = System.Threading.Tasks.Task.WaitAll(workers, 250);
                             for (int i = 0; i < models.Length; i++)
                             {
                                 bars[i].Description = Markup.Escape(Status(models[i]));
                                 bars[i].Value = models[i].Steps;
                             }
-                            if (done) break;
-                        }
+                            ctx.Refresh();
+                        });
                     });
             }
             else
-            {
-                var printed = new int[models.Length];
-                while (true)
+                Run(() =>
                 {
-                    bool done = System.Threading.Tasks.Task.WaitAll(workers, 250);
-                    for (int i = 0; i < models.Length; i++)
-                    {
-                        int steps = models[i].Steps;
-                        if (steps != printed[i] && (steps / reportEvery > printed[i] / reportEvery || steps == settings.Steps))
-                        {
-                            output.WriteLine(Status(models[i]));
-                            printed[i] = steps;
-                        }
-                    }
-                    if (done) break;
-                }
-            }
-        }
-        catch (AggregateException e) when (e.InnerExceptions.Count == 1)
-        {
-            System.Runtime.ExceptionServices.ExceptionDispatchInfo.Capture(e.InnerExceptions[0]).Throw();
+                    if (models[0].Steps % reportEvery == 0 || models[0].Steps == settings.Steps)
+                        foreach (var m in models) output.WriteLine(Status(m));
+                });
         }
         finally { set_num_threads(threadsBefore); }
     }

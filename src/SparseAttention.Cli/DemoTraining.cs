@@ -86,19 +86,15 @@ internal sealed class DemoModel : IDisposable
     /// <summary>Answer accuracy on every step's batch, measured before the step learns from it (fresh sequences).</summary>
     public List<double> Accuracies { get; } = [];
     public double TrainSeconds => clock.Elapsed.TotalSeconds;
-    private volatile int steps;
-    /// <summary>Steps done (read from other threads while training).</summary>
-    public int Steps => steps;
+    /// <summary>Steps done.</summary>
+    public int Steps => Losses.Count;
 
-    /// <summary>Steps done and the mean loss and accuracy of the last <paramref name="n"/> steps (safe while training runs on another thread).</summary>
+    /// <summary>Steps done and the mean loss and accuracy of the last <paramref name="n"/> steps.</summary>
     public (int Steps, double Loss, double Accuracy) Recent(int n)
     {
-        lock (Losses)
-        {
-            if (Losses.Count == 0) return (0, double.NaN, double.NaN);
-            int from = Math.Max(0, Losses.Count - n);
-            return (Losses.Count, Losses.Skip(from).Average(), Accuracies.Skip(from).Average());
-        }
+        if (Losses.Count == 0) return (0, double.NaN, double.NaN);
+        int from = Math.Max(0, Losses.Count - n);
+        return (Losses.Count, Losses.Skip(from).Average(), Accuracies.Skip(from).Average());
     }
 
     public DemoModel(string name, bool routing, DemoSettings settings)
@@ -143,12 +139,8 @@ internal sealed class DemoModel : IDisposable
             double l = loss.item<float>();
             if (!double.IsFinite(l)) throw new InvalidOperationException($"{Name}: training loss became {l} at step {step + 1}.");
             var (correct, total) = Accuracy(logits.detach(), targets);
-            lock (Losses)
-            {
-                Losses.Add(l);
-                Accuracies.Add(correct / (double)Math.Max(1, total));
-            }
-            steps++;
+            Losses.Add(l);
+            Accuracies.Add(correct / (double)Math.Max(1, total));
         }
         finally { clock.Stop(); }
     }
