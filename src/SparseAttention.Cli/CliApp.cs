@@ -20,7 +20,7 @@ public static class CliApp
     {
         var root = new RootCommand("Sparse attention for long sequences: demo, train, sample, eval, plot, export/import weights, draw patterns, benchmark kernels.");
         root.Add(PatternCommand.Create());
-        root.Add(BenchCommand.Create()); root.Add(TrainCommand.Create());
+        root.Add(BenchCommand.Create()); root.Add(TrainCommand.Create()); root.Add(DemoCommand.Create());
         root.Add(SampleCommand.Create()); root.Add(EvalCommand.Create()); root.Add(PlotCommand.Create());
         root.Add(ExportCommand.Create()); root.Add(ImportCommand.Create());
         return root;
