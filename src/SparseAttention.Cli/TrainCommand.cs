@@ -36,6 +36,7 @@ internal sealed class TrainCommand
     private readonly Option<int> logEveryOption = new("--log-every") { HelpName = "N", Description = "Log a line every N steps.", DefaultValueFactory = _ => 10 };
     private readonly Option<int> checkpointEveryOption = new("--checkpoint-every") { HelpName = "N", Description = "Save a checkpoint every N steps (and always at the end).", DefaultValueFactory = _ => 500 };
     private readonly Option<int> keepLastOption = new("--keep-last") { HelpName = "N", Description = "Keep the newest N checkpoints.", DefaultValueFactory = _ => 3 };
+    private readonly Option<double> randomTruncateOption = new("--random-truncate") { HelpName = "P", Description = "Probability that a micro-batch is cut to a random length in [2, seq_len] (for decoding from short prompts).", DefaultValueFactory = _ => 0.0 };
     private readonly Option<int?> threadsOption = new("--threads") { HelpName = "N", Description = "libtorch intra-op threads (default: libtorch's choice)." };
 
     /// <summary>Set to request a clean stop (as Ctrl-C does); checked between steps. For tests.</summary>
@@ -48,7 +49,7 @@ internal sealed class TrainCommand
         foreach (var option in new Option[] { self.dataOption, self.outOption, self.presetOption, self.setOption, self.maxStepsOption, self.maxMinutesOption,
                      self.resumeOption, self.seqLenOption, self.batchSizeOption, self.accumOption, self.lrOption, self.warmupOption, self.decayStepsOption,
                      self.weightDecayOption, self.clipOption, self.valFractionOption, self.evalBatchesOption, self.seedOption, self.evalEveryOption,
-                     self.logEveryOption, self.checkpointEveryOption, self.keepLastOption, self.threadsOption })
+                     self.logEveryOption, self.checkpointEveryOption, self.keepLastOption, self.randomTruncateOption, self.threadsOption })
             command.Add(option);
         command.SetAction(self.Execute);
         return command;
@@ -187,6 +188,7 @@ internal sealed class TrainCommand
             ValFraction = Pick(valFractionOption, o.ValFraction),
             EvalBatches = Pick(evalBatchesOption, o.EvalBatches),
             Seed = Pick(seedOption, o.Seed),
+            RandomTruncate = Pick(randomTruncateOption, o.RandomTruncate),
         };
         try { return o.Validate(); }
         catch (ArgumentException e) { throw new CliUsageException(DescribeOptionError(e)); }
@@ -197,6 +199,7 @@ internal sealed class TrainCommand
         ["SeqLen"] = "--seq-len", ["BatchSize"] = "--batch-size", ["Accumulation"] = "--accum", ["LearningRate"] = "--lr",
         ["MinLrRatio"] = "min_lr_ratio", ["WarmupSteps"] = "--warmup", ["DecaySteps"] = "--decay-steps", ["WeightDecay"] = "--weight-decay",
         ["ClipNorm"] = "--clip", ["Seed"] = "--seed", ["ValFraction"] = "--val-fraction", ["EvalBatches"] = "--eval-batches",
+        ["RandomTruncate"] = "--random-truncate",
     };
 
     private static string DescribeOptionError(ArgumentException e) => DescribeConfigError(e);

@@ -91,18 +91,21 @@ public sealed class CheckpointTests : TrainTestBase
         foreach (var key in a.Keys) Assert.True(a[key].eq(b[key]).all().item<bool>(), key);
     }
 
-    [Fact]
-    public void Resume_continues_the_same_loss_curve()
+    [Theory]
+    [InlineData(0.0)]
+    [InlineData(0.5)]
+    public void Resume_continues_the_same_loss_curve(double randomTruncate)
     {
+        var options = MicroOptions with { RandomTruncate = randomTruncate };
         // 6 steps straight (2 micro-batches each, routing centroids updated every step) ...
         var straight = new List<double>();
-        using (var t = new Trainer(MicroConfig, MicroOptions, TrainBytes, ValBytes))
+        using (var t = new Trainer(MicroConfig, options, TrainBytes, ValBytes))
             for (int i = 0; i < 6; i++) straight.Add(t.TrainStep().Loss);
 
         // ... against 3 steps, save, throw the trainer away, load, 3 more steps.
         var resumed = new List<double>();
         string path = Path.Combine(Dir, "mid.sat");
-        using (var t = new Trainer(MicroConfig, MicroOptions, TrainBytes, ValBytes))
+        using (var t = new Trainer(MicroConfig, options, TrainBytes, ValBytes))
         {
             for (int i = 0; i < 3; i++) resumed.Add(t.TrainStep().Loss);
             Checkpoint.Save(t, path);
@@ -117,6 +120,21 @@ public sealed class CheckpointTests : TrainTestBase
         for (int i = 0; i < 6; i++) Assert.True(Math.Abs(straight[i] - resumed[i]) < 1e-5, $"step {i + 1}: {straight[i]} vs {resumed[i]}");
         Assert.True(straight[5] < straight[0], "loss should fall on this repetitive text");
         Assert.True(bpcResumed < 8.0, $"validation bpc {bpcResumed} is no better than uniform");
+    }
+
+    [Fact]
+    public void Random_truncation_cuts_some_batches_to_uniform_lengths_and_leaves_the_rest_alone()
+    {
+        var lengths = new List<long>();
+        using (var t = new Trainer(MicroConfig, MicroOptions with { RandomTruncate = 0.5 }, TrainBytes, ValBytes))
+            for (int i = 0; i < 400; i++) lengths.Add(t.NextBatch().shape[1]);
+        int full = lengths.Count(l => l == 16);
+        Assert.InRange(full, 160, 240);                                            // ≈ half uncut (plus the 1/15 of cuts that land on 16)
+        Assert.All(lengths, l => Assert.InRange(l, 2, 16));
+        Assert.True(lengths.Where(l => l < 16).Distinct().Count() >= 12, "cut lengths should spread over [2, 15]");
+        using (var off = new Trainer(MicroConfig, MicroOptions, TrainBytes, ValBytes))
+            for (int i = 0; i < 50; i++) Assert.Equal(16, off.NextBatch().shape[1]);
+        Assert.Throws<ArgumentException>(() => (MicroOptions with { RandomTruncate = 1.5 }).Validate());
     }
 
     [Fact]

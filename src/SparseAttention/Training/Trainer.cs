@@ -124,8 +124,9 @@ public sealed class Trainer : IDisposable
         finally { Model.train(); }
     }
 
-    /// <summary>(BatchSize, SeqLen) int64 windows at random offsets of the training bytes; advances <see cref="SamplerState"/>.</summary>
-    private Tensor NextBatch()
+    /// <summary>(BatchSize, L) int64 windows at random offsets of the training bytes, L = SeqLen or, with probability
+    /// Options.RandomTruncate, uniform in [2, SeqLen]; advances <see cref="SamplerState"/>.</summary>
+    internal Tensor NextBatch()
     {
         int b = Options.BatchSize, seqLen = Options.SeqLen;
         var data = new long[b * seqLen];
@@ -135,7 +136,12 @@ public sealed class Trainer : IDisposable
             int offset = (int)(NextRandom() % range);
             for (int t = 0; t < seqLen; t++) data[i * seqLen + t] = train[offset + t];
         }
-        return tensor(data, new long[] { b, seqLen });
+        int length = seqLen;
+        // Only draws when truncation is on, so runs without it keep their sampler stream.
+        if (Options.RandomTruncate > 0 && (NextRandom() >> 11) * (1.0 / (1UL << 53)) < Options.RandomTruncate)
+            length = 2 + (int)(NextRandom() % (ulong)(seqLen - 1));
+        var batch = tensor(data, new long[] { b, seqLen });                             // (B, SeqLen)
+        return length == seqLen ? batch : batch.narrow(1, 0, length).contiguous();     // (B, L)
     }
 
     private ulong NextRandom()

@@ -29,6 +29,10 @@ public sealed record TrainingOptions
     [JsonPropertyName("val_fraction")] public double ValFraction { get; init; } = 0.05;
     /// <summary>8 — validation batches (of BatchSize windows, non-overlapping from the validation start) per evaluation.</summary>
     [JsonPropertyName("eval_batches")] public int EvalBatches { get; init; } = 8;
+    /// <summary>0 — probability that a micro-batch is cut to a random length, uniform in [2, SeqLen], so the model also
+    /// learns from short contexts as it will see them when decoding from a short prompt (the PyTorch library's
+    /// <c>randomly_truncate_sequence</c>). Drawn from the checkpointed batch sampler, so resuming stays exact.</summary>
+    [JsonPropertyName("random_truncate")] public double RandomTruncate { get; init; }
 
     /// <summary>Throws <see cref="ArgumentException"/> naming the field when a value is out of range.</summary>
     public TrainingOptions Validate()
@@ -44,6 +48,7 @@ public sealed record TrainingOptions
         Check.That(ClipNorm >= 0, nameof(ClipNorm), $"must be >= 0, got {ClipNorm}.");
         Check.That(ValFraction > 0 && ValFraction < 1, nameof(ValFraction), $"must be in (0, 1), got {ValFraction}.");
         Check.Positive(EvalBatches, nameof(EvalBatches));
+        Check.That(RandomTruncate >= 0 && RandomTruncate <= 1, nameof(RandomTruncate), $"must be in [0, 1], got {RandomTruncate}.");
         return this;
     }
 
