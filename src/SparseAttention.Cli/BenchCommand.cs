@@ -45,6 +45,7 @@ internal sealed class BenchCommand
     private readonly Option<int> modelHeadsOption = new("--model-heads") { Description = "--model: heads per layer (head width = dim / heads; routing = half local, half routing).", DefaultValueFactory = _ => 4 };
     private readonly Option<int?> modelDimHeadOption = new("--model-dim-head") { Description = "--model: head width (default dim / heads; must be even)." };
     private readonly Option<int> modelDepthOption = new("--model-depth") { Description = "--model: layers.", DefaultValueFactory = _ => 2 };
+    private readonly Option<string> modelKindsOption = new("--model-kinds") { HelpName = "KIND,...", Description = "--model: configurations: " + string.Join(", ", Models) + " (-reversible: RevNet layers that recompute activations in the backward). The × dense column needs dense.", DefaultValueFactory = _ => "dense,local,routing" };
 
     public static Command Create()
     {
@@ -53,7 +54,7 @@ internal sealed class BenchCommand
         foreach (var o in new Option[] { self.seqLensOption, self.attentionOption, self.implOption, self.passOption, self.batchOption,
                      self.headsOption, self.headDimOption, self.windowOption, self.nHashesOption, self.bidirectionalOption, self.runsOption,
                      self.quickOption, self.maxDenseLenOption, self.maxGatherGbOption, self.jsonOption,
-                     self.modelOption, self.modelDimOption, self.modelHeadsOption, self.modelDimHeadOption, self.modelDepthOption })
+                     self.modelOption, self.modelDimOption, self.modelHeadsOption, self.modelDimHeadOption, self.modelDepthOption, self.modelKindsOption })
             command.Add(o);
         command.SetAction(self.Execute);
         return command;
@@ -77,7 +78,7 @@ internal sealed class BenchCommand
     internal sealed record ModelResult(string model, long seq_len, long batch, long dim, long heads, long depth,
         double ms_per_step, double tokens_per_s, double? speedup_vs_dense, double peak_rss_mb);
 
-    public static readonly string[] Models = ["dense", "local", "routing"];
+    public static readonly string[] Models = ["dense", "local", "routing", "dense-reversible", "local-reversible", "routing-reversible"];
 
     private int Execute(ParseResult parse)
     {
@@ -100,6 +101,7 @@ internal sealed class BenchCommand
         int runs = quick && parse.GetResult(runsOption) is null or { Implicit: true } ? 3 : parse.GetValue(runsOption);
         int nHashes = parse.GetValue(nHashesOption);
         int modelDim = parse.GetValue(modelDimOption), modelHeads = parse.GetValue(modelHeadsOption), modelDepth = parse.GetValue(modelDepthOption);
+        var modelKinds = List(parse, modelKindsOption, Models);
         foreach (var (value, name) in new[] { (batch, "--batch"), (heads, "--heads"), (dim, "--head-dim"), (window, "--window"), (runs, "--runs"), (nHashes, "--n-hashes"),
                      (modelDim, "--model-dim"), (modelHeads, "--model-heads"), (modelDepth, "--model-depth") })
             if (value <= 0) throw new CliUsageException($"{name} must be > 0, got {value}.");
@@ -215,7 +217,7 @@ internal sealed class BenchCommand
             // any figure is timed (otherwise whichever configuration runs first pays for it).
             int warmLen = 2 * window;
             stderr.WriteLine($"bench: model JIT warm-up (3 steps of each configuration at T={warmLen}) ...");
-            foreach (string kind in Models)
+            foreach (string kind in modelKinds)
             {
                 using var warm = new ModelStep(ModelConfig(kind, warmLen, modelDim, modelHeads, modelDimHead, modelDepth, window), 1);
                 for (int i = 0; i < 3; i++) warm.Run();
@@ -224,8 +226,8 @@ internal sealed class BenchCommand
             {
                 // The three configurations step in turn (dense, local, routing, dense, ...) so a change of load on
                 // the machine during the run hits all of them alike; each gets one warm-up step (k-means init) first.
-                var kinds = Models.Where(kind => kind != "routing" || seqLen % window == 0).ToArray();
-                if (kinds.Length < Models.Length)
+                var kinds = modelKinds.Where(kind => !kind.StartsWith("routing") || seqLen % window == 0).ToArray();
+                if (kinds.Length < modelKinds.Length)
                     stderr.WriteLine($"bench: model routing T={seqLen}: skipped (T must be a multiple of --window {window} to fix the number of clusters)");
                 var steps = kinds.Select(kind => new ModelStep(ModelConfig(kind, (int)seqLen, modelDim, modelHeads, modelDimHead, modelDepth, window), batch)).ToArray();
                 try
@@ -249,7 +251,7 @@ internal sealed class BenchCommand
                     {
                         double ms = medians[i];
                         modelResults.Add(new ModelResult(kinds[i], seqLen, batch, modelDim, modelHeads, modelDepth, Math.Round(ms, 3),
-                            Math.Round(batch * seqLen / (ms / 1000.0), 1), Math.Round(medians[dense] / ms, 2), Math.Round(rss[i], 1)));
+                            Math.Round(batch * seqLen / (ms / 1000.0), 1), dense >= 0 ? Math.Round(medians[dense] / ms, 2) : null, Math.Round(rss[i], 1)));
                     }
                 }
                 finally
@@ -286,6 +288,7 @@ internal sealed class BenchCommand
     /// The three model configurations of one size, causal, vocab 256, MaxSeqLen = T: <c>dense</c> = every head in a
     /// Dense static group; <c>local</c> = every head local (window <paramref name="window"/>, radius 1);
     /// <c>routing</c> = half local heads, the rest routing heads (WindowSize = window, so clusters = T / window).
+    /// A <c>-reversible</c> suffix gives the same configuration with reversible layers.
     /// </summary>
     internal static TransformerConfig ModelConfig(string kind, int seqLen, int dim, int heads, int dimHead, int depth, int window)
     {
@@ -293,8 +296,9 @@ internal sealed class BenchCommand
         {
             NumTokens = 256, Dim = dim, Heads = heads, DimHead = dimHead, Depth = depth, MaxSeqLen = seqLen, Causal = true,
             WindowSize = Math.Min(window, seqLen), LocalAttnWindowSize = window, LocalAttnRadiusBlocks = 1, SparsitySkipFirst = 0,
+            Reversible = kind.EndsWith("-reversible"),
         };
-        config = kind switch
+        config = kind.Replace("-reversible", "") switch
         {
             "dense" => config with { NLocalAttnHeads = [0], StaticHeadGroups = [new StaticHeadGroup(new StaticPatternSpec(StaticPatternKind.Dense), heads)] },
             "local" => config with { NLocalAttnHeads = [heads] },

@@ -49,4 +49,25 @@ public sealed class CliBenchTests
         Assert.NotEqual(0, code);
         Assert.Contains("--model-dim", stderr);
     }
+
+    [Fact]
+    public void ModelBenchRunsReversibleKindsAndLeavesTheRatioEmptyWithoutDense()
+    {
+        string path = Path.Combine(Path.GetTempPath(), $"bench-model-{Guid.NewGuid():N}.json");
+        try
+        {
+            var (code, _, stderr) = CliRunner.Run("bench", "--model", "--model-kinds", "local,routing-reversible", "--seq-lens", "256", "--runs", "1",
+                "--model-dim", "32", "--model-heads", "2", "--model-depth", "2", "--json", path);
+            Assert.True(code == 0, $"exit code {code}; stderr:\n{stderr}");
+            using var doc = JsonDocument.Parse(File.ReadAllText(path));
+            var rows = doc.RootElement.GetProperty("model_results").EnumerateArray().ToArray();
+            Assert.Equal(["local", "routing-reversible"], rows.Select(r => r.GetProperty("model").GetString()).ToArray());
+            Assert.All(rows, r => Assert.Equal(JsonValueKind.Null, r.GetProperty("speedup_vs_dense").ValueKind));
+            Assert.All(rows, r => Assert.True(r.GetProperty("ms_per_step").GetDouble() > 0));
+        }
+        finally { File.Delete(path); }
+        var (badCode, _, badErr) = CliRunner.Run("bench", "--model", "--model-kinds", "local,reformer");
+        Assert.Equal(2, badCode);
+        Assert.Contains("--model-kinds: unknown value 'reformer'", badErr);
+    }
 }
