@@ -125,7 +125,8 @@ internal sealed class AttentionPlotCommand
         var self = new AttentionPlotCommand();
         var command = new Command("attention",
             "For each layer and head, which keys each query may attend on a text: local/static heads from their pattern, routing heads from the " +
-            "clusters the model chose on that text (cells coloured by cluster; memory key/values not drawn); plus a picture of the routing clusters over positions.");
+            "clusters the model chose on that text (cells coloured by cluster; memory key/values not drawn), LSH heads from the buckets they chose " +
+            "(coloured by first-round bucket), synthesizer heads as every (earlier) key; plus a picture of the clusters / buckets over positions.");
         foreach (var option in new Option[] { self.checkpointOption, self.configOption, self.textOption, self.dataOption, self.offsetOption, self.lengthOption, self.outOption })
             command.Add(option);
         command.SetAction(self.Execute);
@@ -158,13 +159,15 @@ internal sealed class AttentionPlotCommand
         var heads = Compute(loaded.Model, window);
         string outPath = parse.GetValue(outOption)!;
         int clusters = Math.Max(1, (maxLen + loaded.Config.WindowSize - 1) / loaded.Config.WindowSize);
+        clusters = Math.Max(clusters, heads.Where(h => h.Cluster is not null).SelectMany(h => h.Cluster!).DefaultIfEmpty(0).Max() + 1);   // LSH buckets
         AttentionRendering.MasksPng(heads, window, clusters, outPath, $"{loaded.Describe()}: attention on {t} bytes");
         output.WriteLine($"wrote {outPath}: {heads.Select(h => h.Layer).Distinct().Count()} layers × {loaded.Config.Heads} heads on {t} bytes");
-        if (heads.Any(h => h.Kind == HeadGroupKind.Routing))
+        if (heads.Any(h => h.Cluster is not null))
         {
             string clustersPath = Path.Combine(Path.GetDirectoryName(outPath) ?? "", Path.GetFileNameWithoutExtension(outPath) + "-clusters.png");
-            AttentionRendering.ClustersPng(heads, window, clusters, clustersPath, $"{loaded.Describe()}: routing clusters over positions");
-            output.WriteLine($"wrote {clustersPath}: {heads.Count(h => h.Kind == HeadGroupKind.Routing)} routing heads, colour = cluster of the query's group");
+            AttentionRendering.ClustersPng(heads, window, clusters, clustersPath, $"{loaded.Describe()}: routing clusters / LSH buckets over positions");
+            output.WriteLine($"wrote {clustersPath}: {heads.Count(h => h.Kind == HeadGroupKind.Routing)} routing heads (colour = cluster of the query's group), " +
+                             $"{heads.Count(h => h.Kind == HeadGroupKind.Lsh)} LSH heads (colour = bucket in the first hash round)");
         }
         return CliApp.Ok;
     }
@@ -186,7 +189,7 @@ internal sealed class AttentionPlotCommand
         }
         var attentionLayers = model.Transformer.Blocks.Select(b => b.Attention).OfType<AttentionLayer>().ToList();
         var result = new List<HeadAttention>();
-        int record = 0;
+        int record = 0, lshRecord = 0;
         for (int layer = 0; layer < config.Depth; layer++)
         {
             var attention = attentionLayers[config.WeightTie ? 0 : layer];
@@ -210,6 +213,23 @@ internal sealed class AttentionPlotCommand
                     var r = capture.Records[record++];
                     for (int h = 0; h < group.Heads; h++)
                         result.Add(RoutingMask(layer, head + h, r, h, t, routing.Routing.Causal, routing.Routing.SharedQk));
+                }
+                else if (group is LshHeadGroup lsh)
+                {
+                    if (lshRecord >= capture.LshRecords.Count || !ReferenceEquals(capture.LshRecords[lshRecord].Group, lsh))
+                        throw new InvalidOperationException($"LSH buckets of layer {layer} were not recorded.");
+                    var r = capture.LshRecords[lshRecord++];
+                    for (int h = 0; h < group.Heads; h++)
+                        result.Add(new HeadAttention(layer, head + h, HeadGroupKind.Lsh, r.Allowed[0, h].data<bool>().ToArray(),
+                            r.Buckets[0, h].data<long>().ToArray().Select(b => (int)b).ToArray()));
+                }
+                else if (group is SynthesizerHeadGroup)
+                {
+                    // Synthesizer heads weight every key (every earlier key when causal); their weights do not depend on a pattern.
+                    var allowed = new bool[t * t];
+                    for (int q = 0; q < t; q++)
+                        for (int k = 0; k < t; k++) allowed[q * t + k] = !config.Causal || k <= q;
+                    for (int h = 0; h < group.Heads; h++) result.Add(new HeadAttention(layer, head + h, HeadGroupKind.Synthesizer, allowed, null));
                 }
                 else throw new InvalidOperationException($"layer {layer}: cannot draw a head group of type {group.GetType().Name}.");
                 head += group.Heads;
@@ -307,7 +327,7 @@ internal static class AttentionRendering
             plot.YLabel("query", 11);
         }
         Save(multiplot, columns * PanelSize, layers * PanelSize, path, title,
-             $"T = {t}; black = static/local pattern, colour = routing cluster of the query's group, white = not attended");
+             $"T = {t}; black = static/local pattern, colour = routing cluster of the query's group or LSH bucket of the query (first round), white = not attended");
     }
 
     /// <summary>One row per routing (layer, head): the cluster of each position's group as a colour (white = none),

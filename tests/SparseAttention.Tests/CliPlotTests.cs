@@ -94,4 +94,38 @@ public sealed class CliPlotTests : TrainedModelTestBase
         AssertUsageError(CliRunner.Run("plot", "attention", "--checkpoint", RunDir, "--text", "a", "--data", data, "--out", png), "give exactly one");
         AssertUsageError(CliRunner.Run("plot", "attention", "--checkpoint", RunDir, "--data", data, "--offset", "999999", "--out", png), "--offset: 999999 is past the end");
     }
+
+    [Fact]
+    public void Attention_masks_of_lsh_and_synthesizer_heads_come_from_the_forward()
+    {
+        var config = MicroConfig with
+        {
+            Heads = 4, NLocalAttnHeads = [1],
+            Lsh = new SparseAttention.Model.LshSpec { Heads = 2, NHashes = 1, BucketSize = 4 },
+            Synthesizer = new SynthesizerConfig { Heads = 1, Kind = SparseAttention.Modules.SynthesizerKind.Random },
+        };
+        TorchSharp.torch.random.manual_seed(3);
+        using var model = new RoutingTransformerLM(config);
+        var text = Text[..16];
+        var heads = AttentionPlotCommand.Compute(model, text);
+        Assert.Equal([HeadGroupKind.Local, HeadGroupKind.Lsh, HeadGroupKind.Lsh, HeadGroupKind.Synthesizer], heads.Select(h => h.Kind));
+        foreach (var h in heads.Where(h => h.Kind == HeadGroupKind.Lsh))
+        {
+            Assert.NotNull(h.Cluster);
+            for (int q = 0; q < 16; q++)
+            {
+                Assert.Contains(true, h.Allowed.AsSpan(q * 16, 16).ToArray());            // every query attends something
+                for (int k = 0; k < 16; k++)
+                    if (h.Allowed[q * 16 + k])
+                    {
+                        Assert.True(k <= q, $"head {h.Head}: query {q} attends later key {k}");
+                        // One hash round, causal: chunks hold a single bucket, so attended keys share the query's bucket.
+                        Assert.Equal(h.Cluster![q], h.Cluster![k]);
+                    }
+            }
+        }
+        var synthesizer = heads.Single(h => h.Kind == HeadGroupKind.Synthesizer);
+        for (int q = 0; q < 16; q++)
+            for (int k = 0; k < 16; k++) Assert.Equal(k <= q, synthesizer.Allowed[q * 16 + k]);
+    }
 }

@@ -84,6 +84,8 @@ public sealed class LshHeadGroup : HeadGroupAttention, IAttentionProbabilitiesSo
     {
         using var scope = NewDisposeScope();
         var result = lsh.forward(q, lsh.SharedQk ? null : k, v, keyMask);
+        if (RoutingCapture.Active)                                                       // plots: which keys, which buckets
+            RoutingCapture.RecordLsh(this, lsh.AttendedMask(result, keyMask), result.QueryBuckets.select(2, 0));
         var output = dropout > 0 ? nn.functional.dropout(result.Output, dropout, training) : result.Output;   // (B, Hg, T, D)
         var aux = zeros(Array.Empty<long>(), dtype: q.dtype, device: q.device);
         return (output.MoveToOuterDisposeScope(), aux.MoveToOuterDisposeScope());

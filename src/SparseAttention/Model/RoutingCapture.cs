@@ -10,8 +10,14 @@ namespace SparseAttention.Model;
 /// <param name="GroupClusters">(B, Hg, G) int64 centroid of each group, −1 = unused group.</param>
 public sealed record RoutingRecord(RoutingHeadGroup Group, Tensor QueryIndices, Tensor KeyIndices, Tensor GroupClusters);
 
+/// <summary>The buckets one <see cref="LshHeadGroup"/> forward chose.</summary>
+/// <param name="Group">The head group that ran.</param>
+/// <param name="Allowed">(B, Hg, T, T) bool: the keys each query attended in some hash round (<see cref="Modules.LshAttention.AttendedMask"/>).</param>
+/// <param name="Buckets">(B, Hg, T) int64: each position's query bucket in the first hash round.</param>
+public sealed record LshRecord(LshHeadGroup Group, Tensor Allowed, Tensor Buckets);
+
 /// <summary>
-/// Records which clusters routing heads chose, for inspection (e.g. <c>sparse-attn plot attention</c>): while a
+/// Records which clusters routing heads (and which buckets LSH heads) chose, for inspection (e.g. <c>sparse-attn plot attention</c>): while a
 /// capture is open on the current thread, every <see cref="RoutingHeadGroup"/> forward appends a
 /// <see cref="RoutingRecord"/> (detached CPU copies), in call order — i.e. layer order within one model forward.
 /// Costs nothing when no capture is open. Capture around an inference forward (eval mode, no gradients): forwards
@@ -27,6 +33,7 @@ public sealed class RoutingCapture : IDisposable
     [ThreadStatic] private static RoutingCapture? current;
     private readonly RoutingCapture? previous;
     private readonly List<RoutingRecord> records = [];
+    private readonly List<LshRecord> lshRecords = [];
     private bool disposed;
 
     private RoutingCapture(RoutingCapture? previous) => this.previous = previous;
@@ -36,6 +43,19 @@ public sealed class RoutingCapture : IDisposable
 
     /// <summary>What was recorded so far, in call order.</summary>
     public IReadOnlyList<RoutingRecord> Records => records;
+
+    /// <summary>What LSH head groups recorded so far, in call order.</summary>
+    public IReadOnlyList<LshRecord> LshRecords => lshRecords;
+
+    /// <summary>True when a capture is open on the current thread (recording has a cost; skip it otherwise).</summary>
+    internal static bool Active => current is not null;
+
+    internal static void RecordLsh(LshHeadGroup group, Tensor allowed, Tensor buckets)
+    {
+        var capture = current;
+        if (capture is null) return;
+        capture.lshRecords.Add(new LshRecord(group, allowed.detach().cpu().clone().DetachFromDisposeScope(), buckets.detach().cpu().clone().DetachFromDisposeScope()));
+    }
 
     internal static void Record(RoutingHeadGroup group, RoutingAttentionOutput result)
     {
@@ -51,6 +71,11 @@ public sealed class RoutingCapture : IDisposable
         if (disposed) return;
         disposed = true;
         if (ReferenceEquals(current, this)) current = previous;
+        foreach (var r in lshRecords)
+        {
+            r.Allowed.Dispose();
+            r.Buckets.Dispose();
+        }
         foreach (var r in records)
         {
             r.QueryIndices.Dispose();
