@@ -111,4 +111,20 @@ public partial class ModelTests
         var (again, _) = model.forward(other, mask);
         TestSupport.AssertClose(logits[1, ..15], again[1, ..15], "padding changed real tokens", atol: 1e-5, rtol: 1e-5);
     }
+
+    [Fact]
+    public void KmeansNormReachesEveryRoutingModuleAndChangesTheRouting()
+    {
+        var baseline = WithRouting(sharedQk: true);
+        var layerNorm = baseline with { KmeansNorm = KMeansNorm.LayerNorm };
+        var a = Lm(baseline);
+        var b = Lm(layerNorm);
+        Assert.All(a.modules().OfType<OnlineKMeans>(), k => Assert.Equal(KMeansNorm.L2, k.Norm));
+        Assert.All(b.modules().OfType<OnlineKMeans>(), k => Assert.Equal(KMeansNorm.LayerNorm, k.Norm));
+        b.load_state_dict(a.state_dict());                                                  // same weights and centroids
+        a.eval(); b.eval();
+        var tokens = RoutingTokens(2, 24, 31);
+        Assert.True(Differ(Logits(a, tokens), Logits(b, tokens)), "kmeans_norm changed nothing");
+        Assert.Equal(KMeansNorm.LayerNorm, SparseAttention.Training.ConfigBinding.Apply(baseline, ["kmeans_norm=LayerNorm"]).KmeansNorm);
+    }
 }

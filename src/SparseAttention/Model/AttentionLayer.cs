@@ -136,7 +136,7 @@ public sealed class CrossAttentionLayer : AttentionSublayer
         contextWindowSize = config.ResolvedContextWindowSize;
         if (config.CrossAttention == CrossAttentionKind.Routing)
             routing = new RoutingAttention(heads, dimHead, config.MaxSeqLen, config.WindowSize, config.Causal, sharedQk: false,
-                numMemKv: 0, config.KmeansEmaDecay, config.CommitmentFactor, seed: 1000 + layer) { Kernel = config.Kernel };
+                numMemKv: 0, config.KmeansEmaDecay, config.CommitmentFactor, config.KmeansNorm, seed: 1000 + layer) { Kernel = config.Kernel };
         RegisterComponents();
     }
 

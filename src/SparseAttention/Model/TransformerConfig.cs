@@ -1,3 +1,4 @@
+using SparseAttention.Clustering;
 using System.Text.Json.Serialization;
 using SparseAttention.Kernels;
 using SparseAttention.Patterns;
@@ -143,6 +144,11 @@ public sealed record TransformerConfig
     [JsonPropertyName("shared_qk")] public bool? SharedQk { get; init; }
     /// <summary>0.999 — used by routing heads: EMA decay of the k-means centroids, in [0, 1).</summary>
     [JsonPropertyName("kmeans_ema_decay")] public double KmeansEmaDecay { get; init; } = 0.999;
+    /// <summary>L2 — used by routing heads: how queries, keys and centroids are normalised before clustering: L2 (unit
+    /// vectors, the PyTorch library) or LayerNorm without affine (centred and scaled, the authors' choice; centring
+    /// removes a direction shared by all positions, which otherwise can pull every token into one cluster).</summary>
+    [JsonPropertyName("kmeans_norm"), JsonConverter(typeof(JsonStringEnumConverter<KMeansNorm>))]
+    public KMeansNorm KmeansNorm { get; init; } = KMeansNorm.L2;
     /// <summary>1e-4 — used by routing heads: weight of the k-means commitment loss in the auxiliary loss.</summary>
     [JsonPropertyName("commitment_factor")] public double CommitmentFactor { get; init; } = 1e-4;
 
@@ -291,6 +297,7 @@ public sealed record TransformerConfig
 
         Check.NonNegative(NumMemKv, nameof(NumMemKv));
         Check.That(KmeansEmaDecay >= 0 && KmeansEmaDecay < 1, nameof(KmeansEmaDecay), $"must be in [0, 1), got {KmeansEmaDecay}.");
+        Check.That(Enum.IsDefined(KmeansNorm), nameof(KmeansNorm), $"unknown value {KmeansNorm}.");
         Check.That(CommitmentFactor >= 0 && double.IsFinite(CommitmentFactor), nameof(CommitmentFactor), $"must be finite and >= 0, got {CommitmentFactor}.");
 
         Check.That(Enum.IsDefined(PositionalEncoding), nameof(PositionalEncoding), $"unknown value {PositionalEncoding}.");
