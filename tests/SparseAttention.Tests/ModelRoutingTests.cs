@@ -127,4 +127,27 @@ public partial class ModelTests
         Assert.True(Differ(Logits(a, tokens), Logits(b, tokens)), "kmeans_norm changed nothing");
         Assert.Equal(KMeansNorm.LayerNorm, SparseAttention.Training.ConfigBinding.Apply(baseline, ["kmeans_norm=LayerNorm"]).KmeansNorm);
     }
+
+    [Theory]
+    [InlineData(true)]
+    [InlineData(false)]
+    public void RoutingLookBackKeepsTheDecoderCausal(bool sharedQk)
+    {
+        var config = WithRouting(sharedQk: sharedQk) with { RoutingLookBack = true };
+        var model = Lm(config, seed: 21);
+        Assert.All(model.modules().OfType<SparseAttention.Modules.RoutingAttention>(), r => Assert.True(r.LookBackward));
+        model.train();
+        const int seqLen = 32;
+        model.forward(RoutingTokens(2, seqLen, 40));                                         // initialises the k-means
+        var tokens = RoutingTokens(2, seqLen, 41);
+        var logits = model.forward(tokens).Logits.detach();
+        foreach (int t in new[] { 3, 15, 30 })
+        {
+            var perturbed = tokens.clone();
+            perturbed[.., (t + 1)..] = RoutingTokens(2, seqLen - t - 1, (ulong)(60 + t));
+            TestSupport.AssertClose(logits[.., ..(t + 1)], model.forward(perturbed).Logits.detach()[.., ..(t + 1)], $"logits up to {t}", atol: 1e-5, rtol: 1e-5);
+        }
+        Assert.Equal("RoutingLookBack", Assert.ThrowsAny<ArgumentException>(() => (config with { Causal = false }).Validate()).ParamName);
+        Assert.Equal("RoutingLookBack", Assert.ThrowsAny<ArgumentException>(() => (config with { NumMemKv = 2 }).Validate()).ParamName);
+    }
 }

@@ -253,6 +253,88 @@ public class RoutingAttentionTests
         Assert.Equal("sharedQk", Assert.ThrowsAny<ArgumentException>(() => Make(true, sharedQk: true, memKv: 0).CrossForward(q, k!, v, null, null, 2)).ParamName);
     }
 
+    public static TheoryData<bool, int, bool> LookBackCases()
+    {
+        var data = new TheoryData<bool, int, bool>();
+        foreach (bool sharedQk in new[] { false, true })
+            foreach (var (seqLen, padded) in new[] { (16, false), (13, true), (1, false) })
+                data.Add(sharedQk, seqLen, padded);
+        return data;
+    }
+
+    [Theory]
+    [MemberData(nameof(LookBackCases))]
+    public void CausalLookBackEqualsOracleWithThePreviousChunkOfTheSameCluster(bool sharedQk, int seqLen, bool padded)
+    {
+        const long batch = 2;
+        var module = new RoutingAttention(Heads, Dim, MaxSeqLen, Window, causal: true, sharedQk, seed: 3, lookBackward: true);
+        module.to(ScalarType.Float64);
+        WarmUp(module);
+        var (q, k, v) = Inputs(seqLen * 5 + 1, batch, seqLen, sharedQk);
+        var keyMask = PaddingMask(batch, seqLen, padded);
+        var result = module.forward(q, k, v, keyMask);
+
+        // The dense mask the memberships imply, built here: a query attends the key slots of its own group and of the
+        // group before it when that group holds the previous chunk of the same cluster; causal; real keys only; with
+        // shared QK itself only when nothing else is allowed.
+        var real = (keyMask ?? ones(batch, seqLen, dtype: ScalarType.Bool)).data<bool>().ToArray();
+        var allowed = zeros(new long[] { batch, Heads, seqLen, seqLen }, dtype: ScalarType.Bool);
+        long groups = result.QueryIndices.shape[2], pairsWithLookBack = 0, pairsWithout = 0;
+        for (int b = 0; b < batch; b++)
+            for (int h = 0; h < Heads; h++)
+            {
+                var qi = result.QueryIndices[b, h].data<long>().ToArray();
+                var ki = result.KeyIndices[b, h].data<long>().ToArray();
+                var gc = result.GroupClusters[b, h].data<long>().ToArray();
+                long width = result.QueryIndices.shape[3];
+                var mask = new bool[seqLen, seqLen];
+                for (long g = 0; g < groups; g++)
+                {
+                    bool back = g > 0 && gc[g] >= 0 && gc[g - 1] == gc[g];
+                    var keys = Enumerable.Range(0, (int)width).Select(s => ki[g * width + s])
+                        .Concat(back ? Enumerable.Range(0, (int)width).Select(s => ki[(g - 1) * width + s]) : []).Where(j => j >= 0).ToList();
+                    foreach (long i in Enumerable.Range(0, (int)width).Select(s => qi[g * width + s]).Where(i => i >= 0))
+                    {
+                        var ok = keys.Where(j => j <= i && real[b * seqLen + j]).ToList();
+                        if (sharedQk) ok = ok.Any(j => j != i) ? ok.Where(j => j != i).ToList() : ok;
+                        foreach (long j in ok) mask[i, j] = true;
+                        pairsWithLookBack += ok.Count;
+                        pairsWithout += keys.Take((int)width).Count(j => j <= i && real[b * seqLen + j] && !(sharedQk && j == i));
+                    }
+                }
+                for (int i = 0; i < seqLen; i++)
+                    for (int j = 0; j < seqLen; j++)
+                        if (mask[i, j]) allowed[b, h, i, j] = tensor(true);
+            }
+        if (seqLen == 16) Assert.True(pairsWithLookBack > pairsWithout, "no group looked back: the case does not exercise look-back");
+
+        var keysUsed = sharedQk ? module.KMeans.Normalize(q) : k!;
+        var upstream = randn(result.Output.shape, dtype: ScalarType.Float64, generator: new Generator(8));
+        var inputs = sharedQk ? new[] { q, v } : new[] { q, k!, v };
+        Tensor Module(Tensor[] x) => module.forward(x[0], sharedQk ? null : x[1], x[^1], keyMask).Output;
+        Tensor Oracle(Tensor[] x) => Kernels.ReferenceAttention.Attention(x[0], sharedQk ? module.KMeans.Normalize(x[0]) : x[1], x[^1], mask: allowed, keyMask: keyMask);
+        var expected = GroupedAttentionTests.Grad(Oracle, upstream, inputs);
+        var actual = GroupedAttentionTests.Grad(Module, upstream, inputs);
+        TestSupport.AssertClose(expected.Output, actual.Output, "output");
+        for (int n = 0; n < inputs.Length; n++) TestSupport.AssertClose(expected.Grads[n], actual.Grads[n], $"gradient {n}");
+
+        // Causal: perturbing every token after t leaves the outputs up to t unchanged.
+        foreach (int t in new[] { 0, seqLen / 2, seqLen - 2 }.Where(t => t >= 0 && t < seqLen - 1))
+        {
+            Tensor? Perturb(Tensor? x)
+            {
+                if (x is null) return null;
+                var y = x.clone();
+                y[.., .., (t + 1)..] = randn(new long[] { batch, Heads, seqLen - t - 1, Dim }, dtype: ScalarType.Float64, generator: new Generator((ulong)t + 9)) * 5;
+                return y;
+            }
+            var changed = module.forward(Perturb(q)!, Perturb(k), Perturb(v)!, keyMask).Output;
+            TestSupport.AssertClose(result.Output[.., .., ..(t + 1)], changed[.., .., ..(t + 1)], $"outputs up to {t}");
+        }
+        Assert.Equal("lookBackward", Assert.ThrowsAny<ArgumentException>(() => new RoutingAttention(Heads, Dim, MaxSeqLen, Window, causal: false, lookBackward: true)).ParamName);
+        Assert.Equal("lookBackward", Assert.ThrowsAny<ArgumentException>(() => new RoutingAttention(Heads, Dim, MaxSeqLen, Window, causal: true, numMemKv: 1, lookBackward: true)).ParamName);
+    }
+
     public static TheoryData<bool, string> LeakCases()
     {
         var data = new TheoryData<bool, string>();

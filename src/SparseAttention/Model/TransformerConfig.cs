@@ -149,6 +149,9 @@ public sealed record TransformerConfig
     /// removes a direction shared by all positions, which otherwise can pull every token into one cluster).</summary>
     [JsonPropertyName("kmeans_norm"), JsonConverter(typeof(JsonStringEnumConverter<KMeansNorm>))]
     public KMeansNorm KmeansNorm { get; init; } = KMeansNorm.L2;
+    /// <summary>false — causal routing heads: each chunk of a cluster also attends the previous chunk of the same cluster
+    /// (a query sees up to 2·WindowSize keys; stays causal). Needs Causal and NumMemKv = 0.</summary>
+    [JsonPropertyName("routing_look_back")] public bool RoutingLookBack { get; init; }
     /// <summary>1e-4 — used by routing heads: weight of the k-means commitment loss in the auxiliary loss.</summary>
     [JsonPropertyName("commitment_factor")] public double CommitmentFactor { get; init; } = 1e-4;
 
@@ -298,6 +301,8 @@ public sealed record TransformerConfig
         Check.NonNegative(NumMemKv, nameof(NumMemKv));
         Check.That(KmeansEmaDecay >= 0 && KmeansEmaDecay < 1, nameof(KmeansEmaDecay), $"must be in [0, 1), got {KmeansEmaDecay}.");
         Check.That(Enum.IsDefined(KmeansNorm), nameof(KmeansNorm), $"unknown value {KmeansNorm}.");
+        Check.That(!RoutingLookBack || Causal, nameof(RoutingLookBack), "looks back along causal routing chunks; it needs Causal = true.");
+        Check.That(!RoutingLookBack || NumMemKv == 0, nameof(RoutingLookBack), $"cannot be combined with memory key/values (NumMemKv = {NumMemKv}).");
         Check.That(CommitmentFactor >= 0 && double.IsFinite(CommitmentFactor), nameof(CommitmentFactor), $"must be finite and >= 0, got {CommitmentFactor}.");
 
         Check.That(Enum.IsDefined(PositionalEncoding), nameof(PositionalEncoding), $"unknown value {PositionalEncoding}.");

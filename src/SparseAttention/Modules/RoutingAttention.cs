@@ -43,7 +43,8 @@ public sealed record RoutingAttentionOutput(Tensor Output, Tensor QueryIndices, 
 /// and token i; (3) query i attends keys j ≤ i of its own group (causal rule on original positions), whose
 /// membership is by (2) a function of tokens ≤ j ≤ i, plus the memory key/values of its cluster; (4) each query is in
 /// exactly one group, so the mean is over one group. Later tokens only change where groups sit in the G order and
-/// how many groups there are, which the kernel's result does not depend on (no look-back is used). Tested by
+/// how many groups there are, which the kernel's result does not depend on; with <c>lookBackward</c> a chunk also
+/// attends the previous chunk of its own cluster, whose members are all earlier tokens (decided by (2) as well). Tested by
 /// perturbing the future in training and eval mode, including the initialising forward.</para>
 /// <para>The trade-off: causal groups are not balanced (a popular cluster yields several chunks, a token near the
 /// start of a chunk sees few keys); every real token is in exactly one group and each query sees at most W keys.
@@ -60,7 +61,7 @@ public sealed class RoutingAttention : nn.Module<Tensor, Tensor?, Tensor, Tensor
     private Parameter? mem_key;    // (H, C, M, D)
     private Parameter? mem_value;  // (H, C, M, D)
     private readonly int heads, dimHead, maxSeqLen, windowSize, clusters, numMemKv;
-    private readonly bool causal, sharedQk;
+    private readonly bool causal, sharedQk, lookBackward;
 
     /// <param name="heads">Routing heads H.</param>
     /// <param name="dimHead">Width D of one head (q, k and v).</param>
@@ -74,11 +75,16 @@ public sealed class RoutingAttention : nn.Module<Tensor, Tensor?, Tensor, Tensor
     /// <param name="commitmentFactor">Weight of the commitment loss (<c>commitment_factor</c>).</param>
     /// <param name="norm">Normalisation of clustered vectors: L2 (PyTorch library) or LayerNorm (authors).</param>
     /// <param name="seed">Seed of the initial centroids, their data initialisation and the memory key/values.</param>
+    /// <param name="lookBackward">Causal only: each chunk also attends the previous chunk of its own cluster (a query
+    /// then sees up to 2·W keys instead of the members of its own chunk before it); no memory key/values.</param>
     /// <param name="name">Module name.</param>
     public RoutingAttention(int heads, int dimHead, int maxSeqLen, int windowSize, bool causal = false, bool sharedQk = false,
         int numMemKv = 0, double kmeansEmaDecay = 0.999, double commitmentFactor = 1e-4, KMeansNorm norm = KMeansNorm.L2,
-        long seed = 0, string name = "routing_attention") : base(name)
+        long seed = 0, bool lookBackward = false, string name = "routing_attention") : base(name)
     {
+        Check.That(!lookBackward || causal, nameof(lookBackward), "looking back to the previous chunk of a cluster is for causal routing (non-causal clusters are not chunked).");
+        Check.That(!lookBackward || numMemKv == 0, nameof(lookBackward), $"look-back and memory key/values cannot be combined (numMemKv = {numMemKv}).");
+        this.lookBackward = lookBackward;
         Check.Positive(heads, nameof(heads));
         Check.Positive(dimHead, nameof(dimHead));
         Check.Positive(maxSeqLen, nameof(maxSeqLen));
@@ -112,6 +118,7 @@ public sealed class RoutingAttention : nn.Module<Tensor, Tensor?, Tensor, Tensor
     public int NumMemKv => numMemKv;
     public bool Causal => causal;
     public bool SharedQk => sharedQk;
+    public bool LookBackward => lookBackward;
 
     /// <summary>Kernel of the attention inside clusters (Auto: fused for float32 CPU without memory key/values).</summary>
     public AttentionKernel Kernel { get; set; } = AttentionKernel.Auto;
@@ -179,6 +186,14 @@ public sealed class RoutingAttention : nn.Module<Tensor, Tensor?, Tensor, Tensor
             memKeys = MemoryPerGroup(mem_key.to(q.dtype), groupClusters);              // (B, H, G, M, D)
             memValues = MemoryPerGroup(mem_value.to(q.dtype), groupClusters);
         }
+        if (lookBackward)
+        {
+            var previous = PreviousChunkOfSameCluster(groupClusters);                 // (B, H, G)
+            var merged = GroupedAttention.MergedAttention(q, keys, v, queryIdx, keyIdx, previous, rounds: 1, causal: true,
+                sharedQk: sharedQk, keyMask: keyMask, kernel: Kernel);               // (B, H, T, D)
+            return new RoutingAttentionOutput(merged.MoveToOuterDisposeScope(), queryIdx.MoveToOuterDisposeScope(),
+                keyIdx.MoveToOuterDisposeScope(), groupClusters.MoveToOuterDisposeScope(), aux.MoveToOuterDisposeScope());
+        }
         var output = GroupedAttention.Attention(q, keys, v, queryIdx, keyIdx, causal: causal, sharedQk: sharedQk,
             keyMask: keyMask, memoryKeys: memKeys, memoryValues: memValues, kernel: Kernel); // (B, H, T, D)
         return new RoutingAttentionOutput(output.MoveToOuterDisposeScope(), queryIdx.MoveToOuterDisposeScope(),
@@ -243,6 +258,24 @@ public sealed class RoutingAttention : nn.Module<Tensor, Tensor?, Tensor, Tensor
         var output = GroupedAttention.Attention(q, k, v, queryIdx, keyIdx, keyMask: contextMask, kernel: Kernel);  // (B, H, T, D)
         return new RoutingAttentionOutput(output.MoveToOuterDisposeScope(), queryIdx.MoveToOuterDisposeScope(),
             keyIdx.MoveToOuterDisposeScope(), groupClusters.MoveToOuterDisposeScope(), aux.MoveToOuterDisposeScope());
+    }
+
+    /// <summary>
+    /// For causal groups (<see cref="CausalGroups"/>, whose chunks of one cluster are consecutive in G order): the
+    /// group holding the previous chunk of the same cluster, −1 for a cluster's first chunk and for unused groups.
+    /// The previous chunk's members all come before the chunk's, so looking back keeps routing causal.
+    /// </summary>
+    /// <param name="groupClusters">(B, H, G) int64 cluster of each group, −1 = unused.</param>
+    /// <returns>(B, H, G) int64.</returns>
+    public static Tensor PreviousChunkOfSameCluster(Tensor groupClusters)
+    {
+        Check.Shape(groupClusters, nameof(groupClusters), "(B, H, G)", -1, -1, -1);
+        using var scope = NewDisposeScope();
+        long groups = groupClusters.shape[2];
+        var before = cat([full_like(groupClusters.narrow(2, 0, 1), -1L), groupClusters.narrow(2, 0, groups - 1)], 2);  // (B, H, G) cluster of group g − 1
+        var index = arange(groups, dtype: ScalarType.Int64, device: groupClusters.device).view(1, 1, groups) - 1;       // (1, 1, G)
+        var same = groupClusters.ge(0).logical_and(before.eq(groupClusters));
+        return where(same, index.expand_as(groupClusters), full_like(groupClusters, -1L)).MoveToOuterDisposeScope();
     }
 
     /// <summary>Balanced routing: every centroid takes its min(windowSize, T) most similar real tokens.</summary>
