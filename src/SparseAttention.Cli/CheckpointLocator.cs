@@ -146,56 +146,17 @@ internal static class CheckpointLocator
     }
 }
 
-/// <summary>Reads text data for <c>eval</c> and <c>plot</c>: a file, or every file under a folder (recursively, ordinal
-/// path order, hidden files skipped — as <c>train</c> reads), refusing missing, empty and binary data.</summary>
+/// <summary>Reads text data for <c>eval</c> and <c>plot</c> as <c>train</c> does (<see cref="ByteCorpus.ReadText"/>),
+/// turning its errors into usage errors that name the option.</summary>
 internal static class TextData
 {
     public static byte[] Read(string path, string option, int minBytes)
     {
-        string[] files;
-        if (File.Exists(path)) files = [path];
-        else if (Directory.Exists(path))
-            files = Directory.EnumerateFiles(path, "*", SearchOption.AllDirectories)
-                .Where(f => !System.IO.Path.GetRelativePath(path, f).Split(System.IO.Path.DirectorySeparatorChar).Any(p => p.StartsWith('.')))
-                .OrderBy(f => f, StringComparer.Ordinal).ToArray();
-        else throw new CliUsageException($"{option}: no such file or folder: {path}");
-        using var all = new MemoryStream();
-        foreach (var f in files)
-        {
-            using var s = File.OpenRead(f);
-            s.CopyTo(all);
-        }
-        var bytes = all.ToArray();
-        if (bytes.Length == 0)
-            throw new CliUsageException($"{option}: {path} is empty ({files.Length} file(s), 0 bytes); give a text file or a folder of text files.");
-        CheckText(bytes, path, option);
+        byte[] bytes;
+        try { bytes = ByteCorpus.ReadText(path).Bytes; }
+        catch (ArgumentException e) { throw new CliUsageException(option + e.Message.Replace(" (Parameter 'data')", "")["data".Length..]); }
         if (bytes.Length < minBytes)
             throw new CliUsageException($"{option}: {path} has {bytes.Length} byte(s); at least {minBytes} are needed.");
         return bytes;
-    }
-
-    /// <summary>Refuses data that is not text: any NUL byte, or more than 1 % of the bytes in invalid UTF-8 sequences.</summary>
-    public static void CheckText(byte[] bytes, string path, string option)
-    {
-        int nul = Array.IndexOf(bytes, (byte)0);
-        if (nul >= 0)
-            throw new CliUsageException($"{option}: {path} looks binary (a NUL byte at offset {nul}); give UTF-8 text.");
-        // The decoder writes U+FFFD for each invalid sequence; the file's own U+FFFD characters (EF BF BD) are text.
-        int invalid = Encoding.UTF8.GetString(bytes).AsSpan().Count('\uFFFD') - CountEncodedReplacement(bytes);
-        if (invalid > bytes.Length / 100)
-            throw new CliUsageException($"{option}: {path} looks binary ({invalid} invalid UTF-8 sequences in {bytes.Length} bytes); give UTF-8 text.");
-    }
-
-    // U+FFFD written literally in the file (EF BF BD) is text, not an invalid sequence.
-    private static int CountEncodedReplacement(byte[] bytes)
-    {
-        int count = 0;
-        for (int i = bytes.AsSpan().IndexOf("\uFFFD"u8); i >= 0;)
-        {
-            count++;
-            int next = bytes.AsSpan(i + 3).IndexOf("\uFFFD"u8);
-            i = next < 0 ? -1 : i + 3 + next;
-        }
-        return count;
     }
 }

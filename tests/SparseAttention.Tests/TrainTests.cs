@@ -213,6 +213,12 @@ public sealed class TrainCliTests : TrainTestBase
         Assert.StartsWith("error: --data:", stderr);
         Assert.Contains("is empty", stderr);
         Assert.DoesNotContain("(Parameter", stderr);
+        string binary = Path.Combine(Dir, "model.bin");
+        File.WriteAllBytes(binary, [.. Text, 0, 1, 2, .. Text]);
+        (code, _, stderr) = CliRunner.Run(["train", "--data", binary, "--out", Path.Combine(Dir, "run"), "--max-steps", "1"]);
+        Assert.Equal(CliApp.UsageError, code);
+        Assert.StartsWith("error: --data:", stderr);
+        Assert.Contains("looks binary", stderr);
         (code, _, stderr) = CliRunner.Run(["train", "--data", empty, "--out", Path.Combine(Dir, "run")]);
         Assert.Equal(CliApp.UsageError, code);
         Assert.Contains("--max-steps / --max-minutes", stderr);

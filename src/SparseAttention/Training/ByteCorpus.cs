@@ -26,6 +26,23 @@ public sealed class ByteCorpus
     {
         Check.That(valFraction > 0 && valFraction < 1, nameof(valFraction), $"must be in (0, 1), got {valFraction}.");
         Check.Positive(seqLen, nameof(seqLen));
+        var (bytes, files) = ReadText(path);
+        long valLen = (long)Math.Round(bytes.Length * valFraction);
+        long trainLen = bytes.Length - valLen;
+        if (valLen < seqLen + 1 || trainLen < seqLen + 1)
+            throw new ArgumentException($"data: {path} has {bytes.Length} bytes; with validation fraction {valFraction} and sequence length {seqLen} " +
+                $"both parts need at least {seqLen + 1} bytes (train {trainLen}, validation {valLen}).", "data");
+        return new ByteCorpus(bytes[..(int)trainLen], bytes[(int)trainLen..], files);
+    }
+
+    /// <summary>
+    /// The bytes of <paramref name="path"/> (a file, or every file under a folder, recursively, ordinal path order,
+    /// hidden files skipped, concatenated) and the number of files. Throws <see cref="ArgumentException"/> (ParamName
+    /// "data") when the path does not exist, holds no bytes, or does not look like text: any NUL byte, or more than 1 %
+    /// of the bytes in invalid UTF-8 sequences.
+    /// </summary>
+    public static (byte[] Bytes, int Files) ReadText(string path)
+    {
         string[] files;
         if (File.Exists(path)) files = [path];
         else if (Directory.Exists(path))
@@ -42,11 +59,26 @@ public sealed class ByteCorpus
         var bytes = all.ToArray();
         if (bytes.Length == 0)
             throw new ArgumentException($"data: {path} is empty ({files.Length} file(s), 0 bytes); give a text file or a folder of text files.", "data");
-        long valLen = (long)Math.Round(bytes.Length * valFraction);
-        long trainLen = bytes.Length - valLen;
-        if (valLen < seqLen + 1 || trainLen < seqLen + 1)
-            throw new ArgumentException($"data: {path} has {bytes.Length} bytes; with validation fraction {valFraction} and sequence length {seqLen} " +
-                $"both parts need at least {seqLen + 1} bytes (train {trainLen}, validation {valLen}).", "data");
-        return new ByteCorpus(bytes[..(int)trainLen], bytes[(int)trainLen..], files.Length);
+        int nul = Array.IndexOf(bytes, (byte)0);
+        if (nul >= 0)
+            throw new ArgumentException($"data: {path} looks binary (a NUL byte at offset {nul}); give UTF-8 text.", "data");
+        // The decoder writes U+FFFD for each invalid sequence; the file's own U+FFFD characters (EF BF BD) are text.
+        int invalid = System.Text.Encoding.UTF8.GetString(bytes).AsSpan().Count('\uFFFD') - CountEncodedReplacement(bytes);
+        if (invalid > bytes.Length / 100)
+            throw new ArgumentException($"data: {path} looks binary ({invalid} invalid UTF-8 sequences in {bytes.Length} bytes); give UTF-8 text.", "data");
+        return (bytes, files.Length);
+    }
+
+    // U+FFFD written literally in the file (EF BF BD) is text, not an invalid sequence.
+    private static int CountEncodedReplacement(byte[] bytes)
+    {
+        int count = 0;
+        for (int i = bytes.AsSpan().IndexOf("\uFFFD"u8); i >= 0;)
+        {
+            count++;
+            int next = bytes.AsSpan(i + 3).IndexOf("\uFFFD"u8);
+            i = next < 0 ? -1 : i + 3 + next;
+        }
+        return count;
     }
 }
