@@ -1,0 +1,331 @@
+using System.Buffers;
+using System.Runtime.Intrinsics;
+using SparseAttention.Kernels;
+using SparseAttention.Kernels.Fused;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace SparseAttention.Clustering;
+
+/// <summary>Result of <see cref="FusedKMeansAssign.Assign"/> for one (B, H, T, D) input.</summary>
+/// <param name="Squared">Scalar Σ over real tokens of |x̂_t − μ_{a(t)}|² (x̂ = normalised x), differentiable with
+/// respect to x (the Jacobian of the normalisation is applied in the backward); x's dtype.</param>
+/// <param name="Nearest">(B, H, T) int64 nearest centroid, −1 at padding.</param>
+/// <param name="Sums">(H, C, D) float64 sums of the normalised real tokens per nearest centroid (no gradient).</param>
+/// <param name="Counts">(H, C) float64 real tokens per nearest centroid.</param>
+internal sealed record FusedAssignment(Tensor Squared, Tensor Nearest, Tensor Sums, Tensor Counts);
+
+/// <summary>
+/// The k-means forward of <see cref="OnlineKMeans"/> for float32 CPU tensors in one pass over the input: normalise
+/// each token in registers, find its nearest centroid, and gather the per-cluster sums, counts and the commitment
+/// distance — without materialising the normalised (B, H, T, D) tensor or any (B, H, T, C) similarities. Fresh large
+/// tensors are slow on CPU (page faults), and the ops path made several per input, forward and backward.
+/// </summary>
+/// <remarks>
+/// <para>Nearest = argmax over centroids of x̂·μ_c, first index on exact ties (like <c>argmax</c>); the dot products
+/// are summed in a different order than the ops path's matrix multiply, so a token whose two best centroids agree to
+/// float32 rounding may pick the other one. Per-cluster sums and the distance are accumulated in float64 in a fixed
+/// partition of tokens, so results do not depend on the thread count.</para>
+/// <para>The backward gives ∂Squared/∂x_t = Jᵀ · 2 (x̂_t − μ_{a(t)}), J the Jacobian of the normalisation at x_t
+/// (L2: (I − x̂x̂ᵀ)/|x|, or I/ε when |x| &lt; ε; LayerNorm: r (I − 1/D − x̂x̂ᵀ/D)); zero at padding.</para>
+/// </remarks>
+internal static unsafe class FusedKMeansAssign
+{
+    private const float L2Eps = 1e-12f;      // nn.functional.normalize's eps, as OnlineKMeans.Normalize uses
+    private const float LayerNormEps = 1e-5f;
+    private const int TokenTile = 4;          // tokens per micro-kernel call
+    private const int TaskTokens = 1024;      // tokens per task along T (fixed: the partition must not depend on threads)
+
+    /// <summary>True for float32 CPU inputs.</summary>
+    public static bool Supports(Tensor x) => x.dtype == ScalarType.Float32 && x.device.type == DeviceType.CPU;
+
+    /// <param name="x">(B, H, T, D) float32 CPU.</param>
+    /// <param name="keyMask">Optional (B, T) bool, true = real.</param>
+    /// <param name="centroids">(H, C, D) float32 CPU, detached.</param>
+    /// <param name="norm">The normalisation.</param>
+    /// <param name="threads">Worker threads (results do not depend on it).</param>
+    public static FusedAssignment Assign(Tensor x, Tensor? keyMask, Tensor centroids, KMeansNorm norm, int threads)
+    {
+        Check.That(Supports(x) && Supports(centroids), nameof(x), $"needs float32 CPU tensors, got {x.dtype} on {x.device}.");
+        var holder = new Holder(keyMask?.to(ScalarType.Bool).contiguous(), centroids.detach().contiguous(), norm, Math.Max(1, threads));
+        if (is_grad_enabled() && x.requires_grad)
+        {
+            var squared = AssignFunction.apply(x, holder);
+            return new FusedAssignment(squared, holder.Nearest!, holder.Sums!, holder.Counts!);
+        }
+        var (sq, nearest, sums, counts) = Forward(x.detach().contiguous(), holder);
+        return new FusedAssignment(sq, nearest, sums, counts);
+    }
+
+    /// <summary>Carries the non-tensor settings into the autograd function and its side outputs back out.</summary>
+    private sealed class Holder(Tensor? mask, Tensor centroids, KMeansNorm norm, int threads)
+    {
+        public readonly Tensor? Mask = mask;
+        public readonly Tensor Centroids = centroids;   // (H, C, D)
+        public readonly KMeansNorm Norm = norm;
+        public readonly int Threads = threads;
+        public Tensor? Nearest, Sums, Counts;
+    }
+
+    private sealed class AssignFunction : autograd.SingleTensorFunction<AssignFunction>
+    {
+        public override string Name => "FusedKMeansAssign";
+
+        public override Tensor forward(autograd.AutogradContext ctx, params object[] vars)
+        {
+            var x = ((Tensor)vars[0]).contiguous();
+            var holder = (Holder)vars[1];
+            var (squared, nearest, sums, counts) = Forward(x, holder);
+            (holder.Nearest, holder.Sums, holder.Counts) = (nearest, sums, counts);
+            // Tensors the backward needs are saved (the caller's dispose scope may free its own handles before then).
+            ctx.save_for_backward([x, nearest, holder.Centroids, holder.Mask ?? empty(0, dtype: ScalarType.Bool)]);
+            ctx.save_data("norm", holder.Norm);
+            ctx.save_data("threads", holder.Threads);
+            return squared;
+        }
+
+        public override List<Tensor> backward(autograd.AutogradContext ctx, Tensor gradOutput)
+        {
+            var saved = ctx.get_saved_variables();
+            var holder = new Holder(saved[3].numel() == 0 ? null : saved[3], saved[2], (KMeansNorm)ctx.get_data("norm"), (int)ctx.get_data("threads"));
+            var dx = Backward(saved[0], saved[1], holder, gradOutput.to(ScalarType.Float32).item<float>());
+            GC.KeepAlive(saved);
+            return [dx, null!];
+        }
+    }
+
+    private struct Args
+    {
+        public int Batch, Heads, SeqLen, Dim, Clusters, PaddedClusters, Threads;
+        public bool LayerNorm;
+        public float* X;           // (B, H, T, D)
+        public byte* Mask;         // (B, T) or null
+        public float* Centroids;   // (H, C, D)
+        public float* Transposed;  // (H, D, Cp), zero columns beyond C
+        public long* Nearest;      // (B, H, T)
+    }
+
+    private static (Tensor Squared, Tensor Nearest, Tensor Sums, Tensor Counts) Forward(Tensor x, Holder h)
+    {
+        int batch = (int)x.shape[0], heads = (int)x.shape[1], seqLen = (int)x.shape[2], dim = (int)x.shape[3];
+        int clusters = (int)h.Centroids.shape[1];
+        int width = Vector512.IsHardwareAccelerated ? Vector512<float>.Count : Vector256.IsHardwareAccelerated ? Vector256<float>.Count : 1;
+        int padded = (clusters + 2 * width - 1) / (2 * width) * (2 * width);   // micro-kernel takes two vectors of centroids
+        var transposed = new float[heads * dim * padded];                       // (H, D, Cp)
+        var nearest = empty(new long[] { batch, heads, seqLen }, dtype: ScalarType.Int64);   // (B, H, T)
+        int chunks = (seqLen + TaskTokens - 1) / TaskTokens, tasks = heads * chunks;
+        int statsPerTask = clusters * dim + clusters + 1;                       // sums, counts, squared distance
+        var partial = ArrayPool<double>.Shared.Rent(tasks * statsPerTask);
+        try
+        {
+            fixed (float* tp = transposed)
+            fixed (double* pp = partial)
+            {
+                var a = new Args
+                {
+                    Batch = batch, Heads = heads, SeqLen = seqLen, Dim = dim, Clusters = clusters, PaddedClusters = padded,
+                    Threads = h.Threads, LayerNorm = h.Norm == KMeansNorm.LayerNorm,
+                    X = (float*)FusedBlockSparseAttention.Pointer(x),
+                    Mask = h.Mask is null ? null : (byte*)FusedBlockSparseAttention.Pointer(h.Mask),
+                    Centroids = (float*)FusedBlockSparseAttention.Pointer(h.Centroids),
+                    Transposed = tp,
+                    Nearest = (long*)FusedBlockSparseAttention.Pointer(nearest),
+                };
+                for (int hd = 0; hd < heads; hd++)
+                    for (int c = 0; c < clusters; c++)
+                        for (int d = 0; d < dim; d++)
+                            tp[((long)hd * dim + d) * padded + c] = a.Centroids[((long)hd * clusters + c) * dim + d];
+                double* partialBase = pp;
+                var options = new ParallelOptions { MaxDegreeOfParallelism = a.Threads };
+                Parallel.For(0, tasks, options, task =>
+                {
+                    double* stats = partialBase + (long)task * statsPerTask;
+                    new Span<double>(stats, statsPerTask).Clear();
+                    if (width == 16) AssignTask<Simd512, Vector512<float>>(a, task / chunks, task % chunks, stats);
+                    else if (width == 8) AssignTask<Simd256, Vector256<float>>(a, task / chunks, task % chunks, stats);
+                    else AssignTask<SimdScalar, float>(a, task / chunks, task % chunks, stats);
+                });
+                // Reduce the task partials per head in task order (deterministic).
+                var sums = zeros(new long[] { heads, clusters, dim }, dtype: ScalarType.Float64);   // (H, C, D)
+                var counts = zeros(new long[] { heads, clusters }, dtype: ScalarType.Float64);      // (H, C)
+                double* sp = (double*)FusedBlockSparseAttention.Pointer(sums), cp = (double*)FusedBlockSparseAttention.Pointer(counts);
+                double squared = 0;
+                for (int task = 0; task < tasks; task++)
+                {
+                    double* stats = pp + (long)task * statsPerTask;
+                    int hd = task / chunks;
+                    double* s = sp + (long)hd * clusters * dim, n = cp + (long)hd * clusters;
+                    for (int i = 0; i < clusters * dim; i++) s[i] += stats[i];
+                    for (int c = 0; c < clusters; c++) n[c] += stats[clusters * dim + c];
+                    squared += stats[clusters * dim + clusters];
+                }
+                GC.KeepAlive(x); GC.KeepAlive(h.Mask); GC.KeepAlive(h.Centroids); GC.KeepAlive(nearest);
+                GC.KeepAlive(sums); GC.KeepAlive(counts);
+                return (tensor(squared, dtype: x.dtype), nearest, sums, counts);
+            }
+        }
+        finally
+        {
+            ArrayPool<double>.Shared.Return(partial);
+        }
+    }
+
+    /// <summary>Normalises x (D floats) into y; returns the per-token scale used by the backward:
+    /// L2 → 1 / max(|x|, ε) (negative when |x| &lt; ε, marking the clamped case); LayerNorm → 1/σ.</summary>
+    private static float NormalizeRow(float* x, float* y, int dim, bool layerNorm)
+    {
+        if (!layerNorm)
+        {
+            float ss = 0;
+            for (int d = 0; d < dim; d++) ss += x[d] * x[d];
+            float norm = MathF.Sqrt(ss);
+            bool clamped = !(norm >= L2Eps);
+            float denom = clamped ? L2Eps : norm;
+            for (int d = 0; d < dim; d++) y[d] = x[d] / denom;
+            return clamped ? -1f / L2Eps : 1f / denom;
+        }
+        float mean = 0;
+        for (int d = 0; d < dim; d++) mean += x[d];
+        mean /= dim;
+        float variance = 0;
+        for (int d = 0; d < dim; d++) { float c = x[d] - mean; variance += c * c; }
+        variance /= dim;
+        float rstd = 1f / MathF.Sqrt(variance + LayerNormEps);
+        for (int d = 0; d < dim; d++) y[d] = (x[d] - mean) * rstd;
+        return rstd;
+    }
+
+    private static void AssignTask<TS, TV>(Args a, int head, int chunk, double* stats)
+        where TS : ISimd<TV> where TV : unmanaged
+    {
+        int dim = a.Dim, clusters = a.Clusters, cp = a.PaddedClusters, w = TS.Width;
+        int t0 = chunk * TaskTokens, t1 = Math.Min(a.SeqLen, t0 + TaskTokens);
+        float* xhat = stackalloc float[TokenTile * dim];
+        float* sims = stackalloc float[TokenTile * cp];
+        int* token = stackalloc int[TokenTile];
+        float* ct = a.Transposed + (long)head * dim * cp;
+        float* mu = a.Centroids + (long)head * clusters * dim;
+        double* sums = stats, counts = stats + clusters * dim;
+        double squared = 0;
+        for (int b = 0; b < a.Batch; b++)
+        {
+            long row = (long)b * a.Heads + head;
+            float* x = a.X + row * a.SeqLen * dim;
+            long* nearest = a.Nearest + row * a.SeqLen;
+            byte* mask = a.Mask is null ? null : a.Mask + (long)b * a.SeqLen;
+            int t = t0;
+            while (t < t1)
+            {
+                // Gather up to TokenTile real tokens; padding gets −1 and no work.
+                int n = 0;
+                for (; t < t1 && n < TokenTile; t++)
+                {
+                    if (mask is not null && mask[t] == 0) { nearest[t] = -1; continue; }
+                    NormalizeRow(x + (long)t * dim, xhat + n * dim, dim, a.LayerNorm);
+                    token[n++] = t;
+                }
+                if (n == 0) continue;
+                for (int i = n; i < TokenTile; i++) new Span<float>(xhat + i * dim, dim).Clear();
+                // Dot products with every centroid: 4 tokens × 2 vectors of centroids per step of d.
+                for (int j = 0; j < cp; j += 2 * w)
+                {
+                    TV a00 = TS.Zero, a01 = TS.Zero, a10 = TS.Zero, a11 = TS.Zero, a20 = TS.Zero, a21 = TS.Zero, a30 = TS.Zero, a31 = TS.Zero;
+                    float* col = ct + j;
+                    for (int d = 0; d < dim; d++)
+                    {
+                        TV c0 = TS.Load(col + (long)d * cp), c1 = TS.Load(col + (long)d * cp + w);
+                        TV x0 = TS.Broadcast(xhat[d]), x1 = TS.Broadcast(xhat[dim + d]);
+                        TV x2 = TS.Broadcast(xhat[2 * dim + d]), x3 = TS.Broadcast(xhat[3 * dim + d]);
+                        a00 = TS.MulAdd(x0, c0, a00); a01 = TS.MulAdd(x0, c1, a01);
+                        a10 = TS.MulAdd(x1, c0, a10); a11 = TS.MulAdd(x1, c1, a11);
+                        a20 = TS.MulAdd(x2, c0, a20); a21 = TS.MulAdd(x2, c1, a21);
+                        a30 = TS.MulAdd(x3, c0, a30); a31 = TS.MulAdd(x3, c1, a31);
+                    }
+                    TS.Store(sims + j, a00); TS.Store(sims + j + w, a01);
+                    TS.Store(sims + cp + j, a10); TS.Store(sims + cp + j + w, a11);
+                    TS.Store(sims + 2 * cp + j, a20); TS.Store(sims + 2 * cp + j + w, a21);
+                    TS.Store(sims + 3 * cp + j, a30); TS.Store(sims + 3 * cp + j + w, a31);
+                }
+                for (int i = 0; i < n; i++)
+                {
+                    float* s = sims + i * cp;
+                    int best = 0;
+                    float bestValue = s[0];
+                    for (int c = 1; c < clusters; c++)
+                        if (s[c] > bestValue) { bestValue = s[c]; best = c; }   // strict: first index on ties, like argmax
+                    nearest[token[i]] = best;
+                    float* y = xhat + i * dim;
+                    float* m = mu + (long)best * dim;
+                    double* sum = sums + (long)best * dim;
+                    double distance = 0;
+                    for (int d = 0; d < dim; d++)
+                    {
+                        sum[d] += y[d];
+                        double e = (double)y[d] - m[d];
+                        distance += e * e;
+                    }
+                    counts[best] += 1;
+                    squared += distance;
+                }
+            }
+        }
+        stats[clusters * dim + clusters] = squared;
+    }
+
+    /// <summary>∂(scale · Squared)/∂x, (B, H, T, D) float32.</summary>
+    private static Tensor Backward(Tensor x, Tensor nearest, Holder h, float scale)
+    {
+        int batch = (int)x.shape[0], heads = (int)x.shape[1], seqLen = (int)x.shape[2], dim = (int)x.shape[3];
+        int clusters = (int)h.Centroids.shape[1];
+        var dx = empty_like(x);                                                  // (B, H, T, D)
+        var a = new Args
+        {
+            Batch = batch, Heads = heads, SeqLen = seqLen, Dim = dim, Clusters = clusters, Threads = h.Threads,
+            LayerNorm = h.Norm == KMeansNorm.LayerNorm,
+            X = (float*)FusedBlockSparseAttention.Pointer(x),
+            Mask = h.Mask is null ? null : (byte*)FusedBlockSparseAttention.Pointer(h.Mask),
+            Centroids = (float*)FusedBlockSparseAttention.Pointer(h.Centroids),
+            Nearest = (long*)FusedBlockSparseAttention.Pointer(nearest),
+        };
+        float* grad = (float*)FusedBlockSparseAttention.Pointer(dx);
+        int chunks = (seqLen + TaskTokens - 1) / TaskTokens;
+        Parallel.For(0, batch * heads * chunks, new ParallelOptions { MaxDegreeOfParallelism = a.Threads }, task =>
+        {
+            int row = task / chunks, chunk = task % chunks, b = row / heads, head = row % heads;
+            int t0 = chunk * TaskTokens, t1 = Math.Min(seqLen, t0 + TaskTokens);
+            float* y = stackalloc float[dim];
+            float* u = stackalloc float[dim];
+            for (int t = t0; t < t1; t++)
+            {
+                long at = ((long)row * seqLen + t) * dim;
+                float* g = grad + at;
+                long c = a.Nearest[(long)row * seqLen + t];
+                if (c < 0 || (a.Mask is not null && a.Mask[(long)b * seqLen + t] == 0))
+                {
+                    new Span<float>(g, dim).Clear();
+                    continue;
+                }
+                float* xt = a.X + at;
+                float r = NormalizeRow(xt, y, dim, a.LayerNorm);
+                float* m = a.Centroids + ((long)head * clusters + c) * dim;
+                for (int d = 0; d < dim; d++) u[d] = 2 * scale * (y[d] - m[d]);    // ∂/∂x̂
+                if (!a.LayerNorm)
+                {
+                    if (r < 0) { for (int d = 0; d < dim; d++) g[d] = u[d] * -r; continue; }   // |x| < ε: x̂ = x / ε
+                    float yu = 0;
+                    for (int d = 0; d < dim; d++) yu += y[d] * u[d];
+                    for (int d = 0; d < dim; d++) g[d] = (u[d] - y[d] * yu) * r;
+                }
+                else
+                {
+                    float meanU = 0, meanYu = 0;
+                    for (int d = 0; d < dim; d++) { meanU += u[d]; meanYu += y[d] * u[d]; }
+                    meanU /= dim; meanYu /= dim;
+                    for (int d = 0; d < dim; d++) g[d] = (u[d] - meanU - y[d] * meanYu) * r;
+                }
+            }
+        });
+        GC.KeepAlive(x); GC.KeepAlive(nearest); GC.KeepAlive(h.Mask); GC.KeepAlive(h.Centroids); GC.KeepAlive(dx);
+        return dx;
+    }
+}
