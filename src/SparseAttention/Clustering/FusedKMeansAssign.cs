@@ -1,4 +1,6 @@
 using System.Buffers;
+using System.Numerics;
+using System.Runtime.CompilerServices;
 using System.Runtime.Intrinsics;
 using SparseAttention.Kernels;
 using SparseAttention.Kernels.Fused;
@@ -24,7 +26,8 @@ internal sealed record FusedAssignment(Tensor Squared, Tensor Nearest, Tensor Su
 /// <remarks>
 /// <para>Nearest = argmax over centroids of x̂·μ_c, first index on exact ties (like <c>argmax</c>); the dot products
 /// are summed in a different order than the ops path's matrix multiply, so a token whose two best centroids agree to
-/// float32 rounding may pick the other one. Per-cluster sums and the distance are accumulated in float64 in a fixed
+/// float32 rounding may pick the other one. A token with non-finite values (NaN similarities) goes to its best
+/// non-NaN centroid, or centroid 0 (argmax would pick the first NaN); padding is never read. Per-cluster sums and the distance are accumulated in float64 in a fixed
 /// partition of tokens, so results do not depend on the thread count.</para>
 /// <para>The backward gives ∂Squared/∂x_t = Jᵀ · 2 (x̂_t − μ_{a(t)}), J the Jacobian of the normalisation at x_t
 /// (L2: (I − x̂x̂ᵀ)/|x|, or I/ε when |x| &lt; ε; LayerNorm: r (I − 1/D − x̂x̂ᵀ/D)); zero at padding.</para>
@@ -110,7 +113,7 @@ internal static unsafe class FusedKMeansAssign
         int batch = (int)x.shape[0], heads = (int)x.shape[1], seqLen = (int)x.shape[2], dim = (int)x.shape[3];
         int clusters = (int)h.Centroids.shape[1];
         int width = Vector512.IsHardwareAccelerated ? Vector512<float>.Count : Vector256.IsHardwareAccelerated ? Vector256<float>.Count : 1;
-        int padded = (clusters + 2 * width - 1) / (2 * width) * (2 * width);   // micro-kernel takes two vectors of centroids
+        int padded = (clusters + 4 * width - 1) / (4 * width) * (4 * width);   // micro-kernel takes four vectors of centroids
         var transposed = new float[heads * dim * padded];                       // (H, D, Cp)
         var nearest = empty(new long[] { batch, heads, seqLen }, dtype: ScalarType.Int64);   // (B, H, T)
         int chunks = (seqLen + TaskTokens - 1) / TaskTokens, tasks = heads * chunks;
@@ -170,29 +173,80 @@ internal static unsafe class FusedKMeansAssign
         }
     }
 
+    /// <summary>Σ x[d]·y[d], 8 lanes at a time.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static float Dot(float* x, float* y, int n)
+    {
+        int d = 0;
+        var acc = Vector256<float>.Zero;
+        for (; d + 8 <= n; d += 8) acc = Vector256.FusedMultiplyAdd(Vector256.Load(x + d), Vector256.Load(y + d), acc);
+        float sum = Vector256.Sum(acc);
+        for (; d < n; d++) sum += x[d] * y[d];
+        return sum;
+    }
+
+    /// <summary>Σ x[d], 8 lanes at a time.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static float Sum(float* x, int n)
+    {
+        int d = 0;
+        var acc = Vector256<float>.Zero;
+        for (; d + 8 <= n; d += 8) acc += Vector256.Load(x + d);
+        float sum = Vector256.Sum(acc);
+        for (; d < n; d++) sum += x[d];
+        return sum;
+    }
+
     /// <summary>Normalises x (D floats) into y; returns the per-token scale used by the backward:
     /// L2 → 1 / max(|x|, ε) (negative when |x| &lt; ε, marking the clamped case); LayerNorm → 1/σ.</summary>
     private static float NormalizeRow(float* x, float* y, int dim, bool layerNorm)
     {
+        int d;
         if (!layerNorm)
         {
-            float ss = 0;
-            for (int d = 0; d < dim; d++) ss += x[d] * x[d];
-            float norm = MathF.Sqrt(ss);
+            float norm = MathF.Sqrt(Dot(x, x, dim));
             bool clamped = !(norm >= L2Eps);
             float denom = clamped ? L2Eps : norm;
-            for (int d = 0; d < dim; d++) y[d] = x[d] / denom;
+            var dv = Vector256.Create(denom);
+            for (d = 0; d + 8 <= dim; d += 8) (Vector256.Load(x + d) / dv).Store(y + d);
+            for (; d < dim; d++) y[d] = x[d] / denom;
             return clamped ? -1f / L2Eps : 1f / denom;
         }
-        float mean = 0;
-        for (int d = 0; d < dim; d++) mean += x[d];
-        mean /= dim;
-        float variance = 0;
-        for (int d = 0; d < dim; d++) { float c = x[d] - mean; variance += c * c; }
+        float mean = Sum(x, dim) / dim;
+        var mv = Vector256.Create(mean);
+        var acc = Vector256<float>.Zero;
+        for (d = 0; d + 8 <= dim; d += 8) { var c = Vector256.Load(x + d) - mv; acc = Vector256.FusedMultiplyAdd(c, c, acc); }
+        float variance = Vector256.Sum(acc);
+        for (; d < dim; d++) { float c = x[d] - mean; variance += c * c; }
         variance /= dim;
         float rstd = 1f / MathF.Sqrt(variance + LayerNormEps);
-        for (int d = 0; d < dim; d++) y[d] = (x[d] - mean) * rstd;
+        var rv = Vector256.Create(rstd);
+        for (d = 0; d + 8 <= dim; d += 8) ((Vector256.Load(x + d) - mv) * rv).Store(y + d);
+        for (; d < dim; d++) y[d] = (x[d] - mean) * rstd;
         return rstd;
+    }
+
+    /// <summary>First index of the largest of s[0..n) (like argmax on exact ties); 0 when every value is NaN.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static int ArgMax(float* s, int n)
+    {
+        int c = 0;
+        float best = s[0];
+        if (n >= 8)
+        {
+            var mv = Vector256.Load(s);
+            for (c = 8; c + 8 <= n; c += 8) mv = Vector256.Max(mv, Vector256.Load(s + c));
+            best = MathF.Max(MathF.Max(MathF.Max(mv[0], mv[1]), MathF.Max(mv[2], mv[3])), MathF.Max(MathF.Max(mv[4], mv[5]), MathF.Max(mv[6], mv[7])));
+        }
+        for (; c < n; c++) if (s[c] > best) best = s[c];
+        var bv = Vector256.Create(best);
+        for (c = 0; c + 8 <= n; c += 8)
+        {
+            uint hit = Vector256.Equals(Vector256.Load(s + c), bv).ExtractMostSignificantBits();
+            if (hit != 0) return c + BitOperations.TrailingZeroCount(hit);
+        }
+        for (; c < n; c++) if (s[c] == best) return c;
+        return 0;
     }
 
     private static void AssignTask<TS, TV>(Args a, int head, int chunk, double* stats)
@@ -226,46 +280,58 @@ internal static unsafe class FusedKMeansAssign
                 }
                 if (n == 0) continue;
                 for (int i = n; i < TokenTile; i++) new Span<float>(xhat + i * dim, dim).Clear();
-                // Dot products with every centroid: 4 tokens × 2 vectors of centroids per step of d.
-                for (int j = 0; j < cp; j += 2 * w)
+                // Dot products with every centroid: 4 tokens × 4 vectors of centroids per step of d.
+                for (int j = 0; j < cp; j += 4 * w)
                 {
-                    TV a00 = TS.Zero, a01 = TS.Zero, a10 = TS.Zero, a11 = TS.Zero, a20 = TS.Zero, a21 = TS.Zero, a30 = TS.Zero, a31 = TS.Zero;
+                    TV a00 = TS.Zero, a01 = TS.Zero, a02 = TS.Zero, a03 = TS.Zero, a10 = TS.Zero, a11 = TS.Zero, a12 = TS.Zero, a13 = TS.Zero;
+                    TV a20 = TS.Zero, a21 = TS.Zero, a22 = TS.Zero, a23 = TS.Zero, a30 = TS.Zero, a31 = TS.Zero, a32 = TS.Zero, a33 = TS.Zero;
                     float* col = ct + j;
                     for (int d = 0; d < dim; d++)
                     {
-                        TV c0 = TS.Load(col + (long)d * cp), c1 = TS.Load(col + (long)d * cp + w);
-                        TV x0 = TS.Broadcast(xhat[d]), x1 = TS.Broadcast(xhat[dim + d]);
-                        TV x2 = TS.Broadcast(xhat[2 * dim + d]), x3 = TS.Broadcast(xhat[3 * dim + d]);
-                        a00 = TS.MulAdd(x0, c0, a00); a01 = TS.MulAdd(x0, c1, a01);
-                        a10 = TS.MulAdd(x1, c0, a10); a11 = TS.MulAdd(x1, c1, a11);
-                        a20 = TS.MulAdd(x2, c0, a20); a21 = TS.MulAdd(x2, c1, a21);
-                        a30 = TS.MulAdd(x3, c0, a30); a31 = TS.MulAdd(x3, c1, a31);
+                        float* cd = col + (long)d * cp;
+                        TV c0 = TS.Load(cd), c1 = TS.Load(cd + w), c2 = TS.Load(cd + 2 * w), c3 = TS.Load(cd + 3 * w);
+                        TV x0 = TS.Broadcast(xhat[d]);
+                        a00 = TS.MulAdd(x0, c0, a00); a01 = TS.MulAdd(x0, c1, a01); a02 = TS.MulAdd(x0, c2, a02); a03 = TS.MulAdd(x0, c3, a03);
+                        TV x1 = TS.Broadcast(xhat[dim + d]);
+                        a10 = TS.MulAdd(x1, c0, a10); a11 = TS.MulAdd(x1, c1, a11); a12 = TS.MulAdd(x1, c2, a12); a13 = TS.MulAdd(x1, c3, a13);
+                        TV x2 = TS.Broadcast(xhat[2 * dim + d]);
+                        a20 = TS.MulAdd(x2, c0, a20); a21 = TS.MulAdd(x2, c1, a21); a22 = TS.MulAdd(x2, c2, a22); a23 = TS.MulAdd(x2, c3, a23);
+                        TV x3 = TS.Broadcast(xhat[3 * dim + d]);
+                        a30 = TS.MulAdd(x3, c0, a30); a31 = TS.MulAdd(x3, c1, a31); a32 = TS.MulAdd(x3, c2, a32); a33 = TS.MulAdd(x3, c3, a33);
                     }
-                    TS.Store(sims + j, a00); TS.Store(sims + j + w, a01);
-                    TS.Store(sims + cp + j, a10); TS.Store(sims + cp + j + w, a11);
-                    TS.Store(sims + 2 * cp + j, a20); TS.Store(sims + 2 * cp + j + w, a21);
-                    TS.Store(sims + 3 * cp + j, a30); TS.Store(sims + 3 * cp + j + w, a31);
+                    float* s0 = sims + j, s1 = s0 + cp, s2 = s1 + cp, s3 = s2 + cp;
+                    TS.Store(s0, a00); TS.Store(s0 + w, a01); TS.Store(s0 + 2 * w, a02); TS.Store(s0 + 3 * w, a03);
+                    TS.Store(s1, a10); TS.Store(s1 + w, a11); TS.Store(s1 + 2 * w, a12); TS.Store(s1 + 3 * w, a13);
+                    TS.Store(s2, a20); TS.Store(s2 + w, a21); TS.Store(s2 + 2 * w, a22); TS.Store(s2 + 3 * w, a23);
+                    TS.Store(s3, a30); TS.Store(s3 + w, a31); TS.Store(s3 + 2 * w, a32); TS.Store(s3 + 3 * w, a33);
                 }
                 for (int i = 0; i < n; i++)
                 {
-                    float* s = sims + i * cp;
-                    int best = 0;
-                    float bestValue = s[0];
-                    for (int c = 1; c < clusters; c++)
-                        if (s[c] > bestValue) { bestValue = s[c]; best = c; }   // strict: first index on ties, like argmax
+                    int best = ArgMax(sims + i * cp, clusters);
                     nearest[token[i]] = best;
                     float* y = xhat + i * dim;
                     float* m = mu + (long)best * dim;
                     double* sum = sums + (long)best * dim;
-                    double distance = 0;
-                    for (int d = 0; d < dim; d++)
+                    var distance = Vector256<float>.Zero;
+                    int d = 0;
+                    for (; d + 8 <= dim; d += 8)
+                    {
+                        var yv = Vector256.Load(y + d);
+                        var (lower, upper) = Vector256.Widen(yv);
+                        (Vector256.Load(sum + d) + lower).Store(sum + d);
+                        (Vector256.Load(sum + d + 4) + upper).Store(sum + d + 4);
+                        var e = yv - Vector256.Load(m + d);
+                        distance = Vector256.FusedMultiplyAdd(e, e, distance);
+                    }
+                    double tail = Vector256.Sum(distance);
+                    for (; d < dim; d++)
                     {
                         sum[d] += y[d];
                         double e = (double)y[d] - m[d];
-                        distance += e * e;
+                        tail += e * e;
                     }
                     counts[best] += 1;
-                    squared += distance;
+                    squared += tail;
                 }
             }
         }
@@ -308,21 +374,22 @@ internal static unsafe class FusedKMeansAssign
                 float* xt = a.X + at;
                 float r = NormalizeRow(xt, y, dim, a.LayerNorm);
                 float* m = a.Centroids + ((long)head * clusters + c) * dim;
-                for (int d = 0; d < dim; d++) u[d] = 2 * scale * (y[d] - m[d]);    // ∂/∂x̂
-                if (!a.LayerNorm)
+                int d;
+                var twoScale = Vector256.Create(2 * scale);
+                for (d = 0; d + 8 <= dim; d += 8) ((Vector256.Load(y + d) - Vector256.Load(m + d)) * twoScale).Store(u + d);
+                for (; d < dim; d++) u[d] = 2 * scale * (y[d] - m[d]);                // ∂/∂x̂
+                if (!a.LayerNorm && r < 0)
                 {
-                    if (r < 0) { for (int d = 0; d < dim; d++) g[d] = u[d] * -r; continue; }   // |x| < ε: x̂ = x / ε
-                    float yu = 0;
-                    for (int d = 0; d < dim; d++) yu += y[d] * u[d];
-                    for (int d = 0; d < dim; d++) g[d] = (u[d] - y[d] * yu) * r;
+                    for (d = 0; d < dim; d++) g[d] = u[d] * -r;                        // |x| < ε: x̂ = x / ε
+                    continue;
                 }
-                else
-                {
-                    float meanU = 0, meanYu = 0;
-                    for (int d = 0; d < dim; d++) { meanU += u[d]; meanYu += y[d] * u[d]; }
-                    meanU /= dim; meanYu /= dim;
-                    for (int d = 0; d < dim; d++) g[d] = (u[d] - meanU - y[d] * meanYu) * r;
-                }
+                // L2: g = (u − x̂ (x̂·u)) r;  LayerNorm: g = (u − mean(u) − x̂ mean(x̂ u)) r.
+                float yu = Dot(y, u, dim), shift = 0;
+                if (a.LayerNorm) { yu /= dim; shift = Sum(u, dim) / dim; }
+                var (yuv, sv, rv) = (Vector256.Create(yu), Vector256.Create(shift), Vector256.Create(r));
+                for (d = 0; d + 8 <= dim; d += 8)
+                    ((Vector256.Load(u + d) - sv - Vector256.Load(y + d) * yuv) * rv).Store(g + d);
+                for (; d < dim; d++) g[d] = (u[d] - shift - y[d] * yu) * r;
             }
         });
         GC.KeepAlive(x); GC.KeepAlive(nearest); GC.KeepAlive(h.Mask); GC.KeepAlive(h.Centroids); GC.KeepAlive(dx);
