@@ -170,7 +170,8 @@ public sealed class OnlineKMeans : nn.Module<Tensor, Tensor?, KMeansOutput>
 
     /// <summary><see cref="forward"/>, optionally without materialising the (B, H, T, C) similarities (then
     /// <see cref="KMeansOutput.Similarities"/> is an empty tensor); the nearest centroids are then found in chunks
-    /// of tokens, so no (B, H, T, C) temporary is ever allocated.</summary>
+    /// of tokens, or for float32 CPU input by <see cref="FusedKMeansAssign"/> in one pass, so no (B, H, T, C)
+    /// temporary is ever allocated.</summary>
     internal KMeansOutput Forward(Tensor x, Tensor? keyMask, bool similarities)
     {
         Check.Shape(x, nameof(x), "(B, H, T, D)", -1, heads, -1, dim);
