@@ -114,7 +114,7 @@ internal static unsafe class FusedKMeansAssign
         int clusters = (int)h.Centroids.shape[1];
         int width = Vector512.IsHardwareAccelerated ? Vector512<float>.Count : Vector256.IsHardwareAccelerated ? Vector256<float>.Count : 1;
         int padded = (clusters + 4 * width - 1) / (4 * width) * (4 * width);   // micro-kernel takes four vectors of centroids
-        var transposed = new float[heads * dim * padded];                       // (H, D, Cp)
+        var transposed = ArrayPool<float>.Shared.Rent(heads * dim * padded);    // (H, D, Cp); pooled: no large-object churn
         var nearest = empty(new long[] { batch, heads, seqLen }, dtype: ScalarType.Int64);   // (B, H, T)
         int chunks = (seqLen + TaskTokens - 1) / TaskTokens, tasks = heads * chunks;
         int statsPerTask = clusters * dim + clusters + 1;                       // sums, counts, squared distance
@@ -134,6 +134,7 @@ internal static unsafe class FusedKMeansAssign
                     Transposed = tp,
                     Nearest = (long*)FusedBlockSparseAttention.Pointer(nearest),
                 };
+                new Span<float>(tp, heads * dim * padded).Clear();                 // padding columns must be 0
                 for (int hd = 0; hd < heads; hd++)
                     for (int c = 0; c < clusters; c++)
                         for (int d = 0; d < dim; d++)
@@ -170,6 +171,7 @@ internal static unsafe class FusedKMeansAssign
         finally
         {
             ArrayPool<double>.Shared.Return(partial);
+            ArrayPool<float>.Shared.Return(transposed);
         }
     }
 
