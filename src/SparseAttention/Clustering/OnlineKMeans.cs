@@ -1,3 +1,4 @@
+using SparseAttention.Kernels;
 using TorchSharp;
 using static TorchSharp.torch;
 
@@ -118,6 +119,10 @@ public sealed class OnlineKMeans : nn.Module<Tensor, Tensor?, KMeansOutput>
     /// once per optimizer step (see the class remarks for why).</summary>
     public bool UpdateOnForward { get; set; }
 
+    /// <summary>Use <see cref="FusedKMeansAssign"/> for float32 CPU forwards without similarities (default); false
+    /// forces the tensor-ops path (the oracle of the fused one in tests).</summary>
+    internal bool UseFusedAssign { get; set; } = true;
+
     /// <summary>Whether the centroids have been initialised from data (the <c>initted</c> buffer).</summary>
     public bool IsInitialized => initted.item<bool>();
 
@@ -165,7 +170,8 @@ public sealed class OnlineKMeans : nn.Module<Tensor, Tensor?, KMeansOutput>
 
     /// <summary><see cref="forward"/>, optionally without materialising the (B, H, T, C) similarities (then
     /// <see cref="KMeansOutput.Similarities"/> is an empty tensor); the nearest centroids are then found in chunks
-    /// of tokens, so no (B, H, T, C) temporary is ever allocated.</summary>
+    /// of tokens, or for float32 CPU input by <see cref="FusedKMeansAssign"/> in one pass, so no (B, H, T, C)
+    /// temporary is ever allocated.</summary>
     internal KMeansOutput Forward(Tensor x, Tensor? keyMask, bool similarities)
     {
         Check.Shape(x, nameof(x), "(B, H, T, D)", -1, heads, -1, dim);
@@ -184,20 +190,23 @@ public sealed class OnlineKMeans : nn.Module<Tensor, Tensor?, KMeansOutput>
     /// centroids, and the loss over all parts — the same as one forward on the concatenation.
     /// </summary>
     internal (Tensor[] Normalized, Tensor[] Similarities, Tensor[] Nearest, Tensor Loss) ForwardParts(
-        Tensor[] parts, Tensor? keyMask, bool similarities)
+        Tensor[] parts, Tensor? keyMask, bool similarities, bool normalized = true)
     {
         foreach (var part in parts)
             Check.Shape(part, nameof(parts), "(B, H, T, D)", parts[0].shape[0], heads, parts[0].shape[2], dim);
-        return ForwardParts(parts, parts.Select(_ => keyMask).ToArray(), similarities);
+        return ForwardParts(parts, parts.Select(_ => keyMask).ToArray(), similarities, normalized);
     }
 
     /// <summary>
-    /// <see cref="ForwardParts(Tensor[], Tensor?, bool)"/> for parts of different lengths, each with its own mask:
+    /// <see cref="ForwardParts(Tensor[], Tensor?, bool, bool)"/> for parts of different lengths, each with its own mask:
     /// part p is (B, H, T_p, D) and <paramref name="masks"/>[p] is null or (B, T_p) bool (true = real token). Used by
     /// routing cross-attention, which clusters the decoder's queries together with the context's keys.
     /// </summary>
+    /// <remarks>With <paramref name="normalized"/> false the caller does not need the normalised inputs; for float32 CPU
+    /// inputs without similarities they are then never materialised (<see cref="FusedKMeansAssign"/>) and the returned
+    /// Normalized tensors are empty.</remarks>
     internal (Tensor[] Normalized, Tensor[] Similarities, Tensor[] Nearest, Tensor Loss) ForwardParts(
-        Tensor[] parts, Tensor?[] masks, bool similarities)
+        Tensor[] parts, Tensor?[] masks, bool similarities, bool normalized = true)
     {
         Check.That(parts.Length > 0 && masks.Length == parts.Length, nameof(masks), $"needs one mask (or null) per part, got {masks.Length} for {parts.Length} parts.");
         var x0 = parts[0];
@@ -212,7 +221,9 @@ public sealed class OnlineKMeans : nn.Module<Tensor, Tensor?, KMeansOutput>
 
         using var scope = NewDisposeScope();
         var centroids = means.detach().to(x0.dtype, x0.device).clone();            // (H, C, D) snapshot used by this forward
-        var normalized = new Tensor[count];
+        if (!similarities && UseFusedAssign && FusedKMeansAssign.Supports(x0))
+            return ForwardPartsFused(parts, masks, centroids, normalized);
+        var normalizedParts = new Tensor[count];
         var sims = new Tensor[count];
         var nearest = new Tensor[count];
         var real = new Tensor[count];
@@ -220,26 +231,26 @@ public sealed class OnlineKMeans : nn.Module<Tensor, Tensor?, KMeansOutput>
         for (int p = 0; p < count; p++)
         {
             var padding = masks[p]?.logical_not().view(batch, 1, parts[p].shape[2]);  // (B, 1, T_p)
-            normalized[p] = Normalize(parts[p]);                                  // (B, H, T_p, D)
+            normalizedParts[p] = Normalize(parts[p]);                             // (B, H, T_p, D)
             using (no_grad())
             {
                 if (similarities)
                 {
-                    sims[p] = einsum("bhtd,hcd->bhtc", normalized[p], centroids);  // (B, H, T, C)
+                    sims[p] = einsum("bhtd,hcd->bhtc", normalizedParts[p], centroids);  // (B, H, T, C)
                     nearest[p] = sims[p].argmax(-1);                              // (B, H, T)
                     if (padding is not null) sims[p] = sims[p].masked_fill(padding.unsqueeze(-1), 0);
                 }
                 else
                 {
                     sims[p] = empty(0, dtype: x0.dtype, device: x0.device);
-                    nearest[p] = NearestInChunks(normalized[p], centroids);       // (B, H, T)
+                    nearest[p] = NearestInChunks(normalizedParts[p], centroids);  // (B, H, T)
                 }
                 if (padding is not null) nearest[p] = nearest[p].masked_fill(padding, -1);
             }
             // Commitment loss without gathering the routed centroids: with S_c = Σ_{t→c} x_t (the per-cluster sums,
             // which the statistics need anyway) and n_c the counts, Σ_t |x_t − μ_{a(t)}|² = Σ_t |x_t|² − 2 Σ_c μ_c·S_c
             // + Σ_c n_c |μ_c|². The gradient (through x and S) is 2 (x_t − μ_{a(t)}), as before.
-            real[p] = padding is null ? normalized[p] : normalized[p].masked_fill(padding.unsqueeze(-1), 0);  // NaN in padding hidden
+            real[p] = padding is null ? normalizedParts[p] : normalizedParts[p].masked_fill(padding.unsqueeze(-1), 0);  // NaN in padding hidden
             var (partSums, partCounts) = ClusterSums(real[p], nearest[p]);        // (H, C, D) with grad, (H, C)
             var flat = real[p].reshape(-1);
             var partSquares = flat.dot(flat);
@@ -247,46 +258,99 @@ public sealed class OnlineKMeans : nn.Module<Tensor, Tensor?, KMeansOutput>
             counts = counts is null ? partCounts : counts + partCounts;
             squares = squares is null ? partSquares : squares + partSquares;
         }
-        Tensor elements = tensor(0.0, dtype: x0.dtype, device: x0.device);    // real tokens × H × D over all parts
-        for (int p = 0; p < count; p++)
-            elements = elements + (masks[p] is Tensor m ? m.sum().to(x0.dtype) : tensor((double)(batch * parts[p].shape[2]), dtype: x0.dtype, device: x0.device)) * (heads * dim);
         var squared = squares! - 2 * (sums! * centroids).sum() + (counts! * centroids.square().sum(-1)).sum();
-        var loss = squared / elements.clamp_min(1) * commitmentFactor;
+        var loss = squared / RealElements(parts, masks).clamp_min(1) * commitmentFactor;
+        AfterForward(parts, masks, () => real, sums!, counts!);
+        return (normalizedParts.Select(t => t.MoveToOuterDisposeScope()).ToArray(), sims.Select(t => t.MoveToOuterDisposeScope()).ToArray(),
+            nearest.Select(t => t.MoveToOuterDisposeScope()).ToArray(), loss.MoveToOuterDisposeScope());
+    }
 
-        if (training && suspendDepth == 0)
+    /// <summary>
+    /// <see cref="ForwardParts(Tensor[], Tensor?[], bool, bool)"/> for float32 CPU inputs without similarities: one
+    /// fused pass per part (<see cref="FusedKMeansAssign"/>) gives the nearest centroids, the per-cluster statistics and
+    /// the commitment distance, with the normalisation's Jacobian in its backward. Runs inside the caller's dispose scope.
+    /// </summary>
+    private (Tensor[] Normalized, Tensor[] Similarities, Tensor[] Nearest, Tensor Loss) ForwardPartsFused(
+        Tensor[] parts, Tensor?[] masks, Tensor centroids, bool keepNormalized)
+    {
+        var x0 = parts[0];
+        int count = parts.Length;
+        var normalizedParts = new Tensor[count];
+        var nearest = new Tensor[count];
+        Tensor? squared = null, sums = null, counts = null;
+        for (int p = 0; p < count; p++)
         {
-            using (no_grad())
+            var r = FusedKMeansAssign.Assign(parts[p], masks[p], centroids, norm, FusedBlockSparseAttention.DefaultThreads);
+            nearest[p] = r.Nearest;                                                // (B, H, T_p)
+            normalizedParts[p] = keepNormalized ? Normalize(parts[p]) : empty(0, dtype: x0.dtype, device: x0.device);
+            squared = squared is null ? r.Squared : squared + r.Squared;
+            sums = sums is null ? r.Sums : sums + r.Sums;                          // (H, C, D) float64
+            counts = counts is null ? r.Counts : counts + r.Counts;                // (H, C) float64
+        }
+        var loss = squared! / RealElements(parts, masks).clamp_min(1) * commitmentFactor;
+        // Only an initialising forward needs the normalised tokens themselves.
+        AfterForward(parts, masks, () => parts.Select((x, p) => RealNormalized(x.detach(), masks[p])).ToArray(), sums!, counts!);
+        return (normalizedParts.Select(t => t.MoveToOuterDisposeScope()).ToArray(),
+            parts.Select(_ => empty(0, dtype: x0.dtype, device: x0.device).MoveToOuterDisposeScope()).ToArray(),
+            nearest.Select(t => t.MoveToOuterDisposeScope()).ToArray(), loss.MoveToOuterDisposeScope());
+    }
+
+    /// <summary>Normalised x (B, H, T, D) with padding rows zeroed (NaN there hidden).</summary>
+    private Tensor RealNormalized(Tensor x, Tensor? keyMask)
+    {
+        var normalized = Normalize(x);
+        return keyMask is null ? normalized : normalized.masked_fill(keyMask.logical_not().view(x.shape[0], 1, x.shape[2], 1), 0);
+    }
+
+    /// <summary>Real tokens × H × D over all parts, as a scalar of the parts' dtype.</summary>
+    private Tensor RealElements(Tensor[] parts, Tensor?[] masks)
+    {
+        var x0 = parts[0];
+        long batch = x0.shape[0];
+        Tensor elements = tensor(0.0, dtype: x0.dtype, device: x0.device);
+        for (int p = 0; p < parts.Length; p++)
+            elements = elements + (masks[p] is Tensor m ? m.sum().to(x0.dtype) : tensor((double)(batch * parts[p].shape[2]), dtype: x0.dtype, device: x0.device)) * (heads * dim);
+        return elements;
+    }
+
+    /// <summary>In training mode (not suspended): initialise from this batch if needed (from <paramref name="realParts"/>,
+    /// the normalised parts with padding zeroed), else accumulate the batch's statistics.</summary>
+    private void AfterForward(Tensor[] parts, Tensor?[] masks, Func<Tensor[]> realParts, Tensor sums, Tensor counts)
+    {
+        if (!training || suspendDepth != 0) return;
+        var x0 = parts[0];
+        long batch = x0.shape[0];
+        int count = parts.Length;
+        using (no_grad())
+        {
+            if (!IsInitialized)
             {
-                if (!IsInitialized)
+                var real = realParts();
+                var all = count == 1 ? real[0].detach() : cat(real.Select(t => t.detach()).ToArray(), 2);     // (B, H, ΣT_p, D)
+                var allMask = masks.All(m => m is null) ? null : count == 1 ? masks[0]
+                    : cat(masks.Select((m, p) => m ?? ones(batch, parts[p].shape[2], dtype: ScalarType.Bool, device: x0.device)).ToArray(), 1);
+                if (Initialize(all, allMask))
                 {
-                    var all = count == 1 ? real[0].detach() : cat(real.Select(t => t.detach()).ToArray(), 2);     // (B, H, ΣT_p, D)
-                    var allMask = masks.All(m => m is null) ? null : count == 1 ? masks[0]
-                        : cat(masks.Select((m, p) => m ?? ones(batch, parts[p].shape[2], dtype: ScalarType.Bool, device: x0.device)).ToArray(), 1);
-                    if (Initialize(all, allMask))
+                    var fresh = means.to(x0.dtype, x0.device);                // (H, C, D)
+                    Tensor? freshSums = null, freshCounts = null;
+                    for (int p = 0; p < count; p++)
                     {
-                        var fresh = means.to(x0.dtype, x0.device);                // (H, C, D)
-                        Tensor? freshSums = null, freshCounts = null;
-                        for (int p = 0; p < count; p++)
-                        {
-                            var assignment = NearestInChunks(real[p].detach(), fresh);   // (B, H, T_p)
-                            if (masks[p] is Tensor m) assignment = assignment.masked_fill(m.logical_not().view(batch, 1, parts[p].shape[2]), -1);
-                            var (ps, pc) = ClusterSums(real[p].detach(), assignment);
-                            freshSums = freshSums is null ? ps : freshSums + ps;
-                            freshCounts = freshCounts is null ? pc : freshCounts + pc;
-                        }
-                        Accumulate(freshSums!, freshCounts!);
-                        if (UpdateOnForward) Update();
+                        var assignment = NearestInChunks(real[p].detach(), fresh);   // (B, H, T_p)
+                        if (masks[p] is Tensor m) assignment = assignment.masked_fill(m.logical_not().view(batch, 1, parts[p].shape[2]), -1);
+                        var (ps, pc) = ClusterSums(real[p].detach(), assignment);
+                        freshSums = freshSums is null ? ps : freshSums + ps;
+                        freshCounts = freshCounts is null ? pc : freshCounts + pc;
                     }
-                }
-                else
-                {
-                    Accumulate(sums!.detach(), counts!);
+                    Accumulate(freshSums!, freshCounts!);
                     if (UpdateOnForward) Update();
                 }
             }
+            else
+            {
+                Accumulate(sums.detach(), counts);
+                if (UpdateOnForward) Update();
+            }
         }
-        return (normalized.Select(t => t.MoveToOuterDisposeScope()).ToArray(), sims.Select(t => t.MoveToOuterDisposeScope()).ToArray(),
-            nearest.Select(t => t.MoveToOuterDisposeScope()).ToArray(), loss.MoveToOuterDisposeScope());
     }
 
     /// <summary>argmax over centroids of x·μ, in chunks of tokens: x (B, H, T, D), centroids (H, C, D) → (B, H, T).</summary>

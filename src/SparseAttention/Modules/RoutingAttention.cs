@@ -160,7 +160,7 @@ public sealed class RoutingAttention : nn.Module<Tensor, Tensor?, Tensor, Tensor
         else
         {
             // The k-means clusters the union of queries and keys, without concatenating them.
-            var (_, sims, nearest, loss) = kmeans.ForwardParts([q, k!], keyMask, similarities: !causal);
+            var (_, sims, nearest, loss) = kmeans.ForwardParts([q, k!], keyMask, similarities: !causal, normalized: false);
             aux = loss;
             keys = k!;
             querySims = sims[0];                                                       // (B, H, T, C); empty when causal

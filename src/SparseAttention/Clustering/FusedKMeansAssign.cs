@@ -1,0 +1,400 @@
+using System.Buffers;
+using System.Numerics;
+using System.Runtime.CompilerServices;
+using System.Runtime.Intrinsics;
+using SparseAttention.Kernels;
+using SparseAttention.Kernels.Fused;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace SparseAttention.Clustering;
+
+/// <summary>Result of <see cref="FusedKMeansAssign.Assign"/> for one (B, H, T, D) input.</summary>
+/// <param name="Squared">Scalar Σ over real tokens of |x̂_t − μ_{a(t)}|² (x̂ = normalised x), differentiable with
+/// respect to x (the Jacobian of the normalisation is applied in the backward); x's dtype.</param>
+/// <param name="Nearest">(B, H, T) int64 nearest centroid, −1 at padding.</param>
+/// <param name="Sums">(H, C, D) float64 sums of the normalised real tokens per nearest centroid (no gradient).</param>
+/// <param name="Counts">(H, C) float64 real tokens per nearest centroid.</param>
+internal sealed record FusedAssignment(Tensor Squared, Tensor Nearest, Tensor Sums, Tensor Counts);
+
+/// <summary>
+/// The k-means forward of <see cref="OnlineKMeans"/> for float32 CPU tensors in one pass over the input: normalise
+/// each token in registers, find its nearest centroid, and gather the per-cluster sums, counts and the commitment
+/// distance — without materialising the normalised (B, H, T, D) tensor or any (B, H, T, C) similarities. Fresh large
+/// tensors are slow on CPU (page faults), and the ops path made several per input, forward and backward.
+/// </summary>
+/// <remarks>
+/// <para>Nearest = argmax over centroids of x̂·μ_c, first index on exact ties (like <c>argmax</c>); the dot products
+/// are summed in a different order than the ops path's matrix multiply, so a token whose two best centroids agree to
+/// float32 rounding may pick the other one. A token with non-finite values (NaN similarities) goes to its best
+/// non-NaN centroid, or centroid 0 (argmax would pick the first NaN); padding is never read. Per-cluster sums and the distance are accumulated in float64 in a fixed
+/// partition of tokens, so results do not depend on the thread count.</para>
+/// <para>The backward gives ∂Squared/∂x_t = Jᵀ · 2 (x̂_t − μ_{a(t)}), J the Jacobian of the normalisation at x_t
+/// (L2: (I − x̂x̂ᵀ)/|x|, or I/ε when |x| &lt; ε; LayerNorm: r (I − 1/D − x̂x̂ᵀ/D)); zero at padding.</para>
+/// </remarks>
+internal static unsafe class FusedKMeansAssign
+{
+    private const float L2Eps = 1e-12f;      // nn.functional.normalize's eps, as OnlineKMeans.Normalize uses
+    private const float LayerNormEps = 1e-5f;
+    private const int TokenTile = 4;          // tokens per micro-kernel call
+    private const int TaskTokens = 1024;      // tokens per task along T (fixed: the partition must not depend on threads)
+
+    /// <summary>True for float32 CPU inputs.</summary>
+    public static bool Supports(Tensor x) => x.dtype == ScalarType.Float32 && x.device.type == DeviceType.CPU;
+
+    /// <param name="x">(B, H, T, D) float32 CPU.</param>
+    /// <param name="keyMask">Optional (B, T) bool, true = real.</param>
+    /// <param name="centroids">(H, C, D) float32 CPU, detached.</param>
+    /// <param name="norm">The normalisation.</param>
+    /// <param name="threads">Worker threads (results do not depend on it).</param>
+    public static FusedAssignment Assign(Tensor x, Tensor? keyMask, Tensor centroids, KMeansNorm norm, int threads)
+    {
+        Check.That(Supports(x) && Supports(centroids), nameof(x), $"needs float32 CPU tensors, got {x.dtype} on {x.device}.");
+        var holder = new Holder(keyMask?.to(ScalarType.Bool).contiguous(), centroids.detach().contiguous(), norm, Math.Max(1, threads));
+        if (is_grad_enabled() && x.requires_grad)
+        {
+            var squared = AssignFunction.apply(x, holder);
+            return new FusedAssignment(squared, holder.Nearest!, holder.Sums!, holder.Counts!);
+        }
+        var (sq, nearest, sums, counts) = Forward(x.detach().contiguous(), holder);
+        return new FusedAssignment(sq, nearest, sums, counts);
+    }
+
+    /// <summary>Carries the non-tensor settings into the autograd function and its side outputs back out.</summary>
+    private sealed class Holder(Tensor? mask, Tensor centroids, KMeansNorm norm, int threads)
+    {
+        public readonly Tensor? Mask = mask;
+        public readonly Tensor Centroids = centroids;   // (H, C, D)
+        public readonly KMeansNorm Norm = norm;
+        public readonly int Threads = threads;
+        public Tensor? Nearest, Sums, Counts;
+    }
+
+    private sealed class AssignFunction : autograd.SingleTensorFunction<AssignFunction>
+    {
+        public override string Name => "FusedKMeansAssign";
+
+        public override Tensor forward(autograd.AutogradContext ctx, params object[] vars)
+        {
+            var x = ((Tensor)vars[0]).contiguous();
+            var holder = (Holder)vars[1];
+            var (squared, nearest, sums, counts) = Forward(x, holder);
+            (holder.Nearest, holder.Sums, holder.Counts) = (nearest, sums, counts);
+            // Tensors the backward needs are saved (the caller's dispose scope may free its own handles before then).
+            ctx.save_for_backward([x, nearest, holder.Centroids, holder.Mask ?? empty(0, dtype: ScalarType.Bool)]);
+            ctx.save_data("norm", holder.Norm);
+            ctx.save_data("threads", holder.Threads);
+            return squared;
+        }
+
+        public override List<Tensor> backward(autograd.AutogradContext ctx, Tensor gradOutput)
+        {
+            var saved = ctx.get_saved_variables();
+            var holder = new Holder(saved[3].numel() == 0 ? null : saved[3], saved[2], (KMeansNorm)ctx.get_data("norm"), (int)ctx.get_data("threads"));
+            var dx = Backward(saved[0], saved[1], holder, gradOutput.to(ScalarType.Float32).item<float>());
+            GC.KeepAlive(saved);
+            return [dx, null!];
+        }
+    }
+
+    private struct Args
+    {
+        public int Batch, Heads, SeqLen, Dim, Clusters, PaddedClusters, Threads;
+        public bool LayerNorm;
+        public float* X;           // (B, H, T, D)
+        public byte* Mask;         // (B, T) or null
+        public float* Centroids;   // (H, C, D)
+        public float* Transposed;  // (H, D, Cp), zero columns beyond C
+        public long* Nearest;      // (B, H, T)
+    }
+
+    private static (Tensor Squared, Tensor Nearest, Tensor Sums, Tensor Counts) Forward(Tensor x, Holder h)
+    {
+        int batch = (int)x.shape[0], heads = (int)x.shape[1], seqLen = (int)x.shape[2], dim = (int)x.shape[3];
+        int clusters = (int)h.Centroids.shape[1];
+        int width = Vector512.IsHardwareAccelerated ? Vector512<float>.Count : Vector256.IsHardwareAccelerated ? Vector256<float>.Count : 1;
+        int padded = (clusters + 4 * width - 1) / (4 * width) * (4 * width);   // micro-kernel takes four vectors of centroids
+        var transposed = ArrayPool<float>.Shared.Rent(heads * dim * padded);    // (H, D, Cp); pooled: no large-object churn
+        var nearest = empty(new long[] { batch, heads, seqLen }, dtype: ScalarType.Int64);   // (B, H, T)
+        int chunks = (seqLen + TaskTokens - 1) / TaskTokens, tasks = heads * chunks;
+        int statsPerTask = clusters * dim + clusters + 1;                       // sums, counts, squared distance
+        var partial = ArrayPool<double>.Shared.Rent(tasks * statsPerTask);
+        try
+        {
+            fixed (float* tp = transposed)
+            fixed (double* pp = partial)
+            {
+                var a = new Args
+                {
+                    Batch = batch, Heads = heads, SeqLen = seqLen, Dim = dim, Clusters = clusters, PaddedClusters = padded,
+                    Threads = h.Threads, LayerNorm = h.Norm == KMeansNorm.LayerNorm,
+                    X = (float*)FusedBlockSparseAttention.Pointer(x),
+                    Mask = h.Mask is null ? null : (byte*)FusedBlockSparseAttention.Pointer(h.Mask),
+                    Centroids = (float*)FusedBlockSparseAttention.Pointer(h.Centroids),
+                    Transposed = tp,
+                    Nearest = (long*)FusedBlockSparseAttention.Pointer(nearest),
+                };
+                new Span<float>(tp, heads * dim * padded).Clear();                 // padding columns must be 0
+                for (int hd = 0; hd < heads; hd++)
+                    for (int c = 0; c < clusters; c++)
+                        for (int d = 0; d < dim; d++)
+                            tp[((long)hd * dim + d) * padded + c] = a.Centroids[((long)hd * clusters + c) * dim + d];
+                double* partialBase = pp;
+                var options = new ParallelOptions { MaxDegreeOfParallelism = a.Threads };
+                Parallel.For(0, tasks, options, task =>
+                {
+                    double* stats = partialBase + (long)task * statsPerTask;
+                    new Span<double>(stats, statsPerTask).Clear();
+                    if (width == 16) AssignTask<Simd512, Vector512<float>>(a, task / chunks, task % chunks, stats);
+                    else if (width == 8) AssignTask<Simd256, Vector256<float>>(a, task / chunks, task % chunks, stats);
+                    else AssignTask<SimdScalar, float>(a, task / chunks, task % chunks, stats);
+                });
+                // Reduce the task partials per head in task order (deterministic).
+                var sums = zeros(new long[] { heads, clusters, dim }, dtype: ScalarType.Float64);   // (H, C, D)
+                var counts = zeros(new long[] { heads, clusters }, dtype: ScalarType.Float64);      // (H, C)
+                double* sp = (double*)FusedBlockSparseAttention.Pointer(sums), cp = (double*)FusedBlockSparseAttention.Pointer(counts);
+                double squared = 0;
+                for (int task = 0; task < tasks; task++)
+                {
+                    double* stats = pp + (long)task * statsPerTask;
+                    int hd = task / chunks;
+                    double* s = sp + (long)hd * clusters * dim, n = cp + (long)hd * clusters;
+                    for (int i = 0; i < clusters * dim; i++) s[i] += stats[i];
+                    for (int c = 0; c < clusters; c++) n[c] += stats[clusters * dim + c];
+                    squared += stats[clusters * dim + clusters];
+                }
+                GC.KeepAlive(x); GC.KeepAlive(h.Mask); GC.KeepAlive(h.Centroids); GC.KeepAlive(nearest);
+                GC.KeepAlive(sums); GC.KeepAlive(counts);
+                return (tensor(squared, dtype: x.dtype), nearest, sums, counts);
+            }
+        }
+        finally
+        {
+            ArrayPool<double>.Shared.Return(partial);
+            ArrayPool<float>.Shared.Return(transposed);
+        }
+    }
+
+    /// <summary>Σ x[d]·y[d], 8 lanes at a time.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static float Dot(float* x, float* y, int n)
+    {
+        int d = 0;
+        var acc = Vector256<float>.Zero;
+        for (; d + 8 <= n; d += 8) acc = Vector256.FusedMultiplyAdd(Vector256.Load(x + d), Vector256.Load(y + d), acc);
+        float sum = Vector256.Sum(acc);
+        for (; d < n; d++) sum += x[d] * y[d];
+        return sum;
+    }
+
+    /// <summary>Σ x[d], 8 lanes at a time.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static float Sum(float* x, int n)
+    {
+        int d = 0;
+        var acc = Vector256<float>.Zero;
+        for (; d + 8 <= n; d += 8) acc += Vector256.Load(x + d);
+        float sum = Vector256.Sum(acc);
+        for (; d < n; d++) sum += x[d];
+        return sum;
+    }
+
+    /// <summary>Normalises x (D floats) into y; returns the per-token scale used by the backward:
+    /// L2 → 1 / max(|x|, ε) (negative when |x| &lt; ε, marking the clamped case); LayerNorm → 1/σ.</summary>
+    private static float NormalizeRow(float* x, float* y, int dim, bool layerNorm)
+    {
+        int d;
+        if (!layerNorm)
+        {
+            float norm = MathF.Sqrt(Dot(x, x, dim));
+            bool clamped = !(norm >= L2Eps);
+            float denom = clamped ? L2Eps : norm;
+            var dv = Vector256.Create(denom);
+            for (d = 0; d + 8 <= dim; d += 8) (Vector256.Load(x + d) / dv).Store(y + d);
+            for (; d < dim; d++) y[d] = x[d] / denom;
+            return clamped ? -1f / L2Eps : 1f / denom;
+        }
+        float mean = Sum(x, dim) / dim;
+        var mv = Vector256.Create(mean);
+        var acc = Vector256<float>.Zero;
+        for (d = 0; d + 8 <= dim; d += 8) { var c = Vector256.Load(x + d) - mv; acc = Vector256.FusedMultiplyAdd(c, c, acc); }
+        float variance = Vector256.Sum(acc);
+        for (; d < dim; d++) { float c = x[d] - mean; variance += c * c; }
+        variance /= dim;
+        float rstd = 1f / MathF.Sqrt(variance + LayerNormEps);
+        var rv = Vector256.Create(rstd);
+        for (d = 0; d + 8 <= dim; d += 8) ((Vector256.Load(x + d) - mv) * rv).Store(y + d);
+        for (; d < dim; d++) y[d] = (x[d] - mean) * rstd;
+        return rstd;
+    }
+
+    /// <summary>First index of the largest of s[0..n) (like argmax on exact ties); 0 when every value is NaN.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static int ArgMax(float* s, int n)
+    {
+        int c = 0;
+        float best = s[0];
+        if (n >= 8)
+        {
+            var mv = Vector256.Load(s);
+            for (c = 8; c + 8 <= n; c += 8) mv = Vector256.Max(mv, Vector256.Load(s + c));
+            best = MathF.Max(MathF.Max(MathF.Max(mv[0], mv[1]), MathF.Max(mv[2], mv[3])), MathF.Max(MathF.Max(mv[4], mv[5]), MathF.Max(mv[6], mv[7])));
+        }
+        for (; c < n; c++) if (s[c] > best) best = s[c];
+        var bv = Vector256.Create(best);
+        for (c = 0; c + 8 <= n; c += 8)
+        {
+            uint hit = Vector256.Equals(Vector256.Load(s + c), bv).ExtractMostSignificantBits();
+            if (hit != 0) return c + BitOperations.TrailingZeroCount(hit);
+        }
+        for (; c < n; c++) if (s[c] == best) return c;
+        return 0;
+    }
+
+    private static void AssignTask<TS, TV>(Args a, int head, int chunk, double* stats)
+        where TS : ISimd<TV> where TV : unmanaged
+    {
+        int dim = a.Dim, clusters = a.Clusters, cp = a.PaddedClusters, w = TS.Width;
+        int t0 = chunk * TaskTokens, t1 = Math.Min(a.SeqLen, t0 + TaskTokens);
+        float* xhat = stackalloc float[TokenTile * dim];
+        float* sims = stackalloc float[TokenTile * cp];
+        int* token = stackalloc int[TokenTile];
+        float* ct = a.Transposed + (long)head * dim * cp;
+        float* mu = a.Centroids + (long)head * clusters * dim;
+        double* sums = stats, counts = stats + clusters * dim;
+        double squared = 0;
+        for (int b = 0; b < a.Batch; b++)
+        {
+            long row = (long)b * a.Heads + head;
+            float* x = a.X + row * a.SeqLen * dim;
+            long* nearest = a.Nearest + row * a.SeqLen;
+            byte* mask = a.Mask is null ? null : a.Mask + (long)b * a.SeqLen;
+            int t = t0;
+            while (t < t1)
+            {
+                // Gather up to TokenTile real tokens; padding gets −1 and no work.
+                int n = 0;
+                for (; t < t1 && n < TokenTile; t++)
+                {
+                    if (mask is not null && mask[t] == 0) { nearest[t] = -1; continue; }
+                    NormalizeRow(x + (long)t * dim, xhat + n * dim, dim, a.LayerNorm);
+                    token[n++] = t;
+                }
+                if (n == 0) continue;
+                for (int i = n; i < TokenTile; i++) new Span<float>(xhat + i * dim, dim).Clear();
+                // Dot products with every centroid: 4 tokens × 4 vectors of centroids per step of d.
+                for (int j = 0; j < cp; j += 4 * w)
+                {
+                    TV a00 = TS.Zero, a01 = TS.Zero, a02 = TS.Zero, a03 = TS.Zero, a10 = TS.Zero, a11 = TS.Zero, a12 = TS.Zero, a13 = TS.Zero;
+                    TV a20 = TS.Zero, a21 = TS.Zero, a22 = TS.Zero, a23 = TS.Zero, a30 = TS.Zero, a31 = TS.Zero, a32 = TS.Zero, a33 = TS.Zero;
+                    float* col = ct + j;
+                    for (int d = 0; d < dim; d++)
+                    {
+                        float* cd = col + (long)d * cp;
+                        TV c0 = TS.Load(cd), c1 = TS.Load(cd + w), c2 = TS.Load(cd + 2 * w), c3 = TS.Load(cd + 3 * w);
+                        TV x0 = TS.Broadcast(xhat[d]);
+                        a00 = TS.MulAdd(x0, c0, a00); a01 = TS.MulAdd(x0, c1, a01); a02 = TS.MulAdd(x0, c2, a02); a03 = TS.MulAdd(x0, c3, a03);
+                        TV x1 = TS.Broadcast(xhat[dim + d]);
+                        a10 = TS.MulAdd(x1, c0, a10); a11 = TS.MulAdd(x1, c1, a11); a12 = TS.MulAdd(x1, c2, a12); a13 = TS.MulAdd(x1, c3, a13);
+                        TV x2 = TS.Broadcast(xhat[2 * dim + d]);
+                        a20 = TS.MulAdd(x2, c0, a20); a21 = TS.MulAdd(x2, c1, a21); a22 = TS.MulAdd(x2, c2, a22); a23 = TS.MulAdd(x2, c3, a23);
+                        TV x3 = TS.Broadcast(xhat[3 * dim + d]);
+                        a30 = TS.MulAdd(x3, c0, a30); a31 = TS.MulAdd(x3, c1, a31); a32 = TS.MulAdd(x3, c2, a32); a33 = TS.MulAdd(x3, c3, a33);
+                    }
+                    float* s0 = sims + j, s1 = s0 + cp, s2 = s1 + cp, s3 = s2 + cp;
+                    TS.Store(s0, a00); TS.Store(s0 + w, a01); TS.Store(s0 + 2 * w, a02); TS.Store(s0 + 3 * w, a03);
+                    TS.Store(s1, a10); TS.Store(s1 + w, a11); TS.Store(s1 + 2 * w, a12); TS.Store(s1 + 3 * w, a13);
+                    TS.Store(s2, a20); TS.Store(s2 + w, a21); TS.Store(s2 + 2 * w, a22); TS.Store(s2 + 3 * w, a23);
+                    TS.Store(s3, a30); TS.Store(s3 + w, a31); TS.Store(s3 + 2 * w, a32); TS.Store(s3 + 3 * w, a33);
+                }
+                for (int i = 0; i < n; i++)
+                {
+                    int best = ArgMax(sims + i * cp, clusters);
+                    nearest[token[i]] = best;
+                    float* y = xhat + i * dim;
+                    float* m = mu + (long)best * dim;
+                    double* sum = sums + (long)best * dim;
+                    var distance = Vector256<float>.Zero;
+                    int d = 0;
+                    for (; d + 8 <= dim; d += 8)
+                    {
+                        var yv = Vector256.Load(y + d);
+                        var (lower, upper) = Vector256.Widen(yv);
+                        (Vector256.Load(sum + d) + lower).Store(sum + d);
+                        (Vector256.Load(sum + d + 4) + upper).Store(sum + d + 4);
+                        var e = yv - Vector256.Load(m + d);
+                        distance = Vector256.FusedMultiplyAdd(e, e, distance);
+                    }
+                    double tail = Vector256.Sum(distance);
+                    for (; d < dim; d++)
+                    {
+                        sum[d] += y[d];
+                        double e = (double)y[d] - m[d];
+                        tail += e * e;
+                    }
+                    counts[best] += 1;
+                    squared += tail;
+                }
+            }
+        }
+        stats[clusters * dim + clusters] = squared;
+    }
+
+    /// <summary>∂(scale · Squared)/∂x, (B, H, T, D) float32.</summary>
+    private static Tensor Backward(Tensor x, Tensor nearest, Holder h, float scale)
+    {
+        int batch = (int)x.shape[0], heads = (int)x.shape[1], seqLen = (int)x.shape[2], dim = (int)x.shape[3];
+        int clusters = (int)h.Centroids.shape[1];
+        var dx = empty_like(x);                                                  // (B, H, T, D)
+        var a = new Args
+        {
+            Batch = batch, Heads = heads, SeqLen = seqLen, Dim = dim, Clusters = clusters, Threads = h.Threads,
+            LayerNorm = h.Norm == KMeansNorm.LayerNorm,
+            X = (float*)FusedBlockSparseAttention.Pointer(x),
+            Mask = h.Mask is null ? null : (byte*)FusedBlockSparseAttention.Pointer(h.Mask),
+            Centroids = (float*)FusedBlockSparseAttention.Pointer(h.Centroids),
+            Nearest = (long*)FusedBlockSparseAttention.Pointer(nearest),
+        };
+        float* grad = (float*)FusedBlockSparseAttention.Pointer(dx);
+        int chunks = (seqLen + TaskTokens - 1) / TaskTokens;
+        Parallel.For(0, batch * heads * chunks, new ParallelOptions { MaxDegreeOfParallelism = a.Threads }, task =>
+        {
+            int row = task / chunks, chunk = task % chunks, b = row / heads, head = row % heads;
+            int t0 = chunk * TaskTokens, t1 = Math.Min(seqLen, t0 + TaskTokens);
+            float* y = stackalloc float[dim];
+            float* u = stackalloc float[dim];
+            for (int t = t0; t < t1; t++)
+            {
+                long at = ((long)row * seqLen + t) * dim;
+                float* g = grad + at;
+                long c = a.Nearest[(long)row * seqLen + t];
+                if (c < 0 || (a.Mask is not null && a.Mask[(long)b * seqLen + t] == 0))
+                {
+                    new Span<float>(g, dim).Clear();
+                    continue;
+                }
+                float* xt = a.X + at;
+                float r = NormalizeRow(xt, y, dim, a.LayerNorm);
+                float* m = a.Centroids + ((long)head * clusters + c) * dim;
+                int d;
+                var twoScale = Vector256.Create(2 * scale);
+                for (d = 0; d + 8 <= dim; d += 8) ((Vector256.Load(y + d) - Vector256.Load(m + d)) * twoScale).Store(u + d);
+                for (; d < dim; d++) u[d] = 2 * scale * (y[d] - m[d]);                // ∂/∂x̂
+                if (!a.LayerNorm && r < 0)
+                {
+                    for (d = 0; d < dim; d++) g[d] = u[d] * -r;                        // |x| < ε: x̂ = x / ε
+                    continue;
+                }
+                // L2: g = (u − x̂ (x̂·u)) r;  LayerNorm: g = (u − mean(u) − x̂ mean(x̂ u)) r.
+                float yu = Dot(y, u, dim), shift = 0;
+                if (a.LayerNorm) { yu /= dim; shift = Sum(u, dim) / dim; }
+                var (yuv, sv, rv) = (Vector256.Create(yu), Vector256.Create(shift), Vector256.Create(r));
+                for (d = 0; d + 8 <= dim; d += 8)
+                    ((Vector256.Load(u + d) - sv - Vector256.Load(y + d) * yuv) * rv).Store(g + d);
+                for (; d < dim; d++) g[d] = (u[d] - shift - y[d] * yu) * r;
+            }
+        });
+        GC.KeepAlive(x); GC.KeepAlive(nearest); GC.KeepAlive(h.Mask); GC.KeepAlive(h.Centroids); GC.KeepAlive(dx);
+        return dx;
+    }
+}
