@@ -95,24 +95,14 @@ public static class GroupedAttention
         var keyIdx = keyIndices;                                                         // (B, H, G, Wk)
         if (lookBackward && groups > 0)
         {
-            var none = full(new long[] { batch, heads, 1, keyIndices.shape[3] }, -1L, dtype: ScalarType.Int64, device: keyIndices.device);
-            var previous = cat([none, keyIndices.narrow(2, 0, groups - 1)], 2);          // (B, H, G, Wk): group g sees g − 1
-            keyIdx = cat([previous, keyIndices], 3);                                     // (B, H, G, 2·Wk)
+            var previousGroup = (arange(groups, dtype: ScalarType.Int64, device: keyIndices.device) - 1)
+                                .view(1, 1, groups).expand(batch, heads, groups);        // group g sees g − 1 (none for 0)
+            keyIdx = WithPreviousKeys(keyIndices, previousGroup);                        // (B, H, G, 2·Wk)
         }
         long wk = keyIdx.shape[3];
         var queryValid = queryIndices.ge(0);                                             // (B, H, G, Wq)
         var keyValid = keyIdx.ge(0);                                                     // (B, H, G, Wk)
-        var querySafe = queryIndices.clamp_min(0).reshape(batch, heads, groups * wq);    // (B, H, G·Wq)
-        var keySafe = keyIdx.clamp_min(0).reshape(batch, heads, groups * wk);            // (B, H, G·Wk)
-        if (keyMask is not null)
-        {
-            var drop = keyMask.logical_not().view(batch, 1, tk, 1);                     // (B, 1, Tk, 1)
-            k = k.masked_fill(drop, 0);
-            v = v.masked_fill(drop, 0);
-        }
-        var qg = GatherRows(q, querySafe).view(batch, heads, groups, wq, dim);           // (B, H, G, Wq, D)
-        var kg = GatherRows(k, keySafe).view(batch, heads, groups, wk, dim);             // (B, H, G, Wk, D)
-        var vg = GatherRows(v, keySafe).view(batch, heads, groups, wk, dimV);            // (B, H, G, Wk, Dv)
+        var (querySafe, keySafe, qg, kg, vg) = GatherGroups(q, k, v, queryIndices, keyIdx, keyMask);
 
         var allowed = queryValid.unsqueeze(-1).logical_and(keyValid.unsqueeze(-2));      // (B, H, G, Wq, Wk)
         if (keyMask is not null)
@@ -285,17 +275,7 @@ public static class GroupedAttention
         var keyIdx = WithPreviousKeys(keyIndices, previousGroup);                       // (B, H, G, Wk2)
         long wk = keyIdx.shape[3];
         var queryValid = queryIndices.ge(0);                                             // (B, H, G, Wq)
-        var querySafe = queryIndices.clamp_min(0).reshape(batch, heads, groups * wq);    // (B, H, G·Wq)
-        var keySafe = keyIdx.clamp_min(0).reshape(batch, heads, groups * wk);            // (B, H, G·Wk2)
-        if (keyMask is not null)
-        {
-            var drop = keyMask.logical_not().view(batch, 1, seqLen, 1);                 // (B, 1, T, 1)
-            k = k.masked_fill(drop, 0);
-            v = v.masked_fill(drop, 0);
-        }
-        var qg = GatherRows(q, querySafe).view(batch, heads, groups, wq, dim);           // (B, H, G, Wq, D)
-        var kg = GatherRows(k, keySafe).view(batch, heads, groups, wk, dim);             // (B, H, G, Wk2, D)
-        var vg = GatherRows(v, keySafe).view(batch, heads, groups, wk, dimV);            // (B, H, G, Wk2, Dv)
+        var (querySafe, keySafe, qg, kg, vg) = GatherGroups(q, k, v, queryIndices, keyIdx, keyMask);
 
         var allowed = queryValid.unsqueeze(-1).logical_and(keyIdx.ge(0).unsqueeze(-2));  // (B, H, G, Wq, Wk2)
         if (keyMask is not null)
@@ -368,6 +348,30 @@ public static class GroupedAttention
             output = where(alone.unsqueeze(-1), v, output);                              // self as the last resort
         }
         return output.MoveToOuterDisposeScope();
+    }
+
+    /// <summary>
+    /// The rows of each group's slots: padded keys' k and v zeroed first (NaN there must not leak via 0·x), empty
+    /// slots (−1) read row 0 (callers mask them). Returns the clamped indices flattened per (b, h) — QuerySafe
+    /// (B, H, G·Wq), KeySafe (B, H, G·Wk) — and Qg (B, H, G, Wq, D), Kg (B, H, G, Wk, D), Vg (B, H, G, Wk, Dv).
+    /// </summary>
+    private static (Tensor QuerySafe, Tensor KeySafe, Tensor Qg, Tensor Kg, Tensor Vg) GatherGroups(
+        Tensor q, Tensor k, Tensor v, Tensor queryIndices, Tensor keyIndices, Tensor? keyMask)
+    {
+        long batch = q.shape[0], heads = q.shape[1], dim = q.shape[3], tk = k.shape[2], dimV = v.shape[3];
+        long groups = queryIndices.shape[2], wq = queryIndices.shape[3], wk = keyIndices.shape[3];
+        var querySafe = queryIndices.clamp_min(0).reshape(batch, heads, groups * wq);    // (B, H, G·Wq)
+        var keySafe = keyIndices.clamp_min(0).reshape(batch, heads, groups * wk);        // (B, H, G·Wk)
+        if (keyMask is not null)
+        {
+            var drop = keyMask.logical_not().view(batch, 1, tk, 1);                     // (B, 1, Tk, 1)
+            k = k.masked_fill(drop, 0);
+            v = v.masked_fill(drop, 0);
+        }
+        return (querySafe, keySafe,
+            GatherRows(q, querySafe).view(batch, heads, groups, wq, dim),                // (B, H, G, Wq, D)
+            GatherRows(k, keySafe).view(batch, heads, groups, wk, dim),                  // (B, H, G, Wk, D)
+            GatherRows(v, keySafe).view(batch, heads, groups, wk, dimV));                // (B, H, G, Wk, Dv)
     }
 
     /// <summary>Batched row gather: x (B, H, T, D), index (B, H, N) int64 in [0, T) → (B, H, N, D).</summary>
