@@ -6,7 +6,7 @@ using static TorchSharp.torch;
 namespace SparseAttention.Model;
 
 /// <summary>The attention sublayer of a <see cref="TransformerBlock"/>: self-attention or cross-attention.</summary>
-public abstract class AttentionSublayer : nn.Module
+public abstract partial class AttentionSublayer : nn.Module
 {
     protected AttentionSublayer(string name) : base(name) { }
 
@@ -24,7 +24,7 @@ public abstract class AttentionSublayer : nn.Module
 /// projections; applies rotary embeddings to q and k when configured; concatenates the groups'
 /// outputs in head order, projects back to dim and applies the attention-layer dropout.
 /// </summary>
-public sealed class AttentionLayer : AttentionSublayer
+public sealed partial class AttentionLayer : AttentionSublayer
 {
     private readonly Linear to_q, to_k, to_v, to_out;
     private readonly ModuleList<HeadGroupAttention> groups;
@@ -111,7 +111,7 @@ public sealed class AttentionLayer : AttentionSublayer
 /// is this layer's auxiliary loss). Attention dropout applies to the output of the heads, attention-layer
 /// dropout after the output projection. No positional encoding (the two sequences' positions are unrelated).
 /// </summary>
-public sealed class CrossAttentionLayer : AttentionSublayer
+public sealed partial class CrossAttentionLayer : AttentionSublayer
 {
     private readonly Linear to_q, to_k, to_v, to_out;
     private readonly RoutingAttention? routing;

@@ -16,7 +16,7 @@ namespace SparseAttention.Model;
 /// their commitment loss. Add a group kind by deriving from this class and adding one case to
 /// <see cref="AttentionLayer.CreateGroup"/>.
 /// </summary>
-public abstract class HeadGroupAttention : nn.Module
+public abstract partial class HeadGroupAttention : nn.Module
 {
     protected HeadGroupAttention(string name, int heads) : base(name)
     {
@@ -46,7 +46,7 @@ public abstract class HeadGroupAttention : nn.Module
 /// </summary>
 /// <remarks>Relative positions: Shaw, Uszkoreit and Vaswani 2018, "Self-Attention with Relative
 /// Position Representations" (arXiv 1803.02155). One pair of tables per group, shared by its heads.</remarks>
-public sealed class StaticPatternAttention : HeadGroupAttention
+public sealed partial class StaticPatternAttention : HeadGroupAttention
 {
     private readonly Parameter? rel_k, rel_v;  // (2·R + 1, D) Shaw tables, index = clip(j − i, ±R) + R
     private readonly AttentionPattern pattern;
@@ -144,7 +144,7 @@ public sealed class StaticPatternAttention : HeadGroupAttention
 /// group's output, as for static groups. The k-means centroids move when the trainer calls
 /// <see cref="OnlineKMeans.UpdateAll"/> after an optimizer step (see <see cref="OnlineKMeans"/>).
 /// </summary>
-public sealed class RoutingHeadGroup : HeadGroupAttention
+public sealed partial class RoutingHeadGroup : HeadGroupAttention
 {
     private readonly RoutingAttention routing;
     private readonly double dropout;

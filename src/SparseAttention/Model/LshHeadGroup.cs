@@ -60,7 +60,7 @@ public sealed record LshSpec
 /// Attention dropout applies to the group's output, as for routing groups. Auxiliary loss: zero. The model's kernel
 /// choice is passed on (Reference, which has no grouped form, means Auto here).
 /// </summary>
-public sealed class LshHeadGroup : HeadGroupAttention, IAttentionProbabilitiesSource
+public sealed partial class LshHeadGroup : HeadGroupAttention, IAttentionProbabilitiesSource
 {
     private readonly LshAttention lsh;
     private readonly double dropout;

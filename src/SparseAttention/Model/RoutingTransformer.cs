@@ -17,7 +17,7 @@ namespace SparseAttention.Model;
 /// are not kept but recomputed in the backward (<see cref="ReversibleRecompute"/>). LayerDrop (Fan et al. 2020): in training each layer is
 /// skipped with probability LayerDropout (drawn from the global torch generator); in evaluation all run.
 /// </remarks>
-public sealed class RoutingTransformer : nn.Module<Tensor, Tensor?, (Tensor Output, Tensor AuxLoss)>
+public sealed partial class RoutingTransformer : nn.Module<Tensor, Tensor?, (Tensor Output, Tensor AuxLoss)>
 {
     private readonly ModuleList<TransformerBlock> layers;
     private readonly nn.Module<Tensor, Tensor> norm;
@@ -116,7 +116,7 @@ public sealed class RoutingTransformer : nn.Module<Tensor, Tensor?, (Tensor Outp
 /// the attention layers (<see cref="TransformerConfig.PositionalEncoding"/>); there is no absolute
 /// position embedding.
 /// </summary>
-public sealed class RoutingTransformerLM : nn.Module<Tensor, Tensor?, (Tensor Logits, Tensor AuxLoss)>
+public sealed partial class RoutingTransformerLM : nn.Module<Tensor, Tensor?, (Tensor Logits, Tensor AuxLoss)>
 {
     private readonly Embedding token_emb;
     private readonly Linear? project_in, project_out, to_logits;

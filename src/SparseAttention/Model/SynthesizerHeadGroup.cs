@@ -58,7 +58,7 @@ public sealed record SynthesizerConfig
 /// <para>With <see cref="PositionalEncoding.RelativeShaw"/> the synthesizer heads do not add the Shaw terms
 /// (the Random kinds are already position-indexed; the dot-product part of a mix is plain q·kᵀ).</para>
 /// </remarks>
-public sealed class SynthesizerHeadGroup : HeadGroupAttention, IAttentionProbabilitiesSource
+public sealed partial class SynthesizerHeadGroup : HeadGroupAttention, IAttentionProbabilitiesSource
 {
     private readonly SynthesizerAttention synthesizer;
     private readonly double dropout;

@@ -11,7 +11,7 @@ namespace SparseAttention.Model;
 /// layer stack adds them to the residual stream, either sequentially (x += f(x); x += g(x)) or as a
 /// reversible coupling.
 /// </summary>
-public sealed class TransformerBlock : nn.Module
+public sealed partial class TransformerBlock : nn.Module
 {
     private readonly AttentionSublayer attn;
     private readonly FeedForward ff;

@@ -37,7 +37,7 @@ public sealed record LshAttentionOutput(Tensor Output, Tensor QueryBuckets, Tens
 /// <c>freshRotations</c> each TRAINING forward draws new ones from a generator seeded with <c>seed</c> (the
 /// Reformer's training behaviour; deterministic sequence), and eval uses the buffer.</para>
 /// </remarks>
-public sealed class LshAttention : nn.Module<Tensor, Tensor?, Tensor, Tensor?, LshAttentionOutput>
+public sealed partial class LshAttention : nn.Module<Tensor, Tensor?, Tensor, Tensor?, LshAttentionOutput>
 {
     private readonly Tensor rotations;   // (Hr, R, D', nBuckets/2) rotations, or (Hr, R, D + e, bits) hyperplanes for ALSH
     private readonly Generator freshGenerator;

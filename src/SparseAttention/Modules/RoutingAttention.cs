@@ -55,7 +55,7 @@ public sealed record RoutingAttentionOutput(Tensor Output, Tensor QueryIndices, 
 /// <para><b>k-means updates</b> are explicit: call <see cref="OnlineKMeans.Update"/> (or
 /// <see cref="OnlineKMeans.UpdateAll"/>) once per optimizer step; see <see cref="OnlineKMeans"/>.</para>
 /// </remarks>
-public sealed class RoutingAttention : nn.Module<Tensor, Tensor?, Tensor, Tensor?, RoutingAttentionOutput>
+public sealed partial class RoutingAttention : nn.Module<Tensor, Tensor?, Tensor, Tensor?, RoutingAttentionOutput>
 {
     private readonly OnlineKMeans kmeans;
     private Parameter? mem_key;    // (H, C, M, D)

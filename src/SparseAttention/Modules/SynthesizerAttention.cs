@@ -59,7 +59,7 @@ public enum SynthesizerMix
 /// <para><b>Memory</b>: the (B, H, T, T) logits are materialised (like the paper); Random kinds also hold an
 /// (H, ℓ, ℓ) matrix, so keep maxLen modest for them.</para>
 /// </remarks>
-public sealed class SynthesizerAttention : nn.Module
+public sealed partial class SynthesizerAttention : nn.Module
 {
     // Dense and FactorizedDense: first layer, (H, D, D) and (H, D).
     private readonly Parameter? w1, b1;
