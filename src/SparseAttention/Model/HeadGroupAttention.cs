@@ -50,7 +50,7 @@ public sealed partial class StaticPatternAttention : HeadGroupAttention
 {
     private readonly Parameter? rel_k, rel_v;  // (2·R + 1, D) Shaw tables, index = clip(j − i, ±R) + R
     private readonly AttentionPattern pattern;
-    private readonly int blockSize, maxRelativePosition;
+    private readonly int blockSize, maxRelativePosition, dimHead;
     private readonly double dropout;
     private readonly AttentionKernel kernel;
     private readonly ConcurrentDictionary<int, BlockMask> masks = new();
@@ -74,6 +74,7 @@ public sealed partial class StaticPatternAttention : HeadGroupAttention
         Check.NonNegative(maxRelativePosition, nameof(maxRelativePosition));
         Check.That(dropout >= 0 && dropout < 1, nameof(dropout), $"must be in [0, 1), got {dropout}.");
         this.pattern = pattern;
+        this.dimHead = dimHead;
         this.blockSize = blockSize;
         this.dropout = dropout;
         this.maxRelativePosition = maxRelativePosition;

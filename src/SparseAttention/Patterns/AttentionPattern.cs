@@ -18,6 +18,14 @@ public abstract class AttentionPattern
     /// <summary>True when every head has the same pattern (lets compilation share one head).</summary>
     public virtual bool SameForAllHeads => true;
 
+    /// <summary>True when whether query i may attend key j never depends on the sequence length (so a prefix of a
+    /// longer sequence sees exactly what it saw alone). Cached decoding needs it; false unless a pattern says so.</summary>
+    public virtual bool IsPrefixStable => false;
+
+    /// <summary>For a causal, prefix-stable pattern: the largest query − key distance any head may attend, or null
+    /// when unbounded. Cached decoding keeps only the last CausalReach + 1 keys of such a head group.</summary>
+    public virtual int? CausalReach => null;
+
     /// <summary>May query position <paramref name="query"/> attend key position <paramref name="key"/>
     /// in head <paramref name="head"/>, for a sequence of <paramref name="seqLen"/> tokens?
     /// Both positions are in [0, seqLen).</summary>
@@ -64,12 +72,15 @@ internal sealed class PredicatePattern(string name, bool isCausal, bool sameForA
     public override bool SameForAllHeads => sameForAllHeads;
     public override bool Allows(int head, int query, int key, int seqLen) =>
         (!isCausal || key <= query) && allows(head, query, key, seqLen);
+    // A user predicate may read seqLen: not prefix-stable.
 }
 
 internal sealed class AndPattern(AttentionPattern a, AttentionPattern b) : AttentionPattern($"({a.Name} and {b.Name})")
 {
     public override bool IsCausal => a.IsCausal || b.IsCausal;
     public override bool SameForAllHeads => a.SameForAllHeads && b.SameForAllHeads;
+    public override bool IsPrefixStable => a.IsPrefixStable && b.IsPrefixStable;
+    public override int? CausalReach => a.CausalReach is int ra ? (b.CausalReach is int rb ? Math.Min(ra, rb) : ra) : b.CausalReach;
     public override bool Allows(int head, int query, int key, int seqLen) =>
         a.Allows(head, query, key, seqLen) && b.Allows(head, query, key, seqLen);
     public override IEnumerable<int> CandidateKeyBlocks(int head, int queryBlock, int blockSize, int seqLen)
@@ -84,6 +95,8 @@ internal sealed class OrPattern(AttentionPattern a, AttentionPattern b) : Attent
 {
     public override bool IsCausal => a.IsCausal && b.IsCausal;
     public override bool SameForAllHeads => a.SameForAllHeads && b.SameForAllHeads;
+    public override bool IsPrefixStable => a.IsPrefixStable && b.IsPrefixStable;
+    public override int? CausalReach => a.CausalReach is int ra && b.CausalReach is int rb ? Math.Max(ra, rb) : null;
     public override bool Allows(int head, int query, int key, int seqLen) =>
         a.Allows(head, query, key, seqLen) || b.Allows(head, query, key, seqLen);
     public override IEnumerable<int> CandidateKeyBlocks(int head, int queryBlock, int blockSize, int seqLen) =>
@@ -108,6 +121,8 @@ internal sealed class HeadGroupPattern : AttentionPattern
 
     public override bool IsCausal => groups.All(g => g.Pattern.IsCausal);
     public override bool SameForAllHeads => false;
+    public override bool IsPrefixStable => groups.All(g => g.Pattern.IsPrefixStable);
+    public override int? CausalReach => groups.All(g => g.Pattern.CausalReach is not null) ? groups.Max(g => g.Pattern.CausalReach) : null;
 
     private (AttentionPattern Pattern, int LocalHead) Find(int head)
     {

@@ -16,6 +16,7 @@ public enum FactorizedCombine
 public sealed class DensePattern(bool causal) : AttentionPattern(causal ? "all(causal)" : "all")
 {
     public override bool IsCausal => causal;
+    public override bool IsPrefixStable => true;
     public override bool Allows(int head, int query, int key, int seqLen) => !causal || key <= query;
 }
 
@@ -35,6 +36,8 @@ public sealed class LocalBandPattern : AttentionPattern
     public int LocalAttnCtx { get; }
     public bool Causal { get; }
     public override bool IsCausal => Causal;
+    public override bool IsPrefixStable => true;
+    public override int? CausalReach => LocalAttnCtx - 1;
 
     public override bool Allows(int head, int query, int key, int seqLen) =>
         key <= query ? query - key < LocalAttnCtx : !Causal && key - query < LocalAttnCtx;
@@ -75,6 +78,10 @@ public sealed class WindowPattern : AttentionPattern
     public bool ExactWindowSize { get; }
     public bool Causal { get; }
     public override bool IsCausal => Causal;
+    public override bool IsPrefixStable => true;
+    // The earliest key is the first of the window LookBackward windows back: at most (LookBackward + 1)·W − 1 away.
+    public override int? CausalReach => ExactWindowSize ? Math.Min(WindowSize * LookBackward, (LookBackward + 1) * WindowSize - 1)
+                                                        : (LookBackward + 1) * WindowSize - 1;
 
     public override bool Allows(int head, int query, int key, int seqLen)
     {
@@ -115,6 +122,8 @@ public sealed class StridedPattern : AttentionPattern
     public int Layer { get; }
     public override bool IsCausal => Causal;
     public override bool SameForAllHeads => Combine != FactorizedCombine.MultiHead;
+    public override bool IsPrefixStable => true;
+    public override int? CausalReach => Combine == FactorizedCombine.Interleaved && Layer % 2 == 0 ? Stride - 1 : null;
 
     public bool LocalPart(int query, int key) => Math.Abs(query - key) < Stride && (!Causal || key <= query);
     public bool StridePart(int query, int key) => (query - key) % Stride == 0 && (!Causal || key <= query);
@@ -166,6 +175,8 @@ public sealed class FixedPattern : AttentionPattern
     public override bool IsCausal => Causal;
     public override bool SameForAllHeads => Combine == FactorizedCombine.Interleaved ? Layer % 2 == 0 || NumVerts == 1
                                           : Combine == FactorizedCombine.Merged && NumVerts == 1;
+    public override bool IsPrefixStable => true;
+    public override int? CausalReach => Combine == FactorizedCombine.Interleaved && Layer % 2 == 0 ? Stride - 1 : null;
 
     public bool BlockPart(int query, int key) => query / Stride == key / Stride && (!Causal || key <= query);
 

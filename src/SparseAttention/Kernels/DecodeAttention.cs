@@ -1,0 +1,91 @@
+using static TorchSharp.torch;
+
+namespace SparseAttention.Kernels;
+
+/// <summary>
+/// Attention of ONE new query per (batch row, head) over an explicit list of cached key slots — the inner step of
+/// incremental decoding. Every head kind reduces to this: the decoder works out on the host which cached positions
+/// the new query may see (local window, pattern row, routing chunk, LSH chunks, …) and this attends exactly those.
+/// </summary>
+/// <remarks>Each listed slot is a separate key: a slot listed twice is attended twice (as in
+/// <see cref="GroupedAttention"/>, which is how several LSH rounds weigh a key seen in more than one round).
+/// A query with no key and no memory gets zeros.</remarks>
+public static class DecodeAttention
+{
+    /// <summary>Optional Shaw relative-position terms (one pair of tables shared by the heads).</summary>
+    /// <param name="Index">Per listed slot, clip(key − query, ±R) + R; same layout as the slot list.</param>
+    /// <param name="KeyTable">(2R + 1, D) key-side table.</param>
+    /// <param name="ValueTable">(2R + 1, Dv) value-side table.</param>
+    public sealed record Relative(long[] Index, Tensor KeyTable, Tensor ValueTable);
+
+    /// <param name="q">New queries (B, H, D).</param>
+    /// <param name="keys">Cached keys (B, S, H, D), S slots per row.</param>
+    /// <param name="values">Cached values (B, S, H, Dv).</param>
+    /// <param name="slots">B·H·L slot numbers, row-major (b, h, l); −1 = no key.</param>
+    /// <param name="width">L, listed slots per (b, h).</param>
+    /// <param name="memoryKeys">Optional (B, H, M, D) keys every query may attend.</param>
+    /// <param name="memoryValues">Optional (B, H, M, Dv).</param>
+    /// <param name="relative">Optional Shaw relative terms.</param>
+    /// <param name="scale">Score scale; default 1/√D.</param>
+    /// <returns>(B, H, Dv).</returns>
+    public static Tensor Attend(Tensor q, Tensor keys, Tensor values, long[] slots, int width,
+        Tensor? memoryKeys = null, Tensor? memoryValues = null, Relative? relative = null, double? scale = null)
+    {
+        Check.Shape(q, nameof(q), "(B, H, D)", -1, -1, -1);
+        long batch = q.shape[0], heads = q.shape[1], dim = q.shape[2];
+        Check.Shape(keys, nameof(keys), "(B, S, H, D)", batch, -1, heads, dim);
+        long capacity = keys.shape[1];
+        Check.Shape(values, nameof(values), "(B, S, H, Dv)", batch, capacity, heads, -1);
+        long dimV = values.shape[3];
+        Check.NonNegative(width, nameof(width));
+        Check.That(slots.LongLength == batch * heads * width, nameof(slots), $"must hold B·H·L = {batch * heads * width} entries, got {slots.LongLength}.");
+        Check.That((memoryKeys is null) == (memoryValues is null), nameof(memoryKeys), "memoryKeys and memoryValues must be given together.");
+        Check.That(relative is null || relative.Index.LongLength == slots.LongLength, nameof(relative), "needs one index per listed slot.");
+        double s = scale ?? 1.0 / Math.Sqrt(dim);
+
+        using var scope = NewDisposeScope();
+        var device = q.device;
+        var rows = new long[slots.LongLength];                                          // row of (B·S·H, D) per listed slot
+        var valid = new bool[slots.LongLength];
+        for (long i = 0; i < slots.LongLength; i++)
+        {
+            long b = i / (heads * width), h = i / width % heads;
+            valid[i] = slots[i] >= 0;
+            rows[i] = valid[i] ? (b * capacity + slots[i]) * heads + h : 0;
+        }
+        var index = tensor(rows, device: device);                                       // (B·H·L)
+        var allowed = tensor(valid, device: device).view(batch, heads, width);          // (B, H, L)
+        var k = keys.view(batch * capacity * heads, dim).index_select(0, index).view(batch, heads, width, dim);     // (B, H, L, D)
+        var v = values.view(batch * capacity * heads, dimV).index_select(0, index).view(batch, heads, width, dimV); // (B, H, L, Dv)
+        var query = q.unsqueeze(2);                                                     // (B, H, 1, D)
+        var scores = matmul(query, k.transpose(-1, -2)).squeeze(2);                     // (B, H, L)
+        Tensor? relIndex = null;
+        if (relative is not null)
+        {
+            relIndex = tensor(relative.Index, device: device).view(batch, heads, width).clamp_min(0);   // (B, H, L)
+            var relScores = matmul(query, relative.KeyTable.to(q.dtype).t()).squeeze(2);               // (B, H, 2R+1)
+            scores = scores + relScores.gather(-1, relIndex);
+        }
+        scores = scores * s;
+        if (memoryKeys is not null && memoryValues is not null)
+        {
+            long mem = memoryKeys.shape[2];
+            var memScores = matmul(query, memoryKeys.transpose(-1, -2)).squeeze(2) * s;  // (B, H, M)
+            scores = cat([scores, memScores], -1);                                      // (B, H, L + M)
+            allowed = cat([allowed, ones(new long[] { batch, heads, mem }, dtype: ScalarType.Bool, device: device)], -1);
+        }
+        var probs = ReferenceAttention.MaskedSoftmax(scores, allowed);                  // (B, H, L [+ M])
+        var keyProbs = probs.narrow(-1, 0, width);                                      // (B, H, L)
+        var output = matmul(keyProbs.unsqueeze(2), v).squeeze(2);                       // (B, H, Dv)
+        if (memoryValues is not null)
+            output = output + matmul(probs.narrow(-1, width, memoryValues.shape[2]).unsqueeze(2), memoryValues).squeeze(2);
+        if (relative is not null)
+        {
+            long buckets = relative.ValueTable.shape[0];
+            var perBucket = zeros(new long[] { batch, heads, buckets }, dtype: q.dtype, device: device)
+                            .scatter_add(-1, relIndex!, keyProbs);                      // (B, H, 2R+1)
+            output = output + matmul(perBucket, relative.ValueTable.to(q.dtype));       // (B, H, Dv)
+        }
+        return output.MoveToOuterDisposeScope();
+    }
+}

@@ -1,0 +1,111 @@
+using static TorchSharp.torch;
+
+namespace SparseAttention.Model;
+
+public sealed partial class TransformerBlock
+{
+    /// <summary>A decoder for this block, or null when its attention cannot decode incrementally (cross-attention
+    /// blocks and groups without a decoder).</summary>
+    public BlockDecoder? CreateDecoder(long batch, int maxSeqLen, ScalarType dtype, Device device)
+    {
+        if (attn is not AttentionLayer self) return null;
+        var attention = self.CreateDecoder(batch, maxSeqLen, dtype, device);
+        return attention is null ? null : new BlockDecoder(this, attention);
+    }
+
+    /// <summary>
+    /// Decoding state of one block at one depth: the attention layer's decoder and, with token shift, the previous
+    /// token's input of each branch (a causal shift only ever reads the token before).
+    /// </summary>
+    public sealed class BlockDecoder : IDisposable
+    {
+        private readonly TransformerBlock block;
+        private readonly AttentionLayer.AttentionLayerDecoder attention;
+        private Tensor? prevAttn, prevFf;   // (B, 1, dim) branch inputs of each row's latest token (token shift only)
+
+        internal BlockDecoder(TransformerBlock block, AttentionLayer.AttentionLayerDecoder attention)
+        {
+            this.block = block;
+            this.attention = attention;
+            if (block.shifts is not null)
+                Check.That(block.shifts.All(s => s is 0 or 1), nameof(block), "incremental decoding needs a causal token shift (shifts 0 and 1).");
+        }
+
+        /// <summary>The attention branch over a prompt: (B, T, dim) → (B, T, dim), filling the caches.</summary>
+        public Tensor AttentionPrefill(Tensor x, Tensor? mask, int[] lengths)
+        {
+            using var scope = NewDisposeScope();
+            Remember(ref prevAttn, x, lengths);
+            var output = attention.Prefill(block.Prepare(x, block.attn_norm, mask), mask, lengths);
+            if (block.attn_rezero is not null) output = block.attn_rezero.forward(output);
+            return output.MoveToOuterDisposeScope();
+        }
+
+        /// <summary>The feed-forward branch over a prompt: (B, T, dim) → (B, T, dim).</summary>
+        public Tensor FeedForwardPrefill(Tensor x, Tensor? mask, int[] lengths)
+        {
+            Remember(ref prevFf, x, lengths);
+            return block.FeedForwardBranch(x, mask);
+        }
+
+        /// <summary>The attention branch of one new token per row: (B, 1, dim) → (B, 1, dim).</summary>
+        public Tensor AttentionStep(Tensor x, int[] positions)
+        {
+            using var scope = NewDisposeScope();
+            var shifted = Shift(ref prevAttn, x);
+            var normed = block.attn_norm is null ? shifted : block.attn_norm.forward(shifted);
+            var output = attention.Step(normed, positions);
+            if (block.attn_rezero is not null) output = block.attn_rezero.forward(output);
+            return output.MoveToOuterDisposeScope();
+        }
+
+        /// <summary>The feed-forward branch of one new token per row: (B, 1, dim) → (B, 1, dim).</summary>
+        public Tensor FeedForwardStep(Tensor x)
+        {
+            using var scope = NewDisposeScope();
+            var shifted = Shift(ref prevFf, x);
+            var output = block.ff.forward(block.ff_norm is null ? shifted : block.ff_norm.forward(shifted));
+            if (block.ff_rezero is not null) output = block.ff_rezero.forward(output);
+            return output.MoveToOuterDisposeScope();
+        }
+
+        /// <summary>With token shift, keeps each row's last real input (B, 1, dim) for the next step.</summary>
+        private void Remember(ref Tensor? previous, Tensor x, int[] lengths)
+        {
+            if (block.shifts is null) return;
+            long batch = x.shape[0], dim = x.shape[2];
+            using var scope = NewDisposeScope();
+            var last = tensor(lengths.Select(n => (long)n - 1).ToArray(), device: x.device).view(batch, 1, 1).expand(batch, 1, dim);
+            var rows = x.detach().gather(1, last);                                           // (B, 1, dim)
+            previous?.Dispose();
+            previous = rows.contiguous().DetachFromDisposeScope();
+        }
+
+        /// <summary>Token shift of one token: the slices with shift 1 come from the previous token's input.</summary>
+        private Tensor Shift(ref Tensor? previous, Tensor x)
+        {
+            if (block.shifts is null) return x;
+            var shifts = block.shifts;
+            long slice = x.shape[2] / shifts.Length;
+            Tensor result = x;
+            if (slice > 0)
+            {
+                var parts = new List<Tensor>();
+                for (int i = 0; i < shifts.Length; i++)
+                    parts.Add((shifts[i] == 0 ? x : previous!).narrow(2, i * slice, slice));        // (B, 1, slice)
+                long rest = x.shape[2] - slice * shifts.Length;
+                if (rest > 0) parts.Add(x.narrow(2, slice * shifts.Length, rest));
+                result = cat(parts, 2);                                                        // (B, 1, dim)
+            }
+            previous!.copy_(x.detach());
+            return result;
+        }
+
+        public void Dispose()
+        {
+            attention.Dispose();
+            prevAttn?.Dispose();
+            prevFf?.Dispose();
+        }
+    }
+}

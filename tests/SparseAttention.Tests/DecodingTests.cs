@@ -1,0 +1,235 @@
+using SparseAttention.Hashing;
+using SparseAttention.Model;
+using TorchSharp;
+using Xunit;
+using static TorchSharp.torch;
+
+namespace SparseAttention.Tests;
+
+/// <summary>
+/// Incremental decoding (<see cref="RoutingTransformerLM.DecodingState"/>) against the oracle: a full forward over the
+/// whole sequence (the model is causal, so its logits at position t are what the cached path must give after token t),
+/// and against uncached generation (which re-encodes the context window per token).
+/// </summary>
+public class DecodingTests
+{
+    // A full forward and the cached step sum in different orders (tile sizes, one query vs many).
+    private const double LogitTolerance = 1e-5;
+
+    private static TransformerConfig Base => ModelTests.Tiny();
+
+    /// <summary>Every head kind and model option the decoder handles, by name.</summary>
+    public static TheoryData<string> Variants() => new(VariantConfigs.Keys);
+
+    private static readonly Dictionary<string, TransformerConfig> VariantConfigs = new()
+    {
+        ["local+strided+fixed"] = Base,
+        ["local only, radius 2"] = Base with { NLocalAttnHeads = [4], StaticHeadGroups = null, LocalAttnRadiusBlocks = 2 },
+        ["local band + window exact"] = Base with
+        {
+            NLocalAttnHeads = [0],
+            StaticHeadGroups = [new(new(StaticPatternKind.LocalBand, Size: 5), 2), new(new(StaticPatternKind.Window, Size: 4, LookBackward: 2, ExactWindowSize: true), 2)],
+        },
+        ["strided multihead + fixed multihead"] = Base with
+        {
+            NLocalAttnHeads = [0],
+            StaticHeadGroups = [new(new(StaticPatternKind.Strided, Size: 5, Combine: Patterns.FactorizedCombine.MultiHead), 2),
+                                new(new(StaticPatternKind.Fixed, Size: 4, Vertsize: 1, NumVerts: 2, Combine: Patterns.FactorizedCombine.MultiHead), 2)],
+        },
+        ["routing shared qk"] = Base with { NLocalAttnHeads = [2], StaticHeadGroups = null, WindowSize = 4 },
+        ["routing separate qk + memory"] = Base with { NLocalAttnHeads = [1], StaticHeadGroups = null, WindowSize = 4, SharedQk = false, NumMemKv = 2 },
+        ["routing shared qk + memory"] = Base with { NLocalAttnHeads = [0], StaticHeadGroups = null, WindowSize = 4, NumMemKv = 1 },
+        ["routing look-back"] = Base with { NLocalAttnHeads = [1], StaticHeadGroups = null, WindowSize = 4, RoutingLookBack = true },
+        ["routing look-back separate qk, layernorm k-means"] = Base with
+        {
+            NLocalAttnHeads = [1], StaticHeadGroups = null, WindowSize = 4, RoutingLookBack = true, SharedQk = false, KmeansNorm = Clustering.KMeansNorm.LayerNorm,
+        },
+        ["token shift + reversible + scale norm"] = Base with { ShiftTokens = true, Reversible = true, UseScaleNorm = true, Depth = 3, WindowSize = 4, NLocalAttnHeads = [1], StaticHeadGroups = null },
+        ["weight tie + rezero + glu + factorized embedding"] = Base with
+        {
+            WeightTie = true, Depth = 3, UseRezero = true, FfGlu = true, EmbDim = 8, WindowSize = 4, NLocalAttnHeads = [2], StaticHeadGroups = null,
+        },
+        ["relative shaw + tied embedding"] = Base with { PositionalEncoding = PositionalEncoding.RelativeShaw, MaxRelativePosition = 3, TieEmbedding = true },
+        ["no positions + sparsity skip first"] = Base with { PositionalEncoding = PositionalEncoding.None, Depth = 3, SparsitySkipFirst = 1, NLocalAttnHeads = [1], StaticHeadGroups = null, WindowSize = 4 },
+    };
+
+    private static RoutingTransformerLM Model(TransformerConfig config, long seed)
+    {
+        var model = ModelTests.Lm(config, seed);
+        // A trained-like spread: larger embeddings make the logits (and the k-means assignments) less uniform.
+        using (no_grad())
+            foreach (var (name, p) in model.named_parameters())
+                if (name.Contains("token_emb")) p.mul_(20);
+        // Centroids from data, as after training: one training forward initialises every k-means module.
+        model.train();
+        model.forward(randint(0, config.NumTokens, new long[] { 2, config.MaxSeqLen }, generator: new Generator((ulong)seed + 1)));
+        model.eval();
+        return model;
+    }
+
+    [Theory]
+    [MemberData(nameof(Variants))]
+    public void CachedLogitsEqualAFullForwardAtEveryStep(string variant)
+    {
+        var config = VariantConfigs[variant];
+        var model = Model(config, seed: 3);
+        Assert.True(model.SupportsCachedDecoding, variant);
+        foreach (int promptLength in new[] { 1, 7 })
+        {
+            var tokens = randint(0, config.NumTokens, new long[] { 2, config.MaxSeqLen }, generator: new Generator(11));
+            using var noGrad = no_grad();
+            var expected = model.forward(tokens).Logits;                                   // (2, T, V)
+            using var state = model.StartDecoding(tokens.narrow(1, 0, promptLength));
+            TestSupport.AssertClose(expected.select(1, promptLength - 1), state.Logits, $"{variant}: after the prompt of {promptLength}",
+                atol: LogitTolerance, rtol: LogitTolerance);
+            for (int t = promptLength; t < config.MaxSeqLen; t++)
+            {
+                var logits = state.Append(tokens.select(1, t));
+                TestSupport.AssertClose(expected.select(1, t), logits, $"{variant}: step at position {t} (prompt {promptLength})",
+                    atol: LogitTolerance, rtol: LogitTolerance);
+            }
+            Assert.Equal(0, state.ReEncodes);
+        }
+    }
+
+    [Fact]
+    public void RoutingDecodingCrossesChunkBoundaries()
+    {
+        // Window 4, 32 tokens, 8 clusters: the test is only meaningful if some cluster gets more than one chunk.
+        var config = VariantConfigs["routing shared qk"];
+        var model = Model(config, seed: 3);
+        var tokens = randint(0, config.NumTokens, new long[] { 2, config.MaxSeqLen }, generator: new Generator(11));
+        using var capture = RoutingCapture.Start();
+        using (no_grad()) model.forward(tokens);
+        var repeated = capture.Records.Any(r =>
+        {
+            var clusters = r.GroupClusters.cpu().data<long>().ToArray();
+            return clusters.Where(c => c >= 0).GroupBy(c => c).Any(g => g.Count() > 1);
+        });
+        Assert.True(repeated, "no cluster filled a chunk: the decoding tests never cross a chunk boundary");
+    }
+
+    [Theory]
+    [InlineData("routing look-back")]
+    [InlineData("local+strided+fixed")]
+    [InlineData("routing separate qk + memory")]
+    public void GreedyDecodingOfAThousandTokensEqualsUncachedGeneration(string variant)
+    {
+        var config = VariantConfigs[variant];
+        var model = Model(config, seed: 5);
+        var prompt = randint(0, config.NumTokens, new long[] { 1, 5 }, generator: new Generator(2));
+        var cached = model.Generate(prompt, 1000, temperature: 0);
+        var uncached = model.Generate(prompt, 1000, temperature: 0, useCache: false);
+        Assert.Equal(uncached.data<long>().ToArray(), cached.data<long>().ToArray());
+        Assert.Equal(new long[] { 1, 1000 }, cached.shape);
+    }
+
+    [Fact]
+    public void SamplingWithTheCacheEqualsSamplingWithout()
+    {
+        var config = VariantConfigs["routing shared qk"];
+        var model = Model(config, seed: 6);
+        var prompt = randint(0, config.NumTokens, new long[] { 2, 3 }, generator: new Generator(4));
+        var cached = model.Generate(prompt, 80, temperature: 0.8, topP: 0.9, seed: 9);
+        var uncached = model.Generate(prompt, 80, temperature: 0.8, topP: 0.9, seed: 9, useCache: false);
+        Assert.Equal(uncached.data<long>().ToArray(), cached.data<long>().ToArray());
+    }
+
+    [Fact]
+    public void PastTheContextTheStateReEncodesTheKeptWindow()
+    {
+        var config = VariantConfigs["routing look-back"];
+        int m = config.MaxSeqLen, keep = 10;
+        var model = Model(config, seed: 7);
+        var tokens = randint(0, config.NumTokens, new long[] { 1, 3 * m }, generator: new Generator(8));
+        using var state = model.StartDecoding(tokens.narrow(1, 0, 2), contextKeep: keep);
+        using var noGrad = no_grad();
+        for (int n = 3; n <= 3 * m; n++)
+        {
+            var logits = state.Append(tokens.select(1, n - 1));
+            long from = RoutingTransformerLM.DecodingState.ContextStart(n, m, keep);
+            Assert.Equal(n - from, state.ContextLengths[0]);
+            Assert.InRange(state.ContextLengths[0], 1, m);
+            var expected = model.forward(tokens.narrow(1, from, n - from)).Logits.select(1, -1);   // the window's last logits
+            TestSupport.AssertClose(expected, logits, $"after {n} tokens", atol: LogitTolerance, rtol: LogitTolerance);
+        }
+        Assert.Equal((3 * m - m + (m - keep) - 1) / (m - keep), state.ReEncodes);
+    }
+
+    [Fact]
+    public void ContextStartFollowsItsDefinition()
+    {
+        Assert.Equal(0, RoutingTransformerLM.DecodingState.ContextStart(32, 32, 16));
+        Assert.Equal(16, RoutingTransformerLM.DecodingState.ContextStart(33, 32, 16));
+        Assert.Equal(16, RoutingTransformerLM.DecodingState.ContextStart(48, 32, 16));
+        Assert.Equal(32, RoutingTransformerLM.DecodingState.ContextStart(49, 32, 16));
+        Assert.Equal(1, RoutingTransformerLM.DecodingState.ContextStart(2, 1, 0));   // a one-token context
+    }
+
+    [Theory]
+    [InlineData("routing separate qk + memory")]
+    [InlineData("token shift + reversible + scale norm")]
+    public void BatchedPromptsOfDifferentLengthsDecodeLikeOneAtATime(string variant)
+    {
+        var config = VariantConfigs[variant];
+        var model = Model(config, seed: 9);
+        var lengths = new[] { 3, 9, 1 };
+        var rows = lengths.Select((n, i) => randint(0, config.NumTokens, new long[] { 1, n }, generator: new Generator((ulong)(20 + i)))).ToArray();
+        // Left padding (the Hugging Face convention): real tokens at the end of each row.
+        int width = lengths.Max();
+        var prompt = zeros(new long[] { 3, width }, dtype: ScalarType.Int64);
+        var mask = zeros(new long[] { 3, width }, dtype: ScalarType.Bool);
+        for (int b = 0; b < 3; b++)
+        {
+            prompt[b, (width - lengths[b])..] = rows[b][0];
+            mask[b, (width - lengths[b])..] = true;
+        }
+        var batched = Sampling.GenerateCached(model, prompt, 60, temperature: 0, promptMask: mask);
+        for (int b = 0; b < 3; b++)
+        {
+            var alone = model.Generate(rows[b], 60, temperature: 0, useCache: false);
+            Assert.Equal(alone[0].data<long>().ToArray(), batched[b].data<long>().ToArray());
+        }
+    }
+
+    [Fact]
+    public void LiveTensorsDoNotGrowWithTheNumberOfDecodedTokens()
+    {
+        var config = VariantConfigs["routing look-back"];
+        var model = Model(config, seed: 10);
+        using var noGrad = no_grad();
+        using var state = model.StartDecoding(randint(0, config.NumTokens, new long[] { 2, 4 }, generator: new Generator(1)));
+        var next = zeros(2, dtype: ScalarType.Int64);
+        long LiveAfter(int steps)
+        {
+            for (int i = 0; i < steps; i++) state.Append(next);     // crosses the context several times: re-encodes included
+            GC.Collect();
+            GC.WaitForPendingFinalizers();
+            return DisposeScopeManager.Statistics.ThreadTotalLiveCount;
+        }
+        long early = LiveAfter(100);
+        long late = LiveAfter(400);
+        Assert.Equal(early, late);
+    }
+
+    [Fact]
+    public void DecodingRefusesWhatItCannotDoWithClearErrors()
+    {
+        var model = Model(Base, seed: 1);
+        var prompt = zeros(new long[] { 1, 2 }, dtype: ScalarType.Int64);
+        model.train();
+        Assert.Equal("prompt", Assert.ThrowsAny<ArgumentException>(() => model.StartDecoding(prompt)).ParamName);
+        model.eval();
+        Assert.Equal("contextKeep", Assert.ThrowsAny<ArgumentException>(() => model.StartDecoding(prompt, contextKeep: Base.MaxSeqLen)).ParamName);
+        Assert.Equal("promptMask", Assert.ThrowsAny<ArgumentException>(() =>
+            model.StartDecoding(prompt, zeros(new long[] { 1, 2 }, dtype: ScalarType.Bool))).ParamName);
+        using var state = model.StartDecoding(prompt);
+        Assert.Equal("tokens", Assert.ThrowsAny<ArgumentException>(() => state.Append(full(1, 17L))).ParamName);
+        Assert.Equal("tokens", Assert.ThrowsAny<ArgumentException>(() => state.Append(zeros(2, dtype: ScalarType.Int64))).ParamName);
+        Assert.Equal("maxNewTokens", Assert.ThrowsAny<ArgumentException>(() => model.Generate(prompt, Sampling.MaxNewTokensLimit + 1)).ParamName);
+
+        var encoder = Model(Base with { Causal = false }, seed: 1);
+        Assert.False(encoder.SupportsCachedDecoding);
+        Assert.Throws<NotSupportedException>(() => encoder.StartDecoding(prompt));
+    }
+}
