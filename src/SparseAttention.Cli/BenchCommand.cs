@@ -56,6 +56,7 @@ internal sealed class BenchCommand
                      self.quickOption, self.maxDenseLenOption, self.maxGatherGbOption, self.jsonOption,
                      self.modelOption, self.modelDimOption, self.modelHeadsOption, self.modelDimHeadOption, self.modelDepthOption, self.modelKindsOption })
             command.Add(o);
+        self.generate.AddTo(command);
         command.SetAction(self.Execute);
         return command;
     }
@@ -80,8 +81,11 @@ internal sealed class BenchCommand
 
     public static readonly string[] Models = ["dense", "local", "routing", "dense-reversible", "local-reversible", "routing-reversible"];
 
+    private readonly GenerateBench generate = new();
+
     private int Execute(ParseResult parse)
     {
+        if (generate.Requested(parse)) return generate.Execute(parse, parse.GetValue(jsonOption));
         var stdout = parse.InvocationConfiguration.Output;
         var stderr = parse.InvocationConfiguration.Error;
         bool quick = parse.GetValue(quickOption);
@@ -455,12 +459,12 @@ internal sealed class BenchCommand
     }
 
     // Linux: writing 5 to clear_refs resets the peak RSS (VmHWM) so each figure gets its own peak.
-    private static void ResetPeakRss()
+    internal static void ResetPeakRss()
     {
         try { File.WriteAllText("/proc/self/clear_refs", "5"); } catch (IOException) { } catch (UnauthorizedAccessException) { }
     }
 
-    private static double PeakRssMb()
+    internal static double PeakRssMb()
     {
         try
         {

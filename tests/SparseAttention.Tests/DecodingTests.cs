@@ -51,7 +51,27 @@ public class DecodingTests
         },
         ["relative shaw + tied embedding"] = Base with { PositionalEncoding = PositionalEncoding.RelativeShaw, MaxRelativePosition = 3, TieEmbedding = true },
         ["no positions + sparsity skip first"] = Base with { PositionalEncoding = PositionalEncoding.None, Depth = 3, SparsitySkipFirst = 1, NLocalAttnHeads = [1], StaticHeadGroups = null, WindowSize = 4 },
+        ["lsh 2 rounds"] = Base with { NLocalAttnHeads = [2], StaticHeadGroups = null, Lsh = new LshSpec { Heads = 2, NHashes = 2, BucketSize = 4 } },
+        ["lsh 3 rounds dedup, 4 buckets"] = Base with { NLocalAttnHeads = [1], StaticHeadGroups = null, Lsh = new LshSpec { Heads = 3, NHashes = 3, BucketSize = 3, NBuckets = 4, Dedup = true } },
+        ["alsh simple-lsh"] = Base with { NLocalAttnHeads = [2], StaticHeadGroups = null, Lsh = new LshSpec { Heads = 2, NHashes = 2, BucketSize = 4, Alsh = AlshTransform.SimpleLsh } },
+        ["alsh xbox + qnf"] = Base with { NLocalAttnHeads = [2], StaticHeadGroups = null, Lsh = new LshSpec { Heads = 2, BucketSize = 4, Alsh = AlshTransform.Xbox, QueryNormalizedFirst = true } },
+        ["alsh sign-alsh"] = Base with { NLocalAttnHeads = [2], StaticHeadGroups = null, Lsh = new LshSpec { Heads = 2, BucketSize = 4, Alsh = AlshTransform.SignAlsh } },
+        ["synthesizer dense"] = Base with { NLocalAttnHeads = [0], StaticHeadGroups = null, Synthesizer = new SynthesizerConfig { Heads = 4, Kind = Modules.SynthesizerKind.Dense } },
+        ["synthesizer random + learned mix"] = Base with { NLocalAttnHeads = [2], StaticHeadGroups = null, Synthesizer = new SynthesizerConfig { Heads = 2, Kind = Modules.SynthesizerKind.Random, Mix = Modules.SynthesizerMix.Learned } },
+        ["synthesizer factorized dense + sum"] = Base with { NLocalAttnHeads = [2], StaticHeadGroups = null, Synthesizer = new SynthesizerConfig { Heads = 2, Kind = Modules.SynthesizerKind.FactorizedDense, Mix = Modules.SynthesizerMix.Sum } },
+        ["synthesizer factorized random fixed"] = Base with { NLocalAttnHeads = [2], StaticHeadGroups = null, Synthesizer = new SynthesizerConfig { Heads = 2, Kind = Modules.SynthesizerKind.FactorizedRandom, Trainable = false } },
+        ["every kind in one layer + shift + reversible"] = Base with
+        {
+            Heads = 8, Dim = 32, NLocalAttnHeads = [1], WindowSize = 4, ShiftTokens = true, Reversible = true,
+            StaticHeadGroups = [new(new(StaticPatternKind.Strided, Size: 3), 1), new(new(StaticPatternKind.Fixed, Size: 4), 1)],
+            Lsh = new LshSpec { Heads = 2, NHashes = 2, BucketSize = 4 },
+            Synthesizer = new SynthesizerConfig { Heads = 1, Kind = Modules.SynthesizerKind.Dense, Mix = Modules.SynthesizerMix.Sum },
+            RoutingLookBack = true,
+        },
     };
+
+    /// <summary>The CLI's shipped presets, shrunk to a test size (same head kinds and options).</summary>
+    public static TheoryData<string> Presets() => new(Cli.Presets.Names);
 
     private static RoutingTransformerLM Model(TransformerConfig config, long seed)
     {
@@ -92,6 +112,30 @@ public class DecodingTests
         }
     }
 
+    [Theory]
+    [MemberData(nameof(Presets))]
+    public void EveryPresetDecodesLikeAFullForward(string preset)
+    {
+        var shipped = Cli.Presets.Load(preset);
+        // Test size: context 48 (three windows of 16), dim 32, depth 2; every head kind and option of the preset kept.
+        var config = shipped with
+        {
+            Dim = 32, Depth = 2, MaxSeqLen = 48, WindowSize = 16, LocalAttnWindowSize = null, BlockSize = 16,
+            NLocalAttnHeads = shipped.NLocalAttnHeads.Length == 1 ? shipped.NLocalAttnHeads : shipped.NLocalAttnHeads.Take(2).ToArray(),
+            Lsh = shipped.Lsh is null ? null : shipped.Lsh with { BucketSize = 8 },
+        };
+        var model = Model(config, seed: 4);
+        Assert.True(model.SupportsCachedDecoding, preset);
+        var tokens = randint(0, config.NumTokens, new long[] { 1, config.MaxSeqLen }, generator: new Generator(12));
+        using var noGrad = no_grad();
+        var expected = model.forward(tokens).Logits;                                       // (1, T, V)
+        using var state = model.StartDecoding(tokens.narrow(1, 0, 5));
+        TestSupport.AssertClose(expected.select(1, 4), state.Logits, $"{preset}: prompt", atol: LogitTolerance, rtol: LogitTolerance);
+        for (int t = 5; t < config.MaxSeqLen; t++)
+            TestSupport.AssertClose(expected.select(1, t), state.Append(tokens.select(1, t)), $"{preset}: position {t}",
+                atol: LogitTolerance, rtol: LogitTolerance);
+    }
+
     [Fact]
     public void RoutingDecodingCrossesChunkBoundaries()
     {
@@ -113,6 +157,7 @@ public class DecodingTests
     [InlineData("routing look-back")]
     [InlineData("local+strided+fixed")]
     [InlineData("routing separate qk + memory")]
+    [InlineData("every kind in one layer + shift + reversible")]
     public void GreedyDecodingOfAThousandTokensEqualsUncachedGeneration(string variant)
     {
         var config = VariantConfigs[variant];
