@@ -1,3 +1,4 @@
+using TorchSharp;
 using static TorchSharp.torch;
 
 namespace SparseAttention.Kernels;
@@ -42,7 +43,18 @@ public static class DecodeAttention
         Check.That((memoryKeys is null) == (memoryValues is null), nameof(memoryKeys), "memoryKeys and memoryValues must be given together.");
         Check.That(relative is null || relative.Index.LongLength == slots.LongLength, nameof(relative), "needs one index per listed slot.");
         double s = scale ?? 1.0 / Math.Sqrt(dim);
+        bool fused = q.device.type == DeviceType.CPU && q.dtype == ScalarType.Float32 && keys.dtype == ScalarType.Float32
+                     && values.dtype == ScalarType.Float32 && (memoryKeys is null || memoryKeys.dtype == ScalarType.Float32)
+                     && (memoryValues is null || memoryValues.dtype == ScalarType.Float32);
+        return fused ? AttendCpu(q, keys, values, slots, width, memoryKeys, memoryValues, relative, (float)s)
+                     : AttendOps(q, keys, values, slots, width, memoryKeys, memoryValues, relative, s);
+    }
 
+    /// <summary>The tensor-ops path (any device and dtype); the oracle of <see cref="AttendCpu"/>.</summary>
+    internal static Tensor AttendOps(Tensor q, Tensor keys, Tensor values, long[] slots, int width,
+        Tensor? memoryKeys, Tensor? memoryValues, Relative? relative, double s)
+    {
+        long batch = q.shape[0], heads = q.shape[1], dim = q.shape[2], capacity = keys.shape[1], dimV = values.shape[3];
         using var scope = NewDisposeScope();
         var device = q.device;
         var rows = new long[slots.LongLength];                                          // row of (B·S·H, D) per listed slot
@@ -87,5 +99,92 @@ public static class DecodeAttention
             output = output + matmul(perBucket, relative.ValueTable.to(q.dtype));       // (B, H, Dv)
         }
         return output.MoveToOuterDisposeScope();
+    }
+
+    /// <summary>
+    /// One pass over float32 CPU memory per (row, head): dot products with the listed keys (and memory), a softmax,
+    /// and the weighted sum of values — what <see cref="AttendOps"/> does with ~25 tensor operations, without
+    /// allocating anything but the output. For one query per head the work is tiny and per-op overhead dominated.
+    /// </summary>
+    internal static unsafe Tensor AttendCpu(Tensor q, Tensor keys, Tensor values, long[] slots, int width,
+        Tensor? memoryKeys, Tensor? memoryValues, Relative? relative, float scale)
+    {
+        int batch = (int)q.shape[0], heads = (int)q.shape[1], dim = (int)q.shape[2];
+        long capacity = keys.shape[1];
+        int dimV = (int)values.shape[3];
+        int mem = (int)(memoryKeys?.shape[2] ?? 0);
+        using var scope = NewDisposeScope();
+        var qc = q.contiguous();
+        var kc = keys.contiguous();
+        var vc = values.contiguous();
+        var mk = memoryKeys?.contiguous();
+        var mv = memoryValues?.contiguous();
+        var rk = relative?.KeyTable.to(ScalarType.Float32).contiguous();
+        var rv = relative?.ValueTable.to(ScalarType.Float32).contiguous();
+        var output = zeros(new long[] { batch, heads, dimV }, dtype: ScalarType.Float32);
+        float* qp = (float*)FusedBlockSparseAttention.Pointer(qc), kp = (float*)FusedBlockSparseAttention.Pointer(kc), vp = (float*)FusedBlockSparseAttention.Pointer(vc), op = (float*)FusedBlockSparseAttention.Pointer(output);
+        float* mkp = mk is null ? null : (float*)FusedBlockSparseAttention.Pointer(mk!), mvp = mv is null ? null : (float*)FusedBlockSparseAttention.Pointer(mv);
+        float* rkp = rk is null ? null : (float*)FusedBlockSparseAttention.Pointer(rk), rvp = rv is null ? null : (float*)FusedBlockSparseAttention.Pointer(rv);
+        int buckets = (int)(rk?.shape[0] ?? 0);
+        var scores = new float[width + mem];
+        var relScores = new float[buckets];
+        for (int bh = 0; bh < batch * heads; bh++)
+        {
+            int b = bh / heads, h = bh % heads;
+            float* query = qp + (long)bh * dim;
+            for (int r = 0; r < buckets; r++) relScores[r] = Dot(query, rkp + (long)r * dim, dim);
+            float max = float.NegativeInfinity;
+            for (int l = 0; l < width; l++)
+            {
+                long slot = slots[(long)bh * width + l];
+                if (slot < 0) { scores[l] = float.NegativeInfinity; continue; }
+                float score = Dot(query, kp + ((b * capacity + slot) * heads + h) * dim, dim);
+                if (relative is not null) score += relScores[relative.Index[(long)bh * width + l]];
+                scores[l] = score * scale;
+                max = Math.Max(max, scores[l]);
+            }
+            for (int m = 0; m < mem; m++)
+            {
+                scores[width + m] = Dot(query, mkp + ((long)bh * mem + m) * dim, dim) * scale;
+                max = Math.Max(max, scores[width + m]);
+            }
+            if (float.IsNegativeInfinity(max)) continue;                                 // no key at all: zeros
+            float sum = 0;
+            for (int i = 0; i < width + mem; i++)
+            {
+                scores[i] = float.IsNegativeInfinity(scores[i]) ? 0 : MathF.Exp(scores[i] - max);
+                sum += scores[i];
+            }
+            float* o = op + (long)bh * dimV;
+            for (int l = 0; l < width; l++)
+            {
+                long slot = slots[(long)bh * width + l];
+                if (slot < 0) continue;
+                float p = scores[l] / sum;
+                Axpy(p, vp + ((b * capacity + slot) * heads + h) * dimV, o, dimV);
+                if (relative is not null) Axpy(p, rvp + relative.Index[(long)bh * width + l] * dimV, o, dimV);
+            }
+            for (int m = 0; m < mem; m++) Axpy(scores[width + m] / sum, mvp + ((long)bh * mem + m) * dimV, o, dimV);
+        }
+        GC.KeepAlive(qc); GC.KeepAlive(kc); GC.KeepAlive(vc); GC.KeepAlive(mk); GC.KeepAlive(mv); GC.KeepAlive(rk); GC.KeepAlive(rv);
+        return output.to(q.device).MoveToOuterDisposeScope();
+    }
+
+    private static unsafe float Dot(float* a, float* b, int n)
+    {
+        int i = 0;
+        var acc = System.Numerics.Vector<float>.Zero;
+        int lanes = System.Numerics.Vector<float>.Count;
+        for (; i + lanes <= n; i += lanes)
+            acc += System.Runtime.CompilerServices.Unsafe.ReadUnaligned<System.Numerics.Vector<float>>(a + i)
+                   * System.Runtime.CompilerServices.Unsafe.ReadUnaligned<System.Numerics.Vector<float>>(b + i);
+        float sum = System.Numerics.Vector.Sum(acc);
+        for (; i < n; i++) sum += a[i] * b[i];
+        return sum;
+    }
+
+    private static unsafe void Axpy(float alpha, float* x, float* y, int n)
+    {
+        for (int i = 0; i < n; i++) y[i] += alpha * x[i];
     }
 }

@@ -49,15 +49,20 @@ public abstract partial class HeadGroupAttention
     /// <paramref name="maxSeqLen"/>, or null when this group cannot decode incrementally (then the model re-encodes).
     /// </summary>
     public virtual HeadGroupDecoder? CreateDecoder(long batch, int maxSeqLen, ScalarType dtype, Device device) => null;
+
+    /// <summary>Whether <see cref="CreateDecoder"/> returns a decoder (without allocating one).</summary>
+    public virtual bool SupportsDecoding => false;
 }
 
 public sealed partial class StaticPatternAttention
 {
     /// <summary>Causal, prefix-stable patterns decode from a cache of the last CausalReach + 1 keys (the whole context
     /// when the reach is unbounded, e.g. strided).</summary>
+    public override bool SupportsDecoding => pattern.IsCausal && pattern.IsPrefixStable;
+
     public override HeadGroupDecoder? CreateDecoder(long batch, int maxSeqLen, ScalarType dtype, Device device)
     {
-        if (!pattern.IsCausal || !pattern.IsPrefixStable) return null;
+        if (!SupportsDecoding) return null;
         int capacity = pattern.CausalReach is int reach ? Math.Min(maxSeqLen, reach + 1) : maxSeqLen;
         return new Decoder(this, new KeyValueCache(batch, Heads, capacity, dimHead, dimHead, dtype, device));
     }
@@ -123,6 +128,8 @@ public sealed partial class StaticPatternAttention
 public sealed partial class RoutingHeadGroup
 {
     /// <summary>Causal routing decodes: every cluster keeps its open chunk (and the one before it, for look-back).</summary>
+    public override bool SupportsDecoding => routing.Causal;
+
     public override HeadGroupDecoder? CreateDecoder(long batch, int maxSeqLen, ScalarType dtype, Device device)
     {
         if (!routing.Causal) return null;

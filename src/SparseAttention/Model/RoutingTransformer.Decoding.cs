@@ -11,7 +11,7 @@ public sealed partial class RoutingTransformer
     /// </summary>
     internal TransformerDecoder? CreateDecoder(long batch, ScalarType dtype, Device device)
     {
-        if (!config.Causal || config.ReceivesContext) return null;
+        if (!SupportsDecoding) return null;
         var decoders = new List<TransformerBlock.BlockDecoder>();
         foreach (int index in schedule)
         {
@@ -25,6 +25,10 @@ public sealed partial class RoutingTransformer
         }
         return new TransformerDecoder(this, decoders);
     }
+
+    /// <summary>Causal, no cross-attention, and every head group of every layer can decode incrementally.</summary>
+    internal bool SupportsDecoding => config.Causal && !config.ReceivesContext &&
+        layers.All(block => block.Attention is AttentionLayer layer && layer.Groups.All(g => g.SupportsDecoding));
 
     /// <summary>The layer stack run over a prompt (filling caches) or over one new token per row; the same sequential
     /// or reversible residual math as <see cref="Forward"/> in evaluation mode (no dropout, no LayerDrop).</summary>
@@ -75,15 +79,7 @@ public sealed partial class RoutingTransformerLM
 {
     /// <summary>True when <see cref="StartDecoding"/> can decode incrementally (a causal model without cross-attention
     /// whose every head group has a decoder); otherwise <see cref="Generate"/> re-encodes the context per token.</summary>
-    public bool SupportsCachedDecoding
-    {
-        get
-        {
-            using var scope = NewDisposeScope();
-            using var decoder = transformer.CreateDecoder(1, ScalarType.Float32, token_emb.weight!.device);
-            return decoder is not null;
-        }
-    }
+    public bool SupportsCachedDecoding => transformer.SupportsDecoding;
 
     /// <summary>
     /// Starts incremental decoding: encodes <paramref name="prompt"/> in one forward, keeping per layer and head group
