@@ -53,7 +53,7 @@ public sealed class SamplingDistributionTests
 
     /// <summary>Upper 1e-6 quantile of χ² with <paramref name="df"/> degrees of freedom (Wilson–Hilferty): a correct
     /// sampler exceeds it once in a million seeds, a sampler off by a few percent in any category exceeds it for sure at 20 000 draws.</summary>
-    private static double ChiSquareBound(int df)
+    internal static double ChiSquareBound(int df)
     {
         const double z = 4.753;                          // standard normal upper 1e-6 quantile
         double a = 2.0 / (9 * df);
