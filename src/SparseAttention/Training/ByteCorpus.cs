@@ -50,15 +50,25 @@ public sealed class ByteCorpus
                 .Where(f => !Path.GetRelativePath(path, f).Split(Path.DirectorySeparatorChar).Any(p => p.StartsWith('.')))
                 .OrderBy(f => f, StringComparer.Ordinal).ToArray();
         else throw new ArgumentException($"data: no such file or folder: {path}", "data");
-        using var all = new MemoryStream();
-        foreach (var f in files)
+        // Sizes come from the file system and exactly that many bytes are read: a device or FIFO (size 0, endless
+        // or blocking) is refused instead of read, and a file growing meanwhile cannot make the read run away.
+        var sizes = files.Select(f => new FileInfo(f).Length).ToArray();
+        if (files.Length == 1 && sizes[0] == 0)
+            throw new ArgumentException($"data: {path} is empty (0 bytes) or not a regular file (a device or FIFO); give a text file or a folder of text files.", "data");
+        long total = 0;
+        foreach (long size in sizes) total = checked(total + size);
+        if (total > Array.MaxLength)
+            throw new ArgumentException($"data: {path} holds {total:N0} bytes; this reader takes at most {Array.MaxLength:N0} bytes per corpus.", "data");
+        var bytes = new byte[total];
+        long at = 0;
+        for (int i = 0; i < files.Length; i++)
         {
-            using var s = File.OpenRead(f);
-            s.CopyTo(all);
+            if (sizes[i] == 0) continue;                                   // empty files (and devices in a folder) add nothing
+            using var s = new FileStream(files[i], FileMode.Open, FileAccess.Read, FileShare.Read, 1 << 16);
+            try { s.ReadExactly(bytes, (int)at, (int)sizes[i]); }
+            catch (EndOfStreamException) { throw new IOException($"{files[i]} became shorter while it was read."); }
+            at += sizes[i];
         }
-        var bytes = all.ToArray();
-        if (bytes.Length == 0)
-            throw new ArgumentException($"data: {path} is empty ({files.Length} file(s), 0 bytes); give a text file or a folder of text files.", "data");
         int nul = Array.IndexOf(bytes, (byte)0);
         if (nul >= 0)
             throw new ArgumentException($"data: {path} looks binary (a NUL byte at offset {nul}); give UTF-8 text.", "data");
