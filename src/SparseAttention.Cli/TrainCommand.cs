@@ -149,23 +149,11 @@ internal sealed class TrainCommand
         }
     }
 
-    /// <summary>The newest checkpoint of <paramref name="runDir"/> that reads back intact (magic, length, checksum);
-    /// null when there is none.</summary>
-    private static string? NewestIntact(string runDir)
-    {
-        foreach (var (_, path) in Checkpoint.List(runDir).Reverse())
-        {
-            try { Checkpoint.ReadHeader(path); return path; }
-            catch (CheckpointException) { }
-        }
-        return null;
-    }
-
     /// <summary>--from-intact: renames checkpoints newer than the newest intact one to <c>*.damaged</c> (kept, but no
     /// longer the newest) and returns the intact one.</summary>
     private static string SetAsideDamaged(string runDir, TextWriter output)
     {
-        string intact = NewestIntact(runDir) ?? throw new CliFailureException($"--from-intact: no checkpoint in {runDir} reads back intact.");
+        string intact = Checkpoint.NewestIntact(runDir) ?? throw new CliFailureException($"--from-intact: no checkpoint in {runDir} reads back intact.");
         foreach (var (_, path) in Checkpoint.List(runDir).Where(c => string.CompareOrdinal(c.Path, intact) > 0))
         {
             File.Move(path, path + ".damaged", overwrite: true);
@@ -177,7 +165,7 @@ internal sealed class TrainCommand
     /// <summary>The checkpoint error, plus which older checkpoint is intact and how to continue from it.</summary>
     private static CheckpointException WithIntactHint(CheckpointException e, string runDir, string failed)
     {
-        string? intact = NewestIntact(runDir);
+        string? intact = Checkpoint.NewestIntact(runDir);
         if (intact is null || intact == failed) return e;
         return new CheckpointException($"{e.Message} The newest intact checkpoint is {Path.GetFileName(intact)}; continue from it with --resume --from-intact.", e);
     }

@@ -158,10 +158,10 @@ public sealed class TrainCliTests : TrainTestBase
         (code, _, stderr) = Train("--max-steps", "8");
         Assert.Equal(CliApp.UsageError, code);
         Assert.StartsWith("error: --out:", stderr);
-        (code, _, stderr) = Train("--max-steps", "9", "--resume", "--set", "dim=32");
+        (code, _, stderr) = Train("--max-steps", "12", "--resume", "--set", "dim=32");
         Assert.Equal(CliApp.UsageError, code);
         Assert.Contains("different configuration (dim differ)", stderr);
-        (code, _, stderr) = Train("--max-steps", "9", "--resume", "--lr", "0.5");
+        (code, _, stderr) = Train("--max-steps", "12", "--resume", "--lr", "0.5");
         Assert.Equal(CliApp.UsageError, code);
         Assert.Contains("--lr 0.001 in the checkpoint vs 0.5", stderr);
     }

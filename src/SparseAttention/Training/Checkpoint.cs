@@ -52,6 +52,18 @@ public static class Checkpoint
             .OrderBy(x => x.Item1).ToList();
     }
 
+    /// <summary>The newest checkpoint of <paramref name="runDir"/> that reads back intact (magic, length, SHA-256);
+    /// null when there is none.</summary>
+    public static string? NewestIntact(string runDir)
+    {
+        foreach (var (_, path) in List(runDir).Reverse())
+        {
+            try { ReadHeader(path); return path; }
+            catch (CheckpointException) { }
+        }
+        return null;
+    }
+
     /// <summary>Saves <paramref name="trainer"/> atomically to <paramref name="path"/>, streaming (no size limit);
     /// throws <see cref="CheckpointException"/> without touching <paramref name="path"/> when a weight or buffer
     /// holds NaN or ∞ (a diverged run must not replace a good checkpoint).</summary>
