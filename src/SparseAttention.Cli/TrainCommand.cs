@@ -83,9 +83,9 @@ internal sealed class TrainCommand
         var existing = Checkpoint.List(outDir);
         RunLock? runLock = null;
         Trainer? trainer = null;
+        ByteCorpus? corpus = null;
         try
         {
-            ByteCorpus corpus;
             if (resume)
             {
                 if (existing.Count == 0) throw new CliUsageException($"--resume: no checkpoint ({Checkpoint.Prefix}*{Checkpoint.Extension}) in {outDir}.");
@@ -145,6 +145,7 @@ internal sealed class TrainCommand
         finally
         {
             trainer?.Dispose();
+            corpus?.Dispose();
             runLock?.Dispose();
         }
     }

@@ -100,7 +100,7 @@ public sealed class TrainConfigTests : TrainTestBase
         File.WriteAllBytes(Path.Combine(folder, "a.txt"), Text[500..1000]);
         var corpus = ByteCorpus.Load(folder, 0.1, 16);
         Assert.Equal(2, corpus.Files);
-        Assert.Equal(Text[500..1000].Concat(Text[..500]).ToArray(), corpus.Train.Concat(corpus.Validation).ToArray());
+        Assert.Equal(Text[500..1000].Concat(Text[..500]).ToArray(), corpus.Train.ToArray().Concat(corpus.Validation.ToArray()).ToArray());
         Assert.Equal(100, corpus.Validation.Length);
 
         string empty = Path.Combine(Dir, "empty.txt");
@@ -262,5 +262,50 @@ public sealed class ValidationBpcTests : TrainTestBase
         double expected = nats / predicted / Math.Log(2);
         Assert.True(Math.Abs(bpc - expected) <= 1e-5 * expected, $"ValidationBitsPerCharacter {bpc} vs by hand {expected} over {windows} windows");
         Assert.InRange(bpc, 1.0, 9.0);    // an untrained byte model: near log2(256) = 8
+    }
+}
+
+public sealed class MappedCorpusTests : TrainTestBase
+{
+    /// <summary>Files above ByteCorpus.MapAbove (1 GB; here forced to 0) are memory-mapped and checked for text in pieces
+    /// (here 7 bytes, so multi-byte characters straddle pieces): same split, same bytes, same training step, and the
+    /// same text checks as the array path — without writing a 2 GB file.</summary>
+    [Fact]
+    public void Mapped_corpus_matches_the_array_corpus_and_checks_text_across_pieces()
+    {
+        string path = Path.Combine(Dir, "text.txt");
+        var text = Encoding.UTF8.GetBytes(string.Concat(Enumerable.Repeat("naïve café — Grüße, 東京. ", 40)));
+        File.WriteAllBytes(path, text);
+        var viaArray = ByteCorpus.Load(path, 0.1, 16);
+        long previousMap = ByteCorpus.MapAbove;
+        int previousPiece = ByteCorpus.CheckPiece;
+        try
+        {
+            ByteCorpus.MapAbove = 0;
+            ByteCorpus.CheckPiece = 7;
+            using var mapped = ByteCorpus.Load(path, 0.1, 16);
+            Assert.Equal(viaArray.Train.ToArray(), mapped.Train.ToArray());
+            Assert.Equal(viaArray.Validation.ToArray(), mapped.Validation.ToArray());
+            Assert.Equal(text[^1], mapped.Validation[mapped.Validation.Length - 1]);
+
+            var config = MicroConfig with { StaticHeadGroups = null, NLocalAttnHeads = [2] };
+            var options = MicroOptions with { Accumulation = 1 };
+            using var a = new Trainer(config, options, viaArray.Train, viaArray.Validation);
+            double lossA = a.TrainStep().Loss;
+            using var b = new Trainer(config, options, mapped.Train, mapped.Validation);
+            Assert.Equal(lossA, b.TrainStep().Loss);
+
+            string binary = Path.Combine(Dir, "bin.txt");
+            File.WriteAllBytes(binary, [.. text[..500], 0, .. text]);
+            Assert.Contains("a NUL byte at offset 500", Assert.Throws<ArgumentException>(() => ByteCorpus.Load(binary, 0.1, 16)).Message);
+            string latin = Path.Combine(Dir, "latin1.txt");
+            File.WriteAllBytes(latin, Enumerable.Range(0, 300).Select(i => (byte)(i % 2 == 0 ? 0xE9 : 'a')).ToArray());
+            Assert.Contains("150 invalid UTF-8 sequences in 300 bytes", Assert.Throws<ArgumentException>(() => ByteCorpus.Load(latin, 0.1, 16)).Message);
+        }
+        finally
+        {
+            ByteCorpus.MapAbove = previousMap;
+            ByteCorpus.CheckPiece = previousPiece;
+        }
     }
 }

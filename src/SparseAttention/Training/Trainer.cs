@@ -24,7 +24,7 @@ public readonly record struct StepResult(long Step, double Loss, double Learning
 /// </summary>
 public sealed class Trainer : IDisposable
 {
-    private readonly byte[] train, validation;
+    private readonly ByteText train, validation;
     private readonly AdamW optimizer;
 
     /// <summary>The model being trained.</summary>
@@ -49,10 +49,12 @@ public sealed class Trainer : IDisposable
     internal AdamW Optimizer => optimizer;
 
     /// <summary>A fresh run: seeds libtorch's global generator with Options.Seed, then builds the model and optimizer.</summary>
-    public Trainer(TransformerConfig config, TrainingOptions options, byte[] train, byte[] validation)
+    public Trainer(TransformerConfig config, TrainingOptions options, ByteText train, ByteText validation)
     {
         ArgumentNullException.ThrowIfNull(config);
         ArgumentNullException.ThrowIfNull(options);
+        ArgumentNullException.ThrowIfNull(train);
+        ArgumentNullException.ThrowIfNull(validation);
         options.Validate();
         config.Validate();
         Check.That(config.NumTokens == 256, nameof(config.NumTokens), $"byte-level training needs num_tokens = 256, got {config.NumTokens}.");
@@ -165,7 +167,9 @@ public sealed class Trainer : IDisposable
         {
             using var noGrad = no_grad();
             using var scope = NewDisposeScope();
-            var window = tensor(validation.AsSpan(0, Options.SeqLen).ToArray().Select(b => (long)b).ToArray(), new long[] { 1, Options.SeqLen });   // (1, T)
+            var ids = new long[Options.SeqLen];
+            for (int t = 0; t < ids.Length; t++) ids[t] = validation[t];
+            var window = tensor(ids, new long[] { 1, Options.SeqLen });                                               // (1, T)
             return Model.forward(window, null).Logits.isfinite().all().item<bool>();
         }
         finally { Model.train(); }
@@ -180,7 +184,7 @@ public sealed class Trainer : IDisposable
         ulong range = (ulong)(train.Length - seqLen + 1);
         for (int i = 0; i < b; i++)
         {
-            int offset = (int)(NextRandom() % range);
+            long offset = (long)(NextRandom() % range);
             for (int t = 0; t < seqLen; t++) data[i * seqLen + t] = train[offset + t];
         }
         int length = seqLen;
