@@ -201,7 +201,7 @@ public static class Safetensors
     }
 
     /// <summary>Reads and validates <paramref name="path"/>; throws <see cref="SafetensorsException"/> naming the file
-    /// and the problem (see <see cref="Parse"/>).</summary>
+    /// and the problem (see <see cref="Parse(byte[], string)"/>).</summary>
     public static SafetensorsContents Read(string path)
     {
         FileStream file;
