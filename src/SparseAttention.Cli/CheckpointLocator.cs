@@ -60,9 +60,17 @@ internal static class CheckpointLocator
     public static LoadedModel Load(string path, string? configPath, string option = "--checkpoint")
     {
         string file = Resolve(path, option);
-        LoadedModel loaded = IsCheckpoint(file)
-            ? LoadCheckpoint(file, configPath, option)
-            : LoadSafetensors(file, configPath, option);
+        LoadedModel loaded;
+        try
+        {
+            loaded = IsCheckpoint(file)
+                ? LoadCheckpoint(file, configPath, option)
+                : LoadSafetensors(file, configPath, option);
+        }
+        catch (CheckpointException e) when (Directory.Exists(path) && Checkpoint.NewestIntact(path) is string intact && intact != file)
+        {
+            throw new CheckpointException($"{e.Message} The newest intact checkpoint in {path} is {System.IO.Path.GetFileName(intact)}; pass {option} {intact}.", e);
+        }
         loaded.Model.eval();
         return loaded;
     }
@@ -96,7 +104,12 @@ internal static class CheckpointLocator
             RoutingTransformerLM model;
             try { model = new RoutingTransformerLM(config); }
             catch (ArgumentException e) { throw new CliUsageException($"configuration of {file}: {e.Message}"); }
-            try { Safetensors.LoadModel(model, contents, file); }
+            try
+            {
+                Safetensors.LoadModel(model, contents, file);
+                if (Checkpoint.FirstNonFinite(model) is string bad)
+                    throw new SafetensorsException($"{file}: tensor '{bad}' holds NaN or infinite values; these weights cannot be used.");
+            }
             catch
             {
                 model.Dispose();

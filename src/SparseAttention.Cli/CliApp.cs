@@ -15,10 +15,14 @@ public static class CliApp
     /// <summary>Exit code for bad usage: parse errors, bad option values, arguments the library rejects.</summary>
     public const int UsageError = 2;
 
+    /// <summary><c>--verbose</c> (every command): full text of internal and native (libtorch) errors, with stack traces.</summary>
+    public static readonly Option<bool> VerboseOption = new("--verbose") { Description = "On an error, print its full text (libtorch's C++ frames, .NET stack trace) instead of one line.", Recursive = true };
+
     /// <summary>Builds the root command with one subcommand per command file.</summary>
     public static RootCommand BuildRootCommand()
     {
         var root = new RootCommand("Sparse attention for long sequences: demo, train, sample, eval, plot, export/import weights, draw patterns, benchmark kernels.");
+        root.Add(VerboseOption);
         root.Add(PatternCommand.Create());
         root.Add(BenchCommand.Create()); root.Add(TrainCommand.Create()); root.Add(DemoCommand.Create());
         root.Add(SampleCommand.Create()); root.Add(EvalCommand.Create()); root.Add(PlotCommand.Create());
@@ -53,39 +57,67 @@ public static class CliApp
             foreach (var error in parsed.Errors) stderr.WriteLine($"error: {error.Message}");
             return UsageError;
         }
+        bool verbose = parsed.GetValue(VerboseOption) || Environment.GetEnvironmentVariable("SPARSE_ATTN_TRACE") == "1";
         try
         {
             return parsed.Invoke(config);
         }
-        catch (CliUsageException e)
+        catch (Exception e)
         {
-            stderr.WriteLine($"error: {e.Message}");
-            return UsageError;
-        }
-        catch (ArgumentException e)
-        {
-            // Library argument checks name their parameter; say which option that is when we know.
-            stderr.WriteLine($"error: {OptionNames.Describe(e, parsed.CommandResult.Command)}");
-            return UsageError;
-        }
-        catch (Exception e) when (e is Training.CheckpointException or Training.SafetensorsException)
-        {
-            // A file the user named is corrupt or does not fit: the message says which and why.
-            stderr.WriteLine($"error: {e.Message}");
-            return Failure;
-        }
-        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
-        {
-            stderr.WriteLine($"error: {e.Message}");
-            return Failure;
-        }
-        catch (Exception e) when (Environment.GetEnvironmentVariable("SPARSE_ATTN_TRACE") != "1")
-        {
-            stderr.WriteLine($"error: {e.GetType().Name}: {e.Message} (set SPARSE_ATTN_TRACE=1 for the stack trace)");
-            return Failure;
+            var (code, message) = Classify(e, parsed.CommandResult.Command, verbose);
+            stderr.WriteLine($"error: {message}");
+            return code;
         }
     }
+
+    /// <summary>Exit code and message of an exception escaping a command, by its type: usage errors (the command line
+    /// or the library's argument checks, thrown from this project's code) exit 2; everything else — I/O, corrupt files,
+    /// diverged training, libtorch, bugs — exits 1. Without <paramref name="verbose"/> the message is one line.</summary>
+    internal static (int Code, string Message) Classify(Exception e, Command command, bool verbose)
+    {
+        switch (e)
+        {
+            case CliUsageException:
+                return (UsageError, e.Message);
+            case CliFailureException or Training.CheckpointException or Training.SafetensorsException or IOException or UnauthorizedAccessException:
+                return (Failure, verbose ? e.ToString() : FirstLine(e.Message));
+            case ArgumentException a when IsOwnArgumentCheck(a):
+                // Library argument checks name their parameter; say which option that is when we know.
+                return (UsageError, OptionNames.Describe(a, command));
+            case System.Runtime.InteropServices.ExternalException or OutOfMemoryException:
+                // libtorch's messages carry pages of C++ frames after the sentence that matters.
+                return (Failure, verbose ? e.ToString() : $"libtorch: {FirstLine(e.Message)} (--verbose for the full text)");
+            default:
+                return (Failure, verbose ? e.ToString() : $"{e.GetType().Name}: {FirstLine(e.Message)} (--verbose for the full text and stack trace)");
+        }
+    }
+
+    /// <summary>An ArgumentException thrown by this project's code (the library's checks, a command's own), not by
+    /// .NET or a dependency (e.g. System.Text.Json refusing NaN is a bug, not bad usage).</summary>
+    private static bool IsOwnArgumentCheck(ArgumentException e)
+    {
+        var assembly = e.TargetSite?.DeclaringType?.Assembly;
+        return assembly == typeof(Check).Assembly || assembly == typeof(CliApp).Assembly;
+    }
+
+    /// <summary>The first line of <paramref name="message"/> that says something: libtorch puts the sentence first and
+    /// C++ frames ("Exception raised from ...", "frame #0: ...") after it.</summary>
+    internal static string FirstLine(string message)
+    {
+        foreach (var raw in message.Split('\n'))
+        {
+            string line = raw.Trim();
+            if (line.Length == 0 || line.StartsWith("Exception raised from", StringComparison.Ordinal) || line.StartsWith("frame #", StringComparison.Ordinal))
+                continue;
+            return line;
+        }
+        return message.Trim();
+    }
 }
+
+/// <summary>A failure that is not the command line's fault (the run folder is in use, training diverged, a
+/// resource ran out): one line on stderr, exit code 1.</summary>
+public sealed class CliFailureException(string message) : Exception(message);
 
 /// <summary>A bad command line detected by a command (not by the parser): the message names the
 /// option and says what was expected and what was given.</summary>

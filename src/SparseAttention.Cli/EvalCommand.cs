@@ -49,10 +49,15 @@ internal sealed class EvalCommand
         var (nats, tokens, windows) = NextByteNats(loaded.Model, data, loaded.Config.MaxSeqLen, batchSize);
         double bpc = nats / tokens / Math.Log(2);
         if (parse.GetValue(jsonOption))
-            output.WriteLine($"{{\"bpc\":{bpc.ToString("R", CultureInfo.InvariantCulture)}, \"tokens\":{tokens}}}");
+        {
+            double? value = double.IsFinite(bpc) ? bpc : null;                  // JSON has no NaN: null, and the exit code says why
+            output.WriteLine($"{{\"bpc\":{value?.ToString("R", CultureInfo.InvariantCulture) ?? "null"}, \"tokens\":{tokens}}}");
+        }
         else
             output.WriteLine($"bpc {bpc:F4} over {tokens:N0} predicted bytes ({windows:N0} windows of up to {loaded.Config.MaxSeqLen} bytes) " +
                              $"with {loaded.Describe()} in {watch.Elapsed.TotalSeconds:F1} s");
+        if (!double.IsFinite(bpc))
+            throw new CliFailureException($"bpc is {bpc.ToString(CultureInfo.InvariantCulture)}: {loaded.Describe()} gives NaN or infinite outputs on this data.");
         return CliApp.Ok;
     }
 

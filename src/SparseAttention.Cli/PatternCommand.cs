@@ -138,6 +138,8 @@ internal sealed class PatternCommand
         if (format == "png" && string.IsNullOrWhiteSpace(outPath))
             throw new CliUsageException("--out: --format png writes an image file; give --out FILE.png.");
 
+        RequireFits(kind, format, seqLen, block, heads);
+
         string? buckets = null;
         var pattern = kind == "lsh" ? BuildLsh(parse, seqLen, block, heads, causal, maxHeads, out buckets) : Build(kind, parse, seqLen, block, causal);
         var mask = pattern.Compile(seqLen, kind == "lsh" ? Math.Min(block, seqLen) : block, heads);
@@ -330,6 +332,23 @@ internal sealed class PatternCommand
     /// <summary>The option's value, or by default the block size (at most the sequence length).</summary>
     private static int OrBlock(ParseResult parse, Option<int?> option, int block, int seqLen) =>
         parse.GetValue(option) ?? Math.Min(block, seqLen);
+
+    /// <summary>Most block pairs (heads × blocks²) compiled, and most token pairs (heads × T²) of a dense mask (json, png,
+    /// lsh): 2^28, about a gigabyte of output or working memory. Checked before anything is allocated.</summary>
+    internal const long MaxCells = 1L << 28;
+
+    private void RequireFits(string kind, string format, int seqLen, int block, int heads)
+    {
+        long blocks = (seqLen + (long)block - 1) / block;
+        if (Limits.Product(heads, blocks, blocks) is not long pairs || pairs > MaxCells)
+            throw new CliUsageException($"--heads {heads} × (--seq-len {seqLen} / --block {block})² = {(double)heads * blocks * blocks:0.##e+0} block pairs; " +
+                                        $"at most {MaxCells:N0} are compiled (lower --seq-len or --heads, or raise --block).");
+        if (format is "json" or "png" || kind == "lsh")
+            if (Limits.Product(heads, seqLen, seqLen) is not long cells || cells > MaxCells)
+                throw new CliUsageException($"--heads {heads} × --seq-len {seqLen}² = {(double)heads * seqLen * seqLen:0.##e+0} token pairs in the dense mask " +
+                                            $"{(kind == "lsh" ? "of --kind lsh" : $"that --format {format} writes")}; at most {MaxCells:N0} (lower --seq-len or --heads" +
+                                            $"{(kind == "lsh" ? "" : ", or use --format ascii")}).");
+    }
 
     private static void RequirePositive(Option<int> option, int value, string what)
     {

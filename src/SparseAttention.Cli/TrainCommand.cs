@@ -38,6 +38,8 @@ internal sealed class TrainCommand
     private readonly Option<int> keepLastOption = new("--keep-last") { HelpName = "N", Description = "Keep the newest N checkpoints.", DefaultValueFactory = _ => 3 };
     private readonly Option<double> randomTruncateOption = new("--random-truncate") { HelpName = "P", Description = "Probability that a micro-batch is cut to a random length in [2, seq_len] (for decoding from short prompts).", DefaultValueFactory = _ => 0.0 };
     private readonly Option<int?> threadsOption = new("--threads") { HelpName = "N", Description = "libtorch intra-op threads (default: libtorch's choice)." };
+    private readonly Option<int> maxSkippedOption = new("--max-skipped-steps") { HelpName = "N", Description = "Stop (exit 1, no checkpoint) after N steps in a row skipped because their loss or gradient norm was NaN or infinite.", DefaultValueFactory = _ => 5 };
+    private readonly Option<bool> fromIntactOption = new("--from-intact") { Description = "With --resume: when the newest checkpoint is damaged, continue from the newest intact one (damaged newer ones are renamed *.damaged)." };
 
     /// <summary>Set to request a clean stop (as Ctrl-C does); checked between steps. For tests.</summary>
     internal static volatile bool StopRequested;
@@ -49,7 +51,8 @@ internal sealed class TrainCommand
         foreach (var option in new Option[] { self.dataOption, self.outOption, self.presetOption, self.setOption, self.maxStepsOption, self.maxMinutesOption,
                      self.resumeOption, self.seqLenOption, self.batchSizeOption, self.accumOption, self.lrOption, self.warmupOption, self.decayStepsOption,
                      self.weightDecayOption, self.clipOption, self.valFractionOption, self.evalBatchesOption, self.seedOption, self.evalEveryOption,
-                     self.logEveryOption, self.checkpointEveryOption, self.keepLastOption, self.randomTruncateOption, self.threadsOption })
+                     self.logEveryOption, self.checkpointEveryOption, self.keepLastOption, self.randomTruncateOption, self.threadsOption,
+                     self.maxSkippedOption, self.fromIntactOption })
             command.Add(option);
         command.SetAction(self.Execute);
         return command;
@@ -67,7 +70,7 @@ internal sealed class TrainCommand
         if (maxSteps is null && maxMinutes is null) throw new CliUsageException("--max-steps / --max-minutes: give at least one (when to stop).");
         if (maxSteps is <= 0) throw new CliUsageException($"--max-steps must be > 0, got {maxSteps}.");
         if (maxMinutes is double mm && !(mm > 0)) throw new CliUsageException($"--max-minutes must be > 0, got {mm}.");
-        foreach (var o in new[] { evalEveryOption, logEveryOption, checkpointEveryOption, keepLastOption })
+        foreach (var o in new[] { evalEveryOption, logEveryOption, checkpointEveryOption, keepLastOption, maxSkippedOption })
             if (parse.GetValue(o) <= 0) throw new CliUsageException($"{o.Name} must be > 0, got {parse.GetValue(o)}.");
         if (parse.GetValue(threadsOption) is int threads)
         {
@@ -75,17 +78,28 @@ internal sealed class TrainCommand
             TorchSharp.torch.set_num_threads(threads);
         }
 
-        bool resume = parse.GetValue(resumeOption);
+        bool resume = parse.GetValue(resumeOption), fromIntact = parse.GetValue(fromIntactOption);
+        if (fromIntact && !resume) throw new CliUsageException("--from-intact only applies with --resume.");
         var existing = Checkpoint.List(outDir);
+        RunLock? runLock = null;
+        Trainer? trainer = null;
+        ByteCorpus? corpus = null;
         try
         {
-            Trainer trainer;
-            ByteCorpus corpus;
             if (resume)
             {
                 if (existing.Count == 0) throw new CliUsageException($"--resume: no checkpoint ({Checkpoint.Prefix}*{Checkpoint.Extension}) in {outDir}.");
-                string latest = existing[^1].Path;
-                var (storedConfig, storedOptions, _) = Checkpoint.ReadHeader(latest);
+                runLock = RunLock.Acquire(outDir, output.WriteLine);
+                existing = Checkpoint.List(outDir);                                 // as of holding the lock
+                string latest = fromIntact ? SetAsideDamaged(outDir, output) : existing[^1].Path;
+                TransformerConfig storedConfig;
+                TrainingOptions storedOptions;
+                long storedStep;
+                try { (storedConfig, storedOptions, storedStep) = Checkpoint.ReadHeader(latest); }
+                catch (CheckpointException e) { throw WithIntactHint(e, outDir, latest); }
+                if (maxSteps is int ms && storedStep >= ms)
+                    throw new CliUsageException($"--max-steps {ms}: {Path.GetFileName(latest)} is already at step {storedStep}, so there is nothing to train; " +
+                                                $"give --max-steps above {storedStep} (or --max-minutes) to continue.");
                 if (Given(parse, presetOption) || Given(parse, setOption))
                 {
                     var requested = BuildConfig(parse);
@@ -97,7 +111,8 @@ internal sealed class TrainCommand
                 if (requestedOptions != storedOptions)
                     throw new CliUsageException($"--resume: hyperparameters differ from {latest}: {DescribeOptionDiff(storedOptions, requestedOptions)}; drop those options to continue the run as it was.");
                 corpus = LoadCorpus(parse, storedOptions);
-                trainer = Checkpoint.Load(latest, corpus.Train, corpus.Validation);
+                try { trainer = Checkpoint.Load(latest, corpus.Train, corpus.Validation); }
+                catch (CheckpointException e) { throw WithIntactHint(e, outDir, latest); }
                 int dropped = TrimLog(Path.Combine(outDir, "log.jsonl"), trainer.Step);
                 if (dropped > 0) output.WriteLine($"log.jsonl: dropped {dropped} line(s) after step {trainer.Step} (written after the newest checkpoint; those steps run again)");
                 output.WriteLine($"resumed {latest} at step {trainer.Step} ({trainer.TokensSeen:N0} tokens, {Format((trainer.ElapsedSeconds))} trained)");
@@ -106,28 +121,54 @@ internal sealed class TrainCommand
             {
                 if (existing.Count > 0)
                     throw new CliUsageException($"--out: {outDir} already holds checkpoints (newest {Path.GetFileName(existing[^1].Path)}); give --resume to continue it or choose another folder.");
+                if (File.Exists(outDir)) throw new CliUsageException($"--out: {outDir} is a file; the run folder must be a folder.");
+                // Everything is checked before the run folder is touched: a refused run leaves nothing behind.
                 var config = BuildConfig(parse);
+                Limits.RequireTrainableModel(config, Given(parse, setOption) ? "--set" : "--preset");
                 var options = BuildOptions(parse, config, maxSteps, null);
+                Limits.RequireBatchFits(config, options.BatchSize, options.SeqLen, "--batch-size", "--seq-len");
                 corpus = LoadCorpus(parse, options);
                 try { trainer = new Trainer(config, options, corpus.Train, corpus.Validation); }
                 catch (ArgumentException e) { throw new CliUsageException(DescribeConfigError(e)); }
                 Directory.CreateDirectory(outDir);
+                runLock = RunLock.Acquire(outDir, output.WriteLine);
+                if (Checkpoint.List(outDir).Count > 0)
+                    throw new CliUsageException($"--out: {outDir} received checkpoints from another run meanwhile; choose another folder.");
                 AtomicFile.WriteAllText(Path.Combine(outDir, "config.json"), ConfigBinding.ToJson(config));
             }
-            using (trainer)
-            {
-                long parameters = trainer.Model.parameters().Sum(p => p.numel());
-                output.WriteLine($"data: {corpus.Files} file(s), {corpus.Train.Length:N0} training + {corpus.Validation.Length:N0} validation bytes; " +
-                                 $"model: {parameters:N0} parameters (dim {trainer.Config.Dim}, depth {trainer.Config.Depth}, heads {trainer.Config.Heads}), " +
-                                 $"seq_len {trainer.Options.SeqLen}, batch {trainer.Options.BatchSize}×{trainer.Options.Accumulation}");
-                return Loop(parse, trainer, outDir, maxSteps, maxMinutes, output);
-            }
+            long parameters = trainer.Model.parameters().Sum(p => p.numel());
+            output.WriteLine($"data: {corpus.Files} file(s), {corpus.Train.Length:N0} training + {corpus.Validation.Length:N0} validation bytes; " +
+                             $"model: {parameters:N0} parameters (dim {trainer.Config.Dim}, depth {trainer.Config.Depth}, heads {trainer.Config.Heads}), " +
+                             $"seq_len {trainer.Options.SeqLen}, batch {trainer.Options.BatchSize}×{trainer.Options.Accumulation}");
+            return Loop(parse, trainer, outDir, maxSteps, maxMinutes, output);
         }
-        catch (CheckpointException e)
+        finally
         {
-            error.WriteLine($"error: {e.Message}");
-            return CliApp.Failure;
+            trainer?.Dispose();
+            corpus?.Dispose();
+            runLock?.Dispose();
         }
+    }
+
+    /// <summary>--from-intact: renames checkpoints newer than the newest intact one to <c>*.damaged</c> (kept, but no
+    /// longer the newest) and returns the intact one.</summary>
+    private static string SetAsideDamaged(string runDir, TextWriter output)
+    {
+        string intact = Checkpoint.NewestIntact(runDir) ?? throw new CliFailureException($"--from-intact: no checkpoint in {runDir} reads back intact.");
+        foreach (var (_, path) in Checkpoint.List(runDir).Where(c => string.CompareOrdinal(c.Path, intact) > 0))
+        {
+            File.Move(path, path + ".damaged", overwrite: true);
+            output.WriteLine($"--from-intact: {Path.GetFileName(path)} is damaged; renamed to {Path.GetFileName(path)}.damaged");
+        }
+        return intact;
+    }
+
+    /// <summary>The checkpoint error, plus which older checkpoint is intact and how to continue from it.</summary>
+    private static CheckpointException WithIntactHint(CheckpointException e, string runDir, string failed)
+    {
+        string? intact = Checkpoint.NewestIntact(runDir);
+        if (intact is null || intact == failed) return e;
+        return new CheckpointException($"{e.Message} The newest intact checkpoint is {Path.GetFileName(intact)}; continue from it with --resume --from-intact.", e);
     }
 
     /// <summary>Removes log lines of steps after <paramref name="step"/> (a run that stopped without saving them); returns how many.</summary>
@@ -191,6 +232,12 @@ internal sealed class TrainCommand
             RandomTruncate = Pick(randomTruncateOption, o.RandomTruncate),
         };
         try { return o.Validate(); }
+        catch (ArgumentException e) when (e.ParamName == nameof(TrainingOptions.SeqLen) && fresh && !Given(parse, seqLenOption))
+        {
+            // The window length was not given: it came from the configuration, so blame that.
+            throw new CliUsageException($"configuration: max_seq_len = {config.MaxSeqLen} is too short to train: the training window " +
+                                        "(--seq-len, default max_seq_len) needs at least 2 tokens; set max_seq_len >= 2.");
+        }
         catch (ArgumentException e) { throw new CliUsageException(DescribeOptionError(e)); }
     }
 
@@ -225,7 +272,7 @@ internal sealed class TrainCommand
 
     private int Loop(ParseResult parse, Trainer trainer, string outDir, int? maxSteps, double? maxMinutes, TextWriter output)
     {
-        int evalEvery = parse.GetValue(evalEveryOption), logEvery = parse.GetValue(logEveryOption);
+        int evalEvery = parse.GetValue(evalEveryOption), logEvery = parse.GetValue(logEveryOption), maxSkipped = parse.GetValue(maxSkippedOption);
         int checkpointEvery = parse.GetValue(checkpointEveryOption), keepLast = parse.GetValue(keepLastOption);
         string logPath = Path.Combine(outDir, "log.jsonl");
         var session = Stopwatch.StartNew();
@@ -241,6 +288,7 @@ internal sealed class TrainCommand
         bool interactive = ReferenceEquals(output, Console.Out) && !Console.IsOutputRedirected && AnsiConsole.Profile.Capabilities.Interactive;
 
         void Log(LogLine line) => File.AppendAllText(logPath, JsonSerializer.Serialize(line) + "\n");
+        string Newest() => Checkpoint.List(outDir) is { Count: > 0 } list ? $"the newest checkpoint is {Path.GetFileName(list[^1].Path)}" : "no checkpoint was saved";
         void Print(string line)
         {
             if (interactive) AnsiConsole.WriteLine(line);
@@ -254,10 +302,16 @@ internal sealed class TrainCommand
             lastBpc = trainer.ValidationBitsPerCharacter();
             trainer.ElapsedSeconds = Elapsed();
             Print($"step {trainer.Step,7}  val_bpc {lastBpc:F4}");
-            Log(new LogLine(trainer.Step, null, lastBpc, null, null, Math.Round(trainer.ElapsedSeconds, 3)));
+            Log(new LogLine(trainer.Step, null, Limits.FiniteOrNull(lastBpc, $"val_bpc at step {trainer.Step}", output), null, null, Math.Round(trainer.ElapsedSeconds, 3)));
+            if (!double.IsFinite(lastBpc))
+                throw new CliFailureException($"training diverged: val_bpc is {lastBpc} at step {trainer.Step} (the model's outputs are not finite); " +
+                                              $"stopped without saving; {Newest()}; try a lower --lr.");
         }
         void Save()
         {
+            if (!trainer.OutputsAreFinite())
+                throw new CliFailureException($"training diverged: the model's outputs are NaN or infinite at step {trainer.Step}; " +
+                                              $"stopped without saving; {Newest()}; try a lower --lr.");
             trainer.ElapsedSeconds = Elapsed();
             string path = Checkpoint.PathFor(outDir, trainer.Step);
             Checkpoint.Save(trainer, path);
@@ -279,11 +333,19 @@ internal sealed class TrainCommand
                 {
                     var r = trainer.TrainStep();
                     intervalTokens += r.Tokens;
+                    if (r.Skipped)
+                    {
+                        Print($"warning: step {r.Step + 1} skipped: loss {r.Loss.ToString(CultureInfo.InvariantCulture)}, gradient norm " +
+                              $"{r.GradNorm.ToString(CultureInfo.InvariantCulture)}; {trainer.ConsecutiveSkippedSteps} in a row (--max-skipped-steps {maxSkipped})");
+                        if (trainer.ConsecutiveSkippedSteps >= maxSkipped)
+                            throw new CliFailureException($"training diverged: {trainer.ConsecutiveSkippedSteps} steps in a row had a NaN or infinite loss or gradient norm " +
+                                                          $"(after step {r.Step}); stopped without saving; {Newest()}; try a lower --lr.");
+                        continue;
+                    }
                     lossSum += r.Loss;
                     lossCount++;
-                    if (!double.IsFinite(r.Loss)) throw new InvalidOperationException($"training loss became {r.Loss} at step {r.Step}; try a lower --lr.");
                     bool last = Done();
-                    if (r.Step % logEvery == 0 || last)
+                    if ((r.Step % logEvery == 0 || last) && lossCount > 0)
                     {
                         double seconds = interval.Elapsed.TotalSeconds;
                         double tps = intervalTokens / Math.Max(seconds, 1e-9);

@@ -73,7 +73,10 @@ public class BlockLayoutTests
 
     // ---------- the cases: a pattern and (for non-random kinds) its expected layout ----------
 
-    private sealed record Case(BlockLayoutPattern Pattern, Func<int, int, bool[,]>? Expected, int MinBlocks = 1);
+    /// <summary>A pattern and its expected layout; random kinds have no single expected layout but a fixed part
+    /// (everything except the random blocks), a random count per row and whether the random blocks stay causal.</summary>
+    private sealed record Case(BlockLayoutPattern Pattern, Func<int, int, bool[,]>? Expected, int MinBlocks = 1,
+        Func<int, bool[,]>? FixedPart = null, int Random = 0, bool RandomCausal = false);
 
     private static Case Make(string kind, bool causal) => kind switch
     {
@@ -89,13 +92,14 @@ public class BlockLayoutTests
         "variable-ranges" => new(new DsVariablePattern(B, causal, 0, [3], [1, 5], [3, 6], differentLayoutPerHead: true),
             (h, nb) => VariableExpected(nb, [3], [1, 5], [3, 6], causal, false)),
         "variable-random" => new(new DsVariablePattern(B, causal, 2, [2], [0], null, differentLayoutPerHead: true, seed: 7),
-            null, MinBlocks: 2),
+            null, MinBlocks: 2, FixedPart: nb => VariableExpected(nb, [2], [0], null, causal, false), Random: 2),
         "bigbird" => new(new BigBirdPattern(B, causal, numRandomBlocks: 0, numSlidingWindowBlocks: 3, numGlobalBlocks: 1),
             (h, nb) => BigBirdExpected(nb, 3, 1, causal), MinBlocks: 3),
         "bigbird-even-window" => new(new BigBirdPattern(B, causal, numRandomBlocks: 0, numSlidingWindowBlocks: 2, numGlobalBlocks: 2),
             (h, nb) => BigBirdExpected(nb, 2, 2, causal), MinBlocks: 2),
         "bigbird-random" => new(new BigBirdPattern(B, causal, numRandomBlocks: 2, numSlidingWindowBlocks: 1, numGlobalBlocks: 1,
-            differentLayoutPerHead: true, seed: 3), null, MinBlocks: 2),
+            differentLayoutPerHead: true, seed: 3), null, MinBlocks: 2, FixedPart: nb => BigBirdExpected(nb, 1, 1, causal), Random: 2,
+            RandomCausal: causal),
         "longformer" => new(new LongformerPattern(B, causal, 3, [0, 3]),
             (h, nb) => LongformerExpected(nb, 3, [0, 3], null, causal), MinBlocks: 3),
         "longformer-ranges" => new(new LongformerPattern(B, causal, 2, [1, 6], [3, 9], differentLayoutPerHead: true),
@@ -132,7 +136,76 @@ public class BlockLayoutTests
                 Assert.Equal(nb, actual.GetLength(0));
                 Assert.Equal(nb, actual.GetLength(1));
                 if (c.Expected is not null) SameLayout(c.Expected(h, nb), actual, $"{c.Pattern.Name} head {h} numBlocks {nb}");
+                else AssertRandomRules(c, actual, $"{c.Pattern.Name} head {h} numBlocks {nb}");
             }
+    }
+
+    /// <summary>The rules of a random layout, checked without the library's Layout as a reference: the fixed part is
+    /// all there; each row adds at most Random blocks beyond it (fewer when a draw lands on the fixed part); causal
+    /// BigBird draws only blocks at or left of the diagonal.</summary>
+    private static void AssertRandomRules(Case c, bool[,] actual, string what)
+    {
+        int nb = actual.GetLength(0);
+        var fixedPart = c.FixedPart!(nb);
+        for (int r = 0; r < nb; r++)
+        {
+            int extra = 0;
+            for (int col = 0; col < nb; col++)
+            {
+                Assert.True(!fixedPart[r, col] || actual[r, col], $"{what}: fixed block ({r}, {col}) missing");
+                if (!actual[r, col] || fixedPart[r, col]) continue;
+                extra++;
+                Assert.True(!c.RandomCausal || col <= r, $"{what}: random block ({r}, {col}) above the diagonal");
+            }
+            Assert.True(extra <= c.Random, $"{what}: row {r} has {extra} blocks beyond the fixed part, more than {c.Random} random ones");
+        }
+    }
+
+    /// <summary>
+    /// Random blocks are drawn uniformly without replacement from their candidates: over many seeds, each candidate
+    /// column of row r is chosen with probability min(k, n) / n (n = r + 1 for causal BigBird, all blocks otherwise).
+    /// Window 1 and no global blocks leave only the diagonal as fixed part, so every other block seen is a random one.
+    /// Pearson's χ² over all (row, column) cells against the 1e-6 bound. Mutations checked by hand in MarkRandom's
+    /// Fisher–Yates step: drawing from [i, n − 1) (never the last candidate; χ² 1059–1649 against bounds 78–122) or
+    /// from [i + 1, n) (never keeping the current one; χ² 719–861) fail all four cases.
+    /// </summary>
+    [Theory]
+    [InlineData("bigbird", false)]
+    [InlineData("bigbird", true)]
+    [InlineData("variable", false)]
+    [InlineData("variable", true)]
+    public void RandomBlocksAreUniformOverTheirCandidatesAcrossSeeds(string kind, bool causal)
+    {
+        const int nb = 8, k = 2, seeds = 600;
+        var hits = new int[nb, nb];
+        for (int seed = 0; seed < seeds; seed++)
+        {
+            BlockLayoutPattern p = kind == "bigbird"
+                ? new BigBirdPattern(B, causal, k, numSlidingWindowBlocks: 1, numGlobalBlocks: 0, seed: seed)
+                : new DsVariablePattern(B, causal, k, [1], [], seed: seed);
+            var layout = p.Layout(0, nb);
+            for (int r = 0; r < nb; r++)
+                for (int c = 0; c < nb; c++)
+                    if (layout[r, c] && c != r) hits[r, c]++;
+        }
+        double chi2 = 0;
+        int cells = 0;
+        for (int r = 0; r < nb; r++)
+        {
+            int candidates = kind == "bigbird" && causal ? r + 1 : nb;
+            double prob = (double)Math.Min(k, candidates) / candidates;
+            for (int c = 0; c < nb; c++)
+            {
+                if (c == r) continue;
+                if (c >= candidates) { Assert.True(hits[r, c] == 0, $"row {r} drew block {c}, not a candidate"); continue; }
+                if (prob >= 1) { Assert.Equal(seeds, hits[r, c]); continue; }
+                double expected = seeds * prob;
+                chi2 += Math.Pow(hits[r, c] - expected, 2) / (expected * (1 - prob));
+                cells++;
+            }
+        }
+        double bound = SamplingDistributionTests.ChiSquareBound(cells);
+        Assert.True(chi2 < bound, $"χ² = {chi2:F1} ≥ {bound:F1} over {cells} cells");
     }
 
     [Fact]
@@ -295,8 +368,14 @@ public class BlockLayoutTests
         foreach (int seqLen in new[] { 4 * B, 22, 37 })
         {
             int nb = (seqLen + B - 1) / B;
-            var layouts = Enumerable.Range(0, heads)
-                .Select(h => c.Expected is null ? c.Pattern.Layout(h, nb) : c.Expected(h, nb)).ToArray();
+            // Random kinds: the oracle is the library's layout only after it passed the rule checks here.
+            var layouts = Enumerable.Range(0, heads).Select(h =>
+            {
+                if (c.Expected is not null) return c.Expected(h, nb);
+                var layout = c.Pattern.Layout(h, nb);
+                AssertRandomRules(c, layout, $"{c.Pattern.Name} head {h}");
+                return layout;
+            }).ToArray();
             using var expected = TokenExpectation(layouts, B, seqLen, causal);
             foreach (int compileBlock in new[] { B, 3, 8 })
             {

@@ -166,7 +166,7 @@ public class CliPatternTests
 
     [Theory]
     [MemberData(nameof(JsonCases))]
-    public void Json_MaskIsToDenseAndLayoutAndSparsityAgree(string[] options, string kind, AttentionPattern expected, int seqLen, int block, int heads)
+    public void Json_MatchesLibraryPatternOracle_MaskLayoutAndSparsityAgree(string[] options, string kind, AttentionPattern expected, int seqLen, int block, int heads)
     {
         var r = Run(["pattern", .. options, "--format", "json"]);
         Assert.Equal(0, r.Code);
@@ -259,7 +259,9 @@ public class CliPatternTests
     }
 }
 
-/// <summary>The block-layout kinds (ds-fixed, ds-variable, bigbird, longformer, sliding-window) against the library classes.</summary>
+/// <summary>The block-layout kinds (ds-fixed, ds-variable, bigbird, longformer, sliding-window) against the library classes.
+/// Oracle: the library pattern compiled in the test; those classes are themselves checked against independently
+/// written layouts and rules in BlockLayoutTests, so these tests check the CLI's option plumbing and JSON.</summary>
 public class CliBlockLayoutPatternTests
 {
     public static TheoryData<string[], string, string> Cases => new()
@@ -286,7 +288,7 @@ public class CliBlockLayoutPatternTests
 
     [Theory]
     [MemberData(nameof(Cases))]
-    public void Json_MatchesTheLibraryPattern(string[] options, string kind, string variant)
+    public void Json_MatchesLibraryPatternOracle(string[] options, string kind, string variant)
     {
         const int seqLen = 64, block = 8;
         int heads = options.Contains("--heads") ? int.Parse(options[Array.IndexOf(options, "--heads") + 1]) : 1;

@@ -137,6 +137,41 @@ public sealed class SafetensorsTests : TrainedModelTestBase
         return file;
     }
 
+    /// <summary>Tensors stream to and from files in pieces (so neither a file nor a tensor larger than 2 GB needs one
+    /// array); here pieces of 12 bytes, which split elements of no dtype and leave a short last piece, must give the same
+    /// bytes as one piece per tensor — the file is compared byte for byte with the layout written whole.</summary>
+    [Fact]
+    public void Piecewise_streaming_gives_the_same_file_and_tensors()
+    {
+        var gen = new Generator(5);
+        var tensors = new List<(string, Tensor)>
+        {
+            ("w", randn(new long[] { 37, 11 }, generator: gen)), ("d", randn(new long[] { 5 }, dtype: ScalarType.Float64, generator: gen)),
+            ("h", randn(new long[] { 7 }, generator: gen).to(ScalarType.Float16)), ("b", tensor(new[] { true, false, true, true, false })),
+            ("s", tensor(1.5f)),
+        };
+        var whole = Safetensors.Serialize(tensors);
+        long previous = Safetensors.ChunkBytes;
+        try
+        {
+            Safetensors.ChunkBytes = 12;
+            Assert.Equal(whole, Safetensors.Serialize(tensors));
+            string path = Path.Combine(Dir, "pieces.safetensors");
+            Safetensors.Write(path, tensors);
+            Assert.Equal(whole, File.ReadAllBytes(path));
+            using var contents = Safetensors.Read(path);
+            foreach (var (name, expected) in tensors)
+                Assert.True(expected.equal(contents[name]!).all().item<bool>(), name);
+            // A bad BOOL byte in a later piece is still found.
+            var bad = (byte[])whole.Clone();
+            var entry = contents.Entries.Single(e => e.Name == "b");
+            long dataStart = whole.Length - contents.Entries.Max(e => e.End);
+            bad[dataStart + entry.Begin + 4] = 7;
+            Assert.Contains("holds the byte 7", Assert.Throws<SafetensorsException>(() => Safetensors.Parse(bad)).Message);
+        }
+        finally { Safetensors.ChunkBytes = previous; }
+    }
+
     [Theory]
     [InlineData("""{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}""", 8, null)]                                   // valid
     [InlineData("""{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}""", 4, "run past the end of the data buffer (4 bytes")]                       // buffer short: offsets out of range

@@ -20,7 +20,8 @@ public sealed class CheckpointException(string message, Exception? inner = null)
 /// Layout: magic <c>SPATCKPT</c>, int32 format version, int64 payload length, payload, SHA-256 of the payload.
 /// Payload: header JSON (string), RNG state (int32 length + bytes), model (<c>Module.save</c>), optimizer
 /// (<c>save_state_dict</c>). Files are written to <c>FILE.tmp</c> and renamed over <c>FILE</c>, so a failed
-/// save never damages an existing checkpoint.
+/// save never damages an existing checkpoint. Writing and reading stream through the file (no 2 GB array limit).
+/// Weights holding NaN or ∞ are neither saved nor loaded.
 /// </remarks>
 public static class Checkpoint
 {
@@ -51,34 +52,92 @@ public static class Checkpoint
             .OrderBy(x => x.Item1).ToList();
     }
 
-    /// <summary>Saves <paramref name="trainer"/> atomically to <paramref name="path"/>.</summary>
+    /// <summary>The newest checkpoint of <paramref name="runDir"/> that reads back intact (magic, length, SHA-256);
+    /// null when there is none.</summary>
+    public static string? NewestIntact(string runDir)
+    {
+        foreach (var (_, path) in List(runDir).Reverse())
+        {
+            try { ReadHeader(path); return path; }
+            catch (CheckpointException) { }
+        }
+        return null;
+    }
+
+    /// <summary>Saves <paramref name="trainer"/> atomically to <paramref name="path"/>, streaming (no size limit);
+    /// throws <see cref="CheckpointException"/> without touching <paramref name="path"/> when a weight or buffer
+    /// holds NaN or ∞ (a diverged run must not replace a good checkpoint).</summary>
     public static void Save(Trainer trainer, string path)
     {
         ArgumentNullException.ThrowIfNull(trainer);
-        using var payload = new MemoryStream();
-        using (var w = new BinaryWriter(payload, Encoding.UTF8, leaveOpen: true))
-        {
-            var header = new Header(JsonDocument.Parse(ConfigBinding.ToJson(trainer.Config)).RootElement.Clone(), trainer.Options,
-                trainer.Step, trainer.SamplerState, trainer.TokensSeen, trainer.ElapsedSeconds);
-            w.Write(JsonSerializer.Serialize(header));
-            using var rng = random.get_rng_state();
-            var rngBytes = rng.data<byte>().ToArray();
-            w.Write(rngBytes.Length);
-            w.Write(rngBytes);
-            trainer.Model.save(w);
-            trainer.Optimizer.save_state_dict(w);
-        }
-        var bytes = payload.ToArray();
-        var hash = SHA256.HashData(bytes);
+        if (FirstNonFinite(trainer.Model) is string bad)
+            throw new CheckpointException($"refusing to save {path}: {bad} holds NaN or infinite values (the run diverged; try a lower --lr).");
         WriteAtomic(path, stream =>
         {
             using var w = new BinaryWriter(stream, Encoding.UTF8, leaveOpen: true);
             w.Write(Magic);
             w.Write(Version);
-            w.Write((long)bytes.Length);
-            w.Write(bytes);
-            w.Write(hash);
+            w.Write(0L);                                                      // payload length, written below
+            w.Flush();
+            long start = stream.Position;
+            using var hash = IncrementalHash.CreateHash(HashAlgorithmName.SHA256);
+            using (var hashing = new HashingWriteStream(stream, hash))
+            using (var p = new BinaryWriter(hashing, Encoding.UTF8, leaveOpen: true))
+            {
+                var header = new Header(JsonDocument.Parse(ConfigBinding.ToJson(trainer.Config)).RootElement.Clone(), trainer.Options,
+                    trainer.Step, trainer.SamplerState, trainer.TokensSeen, trainer.ElapsedSeconds);
+                p.Write(JsonSerializer.Serialize(header));
+                using var rng = random.get_rng_state();
+                var rngBytes = rng.data<byte>().ToArray();
+                p.Write(rngBytes.Length);
+                p.Write(rngBytes);
+                trainer.Model.save(p);
+                trainer.Optimizer.save_state_dict(p);
+                p.Flush();
+            }
+            long length = stream.Position - start;
+            w.Write(hash.GetHashAndReset());
+            w.Flush();
+            stream.Position = Magic.Length + 4;
+            w.Write(length);
+            w.Flush();
         });
+    }
+
+    /// <summary>The name of the first floating-point parameter or buffer of <paramref name="module"/> holding NaN or ∞, or null.</summary>
+    public static string? FirstNonFinite(nn.Module module)
+    {
+        ArgumentNullException.ThrowIfNull(module);
+        using var scope = NewDisposeScope();
+        foreach (var (name, t) in module.state_dict())
+            if (t.is_floating_point() && !t.isfinite().all().item<bool>()) return name;
+        return null;
+    }
+
+    private static void RequireFiniteLoaded(nn.Module model, string path)
+    {
+        if (FirstNonFinite(model) is string bad)
+            throw new CheckpointException($"checkpoint {path} holds NaN or infinite values in {bad} (written by a run that diverged); use an earlier checkpoint.");
+    }
+
+    /// <summary>Passes writes through to a stream and into a running hash.</summary>
+    private sealed class HashingWriteStream(Stream inner, IncrementalHash hash) : Stream
+    {
+        public override bool CanRead => false;
+        public override bool CanSeek => false;
+        public override bool CanWrite => true;
+        public override long Length => throw new NotSupportedException();
+        public override long Position { get => throw new NotSupportedException(); set => throw new NotSupportedException(); }
+        public override void Flush() => inner.Flush();
+        public override int Read(byte[] buffer, int offset, int count) => throw new NotSupportedException();
+        public override long Seek(long offset, SeekOrigin origin) => throw new NotSupportedException();
+        public override void SetLength(long value) => throw new NotSupportedException();
+        public override void Write(byte[] buffer, int offset, int count) => Write(buffer.AsSpan(offset, count));
+        public override void Write(ReadOnlySpan<byte> buffer)
+        {
+            hash.AppendData(buffer);
+            inner.Write(buffer);
+        }
     }
 
     /// <summary>Writes <paramref name="path"/> through <paramref name="write"/> into <c>path.tmp</c>, flushes it to
@@ -118,7 +177,7 @@ public static class Checkpoint
     /// when the file is corrupt or truncated, or when its model state does not fit its configuration.
     /// Restores libtorch's global RNG state too.
     /// </summary>
-    public static Trainer Load(string path, byte[] train, byte[] validation)
+    public static Trainer Load(string path, ByteText train, ByteText validation)
     {
         var (header, reader) = ReadVerified(path);
         using (reader)
@@ -133,12 +192,14 @@ public static class Checkpoint
                 var rngBytes = reader.ReadBytes(rngLen);
                 trainer.Model.load(reader, strict: true);
                 trainer.Optimizer.load_state_dict(reader);
+                RequireFiniteLoaded(trainer.Model, path);
                 using var rng = tensor(rngBytes, dtype: ScalarType.Byte);
                 random.set_rng_state(rng);
             }
-            catch (Exception e) when (e is not CheckpointException)
+            catch (Exception e)
             {
                 trainer.Dispose();
+                if (e is CheckpointException) throw;
                 throw new CheckpointException($"checkpoint {path} does not match its configuration (model or optimizer state): {e.Message}", e);
             }
             trainer.Step = header.Step;
@@ -167,10 +228,12 @@ public static class Checkpoint
                 int rngLen = reader.ReadInt32();
                 reader.ReadBytes(rngLen);                                          // the RNG state is for resuming training
                 model.load(reader, strict: true);
+                RequireFiniteLoaded(model, path);
             }
-            catch (Exception e) when (e is not CheckpointException)
+            catch (Exception e)
             {
                 model.Dispose();
+                if (e is CheckpointException) throw;
                 throw new CheckpointException($"checkpoint {path} does not match its configuration (model state): {e.Message}", e);
             }
             return (model, config, header.Step);
@@ -183,24 +246,46 @@ public static class Checkpoint
         catch (ArgumentException e) { throw new CheckpointException($"checkpoint {path} holds an unreadable configuration: {e.Message}", e); }
     }
 
+    /// <summary>Checks magic, version, length and SHA-256 (streaming through the file once), then returns the header and
+    /// a reader positioned after it, over the file itself (no copy in memory; no size limit).</summary>
     private static (Header Header, BinaryReader Payload) ReadVerified(string path)
     {
-        byte[] file;
-        try { file = File.ReadAllBytes(path); }
-        catch (FileNotFoundException) { throw new CheckpointException($"checkpoint {path} does not exist."); }
-        int fixedLen = Magic.Length + 4 + 8;
-        if (file.Length < fixedLen || !file.AsSpan(0, Magic.Length).SequenceEqual(Magic))
-            throw new CheckpointException($"{path} is not a sparse-attn checkpoint (bad magic bytes).");
-        int version = BitConverter.ToInt32(file, Magic.Length);
-        if (version != Version)
-            throw new CheckpointException($"checkpoint {path} has format version {version}; this tool reads version {Version}.");
-        long length = BitConverter.ToInt64(file, Magic.Length + 4);
-        if (length < 0 || fixedLen + length + 32 != file.Length)
-            throw new CheckpointException($"checkpoint {path} is truncated or corrupt: {file.Length} bytes, expected {fixedLen + length + 32}.");
-        var payload = file.AsSpan(fixedLen, (int)length);
-        if (!SHA256.HashData(payload).AsSpan().SequenceEqual(file.AsSpan(fixedLen + (int)length, 32)))
-            throw new CheckpointException($"checkpoint {path} is corrupt: SHA-256 checksum mismatch.");
-        var reader = new BinaryReader(new MemoryStream(file, fixedLen, (int)length, writable: false), Encoding.UTF8);
+        FileStream file;
+        try { file = new FileStream(path, FileMode.Open, FileAccess.Read, FileShare.Read, 1 << 16); }
+        catch (Exception e) when (e is FileNotFoundException or DirectoryNotFoundException) { throw new CheckpointException($"checkpoint {path} does not exist."); }
+        var reader = new BinaryReader(file, Encoding.UTF8);
+        try
+        {
+            int fixedLen = Magic.Length + 4 + 8;
+            long fileLength = file.Length;
+            if (fileLength < fixedLen || !reader.ReadBytes(Magic.Length).AsSpan().SequenceEqual(Magic))
+                throw new CheckpointException($"{path} is not a sparse-attn checkpoint (bad magic bytes).");
+            int version = reader.ReadInt32();
+            if (version != Version)
+                throw new CheckpointException($"checkpoint {path} has format version {version}; this tool reads version {Version}.");
+            long length = reader.ReadInt64();
+            if (length < 0 || length > fileLength || fixedLen + length + 32 != fileLength)
+                throw new CheckpointException($"checkpoint {path} is truncated or corrupt: {fileLength} bytes, expected {(length < 0 || length > fileLength ? "a valid length field" : (fixedLen + length + 32).ToString(System.Globalization.CultureInfo.InvariantCulture))}.");
+            using (var hash = IncrementalHash.CreateHash(HashAlgorithmName.SHA256))
+            {
+                var buffer = new byte[1 << 20];
+                for (long left = length; left > 0;)
+                {
+                    int n = file.Read(buffer, 0, (int)Math.Min(buffer.Length, left));
+                    if (n <= 0) throw new CheckpointException($"checkpoint {path} is truncated.");
+                    hash.AppendData(buffer, 0, n);
+                    left -= n;
+                }
+                if (!hash.GetHashAndReset().AsSpan().SequenceEqual(reader.ReadBytes(32)))
+                    throw new CheckpointException($"checkpoint {path} is corrupt: SHA-256 checksum mismatch.");
+            }
+            file.Position = fixedLen;
+        }
+        catch
+        {
+            reader.Dispose();
+            throw;
+        }
         Header? header;
         try { header = JsonSerializer.Deserialize<Header>(reader.ReadString()); }
         catch (Exception e) when (e is JsonException or EndOfStreamException)

@@ -63,7 +63,8 @@ public sealed class SafetensorsContents : IDisposable
 /// to the buffer, contiguous and non-overlapping, and together cover it exactly. This writer puts the tensors in
 /// the order given, pads the header with spaces to a multiple of 8 bytes (as the reference writer does) and writes
 /// atomically (temporary file, then rename). The reader checks all of the above and rejects anything else.
-/// Files are read whole into memory (fine for the model sizes here; no memory mapping).
+/// Reading and writing stream through the file in pieces straight into / out of the tensors' memory (no copy of
+/// the whole file, no 2 GB array limit).
 /// </remarks>
 public static class Safetensors
 {
@@ -90,31 +91,47 @@ public static class Safetensors
     }
 
     /// <summary>Writes <paramref name="tensors"/> (name → tensor, any device; written in the given order) and
-    /// <paramref name="metadata"/> to <paramref name="path"/>, atomically.</summary>
+    /// <paramref name="metadata"/> to <paramref name="path"/>, atomically, streaming (no size limit).</summary>
     public static void Write(string path, IEnumerable<(string Name, Tensor Tensor)> tensors, IReadOnlyDictionary<string, string>? metadata = null)
     {
         ArgumentNullException.ThrowIfNull(tensors);
-        var bytes = Serialize(tensors, metadata);
-        Checkpoint.WriteAtomic(path, stream => stream.Write(bytes));
+        var list = tensors.ToList();
+        Validate(list);
+        Checkpoint.WriteAtomic(path, stream => WriteTo(stream, list, metadata));
     }
 
     /// <summary>The file's bytes for <paramref name="tensors"/> and <paramref name="metadata"/> (see <see cref="Write"/>).</summary>
     public static byte[] Serialize(IEnumerable<(string Name, Tensor Tensor)> tensors, IReadOnlyDictionary<string, string>? metadata = null)
     {
         ArgumentNullException.ThrowIfNull(tensors);
-        RequireLittleEndian();
         var list = tensors.ToList();
+        Validate(list);
+        using var memory = new MemoryStream();
+        WriteTo(memory, list, metadata);
+        return memory.ToArray();
+    }
+
+    /// <summary>Bytes copied per piece between a tensor and a stream (a tensor larger than this — or than 2 GB — goes in pieces).
+    /// Internal and settable so tests can exercise the piecewise path on small tensors.</summary>
+    internal static long ChunkBytes { get; set; } = 1 << 26;
+
+    private static void Validate(List<(string Name, Tensor Tensor)> list)
+    {
+        RequireLittleEndian();
         var names = new HashSet<string>(StringComparer.Ordinal);
         foreach (var (name, t) in list)
         {
-            Check.That(!string.IsNullOrEmpty(name), nameof(tensors), "tensor names must not be empty.");
-            Check.That(name != MetadataKey, nameof(tensors), $"'{MetadataKey}' is reserved for the metadata map.");
-            Check.That(names.Add(name), nameof(tensors), $"tensor name '{name}' appears twice.");
+            Check.That(!string.IsNullOrEmpty(name), "tensors", "tensor names must not be empty.");
+            Check.That(name != MetadataKey, "tensors", $"'{MetadataKey}' is reserved for the metadata map.");
+            Check.That(names.Add(name), "tensors", $"tensor name '{name}' appears twice.");
             ArgumentNullException.ThrowIfNull(t, name);
             DtypeName(t.dtype);
         }
+    }
 
-        var data = new List<byte[]>();
+    /// <summary>Header (8-byte length, JSON padded with spaces to a multiple of 8), then each tensor's bytes in pieces.</summary>
+    private static void WriteTo(Stream stream, List<(string Name, Tensor Tensor)> list, IReadOnlyDictionary<string, string>? metadata)
+    {
         using var header = new MemoryStream();
         using (var w = new Utf8JsonWriter(header))
         {
@@ -132,9 +149,7 @@ public static class Safetensors
             long offset = 0;
             foreach (var (name, t) in list)
             {
-                using var cpu = t.detach().cpu().contiguous();
-                byte[] raw = cpu.numel() == 0 ? [] : cpu.bytes.ToArray();
-                data.Add(raw);
+                long bytes = checked(t.numel() * SizeOf(t.dtype));
                 w.WriteStartObject(name);
                 w.WriteString("dtype", DtypeName(t.dtype));
                 w.WriteStartArray("shape");
@@ -142,41 +157,60 @@ public static class Safetensors
                 w.WriteEndArray();
                 w.WriteStartArray("data_offsets");
                 w.WriteNumberValue(offset);
-                w.WriteNumberValue(offset + raw.Length);
+                w.WriteNumberValue(offset + bytes);
                 w.WriteEndArray();
                 w.WriteEndObject();
-                offset += raw.Length;
+                offset = checked(offset + bytes);
             }
             w.WriteEndObject();
         }
         int headerLength = (int)header.Length;
         int padded = (headerLength + 7) / 8 * 8;                     // data starts 8-byte aligned
-        long total = 8 + padded + data.Sum(d => (long)d.Length);
-        Check.That(total <= Array.MaxLength, nameof(tensors), $"the file would be {total} bytes; this writer handles at most {Array.MaxLength}.");
-        var file = new byte[total];
-        BinaryPrimitives.WriteUInt64LittleEndian(file, (ulong)padded);
-        header.GetBuffer().AsSpan(0, headerLength).CopyTo(file.AsSpan(8));
-        file.AsSpan(8 + headerLength, padded - headerLength).Fill((byte)' ');
-        long at = 8 + padded;
-        foreach (var d in data)
+        Span<byte> length = stackalloc byte[8];
+        BinaryPrimitives.WriteUInt64LittleEndian(length, (ulong)padded);
+        stream.Write(length);
+        stream.Write(header.GetBuffer(), 0, headerLength);
+        for (int i = headerLength; i < padded; i++) stream.WriteByte((byte)' ');
+        foreach (var (_, t) in list)
         {
-            d.CopyTo(file, at);
-            at += d.Length;
+            if (t.numel() == 0) continue;
+            using var scope = NewDisposeScope();
+            var flat = t.detach().cpu().contiguous().reshape(-1);                           // (N)
+            ForEachPiece(flat, piece => stream.Write(piece));
         }
-        return file;
+    }
+
+    /// <summary>Calls <paramref name="action"/> on consecutive pieces of at most <see cref="ChunkBytes"/> bytes of the
+    /// contiguous 1-D CPU tensor <paramref name="flat"/> (each a view of its memory: reads and writes go to the tensor).</summary>
+    private static void ForEachPiece(Tensor flat, SpanAction action)
+    {
+        long n = flat.numel(), per = Math.Max(1, Math.Min(ChunkBytes, int.MaxValue) / SizeOf(flat.dtype));
+        for (long start = 0; start < n; start += per)
+        {
+            using var piece = flat.narrow(0, start, Math.Min(per, n - start));             // (≤ per)
+            action(piece.bytes);
+        }
+    }
+
+    private delegate void SpanAction(Span<byte> bytes);
+
+    private static int SizeOf(ScalarType type)
+    {
+        foreach (var d in Dtypes) if (d.Type == type) return d.Size;
+        throw new ArgumentException($"dtype {type} has no safetensors equivalent supported here ({string.Join(", ", DtypeNames)}).", nameof(type));
     }
 
     /// <summary>Reads and validates <paramref name="path"/>; throws <see cref="SafetensorsException"/> naming the file
-    /// and the problem (see <see cref="Parse"/>).</summary>
+    /// and the problem (see <see cref="Parse(byte[], string)"/>).</summary>
     public static SafetensorsContents Read(string path)
     {
-        byte[] file;
-        try { file = File.ReadAllBytes(path); }
+        FileStream file;
+        try { file = new FileStream(path, FileMode.Open, FileAccess.Read, FileShare.Read, 1 << 16); }
         catch (Exception e) when (e is FileNotFoundException or DirectoryNotFoundException)
         {
             throw new SafetensorsException($"{path} does not exist.", e);
         }
-        return Parse(file, path);
+        using (file) return Parse(file, path);
     }
 
     /// <summary>
@@ -191,14 +225,27 @@ public static class Safetensors
     public static SafetensorsContents Parse(byte[] file, string source = "safetensors data")
     {
         ArgumentNullException.ThrowIfNull(file);
+        using var stream = new MemoryStream(file, writable: false);
+        return Parse(stream, source);
+    }
+
+    /// <summary>As <see cref="Parse(byte[], string)"/>, reading <paramref name="stream"/> (seekable, positioned at the
+    /// file's start) piece by piece into the tensors: no copy of the file in memory, no 2 GB limit.</summary>
+    public static SafetensorsContents Parse(Stream stream, string source)
+    {
+        ArgumentNullException.ThrowIfNull(stream);
         RequireLittleEndian();
         SafetensorsException Bad(string message, Exception? inner = null) => new($"{source}: {message}", inner);
-        if (file.Length < 8) throw Bad($"truncated: {file.Length} bytes, a safetensors file starts with an 8-byte header length.");
-        ulong headerLength = BinaryPrimitives.ReadUInt64LittleEndian(file);
+        long fileLength = stream.Length - stream.Position;
+        if (fileLength < 8) throw Bad($"truncated: {fileLength} bytes, a safetensors file starts with an 8-byte header length.");
+        Span<byte> lengthField = stackalloc byte[8];
+        stream.ReadExactly(lengthField);
+        ulong headerLength = BinaryPrimitives.ReadUInt64LittleEndian(lengthField);
         if (headerLength > MaxHeaderLength) throw Bad($"header length {headerLength} exceeds the limit of {MaxHeaderLength} bytes (not a safetensors file, or corrupt).");
-        if (headerLength > (ulong)(file.Length - 8)) throw Bad($"truncated: the header is {headerLength} bytes but only {file.Length - 8} bytes follow the length field.");
+        if (headerLength > (ulong)(fileLength - 8)) throw Bad($"truncated: the header is {headerLength} bytes but only {fileLength - 8} bytes follow the length field.");
         if (headerLength < 2) throw Bad($"header length {headerLength} is too short for a JSON object.");
-        var headerBytes = file.AsSpan(8, (int)headerLength);
+        var headerBytes = new byte[headerLength];
+        stream.ReadExactly(headerBytes);
         if (headerBytes[0] != (byte)'{') throw Bad("the header does not start with '{' (not a safetensors file, or corrupt).");
         string headerText;
         try { headerText = new UTF8Encoding(false, throwOnInvalidBytes: true).GetString(headerBytes); }
@@ -210,7 +257,7 @@ public static class Safetensors
         using var _ = doc;
         if (doc.RootElement.ValueKind != JsonValueKind.Object) throw Bad($"the header must be a JSON object, got {doc.RootElement.ValueKind}.");
 
-        long bufferLength = file.Length - 8 - (long)headerLength;
+        long bufferLength = fileLength - 8 - (long)headerLength;
         var metadata = new Dictionary<string, string>(StringComparer.Ordinal);
         var entries = new List<SafetensorsEntry>();
         var seen = new HashSet<string>(StringComparer.Ordinal);
@@ -244,20 +291,24 @@ public static class Safetensors
         if (expected != bufferLength)
             throw Bad($"the tensors cover {expected} bytes but the data buffer holds {bufferLength} bytes (truncated, or trailing data).");
 
-        long dataStart = 8 + (long)headerLength;
+        // The entries tile the buffer in this order, so the stream is read straight through, into each tensor's memory.
         var tensors = new List<Tensor>(ordered.Count);
         try
         {
             foreach (var e in ordered)
             {
                 var type = Dtypes.First(d => d.Name == e.Dtype).Type;
-                var raw = file.AsSpan((int)(dataStart + e.Begin), (int)(e.End - e.Begin));
-                if (type == ScalarType.Bool)
-                    foreach (byte b in raw)
-                        if (b > 1) throw Bad($"tensor '{e.Name}' is BOOL but holds the byte {b} (expected 0 or 1).");
                 var t = empty(e.Shape, dtype: type);
-                if (raw.Length > 0) t.bytes = raw;
                 tensors.Add(t);
+                if (e.End == e.Begin) continue;
+                using var flat = t.view(-1);                                                    // (N), shares t's memory
+                ForEachPiece(flat, piece =>
+                {
+                    stream.ReadExactly(piece);
+                    if (type == ScalarType.Bool)
+                        foreach (byte b in piece)
+                            if (b > 1) throw Bad($"tensor '{e.Name}' is BOOL but holds the byte {b} (expected 0 or 1).");
+                });
             }
         }
         catch

@@ -11,7 +11,10 @@ namespace SparseAttention.Training;
 /// <param name="Loss">Mean next-byte cross-entropy (nats) over the step's micro-batches, without the auxiliary loss.</param>
 /// <param name="LearningRate">Learning rate used by this step.</param>
 /// <param name="Tokens">Tokens processed by this step.</param>
-public readonly record struct StepResult(long Step, double Loss, double LearningRate, long Tokens);
+/// <param name="GradNorm">Global L2 norm of the gradient before clipping.</param>
+/// <param name="Skipped">True when the loss or the gradient norm was not finite: no update was applied (weights,
+/// optimizer state and k-means centroids are unchanged; the batch sampler moved on).</param>
+public readonly record struct StepResult(long Step, double Loss, double LearningRate, long Tokens, double GradNorm = 0, bool Skipped = false);
 
 /// <summary>
 /// Trains a byte-level <see cref="RoutingTransformerLM"/>: random windows of the training bytes (a seeded
@@ -21,7 +24,7 @@ public readonly record struct StepResult(long Step, double Loss, double Learning
 /// </summary>
 public sealed class Trainer : IDisposable
 {
-    private readonly byte[] train, validation;
+    private readonly ByteText train, validation;
     private readonly AdamW optimizer;
 
     /// <summary>The model being trained.</summary>
@@ -38,14 +41,20 @@ public sealed class Trainer : IDisposable
     public long TokensSeen { get; internal set; }
     /// <summary>Training time accumulated over all sessions of this run (seconds), as saved in checkpoints.</summary>
     public double ElapsedSeconds { get; set; }
+    /// <summary>Steps skipped in this session because their loss or gradient norm was not finite.</summary>
+    public long SkippedSteps { get; private set; }
+    /// <summary>Skipped steps in a row (0 after an applied step).</summary>
+    public int ConsecutiveSkippedSteps { get; private set; }
 
     internal AdamW Optimizer => optimizer;
 
     /// <summary>A fresh run: seeds libtorch's global generator with Options.Seed, then builds the model and optimizer.</summary>
-    public Trainer(TransformerConfig config, TrainingOptions options, byte[] train, byte[] validation)
+    public Trainer(TransformerConfig config, TrainingOptions options, ByteText train, ByteText validation)
     {
         ArgumentNullException.ThrowIfNull(config);
         ArgumentNullException.ThrowIfNull(options);
+        ArgumentNullException.ThrowIfNull(train);
+        ArgumentNullException.ThrowIfNull(validation);
         options.Validate();
         config.Validate();
         Check.That(config.NumTokens == 256, nameof(config.NumTokens), $"byte-level training needs num_tokens = 256, got {config.NumTokens}.");
@@ -66,12 +75,14 @@ public sealed class Trainer : IDisposable
         SamplerState = (ulong)options.Seed ^ 0x9E3779B97F4A7C15UL;
     }
 
-    /// <summary>One optimizer step over Options.Accumulation micro-batches.</summary>
+    /// <summary>One optimizer step over Options.Accumulation micro-batches. When the loss (with the auxiliary loss)
+    /// or the gradient norm is not finite, nothing is updated and the result says <c>Skipped</c>: a NaN never reaches
+    /// the weights, the optimizer moments or the k-means centroids.</summary>
     public StepResult TrainStep()
     {
         Model.train();
         optimizer.zero_grad();
-        double lossSum = 0;
+        double lossSum = 0, totalSum = 0;
         long tokens = 0;
         for (int micro = 0; micro < Options.Accumulation; micro++)
         {
@@ -79,18 +90,41 @@ public sealed class Trainer : IDisposable
             var batch = NextBatch();                                                   // (B, T)
             var (logits, aux) = Model.forward(batch, null);                            // (B, T, 256)
             var lm = LanguageModelLoss.NextToken(logits, batch);
-            ((lm + aux) / Options.Accumulation).backward();
+            var total = lm + aux;
+            (total / Options.Accumulation).backward();
             lossSum += lm.item<float>();
+            totalSum += total.item<float>();
             tokens += batch.numel();
         }
-        if (Options.ClipNorm > 0) nn.utils.clip_grad_norm_(Model.parameters(), Options.ClipNorm);
+        double gradNorm = GradientNorm();
         double lr = Options.LearningRateAt(Step);
+        if (!double.IsFinite(totalSum) || !double.IsFinite(gradNorm))
+        {
+            optimizer.zero_grad();
+            foreach (var kmeans in OnlineKMeans.All(Model)) kmeans.DiscardPendingStatistics();
+            SkippedSteps++;
+            ConsecutiveSkippedSteps++;
+            TokensSeen += tokens;
+            return new StepResult(Step, lossSum / Options.Accumulation, lr, tokens, gradNorm, Skipped: true);
+        }
+        ConsecutiveSkippedSteps = 0;
+        if (Options.ClipNorm > 0) nn.utils.clip_grad_norm_(Model.parameters(), Options.ClipNorm);
         foreach (var group in optimizer.ParamGroups) group.LearningRate = lr;
         optimizer.step();
         OnlineKMeans.UpdateAll(Model);
         Step++;
         TokensSeen += tokens;
-        return new StepResult(Step, lossSum / Options.Accumulation, lr, tokens);
+        return new StepResult(Step, lossSum / Options.Accumulation, lr, tokens, gradNorm);
+    }
+
+    /// <summary>Global L2 norm of the parameters' gradients (float64 accumulation; NaN/∞ propagate).</summary>
+    private double GradientNorm()
+    {
+        using var scope = NewDisposeScope();
+        double sumSquares = 0;
+        foreach (var p in Model.parameters())
+            if (p.grad is Tensor g) sumSquares += g.to(ScalarType.Float64).pow(2).sum().item<double>();
+        return Math.Sqrt(sumSquares);
     }
 
     /// <summary>Validation bits per character (byte): mean next-byte cross-entropy / ln 2 over up to
@@ -124,6 +158,23 @@ public sealed class Trainer : IDisposable
         finally { Model.train(); }
     }
 
+    /// <summary>Whether the model's logits on the first validation window are all finite (one forward pass, no
+    /// gradient): finite weights can still be so large that every output overflows, and such a model must not be saved.</summary>
+    public bool OutputsAreFinite()
+    {
+        Model.eval();
+        try
+        {
+            using var noGrad = no_grad();
+            using var scope = NewDisposeScope();
+            var ids = new long[Options.SeqLen];
+            for (int t = 0; t < ids.Length; t++) ids[t] = validation[t];
+            var window = tensor(ids, new long[] { 1, Options.SeqLen });                                               // (1, T)
+            return Model.forward(window, null).Logits.isfinite().all().item<bool>();
+        }
+        finally { Model.train(); }
+    }
+
     /// <summary>(BatchSize, L) int64 windows at random offsets of the training bytes, L = SeqLen or, with probability
     /// Options.RandomTruncate, uniform in [2, SeqLen]; advances <see cref="SamplerState"/>.</summary>
     internal Tensor NextBatch()
@@ -133,7 +184,7 @@ public sealed class Trainer : IDisposable
         ulong range = (ulong)(train.Length - seqLen + 1);
         for (int i = 0; i < b; i++)
         {
-            int offset = (int)(NextRandom() % range);
+            long offset = (long)(NextRandom() % range);
             for (int t = 0; t < seqLen; t++) data[i * seqLen + t] = train[offset + t];
         }
         int length = seqLen;
