@@ -1,6 +1,5 @@
 using System.Runtime.CompilerServices;
 using System.Runtime.Intrinsics;
-using System.Runtime.Intrinsics.X86;
 
 namespace SparseAttention.Kernels.Fused;
 
@@ -25,8 +24,6 @@ internal unsafe interface ISimd<TV> where TV : unmanaged
     static abstract TV Exp(TV x);
     /// <summary>2^x (<see cref="FastExp"/>).</summary>
     static abstract TV Exp2(TV x);
-    /// <summary>p[0], p[stride], …, p[(Width − 1)·stride]: one column of a row-major matrix.</summary>
-    static abstract TV LoadStrided(float* p, int stride);
     static abstract float ReduceMax(TV v);
     static abstract float ReduceSum(TV v);
 }
@@ -45,9 +42,6 @@ internal unsafe struct Simd512 : ISimd<Vector512<float>>
     [MethodImpl(MethodImplOptions.AggressiveInlining)] public static Vector512<float> Max(Vector512<float> a, Vector512<float> b) => Vector512.Max(a, b);
     [MethodImpl(MethodImplOptions.AggressiveInlining)] public static Vector512<float> Exp(Vector512<float> x) => FastExp.Exp(x);
     [MethodImpl(MethodImplOptions.AggressiveInlining)] public static Vector512<float> Exp2(Vector512<float> x) => FastExp.Exp2(x);
-    [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    public static Vector512<float> LoadStrided(float* p, int stride) =>   // .NET exposes no 512-bit gather: two 256-bit ones
-        Vector512.Create(Simd256.LoadStrided(p, stride), Simd256.LoadStrided(p + 8 * stride, stride));
     [MethodImpl(MethodImplOptions.AggressiveInlining)] public static float ReduceMax(Vector512<float> v) => MathF.Max(Simd256.ReduceMax(v.GetLower()), Simd256.ReduceMax(v.GetUpper()));
     [MethodImpl(MethodImplOptions.AggressiveInlining)] public static float ReduceSum(Vector512<float> v) => Vector512.Sum(v);
 }
@@ -66,10 +60,6 @@ internal unsafe struct Simd256 : ISimd<Vector256<float>>
     [MethodImpl(MethodImplOptions.AggressiveInlining)] public static Vector256<float> Max(Vector256<float> a, Vector256<float> b) => Vector256.Max(a, b);
     [MethodImpl(MethodImplOptions.AggressiveInlining)] public static Vector256<float> Exp(Vector256<float> x) => FastExp.Exp(x);
     [MethodImpl(MethodImplOptions.AggressiveInlining)] public static Vector256<float> Exp2(Vector256<float> x) => FastExp.Exp2(x);
-    [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    public static Vector256<float> LoadStrided(float* p, int stride) => Avx2.IsSupported
-        ? Avx2.GatherVector256(p, Vector256<int>.Indices * stride, 4)
-        : Vector256.Create(p[0], p[stride], p[2 * stride], p[3 * stride], p[4 * stride], p[5 * stride], p[6 * stride], p[7 * stride]);
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     public static float ReduceMax(Vector256<float> v)
     {
@@ -94,7 +84,6 @@ internal unsafe struct SimdScalar : ISimd<float>
     [MethodImpl(MethodImplOptions.AggressiveInlining)] public static float Max(float a, float b) => MathF.Max(a, b);
     [MethodImpl(MethodImplOptions.AggressiveInlining)] public static float Exp(float x) => FastExp.Exp(x);
     [MethodImpl(MethodImplOptions.AggressiveInlining)] public static float Exp2(float x) => FastExp.Exp2(x);
-    [MethodImpl(MethodImplOptions.AggressiveInlining)] public static float LoadStrided(float* p, int stride) => *p;
     [MethodImpl(MethodImplOptions.AggressiveInlining)] public static float ReduceMax(float v) => v;
     [MethodImpl(MethodImplOptions.AggressiveInlining)] public static float ReduceSum(float v) => v;
 }

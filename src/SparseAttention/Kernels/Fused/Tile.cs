@@ -1,10 +1,12 @@
 using System.Runtime.CompilerServices;
+using System.Runtime.Intrinsics;
+using System.Runtime.Intrinsics.X86;
 
 namespace SparseAttention.Kernels.Fused;
 
 /// <summary>
 /// Small dense building blocks over raw row-major float memory, generic over the vector width:
-/// register-blocked GEMMs (A plain or transposed), a vectorised transpose and the row / column
+/// register-blocked GEMMs (A plain or transposed), an in-register transpose and the row / column
 /// operations of an online softmax. Every loop is JIT-compiled fully optimised at once
 /// (<see cref="MethodImplOptions.AggressiveOptimization"/>), so the first call is not tier-0 code.
 /// </summary>
@@ -117,19 +119,49 @@ internal static unsafe class Tile<TS, TV> where TS : struct, ISimd<TV> where TV 
     private static void Put(float* c, TV v, bool accumulate) => TS.Store(c, accumulate ? TS.Add(TS.Load(c), v) : v);
 
     /// <summary>dst (cols × rows, row stride ldd) = scale · srcᵀ for src (rows × cols, row stride lds):
-    /// one strided vector load (a gather) per Width elements.</summary>
+    /// 8×8 blocks transposed in registers (24 shuffles per 64 floats), scalar edges.</summary>
     [MethodImpl(Hot)]
     public static void Transpose(float* src, int rows, int cols, int lds, float* dst, int ldd, float scale)
     {
-        int w = TS.Width;
-        TV s = TS.Broadcast(scale);
-        for (int c = 0; c < cols; c++)
+        int r0 = 0;
+        if (Avx.IsSupported)
         {
-            float* d = dst + (long)c * ldd;
-            int r = 0;
-            for (; r + w <= rows; r += w) TS.Store(d + r, TS.Mul(TS.LoadStrided(src + (long)r * lds + c, lds), s));
-            for (; r < rows; r++) d[r] = src[(long)r * lds + c] * scale;
+            var s = Vector256.Create(scale);
+            for (; r0 + 8 <= rows; r0 += 8)
+            {
+                int c = 0;
+                for (; c + 8 <= cols; c += 8) Transpose8x8(src + (long)r0 * lds + c, lds, dst + (long)c * ldd + r0, ldd, s);
+                TransposeScalar(src, r0, r0 + 8, c, cols, lds, dst, ldd, scale);
+            }
         }
+        TransposeScalar(src, r0, rows, 0, cols, lds, dst, ldd, scale);
+    }
+
+    [MethodImpl(Inline)]
+    private static void TransposeScalar(float* src, int r0, int r1, int c0, int c1, int lds, float* dst, int ldd, float scale)
+    {
+        for (int c = c0; c < c1; c++)
+            for (int r = r0; r < r1; r++) dst[(long)c * ldd + r] = src[(long)r * lds + c] * scale;
+    }
+
+    [MethodImpl(Inline)]
+    private static void Transpose8x8(float* src, int lds, float* dst, int ldd, Vector256<float> scale)
+    {
+        // Rows a … h. Unpack pairs rows, shuffle makes 4-row columns per 128-bit lane, permute joins the lanes.
+        Vector256<float> a = Avx.LoadVector256(src), b = Avx.LoadVector256(src + lds), c = Avx.LoadVector256(src + 2 * lds), d = Avx.LoadVector256(src + 3 * lds);
+        Vector256<float> e = Avx.LoadVector256(src + 4 * lds), f = Avx.LoadVector256(src + 5 * lds), g = Avx.LoadVector256(src + 6 * lds), h = Avx.LoadVector256(src + 7 * lds);
+        Vector256<float> ab0 = Avx.UnpackLow(a, b), ab1 = Avx.UnpackHigh(a, b), cd0 = Avx.UnpackLow(c, d), cd1 = Avx.UnpackHigh(c, d);
+        Vector256<float> ef0 = Avx.UnpackLow(e, f), ef1 = Avx.UnpackHigh(e, f), gh0 = Avx.UnpackLow(g, h), gh1 = Avx.UnpackHigh(g, h);
+        Vector256<float> x0 = Avx.Shuffle(ab0, cd0, 0x44), x1 = Avx.Shuffle(ab0, cd0, 0xEE), x2 = Avx.Shuffle(ab1, cd1, 0x44), x3 = Avx.Shuffle(ab1, cd1, 0xEE);
+        Vector256<float> y0 = Avx.Shuffle(ef0, gh0, 0x44), y1 = Avx.Shuffle(ef0, gh0, 0xEE), y2 = Avx.Shuffle(ef1, gh1, 0x44), y3 = Avx.Shuffle(ef1, gh1, 0xEE);
+        Avx.Store(dst, Avx.Permute2x128(x0, y0, 0x20) * scale);
+        Avx.Store(dst + ldd, Avx.Permute2x128(x1, y1, 0x20) * scale);
+        Avx.Store(dst + 2 * ldd, Avx.Permute2x128(x2, y2, 0x20) * scale);
+        Avx.Store(dst + 3 * ldd, Avx.Permute2x128(x3, y3, 0x20) * scale);
+        Avx.Store(dst + 4 * ldd, Avx.Permute2x128(x0, y0, 0x31) * scale);
+        Avx.Store(dst + 5 * ldd, Avx.Permute2x128(x1, y1, 0x31) * scale);
+        Avx.Store(dst + 6 * ldd, Avx.Permute2x128(x2, y2, 0x31) * scale);
+        Avx.Store(dst + 7 * ldd, Avx.Permute2x128(x3, y3, 0x31) * scale);
     }
 
     /// <summary>
