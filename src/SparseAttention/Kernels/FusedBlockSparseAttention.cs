@@ -7,9 +7,11 @@ using static TorchSharp.torch;
 namespace SparseAttention.Kernels;
 
 /// <summary>
-/// Fused block-sparse attention for float32 CPU tensors: C# SIMD kernels over raw memory
-/// (flash-style online softmax per query block, multi-threaded over batch × head × block),
-/// forward and backward, wrapped as a TorchSharp autograd function.
+/// Fused block-sparse attention for float32 CPU tensors: C# SIMD kernels over raw memory, wrapped
+/// as a TorchSharp autograd function. The forward runs a flash-style online softmax per query block
+/// (threads over batch × head × query block); the backward is one key-major pass (FlashAttention-2
+/// style, threads over batch × head, each head split into runs of key blocks when batch × heads is
+/// below the processor count). Results do not depend on the thread count.
 /// </summary>
 public static class FusedBlockSparseAttention
 {

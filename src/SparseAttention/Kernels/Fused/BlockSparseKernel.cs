@@ -97,6 +97,7 @@ internal static unsafe class BlockSparseKernel
         return scratch;
     }
 
+    [MethodImpl(Hot)]
     private static void FillNegativeInfinity(float* p, int count)
     {
         if (count > 0) new Span<float>(p, count).Fill(float.NegativeInfinity);
@@ -109,6 +110,7 @@ internal static unsafe class BlockSparseKernel
         public void Dispose() => Memory.Dispose();
     }
 
+    [MethodImpl(Hot)]
     private static void Forward<TS, TV>(FusedLayout L, KernelArgs a) where TS : struct, ISimd<TV> where TV : unmanaged
     {
         int nb = L.NumBlocks, bs = L.BlockSize, ld = Stride(bs), D = a.Dim;
@@ -221,6 +223,7 @@ internal static unsafe class BlockSparseKernel
     /// <summary>Where one backward task accumulates dQ: the head's rows of dQ, or a private partial for query blocks lo … hi.</summary>
     private readonly record struct DqTarget(long Offset, int Lo, int Hi);
 
+    [MethodImpl(Hot)]
     private static void Backward<TS, TV>(FusedLayout L, KernelArgs a) where TS : struct, ISimd<TV> where TV : unmanaged
     {
         int nb = L.NumBlocks, bs = L.BlockSize, ld = Stride(bs), D = a.Dim, Dv = a.DimV, T = a.SeqLen;
