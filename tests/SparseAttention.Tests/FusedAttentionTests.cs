@@ -10,7 +10,8 @@ public class FusedAttentionTests
 {
     public static TheoryData<string, bool, int, int, int> Cases() => OpsAttentionTests.Cases();
 
-    private static void AssertFusedMatchesOracle(BlockMask mask, Tensor q, Tensor k, Tensor v, Tensor? keyMask, int? threads = null)
+    private static void AssertFusedMatchesOracle(BlockMask mask, Tensor q, Tensor k, Tensor v, Tensor? keyMask, int? threads = null,
+        int backwardChunks = 0)
     {
         var upstream = randn(new[] { q.shape[0], q.shape[1], q.shape[2], v.shape[3] }, generator: new Generator(7));
         var dense = mask.ToDense().unsqueeze(0);
@@ -18,7 +19,7 @@ public class FusedAttentionTests
         Tensor F64(Tensor t) => t.detach().to(ScalarType.Float64).requires_grad_(true);
         var expected = TestSupport.ForwardBackward((a, b, c) => ReferenceAttention.Attention(a, b, c, mask: dense, keyMask: keyMask),
             F64(q), F64(k), F64(v), upstream.to(ScalarType.Float64));
-        var actual = TestSupport.ForwardBackward((a, b, c) => FusedBlockSparseAttention.Attention(a, b, c, mask, keyMask, threads: threads),
+        var actual = TestSupport.ForwardBackward((a, b, c) => FusedBlockSparseAttention.Attention(a, b, c, mask, keyMask, null, threads, backwardChunks),
             q, k, v, upstream);
         var keep = keyMask is null ? ones(1, dtype: ScalarType.Bool) : keyMask.view(keyMask.shape[0], 1, keyMask.shape[1], 1);
         // Padded keys get no gradient on either path (the oracle's comes from masked_fill); compare the rest.
@@ -43,6 +44,7 @@ public class FusedAttentionTests
     [InlineData(40, 16, 64, 64)]   // full vector tiles (AVX-512 4×4 micro-kernel) and a short last block
     [InlineData(70, 32, 48, 16)]   // D not a multiple of the 4-vector tile
     [InlineData(33, 8, 17, 3)]     // odd sizes everywhere
+    [InlineData(150, 64, 20, 36)]  // split diagonal tiles (half 32) with D, Dv not multiples of the vector width
     public void FusedHandlesVectorTilesAndTails(int seqLen, int block, int dim, int dimV)
     {
         var mask = new WindowPattern(block, 1, 0, false, causal: true).Or(new FixedPattern(8, 2, 2, causal: true)).Compile(seqLen, block, 2);
@@ -67,6 +69,95 @@ public class FusedAttentionTests
         var keyMask = ones(2, seqLen, dtype: ScalarType.Bool);
         keyMask[1, 47] = tensor(false); keyMask[1, (seqLen - 5)..] = tensor(false);
         AssertFusedMatchesOracle(mask, q, k, v, keyMask);
+    }
+
+    [Theory]
+    [InlineData(200, 64, true)]    // last block of 8 rows: the cut diagonal tile is still a band
+    [InlineData(200, 64, false)]
+    [InlineData(131, 48, true)]    // half of 48 rounds down to one vector (16)
+    [InlineData(97, 32, false)]
+    public void BandTilesAndSkippedQuadrantsMatchOracle(int seqLen, int block, bool causal)
+    {
+        // Head 0: a band narrower than the block (band tiles with both bounds; causal → skipped quadrant);
+        // head 1: strided dots plus a short band (partial tiles that are not bands, masked by bias tiles; causal diagonal ones split).
+        var mask = AttentionPattern.HeadGroups((new LocalBandPattern(block / 2 + 3, causal), 1),
+            (new StridedPattern(block / 4, causal, FactorizedCombine.Interleaved, layer: 1).Or(new LocalBandPattern(3, causal)), 1))
+            .Compile(seqLen, block, 2);
+        var layout = SparseAttention.Kernels.Fused.FusedLayout.For(mask);
+        Assert.Contains(layout.IsBand, band => band);
+        Assert.Contains(layout.IsBand, band => !band);
+        if (causal)
+        {
+            Assert.Contains(Enumerable.Range(0, layout.Split.Length), t => layout.Split[t] > 0 && layout.IsBand[t]);
+            Assert.Contains(Enumerable.Range(0, layout.Split.Length), t => layout.Split[t] > 0 && !layout.IsBand[t]);
+        }
+        var (q, k, v) = TestSupport.RandomQkv(2, 2, seqLen, 24, seed: seqLen + block, dtype: ScalarType.Float32);
+        var keyMask = ones(2, seqLen, dtype: ScalarType.Bool);
+        keyMask[1, 5] = tensor(false); keyMask[1, (seqLen - 3)..] = tensor(false);
+        AssertFusedMatchesOracle(mask, q, k, v, keyMask: null);
+        AssertFusedMatchesOracle(mask, q, k, v, keyMask);
+    }
+
+    [Fact]
+    public void BandDetectionIsExact()
+    {
+        // A causal band of width 5 in blocks of 8: tiles on the diagonal allow −4 ≤ key − query ≤ 0 (in-tile indices),
+        // the tiles left of them 4 ≤ key − query ≤ 7 (absolute −4 … −1); a strided pattern's tiles are not bands.
+        var layout = SparseAttention.Kernels.Fused.FusedLayout.For(new LocalBandPattern(5, true).Compile(40, 8, 1));
+        var bands = Enumerable.Range(0, layout.IsBand.Length).Where(t => layout.IsBand[t]).Select(t => (layout.BandLo[t], layout.BandHi[t])).ToHashSet();
+        Assert.Equal(new HashSet<(int, int)> { (-4, 0), (4, 7) }, bands);
+        Assert.All(layout.IsBand, Assert.True);
+        var strided = SparseAttention.Kernels.Fused.FusedLayout.For(new StridedPattern(3, true, FactorizedCombine.Interleaved, layer: 1).Compile(40, 8, 1));
+        Assert.Contains(strided.IsBand, band => !band);
+    }
+
+    [Theory]
+    [InlineData(2, true)]
+    [InlineData(3, false)]
+    [InlineData(5, true)]
+    public void DqPartialsOfSplitHeadsMatchOracle(int chunks, bool causal)
+    {
+        // One (batch, head), its key blocks split over several backward tasks: dQ goes through private partials.
+        var mask = new WindowPattern(32, 1, causal ? 0 : 1, exactWindowSize: false, causal).Or(new FixedPattern(16, 2, 1, causal))
+            .Compile(300, 32, 1);
+        var (q, k, v) = TestSupport.RandomQkv(1, 1, 300, 16, seed: chunks, dtype: ScalarType.Float32);
+        AssertFusedMatchesOracle(mask, q, k, v, keyMask: null, backwardChunks: chunks);
+        var keyMask = ones(1, 300, dtype: ScalarType.Bool);
+        keyMask[0, 40..50] = tensor(false);
+        AssertFusedMatchesOracle(mask, q, k, v, keyMask, backwardChunks: chunks);
+    }
+
+    [Fact]
+    public void SingleHeadResultsDoNotDependOnTheThreadCount()
+    {
+        // B·H = 1 < processors splits the head (automatic chunk count); still bit-identical for 1 and 2 threads.
+        var mask = new BigBirdLikePattern().Compile(300, 32, 1);
+        var (q, k, v) = TestSupport.RandomQkv(1, 1, 300, 32, seed: 8, dtype: ScalarType.Float32);
+        var upstream = randn(q.shape, generator: new Generator(2));
+        var one = TestSupport.ForwardBackward((a, b, c) => FusedBlockSparseAttention.Attention(a, b, c, mask, threads: 1), q, k, v, upstream);
+        var two = TestSupport.ForwardBackward((a, b, c) => FusedBlockSparseAttention.Attention(a, b, c, mask, threads: 2), q, k, v, upstream);
+        foreach (var (x, y) in new[] { (one.Output, two.Output), (one.Dq, two.Dq), (one.Dk, two.Dk), (one.Dv, two.Dv) })
+            Assert.True(torch.equal(x, y).all().item<bool>());
+    }
+
+    [Fact]
+    public unsafe void PointerWorksForTensorsOfTwoGibibytesAndMore()
+    {
+        // Pointer() once went through Tensor.bytes, an int-length span, and threw from 2 GiB on. The tensor is
+        // never filled (its pages stay untouched, so this is fast); only two of its elements are written.
+        const long count = (1L << 29) + 16;                                                      // 2³¹ + 64 bytes
+        using var scope = NewDisposeScope();
+        var big = empty(count);
+        Assert.True(big.numel() * sizeof(float) >= 1L << 31);
+        float* p = (float*)FusedBlockSparseAttention.Pointer(big);
+        p[0] = 3f;
+        p[count - 1] = 5f;
+        Assert.Equal(3f, big[0].item<float>());
+        Assert.Equal(5f, big[count - 1].item<float>());
+        // A view starts at its own first element (storage offset included), also beyond 2 GiB.
+        var tail = big.narrow(0, count - 4, 4).view(2, 2);
+        Assert.Equal((nint)(p + count - 4), FusedBlockSparseAttention.Pointer(tail));
+        Assert.Equal(0, FusedBlockSparseAttention.Pointer(empty(0)));
     }
 
     [Fact]

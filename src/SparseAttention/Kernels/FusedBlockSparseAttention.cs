@@ -7,9 +7,11 @@ using static TorchSharp.torch;
 namespace SparseAttention.Kernels;
 
 /// <summary>
-/// Fused block-sparse attention for float32 CPU tensors: C# SIMD kernels over raw memory
-/// (flash-style online softmax per query block, multi-threaded over batch × head × block),
-/// forward and backward, wrapped as a TorchSharp autograd function.
+/// Fused block-sparse attention for float32 CPU tensors: C# SIMD kernels over raw memory, wrapped
+/// as a TorchSharp autograd function. The forward runs a flash-style online softmax per query block
+/// (threads over batch × head × query block); the backward is one key-major pass (FlashAttention-2
+/// style, threads over batch × head, each head split into runs of key blocks when batch × heads is
+/// below the processor count). Results do not depend on the thread count.
 /// </summary>
 public static class FusedBlockSparseAttention
 {
@@ -22,21 +24,33 @@ public static class FusedBlockSparseAttention
     /// <inheritdoc cref="BlockSparseOpsAttention.Attention"/>
     /// <param name="threads">Worker threads (results do not depend on it); default <see cref="DefaultThreads"/>.</param>
     public static Tensor Attention(Tensor q, Tensor k, Tensor v, BlockMask mask, Tensor? keyMask = null,
-        double? scale = null, int? threads = null)
+        double? scale = null, int? threads = null) => Attention(q, k, v, mask, keyMask, scale, threads, backwardChunks: 0);
+
+    /// <summary><see cref="Attention(Tensor, Tensor, Tensor, BlockMask, Tensor?, double?, int?)"/> with the number of
+    /// backward tasks per (batch, head) fixed (0 = automatic), so tests can reach the dQ-partials path on any machine.</summary>
+    internal static Tensor Attention(Tensor q, Tensor k, Tensor v, BlockMask mask, Tensor? keyMask, double? scale, int? threads,
+        int backwardChunks)
     {
         BlockSparseOpsAttention.CheckArguments(q, k, v, mask, keyMask);
         Check.That(Supports(q), nameof(q), $"the fused kernels need float32 CPU tensors, got {q.dtype} on {q.device}.");
         if (threads is int t) Check.Positive(t, nameof(threads));
         double s = scale ?? 1.0 / Math.Sqrt(q.shape[3]);
-        return BlockSparseFunction.apply(q, k, v, keyMask, new Settings(mask, (float)s, threads ?? DefaultThreads));
+        return BlockSparseFunction.apply(q, k, v, keyMask, new Settings(mask, (float)s, threads ?? DefaultThreads, backwardChunks));
     }
 
-    internal sealed record Settings(BlockMask Mask, float Scale, int Threads);
+    internal sealed record Settings(BlockMask Mask, float Scale, int Threads, int BackwardChunks);
 
-    internal static unsafe nint Pointer(Tensor t)
+    [DllImport("LibTorchSharp")]
+    private static extern nint THSTensor_data(nint tensor);
+
+    /// <summary>Address of the tensor's first element (storage offset included), for any size: read from
+    /// libtorch directly, not through <c>Tensor.bytes</c>, whose span length is an int (it threw at 2 GiB).</summary>
+    internal static nint Pointer(Tensor t)
     {
-        // CPU tensor memory is native, so the address stays valid after the fixed block.
-        fixed (byte* p = t.bytes) return (nint)p;
+        if (t.numel() == 0) return 0;
+        nint p = THSTensor_data(t.Handle);
+        if (p == 0) throw new InvalidOperationException($"libtorch returned no data pointer for a {t.dtype} tensor of shape ({string.Join(", ", t.shape)}).");
+        return p;
     }
 
     private sealed class BlockSparseFunction : autograd.SingleTensorFunction<BlockSparseFunction>
@@ -77,25 +91,24 @@ public static class FusedBlockSparseAttention
             var (q, k, v, output, lse, keyBias) = (saved[0], saved[1], saved[2], saved[3], saved[4], saved[5]);
             var settings = (Settings)ctx.get_data("settings");
             var dO = gradOutput.contiguous();
-            var delta = empty(lse.shape);                                                  // (B, H, T), filled by pass 1
             var (dq, dk, dv) = (empty_like(q), empty_like(k), empty_like(v));
             var args = Arguments(q, settings);
             args.DimV = (int)v.shape[3];
             args.K = Pointer(k); args.V = Pointer(v);
             args.KeyBias = keyBias.numel() == 0 ? 0 : Pointer(keyBias);
-            args.Lse = Pointer(lse); args.DO = Pointer(dO); args.O = Pointer(output); args.Delta = Pointer(delta);
+            args.Lse = Pointer(lse); args.DO = Pointer(dO); args.O = Pointer(output);
             args.DQ = Pointer(dq); args.DK = Pointer(dk); args.DV = Pointer(dv);
             BlockSparseKernel.Backward(FusedLayout.For(settings.Mask), args);
             // The kernel only saw raw pointers: keep every tensor it read or wrote reachable until it is
             // done, or the GC may finalize a wrapper (and free its memory) mid-kernel in optimised builds.
-            GC.KeepAlive(saved); GC.KeepAlive(dO); GC.KeepAlive(delta);
+            GC.KeepAlive(saved); GC.KeepAlive(dO); GC.KeepAlive(dq); GC.KeepAlive(dk); GC.KeepAlive(dv);
             return [dq, dk, dv, null!, null!];
         }
 
         private static KernelArgs Arguments(Tensor q, Settings settings) => new()
         {
             Batch = (int)q.shape[0], Heads = (int)q.shape[1], SeqLen = (int)q.shape[2], Dim = (int)q.shape[3],
-            Threads = settings.Threads, Scale = settings.Scale, Q = Pointer(q),
+            Threads = settings.Threads, Scale = settings.Scale, Q = Pointer(q), Chunks = settings.BackwardChunks,
         };
     }
 }

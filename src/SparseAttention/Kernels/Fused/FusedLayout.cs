@@ -5,8 +5,10 @@ namespace SparseAttention.Kernels.Fused;
 
 /// <summary>
 /// What the fused kernels need from a <see cref="BlockMask"/>, built once per mask: partial tiles as
-/// additive float biases (0 or −∞, also transposed for the key-major backward pass) and the
-/// transposed block index (per key block, the query blocks that visit it), and compacted entries:
+/// additive float biases (0 or −∞, query-major and transposed), or, for band tiles (allowed ⇔
+/// lo ≤ key − query ≤ hi, e.g. the causal diagonal), just the band, which the kernels apply inline;
+/// per tile, a fully masked quadrant (queries before h, keys from h) that the kernels skip; the
+/// transposed block index (per key block, the query blocks that visit it); and compacted entries:
 /// a partial tile whose allowed pairs fall in at most half of its key columns (e.g. the summary
 /// columns of the fixed pattern) is computed over those columns only.
 /// </summary>
@@ -26,6 +28,10 @@ internal sealed class FusedLayout
     public readonly int[] ActiveStart, ActiveCount, CompactTile;  // per distinct tile; ActiveStart −1 = not compacted
     public readonly int[] ActiveColumns;                          // key columns (within the block) of compacted entries
     public readonly float[] CompactBias, CompactBiasT;            // per compacted tile, [q, active j] and [active j, q]
+    public readonly bool HasCompacted;
+    public readonly bool[] IsBand;                                // per tile: allowed ⇔ BandLo ≤ key − query ≤ BandHi
+    public readonly int[] BandLo, BandHi;                         //   (in-tile indices, over every region an entry reads)
+    public readonly int[] Split;                                  // per tile: h > 0 when no pair (query < h, key ≥ h) is allowed
 
     private FusedLayout(BlockMask mask)
     {
@@ -73,6 +79,7 @@ internal sealed class FusedLayout
             compacted.Add(t);
             realCount.Add(realColumns);
         }
+        HasCompacted = compacted.Count > 0;
         ActiveColumns = GC.AllocateArray<int>(Math.Max(1, columns.Count), pinned: true);
         columns.CopyTo(ActiveColumns);
         CompactBias = GC.AllocateArray<float>(Math.Max(1, compacted.Count * tile), pinned: true);
@@ -91,6 +98,43 @@ internal sealed class FusedLayout
                     CompactBiasT[(long)c * tile + jj * b + i] = bias;
                 }
             }
+        }
+
+        // Band tiles and skippable quadrants, judged on the largest region any entry reads from each tile
+        // (a tile at the sequence end is cut short; outside its real rows and columns it is all false).
+        var usedRows = new int[tileCount];
+        var usedCols = new int[tileCount];
+        for (int h = 0; h < Heads; h++)
+            for (int qb = 0; qb < NumBlocks; qb++)
+                for (int e = RowStart[h * NumBlocks + qb]; e < RowStart[h * NumBlocks + qb + 1]; e++)
+                {
+                    int t = TileIndex[e];
+                    if (t < 0) continue;
+                    usedRows[t] = Math.Max(usedRows[t], Math.Min(b, SeqLen - qb * b));
+                    usedCols[t] = Math.Max(usedCols[t], Math.Min(b, SeqLen - KeyBlock[e] * b));
+                }
+        IsBand = new bool[tileCount];
+        BandLo = new int[tileCount];
+        BandHi = new int[tileCount];
+        Split = new int[tileCount];
+        // Vector-aligned half of the block; tiles narrower than two vectors are not split.
+        int half = b / 2 / CompactGranule * CompactGranule;
+        for (int t = 0; t < tileCount; t++)
+        {
+            var allowed = new ReadOnlySpan<bool>(tiles, t * tile, tile);
+            int lo = int.MaxValue, hi = int.MinValue;
+            for (int i = 0; i < usedRows[t]; i++)
+                for (int j = 0; j < usedCols[t]; j++)
+                    if (allowed[i * b + j]) { lo = Math.Min(lo, j - i); hi = Math.Max(hi, j - i); }
+            bool band = lo <= hi;
+            for (int i = 0; i < usedRows[t] && band; i++)
+                for (int j = 0; j < usedCols[t] && band; j++)
+                    band = allowed[i * b + j] == (j - i >= lo && j - i <= hi);
+            (IsBand[t], BandLo[t], BandHi[t]) = (band, lo, hi);
+            bool quadrantEmpty = half > 0;
+            for (int i = 0; i < half && quadrantEmpty; i++)
+                quadrantEmpty = allowed.Slice(i * b + half, b - half).IndexOf(true) < 0;
+            Split[t] = quadrantEmpty ? half : 0;
         }
 
         // Counting sort of entries by (head, key block); query blocks stay in increasing order.
