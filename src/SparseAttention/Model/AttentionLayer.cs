@@ -96,12 +96,14 @@ public sealed partial class AttentionLayer : AttentionSublayer
         return (qAndK[0].MoveToOuterDisposeScope(), qAndK[1].MoveToOuterDisposeScope(), v.MoveToOuterDisposeScope());
     }
 
-    /// <summary>The output projection in the configured compute dtype: (B, H, T, Dh) heads → (B, T, dim) in their dtype.</summary>
-    internal Tensor ProjectOut(Tensor attended)
+    /// <summary>The output projection in the configured compute dtype: the head groups' outputs, each (B, Hg, T, Dh) in
+    /// head order, → (B, T, dim) in their dtype. The groups are merged head-interleaved in one copy.</summary>
+    internal Tensor ProjectOut(IReadOnlyList<Tensor> groupOutputs)
     {
-        long batch = attended.shape[0], seqLen = attended.shape[2];
-        var merged = attended.transpose(1, 2).reshape(batch, seqLen, heads * dimHead);          // (B, T, H·Dh)
-        return MixedPrecision.Linear(merged, to_out.weight!, null, computeDtype).to(attended.dtype);   // (B, T, dim)
+        long batch = groupOutputs[0].shape[0], seqLen = groupOutputs[0].shape[2];
+        var merged = cat(groupOutputs.Select(o => o.transpose(1, 2)).ToArray(), 2)               // (B, T, H, Dh)
+                     .reshape(batch, seqLen, heads * dimHead);                                   // (B, T, H·Dh), a view
+        return MixedPrecision.Linear(merged, to_out.weight!, null, computeDtype).to(groupOutputs[0].dtype);   // (B, T, dim)
     }
 
     public override (Tensor Output, Tensor AuxLoss) Forward(Tensor x, Tensor? inputMask, Tensor? context, Tensor? contextMask)
@@ -121,8 +123,7 @@ public sealed partial class AttentionLayer : AttentionSublayer
             aux = aux + loss;
             first += group.Heads;
         }
-        var attended = outputs.Count == 1 ? outputs[0] : cat(outputs, 1);                       // (B, H, T, Dh)
-        var output = nn.functional.dropout(ProjectOut(attended), layerDropout, training);       // (B, T, dim)
+        var output = nn.functional.dropout(ProjectOut(outputs), layerDropout, training);        // (B, T, dim)
         return (output.MoveToOuterDisposeScope(), aux.MoveToOuterDisposeScope());
     }
 }
