@@ -97,6 +97,7 @@ public partial class ModelTests
         ["ContextDim"] = c => c with { ContextDim = 8 },                          // without ReceivesContext
         ["BlockSize"] = c => c with { BlockSize = 0 },
         ["Kernel"] = c => c with { Kernel = (AttentionKernel)42 },
+        ["ComputeDtype"] = c => c with { ComputeDtype = (ComputeDtype)42 },
     };
 
     public static TheoryData<string> BadConfigNames() => new(BadConfigs.Keys);
@@ -151,6 +152,11 @@ public partial class ModelTests
         Assert.Equal(json, JsonSerializer.Serialize(back));
         var fromPreset = JsonSerializer.Deserialize<TransformerConfig>("""{"dim": 64, "heads": 4, "n_local_attn_heads": [4], "causal": true}""")!;
         Assert.Equal((64, 4, 4, true), (fromPreset.Dim, fromPreset.Heads, fromPreset.NLocalAttnHeads[0], fromPreset.Causal));
+        Assert.Equal(ComputeDtype.Float32, fromPreset.ComputeDtype);
+        Assert.Contains("\"compute_dtype\":\"Float32\"", json);
+        var bf16 = SparseAttention.Training.ConfigBinding.Apply(config, ["compute_dtype=BFloat16"]);   // what train --set does
+        Assert.Equal(ComputeDtype.BFloat16, bf16.ComputeDtype);
+        Assert.Contains("\"compute_dtype\": \"BFloat16\"", SparseAttention.Training.ConfigBinding.ToJson(bf16));
     }
 
     // ------------------------------------------------------------------------------------------

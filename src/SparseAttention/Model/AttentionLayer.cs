@@ -31,6 +31,7 @@ public sealed partial class AttentionLayer : AttentionSublayer
     private readonly int heads, dimHead;
     private readonly bool rotary;
     private readonly double layerDropout;
+    private readonly ComputeDtype computeDtype;
 
     /// <summary>Builds layer <paramref name="layer"/> of a model with configuration <paramref name="config"/>.</summary>
     public AttentionLayer(TransformerConfig config, int layer, string name = "attention") : base(name)
@@ -40,6 +41,7 @@ public sealed partial class AttentionLayer : AttentionSublayer
         dimHead = config.ResolvedDimHead;
         rotary = config.PositionalEncoding == PositionalEncoding.Rotary;
         layerDropout = config.AttnLayerDropout;
+        computeDtype = config.ComputeDtype;
         int inner = heads * dimHead;
         to_q = nn.Linear(config.Dim, inner, hasBias: false);
         to_k = nn.Linear(config.Dim, inner, hasBias: false);
@@ -70,21 +72,46 @@ public sealed partial class AttentionLayer : AttentionSublayer
         _ => throw new ArgumentException($"group: unknown head group kind {group.Kind}.", nameof(group)),
     };
 
+    /// <summary>
+    /// The q/k/v projections as one GEMM (the three weights concatenated at call time, so the parameters stay
+    /// <c>to_q</c>, <c>to_k</c>, <c>to_v</c>), in the configured compute dtype, with rotary embeddings applied to q and k
+    /// for positions <paramref name="offset"/> … <paramref name="offset"/> + T − 1 when the model uses them.
+    /// </summary>
+    /// <param name="x">(B, T, dim), already normalised.</param>
+    /// <param name="offset">Position of the first token (incremental decoding passes the token's position).</param>
+    /// <returns>q, k, v, each (B, H, T, Dh) in x's dtype; q and k are contiguous when rotary embeddings are on.</returns>
+    internal (Tensor Q, Tensor K, Tensor V) ProjectQkv(Tensor x, long offset = 0)
+    {
+        Check.Shape(x, nameof(x), "(B, T, dim)", -1, -1, to_q.in_features);
+        using var scope = NewDisposeScope();
+        long batch = x.shape[0], seqLen = x.shape[1];
+        var weight = cat([to_q.weight!, to_k.weight!, to_v.weight!], 0);                        // (3·H·Dh, dim)
+        var qkv = MixedPrecision.Linear(x, weight, null, computeDtype).to(x.dtype)               // (B, T, 3·H·Dh)
+                  .view(batch, seqLen, 3, heads, dimHead).permute(2, 0, 3, 1, 4);                // (3, B, H, T, Dh)
+        // split and unbind (not three selects): their backward writes one gradient tensor instead of three zero-filled ones.
+        var parts = qkv.split([2, 1], 0);                                                        // (2, B, H, T, Dh), (1, B, H, T, Dh)
+        var qk = rotary ? RotaryEmbedding.Apply(parts[0], offset) : parts[0];                   // (2, B, H, T, Dh)
+        var qAndK = qk.unbind(0);                                                                // 2 × (B, H, T, Dh)
+        var v = parts[1].squeeze(0);                                                             // (B, H, T, Dh)
+        return (qAndK[0].MoveToOuterDisposeScope(), qAndK[1].MoveToOuterDisposeScope(), v.MoveToOuterDisposeScope());
+    }
+
+    /// <summary>The output projection in the configured compute dtype: the head groups' outputs, each (B, Hg, T, Dh) in
+    /// head order, → (B, T, dim) in their dtype. The groups are merged head-interleaved in one copy.</summary>
+    internal Tensor ProjectOut(IReadOnlyList<Tensor> groupOutputs)
+    {
+        long batch = groupOutputs[0].shape[0], seqLen = groupOutputs[0].shape[2];
+        var merged = cat(groupOutputs.Select(o => o.transpose(1, 2)).ToArray(), 2)               // (B, T, H, Dh)
+                     .reshape(batch, seqLen, heads * dimHead);                                   // (B, T, H·Dh), a view
+        return MixedPrecision.Linear(merged, to_out.weight!, null, computeDtype).to(groupOutputs[0].dtype);   // (B, T, dim)
+    }
+
     public override (Tensor Output, Tensor AuxLoss) Forward(Tensor x, Tensor? inputMask, Tensor? context, Tensor? contextMask)
     {
         Check.Shape(x, nameof(x), "(B, T, dim)", -1, -1, to_q.in_features);
         Check.KeyMask(inputMask, x.shape[0], x.shape[1]);
         using var scope = NewDisposeScope();
-        long batch = x.shape[0], seqLen = x.shape[1];
-        Tensor SplitHeads(Tensor t) => t.view(batch, seqLen, heads, dimHead).transpose(1, 2);   // (B, H, T, Dh)
-        var q = SplitHeads(to_q.forward(x));
-        var k = SplitHeads(to_k.forward(x));
-        var v = SplitHeads(to_v.forward(x));
-        if (rotary)
-        {
-            q = RotaryEmbedding.Apply(q);                                                       // (B, H, T, Dh)
-            k = RotaryEmbedding.Apply(k);
-        }
+        var (q, k, v) = ProjectQkv(x);                                                           // (B, H, T, Dh) each
         var outputs = new List<Tensor>();
         var aux = zeros(Array.Empty<long>(), dtype: x.dtype, device: x.device);
         long first = 0;
@@ -96,9 +123,7 @@ public sealed partial class AttentionLayer : AttentionSublayer
             aux = aux + loss;
             first += group.Heads;
         }
-        var attended = outputs.Count == 1 ? outputs[0] : cat(outputs, 1);                       // (B, H, T, Dh)
-        var merged = attended.transpose(1, 2).reshape(batch, seqLen, heads * dimHead);         // (B, T, H·Dh)
-        var output = nn.functional.dropout(to_out.forward(merged), layerDropout, training);    // (B, T, dim)
+        var output = nn.functional.dropout(ProjectOut(outputs), layerDropout, training);        // (B, T, dim)
         return (output.MoveToOuterDisposeScope(), aux.MoveToOuterDisposeScope());
     }
 }

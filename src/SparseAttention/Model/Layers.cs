@@ -1,3 +1,4 @@
+using System.Collections.Concurrent;
 using TorchSharp;
 using TorchSharp.Modules;
 using static TorchSharp.torch;
@@ -7,30 +8,60 @@ namespace SparseAttention.Model;
 /// <summary>
 /// Rotary position embeddings: feature pairs (i, i + D/2) of every query and key are rotated by the
 /// angle position·θ<sub>i</sub>, θ<sub>i</sub> = base<sup>−2i/D</sup>, so that q·k after rotation depends on
-/// the two positions only through their difference. No parameters.
+/// the two positions only through their difference. No parameters. The cos/sin tables are computed once in
+/// float64 per (D, base, dtype, device), for positions 0 … L − 1, L growing (doubling) when a call reaches
+/// further, and rounded to the input's dtype; every call slices them, so a cached call equals a fresh
+/// computation.
 /// </summary>
 /// <remarks>Su et al. 2021, "RoFormer: Enhanced Transformer with Rotary Position Embedding" (arXiv 2104.09864).
 /// This uses the "rotate half" pairing; any fixed pairing has the same relative property.</remarks>
 public static class RotaryEmbedding
 {
-    /// <summary>Rotates <paramref name="x"/> (B, H, T, D), D even, for positions offset … offset + T − 1.</summary>
-    /// <returns>(B, H, T, D), same dtype.</returns>
+    private sealed record Tables(long Length, Tensor Cos, Tensor SignedSin);   // (L, D) each, never disposed (shared)
+    private static readonly ConcurrentDictionary<(long Dim, double Theta, ScalarType Dtype, DeviceType Device, int Index), Tables> cache = new();
+
+    /// <summary>Rotates <paramref name="x"/> (..., T, D), D even, for positions offset … offset + T − 1.</summary>
+    /// <param name="x">(..., T, D), e.g. (B, H, T, D).</param>
+    /// <param name="offset">Position of the first row (≥ 0); incremental decoding passes the token's position with T = 1.</param>
+    /// <param name="theta">The base of the frequencies.</param>
+    /// <returns>(..., T, D), same dtype, contiguous.</returns>
     public static Tensor Apply(Tensor x, long offset = 0, double theta = 10000)
     {
         Check.That(x.dim() >= 2, nameof(x), $"must have shape (..., T, D), got {Check.ShapeOf(x)}.");
         long seqLen = x.shape[^2], dim = x.shape[^1];
         Check.That(dim % 2 == 0, nameof(x), $"rotary embeddings need an even feature size, got D = {dim}.");
+        Check.That(offset >= 0, nameof(offset), $"must be >= 0, got {offset}.");
         using var scope = NewDisposeScope();
+        var tables = TablesFor(offset + seqLen, dim, theta, x.dtype, x.device);
+        var cos = tables.Cos.narrow(0, offset, seqLen);                                            // (T, D)
+        var signedSin = tables.SignedSin.narrow(0, offset, seqLen);                                // (T, D): (−sin, sin)
         long half = dim / 2;
-        var invFreq = pow(theta, -arange(half, dtype: ScalarType.Float64, device: x.device) / half);   // (D/2)
-        var pos = arange(offset, offset + seqLen, dtype: ScalarType.Float64, device: x.device);         // (T)
-        var angles = outer(pos, invFreq);                                                               // (T, D/2)
-        var cos = cat([angles.cos(), angles.cos()], -1).to(x.dtype);                                   // (T, D)
-        var sin = cat([angles.sin(), angles.sin()], -1).to(x.dtype);                                   // (T, D)
-        var x1 = x.narrow(-1, 0, half);                                                                 // (..., T, D/2)
-        var x2 = x.narrow(-1, half, half);
-        var rotated = cat([-x2, x1], -1);                                                               // (..., T, D)
-        return (x * cos + rotated * sin).MoveToOuterDisposeScope();
+        var swapped = cat([x.narrow(-1, half, half), x.narrow(-1, 0, half)], -1);                 // (..., T, D), contiguous
+        // rotate_half(x)·sin = swapped·(−sin, sin). The contiguous operand goes first so the result is contiguous
+        // even when x is a strided view (e.g. q and k sliced out of a fused projection).
+        return (swapped * signedSin).addcmul(x, cos, 1).MoveToOuterDisposeScope();                // (..., T, D)
+    }
+
+    private static Tables TablesFor(long length, long dim, double theta, ScalarType dtype, Device device)
+    {
+        var key = (dim, theta, dtype, device.type, device.index);
+        if (cache.TryGetValue(key, out var tables) && tables.Length >= length) return tables;
+        lock (cache)
+        {
+            if (cache.TryGetValue(key, out tables) && tables.Length >= length) return tables;
+            // Grow geometrically so decoding one position at a time rebuilds the tables O(log T) times. A replaced
+            // table is not disposed: another thread may still be reading a slice of it.
+            long size = Math.Max(length, 2 * (tables?.Length ?? 0));
+            using var scope = NewDisposeScope();
+            long half = dim / 2;
+            var invFreq = pow(theta, -arange(half, dtype: ScalarType.Float64, device: device) / half);   // (D/2)
+            var angles = outer(arange(size, dtype: ScalarType.Float64, device: device), invFreq);         // (L, D/2)
+            var (c, s) = (angles.cos(), angles.sin());
+            var fresh = new Tables(size, cat([c, c], -1).to(dtype).DetachFromDisposeScope(),                // (L, D)
+                                         cat([-s, s], -1).to(dtype).DetachFromDisposeScope());              // (L, D)
+            cache[key] = fresh;
+            return fresh;
+        }
     }
 }
 
@@ -129,6 +160,8 @@ public sealed class ReZero : nn.Module<Tensor, Tensor>
 /// with GLU the GEGLU variant GELU(x·W) ⊙ (x·V). With chunks &gt; 1 the sequence is processed in that
 /// many pieces along T (the Reformer's chunking): the result is the same, the widest intermediate is
 /// (B, T/chunks, mult·dim) at a time when gradients are not recorded.
+/// With <see cref="ComputeDtype.BFloat16"/> both matmuls, the activation and the dropout run in bfloat16 (the
+/// float32 weights are cast at each matmul) and the output is cast back to the input's dtype.
 /// </summary>
 /// <remarks>GLU variants: Shazeer 2020 (arXiv 2002.05202). Chunking: Kitaev et al. 2020 (Reformer).</remarks>
 public sealed class FeedForward : nn.Module<Tensor, Tensor>
@@ -137,9 +170,13 @@ public sealed class FeedForward : nn.Module<Tensor, Tensor>
     private readonly bool glu;
     private readonly int chunks;
     private readonly double dropout;
+    private readonly ComputeDtype computeDtype;
 
-    public FeedForward(int dim, int mult = 4, bool glu = false, double dropout = 0, int chunks = 1, string name = "feed_forward") : base(name)
+    public FeedForward(int dim, int mult = 4, bool glu = false, double dropout = 0, int chunks = 1, string name = "feed_forward",
+        ComputeDtype computeDtype = ComputeDtype.Float32) : base(name)
     {
+        Check.That(Enum.IsDefined(computeDtype), nameof(computeDtype), $"expected Float32 or BFloat16, got {computeDtype}.");
+        this.computeDtype = computeDtype;
         Check.Positive(dim, nameof(dim));
         Check.Positive(mult, nameof(mult));
         Check.Positive(chunks, nameof(chunks));
@@ -166,7 +203,7 @@ public sealed class FeedForward : nn.Module<Tensor, Tensor>
 
     private Tensor Apply(Tensor x)
     {
-        var h = w1.forward(x);                                                              // (B, t, hidden or 2·hidden)
+        var h = MixedPrecision.Linear(x, w1.weight!, w1.bias, computeDtype);                // (B, t, hidden or 2·hidden)
         if (glu)
         {
             var parts = h.chunk(2, -1);                                                     // 2 × (B, t, hidden)
@@ -174,6 +211,6 @@ public sealed class FeedForward : nn.Module<Tensor, Tensor>
         }
         else h = nn.functional.gelu(h);
         h = nn.functional.dropout(h, dropout, training);
-        return w2.forward(h);                                                               // (B, t, dim)
+        return MixedPrecision.Linear(h, w2.weight!, w2.bias, computeDtype).to(x.dtype);     // (B, t, dim)
     }
 }

@@ -25,7 +25,7 @@ public sealed partial class TransformerBlock : nn.Module
         ArgumentNullException.ThrowIfNull(config);
         ArgumentNullException.ThrowIfNull(attention);
         attn = attention;
-        ff = new FeedForward(config.Dim, config.FfMult, config.FfGlu, config.FfDropout, config.FfChunks);
+        ff = new FeedForward(config.Dim, config.FfMult, config.FfGlu, config.FfDropout, config.FfChunks, computeDtype: config.ComputeDtype);
         if (config.UseRezero)
         {
             attn_rezero = new ReZero();

@@ -182,6 +182,10 @@ public sealed record TransformerConfig
     /// not used by the dense RelativeShaw path or by cross-attention, which are always dense.</summary>
     [JsonPropertyName("kernel"), JsonConverter(typeof(JsonStringEnumConverter<AttentionKernel>))]
     public AttentionKernel Kernel { get; init; } = AttentionKernel.Auto;
+    /// <summary>Float32 — dtype of the self-attention q/k/v/out projections and the feed-forward matmuls: Float32, or
+    /// BFloat16 (cast at each matmul; the float32 weights stay the master copy; norms, attention, cross-attention, residual
+    /// stream, loss and optimizer stay float32). See <see cref="Model.ComputeDtype"/>.</summary>
+    [JsonPropertyName("compute_dtype")] public ComputeDtype ComputeDtype { get; init; } = ComputeDtype.Float32;
 
     // ---- derived values ------------------------------------------------------------------------
     /// <summary>DimHead, or Dim / Heads when unset.</summary>
@@ -324,6 +328,7 @@ public sealed record TransformerConfig
         }
         Check.Positive(BlockSize, nameof(BlockSize));
         Check.That(Enum.IsDefined(Kernel), nameof(Kernel), $"unknown value {Kernel}.");
+        Check.That(Enum.IsDefined(ComputeDtype), nameof(ComputeDtype), $"unknown value {ComputeDtype}; expected Float32 or BFloat16.");
         return this;
     }
 
