@@ -21,36 +21,12 @@ public sealed partial class AttentionLayer
         return new AttentionLayerDecoder(this, decoders);
     }
 
-    /// <summary>q, k, v of <paramref name="x"/> (B, T, dim) split into heads, (B, H, T, Dh) each, rotary applied for
-    /// positions offset … offset + T − 1 of every row, or <paramref name="positions"/>[b] for row b when T = 1.</summary>
-    private (Tensor Q, Tensor K, Tensor V) DecodingProjections(Tensor x, int[]? positions)
+    /// <summary><see cref="ProjectQkv"/> with every row at its own position: (B, 1, dim) → q, k, v (B, H, 1, Dh).</summary>
+    private (Tensor Q, Tensor K, Tensor V) ProjectQkvAt(Tensor x, int[] positions)
     {
-        long batch = x.shape[0], seqLen = x.shape[1];
-        Tensor SplitHeads(Tensor t) => t.view(batch, seqLen, heads, dimHead).transpose(1, 2);   // (B, H, T, Dh)
-        var q = SplitHeads(to_q.forward(x));
-        var k = SplitHeads(to_k.forward(x));
-        var v = SplitHeads(to_v.forward(x));
-        if (rotary)
-        {
-            q = RotaryAt(q, positions);
-            k = RotaryAt(k, positions);
-        }
-        return (q, k, v);
-    }
-
-    private static Tensor RotaryAt(Tensor x, int[]? positions)
-    {
-        if (positions is null || positions.All(p => p == positions[0]))
-            return RotaryEmbedding.Apply(x, positions?[0] ?? 0);                                  // (B, H, T, Dh)
-        return cat(positions.Select((p, b) => RotaryEmbedding.Apply(x.narrow(0, b, 1), p)).ToArray(), 0);   // rows at their own positions
-    }
-
-    /// <summary>The groups' outputs (B, H, T, Dh) merged and projected: (B, T, dim).</summary>
-    private Tensor MergeHeads(List<Tensor> outputs, long batch, long seqLen)
-    {
-        var attended = outputs.Count == 1 ? outputs[0] : cat(outputs, 1);                    // (B, H, T, Dh)
-        var merged = attended.transpose(1, 2).reshape(batch, seqLen, heads * dimHead);         // (B, T, H·Dh)
-        return to_out.forward(merged);                                                          // (B, T, dim); eval: no dropout
+        if (positions.All(p => p == positions[0])) return ProjectQkv(x, positions[0]);
+        var rows = positions.Select((p, b) => ProjectQkv(x.narrow(0, b, 1), p)).ToArray();      // rows at their own positions
+        return (cat(rows.Select(r => r.Q).ToArray(), 0), cat(rows.Select(r => r.K).ToArray(), 0), cat(rows.Select(r => r.V).ToArray(), 0));
     }
 
     /// <summary>Decoding state of one <see cref="AttentionLayer"/>: one <see cref="HeadGroupDecoder"/> per head group.</summary>
@@ -72,7 +48,7 @@ public sealed partial class AttentionLayer
         public Tensor Prefill(Tensor x, Tensor? mask, int[] lengths)
         {
             using var scope = NewDisposeScope();
-            var (q, k, v) = layer.DecodingProjections(x, null);
+            var (q, k, v) = layer.ProjectQkv(x);
             var outputs = new List<Tensor>();
             long first = 0;
             for (int g = 0; g < decoders.Count; g++)
@@ -81,7 +57,7 @@ public sealed partial class AttentionLayer
                 outputs.Add(decoders[g].Prefill(q.narrow(1, first, hg), k.narrow(1, first, hg), v.narrow(1, first, hg), mask, lengths));
                 first += hg;
             }
-            return layer.MergeHeads(outputs, x.shape[0], x.shape[1]).MoveToOuterDisposeScope();
+            return layer.ProjectOut(outputs).MoveToOuterDisposeScope();                      // (B, T, dim); eval: no dropout
         }
 
         /// <param name="x">(B, 1, dim) normalised input of the new token of each row.</param>
@@ -90,7 +66,7 @@ public sealed partial class AttentionLayer
         public Tensor Step(Tensor x, int[] positions)
         {
             using var scope = NewDisposeScope();
-            var (q, k, v) = layer.DecodingProjections(x, positions);                          // (B, H, 1, Dh) each
+            var (q, k, v) = layer.ProjectQkvAt(x, positions);                                  // (B, H, 1, Dh) each
             var outputs = new List<Tensor>();
             long first = 0;
             for (int g = 0; g < decoders.Count; g++)
@@ -99,7 +75,7 @@ public sealed partial class AttentionLayer
                 outputs.Add(decoders[g].Step(q.narrow(1, first, hg), k.narrow(1, first, hg), v.narrow(1, first, hg), positions));
                 first += hg;
             }
-            return layer.MergeHeads(outputs, x.shape[0], 1).MoveToOuterDisposeScope();
+            return layer.ProjectOut(outputs).MoveToOuterDisposeScope();                      // (B, 1, dim)
         }
 
         public void Dispose()
