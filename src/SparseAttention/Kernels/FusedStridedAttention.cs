@@ -71,9 +71,8 @@ public static class FusedStridedAttention
         public static readonly Plan None = new();
         public BlockMask? Local;                 // part A on the original layout (null: no head has it)
         public BlockMask Strided = null!;        // part B on the permuted layout
-        public Tensor Order = null!;             // (T) int64: original position of each permuted slot
-        public Tensor Inverse = null!;           // (T) int64: permuted slot of each original position
-        public int[] InverseSlots = null!;
+        public int[] Order = null!;              // (T): original position of each permuted slot
+        public int[] Inverse = null!;            // (T): permuted slot of each original position
         public bool Fewer;                       // the parts visit fewer key blocks than the original mask
 
         public Plan? Or() => ReferenceEquals(this, None) ? null : this;
@@ -96,19 +95,14 @@ public static class FusedStridedAttention
                 Local = local is int lp ? OnHeads(new LocalBandPattern(p.Stride, p.Causal), lp).Compile(seqLen, block, heads) : null,
                 Strided = OnHeads(classes, strided.Value).Compile(seqLen, block, heads),
             };
-            var order = new long[seqLen];
-            var inverse = new long[seqLen];
-            plan.InverseSlots = new int[seqLen];
+            plan.Order = new int[seqLen];
+            plan.Inverse = new int[seqLen];
             for (int slot = 0; slot < seqLen; slot++)
             {
                 int t = classes.Position(slot);
-                order[slot] = t;
-                inverse[t] = slot;
-                plan.InverseSlots[t] = slot;
+                plan.Order[slot] = t;
+                plan.Inverse[t] = slot;
             }
-            // Kept outside any dispose scope: a plan lives as long as its mask.
-            plan.Order = tensor(order).DetachFromDisposeScope();
-            plan.Inverse = tensor(inverse).DetachFromDisposeScope();
             plan.Fewer = (plan.Local?.VisitedBlocks ?? 0) + plan.Strided.VisitedBlocks < mask.VisitedBlocks;
             return plan;
         }
@@ -130,18 +124,18 @@ public static class FusedStridedAttention
             var (plan, scale, threads) = (Settings)vars[4];
             var noBias = keyBias is null ? empty(0) : null;                                    // placeholder, made outside the scope below
             using var scope = NewDisposeScope();
-            var (qp, kp, vp, biasP) = Permute(plan, q, k, v, keyBias);                        // (B, H, T, ·) in class order
+            var (qp, kp, vp, biasP) = Permute(plan, q, k, v, keyBias, threads);               // (B, H, T, ·) in class order
             var (outP, lseP) = FusedBlockSparseAttention.ForwardKernel(plan.Strided, qp, kp, vp, biasP, scale, threads);
             Tensor output, lse;                                                                // (B, H, T, Dv), (B, H, T)
             if (plan.Local is null)
             {
-                output = outP.index_select(2, plan.Inverse);
-                lse = lseP.index_select(2, plan.Inverse);
+                output = Gather(outP, plan.Inverse, threads);
+                lse = Gather(lseP, plan.Inverse, threads);
             }
             else
             {
                 var (outL, lseL) = FusedBlockSparseAttention.ForwardKernel(plan.Local, q, k, v, keyBias, scale, threads);
-                (output, lse) = Merge(outL, lseL, outP, lseP, plan.InverseSlots, threads);
+                (output, lse) = Merge(outL, lseL, outP, lseP, plan.Inverse, threads);
             }
             ctx.save_for_backward([q, k, v, output, lse, keyBias ?? noBias!]);
             ctx.save_data("settings", vars[4]);
@@ -159,10 +153,10 @@ public static class FusedStridedAttention
             using var scope = NewDisposeScope();
             // Each part's backward with the merged output and log-sum-exp: P = exp(S − lse) and Δ = rowsum(dO ∘ O)
             // are then those of the one softmax over both parts, so the parts' gradients simply add up.
-            var (qp, kp, vp, biasP) = Permute(plan, q, k, v, keyBias);
+            var (qp, kp, vp, biasP) = Permute(plan, q, k, v, keyBias, threads);
             var (dqP, dkP, dvP) = FusedBlockSparseAttention.BackwardKernel(plan.Strided, qp, kp, vp, biasP,
-                output.index_select(2, plan.Order), lse.index_select(2, plan.Order), dO.index_select(2, plan.Order), scale, threads);
-            var (dq, dk, dv) = (dqP.index_select(2, plan.Inverse), dkP.index_select(2, plan.Inverse), dvP.index_select(2, plan.Inverse));
+                Gather(output, plan.Order, threads), Gather(lse, plan.Order, threads), Gather(dO, plan.Order, threads), scale, threads);
+            var (dq, dk, dv) = (Gather(dqP, plan.Inverse, threads), Gather(dkP, plan.Inverse, threads), Gather(dvP, plan.Inverse, threads));
             if (plan.Local is not null)
             {
                 var (dqL, dkL, dvL) = FusedBlockSparseAttention.BackwardKernel(plan.Local, q, k, v, keyBias, output, lse, dO, scale, threads);
@@ -172,24 +166,53 @@ public static class FusedStridedAttention
         }
 
         /// <summary>q, k, v (B, H, T, ·) and the key bias (B, T) in class order.</summary>
-        private static (Tensor Q, Tensor K, Tensor V, Tensor? KeyBias) Permute(Plan plan, Tensor q, Tensor k, Tensor v, Tensor? keyBias) =>
-            (q.index_select(2, plan.Order), k.index_select(2, plan.Order), v.index_select(2, plan.Order), keyBias?.index_select(1, plan.Order));
+        private static (Tensor Q, Tensor K, Tensor V, Tensor? KeyBias) Permute(Plan plan, Tensor q, Tensor k, Tensor v, Tensor? keyBias, int threads) =>
+            (Gather(q, plan.Order, threads), Gather(k, plan.Order, threads), Gather(v, plan.Order, threads),
+             keyBias is null ? null : Gather(keyBias, plan.Order, threads));
+    }
+
+    /// <summary>
+    /// dst[n, i, :] = src[n, rowOf[i], :] for a contiguous float32 src seen as (N, T, W) with T = rowOf.Length:
+    /// (B, H, T, D) rows or (B, H, T) / (B, T) scalars along T. (libtorch's index_select along a middle
+    /// dimension ran ~100× slower than this copy here.)
+    /// </summary>
+    private static unsafe Tensor Gather(Tensor src, int[] rowOf, int threads)
+    {
+        int seqLen = rowOf.Length;
+        var dst = empty_like(src);
+        long width = src.dim() == 4 ? src.shape[3] : 1;                                     // D, or 1 for scalars
+        long sequences = src.numel() / (seqLen * width);
+        const int chunk = 512;
+        int chunks = (seqLen + chunk - 1) / chunk;
+        float* from = (float*)FusedBlockSparseAttention.Pointer(src), to = (float*)FusedBlockSparseAttention.Pointer(dst);
+        Parallel.For(0, sequences * chunks, new ParallelOptions { MaxDegreeOfParallelism = Math.Max(1, threads) }, task =>
+        {
+            long n = task / chunks;
+            int i0 = (int)(task % chunks) * chunk, i1 = Math.Min(seqLen, i0 + chunk);
+            float* a = from + n * seqLen * width, b = to + n * seqLen * width;
+            if (width == 1)
+                for (int i = i0; i < i1; i++) b[i] = a[rowOf[i]];
+            else
+                for (int i = i0; i < i1; i++)
+                    Buffer.MemoryCopy(a + rowOf[i] * width, b + i * width, width * sizeof(float), width * sizeof(float));
+        });
+        GC.KeepAlive(src);   // read through a raw pointer above
+        return dst;
     }
 
     /// <summary>
     /// One softmax over the keys of both parts from each part's normalised output and row log-sum-exp:
-    /// lse = log(e^a + e^b), out = e^(a − lse)·outA + e^(b − lse)·outB. Part B is read in class order
-    /// (row t at slot <paramref name="slotOf"/>[t]); +∞ marks a part with no allowed key in that row.
+    /// lse = log(e^a + e^b), out = e^(a − lse)·outA + e^(b − lse)·outB, written over part A's tensors (a fresh
+    /// tensor would pay the first touch of its pages again). Part B is read in class order (row t at slot
+    /// <paramref name="slotOf"/>[t]); +∞ marks a part with no allowed key in that row.
     /// </summary>
     private static unsafe (Tensor Output, Tensor Lse) Merge(Tensor outA, Tensor lseA, Tensor outB, Tensor lseB, int[] slotOf, int threads)
     {
         long rowsTotal = lseA.numel();
         int seqLen = (int)lseA.shape[2], dimV = (int)outA.shape[3];
-        var output = empty_like(outA);                                                         // (B, H, T, Dv)
-        var lse = empty_like(lseA);                                                            // (B, H, T)
         float* oa = (float*)FusedBlockSparseAttention.Pointer(outA), ob = (float*)FusedBlockSparseAttention.Pointer(outB);
         float* la = (float*)FusedBlockSparseAttention.Pointer(lseA), lb = (float*)FusedBlockSparseAttention.Pointer(lseB);
-        float* o = (float*)FusedBlockSparseAttention.Pointer(output), l = (float*)FusedBlockSparseAttention.Pointer(lse);
+        float* o = oa, l = la;
         int sequences = (int)(rowsTotal / seqLen);
         Parallel.For(0, sequences, new ParallelOptions { MaxDegreeOfParallelism = Math.Max(1, threads) }, bh =>
         {
@@ -213,10 +236,10 @@ public static class FusedStridedAttention
             }
         });
         GC.KeepAlive(outA); GC.KeepAlive(outB); GC.KeepAlive(lseA); GC.KeepAlive(lseB);   // read through raw pointers above
-        return (output, lse);
+        return (outA, lseA);
     }
 
-    /// <summary>dst = wa·a + wb·b over <paramref name="n"/> floats.</summary>
+    /// <summary>dst = wa·a + wb·b over <paramref name="n"/> floats (dst may be a).</summary>
     private static unsafe void WeightedSum(float* a, float wa, float* b, float wb, float* dst, int n)
     {
         int i = 0;
