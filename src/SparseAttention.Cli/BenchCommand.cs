@@ -12,7 +12,7 @@ using static TorchSharp.torch;
 namespace SparseAttention.Cli;
 
 /// <summary>
-/// <c>sparse-attn bench</c>: times attention kernels (median of several runs after warm-up) beside
+/// <c>sparse-attn bench</c>: times attention kernels (median of several runs after a warm-up until timings settle) beside
 /// dense <c>scaled_dot_product_attention</c> and the machine's matrix-multiply rate, all measured in
 /// the same process run, and reports ratios. With <c>--model</c> it times full training steps of a small
 /// byte-level <see cref="RoutingTransformerLM"/> (dense vs local vs routing heads) instead; the kernel rows
@@ -231,11 +231,12 @@ internal sealed class BenchCommand
             // One process-wide warm-up first, so the C# kernels every configuration uses are past tiered JIT before
             // any figure is timed (otherwise whichever configuration runs first pays for it).
             int warmLen = 2 * window;
-            stderr.WriteLine($"bench: model JIT warm-up (3 steps of each configuration at T={warmLen}) ...");
+            stderr.WriteLine($"bench: model JIT warm-up (steps of each configuration at T={warmLen} until their times settle) ...");
             foreach (string kind in modelKinds)
             {
                 using var warm = new ModelStep(ModelConfig(kind, warmLen, modelDim, modelHeads, modelDimHead, modelDepth, window), 1);
-                for (int i = 0; i < 3; i++) warm.Run();
+                int calls = Timing.WarmUp(warm.Run);
+                stderr.WriteLine($"bench: model {kind} warm-up: {calls} steps at T={warmLen}");
             }
             foreach (long seqLen in seqLens)
             {

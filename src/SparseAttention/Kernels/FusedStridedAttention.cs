@@ -156,11 +156,13 @@ public static class FusedStridedAttention
             var (qp, kp, vp, biasP) = Permute(plan, q, k, v, keyBias, threads);
             var (dqP, dkP, dvP) = FusedBlockSparseAttention.BackwardKernel(plan.Strided, qp, kp, vp, biasP,
                 Gather(output, plan.Order, threads), Gather(lse, plan.Order, threads), Gather(dO, plan.Order, threads), scale, threads);
-            var (dq, dk, dv) = (Gather(dqP, plan.Inverse, threads), Gather(dkP, plan.Inverse, threads), Gather(dvP, plan.Inverse, threads));
-            if (plan.Local is not null)
+            Tensor dq, dk, dv;
+            if (plan.Local is null)
+                (dq, dk, dv) = (Gather(dqP, plan.Inverse, threads), Gather(dkP, plan.Inverse, threads), Gather(dvP, plan.Inverse, threads));
+            else
             {
-                var (dqL, dkL, dvL) = FusedBlockSparseAttention.BackwardKernel(plan.Local, q, k, v, keyBias, output, lse, dO, scale, threads);
-                dq.add_(dqL); dk.add_(dkL); dv.add_(dvL);
+                (dq, dk, dv) = FusedBlockSparseAttention.BackwardKernel(plan.Local, q, k, v, keyBias, output, lse, dO, scale, threads);
+                Gather(dqP, plan.Inverse, threads, addTo: dq); Gather(dkP, plan.Inverse, threads, addTo: dk); Gather(dvP, plan.Inverse, threads, addTo: dv);
             }
             return [dq.MoveToOuterDisposeScope(), dk.MoveToOuterDisposeScope(), dv.MoveToOuterDisposeScope(), null!, null!];
         }
@@ -173,13 +175,13 @@ public static class FusedStridedAttention
 
     /// <summary>
     /// dst[n, i, :] = src[n, rowOf[i], :] for a contiguous float32 src seen as (N, T, W) with T = rowOf.Length:
-    /// (B, H, T, D) rows or (B, H, T) / (B, T) scalars along T. (libtorch's index_select along a middle
-    /// dimension ran ~100× slower than this copy here.)
+    /// (B, H, T, D) rows or (B, H, T) / (B, T) scalars along T; with <paramref name="addTo"/>, added to it in place
+    /// instead of written to a new tensor. (libtorch's index_select along a middle dimension ran many times slower here.)
     /// </summary>
-    private static unsafe Tensor Gather(Tensor src, int[] rowOf, int threads)
+    private static unsafe Tensor Gather(Tensor src, int[] rowOf, int threads, Tensor? addTo = null)
     {
         int seqLen = rowOf.Length;
-        var dst = empty_like(src);
+        var dst = addTo ?? empty_like(src);
         long width = src.dim() == 4 ? src.shape[3] : 1;                                     // D, or 1 for scalars
         long sequences = src.numel() / (seqLen * width);
         const int chunk = 512;
@@ -190,7 +192,9 @@ public static class FusedStridedAttention
             long n = task / chunks;
             int i0 = (int)(task % chunks) * chunk, i1 = Math.Min(seqLen, i0 + chunk);
             float* a = from + n * seqLen * width, b = to + n * seqLen * width;
-            if (width == 1)
+            if (addTo is not null)
+                for (int i = i0; i < i1; i++) WeightedSum(b + i * width, 1f, a + rowOf[i] * width, 1f, b + i * width, (int)width);
+            else if (width == 1)
                 for (int i = i0; i < i1; i++) b[i] = a[rowOf[i]];
             else
                 for (int i = i0; i < i1; i++)
