@@ -12,7 +12,7 @@ using static TorchSharp.torch;
 namespace SparseAttention.Cli;
 
 /// <summary>
-/// <c>sparse-attn bench</c>: times attention kernels (median of several runs after warm-up) beside
+/// <c>sparse-attn bench</c>: times attention kernels (median of several runs after a warm-up until timings settle) beside
 /// dense <c>scaled_dot_product_attention</c> and the machine's matrix-multiply rate, all measured in
 /// the same process run, and reports ratios. With <c>--model</c> it times full training steps of a small
 /// byte-level <see cref="RoutingTransformerLM"/> (dense vs local vs routing heads) instead; the kernel rows
@@ -72,8 +72,13 @@ internal sealed class BenchCommand
     }
 
     /// <summary>One measured figure; field names are the JSON schema of the issue.</summary>
+    /// <remarks><c>efficiency</c> = GFLOP/s ÷ the float32 GEMM rate; <c>peak_efficiency</c> = GFLOP/s ÷ the float32 FMA peak.</remarks>
     internal sealed record Result(string attention, string impl, string pass, long seq_len, long batch, long heads, long head_dim,
-        long window, bool causal, double ms, double gflops, double efficiency, double? speedup_vs_dense, double peak_rss_mb);
+        long window, bool causal, double ms, double gflops, double efficiency, double peak_efficiency, double? speedup_vs_dense, double peak_rss_mb,
+        int warmup_calls);
+
+    /// <summary>The run's two yardsticks (GFLOP/s): libtorch's float32 GEMM and the float32 FMA peak.</summary>
+    private sealed record Limits(double Gemm, double Peak);
 
     /// <summary>One model training-step figure (the <c>"model_results"</c> JSON rows).</summary>
     internal sealed record ModelResult(string model, long seq_len, long batch, long dim, long heads, long depth,
@@ -99,6 +104,7 @@ internal sealed class BenchCommand
             ? [1024, 4096]
             : parse.GetValue(seqLensOption)!.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries)
                 .Select(s => long.TryParse(s, out long t) && t > 0 ? t : throw new CliUsageException($"--seq-lens: '{s}' is not a positive integer.")).ToArray();
+        if (seqLens.Length == 0) throw new CliUsageException("--seq-lens: give at least one sequence length, e.g. --seq-lens 1024,4096.");
         var attentions = List(parse, attentionOption, Attentions);
         var impls = List(parse, implOption, Impls.Where(i => i != "sdpa").ToArray());
         var passes = List(parse, passOption, Passes);
@@ -121,15 +127,23 @@ internal sealed class BenchCommand
         bool causal = !parse.GetValue(bidirectionalOption);
         long maxDense = parse.GetValue(maxDenseLenOption);
         double maxGatherBytes = parse.GetValue(maxGatherGbOption) * 1e9;
+        var masks = Validate(seqLens, kernels ? attentions : [], kernels ? passes : [], batch, heads, dim, window, nHashes, causal,
+            model ? modelKinds : [], modelDim, modelHeads, modelDimHead, modelDepth);
 
         int threads = get_num_threads();
         FusedBlockSparseAttention.DefaultThreads = threads;
-        stderr.WriteLine($"bench: {threads} threads; measuring the GEMM rate ...");
-        double gemm = MeasureGemm(runs);
-        stderr.WriteLine($"bench: GEMM {gemm:F1} GFLOP/s (2048×2048 float32 matmul, median of {runs})");
+        stderr.WriteLine($"bench: {threads} threads; measuring the GEMM rates and the FMA peak ...");
+        double gemm = MachineLimits.MatmulGflops(ScalarType.Float32, runs);
+        double bf16 = MachineLimits.MatmulGflops(ScalarType.BFloat16, runs);
+        double peak = MachineLimits.FmaPeakGflops(threads);
+        int vectorBits = MachineLimits.VectorBits;
+        stderr.WriteLine($"bench: GEMM {gemm:F1} GFLOP/s (2048×2048 float32 matmul, median of {runs}); bf16 GEMM {bf16:F1} GFLOP/s; "
+            + $"float32 FMA peak {peak:F1} GFLOP/s ({threads} threads × {vectorBits}-bit FMA loop, best of 5)");
+        var limits = new Limits(gemm, peak);
 
         var results = new List<Result>();
         var denseMs = new Dictionary<(long, string), double>();
+        long hugePagesBytes = 0;
         int total = seqLens.Length * passes.Length * (1 + attentions.Count(a => a != "dense") * impls.Length), step = 0;
         foreach (long seqLen in kernels ? seqLens : [])
             foreach (string pass in passes)
@@ -142,6 +156,7 @@ internal sealed class BenchCommand
                 var k = randn(new long[] { batch, heads, seqLen, dim }, generator: gen);
                 var v = randn(new long[] { batch, heads, seqLen, dim }, generator: gen);
                 var upstream = randn(new long[] { batch, heads, seqLen, dim }, generator: gen);
+                hugePagesBytes = Math.Max(hugePagesBytes, TorchAllocator.AnonHugePagesBytes() ?? 0);   // with q, k, v, upstream resident
 
                 // Dense SDPA first: every sparse figure is reported as a ratio against it.
                 step++;
@@ -149,9 +164,9 @@ internal sealed class BenchCommand
                 {
                     stderr.WriteLine($"[{step}/{total}] dense sdpa {pass} T={seqLen}");
                     double pairs = (double)heads * (causal ? seqLen * (seqLen + 1) / 2.0 : (double)seqLen * seqLen);
-                    var (ms, rss) = Time((a, b, c) => nn.functional.scaled_dot_product_attention(a, b, c, is_casual: causal), q, k, v, upstream, backward, runs);
-                    denseMs[(seqLen, pass)] = ms;
-                    results.Add(Make("dense", "sdpa", pass, seqLen, batch, heads, dim, seqLen, causal, ms, 4 * pairs * dim * batch * flopFactor, gemm, 1.0, rss));
+                    var timing = Time((a, b, c) => nn.functional.scaled_dot_product_attention(a, b, c, is_casual: causal), q, k, v, upstream, backward, runs);
+                    denseMs[(seqLen, pass)] = timing.Ms;
+                    results.Add(Make("dense", "sdpa", pass, seqLen, batch, heads, dim, seqLen, causal, timing, 4 * pairs * dim * batch * flopFactor, limits, 1.0));
                 }
                 else stderr.WriteLine($"[{step}/{total}] dense sdpa {pass} T={seqLen}: skipped (above --max-dense-len {maxDense})");
 
@@ -163,9 +178,9 @@ internal sealed class BenchCommand
                         {
                             step++;
                             stderr.WriteLine($"[{step}/{total}] lsh {impl} {pass} T={seqLen}");
-                            var (ms, rss, lshPairs) = TimeLsh(q, v, upstream, window, nHashes, causal, impl == "ops" ? AttentionKernel.Ops : AttentionKernel.Fused, backward, runs);
-                            double? speedup = denseMs.TryGetValue((seqLen, pass), out double d) ? d / ms : null;
-                            results.Add(Make("lsh", impl, pass, seqLen, batch, heads, dim, window, causal, ms, 4 * lshPairs * dim * flopFactor, gemm, speedup, rss));
+                            var (timing, lshPairs) = TimeLsh(q, v, upstream, window, nHashes, causal, impl == "ops" ? AttentionKernel.Ops : AttentionKernel.Fused, backward, runs);
+                            double? speedup = denseMs.TryGetValue((seqLen, pass), out double d) ? d / timing.Ms : null;
+                            results.Add(Make("lsh", impl, pass, seqLen, batch, heads, dim, window, causal, timing, 4 * lshPairs * dim * flopFactor, limits, speedup));
                         }
                         if (impls.Contains("reference")) step++;
                         continue;
@@ -176,14 +191,14 @@ internal sealed class BenchCommand
                         {
                             step++;
                             stderr.WriteLine($"[{step}/{total}] routing {impl} {pass} T={seqLen}");
-                            var (ms, rss, groupPairs) = TimeRouting(q, k, v, upstream, window, causal, impl == "ops" ? AttentionKernel.Ops : AttentionKernel.Fused, backward, runs);
-                            double? speedup = denseMs.TryGetValue((seqLen, pass), out double d) ? d / ms : null;
-                            results.Add(Make("routing", impl, pass, seqLen, batch, heads, dim, window, causal, ms, 4 * groupPairs * dim * flopFactor, gemm, speedup, rss));
+                            var (timing, groupPairs) = TimeRouting(q, k, v, upstream, window, causal, impl == "ops" ? AttentionKernel.Ops : AttentionKernel.Fused, backward, runs);
+                            double? speedup = denseMs.TryGetValue((seqLen, pass), out double d) ? d / timing.Ms : null;
+                            results.Add(Make("routing", impl, pass, seqLen, batch, heads, dim, window, causal, timing, 4 * groupPairs * dim * flopFactor, limits, speedup));
                         }
                         if (impls.Contains("reference")) step++;
                         continue;
                     }
-                    var mask = PatternFor(attention, window, causal).Compile((int)seqLen, Math.Min(window, (int)seqLen), heads);
+                    var mask = masks[(seqLen, attention)];
                     double pairs = mask.Density * heads * (double)seqLen * seqLen;
                     foreach (string impl in impls)
                     {
@@ -202,9 +217,9 @@ internal sealed class BenchCommand
                         }
                         stderr.WriteLine($"[{step}/{total}] {attention} {impl} {pass} T={seqLen}");
                         var kernel = impl switch { "ops" => AttentionKernel.Ops, "reference" => AttentionKernel.Reference, _ => AttentionKernel.Fused };
-                        var (ms, rss) = Time((a, b, c) => BlockSparseAttention.Attention(a, b, c, mask, kernel: kernel), q, k, v, upstream, backward, runs);
-                        double? speedup = denseMs.TryGetValue((seqLen, pass), out double d) ? d / ms : null;
-                        results.Add(Make(attention, impl, pass, seqLen, batch, heads, dim, window, causal, ms, 4 * pairs * dim * batch * flopFactor, gemm, speedup, rss));
+                        var timing = Time((a, b, c) => BlockSparseAttention.Attention(a, b, c, mask, kernel: kernel), q, k, v, upstream, backward, runs);
+                        double? speedup = denseMs.TryGetValue((seqLen, pass), out double d) ? d / timing.Ms : null;
+                        results.Add(Make(attention, impl, pass, seqLen, batch, heads, dim, window, causal, timing, 4 * pairs * dim * batch * flopFactor, limits, speedup));
                     }
                 }
             }
@@ -221,11 +236,12 @@ internal sealed class BenchCommand
             // One process-wide warm-up first, so the C# kernels every configuration uses are past tiered JIT before
             // any figure is timed (otherwise whichever configuration runs first pays for it).
             int warmLen = 2 * window;
-            stderr.WriteLine($"bench: model JIT warm-up (3 steps of each configuration at T={warmLen}) ...");
+            stderr.WriteLine($"bench: model JIT warm-up (steps of each configuration at T={warmLen} until their times settle) ...");
             foreach (string kind in modelKinds)
             {
                 using var warm = new ModelStep(ModelConfig(kind, warmLen, modelDim, modelHeads, modelDimHead, modelDepth, window), 1);
-                for (int i = 0; i < 3; i++) warm.Run();
+                int calls = Timing.WarmUp(warm.Run);
+                stderr.WriteLine($"bench: model {kind} warm-up: {calls} steps at T={warmLen}");
             }
             foreach (long seqLen in seqLens)
             {
@@ -266,17 +282,128 @@ internal sealed class BenchCommand
             }
         }
 
-        if (kernels) Print(stdout, results, threads, gemm);
-        if (model) PrintModel(stdout, modelResults, threads, gemm, modelConfig);
+        string limitsText = $"{threads} threads, GEMM {gemm:F1} GFLOP/s (bf16 {bf16:F1}), FMA peak {peak:F1} GFLOP/s ({vectorBits}-bit)";
+        if (kernels) Print(stdout, results, limitsText);
+        if (model) PrintModel(stdout, modelResults, limitsText, modelConfig);
+        // Whether libtorch's large tensors were on transparent huge pages (the CLI asks for them unless the user set the variable):
+        // the most AnonHugePages seen while the kernel rows' inputs were resident.
+        string hugePages = TorchAllocator.NativeVariable(TorchAllocator.HugePagesVariable) ?? "unset";
+        double hugePagesMb = Math.Round(hugePagesBytes / 1048576.0, 1);
+        stderr.WriteLine($"bench: {TorchAllocator.HugePagesVariable}={hugePages}; AnonHugePages up to {hugePagesMb:F0} MB");
         if (parse.GetValue(jsonOption) is string jsonPath)
         {
-            object document = model
-                ? new { threads, gemm_gflops = Math.Round(gemm, 2), results, model_results = modelResults }
-                : new { threads, gemm_gflops = Math.Round(gemm, 2), results };
+            var document = new Dictionary<string, object?>
+            {
+                ["threads"] = threads, ["gemm_gflops"] = Math.Round(gemm, 2), ["bf16_gemm_gflops"] = Math.Round(bf16, 2),
+                ["fma_peak_gflops"] = Math.Round(peak, 2), ["fma_vector_bits"] = vectorBits,
+                ["thp_mem_alloc_enable"] = hugePages, ["anon_huge_pages_mb"] = hugePagesMb, ["results"] = results,
+            };
+            if (model) document["model_results"] = modelResults;
             AtomicFile.WriteAllText(jsonPath, JsonSerializer.Serialize(document, new JsonSerializerOptions { WriteIndented = true }));
             stderr.WriteLine($"bench: wrote {jsonPath}");
         }
         return CliApp.Ok;
+    }
+
+    /// <summary>
+    /// Checks every configuration before any is timed, so a bad one fails at once with one line naming its option
+    /// instead of after minutes of other figures: lengths within the kernels' int range, memory (overflow-checked, against
+    /// what the machine has available, before anything is allocated), and each pattern, module and model configuration at
+    /// each length. Returns the compiled masks of the pattern rows by (T, attention kind).
+    /// </summary>
+    private static Dictionary<(long, string), BlockMask> Validate(long[] seqLens, string[] attentions, string[] passes, int batch, int heads,
+        int dim, int window, int nHashes, bool causal, string[] modelKinds, int modelDim, int modelHeads, int modelDimHead, int modelDepth)
+    {
+        double available = AvailableMemoryBytes();
+        foreach (long seqLen in seqLens)
+        {
+            if (seqLen > int.MaxValue)
+                throw new CliUsageException($"--seq-lens: T = {seqLen} is above the kernels' limit of {int.MaxValue} tokens.");
+            // Kernel rows hold q, k, v, the upstream gradient, outputs, gradients and the kernels' copies: ~16 (B, H, T, D)
+            // float32 tensors with a backward, ~10 without. Model rows: activations of every layer plus logits.
+            int tensors = passes.Contains("forward_backward") ? 16 : 10;
+            string what = $"--batch {batch} × --heads {heads} × --head-dim {dim}";   // the options the estimate grows with
+            long perToken = 0;
+            try
+            {
+                if (attentions.Length > 0) perToken = checked((long)batch * heads * dim * sizeof(float) * tensors);
+                if (modelKinds.Length > 0)
+                {
+                    long modelPerToken = checked((long)batch * (256 * 3 + (long)modelDepth * modelDim * 32) * sizeof(float));
+                    if (modelPerToken > perToken) (perToken, what) = (modelPerToken, $"--batch {batch}, --model-dim {modelDim}, --model-depth {modelDepth}");
+                }
+            }
+            catch (OverflowException)
+            {
+                throw new CliUsageException($"{what} needs more memory per token than a 64-bit size can count.");
+            }
+            if (perToken > available)
+                throw new CliUsageException($"{what} needs ~{perToken / 1e9:F1} GB per token, more than the {available / 1e9:F1} GB available.");
+            if (perToken > 0 && seqLen > available / perToken)   // perToken · T > available, without overflow
+                throw new CliUsageException($"--seq-lens: T = {seqLen} needs ~{(double)perToken * seqLen / 1e9:F1} GB ({what}), more than the "
+                    + $"{available / 1e9:F1} GB available; the limit here is T ≤ {(long)(available / perToken)}.");
+        }
+
+        var masks = new Dictionary<(long, string), BlockMask>();
+        foreach (long seqLen in seqLens)
+        {
+            int t = (int)seqLen;
+            foreach (string attention in attentions.Where(a => a != "dense"))
+            {
+                try
+                {
+                    switch (attention)
+                    {
+                        case "routing":
+                            new SparseAttention.Modules.RoutingAttention(heads, dim, t, Math.Min(window, t), causal).Dispose();
+                            break;
+                        case "lsh":
+                            new SparseAttention.Modules.LshAttention(heads, dim, t, Math.Min(window, t), nHashes, causal: causal).Dispose();
+                            break;
+                        default:
+                            masks[(seqLen, attention)] = PatternFor(attention, window, causal).Compile(t, Math.Min(window, t), heads);
+                            break;
+                    }
+                }
+                catch (ArgumentException e)
+                {
+                    throw new CliUsageException($"--seq-lens: T = {seqLen} does not fit --attention {attention} with --window {window} "
+                        + $"({WithoutParameterName(e)}).");
+                }
+            }
+            foreach (string kind in modelKinds)
+            {
+                try { ModelConfig(kind, t, modelDim, modelHeads, modelDimHead, modelDepth, window); }
+                catch (ArgumentException e)
+                {
+                    throw new CliUsageException($"--seq-lens: T = {seqLen} does not fit --model-kinds {kind} ({WithoutParameterName(e)}).");
+                }
+            }
+        }
+        return masks;
+    }
+
+    /// <summary>A library message without its internal parameter name ("numSlidingWindowBlocks: …", "(Parameter '…')").</summary>
+    private static string WithoutParameterName(ArgumentException e)
+    {
+        string message = e.Message;
+        if (e.ParamName is not string name) return message.TrimEnd('.');
+        message = message.Replace($" (Parameter '{name}')", "");
+        if (message.StartsWith(name + ": ", StringComparison.Ordinal)) message = message[(name.Length + 2)..];
+        return message.TrimEnd('.');
+    }
+
+    /// <summary>Memory this process can still take: MemAvailable of /proc/meminfo, else the GC's view of the machine.</summary>
+    private static double AvailableMemoryBytes()
+    {
+        try
+        {
+            foreach (var line in File.ReadLines("/proc/meminfo"))
+                if (line.StartsWith("MemAvailable:", StringComparison.Ordinal))
+                    return double.Parse(line.Split(' ', StringSplitOptions.RemoveEmptyEntries)[1]) * 1024;   // "MemAvailable: 123 kB"
+        }
+        catch (IOException) { }
+        return GC.GetGCMemoryInfo().TotalAvailableMemoryBytes;
     }
 
     public static AttentionPattern PatternFor(string attention, int window, bool causal) => attention switch
@@ -349,15 +476,17 @@ internal sealed class BenchCommand
     }
 
     private static Result Make(string attention, string impl, string pass, long seqLen, int batch, int heads, int dim, long window,
-        bool causal, double ms, double usefulFlops, double gemm, double? speedup, double rss)
+        bool causal, (double Ms, double Rss, int WarmUp) timing, double usefulFlops, Limits limits, double? speedup)
     {
-        double gflops = usefulFlops / (ms * 1e6);
-        return new Result(attention, impl, pass, seqLen, batch, heads, dim, window, causal, Math.Round(ms, 3), Math.Round(gflops, 2),
-            Math.Round(gflops / gemm, 4), speedup is double s ? Math.Round(s, 2) : null, Math.Round(rss, 1));
+        double gflops = usefulFlops / (timing.Ms * 1e6);
+        return new Result(attention, impl, pass, seqLen, batch, heads, dim, window, causal, Math.Round(timing.Ms, 3), Math.Round(gflops, 2),
+            Math.Round(gflops / limits.Gemm, 4), Math.Round(gflops / limits.Peak, 4), speedup is double s ? Math.Round(s, 2) : null,
+            Math.Round(timing.Rss, 1), timing.WarmUp);
     }
 
-    /// <summary>Median wall time of <paramref name="runs"/> calls after one warm-up, and the peak RSS of the timed calls.</summary>
-    private static (double Ms, double PeakRssMb) Time(Func<Tensor, Tensor, Tensor, Tensor> attention, Tensor q, Tensor k, Tensor v,
+    /// <summary>Median wall time of <paramref name="runs"/> calls after a warm-up that lasts until timings settle
+    /// (<see cref="Timing.WarmUp"/>), the peak RSS of the timed calls and the number of warm-up calls.</summary>
+    private static (double Ms, double Rss, int WarmUp) Time(Func<Tensor, Tensor, Tensor, Tensor> attention, Tensor q, Tensor k, Tensor v,
         Tensor upstream, bool backward, int runs)
     {
         void Once()
@@ -372,7 +501,7 @@ internal sealed class BenchCommand
             var (q2, k2, v2) = (q.detach().requires_grad_(true), k.detach().requires_grad_(true), v.detach().requires_grad_(true));
             (attention(q2, k2, v2) * upstream).sum().backward();
         }
-        Once();
+        int warmUp = Timing.WarmUp(Once);
         ResetPeakRss();
         var times = new double[runs];
         for (int i = 0; i < runs; i++)
@@ -382,7 +511,7 @@ internal sealed class BenchCommand
             times[i] = sw.Elapsed.TotalMilliseconds;
         }
         Array.Sort(times);
-        return (times[runs / 2], PeakRssMb());
+        return (times[runs / 2], PeakRssMb(), warmUp);
     }
 
     /// <summary>
@@ -390,19 +519,19 @@ internal sealed class BenchCommand
     /// chunking, grouped attention), clusters = T / window; the k-means is initialised in the warm-up.
     /// Useful work = the allowed (query, key) pairs inside the groups it formed, summed over batch.
     /// </summary>
-    private static (double Ms, double PeakRssMb, double Pairs) TimeRouting(Tensor q, Tensor k, Tensor v, Tensor upstream,
+    private static ((double Ms, double Rss, int WarmUp) Timing, double Pairs) TimeRouting(Tensor q, Tensor k, Tensor v, Tensor upstream,
         int window, bool causal, AttentionKernel kernel, bool backward, int runs)
     {
         long heads = q.shape[1], seqLen = q.shape[2], dim = q.shape[3];
         using var routing = new SparseAttention.Modules.RoutingAttention((int)heads, (int)dim, (int)seqLen, Math.Min(window, (int)seqLen), causal) { Kernel = kernel };
         double pairs = 0;
-        var (ms, rss) = Time((a, b, c) =>
+        var timing = Time((a, b, c) =>
         {
             var result = routing.forward(a, b, c);
             if (pairs == 0) pairs = GroupPairs(result.QueryIndices, result.KeyIndices, causal);
             return result.Output;
         }, q, k, v, upstream, backward, runs);
-        return (ms, rss, pairs);
+        return (timing, pairs);
     }
 
     /// <summary>
@@ -410,13 +539,13 @@ internal sealed class BenchCommand
     /// sorting and chunking included. Useful work = the (query, key) slot pairs the chunks hold (own chunk + previous
     /// chunk, causal where asked), summed over rounds and batch.
     /// </summary>
-    private static (double Ms, double PeakRssMb, double Pairs) TimeLsh(Tensor q, Tensor v, Tensor upstream,
+    private static ((double Ms, double Rss, int WarmUp) Timing, double Pairs) TimeLsh(Tensor q, Tensor v, Tensor upstream,
         int window, int nHashes, bool causal, AttentionKernel kernel, bool backward, int runs)
     {
         long heads = q.shape[1], seqLen = q.shape[2], dim = q.shape[3];
         using var lsh = new SparseAttention.Modules.LshAttention((int)heads, (int)dim, (int)seqLen, Math.Min(window, (int)seqLen), nHashes, causal: causal) { Kernel = kernel };
         double pairs = 0;
-        var (ms, rss) = Time((a, _, c) =>
+        var timing = Time((a, _, c) =>
         {
             var result = lsh.forward(a, null, c);
             if (pairs == 0)
@@ -430,7 +559,7 @@ internal sealed class BenchCommand
             }
             return result.Output;
         }, q, q, v, upstream, backward, runs);
-        return (ms, rss, pairs);
+        return (timing, pairs);
     }
 
     /// <summary>Allowed (query, key) slot pairs of a grouping: both slots filled and, when causal, key ≤ query.</summary>
@@ -441,22 +570,6 @@ internal sealed class BenchCommand
         var allowed = qi.ge(0).logical_and(ki.ge(0));
         if (causal) allowed = allowed.logical_and(ki.le(qi));
         return allowed.sum().to(ScalarType.Float64).item<double>();
-    }
-
-    private static double MeasureGemm(int runs)
-    {
-        using var scope = NewDisposeScope();
-        var a = randn(2048, 2048); var b = randn(2048, 2048);
-        matmul(a, b);
-        var times = new double[runs];
-        for (int i = 0; i < runs; i++)
-        {
-            var sw = Stopwatch.StartNew();
-            using (matmul(a, b)) { }
-            times[i] = sw.Elapsed.TotalSeconds;
-        }
-        Array.Sort(times);
-        return 2.0 * 2048 * 2048 * 2048 / times[runs / 2] / 1e9;
     }
 
     // Linux: writing 5 to clear_refs resets the peak RSS (VmHWM) so each figure gets its own peak.
@@ -477,23 +590,24 @@ internal sealed class BenchCommand
         return Process.GetCurrentProcess().PeakWorkingSet64 / 1048576.0;
     }
 
-    private static void Print(TextWriter stdout, List<Result> results, int threads, double gemm)
+    private static void Print(TextWriter stdout, List<Result> results, string limits)
     {
         var console = AnsiConsole.Create(new AnsiConsoleSettings { Out = new AnsiConsoleOutput(stdout), Ansi = AnsiSupport.No, ColorSystem = ColorSystemSupport.NoColors });
         console.Profile.Width = 140;
-        var table = new Table().Title($"attention bench — {threads} threads, GEMM {gemm:F1} GFLOP/s");
-        foreach (var c in new[] { "attention", "impl", "pass", "T", "ms", "GFLOP/s", "% of GEMM", "× dense", "peak RSS MB" }) table.AddColumn(c);
+        var table = new Table().Title($"attention bench — {limits}");
+        foreach (var c in new[] { "attention", "impl", "pass", "T", "ms", "GFLOP/s", "% of GEMM", "% of peak", "× dense", "peak RSS MB" }) table.AddColumn(c);
         foreach (var r in results)
             table.AddRow(r.attention, r.impl, r.pass, r.seq_len.ToString(), r.ms.ToString("F1"), r.gflops.ToString("F1"),
-                (r.efficiency * 100).ToString("F0"), r.speedup_vs_dense is double s ? s.ToString("F1") : "–", r.peak_rss_mb.ToString("F0"));
+                (r.efficiency * 100).ToString("F0"), (r.peak_efficiency * 100).ToString("F0"), r.speedup_vs_dense is double s ? s.ToString("F1") : "–",
+                r.peak_rss_mb.ToString("F0"));
         console.Write(table);
     }
 
-    private static void PrintModel(TextWriter stdout, List<ModelResult> results, int threads, double gemm, string config)
+    private static void PrintModel(TextWriter stdout, List<ModelResult> results, string limits, string config)
     {
         var console = AnsiConsole.Create(new AnsiConsoleSettings { Out = new AnsiConsoleOutput(stdout), Ansi = AnsiSupport.No, ColorSystem = ColorSystemSupport.NoColors });
         console.Profile.Width = 140;
-        var table = new Table().Title($"model training step — {threads} threads, GEMM {gemm:F1} GFLOP/s");
+        var table = new Table().Title($"model training step — {limits}");
         foreach (var c in new[] { "model", "T", "B", "dim", "heads", "depth", "ms/step", "tokens/s", "× dense", "peak RSS MB" }) table.AddColumn(c);
         foreach (var r in results)
             table.AddRow(r.model, r.seq_len.ToString(), r.batch.ToString(), r.dim.ToString(), r.heads.ToString(), r.depth.ToString(),

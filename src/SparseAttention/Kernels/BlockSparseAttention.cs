@@ -8,7 +8,8 @@ public enum AttentionKernel
 {
     /// <summary><see cref="Fused"/> for float32 CPU tensors, otherwise <see cref="Ops"/>.</summary>
     Auto,
-    /// <summary>C# SIMD kernels (<see cref="FusedBlockSparseAttention"/>): float32 on CPU only.</summary>
+    /// <summary>C# SIMD kernels (<see cref="FusedBlockSparseAttention"/>; strided patterns by permutation,
+    /// <see cref="FusedStridedAttention"/>, when that visits fewer blocks): float32 on CPU only.</summary>
     Fused,
     /// <summary>TorchSharp tensor ops (<see cref="BlockSparseOpsAttention"/>): any device, any float dtype.</summary>
     Ops,
@@ -44,9 +45,11 @@ public static class BlockSparseAttention
                 using (var onDevice = dense.to(q.device))
                     return ReferenceAttention.Attention(q, k, v, onDevice.unsqueeze(0), keyMask: keyMask, scale: scale);
             case AttentionKernel.Fused:
-                return FusedBlockSparseAttention.Attention(q, k, v, mask, keyMask, scale);
             case AttentionKernel.Auto when FusedBlockSparseAttention.Supports(q):
-                return FusedBlockSparseAttention.Attention(q, k, v, mask, keyMask, scale);
+                // A strided pattern's strided part touches every key block in this layout; permuted it is a band.
+                return FusedStridedAttention.Handles(mask)
+                    ? FusedStridedAttention.Attention(q, k, v, mask, keyMask, scale)
+                    : FusedBlockSparseAttention.Attention(q, k, v, mask, keyMask, scale);
             case AttentionKernel.Auto:
             case AttentionKernel.Ops:
                 return BlockSparseOpsAttention.Attention(q, k, v, mask, keyMask, scale);

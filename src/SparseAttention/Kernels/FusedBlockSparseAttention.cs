@@ -53,33 +53,69 @@ public static class FusedBlockSparseAttention
         return p;
     }
 
+    /// <summary>Keys and values with padding keys zeroed (NaN there must not leak via 0·x) and the additive key
+    /// bias (B, T): 0 = real key, −∞ = padding; unchanged and null without a key mask.</summary>
+    internal static (Tensor K, Tensor V, Tensor? KeyBias) MaskKeys(Tensor k, Tensor v, Tensor? keyMask)
+    {
+        if (keyMask is null) return (k, v, null);
+        long batch = k.shape[0], seqLen = k.shape[2];
+        var drop = keyMask.logical_not();
+        var dropRows = drop.view(batch, 1, seqLen, 1);                                     // (B, 1, T, 1)
+        return (k.masked_fill(dropRows, 0), v.masked_fill(dropRows, 0),
+                zeros(batch, seqLen).masked_fill(drop, float.NegativeInfinity));           // (B, T)
+    }
+
+    /// <summary>The forward kernel on contiguous float32 tensors: output (B, H, T, Dv) and the row
+    /// log-sum-exp (B, H, T), +∞ for a row with no allowed key (its output is zero).</summary>
+    internal static (Tensor Output, Tensor Lse) ForwardKernel(BlockMask mask, Tensor q, Tensor k, Tensor v, Tensor? keyBias,
+        float scale, int threads)
+    {
+        long batch = q.shape[0], heads = q.shape[1], seqLen = q.shape[2], dimV = v.shape[3];
+        var output = empty(new[] { batch, heads, seqLen, dimV });                          // (B, H, T, Dv)
+        var lse = empty(new[] { batch, heads, seqLen });                                   // (B, H, T)
+        var args = Arguments(q, k, v, keyBias, scale, threads, chunks: 0);
+        args.O = Pointer(output); args.Lse = Pointer(lse);
+        BlockSparseKernel.Forward(FusedLayout.For(mask), args);
+        GC.KeepAlive(q); GC.KeepAlive(k); GC.KeepAlive(v); GC.KeepAlive(keyBias);  // read through raw pointers above
+        return (output, lse);
+    }
+
+    /// <summary>The backward kernel: gradients of q, k, v given dO (B, H, T, Dv), and the output (B, H, T, Dv) and
+    /// row log-sum-exp (B, H, T) of the softmax the keys of <paramref name="mask"/> take part in. Passing the output
+    /// and log-sum-exp of a larger softmax (this mask's keys plus others) gives this mask's share of its gradients.</summary>
+    /// <param name="chunks">Backward tasks per (batch, head); 0 = automatic.</param>
+    internal static (Tensor Dq, Tensor Dk, Tensor Dv) BackwardKernel(BlockMask mask, Tensor q, Tensor k, Tensor v, Tensor? keyBias,
+        Tensor output, Tensor lse, Tensor dO, float scale, int threads, int chunks = 0)
+    {
+        var (dq, dk, dv) = (empty_like(q), empty_like(k), empty_like(v));
+        var args = Arguments(q, k, v, keyBias, scale, threads, chunks);
+        args.Lse = Pointer(lse); args.DO = Pointer(dO); args.O = Pointer(output);
+        args.DQ = Pointer(dq); args.DK = Pointer(dk); args.DV = Pointer(dv);
+        BlockSparseKernel.Backward(FusedLayout.For(mask), args);
+        // The kernel only saw raw pointers: keep every tensor it read or wrote reachable until it is
+        // done, or the GC may finalize a wrapper (and free its memory) mid-kernel in optimised builds.
+        GC.KeepAlive(q); GC.KeepAlive(k); GC.KeepAlive(v); GC.KeepAlive(keyBias);
+        GC.KeepAlive(output); GC.KeepAlive(lse); GC.KeepAlive(dO);
+        return (dq, dk, dv);
+    }
+
+    private static KernelArgs Arguments(Tensor q, Tensor k, Tensor v, Tensor? keyBias, float scale, int threads, int chunks) => new()
+    {
+        Batch = (int)q.shape[0], Heads = (int)q.shape[1], SeqLen = (int)q.shape[2], Dim = (int)q.shape[3], DimV = (int)v.shape[3],
+        Threads = threads, Scale = scale, Q = Pointer(q), K = Pointer(k), V = Pointer(v), KeyBias = keyBias is null ? 0 : Pointer(keyBias),
+        Chunks = chunks,
+    };
+
     private sealed class BlockSparseFunction : autograd.SingleTensorFunction<BlockSparseFunction>
     {
         public override string Name => "FusedBlockSparseAttention";
 
         public override Tensor forward(autograd.AutogradContext ctx, params object[] vars)
         {
-            var (q, k, v) = (((Tensor)vars[0]).contiguous(), ((Tensor)vars[1]).contiguous(), ((Tensor)vars[2]).contiguous());
-            var keyMask = vars[3] as Tensor;
+            var q = ((Tensor)vars[0]).contiguous();
+            var (k, v, keyBias) = MaskKeys(((Tensor)vars[1]).contiguous(), ((Tensor)vars[2]).contiguous(), vars[3] as Tensor);
             var settings = (Settings)vars[4];
-            long batch = q.shape[0], heads = q.shape[1], seqLen = q.shape[2], dimV = v.shape[3];
-            Tensor? keyBias = null;
-            if (keyMask is not null)
-            {
-                var drop = keyMask.logical_not();
-                k = k.masked_fill(drop.view(batch, 1, seqLen, 1), 0);                      // NaN in padding must not leak via 0·x
-                v = v.masked_fill(drop.view(batch, 1, seqLen, 1), 0);
-                keyBias = zeros(batch, seqLen).masked_fill(drop, float.NegativeInfinity);  // (B, T)
-            }
-            var output = empty(new[] { batch, heads, seqLen, dimV });                      // (B, H, T, Dv)
-            var lse = empty(new[] { batch, heads, seqLen });                               // (B, H, T)
-            var args = Arguments(q, settings);
-            args.K = Pointer(k); args.V = Pointer(v);
-            args.KeyBias = keyBias is null ? 0 : Pointer(keyBias);
-            args.O = Pointer(output); args.Lse = Pointer(lse);
-            args.DimV = (int)dimV;
-            BlockSparseKernel.Forward(FusedLayout.For(settings.Mask), args);
-            GC.KeepAlive(q); GC.KeepAlive(k); GC.KeepAlive(v); GC.KeepAlive(keyBias);  // read through raw pointers above
+            var (output, lse) = ForwardKernel(settings.Mask, q, k, v, keyBias, settings.Scale, settings.Threads);
             ctx.save_for_backward([q, k, v, output, lse, keyBias ?? empty(0)]);
             ctx.save_data("settings", settings);
             return output;
@@ -90,25 +126,9 @@ public static class FusedBlockSparseAttention
             var saved = ctx.get_saved_variables();
             var (q, k, v, output, lse, keyBias) = (saved[0], saved[1], saved[2], saved[3], saved[4], saved[5]);
             var settings = (Settings)ctx.get_data("settings");
-            var dO = gradOutput.contiguous();
-            var (dq, dk, dv) = (empty_like(q), empty_like(k), empty_like(v));
-            var args = Arguments(q, settings);
-            args.DimV = (int)v.shape[3];
-            args.K = Pointer(k); args.V = Pointer(v);
-            args.KeyBias = keyBias.numel() == 0 ? 0 : Pointer(keyBias);
-            args.Lse = Pointer(lse); args.DO = Pointer(dO); args.O = Pointer(output);
-            args.DQ = Pointer(dq); args.DK = Pointer(dk); args.DV = Pointer(dv);
-            BlockSparseKernel.Backward(FusedLayout.For(settings.Mask), args);
-            // The kernel only saw raw pointers: keep every tensor it read or wrote reachable until it is
-            // done, or the GC may finalize a wrapper (and free its memory) mid-kernel in optimised builds.
-            GC.KeepAlive(saved); GC.KeepAlive(dO); GC.KeepAlive(dq); GC.KeepAlive(dk); GC.KeepAlive(dv);
+            var (dq, dk, dv) = BackwardKernel(settings.Mask, q, k, v, keyBias.numel() == 0 ? null : keyBias, output, lse,
+                gradOutput.contiguous(), settings.Scale, settings.Threads, settings.BackwardChunks);
             return [dq, dk, dv, null!, null!];
         }
-
-        private static KernelArgs Arguments(Tensor q, Settings settings) => new()
-        {
-            Batch = (int)q.shape[0], Heads = (int)q.shape[1], SeqLen = (int)q.shape[2], Dim = (int)q.shape[3],
-            Threads = settings.Threads, Scale = settings.Scale, Q = Pointer(q), Chunks = settings.BackwardChunks,
-        };
     }
 }

@@ -28,6 +28,8 @@ public sealed class BlockMask
     internal int[] KeyBlockOfEntry => keyBlock;
     internal int[] TileOfEntry => tileIndex;
     internal bool[] Tiles => tiles;
+    /// <summary>The pattern this mask was compiled from (lets kernels recognise a structure they run faster).</summary>
+    internal AttentionPattern? Pattern { get; private init; }
 
     public string Name { get; }
     public bool IsCausal { get; }
@@ -151,6 +153,7 @@ public sealed class BlockMask
             rowStart, keyBlock.ToArray(), tileIndex.ToArray(), flatTiles)
         {
             MaxKeyBlocksPerRow = maxPerRow,
+            Pattern = pattern,
             Density = allowedPairs / ((double)heads * seqLen * seqLen),
         };
     }

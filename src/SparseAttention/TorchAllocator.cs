@@ -1,0 +1,69 @@
+using System.Runtime.InteropServices;
+
+namespace SparseAttention;
+
+/// <summary>
+/// Settings of libtorch's CPU allocator, which must be made before the process allocates its first tensor.
+/// </summary>
+public static partial class TorchAllocator
+{
+    /// <summary>The C environment variable libtorch reads to back large CPU allocations with transparent huge pages.</summary>
+    public const string HugePagesVariable = "THP_MEM_ALLOC_ENABLE";
+
+    /// <summary>
+    /// Makes libtorch back CPU tensors of 2 MiB and more with transparent huge pages: sets
+    /// <c>THP_MEM_ALLOC_ENABLE=1</c> in the process's C environment (with libc <c>setenv</c>; .NET's
+    /// <see cref="Environment.SetEnvironmentVariable(string, string)"/> does not reach native <c>getenv</c>),
+    /// unless the variable is already set — a value the user chose, such as 0, is kept.
+    /// <para><b>Call it before the first tensor allocation</b> (first thing in <c>Main</c>): libtorch reads the
+    /// variable once, at its first CPU allocation, and a later call changes nothing for this process.</para>
+    /// </summary>
+    /// <remarks>
+    /// Why: every large tensor is a fresh memory mapping, and the first touch of each 4 KiB page costs a page
+    /// fault (~14 µs on the 2-core VM this was measured on). 2 MiB pages take 512× fewer faults: local attention
+    /// at T = 16384 ran its forward in half the time and its forward+backward ~2.7× faster. Linux only (a no-op
+    /// elsewhere); it has an effect when <c>/sys/kernel/mm/transparent_hugepage/enabled</c> is <c>always</c> or
+    /// <c>madvise</c>. Sets the variable in .NET's environment too, so child processes inherit it.
+    /// </remarks>
+    /// <returns>True when the variable is <c>1</c> in the C environment afterwards (set now or before).</returns>
+    public static bool EnableTransparentHugePages()
+    {
+        if (!OperatingSystem.IsLinux()) return false;
+        string? current = NativeVariable(HugePagesVariable);
+        if (current is null)
+        {
+            if (SetEnv(HugePagesVariable, "1", overwrite: 0) != 0) return false;
+            Environment.SetEnvironmentVariable(HugePagesVariable, "1");
+            current = "1";
+        }
+        return current == "1";
+    }
+
+    /// <summary>The value of <paramref name="name"/> in the process's C environment (what native code sees), or null.</summary>
+    public static string? NativeVariable(string name)
+    {
+        ArgumentException.ThrowIfNullOrEmpty(name);
+        if (!OperatingSystem.IsLinux()) return Environment.GetEnvironmentVariable(name);
+        return Marshal.PtrToStringUTF8(GetEnv(name));
+    }
+
+    /// <summary>Bytes of this process's memory backed by transparent huge pages (<c>AnonHugePages</c> of
+    /// <c>/proc/self/smaps_rollup</c>), or null where that file does not exist.</summary>
+    public static long? AnonHugePagesBytes()
+    {
+        try
+        {
+            foreach (var line in File.ReadLines("/proc/self/smaps_rollup"))
+                if (line.StartsWith("AnonHugePages:", StringComparison.Ordinal))
+                    return long.Parse(line.Split(' ', StringSplitOptions.RemoveEmptyEntries)[1]) * 1024;   // "AnonHugePages:  4096 kB"
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException) { }
+        return null;
+    }
+
+    [LibraryImport("libc", EntryPoint = "setenv", StringMarshalling = StringMarshalling.Utf8)]
+    private static partial int SetEnv(string name, string value, int overwrite);
+
+    [LibraryImport("libc", EntryPoint = "getenv", StringMarshalling = StringMarshalling.Utf8)]
+    private static partial nint GetEnv(string name);
+}

@@ -1,0 +1,77 @@
+using System.Diagnostics;
+using System.Text.Json;
+using Xunit;
+
+namespace SparseAttention.Tests;
+
+/// <summary>
+/// <see cref="TorchAllocator.EnableTransparentHugePages"/>: the variable reaches the C environment (what libtorch reads),
+/// a user's value is kept, and — in a child process, since this one allocated tensors long ago — the CLI that calls it
+/// first thing gets its tensors on huge pages (AnonHugePages), while a user's 0 turns that off.
+/// </summary>
+public sealed class TorchAllocatorTests
+{
+    [Fact]
+    public void SetsTheVariableInTheCEnvironmentUnlessTheUserSetIt()
+    {
+        Assert.SkipUnless(OperatingSystem.IsLinux(), "libtorch reads THP_MEM_ALLOC_ENABLE on Linux only");
+        string? before = TorchAllocator.NativeVariable(TorchAllocator.HugePagesVariable);
+        bool enabled = TorchAllocator.EnableTransparentHugePages();
+        string? after = TorchAllocator.NativeVariable(TorchAllocator.HugePagesVariable);
+        if (before is null)
+        {
+            Assert.True(enabled);
+            Assert.Equal("1", after);
+            Assert.Equal("1", Environment.GetEnvironmentVariable(TorchAllocator.HugePagesVariable));   // children inherit it
+        }
+        else
+        {
+            Assert.Equal(before, after);                 // a user's choice is kept
+            Assert.Equal(before == "1", enabled);
+        }
+        Assert.True(TorchAllocator.EnableTransparentHugePages() == (after == "1"));   // idempotent
+    }
+
+    [Fact]
+    public void TheCliPutsLargeTensorsOnHugePagesUnlessTheUserSaysNo()
+    {
+        Assert.SkipUnless(OperatingSystem.IsLinux(), "transparent huge pages are a Linux feature");
+        string mode = File.Exists("/sys/kernel/mm/transparent_hugepage/enabled") ? File.ReadAllText("/sys/kernel/mm/transparent_hugepage/enabled") : "";
+        Assert.SkipWhen(!mode.Contains("[always]") && !mode.Contains("[madvise]"), $"transparent huge pages are off on this machine ({mode.Trim()})");
+
+        var (onVariable, onMb) = BenchInChild(userValue: null);
+        Assert.Equal("1", onVariable);
+        // q, k, v and the upstream gradient are 4 MiB each (1 × 8 × 2048 × 64 float32): on huge pages they add ≥ 16 MiB.
+        Assert.True(onMb >= 16, $"AnonHugePages {onMb} MiB with THP_MEM_ALLOC_ENABLE=1");
+        if (mode.Contains("[madvise]"))
+        {
+            // Only regions that ask for huge pages get them in this mode: a user's 0 must leave libtorch's tensors on 4 KiB pages.
+            var (offVariable, offMb) = BenchInChild(userValue: "0");
+            Assert.Equal("0", offVariable);
+            Assert.True(offMb < onMb, $"AnonHugePages {offMb} MiB with THP_MEM_ALLOC_ENABLE=0 vs {onMb} MiB with 1");
+        }
+    }
+
+    /// <summary>Runs <c>sparse-attn bench</c> (built beside the tests) in a child process and reads the THP fields of its JSON.</summary>
+    private static (string Variable, double HugePagesMb) BenchInChild(string? userValue)
+    {
+        string json = Path.Combine(Path.GetTempPath(), $"bench-thp-{Guid.NewGuid():N}.json");
+        var start = new ProcessStartInfo("dotnet") { RedirectStandardOutput = true, RedirectStandardError = true };
+        foreach (var arg in new[] { Path.Combine(AppContext.BaseDirectory, "sparse-attn.dll"), "bench", "--seq-lens", "2048", "--attention", "dense",
+                     "--pass", "forward", "--runs", "1", "--json", json })
+            start.ArgumentList.Add(arg);
+        start.Environment.Remove(TorchAllocator.HugePagesVariable);
+        if (userValue is not null) start.Environment[TorchAllocator.HugePagesVariable] = userValue;
+        try
+        {
+            using var child = Process.Start(start)!;
+            var stderr = child.StandardError.ReadToEndAsync();
+            child.StandardOutput.ReadToEnd();
+            child.WaitForExit();
+            Assert.True(child.ExitCode == 0, $"sparse-attn bench exited {child.ExitCode}:\n{stderr.Result}");
+            using var doc = JsonDocument.Parse(File.ReadAllText(json));
+            return (doc.RootElement.GetProperty("thp_mem_alloc_enable").GetString()!, doc.RootElement.GetProperty("anon_huge_pages_mb").GetDouble());
+        }
+        finally { File.Delete(json); }
+    }
+}
