@@ -22,10 +22,10 @@ public sealed partial class AttentionLayer
     }
 
     /// <summary><see cref="ProjectQkv"/> with every row at its own position: (B, 1, dim) → q, k, v (B, H, 1, Dh).</summary>
-    private (Tensor Q, Tensor K, Tensor V) ProjectQkvAt(Tensor x, int[] positions)
+    private (Tensor Q, Tensor K, Tensor V) ProjectQkvAt(Tensor x, int[] positions, Tensor fusedWeight)
     {
-        if (positions.All(p => p == positions[0])) return ProjectQkv(x, positions[0]);
-        var rows = positions.Select((p, b) => ProjectQkv(x.narrow(0, b, 1), p)).ToArray();      // rows at their own positions
+        if (positions.All(p => p == positions[0])) return ProjectQkv(x, positions[0], fusedWeight);
+        var rows = positions.Select((p, b) => ProjectQkv(x.narrow(0, b, 1), p, fusedWeight)).ToArray();   // rows at their own positions
         return (cat(rows.Select(r => r.Q).ToArray(), 0), cat(rows.Select(r => r.K).ToArray(), 0), cat(rows.Select(r => r.V).ToArray(), 0));
     }
 
@@ -34,11 +34,13 @@ public sealed partial class AttentionLayer
     {
         private readonly AttentionLayer layer;
         private readonly List<HeadGroupDecoder> decoders;
+        private readonly Tensor fusedWeight;   // (3·H·Dh, dim), concatenated once: the weights are fixed while decoding
 
         internal AttentionLayerDecoder(AttentionLayer layer, List<HeadGroupDecoder> decoders)
         {
             this.layer = layer;
             this.decoders = decoders;
+            using (no_grad()) fusedWeight = layer.FusedQkvWeight().DetachFromDisposeScope();
         }
 
         /// <param name="x">(B, T, dim) normalised prompt inputs, rows right-padded.</param>
@@ -48,7 +50,7 @@ public sealed partial class AttentionLayer
         public Tensor Prefill(Tensor x, Tensor? mask, int[] lengths)
         {
             using var scope = NewDisposeScope();
-            var (q, k, v) = layer.ProjectQkv(x);
+            var (q, k, v) = layer.ProjectQkv(x, 0, fusedWeight);
             var outputs = new List<Tensor>();
             long first = 0;
             for (int g = 0; g < decoders.Count; g++)
@@ -66,7 +68,7 @@ public sealed partial class AttentionLayer
         public Tensor Step(Tensor x, int[] positions)
         {
             using var scope = NewDisposeScope();
-            var (q, k, v) = layer.ProjectQkvAt(x, positions);                                  // (B, H, 1, Dh) each
+            var (q, k, v) = layer.ProjectQkvAt(x, positions, fusedWeight);                                  // (B, H, 1, Dh) each
             var outputs = new List<Tensor>();
             long first = 0;
             for (int g = 0; g < decoders.Count; g++)
@@ -81,6 +83,7 @@ public sealed partial class AttentionLayer
         public void Dispose()
         {
             foreach (var d in decoders) d.Dispose();
+            fusedWeight.Dispose();
         }
     }
 }

@@ -80,12 +80,14 @@ public sealed partial class AttentionLayer : AttentionSublayer
     /// <param name="x">(B, T, dim), already normalised.</param>
     /// <param name="offset">Position of the first token (incremental decoding passes the token's position).</param>
     /// <returns>q, k, v, each (B, H, T, Dh) in x's dtype; q and k are contiguous when rotary embeddings are on.</returns>
-    internal (Tensor Q, Tensor K, Tensor V) ProjectQkv(Tensor x, long offset = 0)
+    /// <param name="fusedWeight">The concatenated weight when the caller keeps it (decoding, where the weights do not
+    /// change between tokens); null = concatenate now.</param>
+    internal (Tensor Q, Tensor K, Tensor V) ProjectQkv(Tensor x, long offset = 0, Tensor? fusedWeight = null)
     {
         Check.Shape(x, nameof(x), "(B, T, dim)", -1, -1, to_q.in_features);
         using var scope = NewDisposeScope();
         long batch = x.shape[0], seqLen = x.shape[1];
-        var weight = cat([to_q.weight!, to_k.weight!, to_v.weight!], 0);                        // (3·H·Dh, dim)
+        var weight = fusedWeight ?? FusedQkvWeight();                                             // (3·H·Dh, dim)
         var qkv = MixedPrecision.Linear(x, weight, null, computeDtype).to(x.dtype)               // (B, T, 3·H·Dh)
                   .view(batch, seqLen, 3, heads, dimHead).permute(2, 0, 3, 1, 4);                // (3, B, H, T, Dh)
         // split and unbind (not three selects): their backward writes one gradient tensor instead of three zero-filled ones.
@@ -95,6 +97,9 @@ public sealed partial class AttentionLayer : AttentionSublayer
         var v = parts[1].squeeze(0);                                                             // (B, H, T, Dh)
         return (qAndK[0].MoveToOuterDisposeScope(), qAndK[1].MoveToOuterDisposeScope(), v.MoveToOuterDisposeScope());
     }
+
+    /// <summary>to_q, to_k and to_v stacked: (3·H·Dh, dim).</summary>
+    private Tensor FusedQkvWeight() => cat([to_q.weight!, to_k.weight!, to_v.weight!], 0);
 
     /// <summary>The output projection in the configured compute dtype: the head groups' outputs, each (B, Hg, T, Dh) in
     /// head order, → (B, T, dim) in their dtype. The groups are merged head-interleaved in one copy.</summary>
