@@ -60,13 +60,8 @@ public static class FusedGroupedAttention
             var queryLabels = (vars[7] as Tensor)?.contiguous();
             var keyLabels = (vars[8] as Tensor)?.contiguous();
             var settings = (MergedSettings)vars[9];
+            // Padded keys (keyMask false) are never read by the kernel, so NaN there cannot leak and k, v need no masked copy.
             long batch = q.shape[0], heads = q.shape[1], seqLen = q.shape[2], dimV = v.shape[3];
-            if (keyMask is not null)
-            {
-                var drop = keyMask.logical_not().view(batch, 1, seqLen, 1);
-                k = k.masked_fill(drop, 0);                                                // NaN in padding must not leak via 0·x
-                v = v.masked_fill(drop, 0);
-            }
             var output = empty(new[] { batch, heads, seqLen, dimV });                      // (B, H, T, Dv)
             var lse = empty(new[] { batch, heads, seqLen });                               // (B, H, T)
             var args = Arguments(q, k, v, queryIndex, keyIndex, previous, keyMask, queryLabels, keyLabels, output, lse, settings);
@@ -131,12 +126,7 @@ public static class FusedGroupedAttention
             var settings = (Settings)vars[6];
             long batch = q.shape[0], heads = q.shape[1], seqLen = q.shape[2], dimV = v.shape[3];
             long groups = queryIndex.shape[2], wq = queryIndex.shape[3];
-            if (keyMask is not null)
-            {
-                var drop = keyMask.logical_not().view(batch, 1, seqLen, 1);
-                k = k.masked_fill(drop, 0);                                                // NaN in padding must not leak via 0·x
-                v = v.masked_fill(drop, 0);
-            }
+            // Padded keys (keyMask false) are never read by the kernel, so NaN there cannot leak and k, v need no masked copy.
             var output = empty(new[] { batch, heads, seqLen, dimV });                      // (B, H, T, Dv)
             var lse = empty(new[] { batch, heads, groups, wq });                           // (B, H, G, Wq)
             var args = Arguments(q, k, v, queryIndex, keyIndex, keyMask, settings);
