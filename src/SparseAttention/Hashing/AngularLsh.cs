@@ -142,18 +142,53 @@ internal static unsafe class FusedAngularHash
     }
 
     /// <summary>argmax over [a; −a] (2·n values) from a alone: first index of the largest, a NaN counting as largest.</summary>
-    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     internal static int SignedArgMax(float* a, int n)
     {
-        float best = float.NegativeInfinity;
-        for (int j = 0; j < n; j++)
+        int j = 0;
+        float best = float.NegativeInfinity;                                            // max |a_j|
+        if (Vector512.IsHardwareAccelerated && n >= 16)
         {
-            if (float.IsNaN(a[j])) return j;                                            // argmax returns the first NaN
+            var m = Vector512.Create(float.NegativeInfinity);
+            for (; j + 16 <= n; j += 16)
+            {
+                var v = Vector512.Load(a + j);
+                if (!Vector512.EqualsAll(v, v)) return FirstNaN(a, n);
+                m = Vector512.Max(m, Vector512.Abs(v));
+            }
+            best = Simd512.ReduceMax(m);
+        }
+        for (; j < n; j++)
+        {
+            if (float.IsNaN(a[j])) return FirstNaN(a, n);
             best = MathF.Max(best, MathF.Abs(a[j]));
         }
-        for (int j = 0; j < n; j++) if (a[j] == best) return j;
-        for (int j = 0; j < n; j++) if (-a[j] == best) return n + j;
+        int at = FirstEqual(a, n, best, 1f);
+        return at >= 0 ? at : n + FirstEqual(a, n, best, -1f);
+    }
+
+    private static int FirstNaN(float* a, int n)
+    {
+        for (int j = 0; j < n; j++) if (float.IsNaN(a[j])) return j;                   // argmax returns the first NaN
         return 0;
+    }
+
+    /// <summary>First j with sign·a[j] == value, −1 if none.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static int FirstEqual(float* a, int n, float value, float sign)
+    {
+        int j = 0;
+        if (Vector512.IsHardwareAccelerated)
+        {
+            var target = Vector512.Create(value * sign);                               // sign·a == v ⇔ a == sign·v
+            for (; j + 16 <= n; j += 16)
+            {
+                ulong hit = Vector512.Equals(Vector512.Load(a + j), target).ExtractMostSignificantBits();
+                if (hit != 0) return j + System.Numerics.BitOperations.TrailingZeroCount(hit);
+            }
+        }
+        for (; j < n; j++) if (sign * a[j] == value) return j;
+        return -1;
     }
 }
 

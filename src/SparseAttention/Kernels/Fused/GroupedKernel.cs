@@ -581,7 +581,7 @@ internal static unsafe class GroupedKernel
                 {
                     if (x.PosSum[p] > 0)
                     {
-                        float alpha = MathF.Exp(old - mx);
+                        float alpha = FastExp.Exp(old - mx);
                         x.PosSum[p] *= alpha;
                         Tile<TS, TV>.Scale(o + p * Dv, Dv, alpha);
                     }
