@@ -36,7 +36,7 @@ internal static unsafe class FusedKMeansAssign
 {
     private const float L2Eps = 1e-12f;      // nn.functional.normalize's eps, as OnlineKMeans.Normalize uses
     private const float LayerNormEps = 1e-5f;
-    private const int TokenTile = 4;          // tokens per micro-kernel call
+    private const int TokenTile = TokenProjection.Rows;
     private const int TaskTokens = 1024;      // tokens per task along T (fixed: the partition must not depend on threads)
 
     /// <summary>True for float32 CPU inputs.</summary>
@@ -108,12 +108,13 @@ internal static unsafe class FusedKMeansAssign
         public long* Nearest;      // (B, H, T)
     }
 
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private static (Tensor Squared, Tensor Nearest, Tensor Sums, Tensor Counts) Forward(Tensor x, Holder h)
     {
         int batch = (int)x.shape[0], heads = (int)x.shape[1], seqLen = (int)x.shape[2], dim = (int)x.shape[3];
         int clusters = (int)h.Centroids.shape[1];
         int width = Vector512.IsHardwareAccelerated ? Vector512<float>.Count : Vector256.IsHardwareAccelerated ? Vector256<float>.Count : 1;
-        int padded = (clusters + 4 * width - 1) / (4 * width) * (4 * width);   // micro-kernel takes four vectors of centroids
+        int padded = TokenProjection.PaddedColumns(clusters, width);
         var transposed = ArrayPool<float>.Shared.Rent(heads * dim * padded);    // (H, D, Cp); pooled: no large-object churn
         var nearest = empty(new long[] { batch, heads, seqLen }, dtype: ScalarType.Int64);   // (B, H, T)
         int chunks = (seqLen + TaskTokens - 1) / TaskTokens, tasks = heads * chunks;
@@ -251,93 +252,75 @@ internal static unsafe class FusedKMeansAssign
         return 0;
     }
 
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private static void AssignTask<TS, TV>(Args a, int head, int chunk, double* stats)
         where TS : ISimd<TV> where TV : unmanaged
     {
-        int dim = a.Dim, clusters = a.Clusters, cp = a.PaddedClusters, w = TS.Width;
+        int dim = a.Dim, clusters = a.Clusters, cp = a.PaddedClusters;
         int t0 = chunk * TaskTokens, t1 = Math.Min(a.SeqLen, t0 + TaskTokens);
-        float* xhat = stackalloc float[TokenTile * dim];
-        float* sims = stackalloc float[TokenTile * cp];
+        // Heap (pooled), not stack: 4·C floats overflow a thread-pool stack for large cluster counts.
+        var buffer = ArrayPool<float>.Shared.Rent(TokenTile * (dim + cp));
         int* token = stackalloc int[TokenTile];
-        float* ct = a.Transposed + (long)head * dim * cp;
-        float* mu = a.Centroids + (long)head * clusters * dim;
-        double* sums = stats, counts = stats + clusters * dim;
-        double squared = 0;
-        for (int b = 0; b < a.Batch; b++)
+        fixed (float* xhat = buffer)
         {
-            long row = (long)b * a.Heads + head;
-            float* x = a.X + row * a.SeqLen * dim;
-            long* nearest = a.Nearest + row * a.SeqLen;
-            byte* mask = a.Mask is null ? null : a.Mask + (long)b * a.SeqLen;
-            int t = t0;
-            while (t < t1)
+            float* sims = xhat + TokenTile * dim;
+            float* ct = a.Transposed + (long)head * dim * cp;
+            float* mu = a.Centroids + (long)head * clusters * dim;
+            double* sums = stats, counts = stats + clusters * dim;
+            double squared = 0;
+            for (int b = 0; b < a.Batch; b++)
             {
-                // Gather up to TokenTile real tokens; padding gets −1 and no work.
-                int n = 0;
-                for (; t < t1 && n < TokenTile; t++)
+                long row = (long)b * a.Heads + head;
+                float* x = a.X + row * a.SeqLen * dim;
+                long* nearest = a.Nearest + row * a.SeqLen;
+                byte* mask = a.Mask is null ? null : a.Mask + (long)b * a.SeqLen;
+                int t = t0;
+                while (t < t1)
                 {
-                    if (mask is not null && mask[t] == 0) { nearest[t] = -1; continue; }
-                    NormalizeRow(x + (long)t * dim, xhat + n * dim, dim, a.LayerNorm);
-                    token[n++] = t;
-                }
-                if (n == 0) continue;
-                for (int i = n; i < TokenTile; i++) new Span<float>(xhat + i * dim, dim).Clear();
-                // Dot products with every centroid: 4 tokens × 4 vectors of centroids per step of d.
-                for (int j = 0; j < cp; j += 4 * w)
-                {
-                    TV a00 = TS.Zero, a01 = TS.Zero, a02 = TS.Zero, a03 = TS.Zero, a10 = TS.Zero, a11 = TS.Zero, a12 = TS.Zero, a13 = TS.Zero;
-                    TV a20 = TS.Zero, a21 = TS.Zero, a22 = TS.Zero, a23 = TS.Zero, a30 = TS.Zero, a31 = TS.Zero, a32 = TS.Zero, a33 = TS.Zero;
-                    float* col = ct + j;
-                    for (int d = 0; d < dim; d++)
+                    // Gather up to TokenTile real tokens; padding gets −1 and no work.
+                    int n = 0;
+                    for (; t < t1 && n < TokenTile; t++)
                     {
-                        float* cd = col + (long)d * cp;
-                        TV c0 = TS.Load(cd), c1 = TS.Load(cd + w), c2 = TS.Load(cd + 2 * w), c3 = TS.Load(cd + 3 * w);
-                        TV x0 = TS.Broadcast(xhat[d]);
-                        a00 = TS.MulAdd(x0, c0, a00); a01 = TS.MulAdd(x0, c1, a01); a02 = TS.MulAdd(x0, c2, a02); a03 = TS.MulAdd(x0, c3, a03);
-                        TV x1 = TS.Broadcast(xhat[dim + d]);
-                        a10 = TS.MulAdd(x1, c0, a10); a11 = TS.MulAdd(x1, c1, a11); a12 = TS.MulAdd(x1, c2, a12); a13 = TS.MulAdd(x1, c3, a13);
-                        TV x2 = TS.Broadcast(xhat[2 * dim + d]);
-                        a20 = TS.MulAdd(x2, c0, a20); a21 = TS.MulAdd(x2, c1, a21); a22 = TS.MulAdd(x2, c2, a22); a23 = TS.MulAdd(x2, c3, a23);
-                        TV x3 = TS.Broadcast(xhat[3 * dim + d]);
-                        a30 = TS.MulAdd(x3, c0, a30); a31 = TS.MulAdd(x3, c1, a31); a32 = TS.MulAdd(x3, c2, a32); a33 = TS.MulAdd(x3, c3, a33);
+                        if (mask is not null && mask[t] == 0) { nearest[t] = -1; continue; }
+                        NormalizeRow(x + (long)t * dim, xhat + n * dim, dim, a.LayerNorm);
+                        token[n++] = t;
                     }
-                    float* s0 = sims + j, s1 = s0 + cp, s2 = s1 + cp, s3 = s2 + cp;
-                    TS.Store(s0, a00); TS.Store(s0 + w, a01); TS.Store(s0 + 2 * w, a02); TS.Store(s0 + 3 * w, a03);
-                    TS.Store(s1, a10); TS.Store(s1 + w, a11); TS.Store(s1 + 2 * w, a12); TS.Store(s1 + 3 * w, a13);
-                    TS.Store(s2, a20); TS.Store(s2 + w, a21); TS.Store(s2 + 2 * w, a22); TS.Store(s2 + 3 * w, a23);
-                    TS.Store(s3, a30); TS.Store(s3 + w, a31); TS.Store(s3 + 2 * w, a32); TS.Store(s3 + 3 * w, a33);
-                }
-                for (int i = 0; i < n; i++)
-                {
-                    int best = ArgMax(sims + i * cp, clusters);
-                    nearest[token[i]] = best;
-                    float* y = xhat + i * dim;
-                    float* m = mu + (long)best * dim;
-                    double* sum = sums + (long)best * dim;
-                    var distance = Vector256<float>.Zero;
-                    int d = 0;
-                    for (; d + 8 <= dim; d += 8)
+                    if (n == 0) continue;
+                    for (int i = n; i < TokenTile; i++) new Span<float>(xhat + i * dim, dim).Clear();
+                    TokenProjection.Project4<TS, TV>(xhat, dim, ct, cp, sims);                // similarities to every centroid
+                    for (int i = 0; i < n; i++)
                     {
-                        var yv = Vector256.Load(y + d);
-                        var (lower, upper) = Vector256.Widen(yv);
-                        (Vector256.Load(sum + d) + lower).Store(sum + d);
-                        (Vector256.Load(sum + d + 4) + upper).Store(sum + d + 4);
-                        var e = yv - Vector256.Load(m + d);
-                        distance = Vector256.FusedMultiplyAdd(e, e, distance);
+                        int best = ArgMax(sims + i * cp, clusters);
+                        nearest[token[i]] = best;
+                        float* y = xhat + i * dim;
+                        float* m = mu + (long)best * dim;
+                        double* sum = sums + (long)best * dim;
+                        var distance = Vector256<float>.Zero;
+                        int d = 0;
+                        for (; d + 8 <= dim; d += 8)
+                        {
+                            var yv = Vector256.Load(y + d);
+                            var (lower, upper) = Vector256.Widen(yv);
+                            (Vector256.Load(sum + d) + lower).Store(sum + d);
+                            (Vector256.Load(sum + d + 4) + upper).Store(sum + d + 4);
+                            var e = yv - Vector256.Load(m + d);
+                            distance = Vector256.FusedMultiplyAdd(e, e, distance);
+                        }
+                        double tail = Vector256.Sum(distance);
+                        for (; d < dim; d++)
+                        {
+                            sum[d] += y[d];
+                            double e = (double)y[d] - m[d];
+                            tail += e * e;
+                        }
+                        counts[best] += 1;
+                        squared += tail;
                     }
-                    double tail = Vector256.Sum(distance);
-                    for (; d < dim; d++)
-                    {
-                        sum[d] += y[d];
-                        double e = (double)y[d] - m[d];
-                        tail += e * e;
-                    }
-                    counts[best] += 1;
-                    squared += tail;
                 }
             }
+            stats[clusters * dim + clusters] = squared;
         }
-        stats[clusters * dim + clusters] = squared;
+        ArrayPool<float>.Shared.Return(buffer);
     }
 
     /// <summary>∂(scale · Squared)/∂x, (B, H, T, D) float32.</summary>
@@ -357,7 +340,7 @@ internal static unsafe class FusedKMeansAssign
         };
         float* grad = (float*)FusedBlockSparseAttention.Pointer(dx);
         int chunks = (seqLen + TaskTokens - 1) / TaskTokens;
-        Parallel.For(0, batch * heads * chunks, new ParallelOptions { MaxDegreeOfParallelism = a.Threads }, task =>
+        Parallel.For(0, batch * heads * chunks, new ParallelOptions { MaxDegreeOfParallelism = a.Threads }, [MethodImpl(MethodImplOptions.AggressiveOptimization)] (task) =>
         {
             int row = task / chunks, chunk = task % chunks, b = row / heads, head = row % heads;
             int t0 = chunk * TaskTokens, t1 = Math.Min(seqLen, t0 + TaskTokens);

@@ -56,18 +56,18 @@ public static class LshGrouping
         bool[]? real = keyMask?.cpu().contiguous().data<bool>().ToArray();
 
         int units = batch * heads * rounds;
-        var perUnit = new (List<List<int>> Queries, List<List<int>> Keys, List<int> Previous)[units];
+        var perUnit = new Chunks[units];
         Parallel.For(0, units, u =>
         {
             int b = u / (heads * rounds);
             long offset = (long)u * seqLen;
-            var positions = Enumerable.Range(0, seqLen).Where(t => real is null || real[(long)b * seqLen + t]).ToArray();
-            perUnit[u] = causal ? CausalChunks(qb, kb, offset, positions, w) : SortedChunks(qb, kb, offset, positions, w, seqLen);
+            var positions = RealPositions(real, b, seqLen);
+            perUnit[u] = causal ? CausalChunks(qb, kb, offset, positions, w) : SortedChunks(qb, kb, offset, positions, w);
         });
 
-        int groupsPerRound = Math.Max(1, perUnit.Max(p => p.Queries.Count));
-        int wq = Math.Max(1, perUnit.Max(p => p.Queries.Count == 0 ? 0 : p.Queries.Max(g => g.Count)));
-        int wk = Math.Max(1, perUnit.Max(p => p.Keys.Count == 0 ? 0 : p.Keys.Max(g => g.Count)));
+        int groupsPerRound = Math.Max(1, perUnit.Max(p => p.Count));
+        int wq = Math.Max(1, perUnit.Max(p => MaxLength(p.QueryStart)));
+        int wk = Math.Max(1, perUnit.Max(p => MaxLength(p.KeyStart)));
         int groups = rounds * groupsPerRound;
         var qi = new long[(long)batch * heads * groups * wq];
         var ki = new long[(long)batch * heads * groups * wk];
@@ -76,13 +76,13 @@ public static class LshGrouping
         for (int u = 0; u < units; u++)
         {
             int bh = u / rounds, r = u % rounds;
-            var (queries, keys, previous) = perUnit[u];
-            for (int g = 0; g < queries.Count; g++)
+            var c = perUnit[u];
+            for (int g = 0; g < c.Count; g++)
             {
                 long group = (long)bh * groups + r * groupsPerRound + g;
-                for (int s = 0; s < queries[g].Count; s++) qi[group * wq + s] = queries[g][s];
-                for (int s = 0; s < keys[g].Count; s++) ki[group * wk + s] = keys[g][s];
-                prev[group] = previous[g] < 0 ? -1 : r * groupsPerRound + previous[g];
+                for (int s = c.QueryStart[g]; s < c.QueryStart[g + 1]; s++) qi[group * wq + s - c.QueryStart[g]] = c.QueryPos[s];
+                for (int s = c.KeyStart[g]; s < c.KeyStart[g + 1]; s++) ki[group * wk + s - c.KeyStart[g]] = c.KeyPos[s];
+                prev[group] = c.Previous[g] < 0 ? -1 : r * groupsPerRound + c.Previous[g];
             }
         }
         return new LshGroups(
@@ -91,57 +91,105 @@ public static class LshGrouping
             tensor(prev, new long[] { batch, heads, groups }).to(queryBuckets.device), rounds);
     }
 
-    private static int[] SortByBucket(long[] buckets, long offset, int[] positions)
+    /// <summary>The chunks of one (batch, head, round): chunk c holds queries QueryPos[QueryStart[c] .. QueryStart[c + 1])
+    /// and keys KeyPos[KeyStart[c] .. KeyStart[c + 1]) (positions), and also attends the keys of chunk Previous[c] (−1 = none).</summary>
+    private sealed record Chunks(int[] QueryPos, int[] QueryStart, int[] KeyPos, int[] KeyStart, int[] Previous)
     {
-        var sorted = (int[])positions.Clone();
-        var keys = new (long Bucket, int Position)[sorted.Length];
-        for (int i = 0; i < sorted.Length; i++) keys[i] = (buckets[offset + sorted[i]], sorted[i]);
-        Array.Sort(keys, sorted);                                                        // by (bucket, position)
+        public int Count => Previous.Length;
+    }
+
+    private static int MaxLength(int[] starts)
+    {
+        int max = 0;
+        for (int c = 0; c + 1 < starts.Length; c++) max = Math.Max(max, starts[c + 1] - starts[c]);
+        return max;
+    }
+
+    private static int[] RealPositions(bool[]? real, int b, int seqLen)
+    {
+        if (real is null) return Enumerable.Range(0, seqLen).ToArray();
+        var positions = new List<int>(seqLen);
+        for (int t = 0; t < seqLen; t++) if (real[(long)b * seqLen + t]) positions.Add(t);
+        return [.. positions];
+    }
+
+    /// <summary>Positions (ascending) ordered by (bucket, position): a stable counting sort by bucket when the buckets
+    /// span a small range (hash buckets do), else a sort of (bucket, position) packed into one integer.</summary>
+    private static int[] SortByBucket(long[] buckets, long offset, int[] positions, int seqLen)
+    {
+        var sorted = new int[positions.Length];
+        if (positions.Length == 0) return sorted;
+        long min = long.MaxValue, max = long.MinValue;
+        foreach (int t in positions) { long b = buckets[offset + t]; min = Math.Min(min, b); max = Math.Max(max, b); }
+        if (max - min <= 2L * positions.Length + 64)
+        {
+            var start = new int[max - min + 2];
+            foreach (int t in positions) start[buckets[offset + t] - min + 1]++;
+            for (long b = 1; b < start.Length; b++) start[b] += start[b - 1];
+            foreach (int t in positions) sorted[start[buckets[offset + t] - min]++] = t;   // positions ascend: stable
+            return sorted;
+        }
+        // Wide bucket range (e.g. many sign-hash bits): rank the distinct buckets, then sort packed (rank, position) keys.
+        var packed = new long[positions.Length];
+        for (int i = 0; i < positions.Length; i++) packed[i] = buckets[offset + positions[i]];
+        var distinct = packed.Distinct().Order().ToArray();
+        for (int i = 0; i < positions.Length; i++) packed[i] = (long)Array.BinarySearch(distinct, packed[i]) * seqLen + positions[i];
+        Array.Sort(packed);
+        for (int i = 0; i < positions.Length; i++) sorted[i] = (int)(packed[i] % seqLen);
         return sorted;
     }
 
-    private static (List<List<int>>, List<List<int>>, List<int>) SortedChunks(long[] qb, long[] kb, long offset, int[] positions, int w, int seqLen)
+    private static Chunks SortedChunks(long[] qb, long[] kb, long offset, int[] positions, int w)
     {
-        var queries = SortByBucket(qb, offset, positions);
-        var keys = ReferenceEquals(qb, kb) ? queries : SortByBucket(kb, offset, positions);
+        int seqLen = positions.Length == 0 ? 1 : positions[^1] + 1;
+        var queries = SortByBucket(qb, offset, positions, seqLen);
+        var keys = ReferenceEquals(qb, kb) ? queries : SortByBucket(kb, offset, positions, seqLen);
         int chunks = (positions.Length + w - 1) / w;
-        var q = new List<List<int>>(); var k = new List<List<int>>(); var p = new List<int>();
-        for (int c = 0; c < chunks; c++)
-        {
-            q.Add(new List<int>(new ArraySegment<int>(queries, c * w, Math.Min(w, queries.Length - c * w))));
-            k.Add(new List<int>(new ArraySegment<int>(keys, c * w, Math.Min(w, keys.Length - c * w))));
-            p.Add(c - 1);
-        }
-        return (q, k, p);
+        var starts = new int[chunks + 1];
+        var previous = new int[chunks];
+        for (int c = 0; c < chunks; c++) { starts[c + 1] = Math.Min(positions.Length, (c + 1) * w); previous[c] = c - 1; }
+        return new Chunks(queries, starts, keys, starts, previous);
     }
 
-    private static (List<List<int>>, List<List<int>>, List<int>) CausalChunks(long[] qb, long[] kb, long offset, int[] positions, int w)
+    private static Chunks CausalChunks(long[] qb, long[] kb, long offset, int[] positions, int w)
     {
-        var keys = SortByBucket(kb, offset, positions);                                  // bucket-major, then position
-        var q = new List<List<int>>(); var k = new List<List<int>>(); var p = new List<int>();
-        var firstGroup = new Dictionary<long, (int Group, int Start, int Count)>();
+        int seqLen = positions.Length == 0 ? 1 : positions[^1] + 1;
+        var keys = SortByBucket(kb, offset, positions, seqLen);                          // bucket-major, then position
+        var keyStart = new List<int> { 0 };
+        var previous = new List<int>();
+        var segments = new Dictionary<long, (int Chunk, int Start, int Count)>();
         for (int s = 0; s < keys.Length;)
         {
             long bucket = kb[offset + keys[s]];
             int start = s;
             while (s < keys.Length && kb[offset + keys[s]] == bucket) s++;
-            firstGroup[bucket] = (k.Count, start, s - start);
+            segments[bucket] = (previous.Count, start, s - start);
             for (int c = start; c < s; c += w)
             {
-                k.Add(new List<int>(new ArraySegment<int>(keys, c, Math.Min(w, s - c))));
-                q.Add(new List<int>());
-                p.Add(c == start ? -1 : k.Count - 2);
+                keyStart.Add(Math.Min(s, c + w));
+                previous.Add(c == start ? -1 : previous.Count - 1);
             }
         }
-        foreach (int t in positions)                                                     // positions ascend: slots stay in position order
+        // Each query joins the chunk holding the latest key of its bucket at a position ≤ its own (none: no chunk).
+        var chunkOf = new int[positions.Length];
+        var queryCount = new int[previous.Count + 1];
+        for (int i = 0; i < positions.Length; i++)
         {
-            if (!firstGroup.TryGetValue(qb[offset + t], out var seg)) continue;            // no key of its bucket at all
+            int t = positions[i];
+            chunkOf[i] = -1;
+            if (!segments.TryGetValue(qb[offset + t], out var seg)) continue;              // no key of its bucket at all
             // n = keys of this bucket at positions ≤ t (the segment is sorted by position).
             int lo = 0, hi = seg.Count;
             while (lo < hi) { int mid = (lo + hi) / 2; if (keys[seg.Start + mid] <= t) lo = mid + 1; else hi = mid; }
             if (lo == 0) continue;                                                       // no key of its bucket yet: nothing to attend
-            q[seg.Group + (lo - 1) / w].Add(t);
+            chunkOf[i] = seg.Chunk + (lo - 1) / w;
+            queryCount[chunkOf[i] + 1]++;
         }
-        return (q, k, p);
+        for (int c = 1; c < queryCount.Length; c++) queryCount[c] += queryCount[c - 1];
+        var queryStart = (int[])queryCount.Clone();
+        var queryPos = new int[queryCount[^1]];
+        for (int i = 0; i < positions.Length; i++)                                      // positions ascend: slots stay in position order
+            if (chunkOf[i] >= 0) queryPos[queryCount[chunkOf[i]]++] = positions[i];
+        return new Chunks(queryPos, queryStart, keys, [.. keyStart], [.. previous]);
     }
 }

@@ -23,6 +23,13 @@ public static class FusedGroupedAttention
         double? scale = null, int? threads = null)
     {
         GroupedAttention.CheckArguments(q, k, v, queryIndices, keyIndices, causal, sharedQk, keyMask, null, null);
+        return AttentionChecked(q, k, v, queryIndices, keyIndices, causal, sharedQk, keyMask, lookBackward, scale, threads);
+    }
+
+    /// <summary><see cref="Attention"/> after <see cref="GroupedAttention.CheckArguments"/> has run.</summary>
+    internal static Tensor AttentionChecked(Tensor q, Tensor k, Tensor v, Tensor queryIndices, Tensor keyIndices,
+        bool causal, bool sharedQk, Tensor? keyMask, bool lookBackward, double? scale, int? threads)
+    {
         Check.That(FusedBlockSparseAttention.Supports(q), nameof(q), $"the fused kernels need float32 CPU tensors, got {q.dtype} on {q.device}.");
         Check.That(k.shape[2] == q.shape[2], nameof(k),
             $"the fused grouped kernel needs as many keys as queries (self-attention), got Tk = {k.shape[2]}, Tq = {q.shape[2]}; use the Ops kernel.");
@@ -39,6 +46,14 @@ public static class FusedGroupedAttention
         Tensor? keyLabels = null, bool dedup = false, double? scale = null, int? threads = null)
     {
         GroupedAttention.CheckMergedArguments(q, k, v, queryIndices, keyIndices, previousGroup, rounds, keyMask, queryLabels, keyLabels);
+        return MergedAttentionChecked(q, k, v, queryIndices, keyIndices, previousGroup, rounds, causal, sharedQk, keyMask, queryLabels,
+            keyLabels, dedup, scale, threads);
+    }
+
+    /// <summary><see cref="MergedAttention"/> after <see cref="GroupedAttention.CheckMergedArguments"/> has run.</summary>
+    internal static Tensor MergedAttentionChecked(Tensor q, Tensor k, Tensor v, Tensor queryIndices, Tensor keyIndices, Tensor previousGroup,
+        int rounds, bool causal, bool sharedQk, Tensor? keyMask, Tensor? queryLabels, Tensor? keyLabels, bool dedup, double? scale, int? threads)
+    {
         Check.That(FusedBlockSparseAttention.Supports(q), nameof(q), $"the fused kernels need float32 CPU tensors, got {q.dtype} on {q.device}.");
         if (threads is int t) Check.Positive(t, nameof(threads));
         var settings = new MergedSettings(rounds, causal, sharedQk, dedup, (float)(scale ?? 1.0 / Math.Sqrt(q.shape[3])),
@@ -60,13 +75,8 @@ public static class FusedGroupedAttention
             var queryLabels = (vars[7] as Tensor)?.contiguous();
             var keyLabels = (vars[8] as Tensor)?.contiguous();
             var settings = (MergedSettings)vars[9];
+            // Padded keys (keyMask false) are never read by the kernel, so NaN there cannot leak and k, v need no masked copy.
             long batch = q.shape[0], heads = q.shape[1], seqLen = q.shape[2], dimV = v.shape[3];
-            if (keyMask is not null)
-            {
-                var drop = keyMask.logical_not().view(batch, 1, seqLen, 1);
-                k = k.masked_fill(drop, 0);                                                // NaN in padding must not leak via 0·x
-                v = v.masked_fill(drop, 0);
-            }
             var output = empty(new[] { batch, heads, seqLen, dimV });                      // (B, H, T, Dv)
             var lse = empty(new[] { batch, heads, seqLen });                               // (B, H, T)
             var args = Arguments(q, k, v, queryIndex, keyIndex, previous, keyMask, queryLabels, keyLabels, output, lse, settings);
@@ -131,12 +141,7 @@ public static class FusedGroupedAttention
             var settings = (Settings)vars[6];
             long batch = q.shape[0], heads = q.shape[1], seqLen = q.shape[2], dimV = v.shape[3];
             long groups = queryIndex.shape[2], wq = queryIndex.shape[3];
-            if (keyMask is not null)
-            {
-                var drop = keyMask.logical_not().view(batch, 1, seqLen, 1);
-                k = k.masked_fill(drop, 0);                                                // NaN in padding must not leak via 0·x
-                v = v.masked_fill(drop, 0);
-            }
+            // Padded keys (keyMask false) are never read by the kernel, so NaN there cannot leak and k, v need no masked copy.
             var output = empty(new[] { batch, heads, seqLen, dimV });                      // (B, H, T, Dv)
             var lse = empty(new[] { batch, heads, groups, wq });                           // (B, H, G, Wq)
             var args = Arguments(q, k, v, queryIndex, keyIndex, keyMask, settings);

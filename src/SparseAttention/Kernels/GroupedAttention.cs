@@ -1,3 +1,4 @@
+using TorchSharp;
 using static TorchSharp.torch;
 
 namespace SparseAttention.Kernels;
@@ -25,6 +26,17 @@ namespace SparseAttention.Kernels;
 /// </remarks>
 public static class GroupedAttention
 {
+    /// <summary>
+    /// Also check index VALUES (positions in range, at most one slot per round, look-back links of the same round) for
+    /// tensors off the CPU. Those checks read results back to the host (a device sync per check), so by default they
+    /// run only on CPU tensors — where the fused kernels read memory by these indices and a sync costs nothing; shapes
+    /// and dtypes are always checked. Turn on while debugging a GPU pipeline.
+    /// </summary>
+    public static bool DebugChecks { get; set; }
+
+    /// <summary>Whether the value checks that need host reads run for this tensor (see <see cref="DebugChecks"/>).</summary>
+    private static bool CheckValues(Tensor t) => DebugChecks || t.device.type == DeviceType.CPU;
+
     /// <param name="q">Queries (B, H, Tq, D).</param>
     /// <param name="k">Keys (B, H, Tk, D).</param>
     /// <param name="v">Values (B, H, Tk, Dv).</param>
@@ -48,9 +60,9 @@ public static class GroupedAttention
         {
             case AttentionKernel.Fused:
                 Check.That(memoryKeys is null, nameof(memoryKeys), "the fused grouped kernel does not take memory key/values; use the Ops kernel.");
-                return FusedGroupedAttention.Attention(q, k, v, queryIndices, keyIndices, causal, sharedQk, keyMask, lookBackward, scale);
+                return FusedGroupedAttention.AttentionChecked(q, k, v, queryIndices, keyIndices, causal, sharedQk, keyMask, lookBackward, scale, null);
             case AttentionKernel.Auto when FusedGroupedAttention.Supports(q, memoryKeys) && k.shape[2] == q.shape[2]:
-                return FusedGroupedAttention.Attention(q, k, v, queryIndices, keyIndices, causal, sharedQk, keyMask, lookBackward, scale);
+                return FusedGroupedAttention.AttentionChecked(q, k, v, queryIndices, keyIndices, causal, sharedQk, keyMask, lookBackward, scale, null);
             case AttentionKernel.Reference:
                 throw new ArgumentException("kernel: grouped attention has Ops and Fused kernels; its oracle is ReferenceAttention with the implied mask.", nameof(kernel));
         }
@@ -179,15 +191,24 @@ public static class GroupedAttention
     /// <returns>(B, H, T, Dv).</returns>
     public static Tensor MergedAttention(Tensor q, Tensor k, Tensor v, Tensor queryIndices, Tensor keyIndices, Tensor previousGroup,
         int rounds, bool causal = false, bool sharedQk = false, Tensor? keyMask = null, Tensor? queryLabels = null,
-        Tensor? keyLabels = null, bool dedup = false, double? scale = null, AttentionKernel kernel = AttentionKernel.Auto)
+        Tensor? keyLabels = null, bool dedup = false, double? scale = null, AttentionKernel kernel = AttentionKernel.Auto) =>
+        MergedAttention(q, k, v, queryIndices, keyIndices, previousGroup, rounds, causal, sharedQk, keyMask, queryLabels, keyLabels, dedup,
+            scale, kernel, builtGroups: false);
+
+    /// <summary><see cref="MergedAttention(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, int, bool, bool, Tensor?, Tensor?, Tensor?, bool, double?, AttentionKernel)"/>;
+    /// with <paramref name="builtGroups"/> the indices come from this library's own grouping (valid by construction), so
+    /// only shapes and dtypes are checked — the value checks are a few tensor passes per call.</summary>
+    internal static Tensor MergedAttention(Tensor q, Tensor k, Tensor v, Tensor queryIndices, Tensor keyIndices, Tensor previousGroup,
+        int rounds, bool causal, bool sharedQk, Tensor? keyMask, Tensor? queryLabels, Tensor? keyLabels, bool dedup, double? scale,
+        AttentionKernel kernel, bool builtGroups)
     {
-        CheckMergedArguments(q, k, v, queryIndices, keyIndices, previousGroup, rounds, keyMask, queryLabels, keyLabels);
+        CheckMergedArguments(q, k, v, queryIndices, keyIndices, previousGroup, rounds, keyMask, queryLabels, keyLabels, values: !builtGroups);
         switch (kernel)
         {
             case AttentionKernel.Fused:
             case AttentionKernel.Auto when FusedGroupedAttention.Supports(q, null):
-                return FusedGroupedAttention.MergedAttention(q, k, v, queryIndices, keyIndices, previousGroup, rounds, causal, sharedQk,
-                    keyMask, queryLabels, keyLabels, dedup, scale);
+                return FusedGroupedAttention.MergedAttentionChecked(q, k, v, queryIndices, keyIndices, previousGroup, rounds, causal, sharedQk,
+                    keyMask, queryLabels, keyLabels, dedup, scale, null);
             case AttentionKernel.Reference:
                 throw new ArgumentException("kernel: merged grouped attention has Ops and Fused kernels; its oracle is ReferenceAttention with the implied mask.", nameof(kernel));
         }
@@ -195,20 +216,20 @@ public static class GroupedAttention
     }
 
     internal static void CheckMergedArguments(Tensor q, Tensor k, Tensor v, Tensor queryIndices, Tensor keyIndices, Tensor previousGroup,
-        int rounds, Tensor? keyMask, Tensor? queryLabels, Tensor? keyLabels)
+        int rounds, Tensor? keyMask, Tensor? queryLabels, Tensor? keyLabels, bool values = true)
     {
         Check.QueryKeyValue(q, k, v);
         long batch = q.shape[0], heads = q.shape[1], seqLen = q.shape[2];
         Check.That(k.shape[2] == seqLen, nameof(k), $"merged attention groups one sequence's tokens, so k must have T = {seqLen} like q, got {k.shape[2]}.");
         Check.KeyMask(keyMask, batch, seqLen);
         Check.Positive(rounds, nameof(rounds));
-        CheckIndices(queryIndices, nameof(queryIndices), batch, heads, -1, seqLen);
+        CheckIndices(queryIndices, nameof(queryIndices), batch, heads, -1, seqLen, values);
         long groups = queryIndices.shape[2];
-        CheckIndices(keyIndices, nameof(keyIndices), batch, heads, groups, seqLen);
+        CheckIndices(keyIndices, nameof(keyIndices), batch, heads, groups, seqLen, values);
         Check.That(groups % rounds == 0, nameof(rounds), $"the G = {groups} groups must split evenly into {rounds} rounds.");
         Check.Shape(previousGroup, nameof(previousGroup), "(B, H, G)", batch, heads, groups);
         Check.That(previousGroup.dtype == ScalarType.Int64, nameof(previousGroup), $"must be int64, got {previousGroup.dtype}.");
-        if (previousGroup.numel() > 0)
+        if (previousGroup.numel() > 0 && values && CheckValues(previousGroup))
         {
             long perRound = groups / rounds;
             var own = arange(groups, device: previousGroup.device).div(perRound, rounding_mode: RoundingMode.floor);   // (G) round of each group
@@ -225,6 +246,7 @@ public static class GroupedAttention
             Check.Shape(keyLabels, nameof(keyLabels), "(B, H, R, T)", batch, heads, rounds, seqLen);
             Check.That(queryLabels.dtype == ScalarType.Int64 && keyLabels.dtype == ScalarType.Int64, nameof(queryLabels), "labels must be int64.");
         }
+        if (!values || !CheckValues(queryIndices)) return;
         using var scope = NewDisposeScope();
         Check.That(SlotsPerRound(queryIndices, rounds, seqLen).le(1).all().item<bool>(), nameof(queryIndices),
             "a position may occupy at most one query slot per round.");
@@ -395,11 +417,11 @@ public static class GroupedAttention
         return summed / counts.clamp_min(1).unsqueeze(-1);
     }
 
-    private static void CheckIndices(Tensor indices, string name, long batch, long heads, long groups, long length)
+    private static void CheckIndices(Tensor indices, string name, long batch, long heads, long groups, long length, bool values = true)
     {
         Check.Shape(indices, name, "(B, H, G, W)", batch, heads, groups, -1);
         Check.That(indices.dtype == ScalarType.Int64, name, $"must be an int64 tensor of positions, got {indices.dtype}.");
-        if (indices.numel() == 0) return;
+        if (indices.numel() == 0 || !values || !CheckValues(indices)) return;
         long min = indices.min().item<long>(), max = indices.max().item<long>();
         Check.That(min >= -1 && max < length, name,
             $"entries must be positions in [0, {length}) or −1 for an empty slot, got values in [{min}, {max}].");

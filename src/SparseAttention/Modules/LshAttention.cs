@@ -219,7 +219,8 @@ public sealed partial class LshAttention : nn.Module<Tensor, Tensor?, Tensor, Te
         var groups = LshGrouping.Build(queryBuckets, keyBuckets, keyMask, bucketSize, causal);
         bool labels = !attendAcrossBuckets && !causal;                                   // causal chunks hold one bucket already
         var output = GroupedAttention.MergedAttention(q, keys, v, groups.QueryIndices, groups.KeyIndices, groups.PreviousGroup,
-            nHashes, causal, SharedQk, keyMask, labels ? queryBuckets : null, labels ? keyBuckets : null, dedup, kernel: Kernel);
+            nHashes, causal, SharedQk, keyMask, labels ? queryBuckets : null, labels ? keyBuckets : null, dedup, scale: null, Kernel,
+            builtGroups: true);                                                          // (B, H, T, Dv)
         if (keyMask is not null) output = output.masked_fill(keyMask.logical_not().view(batch, 1, seqLen, 1), 0);
         return new LshAttentionOutput(output.MoveToOuterDisposeScope(), queryBuckets.MoveToOuterDisposeScope(),
             ReferenceEquals(keyBuckets, queryBuckets) ? queryBuckets : keyBuckets.MoveToOuterDisposeScope(),

@@ -1,6 +1,8 @@
+using System.Collections.Concurrent;
 using System.Runtime.CompilerServices;
 using System.Runtime.InteropServices;
 using System.Runtime.Intrinsics;
+using System.Runtime.Intrinsics.X86;
 
 namespace SparseAttention.Kernels.Fused;
 
@@ -10,7 +12,7 @@ internal struct GroupedArgs
     public int Batch, Heads, SeqLen, Dim, DimV, Groups, QuerySlots, KeySlots, Threads;
     public bool Causal, SharedQk, LookBackward;
     public float Scale;
-    public nint Q, K, V;             // (B, H, T, D), (B, H, T, D), (B, H, T, Dv); padded keys already zero
+    public nint Q, K, V;             // (B, H, T, D), (B, H, T, D), (B, H, T, Dv); padded keys are never read
     public nint QueryIndex, KeyIndex; // (B, H, G, Wq), (B, H, G, Wk) int64, −1 = empty slot
     public nint KeyMask;             // (B, T) bool as bytes, or 0
     public nint O, Lse;              // (B, H, T, Dv) and per slot (B, H, G, Wq); slot outputs are recomputed in the backward
@@ -24,19 +26,29 @@ internal struct GroupedArgs
 }
 
 /// <summary>
-/// Fused attention inside content-based groups (routing clusters, LSH chunks) on raw float32 CPU
-/// memory, with the rules of <see cref="GroupedAttention"/> (causal on original positions, shared-QK
-/// self-attention only as a last resort, key mask, look-back to the previous group, mean over the
-/// groups a query joined). Rows are read by index into small tiles instead of gathering copies of
-/// the whole sequence. One task per (batch, head) walks its groups in order, so accumulation by
-/// index never races and results do not depend on the thread count.
-/// Merged mode (<see cref="GroupedArgs.Rounds"/> &gt; 0, LSH rounds): instead of the mean over groups, each position
-/// keeps a running max and sum over every row it gets in any group (online softmax across groups), look-back follows
-/// explicit previous-group links, optional labels and exact de-duplication apply per pair, and the backward uses the
-/// positions' final log-sum-exp.
+/// Fused attention inside content-based groups (routing clusters, LSH chunks) on raw float32 CPU memory, with the
+/// rules of <see cref="GroupedAttention"/> (causal on original positions, shared-QK self-attention only as a last
+/// resort, key mask, look-back to the previous group, mean over the groups a query joined).
 /// </summary>
+/// <remarks>
+/// <para>Grouped attention as block-sparse attention: each (batch, head) is first permuted into group order — group
+/// g's real query rows are contiguous in Qp, its real keys contiguous columns of Kᵀ (and rows of V), padded to the
+/// vector width with sentinel keys (zero rows, position int.MaxValue, always masked) so no tile has a scalar tail.
+/// Each group is then a dense tile (its own key block, plus the previous group's block with look-back — no copy, just a
+/// second column range), masked by the rules on ORIGINAL positions; the un-permute is folded into the output write
+/// (rows added at their positions). The backward accumulates dK, dV in the permuted key layout (a key used by its own
+/// group and by the next one's look-back is written twice there, not scattered twice) and un-permutes once per head.</para>
+/// <para>One task per (batch, head) walks its groups in order, so accumulation never races and results do not depend
+/// on the thread count. Merged mode (<see cref="GroupedArgs.Rounds"/> &gt; 0, LSH rounds): instead of the mean over
+/// groups, each position keeps a running max and sum over every row it gets in any group (a log-sum-exp merge across
+/// groups and rounds), look-back follows explicit previous-group links, optional labels and exact de-duplication apply
+/// per pair, and the backward uses the positions' final log-sum-exp.</para>
+/// </remarks>
 internal static unsafe class GroupedKernel
 {
+    // Kernels are JIT-compiled fully optimised at once (no tier-0 pass over hot loops).
+    private const MethodImplOptions Hot = MethodImplOptions.AggressiveOptimization;
+
     public static void Forward(in GroupedArgs args)
     {
         if (Vector512.IsHardwareAccelerated) Run<Simd512, Vector512<float>>(args, backward: false);
@@ -51,56 +63,105 @@ internal static unsafe class GroupedKernel
         else Run<SimdScalar, float>(args, backward: true);
     }
 
-    /// <summary>Per-thread tiles sized for one group: Wq query slots × n key slots.</summary>
+    /// <summary>
+    /// Per-thread memory for one (batch, head) at a time: the permuted layout and the tiles of one group. Pooled across
+    /// calls (a fresh multi-MiB buffer costs a page fault per 4 KiB on its first touch, which rivalled the kernel itself).
+    /// </summary>
     private sealed class Scratch : IDisposable
     {
-        public readonly float* Q, KT, K, VT, V, S, P, PT, DST, DOg, DQ, DKV, Count;
-        public readonly long* KeyPos;
-        public readonly int* KeyKey, QSlot;
-        public readonly float* PosMax, PosSum;   // merged mode: per position running max and sum (T each)
-        public readonly int* QueryGroup, KeyGroup; // merged mode with dedup: group of each position per round (R·T each)
-        // Merged mode, set per (batch, head) and group: labels (R·T) or null, look-back links (G), the group's round.
+        private const long MaxPooledBytes = 256L << 20;
+        private static readonly ConcurrentBag<Scratch> Pool = [];
+
+        private void* memory;
+        private long capacity;
+
+        // Permuted layout of the current (batch, head). Group g: query rows [QOff[g], QOff[g] + QCount[g]) of Qp (QPos =
+        // original position, QSlot = slot in the group); key columns [KOff[g], KOff[g] + KCols[g]) of KT (row stride
+        // KTotal), the same rows of Kp / Vp / DKp / DVp (KPos = position, int.MaxValue at sentinel columns).
+        public float* Qp, KT, Kp, Vp, VT, DKp, DVp;
+        public int* QPos, QSlot, KPos, QOff, QCount, KOff, KCols;
+        public int KTotal;
+        // One group's tiles: scores/probabilities S and P (Wq × n), the tile's key positions, dO rows and dQ rows.
+        public float* S, P, DOg, DQ;
+        public int* KeyKey;
+        public float* Count, PosMax, PosSum;       // per position (T each)
+        public int* QueryGroup, KeyGroup;          // merged mode with dedup: group of each position per round (R·T each)
+        // Merged mode, set per (batch, head) and group: labels (R·T) or null, look-back links (G) or null, the group's round.
         public long* QueryLabels, KeyLabels, PreviousGroup;
         public int Round;
-        private readonly void* memory;
 
-        public Scratch(int wq, int n, int dim, int dimV, int seqLen, int rounds = 0)
+        public static Scratch Rent(in GroupedArgs a, bool backward, int width)
         {
-            int w = Math.Max(dim, dimV);
-            long q = (long)wq * w, kv = (long)n * w, s = (long)wq * n;
-            long floats = 3 * q + 5 * kv + 5 * s + seqLen + (rounds > 0 ? 2L * seqLen : 0);
-            long ints = n + wq + 2L * rounds * seqLen;
-            memory = NativeMemory.AlignedAlloc((nuint)(floats * sizeof(float) + n * sizeof(long) + ints * sizeof(int)), 64);
-            float* p = (float*)memory;
-            Q = p; p += q; KT = p; p += kv; K = p; p += kv; VT = p; p += kv; V = p; p += kv;
-            S = p; p += s; P = p; p += s; PT = p; p += s; DST = p; p += s; DOg = p; p += q; DQ = p; p += q;
-            DKV = p; p += kv + s; Count = p; p += seqLen;
-            if (rounds > 0) { PosMax = p; p += seqLen; PosSum = p; p += seqLen; }
-            KeyPos = (long*)p;
-            KeyKey = (int*)(KeyPos + n);
-            QSlot = KeyKey + n;
-            QueryGroup = QSlot + wq;
-            KeyGroup = QueryGroup + (long)rounds * seqLen;
+            var x = Pool.TryTake(out var pooled) ? pooled : new Scratch();
+            x.Carve(a, backward, width);
+            return x;
         }
 
-        public void Dispose() => NativeMemory.AlignedFree(memory);
+        public static void Return(Scratch x)
+        {
+            if (x.capacity <= MaxPooledBytes && Pool.Count < Environment.ProcessorCount) Pool.Add(x);
+            else x.Dispose();
+        }
+
+        private void Carve(in GroupedArgs a, bool backward, int width)
+        {
+            long groups = a.Groups, wkPadded = RoundUp(a.KeySlots, width);
+            long nq = groups * a.QuerySlots, nk = groups * wkPadded, n = (a.LookBackward ? 2 : 1) * wkPadded;
+            long D = a.Dim, Dv = a.DimV, T = a.SeqLen, rounds = Math.Max(0, a.Rounds);
+            long bytes = 0;
+            long Take(long count, int size) { long at = bytes; bytes += RoundUp(count * size, 64); return at; }
+            long qp = Take(nq * D, 4), kt = Take(D * nk, 4), vp = Take(nk * Dv, 4);
+            long kp = backward ? Take(nk * D, 4) : 0, vt = backward ? Take(Dv * nk, 4) : 0;
+            long dkp = backward ? Take(nk * D, 4) : 0, dvp = backward ? Take(nk * Dv, 4) : 0;
+            long s = Take(a.QuerySlots * n, 4), p = Take(a.QuerySlots * n, 4);
+            long dog = Take(a.QuerySlots * Dv, 4), dq = Take(a.QuerySlots * Math.Max(D, Dv), 4);
+            long count = Take(T, 4), posMax = Take(T, 4), posSum = Take(T, 4);
+            long qpos = Take(nq, 4), qslot = Take(nq, 4), kpos = Take(nk, 4);
+            long qoff = Take(groups, 4), qcount = Take(groups, 4), koff = Take(groups, 4), kcols = Take(groups, 4);
+            long keyKey = Take(n, 4), queryGroup = Take(rounds * T, 4), keyGroup = Take(rounds * T, 4);
+            if (bytes > capacity)
+            {
+                if (memory != null) NativeMemory.AlignedFree(memory);
+                memory = NativeMemory.AlignedAlloc((nuint)bytes, 64);
+                capacity = bytes;
+            }
+            byte* m = (byte*)memory;
+            Qp = (float*)(m + qp); KT = (float*)(m + kt); Vp = (float*)(m + vp);
+            Kp = backward ? (float*)(m + kp) : null; VT = backward ? (float*)(m + vt) : null;
+            DKp = backward ? (float*)(m + dkp) : null; DVp = backward ? (float*)(m + dvp) : null;
+            S = (float*)(m + s); P = (float*)(m + p); DOg = (float*)(m + dog); DQ = (float*)(m + dq);
+            Count = (float*)(m + count); PosMax = (float*)(m + posMax); PosSum = (float*)(m + posSum);
+            QPos = (int*)(m + qpos); QSlot = (int*)(m + qslot); KPos = (int*)(m + kpos);
+            QOff = (int*)(m + qoff); QCount = (int*)(m + qcount); KOff = (int*)(m + koff); KCols = (int*)(m + kcols);
+            KeyKey = (int*)(m + keyKey); QueryGroup = (int*)(m + queryGroup); KeyGroup = (int*)(m + keyGroup);
+            QueryLabels = KeyLabels = PreviousGroup = null;
+            Round = 0;
+        }
+
+        public void Dispose()
+        {
+            if (memory != null) NativeMemory.AlignedFree(memory);
+            memory = null;
+            capacity = 0;
+        }
     }
+
+    private static long RoundUp(long x, long multiple) => (x + multiple - 1) / multiple * multiple;
 
     private static void Run<TS, TV>(GroupedArgs a, bool backward) where TS : struct, ISimd<TV> where TV : unmanaged
     {
-        int n = a.LookBackward ? 2 * a.KeySlots : a.KeySlots;
         Parallel.For(0, a.Batch * a.Heads, new ParallelOptions { MaxDegreeOfParallelism = Math.Max(1, a.Threads) },
-            () => new Scratch(a.QuerySlots, n, a.Dim, a.DimV, a.SeqLen, a.Rounds),
-            [MethodImpl(MethodImplOptions.AggressiveOptimization)] (bh, _, scratch) =>
+            () => Scratch.Rent(a, backward, TS.Width),
+            [MethodImpl(Hot)] (bh, _, scratch) =>
             {
                 if (a.Rounds > 0)
                 {
-                    if (backward) BackwardMergedHead<TS, TV>(a, bh, n, scratch); else ForwardMergedHead<TS, TV>(a, bh, n, scratch);
+                    if (backward) BackwardMergedHead<TS, TV>(a, bh, scratch); else ForwardMergedHead<TS, TV>(a, bh, scratch);
                 }
-                else if (backward) BackwardHead<TS, TV>(a, bh, n, scratch); else ForwardHead<TS, TV>(a, bh, n, scratch);
+                else if (backward) BackwardHead<TS, TV>(a, bh, scratch); else ForwardHead<TS, TV>(a, bh, scratch);
                 return scratch;
             },
-            scratch => scratch.Dispose());
+            Scratch.Return);
     }
 
     /// <summary>How many valid query slots hold each position of this (batch, head).</summary>
@@ -111,62 +172,155 @@ internal static unsafe class GroupedKernel
         for (long i = 0; i < slots; i++) if (queryIndex[i] >= 0) count[queryIndex[i]] += 1f;
     }
 
-    /// <summary>Key slot positions of group g (previous group's first with look-back), −1 = none. The previous group
-    /// is g − 1, or previousGroup[g] when given (merged mode).</summary>
-    private static void KeyPositions(in GroupedArgs a, long* keyIndex, int g, long* keyPos, long* previousGroup = null)
+    /// <summary>
+    /// Permutes one (batch, head) into group order (see the class remarks): real query rows and real, unpadded keys
+    /// of each group packed in slot order, each group's key block padded to the vector width with sentinel keys;
+    /// Kᵀ (and for the backward Vᵀ, K rows and zeroed dK, dV accumulators) in the same column order.
+    /// </summary>
+    [MethodImpl(Hot)]
+    private static void Permute<TS, TV>(in GroupedArgs a, int bh, Scratch x, bool backward) where TS : struct, ISimd<TV> where TV : unmanaged
     {
-        int wk = a.KeySlots, j = 0;
-        if (a.LookBackward)
+        int T = a.SeqLen, D = a.Dim, Dv = a.DimV, wq = a.QuerySlots, wk = a.KeySlots, w = TS.Width;
+        var h = new Head(a, bh);
+        float* q = h.Q, k = h.K, v = h.V;
+        long* queryIndex = h.QueryIndex, keyIndex = h.KeyIndex;
+        byte* keyMask = h.KeyMask;
+        int nq = 0, nk = 0;
+        for (int g = 0; g < a.Groups; g++)
         {
-            long prev = previousGroup != null ? previousGroup[g] : g - 1;
-            for (int s = 0; s < wk; s++) keyPos[j++] = prev >= 0 ? keyIndex[prev * wk + s] : -1;
+            x.QOff[g] = nq;
+            long* qi = queryIndex + (long)g * wq;
+            for (int s = 0; s < wq; s++)
+            {
+                long p = qi[s];
+                if (p < 0) continue;
+                x.QPos[nq] = (int)p;
+                x.QSlot[nq] = s;
+                new Span<float>(q + p * D, D).CopyTo(new Span<float>(x.Qp + (long)nq * D, D));
+                nq++;
+            }
+            x.QCount[g] = nq - x.QOff[g];
+            x.KOff[g] = nk;
+            long* ki = keyIndex + (long)g * wk;
+            for (int s = 0; s < wk; s++)
+            {
+                long p = ki[s];
+                if (p < 0 || (keyMask != null && keyMask[p] == 0)) continue;               // never attended: not in the tile
+                x.KPos[nk] = (int)p;
+                new Span<float>(v + p * Dv, Dv).CopyTo(new Span<float>(x.Vp + (long)nk * Dv, Dv));
+                if (backward) new Span<float>(k + p * D, D).CopyTo(new Span<float>(x.Kp + (long)nk * D, D));
+                nk++;
+            }
+            for (; nk % w != 0; nk++)                                                      // sentinel keys up to the vector width
+            {
+                x.KPos[nk] = int.MaxValue;
+                new Span<float>(x.Vp + (long)nk * Dv, Dv).Clear();
+                if (backward) new Span<float>(x.Kp + (long)nk * D, D).Clear();
+            }
+            x.KCols[g] = nk - x.KOff[g];
         }
-        for (int s = 0; s < wk; s++) keyPos[j++] = keyIndex[(long)g * wk + s];
+        x.KTotal = nk;
+        GatherTransposed(k, D, T, x.KPos, nk, x.KT);
+        if (!backward) return;
+        GatherTransposed(v, Dv, T, x.KPos, nk, x.VT);
+        new Span<float>(x.DKp, nk * D).Clear();
+        new Span<float>(x.DVp, nk * Dv).Clear();
     }
 
-    /// <summary>
-    /// Compacts group g: the m query slots holding a position (slot numbers in QSlot) and the nk key slots that may
-    /// be attended at all — not empty, not padded — (their positions in KeyKey, slot order kept). Empty query slots
-    /// have no output and other key slots are never allowed, so the group's tiles only need these rows.
-    /// </summary>
-    private static (int M, int Nk) Compact(in GroupedArgs a, long* queryPos, long* keyPos, int n, byte* keyMask, Scratch x)
+    /// <summary>dst (width × n, row stride n) = the rows of src (T × width) at positions pos[0..n), transposed; zero
+    /// columns at sentinel positions (int.MaxValue).</summary>
+    [MethodImpl(Hot)]
+    private static void GatherTransposed(float* src, int width, int seqLen, int* pos, int n, float* dst)
     {
-        int m = 0, nk = 0;
-        for (int i = 0; i < a.QuerySlots; i++) if (queryPos[i] >= 0) x.QSlot[m++] = i;
-        for (int j = 0; j < n; j++)
+        int c = 0;
+        if (Avx2.IsSupported && (long)seqLen * width <= int.MaxValue)
         {
-            long kp = keyPos[j];
-            if (kp >= 0 && (keyMask == null || keyMask[kp] != 0)) x.KeyKey[nk++] = (int)kp;
+            var sentinel = Vector256.Create(int.MaxValue);
+            var rowLength = Vector256.Create(width);
+            for (; c + 8 <= n; c += 8)
+            {
+                var p = Vector256.Load(pos + c);
+                var real = ~Vector256.Equals(p, sentinel);
+                var offsets = (p & real) * rowLength;                                      // sentinels read row 0, masked off
+                var mask = real.AsSingle();
+                for (int d = 0; d < width; d++)
+                    Avx2.GatherMaskVector256(Vector256<float>.Zero, src + d, offsets, mask, 4).Store(dst + (long)d * n + c);
+            }
         }
-        return (m, nk);
+        for (; c < n; c++)
+        {
+            int p = pos[c];
+            for (int d = 0; d < width; d++) dst[(long)d * n + c] = p == int.MaxValue ? 0f : src[(long)p * width + d];
+        }
     }
 
+    /// <summary>The look-back group of g (−1 = none): g − 1, or the explicit link in merged mode.</summary>
+    private static int PreviousOf(in GroupedArgs a, Scratch x, int g) =>
+        !a.LookBackward ? -1 : x.PreviousGroup != null ? (int)x.PreviousGroup[g] : g - 1;
+
     /// <summary>
-    /// Scores of one compacted group in the scratch S tile (m × nk): scale·q·k where allowed, −∞ elsewhere,
-    /// with the shared-QK rule (self only when nothing else is allowed) applied per row.
+    /// Scores of group g in the S tile (m × n, n = the previous group's key columns pn then the group's own): scale·q·k
+    /// where allowed, −∞ elsewhere (sentinels, causal rule, shared-QK self unless nothing else is allowed, merged
+    /// rules). Returns m = 0 when the group has no query or no key.
     /// </summary>
-    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-    private static void Scores<TS, TV>(in GroupedArgs a, long* queryPos, int m, int nk, Scratch x)
+    [MethodImpl(Hot)]
+    private static (int M, int N, int Prev, int PrevCols) ScoreTile<TS, TV>(in GroupedArgs a, Scratch x, int g, float* q, float* k)
         where TS : struct, ISimd<TV> where TV : unmanaged
     {
-        Tile<TS, TV>.Gemm(m, nk, a.Dim, x.Q, a.Dim, x.KT, nk, x.S, nk, accumulate: false);     // (m, nk)
+        int D = a.Dim, m = x.QCount[g], prev = PreviousOf(a, x, g);
+        int pn = prev >= 0 ? x.KCols[prev] : 0, kn = x.KCols[g], n = pn + kn;
+        if (m == 0 || n == 0) return (0, 0, -1, 0);
+        float* qg = x.Qp + (long)x.QOff[g] * D;
+        if (pn > 0) Tile<TS, TV>.Gemm(m, pn, D, qg, D, x.KT + x.KOff[prev], x.KTotal, x.S, n, accumulate: false);   // (m, pn)
+        if (kn > 0) Tile<TS, TV>.Gemm(m, kn, D, qg, D, x.KT + x.KOff[g], x.KTotal, x.S + pn, n, accumulate: false);  // (m, kn)
         int* key = x.KeyKey;
+        if (pn > 0) new Span<int>(x.KPos + x.KOff[prev], pn).CopyTo(new Span<int>(key, pn));
+        new Span<int>(x.KPos + x.KOff[g], kn).CopyTo(new Span<int>(key + pn, kn));
+        int* queryPos = x.QPos + x.QOff[g];
         for (int r = 0; r < m; r++)
         {
-            float* si = x.S + (long)r * nk;
-            int qp = (int)queryPos[x.QSlot[r]];
+            float* si = x.S + (long)r * n;
+            int qp = queryPos[r];
             bool other, self;
-            if (Vector512.IsHardwareAccelerated) MaskRow512(si, key, nk, qp, a.Causal, a.SharedQk, a.Scale, out other, out self);
-            else MaskRowScalar(si, key, 0, nk, qp, a.Causal, a.SharedQk, a.Scale, out other, out self);
-            if (a.Rounds > 0) { MergedRules(a, si, key, nk, qp, x); continue; }             // merged mode: self handled per position
+            if (Vector512.IsHardwareAccelerated) MaskRow512(si, key, n, qp, a.Causal, a.SharedQk, a.Scale, out other, out self);
+            else MaskRowScalar(si, key, 0, n, qp, a.Causal, a.SharedQk, a.Scale, out other, out self);
+            if (a.Rounds > 0) { MergedRules(a, si, key, n, qp, x); continue; }              // merged mode: self handled per position
             if (self && !other)
             {
                 // Nothing else is allowed: the query may attend itself (score recomputed for those slots).
-                for (int j = 0; j < nk; j++)
-                    if (key[j] == qp)
-                        si[j] = Tile<TS, TV>.Dot(x.Q + (long)r * a.Dim, x.K + (long)j * a.Dim, a.Dim) * a.Scale;
+                float selfScore = Tile<TS, TV>.Dot(q + (long)qp * D, k + (long)qp * D, D) * a.Scale;
+                for (int j = 0; j < n; j++) if (key[j] == qp) si[j] = selfScore;
             }
         }
+        return (m, n, prev, pn);
+    }
+
+    /// <summary>dst (m × width) = tile (m × n) · rows, the tile's first pn columns against the previous group's key rows and
+    /// the rest against group g's (both in the permuted layout, row stride width).</summary>
+    [MethodImpl(Hot)]
+    private static void TileTimesKeyRows<TS, TV>(Scratch x, float* tile, int m, int n, int prev, int pn, int g, float* rows, int width, float* dst)
+        where TS : struct, ISimd<TV> where TV : unmanaged
+    {
+        if (pn > 0) Tile<TS, TV>.Gemm(m, width, pn, tile, n, rows + (long)x.KOff[prev] * width, width, dst, width, accumulate: false);
+        if (n > pn) Tile<TS, TV>.Gemm(m, width, n - pn, tile + pn, n, rows + (long)x.KOff[g] * width, width, dst, width, accumulate: pn > 0);
+    }
+
+    /// <summary>dst (m × n) = rows (m × width) · the tile's key columns of a transposed key-side matrix (width × KTotal).</summary>
+    [MethodImpl(Hot)]
+    private static void RowsTimesKeyColumns<TS, TV>(Scratch x, float* rows, int m, int width, float* transposed, int n, int prev, int pn, int g, float* dst)
+        where TS : struct, ISimd<TV> where TV : unmanaged
+    {
+        if (pn > 0) Tile<TS, TV>.Gemm(m, pn, width, rows, width, transposed + x.KOff[prev], x.KTotal, dst, n, accumulate: false);
+        if (n > pn) Tile<TS, TV>.Gemm(m, n - pn, width, rows, width, transposed + x.KOff[g], x.KTotal, dst + pn, n, accumulate: false);
+    }
+
+    /// <summary>Key-side accumulators (permuted rows, stride width) += tileᵀ (n × m) · rows (m × width).</summary>
+    [MethodImpl(Hot)]
+    private static void AccumulateKeyRows<TS, TV>(Scratch x, float* tile, int m, int n, int prev, int pn, int g, float* rows, int width, float* target)
+        where TS : struct, ISimd<TV> where TV : unmanaged
+    {
+        if (pn > 0) GemmTransposedA<TS, TV>(pn, width, m, tile, n, rows, width, target + (long)x.KOff[prev] * width, width);
+        if (n > pn) GemmTransposedA<TS, TV>(n - pn, width, m, tile + pn, n, rows, width, target + (long)x.KOff[g] * width, width);
     }
 
     /// <summary>
@@ -220,7 +374,7 @@ internal static unsafe class GroupedKernel
         }
     }
 
-    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    [MethodImpl(Hot)]
     private static void MaskRow512(float* si, int* key, int n, int qp, bool causal, bool sharedQk, float scale,
         out bool other, out bool self)
     {
@@ -251,118 +405,125 @@ internal static unsafe class GroupedKernel
         self |= anySelf != Vector512<int>.Zero;
     }
 
-    /// <summary>Gathers the compacted group's query rows (Q), key rows (K and Kᵀ) and value rows (V and, if asked, Vᵀ).</summary>
-    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-    private static void Gather(in GroupedArgs a, float* q, float* k, float* v, long* queryPos, int m, int nk, Scratch x, bool transposedValues)
+    /// <summary>Per-(batch, head) pointers of q, k, v, the indices and the key mask.</summary>
+    private readonly struct Head(in GroupedArgs a, int bh)
     {
-        int D = a.Dim, Dv = a.DimV;
-        for (int r = 0; r < m; r++)
-            new Span<float>(q + queryPos[x.QSlot[r]] * D, D).CopyTo(new Span<float>(x.Q + (long)r * D, D));
-        for (int j = 0; j < nk; j++)
-        {
-            long p = x.KeyKey[j];
-            float* kRow = x.K + (long)j * D, vRow = x.V + (long)j * Dv;
-            new Span<float>(k + p * D, D).CopyTo(new Span<float>(kRow, D));
-            new Span<float>(v + p * Dv, Dv).CopyTo(new Span<float>(vRow, Dv));
-            for (int d = 0; d < D; d++) x.KT[(long)d * nk + j] = kRow[d];
-            if (transposedValues) for (int d = 0; d < Dv; d++) x.VT[(long)d * nk + j] = vRow[d];
-        }
+        public readonly float* Q = (float*)a.Q + (long)bh * a.SeqLen * a.Dim, K = (float*)a.K + (long)bh * a.SeqLen * a.Dim,
+            V = (float*)a.V + (long)bh * a.SeqLen * a.DimV;
+        public readonly long* QueryIndex = (long*)a.QueryIndex + (long)bh * a.Groups * a.QuerySlots,
+            KeyIndex = (long*)a.KeyIndex + (long)bh * a.Groups * a.KeySlots;
+        public readonly byte* KeyMask = a.KeyMask == 0 ? null : (byte*)a.KeyMask + (long)(bh / a.Heads) * a.SeqLen;
     }
 
-    private static void ForwardHead<TS, TV>(in GroupedArgs a, int bh, int n, Scratch x) where TS : struct, ISimd<TV> where TV : unmanaged
+    [MethodImpl(Hot)]
+    private static void ForwardHead<TS, TV>(in GroupedArgs a, int bh, Scratch x) where TS : struct, ISimd<TV> where TV : unmanaged
     {
-        int T = a.SeqLen, D = a.Dim, Dv = a.DimV, wq = a.QuerySlots, b = bh / a.Heads;
-        float* q = (float*)a.Q + (long)bh * T * D, k = (float*)a.K + (long)bh * T * D, v = (float*)a.V + (long)bh * T * Dv;
-        long* queryIndex = (long*)a.QueryIndex + (long)bh * a.Groups * wq;
-        long* keyIndex = (long*)a.KeyIndex + (long)bh * a.Groups * a.KeySlots;
-        byte* keyMask = a.KeyMask == 0 ? null : (byte*)a.KeyMask + (long)b * T;
+        int T = a.SeqLen, Dv = a.DimV, wq = a.QuerySlots;
+        var h = new Head(a, bh);
+        float* q = h.Q, k = h.K;
+        long* queryIndex = h.QueryIndex;
         float* o = (float*)a.O + (long)bh * T * Dv;
         new Span<float>(o, T * Dv).Clear();
         CountSlots(a, queryIndex, x.Count);
+        Permute<TS, TV>(a, bh, x, backward: false);
         for (int g = 0; g < a.Groups; g++)
         {
-            long* queryPos = queryIndex + (long)g * wq;
             float* lse = (float*)a.Lse + ((long)bh * a.Groups + g) * wq;
             new Span<float>(lse, wq).Fill(float.PositiveInfinity);                              // empty slots: no key, zero output
-            KeyPositions(a, keyIndex, g, x.KeyPos);
-            var (m, nk) = Compact(a, queryPos, x.KeyPos, n, keyMask, x);
-            if (m == 0 || nk == 0) continue;
-            Gather(a, q, k, v, queryPos, m, nk, x, transposedValues: false);
-            Scores<TS, TV>(a, queryPos, m, nk, x);
+            var (m, n, prev, pn) = ScoreTile<TS, TV>(a, x, g, q, k);
+            if (m == 0) continue;
+            int* slot = x.QSlot + x.QOff[g];
             for (int r = 0; r < m; r++)
             {
-                float* si = x.S + (long)r * nk;
-                float mx = Tile<TS, TV>.Max(si, nk);
-                if (float.IsNegativeInfinity(mx)) { new Span<float>(si, nk).Clear(); continue; }
-                float sum = Tile<TS, TV>.ExpShiftSum(si, nk, mx);
-                Tile<TS, TV>.Scale(si, nk, 1f / sum);
-                lse[x.QSlot[r]] = mx + MathF.Log(sum);
+                float* si = x.S + (long)r * n;
+                float mx = Tile<TS, TV>.Max(si, n);
+                if (float.IsNegativeInfinity(mx)) { new Span<float>(si, n).Clear(); continue; }
+                float sum = Tile<TS, TV>.ExpShiftSum(si, n, mx);
+                Tile<TS, TV>.Scale(si, n, 1f / sum);
+                lse[slot[r]] = mx + MathF.Log(sum);
             }
-            Tile<TS, TV>.Gemm(m, Dv, nk, x.S, nk, x.V, Dv, x.DOg, Dv, accumulate: false);       // (m, Dv)
-            for (int r = 0; r < m; r++)
-            {
-                Tile<TS, TV>.AddTo(o + queryPos[x.QSlot[r]] * Dv, x.DOg + (long)r * Dv, Dv);
-            }
+            TileTimesKeyRows<TS, TV>(x, x.S, m, n, prev, pn, g, x.Vp, Dv, x.DOg);                 // (m, Dv)
+            int* queryPos = x.QPos + x.QOff[g];
+            for (int r = 0; r < m; r++) Tile<TS, TV>.AddTo(o + (long)queryPos[r] * Dv, x.DOg + (long)r * Dv, Dv);   // un-permute
         }
         for (int t = 0; t < T; t++)
             if (x.Count[t] > 1f) Tile<TS, TV>.Scale(o + (long)t * Dv, Dv, 1f / x.Count[t]);     // mean over groups
     }
 
-    private static void BackwardHead<TS, TV>(in GroupedArgs a, int bh, int n, Scratch x) where TS : struct, ISimd<TV> where TV : unmanaged
+    /// <summary>
+    /// The backward of one group's tile after ScoreTile and with its dO rows in DOg (m × Dv): P = exp(S − lse) per row
+    /// (lse = lse[lseIndex[r]]), dS = P ⊙ (dP − delta) with delta = Σ P·dP (or the given per-row delta),
+    /// dQ rows added at their positions, dK and dV accumulated in the permuted key layout.
+    /// </summary>
+    [MethodImpl(Hot)]
+    private static void BackwardTile<TS, TV>(in GroupedArgs a, Scratch x, int g, int m, int n, int prev, int pn, float* dq,
+        float* lse, int* lseIndex, float* positionDelta) where TS : struct, ISimd<TV> where TV : unmanaged
     {
-        int T = a.SeqLen, D = a.Dim, Dv = a.DimV, wq = a.QuerySlots, b = bh / a.Heads;
-        float* q = (float*)a.Q + (long)bh * T * D, k = (float*)a.K + (long)bh * T * D, v = (float*)a.V + (long)bh * T * Dv;
-        long* queryIndex = (long*)a.QueryIndex + (long)bh * a.Groups * wq;
-        long* keyIndex = (long*)a.KeyIndex + (long)bh * a.Groups * a.KeySlots;
-        byte* keyMask = a.KeyMask == 0 ? null : (byte*)a.KeyMask + (long)b * T;
+        int D = a.Dim, Dv = a.DimV;
+        RowsTimesKeyColumns<TS, TV>(x, x.DOg, m, Dv, x.VT, n, prev, pn, g, x.P);                 // dP = dO·Vᵀ (m, n)
+        int* queryPos = x.QPos + x.QOff[g];
+        for (int r = 0; r < m; r++)
+        {
+            float* pr = x.S + (long)r * n, dpr = x.P + (long)r * n;
+            Tile<TS, TV>.ExpShiftSum(pr, n, lse[lseIndex[r]]);                                      // P = exp(S − lse), 0 if lse = +∞
+            float delta = positionDelta != null ? positionDelta[queryPos[r]] : Tile<TS, TV>.Dot(pr, dpr, n);   // dO·O = Σ P·dP
+            Tile<TS, TV>.SoftmaxGrad(pr, dpr, n, delta);                                    // dS in P
+        }
+        TileTimesKeyRows<TS, TV>(x, x.P, m, n, prev, pn, g, x.Kp, D, x.DQ);                      // dQ = dS·K (m, D)
+        for (int r = 0; r < m; r++)
+        {
+            Tile<TS, TV>.Scale(x.DQ + (long)r * D, D, a.Scale);
+            Tile<TS, TV>.AddTo(dq + (long)queryPos[r] * D, x.DQ + (long)r * D, D);
+        }
+        AccumulateKeyRows<TS, TV>(x, x.S, m, n, prev, pn, g, x.DOg, Dv, x.DVp);                  // dV += Pᵀ·dO
+        AccumulateKeyRows<TS, TV>(x, x.P, m, n, prev, pn, g, x.Qp + (long)x.QOff[g] * D, D, x.DKp);   // dK += dSᵀ·Q (scaled later)
+    }
+
+    /// <summary>Adds the permuted dK (times the score scale) and dV rows to their positions.</summary>
+    [MethodImpl(Hot)]
+    private static void UnpermuteKeyGradients<TS, TV>(in GroupedArgs a, Scratch x, float* dk, float* dv) where TS : struct, ISimd<TV> where TV : unmanaged
+    {
+        int D = a.Dim, Dv = a.DimV;
+        for (int c = 0; c < x.KTotal; c++)
+        {
+            long p = x.KPos[c];
+            if (p == int.MaxValue) continue;
+            Tile<TS, TV>.Scale(x.DKp + (long)c * D, D, a.Scale);
+            Tile<TS, TV>.AddTo(dk + p * D, x.DKp + (long)c * D, D);
+            Tile<TS, TV>.AddTo(dv + p * Dv, x.DVp + (long)c * Dv, Dv);
+        }
+    }
+
+    [MethodImpl(Hot)]
+    private static void BackwardHead<TS, TV>(in GroupedArgs a, int bh, Scratch x) where TS : struct, ISimd<TV> where TV : unmanaged
+    {
+        int T = a.SeqLen, D = a.Dim, Dv = a.DimV, wq = a.QuerySlots;
+        var h = new Head(a, bh);
+        float* q = h.Q, k = h.K;
+        long* queryIndex = h.QueryIndex;
         float* dOut = (float*)a.DO + (long)bh * T * Dv;
         float* dq = (float*)a.DQ + (long)bh * T * D, dk = (float*)a.DK + (long)bh * T * D, dv = (float*)a.DV + (long)bh * T * Dv;
         new Span<float>(dq, T * D).Clear();
         new Span<float>(dk, T * D).Clear();
         new Span<float>(dv, T * Dv).Clear();
         CountSlots(a, queryIndex, x.Count);
-        float* dkPart = x.DKV, dvPart = x.DKV;   // used one after the other
+        Permute<TS, TV>(a, bh, x, backward: true);
         for (int g = 0; g < a.Groups; g++)
         {
-            long* queryPos = queryIndex + (long)g * wq;
-            KeyPositions(a, keyIndex, g, x.KeyPos);
-            var (m, nk) = Compact(a, queryPos, x.KeyPos, n, keyMask, x);
-            if (m == 0 || nk == 0) continue;                                                    // no allowed pair: no gradient
-            Gather(a, q, k, v, queryPos, m, nk, x, transposedValues: true);
-            Scores<TS, TV>(a, queryPos, m, nk, x);
+            var (m, n, prev, pn) = ScoreTile<TS, TV>(a, x, g, q, k);
+            if (m == 0) continue;                                                             // no allowed pair: no gradient
             float* lse = (float*)a.Lse + ((long)bh * a.Groups + g) * wq;
+            int* slot = x.QSlot + x.QOff[g], queryPos = x.QPos + x.QOff[g];
             // dO of each slot = dOut at its position / number of slots holding that position.
             for (int r = 0; r < m; r++)
             {
-                long p = queryPos[x.QSlot[r]];
+                long p = queryPos[r];
                 new Span<float>(dOut + p * Dv, Dv).CopyTo(new Span<float>(x.DOg + (long)r * Dv, Dv));
                 Tile<TS, TV>.Scale(x.DOg + (long)r * Dv, Dv, 1f / x.Count[p]);
             }
-            Tile<TS, TV>.Gemm(m, nk, Dv, x.DOg, Dv, x.VT, nk, x.P, nk, accumulate: false);      // dP = dO·Vᵀ (m, nk)
-            for (int r = 0; r < m; r++)
-                Tile<TS, TV>.ExpShiftSum(x.S + (long)r * nk, nk, lse[x.QSlot[r]]);                // P = exp(S − lse)
-            // The slots' outputs O = P·V (for delta = dO·O), recomputed into DQ (m × Dv) rather than kept from the forward.
-            Tile<TS, TV>.Gemm(m, Dv, nk, x.S, nk, x.V, Dv, x.DQ, Dv, accumulate: false);
-            for (int r = 0; r < m; r++)
-            {
-                float delta = Tile<TS, TV>.Dot(x.DOg + (long)r * Dv, x.DQ + (long)r * Dv, Dv);
-                Tile<TS, TV>.SoftmaxGrad(x.S + (long)r * nk, x.P + (long)r * nk, nk, delta);      // dS in P
-            }
-            Tile<TS, TV>.Gemm(m, D, nk, x.P, nk, x.K, D, x.DQ, D, accumulate: false);           // dQ = dS·K (m, D)
-            for (int r = 0; r < m; r++)
-            {
-                Tile<TS, TV>.Scale(x.DQ + (long)r * D, D, a.Scale);
-                Tile<TS, TV>.AddTo(dq + queryPos[x.QSlot[r]] * D, x.DQ + (long)r * D, D);
-            }
-            // Key side: transpose P and dS (m × nk → nk × m) and multiply with dO and Q.
-            float* pT = x.PT, dsT = x.DST;
-            Transpose(x.S, m, nk, pT);
-            Transpose(x.P, m, nk, dsT);
-            Tile<TS, TV>.Gemm(nk, Dv, m, pT, m, x.DOg, Dv, dvPart, Dv, accumulate: false);      // dV = Pᵀ·dO (nk, Dv)
-            ScatterKeys<TS, TV>(x.KeyKey, nk, dvPart, Dv, dv, 1f);
-            Tile<TS, TV>.Gemm(nk, D, m, dsT, m, x.Q, D, dkPart, D, accumulate: false);          // dK = dSᵀ·Q (nk, D)
-            ScatterKeys<TS, TV>(x.KeyKey, nk, dkPart, D, dk, a.Scale);
+            BackwardTile<TS, TV>(a, x, g, m, n, prev, pn, dq, lse, slot, null);
         }
+        UnpermuteKeyGradients<TS, TV>(a, x, dk, dv);
     }
 
     /// <summary>Per-head pointers of merged mode in the scratch; with dedup, the group of each position per round.</summary>
@@ -389,48 +550,47 @@ internal static unsafe class GroupedKernel
     /// max and sum per position, rescaling the accumulated output when the max grows). Writes O and the per-position
     /// log-sum-exp; under shared QK a real position with nothing attended gets its own value.
     /// </summary>
-    private static void ForwardMergedHead<TS, TV>(in GroupedArgs a, int bh, int n, Scratch x) where TS : struct, ISimd<TV> where TV : unmanaged
+    [MethodImpl(Hot)]
+    private static void ForwardMergedHead<TS, TV>(in GroupedArgs a, int bh, Scratch x) where TS : struct, ISimd<TV> where TV : unmanaged
     {
-        int T = a.SeqLen, D = a.Dim, Dv = a.DimV, wq = a.QuerySlots, b = bh / a.Heads, perRound = a.Groups / a.Rounds;
-        float* q = (float*)a.Q + (long)bh * T * D, k = (float*)a.K + (long)bh * T * D, v = (float*)a.V + (long)bh * T * Dv;
-        long* queryIndex = (long*)a.QueryIndex + (long)bh * a.Groups * wq;
-        long* keyIndex = (long*)a.KeyIndex + (long)bh * a.Groups * a.KeySlots;
-        byte* keyMask = a.KeyMask == 0 ? null : (byte*)a.KeyMask + (long)b * T;
+        int T = a.SeqLen, Dv = a.DimV, perRound = a.Groups / a.Rounds;
+        var h = new Head(a, bh);
+        float* q = h.Q, k = h.K, v = h.V;
+        long* queryIndex = h.QueryIndex, keyIndex = h.KeyIndex;
+        byte* keyMask = h.KeyMask;
         float* o = (float*)a.O + (long)bh * T * Dv, lse = (float*)a.PositionLse + (long)bh * T;
         new Span<float>(o, T * Dv).Clear();
         new Span<float>(x.PosMax, T).Fill(float.NegativeInfinity);
         new Span<float>(x.PosSum, T).Clear();
         PrepareMerged(a, bh, queryIndex, keyIndex, x);
+        Permute<TS, TV>(a, bh, x, backward: false);
         for (int g = 0; g < a.Groups; g++)
         {
-            long* queryPos = queryIndex + (long)g * wq;
             x.Round = g / perRound;
-            KeyPositions(a, keyIndex, g, x.KeyPos, x.PreviousGroup);
-            var (m, nk) = Compact(a, queryPos, x.KeyPos, n, keyMask, x);
-            if (m == 0 || nk == 0) continue;
-            Gather(a, q, k, v, queryPos, m, nk, x, transposedValues: false);
-            Scores<TS, TV>(a, queryPos, m, nk, x);
+            var (m, n, prev, pn) = ScoreTile<TS, TV>(a, x, g, q, k);
+            if (m == 0) continue;
+            int* queryPos = x.QPos + x.QOff[g];
             for (int r = 0; r < m; r++)
             {
-                float* si = x.S + (long)r * nk;
-                long p = queryPos[x.QSlot[r]];
-                float mx = Tile<TS, TV>.Max(si, nk);
-                if (float.IsNegativeInfinity(mx)) { new Span<float>(si, nk).Clear(); continue; }
+                float* si = x.S + (long)r * n;
+                long p = queryPos[r];
+                float mx = Tile<TS, TV>.Max(si, n);
+                if (float.IsNegativeInfinity(mx)) { new Span<float>(si, n).Clear(); continue; }
                 float old = x.PosMax[p];
                 if (mx > old)
                 {
                     if (x.PosSum[p] > 0)
                     {
-                        float alpha = MathF.Exp(old - mx);
+                        float alpha = FastExp.Exp(old - mx);
                         x.PosSum[p] *= alpha;
                         Tile<TS, TV>.Scale(o + p * Dv, Dv, alpha);
                     }
                     x.PosMax[p] = mx;
                 }
-                x.PosSum[p] += Tile<TS, TV>.ExpShiftSum(si, nk, x.PosMax[p]);                    // row ← exp(s − max so far)
+                x.PosSum[p] += Tile<TS, TV>.ExpShiftSum(si, n, x.PosMax[p]);                    // row ← exp(s − max so far)
             }
-            Tile<TS, TV>.Gemm(m, Dv, nk, x.S, nk, x.V, Dv, x.DOg, Dv, accumulate: false);       // (m, Dv)
-            for (int r = 0; r < m; r++) Tile<TS, TV>.AddTo(o + queryPos[x.QSlot[r]] * Dv, x.DOg + (long)r * Dv, Dv);
+            TileTimesKeyRows<TS, TV>(x, x.S, m, n, prev, pn, g, x.Vp, Dv, x.DOg);                 // (m, Dv)
+            for (int r = 0; r < m; r++) Tile<TS, TV>.AddTo(o + (long)queryPos[r] * Dv, x.DOg + (long)r * Dv, Dv);
         }
         for (int t = 0; t < T; t++)
         {
@@ -453,13 +613,14 @@ internal static unsafe class GroupedKernel
     /// Merged mode backward for one (batch, head): P = exp(s − lse[position]) with the positions' final log-sum-exp,
     /// dS = P ⊙ (dP − dO·O) per row; a self-only position passes dO straight to its value.
     /// </summary>
-    private static void BackwardMergedHead<TS, TV>(in GroupedArgs a, int bh, int n, Scratch x) where TS : struct, ISimd<TV> where TV : unmanaged
+    [MethodImpl(Hot)]
+    private static void BackwardMergedHead<TS, TV>(in GroupedArgs a, int bh, Scratch x) where TS : struct, ISimd<TV> where TV : unmanaged
     {
-        int T = a.SeqLen, D = a.Dim, Dv = a.DimV, wq = a.QuerySlots, b = bh / a.Heads, perRound = a.Groups / a.Rounds;
-        float* q = (float*)a.Q + (long)bh * T * D, k = (float*)a.K + (long)bh * T * D, v = (float*)a.V + (long)bh * T * Dv;
-        long* queryIndex = (long*)a.QueryIndex + (long)bh * a.Groups * wq;
-        long* keyIndex = (long*)a.KeyIndex + (long)bh * a.Groups * a.KeySlots;
-        byte* keyMask = a.KeyMask == 0 ? null : (byte*)a.KeyMask + (long)b * T;
+        int T = a.SeqLen, D = a.Dim, Dv = a.DimV, perRound = a.Groups / a.Rounds;
+        var h = new Head(a, bh);
+        float* q = h.Q, k = h.K;
+        long* queryIndex = h.QueryIndex, keyIndex = h.KeyIndex;
+        byte* keyMask = h.KeyMask;
         float* dOut = (float*)a.DO + (long)bh * T * Dv, o = (float*)a.O + (long)bh * T * Dv, lse = (float*)a.PositionLse + (long)bh * T;
         float* dq = (float*)a.DQ + (long)bh * T * D, dk = (float*)a.DK + (long)bh * T * D, dv = (float*)a.DV + (long)bh * T * Dv;
         new Span<float>(dq, T * D).Clear();
@@ -473,57 +634,74 @@ internal static unsafe class GroupedKernel
                 Tile<TS, TV>.AddTo(dv + (long)t * Dv, dOut + (long)t * Dv, Dv);             // self-only: O = v
         }
         PrepareMerged(a, bh, queryIndex, keyIndex, x);
-        float* dkPart = x.DKV, dvPart = x.DKV;   // used one after the other
+        Permute<TS, TV>(a, bh, x, backward: true);
         for (int g = 0; g < a.Groups; g++)
         {
-            long* queryPos = queryIndex + (long)g * wq;
             x.Round = g / perRound;
-            KeyPositions(a, keyIndex, g, x.KeyPos, x.PreviousGroup);
-            var (m, nk) = Compact(a, queryPos, x.KeyPos, n, keyMask, x);
-            if (m == 0 || nk == 0) continue;
-            Gather(a, q, k, v, queryPos, m, nk, x, transposedValues: true);
-            Scores<TS, TV>(a, queryPos, m, nk, x);
+            var (m, n, prev, pn) = ScoreTile<TS, TV>(a, x, g, q, k);
+            if (m == 0) continue;
+            int* queryPos = x.QPos + x.QOff[g];
             for (int r = 0; r < m; r++)
-            {
-                long p = queryPos[x.QSlot[r]];
-                new Span<float>(dOut + p * Dv, Dv).CopyTo(new Span<float>(x.DOg + (long)r * Dv, Dv));
-            }
-            Tile<TS, TV>.Gemm(m, nk, Dv, x.DOg, Dv, x.VT, nk, x.P, nk, accumulate: false);      // dP = dO·Vᵀ (m, nk)
-            for (int r = 0; r < m; r++)
-            {
-                long p = queryPos[x.QSlot[r]];
-                Tile<TS, TV>.ExpShiftSum(x.S + (long)r * nk, nk, lse[p]);                        // P = exp(S − lse), 0 if lse = +∞
-                Tile<TS, TV>.SoftmaxGrad(x.S + (long)r * nk, x.P + (long)r * nk, nk, delta[p]);   // dS in P
-            }
-            Tile<TS, TV>.Gemm(m, D, nk, x.P, nk, x.K, D, x.DQ, D, accumulate: false);           // dQ = dS·K (m, D)
-            for (int r = 0; r < m; r++)
-            {
-                Tile<TS, TV>.Scale(x.DQ + (long)r * D, D, a.Scale);
-                Tile<TS, TV>.AddTo(dq + queryPos[x.QSlot[r]] * D, x.DQ + (long)r * D, D);
-            }
-            Transpose(x.S, m, nk, x.PT);
-            Transpose(x.P, m, nk, x.DST);
-            Tile<TS, TV>.Gemm(nk, Dv, m, x.PT, m, x.DOg, Dv, dvPart, Dv, accumulate: false);    // dV = Pᵀ·dO (nk, Dv)
-            ScatterKeys<TS, TV>(x.KeyKey, nk, dvPart, Dv, dv, 1f);
-            Tile<TS, TV>.Gemm(nk, D, m, x.DST, m, x.Q, D, dkPart, D, accumulate: false);        // dK = dSᵀ·Q (nk, D)
-            ScatterKeys<TS, TV>(x.KeyKey, nk, dkPart, D, dk, a.Scale);
+                new Span<float>(dOut + (long)queryPos[r] * Dv, Dv).CopyTo(new Span<float>(x.DOg + (long)r * Dv, Dv));
+            BackwardTile<TS, TV>(a, x, g, m, n, prev, pn, dq, lse, queryPos, delta);
         }
+        UnpermuteKeyGradients<TS, TV>(a, x, dk, dv);
     }
 
-    /// <summary>Adds each compacted key's row (times <paramref name="scale"/>) to its position.</summary>
-    private static void ScatterKeys<TS, TV>(int* keyPos, int nk, float* rows, int width, float* target, float scale)
+    /// <summary>C (m × n, row stride ldc) += Aᵀ · B for A stored k × m (row stride lda) and B k × n (ldb): the key-side
+    /// products Pᵀ·dO and dSᵀ·Q without transposing the tiles.</summary>
+    [MethodImpl(Hot)]
+    private static void GemmTransposedA<TS, TV>(int m, int n, int k, float* a, int lda, float* b, int ldb, float* c, int ldc)
         where TS : struct, ISimd<TV> where TV : unmanaged
     {
-        for (int j = 0; j < nk; j++)
+        int w = TS.Width, i = 0;
+        for (; i + 4 <= m; i += 4)
         {
-            if (scale != 1f) Tile<TS, TV>.Scale(rows + (long)j * width, width, scale);
-            Tile<TS, TV>.AddTo(target + (long)keyPos[j] * width, rows + (long)j * width, width);
+            int j = 0;
+            for (; j + 4 * w <= n; j += 4 * w) MicroTransposedA4x4<TS, TV>(k, a + i, lda, b + j, ldb, c + (long)i * ldc + j, ldc);
+            for (; j < n; j++)
+                for (int r = 0; r < 4; r++) c[(long)(i + r) * ldc + j] += ColumnDot(k, a + i + r, lda, b + j, ldb);
         }
+        for (; i < m; i++)
+            for (int j = 0; j < n; j++) c[(long)i * ldc + j] += ColumnDot(k, a + i, lda, b + j, ldb);
     }
 
-    private static void Transpose(float* src, int rows, int cols, float* dst)
+    private static float ColumnDot(int k, float* a, int lda, float* b, int ldb)
     {
-        for (int i = 0; i < rows; i++)
-            for (int j = 0; j < cols; j++) dst[(long)j * rows + i] = src[(long)i * cols + j];
+        float s = 0;
+        for (int p = 0; p < k; p++) s = MathF.FusedMultiplyAdd(a[(long)p * lda], b[(long)p * ldb], s);
+        return s;
+    }
+
+    // 4 rows (columns of A) × 4 vectors of C in 16 registers; each step reads 4 consecutive scalars of one row of A.
+    [MethodImpl(Hot)]
+    private static void MicroTransposedA4x4<TS, TV>(int k, float* a, int lda, float* b, int ldb, float* c, int ldc)
+        where TS : struct, ISimd<TV> where TV : unmanaged
+    {
+        int w = TS.Width;
+        TV c00 = TS.Zero, c01 = TS.Zero, c02 = TS.Zero, c03 = TS.Zero;
+        TV c10 = TS.Zero, c11 = TS.Zero, c12 = TS.Zero, c13 = TS.Zero;
+        TV c20 = TS.Zero, c21 = TS.Zero, c22 = TS.Zero, c23 = TS.Zero;
+        TV c30 = TS.Zero, c31 = TS.Zero, c32 = TS.Zero, c33 = TS.Zero;
+        float* ap = a, bp = b;
+        for (int p = 0; p < k; p++, ap += lda, bp += ldb)
+        {
+            TV b0 = TS.Load(bp), b1 = TS.Load(bp + w), b2 = TS.Load(bp + 2 * w), b3 = TS.Load(bp + 3 * w);
+            TV x = TS.Broadcast(ap[0]);
+            c00 = TS.MulAdd(x, b0, c00); c01 = TS.MulAdd(x, b1, c01); c02 = TS.MulAdd(x, b2, c02); c03 = TS.MulAdd(x, b3, c03);
+            x = TS.Broadcast(ap[1]);
+            c10 = TS.MulAdd(x, b0, c10); c11 = TS.MulAdd(x, b1, c11); c12 = TS.MulAdd(x, b2, c12); c13 = TS.MulAdd(x, b3, c13);
+            x = TS.Broadcast(ap[2]);
+            c20 = TS.MulAdd(x, b0, c20); c21 = TS.MulAdd(x, b1, c21); c22 = TS.MulAdd(x, b2, c22); c23 = TS.MulAdd(x, b3, c23);
+            x = TS.Broadcast(ap[3]);
+            c30 = TS.MulAdd(x, b0, c30); c31 = TS.MulAdd(x, b1, c31); c32 = TS.MulAdd(x, b2, c32); c33 = TS.MulAdd(x, b3, c33);
+        }
+        float* c1 = c + ldc, c2 = c1 + ldc, c3 = c2 + ldc;
+        AddStore(c, c00); AddStore(c + w, c01); AddStore(c + 2 * w, c02); AddStore(c + 3 * w, c03);
+        AddStore(c1, c10); AddStore(c1 + w, c11); AddStore(c1 + 2 * w, c12); AddStore(c1 + 3 * w, c13);
+        AddStore(c2, c20); AddStore(c2 + w, c21); AddStore(c2 + 2 * w, c22); AddStore(c2 + 3 * w, c23);
+        AddStore(c3, c30); AddStore(c3 + w, c31); AddStore(c3 + 2 * w, c32); AddStore(c3 + 3 * w, c33);
+
+        static void AddStore(float* at, TV v) => TS.Store(at, TS.Add(TS.Load(at), v));
     }
 }
