@@ -133,7 +133,14 @@ public sealed class OnlineKMeans : nn.Module<Tensor, Tensor?, KMeansOutput>
     public bool UpdatesSuspended => suspendDepth > 0;
 
     /// <summary>A copy of the centroids (H, C, D).</summary>
-    public Tensor Means => means.detach().clone();
+    public Tensor Means
+    {
+        get
+        {
+            using var scope = NewDisposeScope();                                           // the detached view is a temporary
+            return means.detach().clone().MoveToOuterDisposeScope();
+        }
+    }
 
     /// <summary>Sets the centroids to <c>normalise(<paramref name="newMeans"/>)</c> and marks the module initialised.
     /// Pending statistics are discarded.</summary>
@@ -351,6 +358,21 @@ public sealed class OnlineKMeans : nn.Module<Tensor, Tensor?, KMeansOutput>
                 if (UpdateOnForward) Update();
             }
         }
+    }
+
+    /// <summary>
+    /// The nearest centroid of every token of <paramref name="x"/> (B, H, T, D) among <paramref name="centroids"/>
+    /// (H, C, D, a snapshot in x's dtype), chosen by the same computation a forward without similarities uses (fused
+    /// for float32 CPU, else chunked), so a token gets the cluster it gets in a forward — without the loss, the
+    /// statistics or any update. For incremental decoding, one token at a time. Returns (B, H, T) int64.
+    /// </summary>
+    internal Tensor NearestOf(Tensor x, Tensor centroids)
+    {
+        using var scope = NewDisposeScope();
+        var nearest = UseFusedAssign && FusedKMeansAssign.Supports(x)
+            ? FusedKMeansAssign.Assign(x, null, centroids, norm, threads: 1).Nearest
+            : NearestInChunks(Normalize(x), centroids);
+        return nearest.MoveToOuterDisposeScope();
     }
 
     /// <summary>argmax over centroids of x·μ, in chunks of tokens: x (B, H, T, D), centroids (H, C, D) → (B, H, T).</summary>

@@ -150,6 +150,7 @@ internal sealed class RoutingDecoder : HeadGroupDecoder
 {
     private readonly RoutingAttention routing;
     private readonly KeyValueCache cache;
+    private readonly Tensor centroids;              // (H, C, D) the snapshot every step routes with
     private readonly long batch;
     private readonly int heads, clusters, window;
     private readonly int[] members;                 // (B·H·C) entries so far
@@ -164,6 +165,7 @@ internal sealed class RoutingDecoder : HeadGroupDecoder
         clusters = routing.Clusters;
         window = routing.WindowSize;
         cache = new KeyValueCache(batch, heads, routing.MaxSeqLen, routing.DimHead, routing.DimHead, dtype, device);
+        using (NewDisposeScope()) centroids = routing.KMeans.Means.to(dtype, device).clone().DetachFromDisposeScope();
         long n = batch * heads * clusters;
         members = new int[n];
         open = Enumerable.Range(0, (int)n).Select(_ => new List<int>()).ToArray();
@@ -204,12 +206,11 @@ internal sealed class RoutingDecoder : HeadGroupDecoder
     {
         using var scope = NewDisposeScope();
         bool shared = routing.SharedQk;
-        var parts = shared ? new[] { q } : new[] { q, k };
-        var routed = routing.KMeans.ForwardParts(parts, (Tensor?)null, similarities: false, normalized: shared);
-        var keys = shared ? routed.Normalized[0] : k;                                    // (B, H, 1, D)
+        var kmeans = routing.KMeans;
+        var keys = shared ? kmeans.Normalize(q) : k;                                     // (B, H, 1, D), as in the forward
         cache.Write(keys, v, positions);
-        var queryCluster = routed.Nearest[0].cpu().contiguous().data<long>().ToArray(); // (B, H, 1)
-        var keyCluster = shared ? queryCluster : routed.Nearest[1].cpu().contiguous().data<long>().ToArray();
+        var queryCluster = kmeans.NearestOf(q, centroids).cpu().contiguous().data<long>().ToArray();   // (B, H, 1)
+        var keyCluster = shared ? queryCluster : kmeans.NearestOf(k, centroids).cpu().contiguous().data<long>().ToArray();
 
         bool memory = routing.NumMemKv > 0;
         var lists = new List<int>[batch * heads];
@@ -251,5 +252,9 @@ internal sealed class RoutingDecoder : HeadGroupDecoder
         if (isKey) open[at].Add(position);
     }
 
-    public override void Dispose() => cache.Dispose();
+    public override void Dispose()
+    {
+        cache.Dispose();
+        centroids.Dispose();
+    }
 }
