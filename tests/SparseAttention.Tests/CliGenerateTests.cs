@@ -1,5 +1,8 @@
 using System.Text.Json;
+using SparseAttention.Cli;
+using SparseAttention.Training;
 using Xunit;
+using static TorchSharp.torch;
 
 namespace SparseAttention.Tests;
 
@@ -49,6 +52,44 @@ public sealed class CliGenerateTests : TrainedModelTestBase
         Assert.Equal(2, code);
         Assert.Contains(expected, stderr);
         Assert.Single(stderr.Trim().Split('\n'));
+    }
+
+    [Fact]
+    public void ATinyTemperatureSamplesLikeGreedyInsteadOfOverflowing()
+    {
+        // Logits divided by 1e-300 overflow float32 (and float64 for logits above ~1.8e8); sampling works on
+        // (logits − max) / T ≤ 0, so the distribution collapses onto the most likely byte: greedy decoding.
+        TrainCheckpoint();
+        string[] Args(string temperature) => ["sample", "--checkpoint", RunDir, "--prompt", "The", "--max-new-tokens", "30", "--temperature", temperature, "--seed", "4"];
+        var tiny = CliRunner.Run(Args("1e-300"));
+        var greedy = CliRunner.Run(Args("0"));
+        Assert.True(tiny.Code == 0, tiny.Err);
+        Assert.Equal(greedy.Out, tiny.Out);
+    }
+
+    [Fact]
+    public void SamplingFromNonFiniteWeightsFailsWithOneLine()
+    {
+        using var trainer = Load(TrainCheckpoint());
+        using (no_grad()) trainer.Model.parameters().First().view(-1)[0] = double.NaN;
+        string weights = Path.Combine(Dir, "nan.safetensors");
+        Safetensors.SaveModel(trainer.Model, weights, new Dictionary<string, string> { ["config"] = ConfigBinding.ToJson(MicroConfig) });
+        var (code, stdout, stderr) = CliRunner.Run("sample", "--checkpoint", weights, "--prompt", "The", "--temperature", "0");
+        Assert.Equal(CliApp.Failure, code);
+        Assert.Single(stderr.Trim().Split('\n'));
+        Assert.Contains("NaN or infinite", stderr);
+        Assert.False(stdout.Contains('\0'), "NUL bytes printed");
+    }
+
+    [Fact]
+    public void GenerateRefusesLogitsThatAreNotFinite()
+    {
+        // A model whose logits are NaN must not print NUL bytes (argmax of NaN): Generate stops with a clear error.
+        var prompt = zeros(new long[] { 1, 2 }, dtype: ScalarType.Int64);
+        using var module = TorchSharp.torch.nn.Identity();
+        var error = Assert.Throws<InvalidOperationException>(() => Model.Sampling.Generate(module, prompt, 5, 8,
+            w => full(new long[] { 1, w.shape[1], 4 }, double.NaN), temperature: 0));
+        Assert.Contains("non-finite logits", error.Message);
     }
 
     [Fact]
