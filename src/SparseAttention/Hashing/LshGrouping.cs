@@ -3,7 +3,7 @@ using static TorchSharp.torch;
 namespace SparseAttention.Hashing;
 
 /// <summary>
-/// The groups of one multi-round LSH forward, in the layout <see cref="Kernels.GroupedAttention.MergedAttention"/>
+/// The groups of one multi-round LSH forward, in the layout <see cref="Kernels.GroupedAttention.MergedAttention(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, int, bool, bool, Tensor?, Tensor?, Tensor?, bool, double?, Kernels.AttentionKernel)"/>
 /// takes: G = Rounds · GroupsPerRound groups, round r owning groups [r·GroupsPerRound, (r + 1)·GroupsPerRound).
 /// </summary>
 /// <param name="QueryIndices">(B, H, G, Wq) int64 query positions of each group, −1 = empty slot.</param>

@@ -39,7 +39,7 @@ public static class FusedGroupedAttention
         return GroupedFunction.apply(q, k, v, queryIndices, keyIndices, keyMask, settings);
     }
 
-    /// <inheritdoc cref="GroupedAttention.MergedAttention"/>
+    /// <inheritdoc cref="GroupedAttention.MergedAttention(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, int, bool, bool, Tensor?, Tensor?, Tensor?, bool, double?, AttentionKernel)"/>
     /// <param name="threads">Worker threads (results do not depend on it); default <see cref="FusedBlockSparseAttention.DefaultThreads"/>.</param>
     public static Tensor MergedAttention(Tensor q, Tensor k, Tensor v, Tensor queryIndices, Tensor keyIndices, Tensor previousGroup,
         int rounds, bool causal = false, bool sharedQk = false, Tensor? keyMask = null, Tensor? queryLabels = null,
