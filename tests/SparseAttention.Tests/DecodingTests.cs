@@ -136,6 +136,51 @@ public class DecodingTests
                 atol: LogitTolerance, rtol: LogitTolerance);
     }
 
+    [Theory]
+    [InlineData(false)]
+    [InlineData(true)]
+    public void CrossAttendingDecodersDecodeLikeAFullForward(bool tokenShift)
+    {
+        // A decoder with dense cross-attention to a context (an encoder's output, here random) and routing + local
+        // self-attention; some context rows padded.
+        var config = VariantConfigs["routing look-back"] with { ReceivesContext = true, ContextDim = 12, ShiftTokens = tokenShift };
+        var model = ModelTests.Lm(config, seed: 13);
+        var context = randn(new long[] { 2, 9, 12 }, generator: new Generator(14));
+        var contextMask = ones(2, 9, dtype: ScalarType.Bool);
+        contextMask[1, 5..] = tensor(false);
+        var tokens = randint(0, config.NumTokens, new long[] { 2, config.MaxSeqLen }, generator: new Generator(15));
+        model.train();
+        using (no_grad()) model.Forward(tokens, null, context, contextMask);                // k-means from data
+        model.eval();
+        Assert.True(model.SupportsCachedDecoding);
+        using var noGrad = no_grad();
+        var expected = model.Forward(tokens, null, context, contextMask).Logits;          // (2, T, V)
+        using var state = model.StartDecoding(tokens.narrow(1, 0, 3), context: context, contextMask: contextMask);
+        TestSupport.AssertClose(expected.select(1, 2), state.Logits, "prompt", atol: LogitTolerance, rtol: LogitTolerance);
+        for (int t = 3; t < config.MaxSeqLen; t++)
+            TestSupport.AssertClose(expected.select(1, t), state.Append(tokens.select(1, t)), $"position {t}", atol: LogitTolerance, rtol: LogitTolerance);
+        Assert.Equal("context", Assert.ThrowsAny<ArgumentException>(() => model.StartDecoding(tokens.narrow(1, 0, 3))).ParamName);
+    }
+
+    [Fact]
+    public void EncoderDecoderGenerationWithTheCacheEqualsRegeneration()
+    {
+        var encoder = ModelTests.Tiny(causal: false) with { NumTokens = 11, Dim = 12, Heads = 2, NLocalAttnHeads = [1], StaticHeadGroups = [new(new(StaticPatternKind.Dense), 1)] };
+        var decoder = VariantConfigs["routing separate qk + memory"] with { ReceivesContext = true, ContextDim = 12 };
+        random.manual_seed(16);
+        var model = new RoutingTransformerEncDec(encoder, decoder);
+        var source = randint(0, 11, new long[] { 2, 9 }, generator: new Generator(17));
+        var sourceMask = ones(2, 9, dtype: ScalarType.Bool);
+        sourceMask[0, 6..] = tensor(false);
+        var prompt = randint(0, decoder.NumTokens, new long[] { 2, 2 }, generator: new Generator(18));
+        var cached = model.Generate(source, prompt, 60, sourceMask, temperature: 0);
+        var uncached = model.Generate(source, prompt, 60, sourceMask, temperature: 0, useCache: false);
+        Assert.Equal(uncached.data<long>().ToArray(), cached.data<long>().ToArray());
+
+        var routed = ModelTests.Lm(decoder with { CrossAttention = CrossAttentionKind.Routing }, seed: 1);
+        Assert.False(routed.SupportsCachedDecoding);                                        // routing cross-attention re-encodes
+    }
+
     [Fact]
     public void RoutingDecodingCrossesChunkBoundaries()
     {

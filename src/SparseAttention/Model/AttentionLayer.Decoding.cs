@@ -2,6 +2,72 @@ using static TorchSharp.torch;
 
 namespace SparseAttention.Model;
 
+/// <summary>Decoding state of one attention sublayer (self- or cross-attention): the prompt through the ordinary
+/// forward (filling caches), then one token per row.</summary>
+public abstract class SublayerDecoder : IDisposable
+{
+    /// <param name="x">(B, T, dim) normalised prompt inputs, rows right-padded.</param>
+    /// <param name="mask">Null or (B, T) bool, true for the first lengths[b] positions.</param>
+    /// <param name="lengths">Real tokens per row.</param>
+    /// <returns>(B, T, dim), the sublayer's forward output.</returns>
+    public abstract Tensor Prefill(Tensor x, Tensor? mask, int[] lengths);
+
+    /// <param name="x">(B, 1, dim) normalised input of the new token of each row.</param>
+    /// <param name="positions">Its position in each row.</param>
+    /// <returns>(B, 1, dim).</returns>
+    public abstract Tensor Step(Tensor x, int[] positions);
+
+    public abstract void Dispose();
+}
+
+public sealed partial class CrossAttentionLayer
+{
+    /// <summary>A decoder for dense cross-attention to <paramref name="context"/> (B, S, contextDim): its keys and values
+    /// are projected once; null for routing cross-attention (its query groups are chunked like causal routing and are
+    /// not decoded incrementally).</summary>
+    public SublayerDecoder? CreateDecoder(Tensor context, Tensor? contextMask) =>
+        routing is null ? new Decoder(this, context, contextMask) : null;
+
+    private sealed class Decoder : SublayerDecoder
+    {
+        private readonly CrossAttentionLayer layer;
+        private readonly Tensor context, k, v;    // (B, S, contextDim), (B, H, S, Dh) × 2
+        private readonly Tensor? contextMask;     // (B, S)
+
+        public Decoder(CrossAttentionLayer layer, Tensor context, Tensor? contextMask)
+        {
+            this.layer = layer;
+            this.context = context;
+            this.contextMask = contextMask;
+            long batch = context.shape[0], ctxLen = context.shape[1];
+            using var scope = NewDisposeScope();
+            using var noGrad = no_grad();
+            k = layer.to_k.forward(context).view(batch, ctxLen, layer.heads, layer.dimHead).transpose(1, 2)
+                     .contiguous().DetachFromDisposeScope();                                   // (B, H, S, Dh)
+            v = layer.to_v.forward(context).view(batch, ctxLen, layer.heads, layer.dimHead).transpose(1, 2)
+                     .contiguous().DetachFromDisposeScope();
+        }
+
+        public override Tensor Prefill(Tensor x, Tensor? mask, int[] lengths) => layer.Forward(x, mask, context, contextMask).Output;
+
+        public override Tensor Step(Tensor x, int[] positions)
+        {
+            using var scope = NewDisposeScope();
+            long batch = x.shape[0];
+            var q = layer.to_q.forward(x).view(batch, 1, layer.heads, layer.dimHead).transpose(1, 2);   // (B, H, 1, Dh)
+            var attended = Kernels.ReferenceAttention.Attention(q, k, v, keyMask: contextMask);          // (B, H, 1, Dh)
+            var merged = attended.transpose(1, 2).reshape(batch, 1, layer.heads * layer.dimHead);        // (B, 1, H·Dh)
+            return layer.to_out.forward(merged).MoveToOuterDisposeScope();                               // (B, 1, dim)
+        }
+
+        public override void Dispose()
+        {
+            k.Dispose();
+            v.Dispose();
+        }
+    }
+}
+
 public sealed partial class AttentionLayer
 {
     /// <summary>A decoder for this layer (one per head group), or null when some group cannot decode incrementally.</summary>
@@ -30,7 +96,7 @@ public sealed partial class AttentionLayer
     }
 
     /// <summary>Decoding state of one <see cref="AttentionLayer"/>: one <see cref="HeadGroupDecoder"/> per head group.</summary>
-    public sealed class AttentionLayerDecoder : IDisposable
+    public sealed class AttentionLayerDecoder : SublayerDecoder
     {
         private readonly AttentionLayer layer;
         private readonly List<HeadGroupDecoder> decoders;
@@ -43,11 +109,7 @@ public sealed partial class AttentionLayer
             using (no_grad()) fusedWeight = layer.FusedQkvWeight().DetachFromDisposeScope();
         }
 
-        /// <param name="x">(B, T, dim) normalised prompt inputs, rows right-padded.</param>
-        /// <param name="mask">Null or (B, T) bool, true for the first lengths[b] positions.</param>
-        /// <param name="lengths">Real tokens per row.</param>
-        /// <returns>(B, T, dim), the layer's forward output.</returns>
-        public Tensor Prefill(Tensor x, Tensor? mask, int[] lengths)
+        public override Tensor Prefill(Tensor x, Tensor? mask, int[] lengths)
         {
             using var scope = NewDisposeScope();
             var (q, k, v) = layer.ProjectQkv(x, 0, fusedWeight);
@@ -62,10 +124,7 @@ public sealed partial class AttentionLayer
             return layer.ProjectOut(outputs).MoveToOuterDisposeScope();                      // (B, T, dim); eval: no dropout
         }
 
-        /// <param name="x">(B, 1, dim) normalised input of the new token of each row.</param>
-        /// <param name="positions">Its position in each row.</param>
-        /// <returns>(B, 1, dim).</returns>
-        public Tensor Step(Tensor x, int[] positions)
+        public override Tensor Step(Tensor x, int[] positions)
         {
             using var scope = NewDisposeScope();
             var (q, k, v) = layer.ProjectQkvAt(x, positions, fusedWeight);                                  // (B, H, 1, Dh) each
@@ -80,7 +139,7 @@ public sealed partial class AttentionLayer
             return layer.ProjectOut(outputs).MoveToOuterDisposeScope();                      // (B, 1, dim)
         }
 
-        public void Dispose()
+        public override void Dispose()
         {
             foreach (var d in decoders) d.Dispose();
             fusedWeight.Dispose();

@@ -9,13 +9,13 @@ public sealed partial class RoutingTransformer
     /// or null when the model cannot decode incrementally: not causal, cross-attention, or a head group without a
     /// decoder.
     /// </summary>
-    internal TransformerDecoder? CreateDecoder(long batch, ScalarType dtype, Device device)
+    internal TransformerDecoder? CreateDecoder(long batch, ScalarType dtype, Device device, Tensor? context = null, Tensor? contextMask = null)
     {
-        if (!SupportsDecoding) return null;
+        if (!SupportsDecoding || config.ReceivesContext != (context is not null)) return null;
         var decoders = new List<TransformerBlock.BlockDecoder>();
         foreach (int index in schedule)
         {
-            var decoder = layers[index].CreateDecoder(batch, config.MaxSeqLen, dtype, device);
+            var decoder = layers[index].CreateDecoder(batch, config.MaxSeqLen, dtype, device, context, contextMask);
             if (decoder is null)
             {
                 foreach (var d in decoders) d.Dispose();
@@ -26,9 +26,8 @@ public sealed partial class RoutingTransformer
         return new TransformerDecoder(this, decoders);
     }
 
-    /// <summary>Causal, no cross-attention, and every head group of every layer can decode incrementally.</summary>
-    internal bool SupportsDecoding => config.Causal && !config.ReceivesContext &&
-        layers.All(block => block.Attention is AttentionLayer layer && layer.Groups.All(g => g.SupportsDecoding));
+    /// <summary>Causal, every head group of every layer can decode incrementally, and cross-attention (if any) is dense.</summary>
+    internal bool SupportsDecoding => config.Causal && layers.All(block => block.SupportsDecoding);
 
     /// <summary>The layer stack run over a prompt (filling caches) or over one new token per row; the same sequential
     /// or reversible residual math as <see cref="Forward"/> in evaluation mode (no dropout, no LayerDrop).</summary>
@@ -77,8 +76,8 @@ public sealed partial class RoutingTransformer
 
 public sealed partial class RoutingTransformerLM
 {
-    /// <summary>True when <see cref="StartDecoding"/> can decode incrementally (a causal model without cross-attention
-    /// whose every head group has a decoder); otherwise <see cref="Generate"/> re-encodes the context per token.</summary>
+    /// <summary>True when <see cref="StartDecoding"/> can decode incrementally (a causal model whose every head group has a
+    /// decoder and whose cross-attention, if any, is dense); otherwise <see cref="Generate"/> re-encodes the context per token.</summary>
     public bool SupportsCachedDecoding => transformer.SupportsDecoding;
 
     /// <summary>
@@ -92,7 +91,9 @@ public sealed partial class RoutingTransformerLM
     /// side (each row's real tokens, in order, are its prompt); every row needs at least one.</param>
     /// <param name="contextKeep">Tokens kept when the context is full (see <see cref="DecodingState"/>); null = MaxSeqLen / 2.</param>
     /// <exception cref="NotSupportedException">When <see cref="SupportsCachedDecoding"/> is false.</exception>
-    public DecodingState StartDecoding(Tensor prompt, Tensor? promptMask = null, int? contextKeep = null)
+    /// <param name="context">(B, S, ContextDim) sequence to cross-attend to (e.g. an encoder's output); required iff ReceivesContext.</param>
+    /// <param name="contextMask">Optional (B, S) bool, true = real context token.</param>
+    public DecodingState StartDecoding(Tensor prompt, Tensor? promptMask = null, int? contextKeep = null, Tensor? context = null, Tensor? contextMask = null)
     {
         Check.Shape(prompt, nameof(prompt), "(B, Tp)", -1, -1);
         Check.That(prompt.dtype == ScalarType.Int64, nameof(prompt), $"must be int64 token ids, got {prompt.dtype}.");
@@ -102,6 +103,13 @@ public sealed partial class RoutingTransformerLM
         {
             Check.Shape(promptMask, nameof(promptMask), "(B, Tp)", prompt.shape[0], prompt.shape[1]);
             Check.Bool(promptMask, nameof(promptMask));
+        }
+        Check.That(config.ReceivesContext == (context is not null), nameof(context),
+            config.ReceivesContext ? "this model cross-attends; pass the context sequence (B, S, ContextDim)." : "this model does not receive context.");
+        if (context is not null)
+        {
+            Check.Shape(context, nameof(context), "(B, S, ContextDim)", prompt.shape[0], -1, config.ResolvedContextDim);
+            Check.KeyMask(contextMask, context.shape[0], context.shape[1]);
         }
         int keep = contextKeep ?? config.MaxSeqLen / 2;
         Check.That(keep >= 0 && keep < config.MaxSeqLen, nameof(contextKeep), $"must be in [0, MaxSeqLen = {config.MaxSeqLen}), got {keep}.");
@@ -123,8 +131,7 @@ public sealed partial class RoutingTransformerLM
         }
         foreach (var id in rows.SelectMany(r => r))
             Check.That(id >= 0 && id < config.NumTokens, nameof(prompt), $"token ids must be in [0, NumTokens = {config.NumTokens}), got {id}.");
-        var state = new DecodingState(this, rows, keep, token_emb.weight!.dtype, token_emb.weight!.device);
-        return state;
+        return new DecodingState(this, rows, keep, token_emb.weight!.dtype, token_emb.weight!.device, context, contextMask);
     }
 
     /// <summary>The embedding of token ids: (B, T) int64 → (B, T, Dim).</summary>
@@ -163,12 +170,16 @@ public sealed partial class RoutingTransformerLM
         private readonly int keep;
         private readonly ScalarType dtype;
         private readonly Device device;
+        private readonly Tensor? context, contextMask;       // cross-attention input, owned by the caller
         private RoutingTransformer.TransformerDecoder? decoder;
         private Tensor logits;                             // (B, V)
 
-        internal DecodingState(RoutingTransformerLM model, List<long>[] prompts, int keep, ScalarType dtype, Device device)
+        internal DecodingState(RoutingTransformerLM model, List<long>[] prompts, int keep, ScalarType dtype, Device device,
+            Tensor? context, Tensor? contextMask)
         {
             this.model = model;
+            this.context = context;
+            this.contextMask = contextMask;
             this.keep = keep;
             this.dtype = dtype;
             this.device = device;
@@ -250,7 +261,7 @@ public sealed partial class RoutingTransformerLM
         private Tensor Encode()
         {
             decoder?.Dispose();
-            decoder = model.transformer.CreateDecoder(Batch, dtype, device)
+            decoder = model.transformer.CreateDecoder(Batch, dtype, device, context, contextMask)
                       ?? throw new NotSupportedException("this model cannot decode incrementally (see RoutingTransformerLM.SupportsCachedDecoding); use Sampling.Generate, which re-encodes.");
             using var scope = NewDisposeScope();
             using var noGrad = no_grad();

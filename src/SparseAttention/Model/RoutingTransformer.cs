@@ -187,14 +187,15 @@ public sealed partial class RoutingTransformerLM : nn.Module<Tensor, Tensor?, (T
 
     /// <summary>
     /// Samples a continuation of <paramref name="prompt"/>: incrementally from a <see cref="DecodingState"/> when
-    /// <paramref name="useCache"/> and <see cref="SupportsCachedDecoding"/> (and no context is given), otherwise by
+    /// <paramref name="useCache"/> and <see cref="SupportsCachedDecoding"/>, otherwise by
     /// re-encoding the context per token; both give the same tokens. See <see cref="Sampling.Generate"/>.
     /// </summary>
     public Tensor Generate(Tensor prompt, int maxNewTokens, double temperature = 1.0, int? topK = null, double? topP = null,
         long? eos = null, ulong seed = 0, Tensor? context = null, Tensor? contextMask = null, bool useCache = true, Action<Tensor>? onToken = null)
     {
-        if (useCache && context is null && SupportsCachedDecoding)
-            return Sampling.GenerateCached(this, prompt, maxNewTokens, temperature, topK, topP, eos, seed, onToken);
+        if (useCache && SupportsCachedDecoding)
+            return Sampling.GenerateCached(this, prompt, maxNewTokens, temperature, topK, topP, eos, seed, onToken,
+                context: context, contextMask: contextMask);
         return Sampling.Generate(this, prompt, maxNewTokens, config.MaxSeqLen,
             window => Forward(window, null, context, contextMask).Logits,
             temperature, topK, topP, eos, seed, onToken);

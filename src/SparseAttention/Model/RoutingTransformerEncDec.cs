@@ -53,9 +53,11 @@ public sealed class RoutingTransformerEncDec : nn.Module<Tensor, Tensor, (Tensor
         return (logits.MoveToOuterDisposeScope(), (encAux + decAux).MoveToOuterDisposeScope());
     }
 
-    /// <summary>Encodes <paramref name="source"/> once, then samples the decoder; see <see cref="Sampling.Generate"/>.</summary>
+    /// <summary>Encodes <paramref name="source"/> once, then samples the decoder — incrementally when it supports it (dense
+    /// cross-attention; see <see cref="RoutingTransformerLM.SupportsCachedDecoding"/>), else by re-encoding the target
+    /// per token; both give the same tokens. See <see cref="Sampling.Generate"/>.</summary>
     public Tensor Generate(Tensor source, Tensor prompt, int maxNewTokens, Tensor? sourceMask = null, double temperature = 1.0,
-        int? topK = null, double? topP = null, long? eos = null, ulong seed = 0)
+        int? topK = null, double? topP = null, long? eos = null, ulong seed = 0, bool useCache = true)
     {
         bool wasTraining = training;
         eval();
@@ -64,6 +66,9 @@ public sealed class RoutingTransformerEncDec : nn.Module<Tensor, Tensor, (Tensor
             using var scope = NewDisposeScope();
             using var noGrad = no_grad();
             var (context, _) = encoder.Hidden(source, sourceMask);                     // (B, S, encoder Dim)
+            if (useCache && decoder.SupportsCachedDecoding)
+                return Sampling.GenerateCached(decoder, prompt, maxNewTokens, temperature, topK, topP, eos, seed,
+                    context: context, contextMask: sourceMask).MoveToOuterDisposeScope();
             return Sampling.Generate(this, prompt, maxNewTokens, decoder.Config.MaxSeqLen,
                 window => decoder.Forward(window, null, context, sourceMask).Logits,
                 temperature, topK, topP, eos, seed).MoveToOuterDisposeScope();

@@ -135,11 +135,12 @@ public static class Sampling
     /// Samples from <paramref name="model"/> with incremental decoding (see <see cref="RoutingTransformerLM.StartDecoding"/>).
     /// Same arguments and results as <see cref="Generate(nn.Module, Tensor, int, int, Func{Tensor, Tensor}, double, int?, double?, long?, ulong, Action{Tensor}?, int?)"/>,
     /// plus an optional <paramref name="promptMask"/> (B, Tp) for prompts of different lengths (each row's real tokens
-    /// are its prompt; every row then continues from its own last token).
+    /// are its prompt; every row then continues from its own last token) and, for a model that cross-attends, the
+    /// <paramref name="context"/> (B, S, ContextDim) with its optional <paramref name="contextMask"/> (B, S).
     /// </summary>
     public static Tensor GenerateCached(RoutingTransformerLM model, Tensor prompt, int maxNewTokens, double temperature = 1.0,
         int? topK = null, double? topP = null, long? eos = null, ulong seed = 0, Action<Tensor>? onToken = null,
-        Tensor? promptMask = null, int? contextKeep = null)
+        Tensor? promptMask = null, int? contextKeep = null, Tensor? context = null, Tensor? contextMask = null)
     {
         ArgumentNullException.ThrowIfNull(model);
         CheckPrompt(prompt);
@@ -148,7 +149,7 @@ public static class Sampling
         model.eval();
         try
         {
-            using var state = model.StartDecoding(prompt, promptMask, contextKeep);
+            using var state = model.StartDecoding(prompt, promptMask, contextKeep, context, contextMask);
             Tensor Next(long[]? appended) =>
                 appended is null ? state.Logits : state.Append(tensor(appended, device: prompt.device));
             return Run(model, prompt.shape[0], prompt.device, Next, maxNewTokens, temperature, topK, topP, eos, seed, onToken);

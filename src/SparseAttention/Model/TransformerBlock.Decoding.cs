@@ -4,14 +4,32 @@ namespace SparseAttention.Model;
 
 public sealed partial class TransformerBlock
 {
-    /// <summary>A decoder for this block, or null when its attention cannot decode incrementally (cross-attention
-    /// blocks and groups without a decoder).</summary>
-    public BlockDecoder? CreateDecoder(long batch, int maxSeqLen, ScalarType dtype, Device device)
+    /// <summary>A decoder for this block, or null when its attention cannot decode incrementally (routing
+    /// cross-attention, head groups without a decoder).</summary>
+    /// <param name="batch">Rows B.</param>
+    /// <param name="maxSeqLen">The model's context.</param>
+    /// <param name="dtype">Cache element type.</param>
+    /// <param name="device">Cache device.</param>
+    /// <param name="context">(B, S, contextDim) for cross-attention blocks, else null.</param>
+    /// <param name="contextMask">Optional (B, S) bool, true = real context token.</param>
+    public BlockDecoder? CreateDecoder(long batch, int maxSeqLen, ScalarType dtype, Device device, Tensor? context = null, Tensor? contextMask = null)
     {
-        if (attn is not AttentionLayer self) return null;
-        var attention = self.CreateDecoder(batch, maxSeqLen, dtype, device);
+        SublayerDecoder? attention = attn switch
+        {
+            AttentionLayer self => self.CreateDecoder(batch, maxSeqLen, dtype, device),
+            CrossAttentionLayer cross when context is not null => cross.CreateDecoder(context, contextMask),
+            _ => null,
+        };
         return attention is null ? null : new BlockDecoder(this, attention);
     }
+
+    /// <summary>Whether <see cref="CreateDecoder"/> gives a decoder (given the context for cross-attention blocks).</summary>
+    internal bool SupportsDecoding => attn switch
+    {
+        AttentionLayer self => self.Groups.All(g => g.SupportsDecoding),
+        CrossAttentionLayer cross => cross.Routing is null,
+        _ => false,
+    };
 
     /// <summary>
     /// Decoding state of one block at one depth: the attention layer's decoder and, with token shift, the previous
@@ -20,10 +38,10 @@ public sealed partial class TransformerBlock
     public sealed class BlockDecoder : IDisposable
     {
         private readonly TransformerBlock block;
-        private readonly AttentionLayer.AttentionLayerDecoder attention;
+        private readonly SublayerDecoder attention;
         private Tensor? prevAttn, prevFf;   // (B, 1, dim) branch inputs of each row's latest token (token shift only)
 
-        internal BlockDecoder(TransformerBlock block, AttentionLayer.AttentionLayerDecoder attention)
+        internal BlockDecoder(TransformerBlock block, SublayerDecoder attention)
         {
             this.block = block;
             this.attention = attention;
