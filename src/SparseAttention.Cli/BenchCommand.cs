@@ -578,16 +578,22 @@ internal sealed class BenchCommand
         try { File.WriteAllText("/proc/self/clear_refs", "5"); } catch (IOException) { } catch (UnauthorizedAccessException) { }
     }
 
-    internal static double PeakRssMb()
+    internal static double PeakRssMb() => StatusMb("VmHWM:") ?? Process.GetCurrentProcess().PeakWorkingSet64 / 1048576.0;
+
+    /// <summary>Resident memory now (VmRSS), MB.</summary>
+    internal static double CurrentRssMb() => StatusMb("VmRSS:") ?? Process.GetCurrentProcess().WorkingSet64 / 1048576.0;
+
+    /// <summary>A kB field of /proc/self/status in MB; null where there is none (not Linux).</summary>
+    private static double? StatusMb(string field)
     {
         try
         {
             foreach (var line in File.ReadLines("/proc/self/status"))
-                if (line.StartsWith("VmHWM:", StringComparison.Ordinal))
+                if (line.StartsWith(field, StringComparison.Ordinal))
                     return double.Parse(line.Split(' ', StringSplitOptions.RemoveEmptyEntries)[1]) / 1024.0;
         }
         catch (IOException) { }
-        return Process.GetCurrentProcess().PeakWorkingSet64 / 1048576.0;
+        return null;
     }
 
     private static void Print(TextWriter stdout, List<Result> results, string limits)

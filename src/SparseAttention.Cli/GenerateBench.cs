@@ -107,7 +107,7 @@ internal sealed class GenerateBench
             var samples = new List<(int, double)>();
             using var state = model.StartDecoding(randint(0, config.NumTokens, new long[] { 1, 16 }, generator: generator));
             GC.Collect();
-            double afterPrompt = CurrentRssMb();
+            double afterPrompt = BenchCommand.CurrentRssMb();
             BenchCommand.ResetPeakRss();
             var next = zeros(1, dtype: ScalarType.Int64);
             for (int i = 1; i <= rssTokens; i++)
@@ -117,7 +117,7 @@ internal sealed class GenerateBench
                     var logits = state.Append(next);
                     next.copy_(logits.argmax(-1));
                 }
-                if (i % Math.Max(1, rssTokens / 10) == 0 || i == rssTokens) samples.Add((i, CurrentRssMb()));
+                if (i % Math.Max(1, rssTokens / 10) == 0 || i == rssTokens) samples.Add((i, BenchCommand.CurrentRssMb()));
             }
             rss = (afterPrompt, BenchCommand.PeakRssMb(), samples);
         }
@@ -152,13 +152,5 @@ internal sealed class GenerateBench
             stdout.WriteLine($"wrote {jsonPath}");
         }
         return CliApp.Ok;
-    }
-
-    private static double CurrentRssMb()
-    {
-        foreach (var line in File.ReadLines("/proc/self/status"))
-            if (line.StartsWith("VmRSS:", StringComparison.Ordinal))
-                return double.Parse(line.Split(' ', StringSplitOptions.RemoveEmptyEntries)[1]) / 1024.0;
-        return Process.GetCurrentProcess().WorkingSet64 / 1048576.0;
     }
 }

@@ -112,31 +112,29 @@ public sealed partial class AttentionLayer
         public override Tensor Prefill(Tensor x, Tensor? mask, int[] lengths)
         {
             using var scope = NewDisposeScope();
-            var (q, k, v) = layer.ProjectQkv(x, 0, fusedWeight);
-            var outputs = new List<Tensor>();
-            long first = 0;
-            for (int g = 0; g < decoders.Count; g++)
-            {
-                int hg = layer.groups[g].Heads;
-                outputs.Add(decoders[g].Prefill(q.narrow(1, first, hg), k.narrow(1, first, hg), v.narrow(1, first, hg), mask, lengths));
-                first += hg;
-            }
-            return layer.ProjectOut(outputs).MoveToOuterDisposeScope();                      // (B, T, dim); eval: no dropout
+            var (q, k, v) = layer.ProjectQkv(x, 0, fusedWeight);                             // (B, H, T, Dh) each
+            return PerGroup(q, k, v, (d, qg, kg, vg) => d.Prefill(qg, kg, vg, mask, lengths)).MoveToOuterDisposeScope();   // (B, T, dim)
         }
 
         public override Tensor Step(Tensor x, int[] positions)
         {
             using var scope = NewDisposeScope();
-            var (q, k, v) = layer.ProjectQkvAt(x, positions, fusedWeight);                                  // (B, H, 1, Dh) each
+            var (q, k, v) = layer.ProjectQkvAt(x, positions, fusedWeight);                  // (B, H, 1, Dh) each
+            return PerGroup(q, k, v, (d, qg, kg, vg) => d.Step(qg, kg, vg, positions)).MoveToOuterDisposeScope();   // (B, 1, dim)
+        }
+
+        /// <summary>Each group's decoder on its heads' slice of q, k, v; the outputs merged and projected (eval: no dropout).</summary>
+        private Tensor PerGroup(Tensor q, Tensor k, Tensor v, Func<HeadGroupDecoder, Tensor, Tensor, Tensor, Tensor> run)
+        {
             var outputs = new List<Tensor>();
             long first = 0;
             for (int g = 0; g < decoders.Count; g++)
             {
                 int hg = layer.groups[g].Heads;
-                outputs.Add(decoders[g].Step(q.narrow(1, first, hg), k.narrow(1, first, hg), v.narrow(1, first, hg), positions));
+                outputs.Add(run(decoders[g], q.narrow(1, first, hg), k.narrow(1, first, hg), v.narrow(1, first, hg)));   // (B, Hg, T, Dh)
                 first += hg;
             }
-            return layer.ProjectOut(outputs).MoveToOuterDisposeScope();                      // (B, 1, dim)
+            return layer.ProjectOut(outputs);
         }
 
         public override void Dispose()

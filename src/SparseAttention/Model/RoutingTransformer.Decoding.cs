@@ -6,8 +6,8 @@ public sealed partial class RoutingTransformer
 {
     /// <summary>
     /// Decoders for every depth (weight-tied layers get one per depth: the weights are shared, the caches are not),
-    /// or null when the model cannot decode incrementally: not causal, cross-attention, or a head group without a
-    /// decoder.
+    /// or null when the model cannot decode incrementally (see <see cref="SupportsDecoding"/>) or the context is missing
+    /// for a model that cross-attends.
     /// </summary>
     internal TransformerDecoder? CreateDecoder(long batch, ScalarType dtype, Device device, Tensor? context = null, Tensor? contextMask = null)
     {

@@ -158,10 +158,7 @@ public sealed partial class RoutingTransformerLM : nn.Module<Tensor, Tensor?, (T
     {
         using var scope = NewDisposeScope();
         var (hidden, aux) = Hidden(tokens, inputMask, context, contextMask);              // (B, T, Dim)
-        if (project_out is not null) hidden = project_out.forward(hidden);               // (B, T, EmbDim)
-        var logits = to_logits is not null
-            ? to_logits.forward(hidden)                                                  // (B, T, NumTokens)
-            : matmul(hidden, token_emb.weight!.t());                                     // (B, T, NumTokens)
+        var logits = ToLogits(hidden);                                                   // (B, T, NumTokens)
         return (logits.MoveToOuterDisposeScope(), aux.MoveToOuterDisposeScope());
     }
 
@@ -179,9 +176,7 @@ public sealed partial class RoutingTransformerLM : nn.Module<Tensor, Tensor?, (T
             Check.That(min >= 0 && max < config.NumTokens, nameof(tokens), $"token ids must be in [0, NumTokens = {config.NumTokens}), got [{min}, {max}].");
         }
         using var scope = NewDisposeScope();
-        var x = token_emb.forward(tokens);                                               // (B, T, EmbDim)
-        if (project_in is not null) x = project_in.forward(x);                           // (B, T, Dim)
-        var (hidden, aux) = transformer.Forward(x, inputMask, context, contextMask);     // (B, T, Dim)
+        var (hidden, aux) = transformer.Forward(Embed(tokens), inputMask, context, contextMask);   // (B, T, Dim)
         return (hidden.MoveToOuterDisposeScope(), aux.MoveToOuterDisposeScope());
     }
 

@@ -99,22 +99,12 @@ public sealed partial class TransformerBlock
             previous = rows.contiguous().DetachFromDisposeScope();
         }
 
-        /// <summary>Token shift of one token: the slices with shift 1 come from the previous token's input.</summary>
+        /// <summary>Token shift of one token: <see cref="TokenShift.Apply"/> on (previous, new), last position — the
+        /// slices with shift 1 come from the previous token's input.</summary>
         private Tensor Shift(ref Tensor? previous, Tensor x)
         {
             if (block.shifts is null) return x;
-            var shifts = block.shifts;
-            long slice = x.shape[2] / shifts.Length;
-            Tensor result = x;
-            if (slice > 0)
-            {
-                var parts = new List<Tensor>();
-                for (int i = 0; i < shifts.Length; i++)
-                    parts.Add((shifts[i] == 0 ? x : previous!).narrow(2, i * slice, slice));        // (B, 1, slice)
-                long rest = x.shape[2] - slice * shifts.Length;
-                if (rest > 0) parts.Add(x.narrow(2, slice * shifts.Length, rest));
-                result = cat(parts, 2);                                                        // (B, 1, dim)
-            }
+            var result = TokenShift.Apply(cat([previous!, x], 1), block.shifts).narrow(1, 1, 1);   // (B, 1, dim)
             previous!.copy_(x.detach());
             return result;
         }

@@ -7,6 +7,9 @@ namespace SparseAttention.Modules;
 
 public sealed partial class LshAttention
 {
+    /// <summary>Shared-QK keys: the queries normalised, k̂ = q/‖q‖ (B, H, T, D); the forward and the decoder use this one definition.</summary>
+    private static Tensor SharedKeys(Tensor q) => q / q.norm(-1, keepdim: true).clamp_min(1e-6);
+
     /// <summary>A decoder for causal LSH / ALSH heads (null when not causal: bidirectional chunks depend on the future).</summary>
     public HeadGroupDecoder? CreateDecoder(long batch, ScalarType dtype, Device device) =>
         causal ? new Decoder(this, batch, dtype, device) : null;
@@ -60,8 +63,6 @@ public sealed partial class LshAttention
             }
             return result.Output.MoveToOuterDisposeScope();
         }
-
-        private static Tensor SharedKeys(Tensor q) => q / q.norm(-1, keepdim: true).clamp_min(1e-6);   // as in forward
 
         private void AddKey(int unit, long bucket, int position)
         {

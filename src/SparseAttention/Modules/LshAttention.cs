@@ -213,7 +213,7 @@ public sealed partial class LshAttention : nn.Module<Tensor, Tensor?, Tensor, Te
         }
         else
         {
-            keys = q / q.norm(-1, keepdim: true).clamp_min(1e-6);                        // (B, H, T, D) shared QK: k̂ = q/‖q‖
+            keys = SharedKeys(q);                                                        // (B, H, T, D) shared QK: k̂ = q/‖q‖
             keyBuckets = queryBuckets = AngularLsh.Buckets(keys, hash);                   // (B, H, R, T)
         }
         var groups = LshGrouping.Build(queryBuckets, keyBuckets, keyMask, bucketSize, causal);
