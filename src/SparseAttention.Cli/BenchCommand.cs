@@ -502,7 +502,10 @@ internal sealed class BenchCommand
                 return;
             }
             var (q2, k2, v2) = (q.detach().requires_grad_(true), k.detach().requires_grad_(true), v.detach().requires_grad_(true));
-            (attention(q2, k2, v2) * upstream).sum().backward();
+            // The gradients come back as a model's q, k, v projections would receive them: no loss tensor to keep and no
+            // leaf-gradient accumulation (libtorch copies a custom function's gradients into .grad, as a .NET wrapper
+            // still references them), so the peak RSS is the kernel's: inputs, output, upstream and the three gradients.
+            autograd.grad([attention(q2, k2, v2)], [q2, k2, v2], [upstream]);
         }
         int warmUp = Timing.WarmUp(Once);
         ResetPeakRss();
@@ -575,11 +578,19 @@ internal sealed class BenchCommand
         return allowed.sum().to(ScalarType.Float64).item<double>();
     }
 
-    // Linux: writing 5 to clear_refs resets the peak RSS (VmHWM) so each figure gets its own peak.
+    // Linux: writing 5 to clear_refs resets the peak RSS (VmHWM) so each figure gets its own peak. Memory freed before
+    // (the .NET wrappers of earlier tensors, heap pages glibc kept after earlier rows) is given back first, so a figure
+    // is the measured code's peak on top of the process's base, not what earlier rows left behind.
     internal static void ResetPeakRss()
     {
+        GC.Collect();
+        GC.WaitForPendingFinalizers();
+        if (OperatingSystem.IsLinux()) MallocTrim(0);
         try { File.WriteAllText("/proc/self/clear_refs", "5"); } catch (IOException) { } catch (UnauthorizedAccessException) { }
     }
+
+    [System.Runtime.InteropServices.DllImport("libc", EntryPoint = "malloc_trim")]
+    private static extern int MallocTrim(nuint pad);
 
     internal static double PeakRssMb() => StatusMb("VmHWM:") ?? Process.GetCurrentProcess().PeakWorkingSet64 / 1048576.0;
 
