@@ -47,7 +47,7 @@ public partial class ModelTests
             var perturbed = tokens.clone();
             perturbed[.., (t + 1)..] = RoutingTokens(2, seqLen - t - 1, (ulong)(50 + t));
             var (changed, _) = model.forward(perturbed);
-            TestSupport.AssertClose(logits[.., ..(t + 1)], changed[.., ..(t + 1)], $"logits up to {t}", atol: 1e-5, rtol: 1e-5);
+            AssertSame(logits[.., ..(t + 1)], changed[.., ..(t + 1)], $"logits up to {t}");
         }
     }
 
@@ -82,6 +82,105 @@ public partial class ModelTests
         Assert.True(last < 0.3f * first, $"loss went from {first} to {last}");
         var meansAfter = model.modules().OfType<OnlineKMeans>().First().Means;
         Assert.True((meansAfter - meansBefore!).abs().max().item<float>() > 0, "centroids never moved");
+    }
+
+    /// <summary>Weight-tied layers share one k-means: layer 2 must route with the centroids the model forward began with,
+    /// not with centroids layer 1 just initialised (or, with UpdateOnForward, moved) from this batch's future tokens.</summary>
+    [Theory]
+    [InlineData(false)]
+    [InlineData(true)]
+    public void WeightTiedRoutingStaysCausalInTheForwardThatInitialisesOrMovesTheCentroids(bool updateOnForward)
+    {
+        var config = WithRouting() with { WeightTie = true, SparsitySkipFirst = 0 };
+        const int seqLen = 27;
+        var tokens = RoutingTokens(2, seqLen, 5);
+        RoutingTransformerLM Fresh()
+        {
+            var model = Lm(config, seed: 3);
+            Assert.Single(model.modules().OfType<OnlineKMeans>().Distinct());   // one k-means for every layer
+            foreach (var k in model.modules().OfType<OnlineKMeans>()) k.UpdateOnForward = updateOnForward;
+            model.train();
+            return model;
+        }
+        foreach (int t in new[] { 0, 6, 13, 25 })
+        {
+            var perturbed = tokens.clone();
+            perturbed[.., (t + 1)..] = RoutingTokens(2, seqLen - t - 1, (ulong)(50 + t));
+            var (a, b) = (Fresh(), Fresh());
+            // The initialising forward.
+            AssertSame(Logits(a, tokens)[.., ..(t + 1)], Logits(b, perturbed)[.., ..(t + 1)], $"initialising forward, logits up to {t}");
+            if (!updateOnForward) continue;
+            // Both now hold centroids initialised from their own batch: give them the same ones, then a forward that
+            // steps the EMA after layer 1 (before the fix) must still route layer 2 with the centroids it began with.
+            var shared = a.modules().OfType<OnlineKMeans>().First().Means;
+            foreach (var k in b.modules().OfType<OnlineKMeans>()) k.SetMeans(shared);
+            foreach (var k in a.modules().OfType<OnlineKMeans>()) k.SetMeans(shared);
+            AssertSame(Logits(a, tokens)[.., ..(t + 1)], Logits(b, perturbed)[.., ..(t + 1)], $"updating forward, logits up to {t}");
+        }
+    }
+
+    /// <summary>The PyTorch library's README loop — forward, backward, step, zero_grad, nothing else — moves the centroids;
+    /// AutoUpdate = false leaves that to the caller.</summary>
+    [Theory]
+    [InlineData(true)]
+    [InlineData(false)]
+    public void APlainTrainingLoopMovesTheCentroidsOncePerStep(bool autoUpdate)
+    {
+        var model = Lm(WithRouting(), seed: 17);
+        foreach (var k in model.modules().OfType<OnlineKMeans>()) k.AutoUpdate = autoUpdate;
+        var optimizer = optim.AdamW(model.parameters(), lr: 1e-3);
+        var kmeans = model.modules().OfType<OnlineKMeans>().First();
+        model.train();
+        var centroids = new List<Tensor>();
+        for (int step = 0; step < 4; step++)
+        {
+            var tokens = RoutingTokens(2, 24, (ulong)(30 + step));
+            var (logits, aux) = model.forward(tokens);
+            LanguageModelLoss.NextToken(logits, tokens, aux).backward();
+            optimizer.step();
+            optimizer.zero_grad();
+            centroids.Add(kmeans.Means);
+        }
+        Assert.True(kmeans.IsInitialized);
+        for (int step = 1; step < 4; step++)
+        {
+            bool moved = (centroids[step] - centroids[step - 1]).abs().max().item<float>() > 0;
+            Assert.True(moved == autoUpdate, $"step {step}: centroids {(moved ? "moved" : "stayed")} with AutoUpdate = {autoUpdate}");
+        }
+    }
+
+    /// <summary>Two micro-batches of gradient accumulation then one optimizer step: the automatic update is one EMA step over
+    /// both micro-batches, exactly what an explicit UpdateAll after the step gives.</summary>
+    [Fact]
+    public void AutomaticUpdatesUnderGradientAccumulationEqualOneExplicitUpdatePerStep()
+    {
+        var (automatic, manual) = (Lm(WithRouting(), seed: 21), Lm(WithRouting(), seed: 21));
+        foreach (var k in manual.modules().OfType<OnlineKMeans>()) k.AutoUpdate = false;
+        var batches = Enumerable.Range(0, 5).Select(i => RoutingTokens(2, 24, (ulong)(60 + i))).ToArray();
+        Tensor Run(RoutingTransformerLM model, bool explicitUpdates)
+        {
+            var optimizer = optim.AdamW(model.parameters(), lr: 1e-3);
+            model.train();
+            void Backward(Tensor tokens)
+            {
+                var (logits, aux) = model.forward(tokens);
+                LanguageModelLoss.NextToken(logits, tokens, aux).backward();
+            }
+            for (int step = 0; step < 2; step++)
+            {
+                optimizer.zero_grad();
+                Backward(batches[2 * step]);          // micro-batch 1
+                Backward(batches[2 * step + 1]);      // micro-batch 2
+                optimizer.step();
+                if (explicitUpdates) OnlineKMeans.UpdateAll(model);
+            }
+            optimizer.zero_grad();
+            return Logits(model, batches[4]);        // the automatic model applies its pending step here
+        }
+        var (a, m) = (Run(automatic, explicitUpdates: false), Run(manual, explicitUpdates: true));
+        AssertSame(m, a, "logits after two accumulated steps");
+        var pairs = automatic.modules().OfType<OnlineKMeans>().Zip(manual.modules().OfType<OnlineKMeans>());
+        foreach (var (x, y) in pairs) AssertSame(y.Means, x.Means, "centroids");
     }
 
     [Fact]
@@ -145,7 +244,7 @@ public partial class ModelTests
         {
             var perturbed = tokens.clone();
             perturbed[.., (t + 1)..] = RoutingTokens(2, seqLen - t - 1, (ulong)(60 + t));
-            TestSupport.AssertClose(logits[.., ..(t + 1)], model.forward(perturbed).Logits.detach()[.., ..(t + 1)], $"logits up to {t}", atol: 1e-5, rtol: 1e-5);
+            AssertSame(logits[.., ..(t + 1)], model.forward(perturbed).Logits.detach()[.., ..(t + 1)], $"logits up to {t}");
         }
         Assert.Equal("RoutingLookBack", Assert.ThrowsAny<ArgumentException>(() => (config with { Causal = false }).Validate()).ParamName);
         Assert.Equal("RoutingLookBack", Assert.ThrowsAny<ArgumentException>(() => (config with { NumMemKv = 2 }).Validate()).ParamName);

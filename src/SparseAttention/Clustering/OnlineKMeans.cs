@@ -50,8 +50,9 @@ public sealed record KMeansOutput(Tensor Normalized, Tensor Similarities, Tensor
 /// <c>means ← normalise(decay·means + (1 − decay)·batch_mean)</c> from everything accumulated since the previous
 /// update and clears the statistics; clusters that received no vector keep their mean. So k micro-batches of
 /// gradient accumulation followed by one <see cref="Update"/> equal one step on their union, and every micro-batch
-/// of an optimizer step routes with the same centroids. Call <see cref="Update"/> (or <see cref="UpdateAll"/>) once
-/// after each optimizer step. <see cref="UpdateOnForward"/> (default <c>false</c>) restores the PyTorch library's
+/// of an optimizer step routes with the same centroids. Inside a model (<see cref="BeginModelForward"/>) that step is
+/// taken automatically at the first training forward after the gradients were reset (<see cref="AutoUpdate"/>); a bare
+/// module needs <see cref="Update"/> (or <see cref="UpdateAll"/>) once after each optimizer step. <see cref="UpdateOnForward"/> (default <c>false</c>) restores the PyTorch library's
 /// behaviour of one EMA step per training forward; it is off by default because that behaviour takes several steps
 /// per optimizer step under gradient accumulation and would step again during a reversible recompute.</para>
 /// <para><b>Eval mode</b> never initialises or accumulates. <see cref="SuspendUpdates()"/> gives the same guarantee in
@@ -73,6 +74,9 @@ public sealed class OnlineKMeans : nn.Module<Tensor, Tensor?, KMeansOutput>
     private readonly KMeansNorm norm;
     private const long InitSamplesPerCluster = 32, InitMinSamples = 4096;   // Lloyd iterations at initialisation see at most max(32·C, 4096) tokens
     private int suspendDepth;
+    private int modelForwardDepth;   // > 0 inside BeginModelForward: initialisation and UpdateOnForward steps wait for its end
+    private Tensor? initialMeans;    // (H, C, D) computed by an initialising forward inside a model forward, applied at its end
+    private bool backwardSeen;       // a backward ran through a model output since the last automatic update
 
     /// <param name="heads">Number of heads H; each head has its own centroids.</param>
     /// <param name="dim">Feature size D of the clustered vectors.</param>
@@ -119,6 +123,12 @@ public sealed class OnlineKMeans : nn.Module<Tensor, Tensor?, KMeansOutput>
     /// once per optimizer step (see the class remarks for why).</summary>
     public bool UpdateOnForward { get; set; }
 
+    /// <summary>Inside a model (<see cref="BeginModelForward"/>): apply pending statistics at the start of the first training
+    /// forward after the model's gradients were reset (an optimizer step's <c>zero_grad</c>), so a plain training loop
+    /// moves the centroids once per optimizer step without calling <see cref="Update"/>. Default true; set false when
+    /// you drive <see cref="Update"/> yourself (an explicit call simply leaves nothing pending for this to apply).</summary>
+    public bool AutoUpdate { get; set; } = true;
+
     /// <summary>Use <see cref="FusedKMeansAssign"/> for float32 CPU forwards without similarities (default); false
     /// forces the tensor-ops path (the oracle of the fused one in tests).</summary>
     internal bool UseFusedAssign { get; set; } = true;
@@ -155,6 +165,8 @@ public sealed class OnlineKMeans : nn.Module<Tensor, Tensor?, KMeansOutput>
             means.copy_(Normalize(newMeans.detach().to(ScalarType.Float64)).to(means.dtype, means.device));
             initted.fill_(true);
         }
+        initialMeans?.Dispose();
+        initialMeans = null;
         DiscardPendingStatistics();
     }
 
@@ -333,31 +345,46 @@ public sealed class OnlineKMeans : nn.Module<Tensor, Tensor?, KMeansOutput>
             if (!IsInitialized)
             {
                 var real = realParts();
-                var all = count == 1 ? real[0].detach() : cat(real.Select(t => t.detach()).ToArray(), 2);     // (B, H, ΣT_p, D)
-                var allMask = masks.All(m => m is null) ? null : count == 1 ? masks[0]
-                    : cat(masks.Select((m, p) => m ?? ones(batch, parts[p].shape[2], dtype: ScalarType.Bool, device: x0.device)).ToArray(), 1);
-                if (Initialize(all, allMask))
+                if (initialMeans is null)
                 {
-                    var fresh = means.to(x0.dtype, x0.device);                // (H, C, D)
-                    Tensor? freshSums = null, freshCounts = null;
-                    for (int p = 0; p < count; p++)
-                    {
-                        var assignment = NearestInChunks(real[p].detach(), fresh);   // (B, H, T_p)
-                        if (masks[p] is Tensor m) assignment = assignment.masked_fill(m.logical_not().view(batch, 1, parts[p].shape[2]), -1);
-                        var (ps, pc) = ClusterSums(real[p].detach(), assignment);
-                        freshSums = freshSums is null ? ps : freshSums + ps;
-                        freshCounts = freshCounts is null ? pc : freshCounts + pc;
-                    }
-                    Accumulate(freshSums!, freshCounts!);
-                    if (UpdateOnForward) Update();
+                    var all = count == 1 ? real[0].detach() : cat(real.Select(t => t.detach()).ToArray(), 2);     // (B, H, ΣT_p, D)
+                    var allMask = masks.All(m => m is null) ? null : count == 1 ? masks[0]
+                        : cat(masks.Select((m, p) => m ?? ones(batch, parts[p].shape[2], dtype: ScalarType.Bool, device: x0.device)).ToArray(), 1);
+                    initialMeans = Initialize(all, allMask)?.DetachFromDisposeScope();
+                    if (initialMeans is null) return;                            // no real token: stay uninitialised
                 }
+                // This batch's statistics, assigned to the centroids it initialised (not to the random ones it routed with).
+                var fresh = initialMeans.to(x0.dtype, x0.device);               // (H, C, D)
+                Tensor? freshSums = null, freshCounts = null;
+                for (int p = 0; p < count; p++)
+                {
+                    var assignment = NearestInChunks(real[p].detach(), fresh);   // (B, H, T_p)
+                    if (masks[p] is Tensor m) assignment = assignment.masked_fill(m.logical_not().view(batch, 1, parts[p].shape[2]), -1);
+                    var (ps, pc) = ClusterSums(real[p].detach(), assignment);
+                    freshSums = freshSums is null ? ps : freshSums + ps;
+                    freshCounts = freshCounts is null ? pc : freshCounts + pc;
+                }
+                Accumulate(freshSums!, freshCounts!);
             }
-            else
-            {
-                Accumulate(sums.detach(), counts);
-                if (UpdateOnForward) Update();
-            }
+            else Accumulate(sums.detach(), counts);
+            if (modelForwardDepth == 0) ApplyDeferred();
         }
+    }
+
+    /// <summary>Writes centroids an initialising forward computed, then (with <see cref="UpdateOnForward"/>) the EMA step.</summary>
+    private void ApplyDeferred()
+    {
+        if (initialMeans is not null)
+        {
+            using (no_grad())
+            {
+                means.copy_(initialMeans.to(means.dtype, means.device));
+                initted.fill_(true);
+            }
+            initialMeans.Dispose();
+            initialMeans = null;
+        }
+        if (UpdateOnForward) Update();
     }
 
     /// <summary>
@@ -467,6 +494,91 @@ public sealed class OnlineKMeans : nn.Module<Tensor, Tensor?, KMeansOutput>
         return FindAll(root).Count(k => k.Update());
     }
 
+    /// <summary>
+    /// Marks one forward of a model that may call the same <see cref="OnlineKMeans"/> several times (weight-tied layers):
+    /// until the returned scope is disposed, an initialisation or <see cref="UpdateOnForward"/> step that a call triggers
+    /// waits, so every call of this model forward routes with the centroids the forward began with — a causal model stays
+    /// causal even when layer 1's batch (future tokens included) would otherwise initialise the centroids layer 2 routes
+    /// with. In training mode it first takes the <see cref="AutoUpdate"/> step: pending statistics are applied when a
+    /// backward has run through an earlier forward's output (<see cref="ModelForward.Watch"/>) and the model's gradients
+    /// have been reset since (its smallest trainable parameter's gradient is null or zero) — so micro-batches of gradient
+    /// accumulation, which run between two resets, are applied together as one step, and forwards without a backward
+    /// (inference in training mode) never move the centroids.
+    /// </summary>
+    /// <param name="root">The model; every <see cref="OnlineKMeans"/> in it takes part.</param>
+    public static ModelForward BeginModelForward(nn.Module root)
+    {
+        ArgumentNullException.ThrowIfNull(root);
+        if (!root.training) return new ModelForward([]);                                  // eval never initialises or accumulates
+        var all = FindAll(root).Where(k => k.training).ToList();
+        if (all.Count == 0) return new ModelForward([]);
+        bool outermost = all.All(k => k.modelForwardDepth == 0 && k.suspendDepth == 0);
+        var due = all.Where(k => k.AutoUpdate && !k.UpdateOnForward && k.backwardSeen && k.HasPendingStatistics).ToList();
+        if (outermost && due.Count > 0 && GradientsReset(root))
+            foreach (var k in due)
+            {
+                k.Update();
+                k.backwardSeen = false;
+            }
+        foreach (var k in all) k.modelForwardDepth++;
+        return new ModelForward(all);
+    }
+
+    /// <summary>One model forward (<see cref="BeginModelForward"/>); disposing it applies what the forward deferred.</summary>
+    public sealed class ModelForward : IDisposable
+    {
+        private readonly List<OnlineKMeans> members;
+        private bool disposed;
+
+        internal ModelForward(List<OnlineKMeans> members) => this.members = members;
+
+        /// <summary>Returns <paramref name="output"/> unchanged, recording in the k-means modules when a backward passes
+        /// through it (what <see cref="AutoUpdate"/> waits for). Identity outside training or without gradients.</summary>
+        /// <param name="output">The model's output (any shape).</param>
+        public Tensor Watch(Tensor output)
+        {
+            if (members.Count == 0 || !is_grad_enabled() || !output.requires_grad) return output;
+            return BackwardMarker.apply(output, members);
+        }
+
+        public void Dispose()
+        {
+            if (disposed) return;
+            disposed = true;
+            foreach (var k in members)
+                if (--k.modelForwardDepth == 0 && k.suspendDepth == 0)
+                    using (no_grad()) k.ApplyDeferred();
+        }
+    }
+
+    /// <summary>Identity whose backward tells the k-means modules that a backward ran.</summary>
+    private sealed class BackwardMarker : autograd.SingleTensorFunction<BackwardMarker>
+    {
+        public override string Name => "KMeansBackwardMarker";
+
+        public override Tensor forward(autograd.AutogradContext ctx, params object[] vars)
+        {
+            ctx.save_data("members", vars[1]);
+            return ((Tensor)vars[0]).alias();
+        }
+
+        public override List<Tensor> backward(autograd.AutogradContext ctx, Tensor gradOutput)
+        {
+            foreach (var k in (List<OnlineKMeans>)ctx.get_data("members")) k.backwardSeen = true;
+            return [gradOutput, null!];
+        }
+    }
+
+    /// <summary>Whether the smallest trainable parameter of <paramref name="root"/> has no gradient or a zero one
+    /// (after <c>zero_grad</c>); a model without trainable parameters counts as reset.</summary>
+    private static bool GradientsReset(nn.Module root)
+    {
+        var witness = root.parameters().Where(p => p.requires_grad).MinBy(p => p.numel());
+        if (witness?.grad is not Tensor grad) return true;
+        using var scope = NewDisposeScope();
+        return grad.count_nonzero().item<long>() == 0;
+    }
+
     /// <summary>Every <see cref="OnlineKMeans"/> in <paramref name="root"/> (itself included), in module order.</summary>
     internal static IReadOnlyList<OnlineKMeans> All(nn.Module root) => FindAll(root).ToList();
 
@@ -500,8 +612,9 @@ public sealed class OnlineKMeans : nn.Module<Tensor, Tensor?, KMeansOutput>
     }
 
     /// <summary>Initial centroids from random real tokens refined by Lloyd iterations. <paramref name="real"/> is
-    /// (B, H, T, D) normalised with padding zeroed; returns false (and stays uninitialised) without real tokens.</summary>
-    private bool Initialize(Tensor real, Tensor? keyMask)
+    /// (B, H, T, D) normalised with padding zeroed. Returns the centroids (H, C, D) in the buffer's dtype and device, or null
+    /// without real tokens; the buffer itself is not touched (see <see cref="ApplyDeferred"/>).</summary>
+    private Tensor? Initialize(Tensor real, Tensor? keyMask)
     {
         using var scope = NewDisposeScope();
         long batch = real.shape[0], seqLen = real.shape[2];
@@ -510,7 +623,7 @@ public sealed class OnlineKMeans : nn.Module<Tensor, Tensor?, KMeansOutput>
             ? arange(batch * seqLen, dtype: ScalarType.Int64)
             : keyMask.reshape(-1).cpu().nonzero().view(-1);                       // (N)
         long n = realRows.shape[0];
-        if (n == 0) return false;
+        if (n == 0) return null;
         long sample = Math.Max(InitSamplesPerCluster * (long)clusters, InitMinSamples);
         if (n > sample)
         {
@@ -524,9 +637,7 @@ public sealed class OnlineKMeans : nn.Module<Tensor, Tensor?, KMeansOutput>
         var points = flat.index_select(1, realRows.to(real.device));               // (H, N, D)
         var current = points.index_select(1, pick.to(real.device));               // (H, C, D)
         for (int i = 0; i < initIterations; i++) current = LloydStep(points, current);
-        means.copy_(current.to(means.dtype, means.device));
-        initted.fill_(true);
-        return true;
+        return current.to(means.dtype, means.device).MoveToOuterDisposeScope();
     }
 
     /// <summary>One Lloyd iteration: points (H, N, D), centroids (H, C, D) → (H, C, D), empty clusters unchanged.</summary>

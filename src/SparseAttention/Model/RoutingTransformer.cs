@@ -1,3 +1,4 @@
+using SparseAttention.Clustering;
 using TorchSharp;
 using TorchSharp.Modules;
 using static TorchSharp.torch;
@@ -76,12 +77,15 @@ public sealed partial class RoutingTransformer : nn.Module<Tensor, Tensor?, (Ten
         Check.That(!config.ReceivesContext || context is not null, nameof(context), "this model receives context (ReceivesContext = true); pass the context sequence.");
 
         using var scope = NewDisposeScope();
+        // Every layer of this forward routes with the centroids it began with (weight-tied layers share one k-means),
+        // and statistics of the previous optimizer step are applied first (OnlineKMeans.AutoUpdate).
+        using var kmeansForward = OnlineKMeans.BeginModelForward(this);
         if (config.Reversible && ReversibleRecompute && is_grad_enabled())
         {
             var plan = new ReversibleStack.Plan(Blocks, schedule, config.LayerDropout, training, inputMask, contextMask, 0);
             var trainable = layers.parameters().Where(p => p.requires_grad).Cast<Tensor>().ToList();
             var (y1, y2, loss) = ReversibleStack.Run(plan, x, context, trainable);                // (B, T, Dim) each
-            return (norm.forward((y1 + y2) / 2).MoveToOuterDisposeScope(), loss.MoveToOuterDisposeScope());
+            return (kmeansForward.Watch(norm.forward((y1 + y2) / 2)).MoveToOuterDisposeScope(), loss.MoveToOuterDisposeScope());
         }
         var aux = zeros(Array.Empty<long>(), dtype: x.dtype, device: x.device);
         Tensor x1 = x, x2 = x;                                                          // reversible halves, each (B, T, Dim)
@@ -105,7 +109,7 @@ public sealed partial class RoutingTransformer : nn.Module<Tensor, Tensor?, (Ten
             }
         }
         var output = config.Reversible ? (x1 + x2) / 2 : x1;                             // (B, T, Dim)
-        return (norm.forward(output).MoveToOuterDisposeScope(), aux.MoveToOuterDisposeScope());
+        return (kmeansForward.Watch(norm.forward(output)).MoveToOuterDisposeScope(), aux.MoveToOuterDisposeScope());
     }
 }
 
