@@ -183,6 +183,32 @@ public partial class ModelTests
         foreach (var (x, y) in pairs) AssertSame(y.Means, x.Means, "centroids");
     }
 
+    /// <summary>Causal routing with separate query and key clusters can leave a query without any earlier key in its cluster's
+    /// chunk (output exactly zero); by default such models get one memory key/value per cluster, so every query attends.</summary>
+    [Fact]
+    public void CausalRoutingWithoutSharedQkGivesEveryQuerySomethingToAttendByDefault()
+    {
+        var separate = WithRouting(sharedQk: false) with { NumMemKv = null };
+        Assert.Equal(1, separate.ResolvedNumMemKv);
+        Assert.Equal(0, (separate with { NumMemKv = 0 }).ResolvedNumMemKv);                  // an explicit choice is kept
+        Assert.Equal(0, WithRouting(sharedQk: true).ResolvedNumMemKv);
+        Assert.Equal(0, (separate with { RoutingLookBack = true }).Validate().ResolvedNumMemKv);
+        Assert.Equal(0, (separate with { Causal = false }).ResolvedNumMemKv);
+        Assert.Equal(1, Lm(separate).modules().OfType<Modules.RoutingAttention>().First().NumMemKv);
+
+        int EmptyRows(int memKv)
+        {
+            var routing = new Modules.RoutingAttention(2, 4, 32, 4, causal: true, sharedQk: false, numMemKv: memKv, seed: 5);
+            routing.eval();
+            var gen = new Generator(9);
+            Tensor Random() => randn(new long[] { 2, 2, 32, 4 }, generator: gen);
+            var output = routing.forward(Random(), Random(), Random() + 3, null).Output;          // values away from 0
+            return (int)output.abs().sum(-1).eq(0).sum().item<long>();
+        }
+        Assert.True(EmptyRows(memKv: 0) > 0, "the case exists: some query has no key to attend");
+        Assert.Equal(0, EmptyRows(memKv: 1));
+    }
+
     [Fact]
     public void GenerateWithRoutingHeadsFromOneTokenBeforeTraining()
     {

@@ -153,7 +153,7 @@ public sealed partial class RoutingHeadGroup : HeadGroupAttention
     public RoutingHeadGroup(TransformerConfig config, int heads, int layer, string name = "routing_group") : base(name, heads)
     {
         routing = new RoutingAttention(heads, config.ResolvedDimHead, config.MaxSeqLen, config.WindowSize, config.Causal,
-            config.ResolvedSharedQk, config.NumMemKv, config.KmeansEmaDecay, config.CommitmentFactor, config.KmeansNorm, seed: layer,
+            config.ResolvedSharedQk, config.ResolvedNumMemKv, config.KmeansEmaDecay, config.CommitmentFactor, config.KmeansNorm, seed: layer,
             lookBackward: config.RoutingLookBack)
         { Kernel = config.Kernel };
         dropout = config.AttnDropout;

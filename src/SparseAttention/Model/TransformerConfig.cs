@@ -138,8 +138,11 @@ public sealed record TransformerConfig
     [JsonPropertyName("shift_tokens")] public bool ShiftTokens { get; init; }
 
     // ---- routing (k-means) ---------------------------------------------------------------------
-    /// <summary>0 — used by routing heads: learned memory key/value pairs per cluster.</summary>
-    [JsonPropertyName("num_mem_kv")] public int NumMemKv { get; init; }
+    /// <summary>null — used by routing heads: learned memory key/value pairs per cluster. null = 1 for causal routing without
+    /// shared QK and without look-back (there a query's cluster chunk may hold no earlier key, and one memory pair gives
+    /// every query something to attend, as the PyTorch library forces), else 0. An explicit 0 keeps such queries' outputs
+    /// at zero.</summary>
+    [JsonPropertyName("num_mem_kv")] public int? NumMemKv { get; init; }
     /// <summary>null — used by routing heads: share query and key projections; null = Causal (the PyTorch default).</summary>
     [JsonPropertyName("shared_qk")] public bool? SharedQk { get; init; }
     /// <summary>0.999 — used by routing heads: EMA decay of the k-means centroids, in [0, 1).</summary>
@@ -196,6 +199,9 @@ public sealed record TransformerConfig
     [JsonIgnore] public int ResolvedEmbDim => EmbDim ?? Dim;
     /// <summary>SharedQk, or Causal when unset.</summary>
     [JsonIgnore] public bool ResolvedSharedQk => SharedQk ?? Causal;
+
+    /// <summary>NumMemKv, or its default when unset (see <see cref="NumMemKv"/>).</summary>
+    [JsonIgnore] public int ResolvedNumMemKv => NumMemKv ?? (Causal && !ResolvedSharedQk && !RoutingLookBack ? 1 : 0);
     /// <summary>ContextDim, or Dim when unset.</summary>
     [JsonIgnore] public int ResolvedContextDim => ContextDim ?? Dim;
     /// <summary>ContextWindowSize, or WindowSize when unset.</summary>
@@ -302,11 +308,11 @@ public sealed record TransformerConfig
                     $"shares one layer across depth, so every layer needs the same head groups; layer {l} has {Signature(l)}, layer 0 has {first} (see NLocalAttnHeads, SparsitySkipFirst, Interleaved static groups).");
         }
 
-        Check.NonNegative(NumMemKv, nameof(NumMemKv));
+        Check.NonNegative(ResolvedNumMemKv, nameof(NumMemKv));
         Check.That(KmeansEmaDecay >= 0 && KmeansEmaDecay < 1, nameof(KmeansEmaDecay), $"must be in [0, 1), got {KmeansEmaDecay}.");
         Check.That(Enum.IsDefined(KmeansNorm), nameof(KmeansNorm), $"unknown value {KmeansNorm}.");
         Check.That(!RoutingLookBack || Causal, nameof(RoutingLookBack), "looks back along causal routing chunks; it needs Causal = true.");
-        Check.That(!RoutingLookBack || NumMemKv == 0, nameof(RoutingLookBack), $"cannot be combined with memory key/values (NumMemKv = {NumMemKv}).");
+        Check.That(!RoutingLookBack || ResolvedNumMemKv == 0, nameof(RoutingLookBack), $"cannot be combined with memory key/values (NumMemKv = {NumMemKv}).");
         Check.That(CommitmentFactor >= 0 && double.IsFinite(CommitmentFactor), nameof(CommitmentFactor), $"must be finite and >= 0, got {CommitmentFactor}.");
 
         Check.That(Enum.IsDefined(PositionalEncoding), nameof(PositionalEncoding), $"unknown value {PositionalEncoding}.");
