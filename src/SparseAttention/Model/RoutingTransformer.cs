@@ -82,6 +82,12 @@ public sealed partial class RoutingTransformer : nn.Module<Tensor, Tensor?, (Ten
         using var kmeansForward = OnlineKMeans.BeginModelForward(this);
         if (config.Reversible && ReversibleRecompute && is_grad_enabled())
         {
+            // The recompute replays dropout by restoring the CPU generator; TorchSharp 0.107 exposes no CUDA generator
+            // state, so on another device the replayed masks would differ and the gradients would be wrong.
+            if (training && x.device.type != DeviceType.CPU && config.AttnDropout + config.AttnLayerDropout + config.FfDropout > 0)
+                throw new NotSupportedException($"Reversible layers with dropout train on the CPU only (input on {x.device}): the "
+                    + "backward replays dropout masks from the CPU generator's state, and TorchSharp exposes no CUDA generator state. "
+                    + "Set attn_dropout, attn_layer_dropout and ff_dropout to 0, or reversible = false.");
             var plan = new ReversibleStack.Plan(Blocks, schedule, config.LayerDropout, training, inputMask, contextMask, 0);
             var trainable = layers.parameters().Where(p => p.requires_grad).Cast<Tensor>().ToList();
             var (y1, y2, loss) = ReversibleStack.Run(plan, x, context, trainable);                // (B, T, Dim) each
