@@ -128,6 +128,12 @@ if check "build the app against SparseAttention $version from the local feed" \
     expect "app: all checks passed" "^PACKAGE-SMOKE-OK$"
   fi
 fi
+# What users deploy: a framework-dependent publish for this platform gets its copy patched too.
+if check "publish the app for $rid" \
+     dotnet publish "$app" -c Release -r "$rid" --self-contained false -o "$work/app-pub" -p:SparseAttentionVersion="$version"; then
+  expect "the package's publish target patched the published libLibTorchSharp.so" "Marked GLIBCXX_3.4.32 weak in .*app-pub.*libLibTorchSharp\.so"
+  check "run the published app" dotnet "$work/app-pub/SparseAttention.PackageConsumer.dll" && expect "published app: all checks passed" "^PACKAGE-SMOKE-OK$"
+fi
 if [ -d "$work/packages/sparseattention/$version" ]; then ok "SparseAttention $version restored from the local feed into the private packages folder"
 else not_ok "SparseAttention $version not found in the private packages folder"; fi
 echo "# private packages folder: $(ls "$work/packages" | tr '\n' ' ')"
