@@ -32,30 +32,35 @@ internal static class ConfigCommand
         return new Command("config", "Show model configurations: a preset with overrides (show), the shipped presets (list).") { show, list };
     }
 
-    /// <summary>Preset <paramref name="preset"/> (name or JSON file) with the <c>key=value</c> overrides applied, validated.
-    /// Errors name the option (<c>--preset</c>, <c>--set</c>) or the configuration key.</summary>
-    internal static TransformerConfig Effective(string preset, IReadOnlyList<string> assignments)
+    /// <summary>Preset <paramref name="preset"/> (name or JSON file) with the <c>key=value</c> overrides applied, validated —
+    /// what <c>train</c>, <c>bench --generate</c> and <c>config show</c> run. Errors name the option (<c>--preset</c>,
+    /// <c>--set</c>, or a command option in <paramref name="optionOf"/>) or the configuration key.</summary>
+    /// <param name="optionOf">Configuration properties a command sets from its own options (e.g. MaxSeqLen ← --seq-len),
+    /// so an error blames the option the user gave.</param>
+    internal static TransformerConfig Effective(string preset, IReadOnlyList<string> assignments,
+        IReadOnlyDictionary<string, string>? optionOf = null)
     {
         var config = Presets.Load(preset);
-        try
-        {
-            config = ConfigBinding.Apply(config, assignments, "set");
-        }
-        catch (ArgumentException e)
-        {
-            throw new CliUsageException("--" + e.Message.Replace($" (Parameter '{e.ParamName}')", ""));
-        }
-        try
-        {
-            return config.Validate();
-        }
-        catch (ArgumentException e) when (e.ParamName is not null)
-        {
-            // As train words it: "configuration: heads: Dim (7) must be divisible by Heads (4) ...".
-            string message = e.Message.Replace($" (Parameter '{e.ParamName}')", "");
-            if (message.StartsWith(e.ParamName + ": ", StringComparison.Ordinal)) message = message[(e.ParamName.Length + 2)..];
-            throw new CliUsageException($"configuration: {ConfigBinding.KeyOf(e.ParamName)}: {message}");
-        }
+        try { config = ConfigBinding.Apply(config, assignments, "set"); }
+        catch (ArgumentException e) { throw new CliUsageException("--" + Plain(e)); }
+        try { return config.Validate(); }
+        catch (ArgumentException e) { throw new CliUsageException(DescribeConfigError(e, optionOf)); }
+    }
+
+    /// <summary>The message without .NET's "(Parameter 'x')" suffix.</summary>
+    internal static string Plain(ArgumentException e) =>
+        e.ParamName is null ? e.Message : e.Message.Replace($" (Parameter '{e.ParamName}')", "");
+
+    /// <summary>"configuration: max_seq_len: must be ..." for a configuration key, "--seq-len: must be ..." for a property
+    /// that <paramref name="optionOf"/> maps to a command option.</summary>
+    internal static string DescribeConfigError(ArgumentException e, IReadOnlyDictionary<string, string>? optionOf = null)
+    {
+        string message = Plain(e);
+        if (e.ParamName is null) return $"configuration: {message}";
+        if (message.StartsWith(e.ParamName + ": ", StringComparison.Ordinal)) message = message[(e.ParamName.Length + 2)..];
+        else if (message.StartsWith(e.ParamName + " ", StringComparison.Ordinal)) message = message[(e.ParamName.Length + 1)..];
+        if (optionOf is not null && optionOf.TryGetValue(e.ParamName, out var option)) return $"{option}: {message}";
+        return $"configuration: {ConfigBinding.KeyOf(e.ParamName)}: {message}";
     }
 
     /// <summary>The attention heads of every layer in words, e.g. "2 local + 2 routing heads"; layers that differ

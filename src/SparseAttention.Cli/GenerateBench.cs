@@ -39,9 +39,7 @@ internal sealed class GenerateBench
     public int Execute(ParseResult parse, string? jsonPath)
     {
         var stdout = parse.InvocationConfiguration.Output;
-        var config = Presets.Load(parse.GetValue(presetOption)!);
-        try { config = ConfigBinding.Apply(config, parse.GetValue(setOption) ?? [], "set").Validate(); }
-        catch (ArgumentException e) { throw new CliUsageException($"--set: {e.Message}"); }
+        var config = ConfigCommand.Effective(parse.GetValue(presetOption)!, parse.GetValue(setOption) ?? []);
         if (!config.Causal) throw new CliUsageException($"--preset: generation needs a causal model; {parse.GetValue(presetOption)} has causal = false.");
         int tokens = parse.GetValue(tokensOption), uncachedTokens = parse.GetValue(uncachedTokensOption), rssTokens = parse.GetValue(rssTokensOption);
         if (tokens < 1 || tokens > 100_000) throw new CliUsageException($"--tokens must be in [1, 100000], got {tokens}.");

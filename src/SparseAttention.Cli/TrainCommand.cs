@@ -185,30 +185,10 @@ internal sealed class TrainCommand
         return lines.Length - kept.Length;
     }
 
-    private TransformerConfig BuildConfig(ParseResult parse)
-    {
-        var config = Presets.Load(parse.GetValue(presetOption)!);
-        try { config = ConfigBinding.Apply(config, parse.GetValue(setOption) ?? [], "set"); }
-        catch (ArgumentException e) { throw new CliUsageException("--" + Plain(e)); }
-        try { config.Validate(); }
-        catch (ArgumentException e) { throw new CliUsageException(DescribeConfigError(e)); }
-        return config;
-    }
+    private TransformerConfig BuildConfig(ParseResult parse) =>
+        ConfigCommand.Effective(parse.GetValue(presetOption)!, parse.GetValue(setOption) ?? [], OptionOf);
 
-    /// <summary>The message without .NET's "(Parameter 'x')" suffix.</summary>
-    private static string Plain(ArgumentException e) =>
-        e.ParamName is null ? e.Message : e.Message.Replace($" (Parameter '{e.ParamName}')", "");
-
-    /// <summary>"configuration: max_seq_len: must be ..." for a config field, "--seq-len: must be ..." for a training option.</summary>
-    private static string DescribeConfigError(ArgumentException e)
-    {
-        string message = Plain(e);
-        if (e.ParamName is null) return $"configuration: {message}";
-        if (message.StartsWith(e.ParamName + ": ", StringComparison.Ordinal)) message = message[(e.ParamName.Length + 2)..];
-        else if (message.StartsWith(e.ParamName + " ", StringComparison.Ordinal)) message = message[(e.ParamName.Length + 1)..];
-        if (OptionOf.TryGetValue(e.ParamName, out var option)) return $"{option}: {message}";
-        return $"configuration: {ConfigBinding.KeyOf(e.ParamName)}: {message}";
-    }
+    private static string DescribeConfigError(ArgumentException e) => ConfigCommand.DescribeConfigError(e, OptionOf);
 
     /// <summary>The run's hyperparameters: <paramref name="stored"/> (resume) with explicitly given options applied, or defaults and options.</summary>
     private TrainingOptions BuildOptions(ParseResult parse, TransformerConfig config, int? maxSteps, TrainingOptions? stored)
@@ -259,7 +239,7 @@ internal sealed class TrainCommand
     {
         string data = parse.GetValue(dataOption)!;
         try { return ByteCorpus.Load(data, options.ValFraction, options.SeqLen); }
-        catch (ArgumentException e) { throw new CliUsageException("--" + Plain(e)); }
+        catch (ArgumentException e) { throw new CliUsageException("--" + ConfigCommand.Plain(e)); }
     }
 
     private sealed record LogLine(
