@@ -43,7 +43,10 @@ public class ReadmeExamplesTests
         var loss = LanguageModelLoss.NextToken(logits, tokens, aux);
         loss.backward();
         optimizer.step();
-        Assert.True(OnlineKMeans.UpdateAll(model) > 0);
+        optimizer.zero_grad();
+        var centroids = model.modules().OfType<OnlineKMeans>().First().Means;
+        model.forward(tokens);                                                           // the next step begins: centroids move
+        Assert.True((model.modules().OfType<OnlineKMeans>().First().Means - centroids).abs().max().item<float>() > 0);
         var sample = model.Generate(tokens[.., ..1], maxNewTokens: 10, temperature: 1.0, topP: 0.9, seed: 1);
         Assert.Equal(new long[] { 1, 10 }, sample.shape);
     }
