@@ -291,14 +291,15 @@ internal sealed class BenchCommand
         double hugePagesMb = Math.Round(hugePagesBytes / 1048576.0, 1);
         // Which MKL kernels the GEMM rows (ours and dense attention's) ran on: see MklDispatch.
         string mklDispatch = MklDispatch.Status?.ToString() ?? "not requested";
-        stderr.WriteLine($"bench: {TorchAllocator.HugePagesVariable}={hugePages}; AnonHugePages up to {hugePagesMb:F0} MB; MKL dispatch by CPU features: {mklDispatch}");
+        string waitPolicy = TorchAllocator.NativeVariable(TorchThreads.WaitPolicyVariable) ?? "unset";
+        stderr.WriteLine($"bench: {TorchAllocator.HugePagesVariable}={hugePages}; AnonHugePages up to {hugePagesMb:F0} MB; MKL dispatch by CPU features: {mklDispatch}; {TorchThreads.WaitPolicyVariable}={waitPolicy}");
         if (parse.GetValue(jsonOption) is string jsonPath)
         {
             var document = new Dictionary<string, object?>
             {
                 ["threads"] = threads, ["gemm_gflops"] = Math.Round(gemm, 2), ["bf16_gemm_gflops"] = Math.Round(bf16, 2),
                 ["fma_peak_gflops"] = Math.Round(peak, 2), ["fma_vector_bits"] = vectorBits,
-                ["thp_mem_alloc_enable"] = hugePages, ["anon_huge_pages_mb"] = hugePagesMb, ["mkl_dispatch_by_features"] = mklDispatch,
+                ["thp_mem_alloc_enable"] = hugePages, ["anon_huge_pages_mb"] = hugePagesMb, ["mkl_dispatch_by_features"] = mklDispatch, ["omp_wait_policy"] = waitPolicy,
                 ["results"] = results,
             };
             if (model) document["model_results"] = modelResults;

@@ -29,14 +29,18 @@ public static partial class TorchAllocator
     public static bool EnableTransparentHugePages()
     {
         if (!OperatingSystem.IsLinux()) return false;
-        string? current = NativeVariable(HugePagesVariable);
-        if (current is null)
-        {
-            if (SetEnv(HugePagesVariable, "1", overwrite: 0) != 0) return false;
-            Environment.SetEnvironmentVariable(HugePagesVariable, "1");
-            current = "1";
-        }
-        return current == "1";
+        return SetNativeDefault(HugePagesVariable, "1") == "1";
+    }
+
+    /// <summary>Sets <paramref name="name"/> to <paramref name="value"/> in the C environment (and .NET's, for child
+    /// processes) unless it is set already; returns the value in force afterwards, or null where setting failed.</summary>
+    internal static string? SetNativeDefault(string name, string value)
+    {
+        string? current = NativeVariable(name);
+        if (current is not null) return current;                  // the user's choice is kept
+        if (SetEnv(name, value, overwrite: 0) != 0) return null;
+        Environment.SetEnvironmentVariable(name, value);
+        return value;
     }
 
     /// <summary>The value of <paramref name="name"/> in the process's C environment (what native code sees), or null.</summary>

@@ -52,6 +52,15 @@ public sealed class TorchAllocatorTests
         }
     }
 
+    [Fact]
+    public void TheCliMakesIdleOpenMpWorkersSleepUnlessTheUserChoseOtherwise()
+    {
+        var byDefault = BenchInChild(new Dictionary<string, string?> { [TorchThreads.WaitPolicyVariable] = null });
+        Assert.Equal("PASSIVE", byDefault.GetProperty("omp_wait_policy").GetString());
+        var chosen = BenchInChild(new Dictionary<string, string?> { [TorchThreads.WaitPolicyVariable] = "ACTIVE" });
+        Assert.Equal("ACTIVE", chosen.GetProperty("omp_wait_policy").GetString());
+    }
+
     /// <summary>Runs <c>sparse-attn bench</c> (built beside the tests) in a child process, with <paramref name="environment"/>
     /// applied (null = variable removed), and returns the root of its JSON.</summary>
     internal static JsonElement BenchInChild(IReadOnlyDictionary<string, string?> environment)
