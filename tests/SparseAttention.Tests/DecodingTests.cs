@@ -44,6 +44,15 @@ public class DecodingTests
         {
             NLocalAttnHeads = [1], StaticHeadGroups = null, WindowSize = 4, RoutingLookBack = true, SharedQk = false, KmeansNorm = Clustering.KMeansNorm.LayerNorm,
         },
+        ["routing attends layer-normalised q and k (authors), separate qk + memory"] = Base with
+        {
+            NLocalAttnHeads = [1], StaticHeadGroups = null, WindowSize = 4, SharedQk = false, NumMemKv = 1,
+            KmeansNorm = Clustering.KMeansNorm.LayerNorm, KmeansAttendNormalized = true,
+        },
+        ["routing attends layer-normalised q (authors), shared qk"] = Base with
+        {
+            NLocalAttnHeads = [2], StaticHeadGroups = null, WindowSize = 4, KmeansNorm = Clustering.KMeansNorm.LayerNorm, KmeansAttendNormalized = true,
+        },
         ["token shift + reversible + scale norm"] = Base with { ShiftTokens = true, Reversible = true, UseScaleNorm = true, Depth = 3, WindowSize = 4, NLocalAttnHeads = [1], StaticHeadGroups = null },
         ["weight tie + rezero + glu + factorized embedding"] = Base with
         {

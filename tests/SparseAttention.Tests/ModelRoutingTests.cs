@@ -209,6 +209,29 @@ public partial class ModelTests
         Assert.Equal(0, EmptyRows(memKv: 1));
     }
 
+    /// <summary>kmeans_attend_normalized: the routing heads attend with the layer-normalised q and k (the authors'
+    /// variant), not only cluster them.</summary>
+    [Theory]
+    [InlineData(false)]
+    [InlineData(true)]
+    public void RoutingHeadsCanAttendWithTheLayerNormalisedQueriesAndKeys(bool sharedQk)
+    {
+        var config = WithRouting(sharedQk: sharedQk) with { KmeansNorm = KMeansNorm.LayerNorm, KmeansAttendNormalized = true, NumMemKv = 0 };
+        random.manual_seed(8);
+        var group = new RoutingHeadGroup(config.Validate(), heads: 2, layer: 1);
+        var plain = new RoutingHeadGroup((config with { KmeansAttendNormalized = false }).Validate(), heads: 2, layer: 1);
+        plain.load_state_dict(group.state_dict());
+        group.eval(); plain.eval();
+        var gen = new Generator(12);
+        Tensor Random() => randn(new long[] { 2, 2, 32, 4 }, generator: gen) * 3 + 1;          // off-centre, not unit length
+        var (q, k, v) = (Random(), Random(), Random());
+        var output = group.Forward(q, k, v, null).Output;
+        Tensor LayerNorm(Tensor x) => nn.functional.layer_norm(x, [4], null, null, 1e-5);       // written out, not the module's
+        var expected = group.Routing.forward(LayerNorm(q), sharedQk ? null : LayerNorm(k), v).Output;
+        TestSupport.AssertClose(expected, output, "attends with layer-normalised q and k", atol: 1e-6, rtol: 1e-5);
+        Assert.True(Differ(output, plain.Forward(q, k, v, null).Output), "the switch changes what the heads attend with");
+    }
+
     [Fact]
     public void GenerateWithRoutingHeadsFromOneTokenBeforeTraining()
     {

@@ -175,6 +175,7 @@ internal sealed class RoutingDecoder : HeadGroupDecoder
     public override Tensor Prefill(Tensor q, Tensor k, Tensor v, Tensor? keyMask, int[] lengths)
     {
         using var scope = NewDisposeScope();
+        (q, k) = (routing.AttendInput(q), routing.AttendInput(k));                     // as the group's forward does
         var result = routing.forward(q, routing.SharedQk ? null : k, v, keyMask);
         var keys = routing.SharedQk ? routing.KMeans.Normalize(q) : k;                  // what the keys were in that forward
         cache.WritePrompt(keys, v, lengths);
@@ -205,6 +206,7 @@ internal sealed class RoutingDecoder : HeadGroupDecoder
     public override Tensor Step(Tensor q, Tensor k, Tensor v, int[] positions)
     {
         using var scope = NewDisposeScope();
+        (q, k) = (routing.AttendInput(q), routing.AttendInput(k));                     // (B, H, 1, D) each
         bool shared = routing.SharedQk;
         var kmeans = routing.KMeans;
         var keys = shared ? kmeans.Normalize(q) : k;                                     // (B, H, 1, D), as in the forward

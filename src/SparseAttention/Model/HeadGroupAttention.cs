@@ -155,7 +155,7 @@ public sealed partial class RoutingHeadGroup : HeadGroupAttention
         routing = new RoutingAttention(heads, config.ResolvedDimHead, config.MaxSeqLen, config.WindowSize, config.Causal,
             config.ResolvedSharedQk, config.ResolvedNumMemKv, config.KmeansEmaDecay, config.CommitmentFactor, config.KmeansNorm, seed: layer,
             lookBackward: config.RoutingLookBack)
-        { Kernel = config.Kernel };
+        { Kernel = config.Kernel, AttendNormalized = config.KmeansAttendNormalized };
         dropout = config.AttnDropout;
         RegisterComponents();
     }
@@ -165,6 +165,7 @@ public sealed partial class RoutingHeadGroup : HeadGroupAttention
     public override (Tensor Output, Tensor AuxLoss) Forward(Tensor q, Tensor k, Tensor v, Tensor? keyMask)
     {
         using var scope = NewDisposeScope();
+        (q, k) = (routing.AttendInput(q), routing.AttendInput(k));                     // (B, Hg, T, D) each
         var result = routing.forward(q, routing.SharedQk ? null : k, v, keyMask);
         RoutingCapture.Record(this, result);   // no-op unless a RoutingCapture is open (plots)
         var output = dropout > 0 ? nn.functional.dropout(result.Output, dropout, training) : result.Output;  // (B, Hg, T, D)

@@ -152,6 +152,11 @@ public sealed record TransformerConfig
     /// removes a direction shared by all positions, which otherwise can pull every token into one cluster).</summary>
     [JsonPropertyName("kmeans_norm"), JsonConverter(typeof(JsonStringEnumConverter<KMeansNorm>))]
     public KMeansNorm KmeansNorm { get; init; } = KMeansNorm.L2;
+    /// <summary>false — routing heads attend with the k-means-normalised queries and keys (normalised as
+    /// <see cref="KmeansNorm"/> says), not only cluster them: with <c>kmeans_norm = LayerNorm</c> this is the Routing
+    /// Transformer authors' variant (they layer-normalise q and k and attend with them); false is the PyTorch library's
+    /// (raw q and k attend; with shared QK the keys are the normalised queries either way).</summary>
+    [JsonPropertyName("kmeans_attend_normalized")] public bool KmeansAttendNormalized { get; init; }
     /// <summary>false — causal routing heads: each chunk of a cluster also attends the previous chunk of the same cluster
     /// (a query sees up to 2·WindowSize keys; stays causal). Needs Causal and NumMemKv = 0.</summary>
     [JsonPropertyName("routing_look_back")] public bool RoutingLookBack { get; init; }

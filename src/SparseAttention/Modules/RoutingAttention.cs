@@ -123,6 +123,14 @@ public sealed partial class RoutingAttention : nn.Module<Tensor, Tensor?, Tensor
     /// <summary>Kernel of the attention inside clusters (Auto: fused for float32 CPU without memory key/values).</summary>
     public AttentionKernel Kernel { get; set; } = AttentionKernel.Auto;
 
+    /// <summary>Whether the owner attends with the k-means-normalised queries and keys (<see cref="AttendInput"/>), as the
+    /// Routing Transformer authors do with LayerNorm; <see cref="forward"/> itself attends with what it is given.</summary>
+    public bool AttendNormalized { get; init; }
+
+    /// <summary>The query or key (B, H, T, D) to pass to <see cref="forward"/>: normalised by the k-means when
+    /// <see cref="AttendNormalized"/>, else <paramref name="x"/> itself. Forward and incremental decoding both use it.</summary>
+    public Tensor AttendInput(Tensor x) => AttendNormalized ? kmeans.Normalize(x) : x;
+
     /// <param name="q">Queries (B, H, T, D), T ≤ maxSeqLen.</param>
     /// <param name="k">Keys (B, H, T, D); must be null with shared QK (the keys are then the normalised queries).</param>
     /// <param name="v">Values (B, H, T, D).</param>
