@@ -232,6 +232,40 @@ public partial class ModelTests
         Assert.True(Differ(output, plain.Forward(q, k, v, null).Output), "the switch changes what the heads attend with");
     }
 
+    /// <summary>What attn_dropout does, exactly: for routing, LSH and block-sparse static heads (the kernels never form
+    /// probabilities) it drops elements of each head group's output, with the global generator, before the output
+    /// projection — bit for bit the same as dropout applied to the group's output without attention dropout.</summary>
+    [Fact]
+    public void AttentionDropoutDropsEachHeadGroupsOutput()
+    {
+        const double p = 0.3;
+        var config = WithRouting() with { AttnDropout = p, Lsh = new LshSpec { Heads = 1, NHashes = 2, BucketSize = 4 } };
+        var groups = new (HeadGroupAttention With, HeadGroupAttention Without)[]
+        {
+            (new RoutingHeadGroup(config.Validate(), 2, 1), new RoutingHeadGroup((config with { AttnDropout = 0 }).Validate(), 2, 1)),
+            (new LshHeadGroup(config.Validate(), 1, 1), new LshHeadGroup((config with { AttnDropout = 0 }).Validate(), 1, 1)),
+            (new StaticPatternAttention(2, 4, new Patterns.StridedPattern(3, causal: true), blockSize: 8, dropout: p),
+             new StaticPatternAttention(2, 4, new Patterns.StridedPattern(3, causal: true), blockSize: 8, dropout: 0)),
+        };
+        foreach (var (with, without) in groups)
+        {
+            without.load_state_dict(with.state_dict());
+            foreach (var kmeans in with.modules().OfType<OnlineKMeans>().Concat(without.modules().OfType<OnlineKMeans>()))
+                kmeans.SetMeans(randn(kmeans.Heads, kmeans.Clusters, kmeans.Dim, generator: new Generator(4)));   // initialised: no draw in forward
+            with.train(); without.train();
+            int heads = with.Heads;
+            var gen = new Generator(13);
+            Tensor Random() => randn(new long[] { 2, heads, 32, 4 }, generator: gen);
+            var (q, k, v) = (Random(), Random(), Random());
+            random.manual_seed(99);
+            var dropped = with.Forward(q, k, v, null).Output;
+            var plain = without.Forward(q, k, v, null).Output;
+            random.manual_seed(99);
+            AssertSame(nn.functional.dropout(plain, p, true), dropped, $"{with.GetType().Name}: attention dropout");
+            Assert.True(dropped.eq(0).sum().item<long>() > 0, "some outputs were dropped");
+        }
+    }
+
     [Fact]
     public void GenerateWithRoutingHeadsFromOneTokenBeforeTraining()
     {
