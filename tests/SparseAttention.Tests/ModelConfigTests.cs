@@ -2,6 +2,7 @@ using System.Text.Json;
 using SparseAttention.Kernels;
 using SparseAttention.Model;
 using SparseAttention.Patterns;
+using SparseAttention.Training;
 using TorchSharp;
 using Xunit;
 using static TorchSharp.torch;
@@ -233,6 +234,33 @@ public partial class ModelTests
         var glu = Shapes(Lm(Tiny() with { FfMult = 3, FfGlu = true }));
         Assert.Equal([2L * 3 * dim, dim], glu["transformer.layers.0.ff.w1.weight"]);
         Assert.Equal([(long)dim, 3 * dim], glu["transformer.layers.0.ff.w2.weight"]);
+    }
+
+    [Theory]
+    [InlineData(FeedForwardActivation.Gelu, false)]
+    [InlineData(FeedForwardActivation.Relu, false)]
+    [InlineData(FeedForwardActivation.Silu, true)]
+    [InlineData(FeedForwardActivation.ReluSquared, false)]
+    [InlineData(FeedForwardActivation.ReluSquared, true)]
+    public void FfActivationIsTheFeedForwardNonlinearity(FeedForwardActivation activation, bool glu)
+    {
+        random.manual_seed(2);
+        var ff = new FeedForward(8, mult: 2, glu: glu, activation: activation);
+        ff.to(ScalarType.Float64);
+        var p = ff.named_parameters().ToDictionary(n => n.name, n => n.parameter);
+        var x = randn(2, 5, 8, dtype: ScalarType.Float64);
+        Tensor Act(Tensor h) => activation switch                                     // the formulas, written out
+        {
+            FeedForwardActivation.Relu => h.clamp_min(0),
+            FeedForwardActivation.Silu => h / (1 + (-h).exp()),
+            FeedForwardActivation.ReluSquared => h.clamp_min(0) * h.clamp_min(0),
+            _ => 0.5 * h * (1 + special.erf(h / Math.Sqrt(2))),
+        };
+        var h = x.matmul(p["w1.weight"].t()) + p["w1.bias"];
+        var inner = glu ? Act(h.narrow(-1, 0, 16)) * h.narrow(-1, 16, 16) : Act(h);
+        TestSupport.AssertClose(inner.matmul(p["w2.weight"].t()) + p["w2.bias"], ff.forward(x), $"{activation} glu={glu}");
+        var config = ConfigBinding.Apply(Tiny(), [$"ff_activation={activation}"], "set").Validate();
+        Assert.Equal(activation, config.FfActivation);
     }
 
     [Fact]

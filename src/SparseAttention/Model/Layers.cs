@@ -155,9 +155,22 @@ public sealed class ReZero : nn.Module<Tensor, Tensor>
     }
 }
 
+/// <summary>The feed-forward nonlinearity (<c>ff_activation</c>; the PyTorch library's default is GELU).</summary>
+public enum FeedForwardActivation
+{
+    /// <summary>Gaussian error linear unit (exact, erf form).</summary>
+    Gelu,
+    /// <summary>max(0, x).</summary>
+    Relu,
+    /// <summary>x · sigmoid(x) (also called Swish).</summary>
+    Silu,
+    /// <summary>Squared ReLU, max(0, x)² (So et al. 2021, Primer).</summary>
+    ReluSquared,
+}
+
 /// <summary>
-/// Position-wise feed-forward: Linear(dim → mult·dim) → GELU → dropout → Linear(mult·dim → dim), or
-/// with GLU the GEGLU variant GELU(x·W) ⊙ (x·V). With chunks &gt; 1 the sequence is processed in that
+/// Position-wise feed-forward: Linear(dim → mult·dim) → activation (GELU by default) → dropout → Linear(mult·dim → dim),
+/// or with GLU the gated variant act(x·W) ⊙ (x·V) (GEGLU with GELU). With chunks &gt; 1 the sequence is processed in that
 /// many pieces along T (the Reformer's chunking): the result is the same, the widest intermediate is
 /// (B, T/chunks, mult·dim) at a time when gradients are not recorded.
 /// With <see cref="ComputeDtype.BFloat16"/> both matmuls, the activation and the dropout run in bfloat16 (the
@@ -171,10 +184,13 @@ public sealed class FeedForward : nn.Module<Tensor, Tensor>
     private readonly int chunks;
     private readonly double dropout;
     private readonly ComputeDtype computeDtype;
+    private readonly FeedForwardActivation activation;
 
     public FeedForward(int dim, int mult = 4, bool glu = false, double dropout = 0, int chunks = 1, string name = "feed_forward",
-        ComputeDtype computeDtype = ComputeDtype.Float32) : base(name)
+        ComputeDtype computeDtype = ComputeDtype.Float32, FeedForwardActivation activation = FeedForwardActivation.Gelu) : base(name)
     {
+        Check.That(Enum.IsDefined(activation), nameof(activation), $"unknown activation {activation}.");
+        this.activation = activation;
         Check.That(Enum.IsDefined(computeDtype), nameof(computeDtype), $"expected Float32 or BFloat16, got {computeDtype}.");
         this.computeDtype = computeDtype;
         Check.Positive(dim, nameof(dim));
@@ -207,10 +223,18 @@ public sealed class FeedForward : nn.Module<Tensor, Tensor>
         if (glu)
         {
             var parts = h.chunk(2, -1);                                                     // 2 × (B, t, hidden)
-            h = nn.functional.gelu(parts[0]) * parts[1];
+            h = Activate(parts[0]) * parts[1];
         }
-        else h = nn.functional.gelu(h);
+        else h = Activate(h);
         h = nn.functional.dropout(h, dropout, training);
         return MixedPrecision.Linear(h, w2.weight!, w2.bias, computeDtype).to(x.dtype);     // (B, t, dim)
     }
+
+    private Tensor Activate(Tensor h) => activation switch
+    {
+        FeedForwardActivation.Relu => nn.functional.relu(h),
+        FeedForwardActivation.Silu => nn.functional.silu(h),
+        FeedForwardActivation.ReluSquared => nn.functional.relu(h).square(),
+        _ => nn.functional.gelu(h),
+    };
 }

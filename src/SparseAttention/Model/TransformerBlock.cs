@@ -25,7 +25,8 @@ public sealed partial class TransformerBlock : nn.Module
         ArgumentNullException.ThrowIfNull(config);
         ArgumentNullException.ThrowIfNull(attention);
         attn = attention;
-        ff = new FeedForward(config.Dim, config.FfMult, config.FfGlu, config.FfDropout, config.FfChunks, computeDtype: config.ComputeDtype);
+        ff = new FeedForward(config.Dim, config.FfMult, config.FfGlu, config.FfDropout, config.FfChunks, computeDtype: config.ComputeDtype,
+            activation: config.FfActivation);
         if (config.UseRezero)
         {
             attn_rezero = new ReZero();

@@ -113,6 +113,10 @@ public sealed record TransformerConfig
     [JsonPropertyName("ff_mult")] public int FfMult { get; init; } = 4;
     /// <summary>false — GEGLU feed-forward (Shazeer 2020): GELU(x·W) ⊙ (x·V) instead of GELU(x·W).</summary>
     [JsonPropertyName("ff_glu")] public bool FfGlu { get; init; }
+    /// <summary>Gelu — the feed-forward nonlinearity (<c>ff_activation</c>): Gelu, Relu, Silu or ReluSquared; with ff_glu it
+    /// is the gate's.</summary>
+    [JsonPropertyName("ff_activation"), JsonConverter(typeof(JsonStringEnumConverter<FeedForwardActivation>))]
+    public FeedForwardActivation FfActivation { get; init; } = FeedForwardActivation.Gelu;
     /// <summary>1 — the feed-forward runs over the sequence in this many chunks (same result, smaller peak
     /// intermediate when gradients are not recorded).</summary>
     [JsonPropertyName("ff_chunks")] public int FfChunks { get; init; } = 1;
@@ -316,6 +320,7 @@ public sealed record TransformerConfig
         Check.NonNegative(ResolvedNumMemKv, nameof(NumMemKv));
         Check.That(KmeansEmaDecay >= 0 && KmeansEmaDecay < 1, nameof(KmeansEmaDecay), $"must be in [0, 1), got {KmeansEmaDecay}.");
         Check.That(Enum.IsDefined(KmeansNorm), nameof(KmeansNorm), $"unknown value {KmeansNorm}.");
+        Check.That(Enum.IsDefined(FfActivation), nameof(FfActivation), $"unknown value {FfActivation}.");
         Check.That(!RoutingLookBack || Causal, nameof(RoutingLookBack), "looks back along causal routing chunks; it needs Causal = true.");
         Check.That(!RoutingLookBack || ResolvedNumMemKv == 0, nameof(RoutingLookBack), $"cannot be combined with memory key/values (NumMemKv = {NumMemKv}).");
         Check.That(CommitmentFactor >= 0 && double.IsFinite(CommitmentFactor), nameof(CommitmentFactor), $"must be finite and >= 0, got {CommitmentFactor}.");
