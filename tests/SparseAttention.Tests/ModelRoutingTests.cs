@@ -266,6 +266,25 @@ public partial class ModelTests
         }
     }
 
+    /// <summary>num_clusters decouples the number of centroids from MaxSeqLen / WindowSize (the authors' sparsity_cluster_size).</summary>
+    [Theory]
+    [InlineData(true)]
+    [InlineData(false)]
+    public void NumClustersSetsTheCentroidsPerHead(bool causal)
+    {
+        var config = WithRouting(causal) with { NumClusters = 5, WindowSize = 6 };       // 32 is not a multiple of 6: fine here
+        var model = Lm(config.Validate());
+        var routing = model.modules().OfType<Modules.RoutingAttention>().First();
+        Assert.Equal(5, routing.Clusters);
+        Assert.Equal([2L, 5, 4], routing.KMeans.Means.shape);                           // (H, C, D)
+        model.train();
+        var (logits, aux) = model.forward(RoutingTokens(2, 32, 3));
+        Assert.Equal([2L, 32, 17], logits.shape);
+        Assert.True(logits.isfinite().all().item<bool>() && aux.item<float>() > 0);
+        Assert.Equal("NumClusters", Assert.ThrowsAny<ArgumentException>(() => (config with { NumClusters = 0 }).Validate()).ParamName);
+        Assert.Equal("WindowSize", Assert.ThrowsAny<ArgumentException>(() => (config with { NumClusters = null }).Validate()).ParamName);
+    }
+
     [Fact]
     public void GenerateWithRoutingHeadsFromOneTokenBeforeTraining()
     {

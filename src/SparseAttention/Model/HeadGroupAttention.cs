@@ -154,7 +154,7 @@ public sealed partial class RoutingHeadGroup : HeadGroupAttention
     {
         routing = new RoutingAttention(heads, config.ResolvedDimHead, config.MaxSeqLen, config.WindowSize, config.Causal,
             config.ResolvedSharedQk, config.ResolvedNumMemKv, config.KmeansEmaDecay, config.CommitmentFactor, config.KmeansNorm, seed: layer,
-            lookBackward: config.RoutingLookBack)
+            lookBackward: config.RoutingLookBack, numClusters: config.NumClusters)
         { Kernel = config.Kernel, AttendNormalized = config.KmeansAttendNormalized };
         dropout = config.AttnDropout;
         RegisterComponents();

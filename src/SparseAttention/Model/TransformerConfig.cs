@@ -78,6 +78,10 @@ public sealed record TransformerConfig
     // ---- head groups ---------------------------------------------------------------------------
     /// <summary>64 — used by routing heads: tokens per k-means cluster; clusters = MaxSeqLen / WindowSize.</summary>
     [JsonPropertyName("window_size")] public int WindowSize { get; init; } = 64;
+    /// <summary>null — used by routing heads: k-means centroids per head; null = MaxSeqLen / WindowSize (the PyTorch
+    /// library's rule). Set it to decouple the two, as the authors' <c>sparsity_cluster_size</c> does: each cluster still
+    /// takes WindowSize tokens (encoder) or is chunked every WindowSize members (decoder).</summary>
+    [JsonPropertyName("num_clusters")] public int? NumClusters { get; init; }
     /// <summary>null — local heads' window (tokens); null = WindowSize / 2, as in the PyTorch library.</summary>
     [JsonPropertyName("local_attn_window_size")] public int? LocalAttnWindowSize { get; init; }
     /// <summary>1 — local heads attend their own window plus this many windows back (and forward when not causal).</summary>
@@ -295,7 +299,8 @@ public sealed record TransformerConfig
         Check.That(SparsitySkipFirst >= 0 && SparsitySkipFirst <= Depth, nameof(SparsitySkipFirst),
             $"must be in [0, Depth = {Depth}], got {SparsitySkipFirst}.");
         bool anyRouting = Enumerable.Range(0, Depth).Any(l => HeadGroupsForLayer(l).Any(g => g.Kind == HeadGroupKind.Routing));
-        if (anyRouting)
+        Check.That(NumClusters is null or > 0, nameof(NumClusters), $"must be positive when given, got {NumClusters}.");
+        if (anyRouting && NumClusters is null)
             Check.That(MaxSeqLen % WindowSize == 0, nameof(WindowSize),
                 $"routing heads need MaxSeqLen ({MaxSeqLen}) divisible by WindowSize ({WindowSize}) to fix the number of clusters.");
 

@@ -78,10 +78,14 @@ public sealed partial class RoutingAttention : nn.Module<Tensor, Tensor?, Tensor
     /// <param name="lookBackward">Causal only: each chunk also attends the previous chunk of its own cluster (a query
     /// then sees up to 2·W keys instead of the members of its own chunk before it); no memory key/values.</param>
     /// <param name="name">Module name.</param>
+    /// <param name="numClusters">Centroids per head; null = ⌈maxSeqLen / windowSize⌉ (the PyTorch library's rule). The authors
+    /// set it separately (<c>sparsity_cluster_size</c>): each cluster still takes windowSize tokens (encoder) or is chunked
+    /// every windowSize members (decoder).</param>
     public RoutingAttention(int heads, int dimHead, int maxSeqLen, int windowSize, bool causal = false, bool sharedQk = false,
         int numMemKv = 0, double kmeansEmaDecay = 0.999, double commitmentFactor = 1e-4, KMeansNorm norm = KMeansNorm.L2,
-        long seed = 0, bool lookBackward = false, string name = "routing_attention") : base(name)
+        long seed = 0, bool lookBackward = false, string name = "routing_attention", int? numClusters = null) : base(name)
     {
+        Check.That(numClusters is null or > 0, nameof(numClusters), $"must be positive when given, got {numClusters}.");
         Check.That(!lookBackward || causal, nameof(lookBackward), "looking back to the previous chunk of a cluster is for causal routing (non-causal clusters are not chunked).");
         Check.That(!lookBackward || numMemKv == 0, nameof(lookBackward), $"look-back and memory key/values cannot be combined (numMemKv = {numMemKv}).");
         this.lookBackward = lookBackward;
@@ -98,7 +102,7 @@ public sealed partial class RoutingAttention : nn.Module<Tensor, Tensor?, Tensor
         this.causal = causal;
         this.sharedQk = sharedQk;
         this.numMemKv = numMemKv;
-        clusters = (maxSeqLen + windowSize - 1) / windowSize;
+        clusters = numClusters ?? (maxSeqLen + windowSize - 1) / windowSize;
         kmeans = new OnlineKMeans(heads, dimHead, clusters, kmeansEmaDecay, commitmentFactor, norm, seed);
         if (numMemKv > 0)
         {
