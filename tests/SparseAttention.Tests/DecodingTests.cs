@@ -54,6 +54,7 @@ public class DecodingTests
             NLocalAttnHeads = [2], StaticHeadGroups = null, WindowSize = 4, KmeansNorm = Clustering.KMeansNorm.LayerNorm, KmeansAttendNormalized = true,
         },
         ["routing with 3 clusters of window 4 (num_clusters)"] = Base with { NLocalAttnHeads = [1], StaticHeadGroups = null, WindowSize = 4, NumClusters = 3 },
+        ["absolute position embedding + routing"] = Base with { UseAbsolutePosEmb = true, NLocalAttnHeads = [1], StaticHeadGroups = null, WindowSize = 4 },
         ["token shift + reversible + scale norm"] = Base with { ShiftTokens = true, Reversible = true, UseScaleNorm = true, Depth = 3, WindowSize = 4, NLocalAttnHeads = [1], StaticHeadGroups = null },
         ["weight tie + rezero + glu + factorized embedding"] = Base with
         {

@@ -303,6 +303,24 @@ public partial class ModelTests
     }
 
     [Fact]
+    public void UseAbsolutePosEmbAddsALearnedPositionTable()
+    {
+        var config = Tiny() with { UseAbsolutePosEmb = true };
+        var with = Lm(config);
+        var without = Lm(config with { UseAbsolutePosEmb = false });
+        Assert.Equal(32L * 16, ParameterCount(with) - ParameterCount(without));
+        Assert.Equal([32L, 16], Shapes(with)["pos_emb.weight"]);                         // (MaxSeqLen, EmbDim)
+        // Same weights otherwise: a zero table changes nothing, a non-zero one is added at each position.
+        without.load_state_dict(with.state_dict(), strict: false);
+        var table = with.named_parameters().Single(p => p.name == "pos_emb.weight").parameter;
+        var tokens = Tokens(2, 12, 17, 5);
+        using (no_grad()) table.zero_();
+        AssertSame(Logits(without, tokens), Logits(with, tokens), "zero position table");
+        using (no_grad()) table.copy_(randn(32, 16));
+        Assert.True(Differ(Logits(without, tokens), Logits(with, tokens)), "the table reaches the logits");
+    }
+
+    [Fact]
     public void DepthAddsWholeLayers()
     {
         long d1 = ParameterCount(Lm(Tiny() with { Depth = 1 })), d2 = ParameterCount(Lm(Tiny() with { Depth = 2 })), d3 = ParameterCount(Lm(Tiny() with { Depth = 3 }));

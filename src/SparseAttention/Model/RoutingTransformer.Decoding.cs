@@ -135,9 +135,13 @@ public sealed partial class RoutingTransformerLM
     }
 
     /// <summary>The embedding of token ids: (B, T) int64 → (B, T, Dim).</summary>
-    private Tensor Embed(Tensor tokens)
+    /// <summary>Token (and, with UseAbsolutePosEmb, position) embedding projected to Dim: tokens (B, T) → (B, T, Dim).</summary>
+    /// <param name="positions">(B, T) int64 positions of the tokens; null = 0..T−1 in every row.</param>
+    private Tensor Embed(Tensor tokens, Tensor? positions = null)
     {
         var x = token_emb.forward(tokens);                                                 // (B, T, EmbDim)
+        if (pos_emb is not null)
+            x = x + pos_emb.forward(positions ?? arange(tokens.shape[1], dtype: ScalarType.Int64, device: tokens.device).unsqueeze(0));
         return project_in is null ? x : project_in.forward(x);                             // (B, T, Dim)
     }
 
@@ -247,7 +251,8 @@ public sealed partial class RoutingTransformerLM
                 using var scope = NewDisposeScope();
                 using var noGrad = no_grad();
                 var positions = history.Select(h => h.Count - 1).ToArray();
-                var x = model.Embed(tensor(ids, new long[] { Batch, 1 }, device: device));   // (B, 1, Dim)
+                var x = model.Embed(tensor(ids, new long[] { Batch, 1 }, device: device),
+                    tensor(positions.Select(p => (long)p).ToArray(), new long[] { Batch, 1 }, device: device));   // (B, 1, Dim)
                 var hidden = decoder!.Step(x, positions);                                     // (B, 1, Dim)
                 next = model.ToLogits(hidden.squeeze(1)).MoveToOuterDisposeScope();           // (B, V)
                 next.DetachFromDisposeScope();

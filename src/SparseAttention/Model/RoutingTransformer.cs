@@ -129,6 +129,7 @@ public sealed partial class RoutingTransformer : nn.Module<Tensor, Tensor?, (Ten
 public sealed partial class RoutingTransformerLM : nn.Module<Tensor, Tensor?, (Tensor Logits, Tensor AuxLoss)>
 {
     private readonly Embedding token_emb;
+    private readonly Embedding? pos_emb;        // (MaxSeqLen, EmbDim) with UseAbsolutePosEmb
     private readonly Linear? project_in, project_out, to_logits;
     private readonly RoutingTransformer transformer;
     private readonly TransformerConfig config;
@@ -140,6 +141,11 @@ public sealed partial class RoutingTransformerLM : nn.Module<Tensor, Tensor?, (T
         int embDim = config.ResolvedEmbDim;
         token_emb = nn.Embedding(config.NumTokens, embDim);
         using (no_grad()) nn.init.normal_(token_emb.weight!, 0, 0.02);
+        if (config.UseAbsolutePosEmb)
+        {
+            pos_emb = nn.Embedding(config.MaxSeqLen, embDim);
+            using (no_grad()) nn.init.normal_(pos_emb.weight!, 0, 0.02);
+        }
         if (embDim != config.Dim)
         {
             project_in = nn.Linear(embDim, config.Dim);

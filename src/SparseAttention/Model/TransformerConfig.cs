@@ -136,6 +136,10 @@ public sealed record TransformerConfig
     [JsonPropertyName("tie_embedding")] public bool TieEmbedding { get; init; }
     /// <summary>null — LM only: token embedding width; when ≠ Dim, embeddings are projected EmbDim → Dim and back (factorized embedding).</summary>
     [JsonPropertyName("emb_dim")] public int? EmbDim { get; init; }
+    /// <summary>false — LM only: a learned absolute position embedding (MaxSeqLen × EmbDim) is added to the token embedding,
+    /// as the PyTorch library's <c>use_absolute_pos_emb</c>; positions are 0.. within the context (a sliding decoding
+    /// window starts again at 0 after each re-encode, as a full forward of that window does).</summary>
+    [JsonPropertyName("use_absolute_pos_emb")] public bool UseAbsolutePosEmb { get; init; }
     /// <summary>false — ScaleNorm (g·x/‖x‖, g learned, init √Dim) instead of LayerNorm before each sublayer and at the end.</summary>
     [JsonPropertyName("use_scale_norm")] public bool UseScaleNorm { get; init; }
     /// <summary>false — ReZero: no pre-norm; each sublayer's output is scaled by a learned scalar initialised to 0.</summary>
