@@ -37,12 +37,11 @@ internal static unsafe class FusedKMeansAssign
     private const int TokenTile = TokenProjection.Rows;
     private const int TaskTokens = 1024;      // tokens per task along T (fixed: the partition must not depend on threads)
 
-    /// <summary>True when <see cref="OnlineKMeans"/> should use this path: float32 CPU inputs on a machine with a
-    /// hardware-accelerated vector width (<see cref="SimdWidth.Vectorised"/>; the scalar fallback is slower than the ops path).</summary>
-    public static bool Supports(Tensor x) => SimdWidth.Vectorised && Runs(x);
-
-    /// <summary>True for float32 CPU tensors (what <see cref="Assign"/> accepts, at any vector width).</summary>
-    private static bool Runs(Tensor x) => x.dtype == ScalarType.Float32 && x.device.type == DeviceType.CPU;
+    /// <summary>True for float32 CPU inputs, at any vector width: unlike the attention kernels' Auto rule, the assignment
+    /// stays fused on the scalar path too, because the ops path of <see cref="OnlineKMeans"/> differs in behaviour
+    /// (NaN written into padding is not kept out of its results: FusedKMeansAssignTests.NaNInPaddingStaysHidden fails
+    /// there), not only in speed.</summary>
+    public static bool Supports(Tensor x) => x.dtype == ScalarType.Float32 && x.device.type == DeviceType.CPU;
 
     /// <param name="x">(B, H, T, D) float32 CPU.</param>
     /// <param name="keyMask">Optional (B, T) bool, true = real.</param>
@@ -51,7 +50,7 @@ internal static unsafe class FusedKMeansAssign
     /// <param name="threads">Worker threads (results do not depend on it).</param>
     public static FusedAssignment Assign(Tensor x, Tensor? keyMask, Tensor centroids, KMeansNorm norm, int threads)
     {
-        Check.That(Runs(x) && Runs(centroids), nameof(x), $"needs float32 CPU tensors, got {x.dtype} on {x.device}.");
+        Check.That(Supports(x) && Supports(centroids), nameof(x), $"needs float32 CPU tensors, got {x.dtype} on {x.device}.");
         var holder = new Holder(keyMask?.to(ScalarType.Bool).contiguous(), centroids.detach().contiguous(), norm, Math.Max(1, threads));
         if (is_grad_enabled() && x.requires_grad)
         {
