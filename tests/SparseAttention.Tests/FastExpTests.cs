@@ -10,11 +10,12 @@ public class FastExpTests
     // Error in units of the float spacing at the exact result; a subnormal result may be off by one subnormal step.
     private const double MaxUlps = 2.5;
 
-    /// <summary>Every implementation of one function: 512-bit lanes, 256-bit lanes, scalar.</summary>
+    /// <summary>Every implementation of one function: 512-bit, 256-bit and 128-bit lanes, scalar.</summary>
     private static IEnumerable<(string Name, Func<float, float> F)> Variants(bool exp2) =>
     [
         ("512", x => (exp2 ? FastExp.Exp2(Vector512.Create(x)) : FastExp.Exp(Vector512.Create(x))).GetElement(7)),
         ("256", x => (exp2 ? FastExp.Exp2(Vector256.Create(x)) : FastExp.Exp(Vector256.Create(x))).GetElement(3)),
+        ("128", x => (exp2 ? FastExp.Exp2(Vector128.Create(x)) : FastExp.Exp(Vector128.Create(x))).GetElement(1)),
         ("scalar", x => exp2 ? FastExp.Exp2(x) : FastExp.Exp(x)),
     ];
 
@@ -81,11 +82,16 @@ public class FastExpTests
         args[2] = float.NegativeInfinity; args[5] = float.NaN; args[11] = float.PositiveInfinity;
         var wide = FastExp.Exp2(Vector512.Create(args));
         var (low, high) = (FastExp.Exp2(Vector256.Create(args, 0)), FastExp.Exp2(Vector256.Create(args, 8)));
+        var quads = Enumerable.Range(0, 4).Select(i => FastExp.Exp2(Vector128.Create(args, 4 * i))).ToArray();
+        // 128-bit lanes multiply-add unfused where the hardware has no FMA (SSE-only x64): there they match their own
+        // single-argument result instead of the scalar one.
+        bool fusedHardware = System.Runtime.Intrinsics.X86.Fma.IsSupported || System.Runtime.Intrinsics.Arm.AdvSimd.IsSupported;
         for (int i = 0; i < 16; i++)
         {
             float scalar = FastExp.Exp2(args[i]);
             Assert.Equal(scalar, wide.GetElement(i));
             Assert.Equal(scalar, i < 8 ? low.GetElement(i) : high.GetElement(i - 8));
+            Assert.Equal(fusedHardware ? scalar : FastExp.Exp2(Vector128.Create(args[i])).GetElement(0), quads[i / 4].GetElement(i % 4));
         }
     }
 }

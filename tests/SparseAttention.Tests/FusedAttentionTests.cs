@@ -1,4 +1,5 @@
 using SparseAttention.Kernels;
+using SparseAttention.Kernels.Fused;
 using SparseAttention.Patterns;
 using TorchSharp;
 using Xunit;
@@ -228,5 +229,26 @@ public class FusedAttentionTests
         TestSupport.AssertClose(ReferenceAttention.Attention(q, k, v, mask: dense), BlockSparseAttention.Attention(q, k, v, mask), "auto float64");
         TestSupport.AssertClose(ReferenceAttention.Attention(q, k, v, mask: dense).@float(),
             BlockSparseAttention.Attention(q.@float(), k.@float(), v.@float(), mask, kernel: AttentionKernel.Fused), "fused float32");
+    }
+
+    /// <summary>Auto's result is bit-identical to the fused kernel's when the machine has an accelerated vector width and
+    /// to the Ops kernel's otherwise (the scalar fused path is slower than Ops); fused and Ops must differ somewhere on
+    /// the input, or the check could not tell which one ran.</summary>
+    internal static void AssertAutoChoseByVectorWidth(Tensor auto, Tensor fused, Tensor ops)
+    {
+        Assert.False(torch.equal(fused, ops).all().item<bool>(), "fused and Ops agree bit for bit: this input cannot show which one Auto ran");
+        Assert.True(torch.equal(auto, SimdWidth.Vectorised ? fused : ops).all().item<bool>(),
+            $"Auto did not run the {(SimdWidth.Vectorised ? "fused" : "Ops")} kernel with {SimdWidth.Bits}-bit vectors");
+    }
+
+    [Fact]
+    public void AutoRunsFusedOnlyWithAnAcceleratedVectorWidth()
+    {
+        var mask = new LocalBandPattern(16, true).Compile(100, 16, 2);
+        var (q, k, v) = TestSupport.RandomQkv(2, 2, 100, 8, seed: 4, dtype: ScalarType.Float32);
+        Tensor Run(AttentionKernel kernel) => BlockSparseAttention.Attention(q, k, v, mask, kernel: kernel);
+        AssertAutoChoseByVectorWidth(Run(AttentionKernel.Auto), Run(AttentionKernel.Fused), Run(AttentionKernel.Ops));
+        Assert.Equal(SimdWidth.Vectorised, FusedBlockSparseAttention.PreferredFor(q));
+        Assert.False(FusedBlockSparseAttention.PreferredFor(q.@double()));
     }
 }

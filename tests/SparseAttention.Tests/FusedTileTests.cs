@@ -16,7 +16,7 @@ public unsafe class FusedTileTests
         return Enumerable.Range(0, count).Select(_ => (float)(rng.NextDouble() * 2 - 1)).ToArray();
     }
 
-    public static TheoryData<int> Widths() => [512, 256, 1];
+    public static TheoryData<int> Widths() => [512, 256, 128, 1];
 
     [Theory]
     [MemberData(nameof(Widths))]
@@ -30,6 +30,7 @@ public unsafe class FusedTileTests
             {
                 if (width == 512) Tile<Simd512, Vector512<float>>.Transpose(s, rows, cols, lds, d, ldd, 0.5f);
                 else if (width == 256) Tile<Simd256, Vector256<float>>.Transpose(s, rows, cols, lds, d, ldd, 0.5f);
+                else if (width == 128) Tile<Simd128, Vector128<float>>.Transpose(s, rows, cols, lds, d, ldd, 0.5f);
                 else Tile<SimdScalar, float>.Transpose(s, rows, cols, lds, d, ldd, 0.5f);
             }
             for (int r = 0; r < rows; r++)
@@ -52,6 +53,7 @@ public unsafe class FusedTileTests
                     {
                         if (width == 512) Run<Simd512, Vector512<float>>(transposed, m, n, k, pa, lda, pb, ldb, pc, ldc, accumulate);
                         else if (width == 256) Run<Simd256, Vector256<float>>(transposed, m, n, k, pa, lda, pb, ldb, pc, ldc, accumulate);
+                        else if (width == 128) Run<Simd128, Vector128<float>>(transposed, m, n, k, pa, lda, pb, ldb, pc, ldc, accumulate);
                         else Run<SimdScalar, float>(transposed, m, n, k, pa, lda, pb, ldb, pc, ldc, accumulate);
                     }
                     for (int i = 0; i < m; i++)
@@ -110,6 +112,39 @@ public unsafe class FusedTileTests
         const int queries = 21;
         if (width == 512) Tile<Simd512, Vector512<float>>.ColumnSoftmax(s, ld, keys, 0, queries, m, l, alpha);
         else if (width == 256) Tile<Simd256, Vector256<float>>.ColumnSoftmax(s, ld, keys, 0, queries, m, l, alpha);
+        else if (width == 128) Tile<Simd128, Vector128<float>>.ColumnSoftmax(s, ld, keys, 0, queries, m, l, alpha);
         else Tile<SimdScalar, float>.ColumnSoftmax(s, ld, keys, 0, queries, m, l, alpha);
+    }
+
+    /// <summary>Reports the width <see cref="SimdWidth.Run"/> specialises a kernel for.</summary>
+    private struct WidthProbe : ISimdKernel
+    {
+        public int Bits;
+        public void Run<TS, TV>() where TS : struct, ISimd<TV> where TV : unmanaged => Bits = TS.Width * 32;
+    }
+
+    private static bool Disabled(string variable) => Environment.GetEnvironmentVariable(variable) == "0";
+
+    /// <summary>
+    /// The kernels run at the widest width the runtime accelerates, and the DOTNET_Enable* switches CI sets really narrow
+    /// it: a run meant to test the 128-bit or scalar path cannot silently take 256/512-bit code (and a switch the runtime
+    /// ignores fails here rather than passing untested).
+    /// </summary>
+    [Fact]
+    public void KernelsRunAtTheWidestAcceleratedWidthTheEnvironmentAllows()
+    {
+        var probe = new WidthProbe();
+        SimdWidth.Run(ref probe);
+        int widest = Vector512.IsHardwareAccelerated ? 512 : Vector256.IsHardwareAccelerated ? 256 : Vector128.IsHardwareAccelerated ? 128 : 32;
+        Assert.Equal(widest, probe.Bits);
+        Assert.Equal(probe.Bits > 32, SimdWidth.Vectorised);
+        if (Disabled("DOTNET_EnableHWIntrinsic"))
+            Assert.True(probe.Bits == 32, $"DOTNET_EnableHWIntrinsic=0 but the kernels use {probe.Bits}-bit vectors");
+        else if (Disabled("DOTNET_EnableAVX2") && System.Runtime.InteropServices.RuntimeInformation.ProcessArchitecture
+                 == System.Runtime.InteropServices.Architecture.X64)
+            Assert.True(probe.Bits == 128, $"DOTNET_EnableAVX2=0 on x64 (SSE left) but the kernels use {probe.Bits}-bit vectors");
+        // .NET 10 reads DOTNET_EnableAVX512 (DOTNET_EnableAVX512F is ignored; set both to cover older runtimes).
+        if (Disabled("DOTNET_EnableAVX512F") || Disabled("DOTNET_EnableAVX512"))
+            Assert.True(probe.Bits <= 256, $"AVX-512 switched off by the environment but the kernels use {probe.Bits}-bit vectors");
     }
 }

@@ -1,7 +1,5 @@
 using System.Buffers;
-using System.Numerics;
 using System.Runtime.CompilerServices;
-using System.Runtime.Intrinsics;
 using SparseAttention.Kernels;
 using SparseAttention.Kernels.Fused;
 using TorchSharp;
@@ -39,7 +37,10 @@ internal static unsafe class FusedKMeansAssign
     private const int TokenTile = TokenProjection.Rows;
     private const int TaskTokens = 1024;      // tokens per task along T (fixed: the partition must not depend on threads)
 
-    /// <summary>True for float32 CPU inputs.</summary>
+    /// <summary>True for float32 CPU inputs, at any vector width: unlike the attention kernels' Auto rule, the assignment
+    /// stays fused on the scalar path too, because the ops path of <see cref="OnlineKMeans"/> differs in behaviour
+    /// (NaN written into padding is not kept out of its results: FusedKMeansAssignTests.NaNInPaddingStaysHidden fails
+    /// there), not only in speed.</summary>
     public static bool Supports(Tensor x) => x.dtype == ScalarType.Float32 && x.device.type == DeviceType.CPU;
 
     /// <param name="x">(B, H, T, D) float32 CPU.</param>
@@ -113,8 +114,7 @@ internal static unsafe class FusedKMeansAssign
     {
         int batch = (int)x.shape[0], heads = (int)x.shape[1], seqLen = (int)x.shape[2], dim = (int)x.shape[3];
         int clusters = (int)h.Centroids.shape[1];
-        int width = Vector512.IsHardwareAccelerated ? Vector512<float>.Count : Vector256.IsHardwareAccelerated ? Vector256<float>.Count : 1;
-        int padded = TokenProjection.PaddedColumns(clusters, width);
+        int padded = TokenProjection.PaddedColumns(clusters, SimdWidth.Bits / 32);
         var transposed = ArrayPool<float>.Shared.Rent(heads * dim * padded);    // (H, D, Cp); pooled: no large-object churn
         var nearest = empty(new long[] { batch, heads, seqLen }, dtype: ScalarType.Int64);   // (B, H, T)
         int chunks = (seqLen + TaskTokens - 1) / TaskTokens, tasks = heads * chunks;
@@ -146,9 +146,8 @@ internal static unsafe class FusedKMeansAssign
                 {
                     double* stats = partialBase + (long)task * statsPerTask;
                     new Span<double>(stats, statsPerTask).Clear();
-                    if (width == 16) AssignTask<Simd512, Vector512<float>>(a, task / chunks, task % chunks, stats);
-                    else if (width == 8) AssignTask<Simd256, Vector256<float>>(a, task / chunks, task % chunks, stats);
-                    else AssignTask<SimdScalar, float>(a, task / chunks, task % chunks, stats);
+                    var call = new AssignCall(a, task / chunks, task % chunks, stats);
+                    SimdWidth.Run(ref call);
                 });
                 // Reduce the task partials per head in task order (deterministic).
                 var sums = zeros(new long[] { heads, clusters, dim }, dtype: ScalarType.Float64);   // (H, C, D)
@@ -176,85 +175,61 @@ internal static unsafe class FusedKMeansAssign
         }
     }
 
-    /// <summary>Σ x[d]·y[d], 8 lanes at a time.</summary>
-    [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static float Dot(float* x, float* y, int n)
-    {
-        int d = 0;
-        var acc = Vector256<float>.Zero;
-        for (; d + 8 <= n; d += 8) acc = Vector256.FusedMultiplyAdd(Vector256.Load(x + d), Vector256.Load(y + d), acc);
-        float sum = Vector256.Sum(acc);
-        for (; d < n; d++) sum += x[d] * y[d];
-        return sum;
-    }
-
-    /// <summary>Σ x[d], 8 lanes at a time.</summary>
-    [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static float Sum(float* x, int n)
-    {
-        int d = 0;
-        var acc = Vector256<float>.Zero;
-        for (; d + 8 <= n; d += 8) acc += Vector256.Load(x + d);
-        float sum = Vector256.Sum(acc);
-        for (; d < n; d++) sum += x[d];
-        return sum;
-    }
-
     /// <summary>Normalises x (D floats) into y; returns the per-token scale used by the backward:
     /// L2 → 1 / max(|x|, ε) (negative when |x| &lt; ε, marking the clamped case); LayerNorm → 1/σ.</summary>
-    private static float NormalizeRow(float* x, float* y, int dim, bool layerNorm)
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static float NormalizeRow<TS, TV>(float* x, float* y, int dim, bool layerNorm) where TS : struct, ISimd<TV> where TV : unmanaged
     {
-        int d;
+        int w = TS.Width, d;
         if (!layerNorm)
         {
-            float norm = MathF.Sqrt(Dot(x, x, dim));
+            float norm = MathF.Sqrt(Tile<TS, TV>.Dot(x, x, dim));
             bool clamped = !(norm >= L2Eps);
             float denom = clamped ? L2Eps : norm;
-            var dv = Vector256.Create(denom);
-            for (d = 0; d + 8 <= dim; d += 8) (Vector256.Load(x + d) / dv).Store(y + d);
+            var dv = TS.Broadcast(denom);
+            for (d = 0; d + w <= dim; d += w) TS.Store(y + d, TS.Div(TS.Load(x + d), dv));
             for (; d < dim; d++) y[d] = x[d] / denom;
             return clamped ? -1f / L2Eps : 1f / denom;
         }
-        float mean = Sum(x, dim) / dim;
-        var mv = Vector256.Create(mean);
-        var acc = Vector256<float>.Zero;
-        for (d = 0; d + 8 <= dim; d += 8) { var c = Vector256.Load(x + d) - mv; acc = Vector256.FusedMultiplyAdd(c, c, acc); }
-        float variance = Vector256.Sum(acc);
+        float mean = Tile<TS, TV>.Sum(x, dim) / dim;
+        var mv = TS.Broadcast(mean);
+        var acc = TS.Zero;
+        for (d = 0; d + w <= dim; d += w) { var c = TS.Sub(TS.Load(x + d), mv); acc = TS.MulAdd(c, c, acc); }
+        float variance = TS.ReduceSum(acc);
         for (; d < dim; d++) { float c = x[d] - mean; variance += c * c; }
         variance /= dim;
         float rstd = 1f / MathF.Sqrt(variance + LayerNormEps);
-        var rv = Vector256.Create(rstd);
-        for (d = 0; d + 8 <= dim; d += 8) ((Vector256.Load(x + d) - mv) * rv).Store(y + d);
+        var rv = TS.Broadcast(rstd);
+        for (d = 0; d + w <= dim; d += w) TS.Store(y + d, TS.Mul(TS.Sub(TS.Load(x + d), mv), rv));
         for (; d < dim; d++) y[d] = (x[d] - mean) * rstd;
         return rstd;
     }
 
     /// <summary>First index of the largest of s[0..n) (like argmax on exact ties); 0 when every value is NaN.</summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static int ArgMax(float* s, int n)
+    private static int ArgMax<TS, TV>(float* s, int n) where TS : struct, ISimd<TV> where TV : unmanaged
     {
-        int c = 0;
+        int w = TS.Width, c = 0;
         float best = s[0];
-        if (n >= 8)
+        if (n >= w)
         {
-            var mv = Vector256.Load(s);
-            for (c = 8; c + 8 <= n; c += 8) mv = Vector256.Max(mv, Vector256.Load(s + c));
-            best = MathF.Max(MathF.Max(MathF.Max(mv[0], mv[1]), MathF.Max(mv[2], mv[3])), MathF.Max(MathF.Max(mv[4], mv[5]), MathF.Max(mv[6], mv[7])));
+            var mv = TS.Load(s);
+            for (c = w; c + w <= n; c += w) mv = TS.Max(mv, TS.Load(s + c));
+            best = TS.ReduceMax(mv);
         }
         for (; c < n; c++) if (s[c] > best) best = s[c];
-        var bv = Vector256.Create(best);
-        for (c = 0; c + 8 <= n; c += 8)
-        {
-            uint hit = Vector256.Equals(Vector256.Load(s + c), bv).ExtractMostSignificantBits();
-            if (hit != 0) return c + BitOperations.TrailingZeroCount(hit);
-        }
-        for (; c < n; c++) if (s[c] == best) return c;
+        for (c = 0; c < n; c++) if (s[c] == best) return c;
         return 0;
+    }
+
+    private readonly struct AssignCall(Args a, int head, int chunk, double* stats) : ISimdKernel
+    {
+        public void Run<TS, TV>() where TS : struct, ISimd<TV> where TV : unmanaged => AssignTask<TS, TV>(a, head, chunk, stats);
     }
 
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private static void AssignTask<TS, TV>(Args a, int head, int chunk, double* stats)
-        where TS : ISimd<TV> where TV : unmanaged
+        where TS : struct, ISimd<TV> where TV : unmanaged
     {
         int dim = a.Dim, clusters = a.Clusters, cp = a.PaddedClusters;
         int t0 = chunk * TaskTokens, t1 = Math.Min(a.SeqLen, t0 + TaskTokens);
@@ -282,7 +257,7 @@ internal static unsafe class FusedKMeansAssign
                     for (; t < t1 && n < TokenTile; t++)
                     {
                         if (mask is not null && mask[t] == 0) { nearest[t] = -1; continue; }
-                        NormalizeRow(x + (long)t * dim, xhat + n * dim, dim, a.LayerNorm);
+                        NormalizeRow<TS, TV>(x + (long)t * dim, xhat + n * dim, dim, a.LayerNorm);
                         token[n++] = t;
                     }
                     if (n == 0) continue;
@@ -290,27 +265,23 @@ internal static unsafe class FusedKMeansAssign
                     TokenProjection.Project4<TS, TV>(xhat, dim, ct, cp, sims);                // similarities to every centroid
                     for (int i = 0; i < n; i++)
                     {
-                        int best = ArgMax(sims + i * cp, clusters);
+                        int best = ArgMax<TS, TV>(sims + i * cp, clusters);
                         nearest[token[i]] = best;
                         float* y = xhat + i * dim;
                         float* m = mu + (long)best * dim;
                         double* sum = sums + (long)best * dim;
-                        var distance = Vector256<float>.Zero;
-                        int d = 0;
-                        for (; d + 8 <= dim; d += 8)
+                        for (int d = 0; d < dim; d++) sum[d] += y[d];                           // per element: any order is exact
+                        var distance = TS.Zero;
+                        int dd = 0;
+                        for (; dd + TS.Width <= dim; dd += TS.Width)
                         {
-                            var yv = Vector256.Load(y + d);
-                            var (lower, upper) = Vector256.Widen(yv);
-                            (Vector256.Load(sum + d) + lower).Store(sum + d);
-                            (Vector256.Load(sum + d + 4) + upper).Store(sum + d + 4);
-                            var e = yv - Vector256.Load(m + d);
-                            distance = Vector256.FusedMultiplyAdd(e, e, distance);
+                            var e = TS.Sub(TS.Load(y + dd), TS.Load(m + dd));
+                            distance = TS.MulAdd(e, e, distance);
                         }
-                        double tail = Vector256.Sum(distance);
-                        for (; d < dim; d++)
+                        double tail = TS.ReduceSum(distance);
+                        for (; dd < dim; dd++)
                         {
-                            sum[d] += y[d];
-                            double e = (double)y[d] - m[d];
+                            double e = (double)y[dd] - m[dd];
                             tail += e * e;
                         }
                         counts[best] += 1;
@@ -340,44 +311,58 @@ internal static unsafe class FusedKMeansAssign
         };
         float* grad = (float*)FusedBlockSparseAttention.Pointer(dx);
         int chunks = (seqLen + TaskTokens - 1) / TaskTokens;
-        Parallel.For(0, batch * heads * chunks, new ParallelOptions { MaxDegreeOfParallelism = a.Threads }, [MethodImpl(MethodImplOptions.AggressiveOptimization)] (task) =>
+        Parallel.For(0, batch * heads * chunks, new ParallelOptions { MaxDegreeOfParallelism = a.Threads }, task =>
         {
-            int row = task / chunks, chunk = task % chunks, b = row / heads, head = row % heads;
-            int t0 = chunk * TaskTokens, t1 = Math.Min(seqLen, t0 + TaskTokens);
-            float* y = stackalloc float[dim];
-            float* u = stackalloc float[dim];
-            for (int t = t0; t < t1; t++)
-            {
-                long at = ((long)row * seqLen + t) * dim;
-                float* g = grad + at;
-                long c = a.Nearest[(long)row * seqLen + t];
-                if (c < 0 || (a.Mask is not null && a.Mask[(long)b * seqLen + t] == 0))
-                {
-                    new Span<float>(g, dim).Clear();
-                    continue;
-                }
-                float* xt = a.X + at;
-                float r = NormalizeRow(xt, y, dim, a.LayerNorm);
-                float* m = a.Centroids + ((long)head * clusters + c) * dim;
-                int d;
-                var twoScale = Vector256.Create(2 * scale);
-                for (d = 0; d + 8 <= dim; d += 8) ((Vector256.Load(y + d) - Vector256.Load(m + d)) * twoScale).Store(u + d);
-                for (; d < dim; d++) u[d] = 2 * scale * (y[d] - m[d]);                // ∂/∂x̂
-                if (!a.LayerNorm && r < 0)
-                {
-                    for (d = 0; d < dim; d++) g[d] = u[d] * -r;                        // |x| < ε: x̂ = x / ε
-                    continue;
-                }
-                // L2: g = (u − x̂ (x̂·u)) r;  LayerNorm: g = (u − mean(u) − x̂ mean(x̂ u)) r.
-                float yu = Dot(y, u, dim), shift = 0;
-                if (a.LayerNorm) { yu /= dim; shift = Sum(u, dim) / dim; }
-                var (yuv, sv, rv) = (Vector256.Create(yu), Vector256.Create(shift), Vector256.Create(r));
-                for (d = 0; d + 8 <= dim; d += 8)
-                    ((Vector256.Load(u + d) - sv - Vector256.Load(y + d) * yuv) * rv).Store(g + d);
-                for (; d < dim; d++) g[d] = (u[d] - shift - y[d] * yu) * r;
-            }
+            var call = new BackwardCall(a, task, chunks, grad, scale);
+            SimdWidth.Run(ref call);
         });
         GC.KeepAlive(x); GC.KeepAlive(nearest); GC.KeepAlive(h.Mask); GC.KeepAlive(h.Centroids); GC.KeepAlive(dx);
         return dx;
+    }
+
+    private readonly struct BackwardCall(Args a, int task, int chunks, float* grad, float scale) : ISimdKernel
+    {
+        public void Run<TS, TV>() where TS : struct, ISimd<TV> where TV : unmanaged => BackwardTask<TS, TV>(a, task, chunks, grad, scale);
+    }
+
+    /// <summary>dx of one task's tokens (one (batch, head) row, one chunk along T).</summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    private static void BackwardTask<TS, TV>(Args a, int task, int chunks, float* grad, float scale) where TS : struct, ISimd<TV> where TV : unmanaged
+    {
+        int heads = a.Heads, seqLen = a.SeqLen, dim = a.Dim, clusters = a.Clusters, w = TS.Width;
+        int row = task / chunks, chunk = task % chunks, b = row / heads, head = row % heads;
+        int t0 = chunk * TaskTokens, t1 = Math.Min(seqLen, t0 + TaskTokens);
+        float* y = stackalloc float[dim];
+        float* u = stackalloc float[dim];
+        for (int t = t0; t < t1; t++)
+        {
+            long at = ((long)row * seqLen + t) * dim;
+            float* g = grad + at;
+            long c = a.Nearest[(long)row * seqLen + t];
+            if (c < 0 || (a.Mask is not null && a.Mask[(long)b * seqLen + t] == 0))
+            {
+                new Span<float>(g, dim).Clear();
+                continue;
+            }
+            float* xt = a.X + at;
+            float r = NormalizeRow<TS, TV>(xt, y, dim, a.LayerNorm);
+            float* m = a.Centroids + ((long)head * clusters + c) * dim;
+            int d;
+            var twoScale = TS.Broadcast(2 * scale);
+            for (d = 0; d + w <= dim; d += w) TS.Store(u + d, TS.Mul(TS.Sub(TS.Load(y + d), TS.Load(m + d)), twoScale));
+            for (; d < dim; d++) u[d] = 2 * scale * (y[d] - m[d]);                    // ∂/∂x̂
+            if (!a.LayerNorm && r < 0)
+            {
+                for (d = 0; d < dim; d++) g[d] = u[d] * -r;                            // |x| < ε: x̂ = x / ε
+                continue;
+            }
+            // L2: g = (u − x̂ (x̂·u)) r;  LayerNorm: g = (u − mean(u) − x̂ mean(x̂ u)) r.
+            float yu = Tile<TS, TV>.Dot(y, u, dim), shift = 0;
+            if (a.LayerNorm) { yu /= dim; shift = Tile<TS, TV>.Sum(u, dim) / dim; }
+            var (yuv, sv, rv) = (TS.Broadcast(yu), TS.Broadcast(shift), TS.Broadcast(r));
+            for (d = 0; d + w <= dim; d += w)
+                TS.Store(g + d, TS.Mul(TS.Sub(TS.Sub(TS.Load(u + d), sv), TS.Mul(TS.Load(y + d), yuv)), rv));
+            for (; d < dim; d++) g[d] = (u[d] - shift - y[d] * yu) * r;
+        }
     }
 }

@@ -85,8 +85,7 @@ internal static unsafe class FusedAngularHash
         var rot = rotations.detach().to(ScalarType.Float32).contiguous();
         int batch = (int)x.shape[0], heads = (int)x.shape[1], seqLen = (int)x.shape[2], dim = (int)x.shape[3];
         int rotationHeads = (int)rot.shape[0], rounds = (int)rot.shape[1], half = (int)rot.shape[3];
-        int width = Vector512.IsHardwareAccelerated ? Vector512<float>.Count : Vector256.IsHardwareAccelerated ? Vector256<float>.Count : 1;
-        int columns = rounds * half, padded = TokenProjection.PaddedColumns(columns, width);
+        int columns = rounds * half, padded = TokenProjection.PaddedColumns(columns, SimdWidth.Bits / 32);
         // Every round's columns side by side: (Hr, D, Cp), zero beyond R·half.
         var table = new float[(long)rotationHeads * dim * padded];
         float* r0 = (float*)FusedBlockSparseAttention.Pointer(rot);
@@ -109,13 +108,19 @@ internal static unsafe class FusedAngularHash
                 float* rowTable = tp + (long)(rotationHeads == 1 ? 0 : head) * dim * padded;
                 float* rowX = xs + (long)row * seqLen * dim;
                 long* rowOut = output + (long)row * rounds * seqLen;
-                if (width == 16) HashTokens<Simd512, Vector512<float>>(rowX, dim, t0, t1, seqLen, rowTable, padded, rounds, half, rowOut);
-                else if (width == 8) HashTokens<Simd256, Vector256<float>>(rowX, dim, t0, t1, seqLen, rowTable, padded, rounds, half, rowOut);
-                else HashTokens<SimdScalar, float>(rowX, dim, t0, t1, seqLen, rowTable, padded, rounds, half, rowOut);
+                var call = new HashCall(rowX, dim, t0, t1, seqLen, rowTable, padded, rounds, half, rowOut);
+                SimdWidth.Run(ref call);
             });
         }
         GC.KeepAlive(input); GC.KeepAlive(rot); GC.KeepAlive(buckets);
         return buckets.MoveToOuterDisposeScope();
+    }
+
+    private readonly struct HashCall(float* x, int dim, int t0, int t1, int seqLen, float* table, int padded, int rounds, int half, long* output)
+        : ISimdKernel
+    {
+        public void Run<TS, TV>() where TS : struct, ISimd<TV> where TV : unmanaged =>
+            HashTokens<TS, TV>(x, dim, t0, t1, seqLen, table, padded, rounds, half, output);
     }
 
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]

@@ -6,7 +6,10 @@ namespace SparseAttention.Kernels;
 /// <summary>Which implementation computes block-sparse attention.</summary>
 public enum AttentionKernel
 {
-    /// <summary><see cref="Fused"/> for float32 CPU tensors, otherwise <see cref="Ops"/>.</summary>
+    /// <summary><see cref="Fused"/> for float32 CPU tensors when the machine has a hardware-accelerated vector width
+    /// (512, 256 or 128 bits: AVX-512, AVX2, SSE or ARM64 NEON), otherwise <see cref="Ops"/>. With no accelerated width
+    /// (e.g. <c>DOTNET_EnableHWIntrinsic=0</c>) the fused kernels would run one float at a time, slower than Ops, whose
+    /// libtorch code stays vectorised; so Auto never picks a path slower than Ops.</summary>
     Auto,
     /// <summary>C# SIMD kernels (<see cref="FusedBlockSparseAttention"/>; strided patterns by permutation,
     /// <see cref="FusedStridedAttention"/>, when that visits fewer blocks): float32 on CPU only.</summary>
@@ -45,7 +48,7 @@ public static class BlockSparseAttention
                 using (var onDevice = dense.to(q.device))
                     return ReferenceAttention.Attention(q, k, v, onDevice.unsqueeze(0), keyMask: keyMask, scale: scale);
             case AttentionKernel.Fused:
-            case AttentionKernel.Auto when FusedBlockSparseAttention.Supports(q):
+            case AttentionKernel.Auto when FusedBlockSparseAttention.PreferredFor(q):
                 // A strided pattern's strided part touches every key block in this layout; permuted it is a band.
                 return FusedStridedAttention.Handles(mask)
                     ? FusedStridedAttention.Attention(q, k, v, mask, keyMask, scale)

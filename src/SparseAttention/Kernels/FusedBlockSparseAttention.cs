@@ -18,6 +18,10 @@ public static class FusedBlockSparseAttention
     /// <summary>True when the fused kernels can run on tensors like <paramref name="q"/> (float32 on CPU).</summary>
     public static bool Supports(Tensor q) => q.device_type == DeviceType.CPU && q.dtype == ScalarType.Float32;
 
+    /// <summary>True when <see cref="AttentionKernel.Auto"/> takes the fused kernels for tensors like <paramref name="q"/>:
+    /// <see cref="Supports"/> and a hardware-accelerated vector width (<see cref="SimdWidth.Vectorised"/>).</summary>
+    internal static bool PreferredFor(Tensor q) => SimdWidth.Vectorised && Supports(q);
+
     /// <summary>Threads the fused kernels use when a call does not say; default: all processors.</summary>
     public static int DefaultThreads { get; set; } = Environment.ProcessorCount;
 

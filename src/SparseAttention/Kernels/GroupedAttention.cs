@@ -1,3 +1,4 @@
+using SparseAttention.Kernels.Fused;
 using TorchSharp;
 using static TorchSharp.torch;
 
@@ -50,7 +51,8 @@ public static class GroupedAttention
     /// <param name="memoryValues">Optional (B or 1, H, G, M, Dv) memory values; given iff <paramref name="memoryKeys"/> is.</param>
     /// <param name="scale">Score scale; default 1/√D.</param>
     /// <returns>(B, H, Tq, Dv); never NaN from masking (rows with no allowed key are zeros).</returns>
-    /// <param name="kernel">Auto: the fused kernel for float32 CPU self-attention (Tq = Tk) without memory key/values, else Ops.</param>
+    /// <param name="kernel">Auto: the fused kernel for float32 CPU self-attention (Tq = Tk) without memory key/values when the
+    /// machine has a hardware-accelerated vector width (<see cref="AttentionKernel.Auto"/>), else Ops.</param>
     public static Tensor Attention(Tensor q, Tensor k, Tensor v, Tensor queryIndices, Tensor keyIndices,
         bool causal = false, bool sharedQk = false, Tensor? keyMask = null, bool lookBackward = false,
         Tensor? memoryKeys = null, Tensor? memoryValues = null, double? scale = null, AttentionKernel kernel = AttentionKernel.Auto)
@@ -61,7 +63,7 @@ public static class GroupedAttention
             case AttentionKernel.Fused:
                 Check.That(memoryKeys is null, nameof(memoryKeys), "the fused grouped kernel does not take memory key/values; use the Ops kernel.");
                 return FusedGroupedAttention.AttentionChecked(q, k, v, queryIndices, keyIndices, causal, sharedQk, keyMask, lookBackward, scale, null);
-            case AttentionKernel.Auto when FusedGroupedAttention.Supports(q, memoryKeys) && k.shape[2] == q.shape[2]:
+            case AttentionKernel.Auto when SimdWidth.Vectorised && FusedGroupedAttention.Supports(q, memoryKeys) && k.shape[2] == q.shape[2]:
                 return FusedGroupedAttention.AttentionChecked(q, k, v, queryIndices, keyIndices, causal, sharedQk, keyMask, lookBackward, scale, null);
             case AttentionKernel.Reference:
                 throw new ArgumentException("kernel: grouped attention has Ops and Fused kernels; its oracle is ReferenceAttention with the implied mask.", nameof(kernel));
@@ -187,7 +189,8 @@ public static class GroupedAttention
     /// <param name="keyLabels">Optional (B, H, R, T) int64 label of each key per round; a pair needs equal labels.</param>
     /// <param name="dedup">Count a pair attended in several rounds once.</param>
     /// <param name="scale">Score scale; default 1/√D.</param>
-    /// <param name="kernel">Auto: fused for float32 CPU tensors, else Ops.</param>
+    /// <param name="kernel">Auto: fused for float32 CPU tensors on a machine with a hardware-accelerated vector width
+    /// (<see cref="AttentionKernel.Auto"/>), else Ops.</param>
     /// <returns>(B, H, T, Dv).</returns>
     public static Tensor MergedAttention(Tensor q, Tensor k, Tensor v, Tensor queryIndices, Tensor keyIndices, Tensor previousGroup,
         int rounds, bool causal = false, bool sharedQk = false, Tensor? keyMask = null, Tensor? queryLabels = null,
@@ -206,7 +209,7 @@ public static class GroupedAttention
         switch (kernel)
         {
             case AttentionKernel.Fused:
-            case AttentionKernel.Auto when FusedGroupedAttention.Supports(q, null):
+            case AttentionKernel.Auto when SimdWidth.Vectorised && FusedGroupedAttention.Supports(q, null):
                 return FusedGroupedAttention.MergedAttentionChecked(q, k, v, queryIndices, keyIndices, previousGroup, rounds, causal, sharedQk,
                     keyMask, queryLabels, keyLabels, dedup, scale, null);
             case AttentionKernel.Reference:

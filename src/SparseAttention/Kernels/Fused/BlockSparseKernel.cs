@@ -1,6 +1,5 @@
 using System.Runtime.CompilerServices;
 using System.Runtime.InteropServices;
-using System.Runtime.Intrinsics;
 
 namespace SparseAttention.Kernels.Fused;
 
@@ -38,16 +37,23 @@ internal static unsafe class BlockSparseKernel
 
     public static void Forward(FusedLayout layout, in KernelArgs args)
     {
-        if (Vector512.IsHardwareAccelerated) Forward<Simd512, Vector512<float>>(layout, args);
-        else if (Vector256.IsHardwareAccelerated) Forward<Simd256, Vector256<float>>(layout, args);
-        else Forward<SimdScalar, float>(layout, args);
+        var call = new Call(layout, args, backward: false);
+        SimdWidth.Run(ref call);
     }
 
     public static void Backward(FusedLayout layout, in KernelArgs args)
     {
-        if (Vector512.IsHardwareAccelerated) Backward<Simd512, Vector512<float>>(layout, args);
-        else if (Vector256.IsHardwareAccelerated) Backward<Simd256, Vector256<float>>(layout, args);
-        else Backward<SimdScalar, float>(layout, args);
+        var call = new Call(layout, args, backward: true);
+        SimdWidth.Run(ref call);
+    }
+
+    private readonly struct Call(FusedLayout layout, KernelArgs args, bool backward) : ISimdKernel
+    {
+        public void Run<TS, TV>() where TS : struct, ISimd<TV> where TV : unmanaged
+        {
+            if (backward) Backward<TS, TV>(layout, args);
+            else Forward<TS, TV>(layout, args);
+        }
     }
 
     /// <summary>

@@ -69,6 +69,27 @@ internal static class FastExp
         return ScaleByPowerOfTwo(Poly(t - n + err), n);
     }
 
+    /// <summary>2^t per lane.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public static Vector128<float> Exp2(Vector128<float> t)
+    {
+        t = Clamp(t, MinExp2, MaxExp2);
+        var n = Vector128.Round(t);
+        return ScaleByPowerOfTwo(Poly(t - n), n);
+    }
+
+    /// <summary>e^x per lane: x·log₂e and its reduction by n formed in double, which needs no fused multiply-add
+    /// (SSE-only x64 has none; there the polynomial rounds each step, see <see cref="Simd128"/>).</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public static Vector128<float> Exp(Vector128<float> x)
+    {
+        x = Clamp(x, MinExp, MaxExp);
+        var (lo, hi) = Vector128.Widen(x);
+        var log2e = Vector128.Create(1.4426950408889634);
+        Vector128<double> tl = lo * log2e, th = hi * log2e, nl = Vector128.Round(tl), nh = Vector128.Round(th);
+        return ScaleByPowerOfTwo(Poly(Vector128.Narrow(tl - nl, th - nh)), Vector128.Narrow(nl, nh));
+    }
+
     /// <summary>2^t.</summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     public static float Exp2(float t)
@@ -98,6 +119,11 @@ internal static class FastExp
         : Vector256.Min(Vector256.Max(x, Vector256.Create(lo)), Vector256.Create(hi));   // IEEE max/min: NaN propagates
 
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static Vector128<float> Clamp(Vector128<float> x, float lo, float hi) => Sse.IsSupported
+        ? Sse.Min(Vector128.Create(hi), Sse.Max(Vector128.Create(lo), x))             // minps/maxps return x when x is NaN
+        : Vector128.Min(Vector128.Max(x, Vector128.Create(lo)), Vector128.Create(hi));
+
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
     private static Vector512<float> Poly(Vector512<float> f)
     {
         var p = Vector512.FusedMultiplyAdd(Vector512.Create(C5), f, Vector512.Create(C4));
@@ -118,6 +144,16 @@ internal static class FastExp
     }
 
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static Vector128<float> Poly(Vector128<float> f)
+    {
+        var p = Vector128.MultiplyAddEstimate(Vector128.Create(C5), f, Vector128.Create(C4));
+        p = Vector128.MultiplyAddEstimate(p, f, Vector128.Create(C3));
+        p = Vector128.MultiplyAddEstimate(p, f, Vector128.Create(C2));
+        p = Vector128.MultiplyAddEstimate(p, f, Vector128.Create(C1));
+        return Vector128.MultiplyAddEstimate(p, f, Vector128<float>.One);
+    }
+
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
     private static float Poly(float f) =>
         MathF.FusedMultiplyAdd(MathF.FusedMultiplyAdd(MathF.FusedMultiplyAdd(MathF.FusedMultiplyAdd(
             MathF.FusedMultiplyAdd(C5, f, C4), f, C3), f, C2), f, C1), f, 1f);
@@ -134,5 +170,18 @@ internal static class FastExp
         var s2 = Vector256.ShiftLeft(ni - half + bias, 23).AsSingle();
         var r = p * s1 * s2;
         return Vector256.ConditionalSelect(Vector256.Equals(n, n), r, n);      // NaN in, NaN out
+    }
+
+    /// <inheritdoc cref="ScaleByPowerOfTwo(Vector256{float}, Vector256{float})"/>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static Vector128<float> ScaleByPowerOfTwo(Vector128<float> p, Vector128<float> n)
+    {
+        var ni = Vector128.ConvertToInt32(n);
+        var half = Vector128.ShiftRightArithmetic(ni, 1);
+        var bias = Vector128.Create(127);
+        var s1 = Vector128.ShiftLeft(half + bias, 23).AsSingle();
+        var s2 = Vector128.ShiftLeft(ni - half + bias, 23).AsSingle();
+        var r = p * s1 * s2;
+        return Vector128.ConditionalSelect(Vector128.Equals(n, n), r, n);
     }
 }

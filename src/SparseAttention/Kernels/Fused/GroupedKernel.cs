@@ -51,16 +51,19 @@ internal static unsafe class GroupedKernel
 
     public static void Forward(in GroupedArgs args)
     {
-        if (Vector512.IsHardwareAccelerated) Run<Simd512, Vector512<float>>(args, backward: false);
-        else if (Vector256.IsHardwareAccelerated) Run<Simd256, Vector256<float>>(args, backward: false);
-        else Run<SimdScalar, float>(args, backward: false);
+        var call = new Call(args, backward: false);
+        SimdWidth.Run(ref call);
     }
 
     public static void Backward(in GroupedArgs args)
     {
-        if (Vector512.IsHardwareAccelerated) Run<Simd512, Vector512<float>>(args, backward: true);
-        else if (Vector256.IsHardwareAccelerated) Run<Simd256, Vector256<float>>(args, backward: true);
-        else Run<SimdScalar, float>(args, backward: true);
+        var call = new Call(args, backward: true);
+        SimdWidth.Run(ref call);
+    }
+
+    private readonly struct Call(GroupedArgs args, bool backward) : ISimdKernel
+    {
+        public void Run<TS, TV>() where TS : struct, ISimd<TV> where TV : unmanaged => GroupedKernel.Run<TS, TV>(args, backward);
     }
 
     /// <summary>

@@ -119,12 +119,12 @@ internal static unsafe class Tile<TS, TV> where TS : struct, ISimd<TV> where TV 
     private static void Put(float* c, TV v, bool accumulate) => TS.Store(c, accumulate ? TS.Add(TS.Load(c), v) : v);
 
     /// <summary>dst (cols × rows, row stride ldd) = scale · srcᵀ for src (rows × cols, row stride lds):
-    /// 8×8 blocks transposed in registers (24 shuffles per 64 floats), scalar edges.</summary>
+    /// on the 256/512-bit paths 8×8 blocks transposed in registers (24 shuffles per 64 floats), scalar edges.</summary>
     [MethodImpl(Hot)]
     public static void Transpose(float* src, int rows, int cols, int lds, float* dst, int ldd, float scale)
     {
         int r0 = 0;
-        if (Avx.IsSupported)
+        if (TS.Width >= 8 && Avx.IsSupported)                                  // the 128-bit path stays 128-bit (as on ARM64)
         {
             var s = Vector256.Create(scale);
             for (; r0 + 8 <= rows; r0 += 8)
@@ -281,6 +281,18 @@ internal static unsafe class Tile<TS, TV> where TS : struct, ISimd<TV> where TV 
         for (; j + w <= n; j += w) acc = TS.MulAdd(TS.Load(x + j), TS.Load(y + j), acc);
         float sum = TS.ReduceSum(acc);
         for (; j < n; j++) sum += x[j] * y[j];
+        return sum;
+    }
+
+    /// <summary>Σ x[j].</summary>
+    [MethodImpl(Hot)]
+    public static float Sum(float* x, int n)
+    {
+        int w = TS.Width, j = 0;
+        TV acc = TS.Zero;
+        for (; j + w <= n; j += w) acc = TS.Add(acc, TS.Load(x + j));
+        float sum = TS.ReduceSum(acc);
+        for (; j < n; j++) sum += x[j];
         return sum;
     }
 
