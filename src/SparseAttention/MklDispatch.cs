@@ -57,7 +57,7 @@ public static partial class MklDispatch
     private static unsafe MklDispatchStatus Apply()
     {
         if (Environment.GetEnvironmentVariable(OptOutVariable) == "1") return MklDispatchStatus.OptedOut;
-        if (!OperatingSystem.IsLinux() || RuntimeInformation.ProcessArchitecture != Architecture.X64 || !Avx512F.IsSupported)
+        if (!OperatingSystem.IsLinux() || RuntimeInformation.ProcessArchitecture != Architecture.X64 || !CpuHasAvx512F())
             return MklDispatchStatus.NotApplicable;
         torch.InitializeDeviceType(DeviceType.CPU);   // loads libtorch_cpu.so, where MKL lives (no tensor is allocated)
         nint library = DlOpen("libtorch_cpu.so", RtldNow | RtldNoLoad);
@@ -73,6 +73,15 @@ public static partial class MklDispatch
         if (*cache != -1 && *cache != 0) return MklDispatchStatus.Unrecognised;   // -1 = not asked yet, 0 = not Intel
         *cache = 1;
         return MklDispatchStatus.Applied;
+    }
+
+    /// <summary>Whether the CPU (not .NET's own vector settings, which DOTNET_EnableAVX512=0 and the like switch off)
+    /// has AVX-512F: CPUID leaf 7, EBX bit 16.</summary>
+    private static bool CpuHasAvx512F()
+    {
+        if (!X86Base.IsSupported) return Avx512F.IsSupported;
+        var (_, ebx, _, _) = X86Base.CpuId(7, 0);
+        return (ebx & (1 << 16)) != 0;
     }
 
     private const int RtldNow = 2, RtldNoLoad = 4;
