@@ -26,7 +26,7 @@ public static class CliApp
         root.Add(PatternCommand.Create());
         root.Add(BenchCommand.Create()); root.Add(TrainCommand.Create()); root.Add(DemoCommand.Create());
         root.Add(SampleCommand.Create()); root.Add(EvalCommand.Create()); root.Add(PlotCommand.Create());
-        root.Add(ExportCommand.Create()); root.Add(ImportCommand.Create());
+        root.Add(ExportCommand.Create()); root.Add(ImportCommand.Create()); root.Add(CompareCommand.Create());
         return root;
     }
 
