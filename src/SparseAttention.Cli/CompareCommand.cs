@@ -111,7 +111,8 @@ internal sealed class CompareCommand
 
     private int Execute(ParseResult parse)
     {
-        var output = parse.InvocationConfiguration.Output;
+        // With --json, standard output carries only the report; progress goes to standard error.
+        var output = parse.GetValue(jsonOption) ? parse.InvocationConfiguration.Error : parse.InvocationConfiguration.Output;
         string outDir = parse.GetValue(outOption)!;
         double? minutes = parse.GetValue(budgetMinutesOption);
         long? tokens = parse.GetValue(budgetTokensOption);
@@ -163,7 +164,7 @@ internal sealed class CompareCommand
             output.WriteLine("stopped before every configuration finished; run the same command again to continue.");
             return CliApp.Ok;
         }
-        return Report(entries, plan, outDir, parse.GetValue(jsonOption), output);
+        return Report(entries, plan, outDir, parse.GetValue(jsonOption), parse.InvocationConfiguration.Output);
     }
 
     /// <summary>Parses each --config: "[NAME=]PRESET|FILE[:set k=v,...]" (commas inside [...] or {...} belong to the value).</summary>
