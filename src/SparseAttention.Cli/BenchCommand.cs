@@ -289,14 +289,17 @@ internal sealed class BenchCommand
         // the most AnonHugePages seen while the kernel rows' inputs were resident.
         string hugePages = TorchAllocator.NativeVariable(TorchAllocator.HugePagesVariable) ?? "unset";
         double hugePagesMb = Math.Round(hugePagesBytes / 1048576.0, 1);
-        stderr.WriteLine($"bench: {TorchAllocator.HugePagesVariable}={hugePages}; AnonHugePages up to {hugePagesMb:F0} MB");
+        // Which MKL kernels the GEMM rows (ours and dense attention's) ran on: see MklDispatch.
+        string mklDispatch = MklDispatch.Status?.ToString() ?? "not requested";
+        stderr.WriteLine($"bench: {TorchAllocator.HugePagesVariable}={hugePages}; AnonHugePages up to {hugePagesMb:F0} MB; MKL dispatch by CPU features: {mklDispatch}");
         if (parse.GetValue(jsonOption) is string jsonPath)
         {
             var document = new Dictionary<string, object?>
             {
                 ["threads"] = threads, ["gemm_gflops"] = Math.Round(gemm, 2), ["bf16_gemm_gflops"] = Math.Round(bf16, 2),
                 ["fma_peak_gflops"] = Math.Round(peak, 2), ["fma_vector_bits"] = vectorBits,
-                ["thp_mem_alloc_enable"] = hugePages, ["anon_huge_pages_mb"] = hugePagesMb, ["results"] = results,
+                ["thp_mem_alloc_enable"] = hugePages, ["anon_huge_pages_mb"] = hugePagesMb, ["mkl_dispatch_by_features"] = mklDispatch,
+                ["results"] = results,
             };
             if (model) document["model_results"] = modelResults;
             AtomicFile.WriteAllText(jsonPath, JsonSerializer.Serialize(document, new JsonSerializerOptions { WriteIndented = true }));

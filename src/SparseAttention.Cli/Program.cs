@@ -1,3 +1,5 @@
 // First, before libtorch allocates anything: large tensors on transparent huge pages (unless the user set the variable).
 SparseAttention.TorchAllocator.EnableTransparentHugePages();
+// Then, before the first matrix product: MKL picks its float32 kernels by the CPU's instruction sets, not its vendor.
+SparseAttention.MklDispatch.UseCpuFeatures();
 return SparseAttention.Cli.CliApp.Run(args, Console.Out, Console.Error);

@@ -52,16 +52,18 @@ public sealed class TorchAllocatorTests
         }
     }
 
-    /// <summary>Runs <c>sparse-attn bench</c> (built beside the tests) in a child process and reads the THP fields of its JSON.</summary>
-    private static (string Variable, double HugePagesMb) BenchInChild(string? userValue)
+    /// <summary>Runs <c>sparse-attn bench</c> (built beside the tests) in a child process, with <paramref name="environment"/>
+    /// applied (null = variable removed), and returns the root of its JSON.</summary>
+    internal static JsonElement BenchInChild(IReadOnlyDictionary<string, string?> environment)
     {
-        string json = Path.Combine(Path.GetTempPath(), $"bench-thp-{Guid.NewGuid():N}.json");
+        string json = Path.Combine(Path.GetTempPath(), $"bench-child-{Guid.NewGuid():N}.json");
         var start = new ProcessStartInfo("dotnet") { RedirectStandardOutput = true, RedirectStandardError = true };
         foreach (var arg in new[] { Path.Combine(AppContext.BaseDirectory, "sparse-attn.dll"), "bench", "--seq-lens", "2048", "--attention", "dense",
                      "--pass", "forward", "--runs", "1", "--json", json })
             start.ArgumentList.Add(arg);
-        start.Environment.Remove(TorchAllocator.HugePagesVariable);
-        if (userValue is not null) start.Environment[TorchAllocator.HugePagesVariable] = userValue;
+        foreach (var (name, value) in environment)
+            if (value is null) start.Environment.Remove(name);
+            else start.Environment[name] = value;
         try
         {
             using var child = Process.Start(start)!;
@@ -70,8 +72,14 @@ public sealed class TorchAllocatorTests
             child.WaitForExit();
             Assert.True(child.ExitCode == 0, $"sparse-attn bench exited {child.ExitCode}:\n{stderr.Result}");
             using var doc = JsonDocument.Parse(File.ReadAllText(json));
-            return (doc.RootElement.GetProperty("thp_mem_alloc_enable").GetString()!, doc.RootElement.GetProperty("anon_huge_pages_mb").GetDouble());
+            return doc.RootElement.Clone();
         }
         finally { File.Delete(json); }
+    }
+
+    private static (string Variable, double HugePagesMb) BenchInChild(string? userValue)
+    {
+        var root = BenchInChild(new Dictionary<string, string?> { [TorchAllocator.HugePagesVariable] = userValue });
+        return (root.GetProperty("thp_mem_alloc_enable").GetString()!, root.GetProperty("anon_huge_pages_mb").GetDouble());
     }
 }
