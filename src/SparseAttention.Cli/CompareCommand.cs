@@ -158,7 +158,7 @@ internal sealed class CompareCommand
 
         var pending = entries.Where(e => ReadResult(outDir, e.Name) is null).ToList();
         foreach (var e in entries.Except(pending)) output.WriteLine($"{e.Name}: finished earlier, skipped");
-        bool completed = parallel > 1 ? RunChildren(parse, pending, outDir, parallel, threads, output) : RunInProcess(pending, plan, outDir, threads, output);
+        bool completed = parallel > 1 ? RunChildren(parse, pending, plan, outDir, parallel, threads, output) : RunInProcess(pending, plan, outDir, threads, output);
         if (!completed)
         {
             output.WriteLine("stopped before every configuration finished; run the same command again to continue.");
@@ -257,9 +257,8 @@ internal sealed class CompareCommand
         Console.CancelKeyPress += OnCancel;
         try
         {
-            bool interactive = ReferenceEquals(output, Console.Out) && !Console.IsOutputRedirected && AnsiConsole.Profile.Capabilities.Interactive;
             bool all = true;
-            if (interactive)
+            if (Interactive(output))
                 AnsiConsole.Progress().AutoClear(false)
                     .Columns(new TaskDescriptionColumn { Alignment = Justify.Left }, new ProgressBarColumn(), new PercentageColumn(), new RemainingTimeColumn())
                     .Start(ctx =>
@@ -372,8 +371,7 @@ internal sealed class CompareCommand
                     return false;
                 }
             }
-            if (Checkpoint.List(dir) is { Count: > 0 } list && list[^1].Step == trainer.Step) { }
-            else Save();
+            if (Checkpoint.List(dir) is not { Count: > 0 } saved || saved[^1].Step != trainer.Step) Save();
             var (bits, _) = trainer.ValidationBitsByPosition(plan.Buckets);
             var points = ReadLog(logPath);
             var result = new Result(entry.Name, entry.Spec, parameters, trainer.Step, trainer.TokensSeen, Math.Round(trainer.ElapsedSeconds, 3),
@@ -404,52 +402,82 @@ internal sealed class CompareCommand
     }
 
     /// <summary>Runs the pending configurations as child processes (<c>compare ... --only NAME</c>), up to
-    /// <paramref name="parallel"/> at a time; each child's output goes to NAME/run.txt. Returns whether all finished.</summary>
-    private bool RunChildren(ParseResult parse, List<Entry> pending, string outDir, int parallel, int? threads, TextWriter output)
+    /// <paramref name="parallel"/> at a time; each child's output goes to NAME/run.txt, its progress is read from its
+    /// log.jsonl. Returns whether all finished (false after Ctrl-C: the children save a checkpoint and stop).</summary>
+    private bool RunChildren(ParseResult parse, List<Entry> pending, Plan plan, string outDir, int parallel, int? threads, TextWriter output)
     {
         var queue = new Queue<Entry>(pending);
         var running = new List<(Entry Entry, Process Process)>();
-        bool ok = true;
+        bool failed = false, stopped = false;
         var baseArgs = new List<string> { "compare", "--data", parse.GetValue(dataOption)!, "--out", outDir };
         foreach (var spec in parse.GetValue(configOption)!) baseArgs.AddRange(["--config", spec]);
         foreach (Option o in new Option[] { budgetMinutesOption, budgetTokensOption, seqLenOption, batchSizeOption, evalEveryOption, evalBatchesOption, bucketsOption, lrOption, warmupOption, seedOption })
             if (parse.GetResult(o) is { Implicit: false } given) baseArgs.AddRange([o.Name, .. given.Tokens.Select(t => t.Value)]);
         baseArgs.AddRange(["--threads-per-run", threads!.Value.ToString(CultureInfo.InvariantCulture)]);
-        try
+        // Ctrl-C reaches the children too (same process group); this process waits for them to save and stop.
+        void OnCancel(object? sender, ConsoleCancelEventArgs e) { e.Cancel = true; stopped = true; }
+        Console.CancelKeyPress += OnCancel;
+        void Loop(Action<string, string, double>? progress)
         {
             while (queue.Count > 0 || running.Count > 0)
             {
-                while (running.Count < parallel && queue.Count > 0 && ok)
+                while (running.Count < parallel && queue.Count > 0 && !failed && !stopped)
                 {
                     var e = queue.Dequeue();
+                    string log = Path.Combine(outDir, e.Name, "run.txt");
                     Directory.CreateDirectory(Path.Combine(outDir, e.Name));
-                    running.Add((e, StartChild([.. baseArgs, "--only", e.Name], Path.Combine(outDir, e.Name, "run.txt"))));
-                    output.WriteLine($"{e.Name}: started (process {running[^1].Process.Id}, {threads} thread(s), output in {Path.Combine(outDir, e.Name, "run.txt")})");
+                    running.Add((e, StartChild([.. baseArgs, "--only", e.Name], log)));
+                    output.WriteLine($"{e.Name}: started (process {running[^1].Process.Id}, {threads} thread(s), output in {log})");
                 }
-                if (!ok) queue.Clear();
+                if (failed || stopped) queue.Clear();
                 Thread.Sleep(500);
+                foreach (var (e, _) in running)
+                    if (progress is not null && ReadLog(Path.Combine(outDir, e.Name, "log.jsonl")) is { Count: > 0 } points)
+                    {
+                        var last = points[^1];
+                        double fraction = plan.MaxSteps is long ms ? (double)last.Step / ms : last.TrainSeconds / (plan.BudgetMinutes!.Value * 60);
+                        progress(e.Name, $"step {last.Step}  val_bpc {last.ValBpc:F3}  {last.TokensPerSecond ?? 0:F0} tok/s", Math.Min(1, fraction));
+                    }
                 foreach (var (e, p) in running.Where(r => r.Process.HasExited).ToList())
                 {
                     running.RemoveAll(r => r.Process == p);
                     var result = ReadResult(outDir, e.Name);
-                    if (p.ExitCode != 0 || result is null)
+                    if (result is not null) output.WriteLine($"{e.Name}: done, step {result.Steps}, val_bpc {result.ValBpc:F4}, {result.TokensPerSecond:F0} tok/s");
+                    else if (p.ExitCode == 0) { stopped = true; output.WriteLine($"{e.Name}: stopped; the same command continues it."); }
+                    else
                     {
-                        ok = false;
-                        string tail = File.Exists(Path.Combine(outDir, e.Name, "run.txt")) ? File.ReadLines(Path.Combine(outDir, e.Name, "run.txt")).LastOrDefault() ?? "" : "";
-                        output.WriteLine($"{e.Name}: ended with exit code {p.ExitCode} without a result: {tail}");
+                        failed = true;
+                        string log = Path.Combine(outDir, e.Name, "run.txt");
+                        output.WriteLine($"{e.Name}: ended with exit code {p.ExitCode} without a result: {(File.Exists(log) ? File.ReadLines(log).LastOrDefault() : "")}");
                     }
-                    else output.WriteLine($"{e.Name}: done, step {result.Steps}, val_bpc {result.ValBpc:F4}, {result.TokensPerSecond:F0} tok/s");
+                    progress?.Invoke(e.Name, result is null ? "stopped" : $"done  val_bpc {result.ValBpc:F3}", result is null ? 0 : 1);
                     p.Dispose();
                 }
             }
         }
+        try
+        {
+            if (Interactive(output))
+                AnsiConsole.Progress().AutoClear(false)
+                    .Columns(new TaskDescriptionColumn { Alignment = Justify.Left }, new ProgressBarColumn(), new PercentageColumn(), new RemainingTimeColumn())
+                    .Start(ctx =>
+                    {
+                        var tasks = pending.ToDictionary(e => e.Name, e => ctx.AddTask(Markup.Escape(e.Name), maxValue: 1.0));
+                        Loop((name, text, fraction) => { tasks[name].Description = Markup.Escape($"{name}: {text}"); tasks[name].Value = fraction; });
+                    });
+            else Loop(null);
+        }
         finally
         {
+            Console.CancelKeyPress -= OnCancel;
             foreach (var (_, p) in running) { try { p.Kill(); } catch (InvalidOperationException) { } p.Dispose(); }
         }
-        if (!ok) throw new CliFailureException("compare: a configuration failed; see its run.txt (finished configurations are kept; the same command continues).");
-        return true;
+        if (failed) throw new CliFailureException("compare: a configuration failed; see its run.txt (finished configurations are kept; the same command continues).");
+        return !stopped;
     }
+
+    private static bool Interactive(TextWriter output) =>
+        ReferenceEquals(output, Console.Out) && !Console.IsOutputRedirected && AnsiConsole.Profile.Capabilities.Interactive;
 
     /// <summary>Starts this tool again (the apphost when running as one, else <c>dotnet sparse-attn.dll</c>) with
     /// <paramref name="args"/>, standard output and error appended to <paramref name="logPath"/>.</summary>
