@@ -17,7 +17,8 @@ namespace SparseAttention.Cli;
 /// </summary>
 /// <remarks>
 /// Time counts training steps only (evaluation and checkpointing are excluded), so the curves' time axis is the same
-/// quantity for every configuration. Equal-token runs decay the learning rate (cosine) to the budget's step count;
+/// quantity for every configuration. On a machine shared with other work, wall-clock time depends on the load;
+/// <c>--budget-cpu-minutes</c> budgets the process's CPU time spent in training steps instead, which the load barely changes. Equal-token runs decay the learning rate (cosine) to the budget's step count;
 /// equal-time runs, whose step count is not known in advance, keep the learning rate constant after warm-up.
 /// With <c>--parallel N</c> the configurations run as N child processes at a time (each with --threads-per-run threads,
 /// default 1): on a 2-core machine two one-thread runs side by side share the machine fairly during the whole budget.
@@ -33,6 +34,7 @@ internal sealed class CompareCommand
         Required = true,
     };
     private readonly Option<double?> budgetMinutesOption = new("--budget-minutes") { HelpName = "M", Description = "Equal training time: each configuration trains M minutes (time of training steps, without evaluation)." };
+    private readonly Option<double?> budgetCpuMinutesOption = new("--budget-cpu-minutes") { HelpName = "M", Description = "Equal CPU time: each configuration trains until its training steps used M minutes of its process's CPU time (fair on a loaded machine, where wall-clock is not; meant for one thread per run)." };
     private readonly Option<long?> budgetTokensOption = new("--budget-tokens") { HelpName = "N", Description = "Equal tokens: each configuration trains ⌈N / (batch · seq_len)⌉ steps (reproducible bit for bit)." };
     private readonly Option<int?> seqLenOption = new("--seq-len") { HelpName = "T", Description = "Tokens per training window (default: the first configuration's max_seq_len; routing heads need exactly max_seq_len)." };
     private readonly Option<int> batchSizeOption = new("--batch-size") { HelpName = "B", Description = "Windows per step.", DefaultValueFactory = _ => 4 };
@@ -57,7 +59,7 @@ internal sealed class CompareCommand
     {
         var self = new CompareCommand();
         var command = new Command("compare", "Train several configurations on the same data and budget (equal time or equal tokens); table, JSON and PNG of val bpc against time, tokens and position.");
-        foreach (var option in new Option[] { self.dataOption, self.outOption, self.configOption, self.budgetMinutesOption, self.budgetTokensOption, self.seqLenOption,
+        foreach (var option in new Option[] { self.dataOption, self.outOption, self.configOption, self.budgetMinutesOption, self.budgetCpuMinutesOption, self.budgetTokensOption, self.seqLenOption,
                      self.batchSizeOption, self.threadsOption, self.parallelOption, self.evalEveryOption, self.evalBatchesOption, self.bucketsOption, self.lrOption,
                      self.warmupOption, self.seedOption, self.jsonOption, self.onlyOption })
             command.Add(option);
@@ -72,8 +74,17 @@ internal sealed class CompareCommand
         [property: JsonPropertyName("budget_tokens")] long? BudgetTokens,
         [property: JsonPropertyName("options")] TrainingOptions Options,
         [property: JsonPropertyName("eval_every")] int EvalEvery,
-        [property: JsonPropertyName("position_buckets")] int Buckets)
+        [property: JsonPropertyName("position_buckets")] int Buckets,
+        [property: JsonPropertyName("budget_cpu_minutes")] double? BudgetCpuMinutes = null)
     {
+        /// <summary>Fraction of the budget spent at <paramref name="step"/> after <paramref name="seconds"/> of training and <paramref name="cpuSeconds"/> of CPU time.</summary>
+        public double Spent(long step, double seconds, double cpuSeconds) =>
+            MaxSteps is long ms ? (double)step / ms : BudgetCpuMinutes is double c ? cpuSeconds / (c * 60) : seconds / (BudgetMinutes!.Value * 60);
+
+        /// <summary>"20 minutes of training", "20 CPU minutes of training" or "1,000 tokens (N steps)".</summary>
+        public string Describe() => MaxSteps is long ms ? $"{BudgetTokens:N0} tokens ({ms} steps)" :
+            BudgetCpuMinutes is double c ? $"{c} CPU minutes of training" : $"{BudgetMinutes} minutes of training";
+
         /// <summary>Steps of the equal-token budget; null for equal time.</summary>
         public long? MaxSteps => BudgetTokens is long n ? (n + (long)Options.BatchSize * Options.SeqLen - 1) / ((long)Options.BatchSize * Options.SeqLen) : null;
     }
@@ -89,6 +100,7 @@ internal sealed class CompareCommand
         [property: JsonPropertyName("steps")] long Steps,
         [property: JsonPropertyName("tokens")] long Tokens,
         [property: JsonPropertyName("train_seconds")] double TrainSeconds,
+        [property: JsonPropertyName("cpu_seconds")] double? CpuSeconds,
         [property: JsonPropertyName("tokens_per_s")] double TokensPerSecond,
         [property: JsonPropertyName("val_bpc")] double ValBpc,
         [property: JsonPropertyName("bpc_by_position")] double[] BpcByPosition,
@@ -104,7 +116,8 @@ internal sealed class CompareCommand
         [property: JsonPropertyName("loss")] double? Loss,
         [property: JsonPropertyName("val_bpc")] double ValBpc,
         [property: JsonPropertyName("tokens_per_s")] double? TokensPerSecond,
-        [property: JsonPropertyName("peak_rss_mb")] double PeakRssMb);
+        [property: JsonPropertyName("peak_rss_mb")] double PeakRssMb,
+        [property: JsonPropertyName("cpu_seconds")] double? CpuSeconds = null);
 
     private static readonly JsonSerializerOptions Json = new() { WriteIndented = true };
     private static readonly JsonSerializerOptions Line = new();
@@ -114,10 +127,12 @@ internal sealed class CompareCommand
         // With --json, standard output carries only the report; progress goes to standard error.
         var output = parse.GetValue(jsonOption) ? parse.InvocationConfiguration.Error : parse.InvocationConfiguration.Output;
         string outDir = parse.GetValue(outOption)!;
-        double? minutes = parse.GetValue(budgetMinutesOption);
+        double? minutes = parse.GetValue(budgetMinutesOption), cpuMinutes = parse.GetValue(budgetCpuMinutesOption);
         long? tokens = parse.GetValue(budgetTokensOption);
-        if ((minutes is null) == (tokens is null)) throw new CliUsageException("--budget-minutes / --budget-tokens: give exactly one (equal training time or equal tokens).");
-        if (minutes is double m && !(m > 0 && double.IsFinite(m))) throw new CliUsageException($"--budget-minutes must be > 0, got {m}.");
+        if (new object?[] { minutes, cpuMinutes, tokens }.Count(b => b is not null) != 1)
+            throw new CliUsageException("--budget-minutes / --budget-cpu-minutes / --budget-tokens: give exactly one (equal training time, CPU time or tokens).");
+        foreach (var (name, value) in new[] { ("--budget-minutes", minutes), ("--budget-cpu-minutes", cpuMinutes) })
+            if (value is double m && !(m > 0 && double.IsFinite(m))) throw new CliUsageException($"{name} must be > 0, got {m}.");
         if (tokens is <= 0) throw new CliUsageException($"--budget-tokens must be > 0, got {tokens}.");
         foreach (var o in new[] { batchSizeOption, parallelOption, evalEveryOption, evalBatchesOption, bucketsOption, warmupOption })
             if (parse.GetValue(o) <= 0 && !(o == warmupOption && parse.GetValue(o) == 0)) throw new CliUsageException($"{o.Name} must be > 0, got {parse.GetValue(o)}.");
@@ -135,7 +150,7 @@ internal sealed class CompareCommand
             SeqLen = seqLen, BatchSize = parse.GetValue(batchSizeOption), LearningRate = parse.GetValue(lrOption), WarmupSteps = parse.GetValue(warmupOption),
             EvalBatches = parse.GetValue(evalBatchesOption), Seed = parse.GetValue(seedOption),
         };
-        var plan = new Plan(Path.GetFullPath(parse.GetValue(dataOption)!), minutes, tokens, options, parse.GetValue(evalEveryOption), parse.GetValue(bucketsOption));
+        var plan = new Plan(Path.GetFullPath(parse.GetValue(dataOption)!), minutes, tokens, options, parse.GetValue(evalEveryOption), parse.GetValue(bucketsOption), cpuMinutes);
         // Equal tokens: cosine decay to the budget's last step; equal time: constant after warm-up (the step count is unknown).
         plan = plan with { Options = plan.MaxSteps is long steps ? options with { DecaySteps = (int)Math.Min(int.MaxValue, steps) } : options with { DecaySteps = 1, MinLrRatio = 1 } };
         try { plan.Options.Validate(); }
@@ -291,6 +306,7 @@ internal sealed class CompareCommand
         string logPath = Path.Combine(dir, "log.jsonl");
         BenchCommand.ResetPeakRss();                                       // this configuration's own peak (sequential runs share a process)
         Trainer trainer;
+        double cpuSeconds = 0;                                             // CPU time of training steps over all sessions
         var existing = Checkpoint.List(dir);
         if (existing.Count > 0)
         {
@@ -302,6 +318,7 @@ internal sealed class CompareCommand
                 throw new CliUsageException($"--out: {dir} was trained with other training options; give the same options or another --out.");
             trainer = Checkpoint.Load(existing[^1].Path, corpus.Train, corpus.Validation);
             TrimLog(logPath, trainer.Step);
+            cpuSeconds = ReadLog(logPath).LastOrDefault()?.CpuSeconds ?? 0;     // checkpoints are saved right after an evaluation
             output.WriteLine($"{entry.Name}: resumed at step {trainer.Step} ({trainer.TokensSeen:N0} tokens, {trainer.ElapsedSeconds:F0} s trained)");
         }
         else
@@ -315,8 +332,8 @@ internal sealed class CompareCommand
         {
             long parameters = trainer.Model.parameters().Sum(p => p.numel());
             output.WriteLine($"{entry.Name}: {parameters:N0} parameters, seq_len {plan.Options.SeqLen}, batch {plan.Options.BatchSize}, " +
-                             (plan.MaxSteps is long ms ? $"{ms} steps ({plan.BudgetTokens:N0} tokens)" : $"{plan.BudgetMinutes} minutes of training"));
-            double Fraction() => Math.Min(1, plan.MaxSteps is long ms ? (double)trainer.Step / ms : trainer.ElapsedSeconds / (plan.BudgetMinutes!.Value * 60));
+                             plan.Describe());
+            double Fraction() => Math.Min(1, plan.Spent(trainer.Step, trainer.ElapsedSeconds, cpuSeconds));
             bool Done() => Fraction() >= 1;
             double lossSum = 0;
             int lossCount = 0;
@@ -328,7 +345,8 @@ internal sealed class CompareCommand
                 if (!double.IsFinite(bpc))
                     throw new CliFailureException($"{entry.Name}: training diverged (val bpc {bpc} at step {trainer.Step}); try a lower --lr.");
                 var point = new Point(trainer.Step, trainer.TokensSeen, Math.Round(trainer.ElapsedSeconds, 3), lossCount > 0 ? Math.Round(lossSum / lossCount, 6) : null,
-                    Math.Round(bpc, 6), intervalSeconds > 0 ? Math.Round(intervalTokens / intervalSeconds, 1) : null, Math.Round(BenchCommand.PeakRssMb(), 1));
+                    Math.Round(bpc, 6), intervalSeconds > 0 ? Math.Round(intervalTokens / intervalSeconds, 1) : null, Math.Round(BenchCommand.PeakRssMb(), 1),
+                    Math.Round(cpuSeconds, 3));
                 File.AppendAllText(logPath, JsonSerializer.Serialize(point, Line) + "\n");
                 string line = $"step {trainer.Step}  val_bpc {bpc:F4}  {(point.TokensPerSecond is double t ? $"{t:F0} tok/s" : "")}";
                 if (report is null) output.WriteLine($"{entry.Name}: {line}");
@@ -344,9 +362,11 @@ internal sealed class CompareCommand
             var watch = new Stopwatch();
             while (!Done())
             {
+                var cpu = Environment.CpuUsage.TotalTime;
                 watch.Restart();
                 var r = trainer.TrainStep();
                 watch.Stop();
+                cpuSeconds += (Environment.CpuUsage.TotalTime - cpu).TotalSeconds;
                 trainer.ElapsedSeconds += watch.Elapsed.TotalSeconds;     // training time only: evaluation and saving are not counted
                 intervalSeconds += watch.Elapsed.TotalSeconds;
                 intervalTokens += r.Tokens;
@@ -374,7 +394,7 @@ internal sealed class CompareCommand
             if (Checkpoint.List(dir) is not { Count: > 0 } saved || saved[^1].Step != trainer.Step) Save();
             var (bits, _) = trainer.ValidationBitsByPosition(plan.Buckets);
             var points = ReadLog(logPath);
-            var result = new Result(entry.Name, entry.Spec, parameters, trainer.Step, trainer.TokensSeen, Math.Round(trainer.ElapsedSeconds, 3),
+            var result = new Result(entry.Name, entry.Spec, parameters, trainer.Step, trainer.TokensSeen, Math.Round(trainer.ElapsedSeconds, 3), Math.Round(cpuSeconds, 3),
                 Math.Round(trainer.TokensSeen / Math.Max(trainer.ElapsedSeconds, 1e-9), 1), points[^1].ValBpc, bits.Select(b => Math.Round(b, 6)).ToArray(),
                 (int)Math.Ceiling((double)plan.Options.SeqLen / plan.Buckets), Math.Round(Math.Max(points.Max(p => p.PeakRssMb), BenchCommand.PeakRssMb()), 1),
                 threads ?? TorchSharp.torch.get_num_threads());
@@ -411,7 +431,7 @@ internal sealed class CompareCommand
         bool failed = false, stopped = false;
         var baseArgs = new List<string> { "compare", "--data", parse.GetValue(dataOption)!, "--out", outDir };
         foreach (var spec in parse.GetValue(configOption)!) baseArgs.AddRange(["--config", spec]);
-        foreach (Option o in new Option[] { budgetMinutesOption, budgetTokensOption, seqLenOption, batchSizeOption, evalEveryOption, evalBatchesOption, bucketsOption, lrOption, warmupOption, seedOption })
+        foreach (Option o in new Option[] { budgetMinutesOption, budgetCpuMinutesOption, budgetTokensOption, seqLenOption, batchSizeOption, evalEveryOption, evalBatchesOption, bucketsOption, lrOption, warmupOption, seedOption })
             if (parse.GetResult(o) is { Implicit: false } given) baseArgs.AddRange([o.Name, .. given.Tokens.Select(t => t.Value)]);
         baseArgs.AddRange(["--threads-per-run", threads!.Value.ToString(CultureInfo.InvariantCulture)]);
         // Ctrl-C reaches the children too (same process group); this process waits for them to save and stop.
@@ -435,7 +455,7 @@ internal sealed class CompareCommand
                     if (progress is not null && ReadLog(Path.Combine(outDir, e.Name, "log.jsonl")) is { Count: > 0 } points)
                     {
                         var last = points[^1];
-                        double fraction = plan.MaxSteps is long ms ? (double)last.Step / ms : last.TrainSeconds / (plan.BudgetMinutes!.Value * 60);
+                        double fraction = plan.Spent(last.Step, last.TrainSeconds, last.CpuSeconds ?? 0);
                         progress(e.Name, $"step {last.Step}  val_bpc {last.ValBpc:F3}  {last.TokensPerSecond ?? 0:F0} tok/s", Math.Min(1, fraction));
                     }
                 foreach (var (e, p) in running.Where(r => r.Process.HasExited).ToList())
@@ -513,6 +533,7 @@ internal sealed class CompareCommand
         {
             data = plan.Data,
             budget_minutes = plan.BudgetMinutes,
+            budget_cpu_minutes = plan.BudgetCpuMinutes,
             budget_tokens = plan.BudgetTokens,
             seq_len = plan.Options.SeqLen,
             batch_size = plan.Options.BatchSize,
@@ -530,12 +551,11 @@ internal sealed class CompareCommand
         }
         var console = AnsiConsole.Create(new AnsiConsoleSettings { Out = new AnsiConsoleOutput(output), Ansi = AnsiSupport.No, ColorSystem = ColorSystemSupport.NoColors });
         console.Profile.Width = 160;
-        string budget = plan.BudgetMinutes is double m ? $"{m} min of training each" : $"{plan.BudgetTokens:N0} tokens each ({plan.MaxSteps} steps)";
-        var table = new Table().Title($"compare — {budget}, seq_len {plan.Options.SeqLen}, batch {plan.Options.BatchSize}");
-        foreach (var c in new[] { "config", "parameters", "tokens/s", "steps", "tokens", "train time", "val bpc", "bpc first / last bucket", "peak RSS MB", "threads" }) table.AddColumn(c);
+        var table = new Table().Title($"compare — {plan.Describe()} each, seq_len {plan.Options.SeqLen}, batch {plan.Options.BatchSize}");
+        foreach (var c in new[] { "config", "parameters", "tokens/s", "steps", "tokens", "train time", "CPU time", "val bpc", "bpc first / last bucket", "peak RSS MB", "threads" }) table.AddColumn(c);
         foreach (var r in results)
             table.AddRow(Markup.Escape(r.Name), r.Parameters.ToString("N0"), r.TokensPerSecond.ToString("F0"), r.Steps.ToString(), r.Tokens.ToString("N0"),
-                TimeSpan.FromSeconds(r.TrainSeconds).ToString(@"h\:mm\:ss"), r.ValBpc.ToString("F4"),
+                TimeSpan.FromSeconds(r.TrainSeconds).ToString(@"h\:mm\:ss"), r.CpuSeconds is double c ? TimeSpan.FromSeconds(c).ToString(@"h\:mm\:ss") : "–", r.ValBpc.ToString("F4"),
                 $"{r.BpcByPosition[0]:F3} / {r.BpcByPosition[^1]:F3}", r.PeakRssMb.ToString("F0"), r.Threads.ToString());
         console.Write(table);
         output.WriteLine($"bpc by position (buckets of {results[0].BucketSize} positions; same {plan.Options.EvalBatches * plan.Options.BatchSize} held-out windows for every configuration):");

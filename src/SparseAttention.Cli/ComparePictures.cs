@@ -19,7 +19,9 @@ internal static class ComparePictures
         var plots = multiplot.GetPlots();
         var panels = new (string Title, string XLabel, Func<CompareCommand.Point, double> X)[]
         {
-            ("val bpc against training time", "training time (minutes; evaluation excluded)", p => p.TrainSeconds / 60),
+            plan.BudgetCpuMinutes is null
+                ? ("val bpc against training time", "training time (minutes; evaluation excluded)", p => p.TrainSeconds / 60)
+                : ("val bpc against CPU time", "CPU time of training steps (minutes)", p => (p.CpuSeconds ?? double.NaN) / 60),
             ("val bpc against tokens", "training tokens (millions)", p => p.Tokens / 1e6),
         };
         // The first evaluation (untrained, ~8 bpc) would squash the interesting part of the curves.
@@ -56,8 +58,7 @@ internal static class ComparePictures
         byPos.XLabel($"position of the predicted byte (buckets of {runs[0].Result.BucketSize})", 13);
         byPos.YLabel("bits per byte", 13);
         byPos.ShowLegend(Alignment.UpperRight);
-        string budget = plan.BudgetMinutes is double m ? $"equal training time ({m} min each)" : $"equal tokens ({plan.BudgetTokens:N0} each)";
-        DemoPictures.Save(multiplot, path, 1800, 520, $"compare: {budget}",
+        DemoPictures.Save(multiplot, path, 1800, 520, $"compare: {plan.Describe()} each",
             $"{Path.GetFileName(plan.Data)}, seq_len {plan.Options.SeqLen}, batch {plan.Options.BatchSize}, seed {plan.Options.Seed}, " +
             $"{plan.Options.EvalBatches * plan.Options.BatchSize} held-out windows; {DateTime.UtcNow:yyyy-MM-dd}");
     }

@@ -113,19 +113,21 @@ public sealed class CliCompareTests : TrainTestBase
         Assert.True(File.Exists(Path.Combine(children, "local", "run.txt")));
     }
 
-    [Fact]
-    public void Equal_time_budget_trains_each_configuration_at_least_that_long_with_a_constant_rate_after_warm_up()
+    [Theory]
+    [InlineData("--budget-minutes", "train_seconds")]
+    [InlineData("--budget-cpu-minutes", "cpu_seconds")]
+    public void Time_budgets_train_each_configuration_at_least_that_long_with_a_constant_rate_after_warm_up(string budget, string clock)
     {
         string outDir = Path.Combine(Dir, "time");
         var args = Args(outDir).ToList();
         int at = args.IndexOf("--budget-tokens");
-        args[at] = "--budget-minutes";
+        args[at] = budget;
         args[at + 1] = "0.01";
         var r = CliRunner.Run([.. args]);
         Assert.True(r.Code == 0, r.Err);
         foreach (var result in Results(outDir).EnumerateArray())
         {
-            Assert.True(result.GetProperty("train_seconds").GetDouble() >= 0.6);
+            Assert.True(result.GetProperty(clock).GetDouble() >= 0.6);                // the stop rule: the budget is spent
             Assert.True(result.GetProperty("steps").GetInt64() > 0);
         }
         var plan = JsonDocument.Parse(File.ReadAllText(Path.Combine(outDir, "compare.json"))).RootElement.GetProperty("options");
@@ -135,6 +137,8 @@ public sealed class CliCompareTests : TrainTestBase
     [Theory]
     [InlineData(new[] { "--budget-tokens", "100", "--budget-minutes", "1" }, "give exactly one")]
     [InlineData(new string[0], "give exactly one")]
+    [InlineData(new[] { "--budget-cpu-minutes", "1", "--budget-minutes", "1" }, "give exactly one")]
+    [InlineData(new[] { "--budget-cpu-minutes", "-1" }, "--budget-cpu-minutes must be > 0, got -1")]
     [InlineData(new[] { "--budget-tokens", "0" }, "--budget-tokens must be > 0, got 0")]
     [InlineData(new[] { "--budget-tokens", "100", "--parallel", "0" }, "--parallel must be > 0, got 0")]
     [InlineData(new[] { "--budget-tokens", "100", "--position-buckets", "40" }, "--position-buckets must be at most seq_len − 1 = 15, got 40")]
