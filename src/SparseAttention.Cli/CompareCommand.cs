@@ -560,6 +560,9 @@ internal sealed class CompareCommand
         console.Write(table);
         output.WriteLine($"bpc by position (buckets of {results[0].BucketSize} positions; same {plan.Options.EvalBatches * plan.Options.BatchSize} held-out windows for every configuration):");
         foreach (var r in results) output.WriteLine($"  {r.Name}: {string.Join(" ", r.BpcByPosition.Select(b => b.ToString("F3", CultureInfo.InvariantCulture)))}");
+        // The windows' own difficulty varies by position; the difference to the first configuration cancels it.
+        foreach (var r in results.Skip(1).Where(r => r.BpcByPosition.Length == results[0].BpcByPosition.Length))
+            output.WriteLine($"  {r.Name} − {results[0].Name}: {string.Join(" ", r.BpcByPosition.Zip(results[0].BpcByPosition, (x, y) => (x - y).ToString("+0.000;-0.000", CultureInfo.InvariantCulture)))}");
         output.WriteLine($"results: {Path.Combine(outDir, "results.json")}, picture: {png}");
         return CliApp.Ok;
     }
