@@ -86,7 +86,7 @@ internal sealed class CompareCommand
             BudgetCpuMinutes is double c ? $"{c} CPU minutes of training" : $"{BudgetMinutes} minutes of training";
 
         /// <summary>Steps of the equal-token budget; null for equal time.</summary>
-        public long? MaxSteps => BudgetTokens is long n ? (n + (long)Options.BatchSize * Options.SeqLen - 1) / ((long)Options.BatchSize * Options.SeqLen) : null;
+        [JsonIgnore] public long? MaxSteps => BudgetTokens is long n ? (n + (long)Options.BatchSize * Options.SeqLen - 1) / ((long)Options.BatchSize * Options.SeqLen) : null;
     }
 
     /// <summary>One --config: its name (run folder), the text given, and the configuration it builds.</summary>
