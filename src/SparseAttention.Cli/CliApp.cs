@@ -27,7 +27,7 @@ public static class CliApp
         root.Add(BenchCommand.Create()); root.Add(TrainCommand.Create()); root.Add(DemoCommand.Create());
         root.Add(SampleCommand.Create()); root.Add(EvalCommand.Create()); root.Add(PlotCommand.Create());
         root.Add(ExportCommand.Create()); root.Add(ImportCommand.Create());
-        root.Add(ConfigCommand.Create());
+        root.Add(ConfigCommand.Create()); root.Add(CompareCommand.Create());
         return root;
     }
 

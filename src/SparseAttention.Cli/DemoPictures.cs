@@ -130,7 +130,7 @@ internal static class DemoPictures
     }
 
     /// <summary>Renders the panels under a two-line header and writes the PNG atomically.</summary>
-    private static void Save(Multiplot multiplot, string path, int width, int plotsHeight, string title, string subtitle)
+    internal static void Save(Multiplot multiplot, string path, int width, int plotsHeight, string title, string subtitle)
     {
         foreach (var plot in multiplot.GetPlots()) plot.Font.Set(SansSerif);
         int height = HeaderHeight + plotsHeight;

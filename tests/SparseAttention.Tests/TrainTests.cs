@@ -185,7 +185,7 @@ public sealed class TrainCliTests : TrainTestBase
     [Theory]
     [InlineData("--set", "no_such=1", "error: --set: unknown key 'no_such'; valid keys: num_tokens,")]
     [InlineData("--set", "heads=abc", "error: --set: heads expects an integer")]
-    [InlineData("--preset", "huge", "error: --preset: unknown preset 'huge'; expected one of: small, small-local, small-routing, tiny, ")]
+    [InlineData("--preset", "huge", "error: --preset: unknown preset 'huge'; expected one of: long-local, long-mixed, long-mixed-8k, long-routing, small, small-local, small-routing, tiny, ")]
     [InlineData("--set", "heads=3", "error: configuration: heads: Dim (16) must be divisible by Heads (3)")]
     [InlineData("--batch-size", "0", "error: --batch-size: must be > 0, got 0.")]
     [InlineData("--seq-len", "64", "error: --seq-len: must be at most max_seq_len = 16")]

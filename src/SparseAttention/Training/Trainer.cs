@@ -131,14 +131,60 @@ public sealed class Trainer : IDisposable
     /// Options.EvalBatches batches of non-overlapping windows from the start of the validation bytes (the same windows every time).</summary>
     public double ValidationBitsPerCharacter()
     {
+        double nats = 0;
+        long count = 0;
+        ForEachValidationBatch((batch, logits) =>
+        {
+            long b = batch.shape[0], seqLen = batch.shape[1];
+            nats += LanguageModelLoss.NextToken(logits, batch).item<float>() * b * (seqLen - 1);
+            count += b * (seqLen - 1);
+        });
+        return nats / count / Math.Log(2);
+    }
+
+    /// <summary>Validation bits per byte by position in the window, on the same windows as <see cref="ValidationBitsPerCharacter"/>:
+    /// the SeqLen − 1 predicted positions 1..SeqLen−1 are cut into <paramref name="buckets"/> contiguous buckets
+    /// (position t goes to bucket ⌊t·buckets / SeqLen⌋) and each bucket's mean next-byte cross-entropy / ln 2 is returned,
+    /// with the number of predictions in it. Late buckets predict from a long context: a model that uses long context gains there.</summary>
+    public (double[] Bits, long[] Counts) ValidationBitsByPosition(int buckets)
+    {
+        Check.That(buckets >= 1 && buckets <= Options.SeqLen - 1, nameof(buckets), $"must be in [1, seq_len − 1 = {Options.SeqLen - 1}], got {buckets}.");
+        var nats = new double[Options.SeqLen - 1];
+        long windows = 0;
+        ForEachValidationBatch((batch, logits) =>
+        {
+            long b = batch.shape[0], seqLen = batch.shape[1];
+            var predictions = logits.narrow(1, 0, seqLen - 1).reshape(-1, logits.shape[2]).to(ScalarType.Float64);    // (B·(T−1), 256)
+            var targets = batch.narrow(1, 1, seqLen - 1).reshape(-1);                                                 // (B·(T−1))
+            var perToken = nn.functional.cross_entropy(predictions, targets, reduction: nn.Reduction.None)
+                .reshape(b, seqLen - 1).sum(0L);                                                                       // (T−1)
+            var values = perToken.data<double>().ToArray();
+            for (int i = 0; i < values.Length; i++) nats[i] += values[i];
+            windows += b;
+        });
+        var bits = new double[buckets];
+        var counts = new long[buckets];
+        for (int i = 0; i < nats.Length; i++)
+        {
+            int bucket = (int)((long)(i + 1) * buckets / Options.SeqLen);                                             // position of the predicted byte
+            bits[bucket] += nats[i];
+            counts[bucket] += windows;
+        }
+        for (int k = 0; k < buckets; k++) bits[k] = bits[k] / counts[k] / Math.Log(2);
+        return (bits, counts);
+    }
+
+    /// <summary>Runs the model (eval mode, no gradient) on the validation windows and hands each (B, SeqLen) batch and
+    /// its (B, SeqLen, 256) logits to <paramref name="add"/>: up to Options.EvalBatches batches of non-overlapping windows
+    /// from the start of the validation bytes.</summary>
+    private void ForEachValidationBatch(Action<Tensor, Tensor> add)
+    {
         Model.eval();
         try
         {
             int seqLen = Options.SeqLen;
             long windows = Math.Min((long)Options.EvalBatches * Options.BatchSize, (validation.Length - 1) / seqLen);
             windows = Math.Max(1, windows);
-            double nats = 0;
-            long count = 0;
             using var noGrad = no_grad();
             for (long start = 0; start < windows; start += Options.BatchSize)
             {
@@ -150,10 +196,8 @@ public sealed class Trainer : IDisposable
                         data[i * seqLen + t] = validation[(start + i) * seqLen + t];
                 var batch = tensor(data, new long[] { b, seqLen });                   // (B, T)
                 var (logits, _) = Model.forward(batch, null);                         // (B, T, 256)
-                nats += LanguageModelLoss.NextToken(logits, batch).item<float>() * b * (seqLen - 1);
-                count += b * (seqLen - 1);
+                add(batch, logits);
             }
-            return nats / count / Math.Log(2);
         }
         finally { Model.train(); }
     }
