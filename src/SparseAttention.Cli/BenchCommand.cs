@@ -292,14 +292,15 @@ internal sealed class BenchCommand
         // Which MKL kernels the GEMM rows (ours and dense attention's) ran on: see MklDispatch.
         string mklDispatch = MklDispatch.Status?.ToString() ?? "not requested";
         string waitPolicy = TorchAllocator.NativeVariable(TorchThreads.WaitPolicyVariable) ?? "unset";
-        stderr.WriteLine($"bench: {TorchAllocator.HugePagesVariable}={hugePages}; AnonHugePages up to {hugePagesMb:F0} MB; MKL dispatch by CPU features: {mklDispatch}; {TorchThreads.WaitPolicyVariable}={waitPolicy}");
+        string spinCount = TorchAllocator.NativeVariable(TorchThreads.SpinCountVariable) ?? "unset";
+        stderr.WriteLine($"bench: {TorchAllocator.HugePagesVariable}={hugePages}; AnonHugePages up to {hugePagesMb:F0} MB; MKL dispatch by CPU features: {mklDispatch}; {TorchThreads.WaitPolicyVariable}={waitPolicy}; {TorchThreads.SpinCountVariable}={spinCount}");
         if (parse.GetValue(jsonOption) is string jsonPath)
         {
             var document = new Dictionary<string, object?>
             {
                 ["threads"] = threads, ["gemm_gflops"] = Math.Round(gemm, 2), ["bf16_gemm_gflops"] = Math.Round(bf16, 2),
                 ["fma_peak_gflops"] = Math.Round(peak, 2), ["fma_vector_bits"] = vectorBits,
-                ["thp_mem_alloc_enable"] = hugePages, ["anon_huge_pages_mb"] = hugePagesMb, ["mkl_dispatch_by_features"] = mklDispatch, ["omp_wait_policy"] = waitPolicy,
+                ["thp_mem_alloc_enable"] = hugePages, ["anon_huge_pages_mb"] = hugePagesMb, ["mkl_dispatch_by_features"] = mklDispatch, ["omp_wait_policy"] = waitPolicy, ["gomp_spincount"] = spinCount,
                 ["results"] = results,
             };
             if (model) document["model_results"] = modelResults;

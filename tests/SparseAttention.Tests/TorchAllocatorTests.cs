@@ -53,12 +53,15 @@ public sealed class TorchAllocatorTests
     }
 
     [Fact]
-    public void TheCliMakesIdleOpenMpWorkersSleepUnlessTheUserChoseOtherwise()
+    public void TheCliShortensOpenMpSpinWaitsUnlessTheUserChoseOtherwise()
     {
-        var byDefault = BenchInChild(new Dictionary<string, string?> { [TorchThreads.WaitPolicyVariable] = null });
-        Assert.Equal("PASSIVE", byDefault.GetProperty("omp_wait_policy").GetString());
-        var chosen = BenchInChild(new Dictionary<string, string?> { [TorchThreads.WaitPolicyVariable] = "ACTIVE" });
-        Assert.Equal("ACTIVE", chosen.GetProperty("omp_wait_policy").GetString());
+        var none = new Dictionary<string, string?> { [TorchThreads.SpinCountVariable] = null, [TorchThreads.WaitPolicyVariable] = null };
+        Assert.Equal(TorchThreads.ShortSpinCount, BenchInChild(none).GetProperty("gomp_spincount").GetString());
+        var spin = BenchInChild(new Dictionary<string, string?>(none) { [TorchThreads.SpinCountVariable] = "300000" });
+        Assert.Equal("300000", spin.GetProperty("gomp_spincount").GetString());
+        var policy = BenchInChild(new Dictionary<string, string?>(none) { [TorchThreads.WaitPolicyVariable] = "ACTIVE" });
+        Assert.Equal("ACTIVE", policy.GetProperty("omp_wait_policy").GetString());
+        Assert.Equal("unset", policy.GetProperty("gomp_spincount").GetString());      // the user's policy decides
     }
 
     /// <summary>Runs <c>sparse-attn bench</c> (built beside the tests) in a child process, with <paramref name="environment"/>
