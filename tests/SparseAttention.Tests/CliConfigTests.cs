@@ -63,12 +63,23 @@ public class CliConfigTests
             int heads = (int)json["heads"]!, local = (int)json["n_local_attn_heads"]![0]!;
             int lsh = json["lsh"] is JsonObject l ? (int)l["heads"]! : 0;
             int synthesizer = json["synthesizer"] is JsonObject s ? (int)s["heads"]! : 0;
-            var parts = new List<string>();
-            if (local > 0) parts.Add($"{local} local");
-            if (lsh > 0) parts.Add($"{lsh} LSH");
-            if (synthesizer > 0) parts.Add($"{synthesizer} synthesizer");
-            if (heads - local - lsh - synthesizer > 0) parts.Add($"{heads - local - lsh - synthesizer} routing");
-            Assert.Equal(string.Join(" + ", parts) + " heads", ConfigCommand.DescribeHeads(Presets.Load(name).Validate()));
+            int depth = (int)json["depth"]!, skip = json["sparsity_skip_first"] is JsonNode k ? (int)k : 0;
+            string Layer(int layer)
+            {
+                int routing = heads - local - lsh - synthesizer;
+                int localHere = layer < skip ? local + routing : local;              // skipped layers: routing heads turn local
+                var parts = new List<string>();
+                if (localHere > 0) parts.Add($"{localHere} local");
+                if (lsh > 0) parts.Add($"{lsh} LSH");
+                if (synthesizer > 0) parts.Add($"{synthesizer} synthesizer");
+                if (layer >= skip && routing > 0) parts.Add($"{routing} routing");
+                return string.Join(" + ", parts) + " heads";
+            }
+            var layers = Enumerable.Range(0, depth).Select(Layer).ToArray();
+            string expected = layers.All(d => d == layers[0]) ? layers[0]
+                : string.Join("; ", layers.Select((d, i) => (d, i)).GroupBy(x => x.d)
+                    .Select(g => g.Count() == 1 ? $"layer {g.First().i}: {g.Key}" : $"layers {g.First().i}–{g.Last().i}: {g.Key}"));
+            Assert.Equal(expected, ConfigCommand.DescribeHeads(Presets.Load(name).Validate()));
         }
     }
 
