@@ -250,7 +250,9 @@ public sealed class OnlineKMeans : nn.Module<Tensor, Tensor?, KMeansOutput>
         for (int p = 0; p < count; p++)
         {
             var padding = masks[p]?.logical_not().view(batch, 1, parts[p].shape[2]);  // (B, 1, T_p)
-            normalizedParts[p] = Normalize(parts[p]);                             // (B, H, T_p, D)
+            // Padding rows are zeroed before normalising: NaN there would otherwise reach the gradient (0 · NaN).
+            var clean = padding is null ? parts[p] : parts[p].masked_fill(padding.unsqueeze(-1), 0);
+            normalizedParts[p] = Normalize(clean);                                // (B, H, T_p, D)
             using (no_grad())
             {
                 if (similarities)
