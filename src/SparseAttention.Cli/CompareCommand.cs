@@ -154,7 +154,7 @@ internal sealed class CompareCommand
         // Equal tokens: cosine decay to the budget's last step; equal time: constant after warm-up (the step count is unknown).
         plan = plan with { Options = plan.MaxSteps is long steps ? options with { DecaySteps = (int)Math.Min(int.MaxValue, steps) } : options with { DecaySteps = 1, MinLrRatio = 1 } };
         try { plan.Options.Validate(); }
-        catch (ArgumentException e) { throw new CliUsageException($"--{ConfigBinding.KeyOf(e.ParamName).Replace('_', '-')}: {e.Message.Replace($" (Parameter '{e.ParamName}')", "")}"); }
+        catch (ArgumentException e) { throw new CliUsageException($"--{ConfigBinding.KeyOf(e.ParamName).Replace('_', '-')}: {ConfigCommand.Plain(e)}"); }
         if (plan.Buckets > seqLen - 1) throw new CliUsageException($"--position-buckets must be at most seq_len − 1 = {seqLen - 1}, got {plan.Buckets}.");
         foreach (var e in entries)
         {
@@ -205,14 +205,8 @@ internal sealed class CompareCommand
             if (entries.Any(e => e.Name == name))
                 throw new CliUsageException($"--config: two configurations are named '{name}'; give one of them a name (NAME=PRESET...).");
             TransformerConfig config;
-            try { config = Presets.Load(head); }
+            try { config = ConfigCommand.Effective(head, assignments); }                  // the one preset + set + validate path
             catch (CliUsageException e) { throw new CliUsageException($"--config {spec}: {e.Message}"); }
-            try
-            {
-                config = ConfigBinding.Apply(config, assignments, "set");
-                config.Validate();
-            }
-            catch (ArgumentException e) { throw new CliUsageException($"--config {spec}: {e.Message.Replace($" (Parameter '{e.ParamName}')", "")}"); }
             entries.Add(new Entry(name, spec, config));
         }
         return entries;
@@ -251,11 +245,7 @@ internal sealed class CompareCommand
         else if (!child) AtomicFile.WriteAllText(path, JsonSerializer.Serialize(plan, Json));
     }
 
-    private static ByteCorpus LoadCorpus(Plan plan)
-    {
-        try { return ByteCorpus.Load(plan.Data, plan.Options.ValFraction, plan.Options.SeqLen); }
-        catch (ArgumentException e) { throw new CliUsageException("--" + e.Message.Replace($" (Parameter '{e.ParamName}')", "")); }
-    }
+    private static ByteCorpus LoadCorpus(Plan plan) => TrainCommand.LoadCorpus(plan.Data, plan.Options);
 
     private static bool RunInProcess(List<Entry> pending, Plan plan, string outDir, int? threads, TextWriter output)
     {
@@ -324,7 +314,7 @@ internal sealed class CompareCommand
         else
         {
             try { trainer = new Trainer(entry.Config, plan.Options, corpus.Train, corpus.Validation); }
-            catch (ArgumentException e) { throw new CliUsageException($"--config {entry.Spec}: {e.Message.Replace($" (Parameter '{e.ParamName}')", "")}"); }
+            catch (ArgumentException e) { throw new CliUsageException($"--config {entry.Spec}: {ConfigCommand.Plain(e)}"); }
             AtomicFile.WriteAllText(Path.Combine(dir, "config.json"), ConfigBinding.ToJson(entry.Config));
             if (File.Exists(logPath)) File.Delete(logPath);                 // a log without a checkpoint belongs to nothing
         }

@@ -51,7 +51,7 @@ internal sealed class DemoCommand
             throw new CliUsageException($"--seq-len must be a multiple of {settings.Clusters} (the routing heads' clusters), got {seqLen}.");
         RecallTask task;
         try { task = settings.Task.Validate(); }
-        catch (ArgumentException e) { throw new CliUsageException($"--seq-len: {e.Message.Replace($" (Parameter '{e.ParamName}')", "")}"); }
+        catch (ArgumentException e) { throw new CliUsageException($"--seq-len: {ConfigCommand.Plain(e)}"); }
 
         output.WriteLine($"task: associative recall — {task.Pairs} records \"value key\" scattered in {seqLen} tokens, then {task.Queries} questions \"? key\" → value; " +
                          $"every record is at least {task.MinDistance} tokens before its question, beyond the local model's reach of {settings.LocalReach}; " +

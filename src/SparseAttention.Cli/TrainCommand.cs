@@ -235,9 +235,11 @@ internal sealed class TrainCommand
         typeof(TrainingOptions).GetProperties().Where(p => !Equals(p.GetValue(a), p.GetValue(b)))
             .Select(p => $"{(OptionOf.TryGetValue(p.Name, out var o) ? o : p.Name)} {p.GetValue(a)} in the checkpoint vs {p.GetValue(b)}"));
 
-    private ByteCorpus LoadCorpus(ParseResult parse, TrainingOptions options)
+    private ByteCorpus LoadCorpus(ParseResult parse, TrainingOptions options) => LoadCorpus(parse.GetValue(dataOption)!, options);
+
+    /// <summary>The corpus at <paramref name="data"/> split as <paramref name="options"/> say; bad input names its option.</summary>
+    internal static ByteCorpus LoadCorpus(string data, TrainingOptions options)
     {
-        string data = parse.GetValue(dataOption)!;
         try { return ByteCorpus.Load(data, options.ValFraction, options.SeqLen); }
         catch (ArgumentException e) { throw new CliUsageException("--" + ConfigCommand.Plain(e)); }
     }
