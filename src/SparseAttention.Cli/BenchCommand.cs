@@ -231,7 +231,7 @@ internal sealed class BenchCommand
             modelConfig = $"byte-level LM (vocab 256), dim {modelDim}, heads {modelHeads} × {modelDimHead}, depth {modelDepth}, "
                 + $"ff ×4, rotary, causal, batch {batch}, window {window}; dense = {modelHeads} dense heads, local = {modelHeads} local heads "
                 + $"(window {window}, radius 1), routing = {modelHeads / 2} local + {modelHeads - modelHeads / 2} routing heads (clusters = T / {window}); "
-                + $"step = forward + next-token/aux loss + backward + AdamW + k-means update; median of {runs} after 1 warm-up, configurations interleaved";
+                + $"step = forward + next-token/aux loss + backward + AdamW + k-means update; median of {runs} after 1 warm-up, configurations interleaved; peak RSS from one more step each";
             stderr.WriteLine($"bench: model {modelConfig}");
             // One process-wide warm-up first, so the C# kernels every configuration uses are past tiered JIT before
             // any figure is timed (otherwise whichever configuration runs first pays for it).
@@ -254,18 +254,25 @@ internal sealed class BenchCommand
                 try
                 {
                     var times = kinds.Select(_ => new double[runs]).ToArray();
-                    var rss = new double[kinds.Length];
                     for (int r = -1; r < runs; r++)
                         for (int i = 0; i < kinds.Length; i++)
                         {
                             stderr.WriteLine(r < 0 ? $"model {kinds[i]} T={seqLen}: warm-up step" : $"model {kinds[i]} T={seqLen}: step {r + 1}/{runs}");
-                            if (r < 0) { steps[i].Run(); continue; }
-                            ResetPeakRss();
                             var sw = Stopwatch.StartNew();
                             steps[i].Run();
-                            times[i][r] = sw.Elapsed.TotalMilliseconds;
-                            rss[i] = Math.Max(rss[i], PeakRssMb());
+                            if (r >= 0) times[i][r] = sw.Elapsed.TotalMilliseconds;
                         }
+                    // Peak memory in a separate step per configuration, after giving back what the others left: the timed
+                    // steps run as training does (memory freed by one step is reused by the next, no trim in between),
+                    // and a trim before each timed step would charge every step the first touch of all its memory.
+                    var rss = new double[kinds.Length];
+                    for (int i = 0; i < kinds.Length; i++)
+                    {
+                        stderr.WriteLine($"model {kinds[i]} T={seqLen}: memory step");
+                        ResetPeakRss();
+                        steps[i].Run();
+                        rss[i] = PeakRssMb();
+                    }
                     var medians = times.Select(t => { Array.Sort(t); return t[runs / 2]; }).ToArray();
                     int dense = Array.IndexOf(kinds, "dense");
                     for (int i = 0; i < kinds.Length; i++)
@@ -293,14 +300,14 @@ internal sealed class BenchCommand
         string mklDispatch = MklDispatch.Status?.ToString() ?? "not requested";
         string waitPolicy = TorchAllocator.NativeVariable(TorchThreads.WaitPolicyVariable) ?? "unset";
         string spinCount = TorchAllocator.NativeVariable(TorchThreads.SpinCountVariable) ?? "unset";
-        stderr.WriteLine($"bench: {TorchAllocator.HugePagesVariable}={hugePages}; AnonHugePages up to {hugePagesMb:F0} MB; MKL dispatch by CPU features: {mklDispatch}; {TorchThreads.WaitPolicyVariable}={waitPolicy}; {TorchThreads.SpinCountVariable}={spinCount}");
+        stderr.WriteLine($"bench: {TorchAllocator.HugePagesVariable}={hugePages}; AnonHugePages up to {hugePagesMb:F0} MB; MKL dispatch by CPU features: {mklDispatch}; {TorchThreads.WaitPolicyVariable}={waitPolicy}; {TorchThreads.SpinCountVariable}={spinCount}; freed memory retained: {(TorchAllocator.FreedMemoryRetained ? "yes" : "no")}");
         if (parse.GetValue(jsonOption) is string jsonPath)
         {
             var document = new Dictionary<string, object?>
             {
                 ["threads"] = threads, ["gemm_gflops"] = Math.Round(gemm, 2), ["bf16_gemm_gflops"] = Math.Round(bf16, 2),
                 ["fma_peak_gflops"] = Math.Round(peak, 2), ["fma_vector_bits"] = vectorBits,
-                ["thp_mem_alloc_enable"] = hugePages, ["anon_huge_pages_mb"] = hugePagesMb, ["mkl_dispatch_by_features"] = mklDispatch, ["omp_wait_policy"] = waitPolicy, ["gomp_spincount"] = spinCount,
+                ["thp_mem_alloc_enable"] = hugePages, ["anon_huge_pages_mb"] = hugePagesMb, ["mkl_dispatch_by_features"] = mklDispatch, ["omp_wait_policy"] = waitPolicy, ["gomp_spincount"] = spinCount, ["retain_freed_memory"] = TorchAllocator.FreedMemoryRetained,
                 ["results"] = results,
             };
             if (model) document["model_results"] = modelResults;
