@@ -34,11 +34,15 @@ public static class BlockSparseAttention
     /// <param name="keyMask">Optional (B, T) bool; true = real key.</param>
     /// <param name="scale">Score scale; default 1/√D.</param>
     /// <param name="kernel">Implementation to use.</param>
+    /// <param name="relative">Optional terms of the distance j − i (Shaw, ALiBi). The fused kernels do not take them:
+    /// <c>Auto</c> then runs Ops, <c>Fused</c> refuses.</param>
     /// <returns>(B, H, T, Dv).</returns>
     public static Tensor Attention(Tensor q, Tensor k, Tensor v, BlockMask mask, Tensor? keyMask = null,
-        double? scale = null, AttentionKernel kernel = AttentionKernel.Auto)
+        double? scale = null, AttentionKernel kernel = AttentionKernel.Auto, RelativePositionTerms? relative = null)
     {
         ArgumentNullException.ThrowIfNull(mask);
+        Check.That(relative is null || kernel != AttentionKernel.Fused, nameof(kernel),
+            "the fused block-sparse kernels do not take relative-position terms; use Auto or Ops.");
         switch (kernel)
         {
             case AttentionKernel.Reference:
@@ -46,16 +50,16 @@ public static class BlockSparseAttention
                     $"was compiled for (T = {mask.SeqLen}, H = {mask.Heads}), q has (T = {q.shape[2]}, H = {q.shape[1]}).");
                 using (var dense = mask.ToDense())                                 // (H, T, T)
                 using (var onDevice = dense.to(q.device))
-                    return ReferenceAttention.Attention(q, k, v, onDevice.unsqueeze(0), keyMask: keyMask, scale: scale);
+                    return ReferenceAttention.Attention(q, k, v, onDevice.unsqueeze(0), keyMask: keyMask, scale: scale, relative: relative);
             case AttentionKernel.Fused:
-            case AttentionKernel.Auto when FusedBlockSparseAttention.PreferredFor(q):
+            case AttentionKernel.Auto when relative is null && FusedBlockSparseAttention.PreferredFor(q):
                 // A strided pattern's strided part touches every key block in this layout; permuted it is a band.
                 return FusedStridedAttention.Handles(mask)
                     ? FusedStridedAttention.Attention(q, k, v, mask, keyMask, scale)
                     : FusedBlockSparseAttention.Attention(q, k, v, mask, keyMask, scale);
             case AttentionKernel.Auto:
             case AttentionKernel.Ops:
-                return BlockSparseOpsAttention.Attention(q, k, v, mask, keyMask, scale);
+                return BlockSparseOpsAttention.Attention(q, k, v, mask, keyMask, scale, relative);
             default:
                 throw new ArgumentException($"kernel: unknown value {kernel}.", nameof(kernel));
         }

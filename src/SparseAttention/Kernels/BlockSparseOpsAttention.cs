@@ -29,10 +29,13 @@ public static class BlockSparseOpsAttention
     /// <param name="mask">The compiled pattern; its SeqLen must be T and its Heads H.</param>
     /// <param name="keyMask">Optional (B, T) bool; true = a real key, false = padding (never attended).</param>
     /// <param name="scale">Score scale; default 1/√D.</param>
+    /// <param name="relative">Optional terms of the distance j − i, evaluated on the visited pairs only.</param>
     /// <returns>(B, H, T, Dv); a query with no allowed key gets zeros.</returns>
-    public static Tensor Attention(Tensor q, Tensor k, Tensor v, BlockMask mask, Tensor? keyMask = null, double? scale = null)
+    public static Tensor Attention(Tensor q, Tensor k, Tensor v, BlockMask mask, Tensor? keyMask = null, double? scale = null,
+        RelativePositionTerms? relative = null)
     {
         CheckArguments(q, k, v, mask, keyMask);
+        relative?.CheckFits(q.shape[1], q.shape[3], v.shape[3], nameof(relative));
         long batch = q.shape[0], heads = q.shape[1], seqLen = q.shape[2], dim = q.shape[3], dimV = v.shape[3];
 
         using var scope = NewDisposeScope();
@@ -71,10 +74,21 @@ public static class BlockSparseOpsAttention
             allowed = allowed.logical_and(kmg);                                    // (B, H, nb, b, K·b)
         }
         double s = scale ?? 1.0 / Math.Sqrt(dim);
-        var scores = matmul(q.view(batch, heads, nb, b, dim), kg.transpose(-1, -2)) * s;  // (B, H, nb, b, K·b)
+        var qb = q.view(batch, heads, nb, b, dim);                                 // (B, H, nb, b, D)
+        var scores = matmul(qb, kg.transpose(-1, -2)) * s;                         // (B, H, nb, b, K·b)
+        Tensor? distance = null;
+        if (relative is not null)
+        {
+            var keyPos = (blockIndex.unsqueeze(-1) * b + arange(b, device: q.device))   // (H, nb, K, b)
+                         .view(1, heads, nb, 1, slots * b);                        // (1, H, nb, 1, K·b)
+            var queryPos = arange(padded, device: q.device).view(1, 1, nb, b, 1);  // (1, 1, nb, b, 1)
+            distance = keyPos - queryPos;                                          // (1, H, nb, b, K·b): j − i
+            scores = relative.AddToScores(scores, qb, distance, s);
+        }
         var probs = ReferenceAttention.MaskedSoftmax(scores, allowed);
-        var output = matmul(probs, vg)                                             // (B, H, nb, b, Dv)
-                     .view(batch, heads, padded, dimV);                            // (B, H, Tp, Dv)
+        var blocks = matmul(probs, vg);                                            // (B, H, nb, b, Dv)
+        if (relative is not null) blocks = relative.AddToOutput(blocks, probs, distance!);
+        var output = blocks.view(batch, heads, padded, dimV);                      // (B, H, Tp, Dv)
         if (pad > 0) output = output.narrow(2, 0, seqLen);                         // (B, H, T, Dv)
         return output.MoveToOuterDisposeScope();
     }

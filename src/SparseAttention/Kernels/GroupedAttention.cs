@@ -51,24 +51,33 @@ public static class GroupedAttention
     /// <param name="memoryValues">Optional (B or 1, H, G, M, Dv) memory values; given iff <paramref name="memoryKeys"/> is.</param>
     /// <param name="scale">Score scale; default 1/√D.</param>
     /// <returns>(B, H, Tq, Dv); never NaN from masking (rows with no allowed key are zeros).</returns>
-    /// <param name="kernel">Auto: the fused kernel for float32 CPU self-attention (Tq = Tk) without memory key/values when the
-    /// machine has a hardware-accelerated vector width (<see cref="AttentionKernel.Auto"/>), else Ops.</param>
+    /// <param name="kernel">Auto: the fused kernel for float32 CPU self-attention (Tq = Tk) without memory key/values or
+    /// relative terms when the machine has a hardware-accelerated vector width (<see cref="AttentionKernel.Auto"/>), else Ops.</param>
+    /// <param name="relative">Optional terms of the distance j − i between the original positions of each attended pair
+    /// (self-attention only; memory key/values have no position and get none). Ops kernel only.</param>
     public static Tensor Attention(Tensor q, Tensor k, Tensor v, Tensor queryIndices, Tensor keyIndices,
         bool causal = false, bool sharedQk = false, Tensor? keyMask = null, bool lookBackward = false,
-        Tensor? memoryKeys = null, Tensor? memoryValues = null, double? scale = null, AttentionKernel kernel = AttentionKernel.Auto)
+        Tensor? memoryKeys = null, Tensor? memoryValues = null, double? scale = null, AttentionKernel kernel = AttentionKernel.Auto,
+        RelativePositionTerms? relative = null)
     {
         CheckArguments(q, k, v, queryIndices, keyIndices, causal, sharedQk, keyMask, memoryKeys, memoryValues);
+        if (relative is not null)
+        {
+            Check.That(k.shape[2] == q.shape[2], nameof(relative), $"relative positions need self-attention (Tq = Tk), got Tq = {q.shape[2]}, Tk = {k.shape[2]}.");
+            relative.CheckFits(q.shape[1], q.shape[3], v.shape[3], nameof(relative));
+        }
         switch (kernel)
         {
             case AttentionKernel.Fused:
                 Check.That(memoryKeys is null, nameof(memoryKeys), "the fused grouped kernel does not take memory key/values; use the Ops kernel.");
+                Check.That(relative is null, nameof(relative), "the fused grouped kernel does not take relative-position terms; use the Ops kernel.");
                 return FusedGroupedAttention.AttentionChecked(q, k, v, queryIndices, keyIndices, causal, sharedQk, keyMask, lookBackward, scale, null);
-            case AttentionKernel.Auto when SimdWidth.Vectorised && FusedGroupedAttention.Supports(q, memoryKeys) && k.shape[2] == q.shape[2]:
+            case AttentionKernel.Auto when relative is null && SimdWidth.Vectorised && FusedGroupedAttention.Supports(q, memoryKeys) && k.shape[2] == q.shape[2]:
                 return FusedGroupedAttention.AttentionChecked(q, k, v, queryIndices, keyIndices, causal, sharedQk, keyMask, lookBackward, scale, null);
             case AttentionKernel.Reference:
                 throw new ArgumentException("kernel: grouped attention has Ops and Fused kernels; its oracle is ReferenceAttention with the implied mask.", nameof(kernel));
         }
-        return OpsAttention(q, k, v, queryIndices, keyIndices, causal, sharedQk, keyMask, lookBackward, memoryKeys, memoryValues, scale);
+        return OpsAttention(q, k, v, queryIndices, keyIndices, causal, sharedQk, keyMask, lookBackward, memoryKeys, memoryValues, scale, relative);
     }
 
     /// <summary>Argument checks shared by the Ops and fused grouped kernels.</summary>
@@ -99,7 +108,8 @@ public static class GroupedAttention
     }
 
     private static Tensor OpsAttention(Tensor q, Tensor k, Tensor v, Tensor queryIndices, Tensor keyIndices,
-        bool causal, bool sharedQk, Tensor? keyMask, bool lookBackward, Tensor? memoryKeys, Tensor? memoryValues, double? scale)
+        bool causal, bool sharedQk, Tensor? keyMask, bool lookBackward, Tensor? memoryKeys, Tensor? memoryValues, double? scale,
+        RelativePositionTerms? relative)
     {
         long batch = q.shape[0], heads = q.shape[1], tq = q.shape[2], dim = q.shape[3], tk = k.shape[2], dimV = v.shape[3];
         long groups = queryIndices.shape[2], wq = queryIndices.shape[3];
@@ -133,6 +143,8 @@ public static class GroupedAttention
 
         double s = scale ?? 1.0 / Math.Sqrt(dim);
         var scores = matmul(qg, kg.transpose(-1, -2)) * s;                               // (B, H, G, Wq, Wk)
+        var distance = relative is null ? null : keyPos - queryPos;                      // (B, H, G, Wq, Wk): j − i
+        if (relative is not null) scores = relative.AddToScores(scores, qg, distance!, s);
         var values = vg;
         if (memoryKeys is not null && memoryValues is not null)
         {
@@ -150,8 +162,9 @@ public static class GroupedAttention
             allowed = allowed.logical_and(self.logical_and(other).logical_not());
         }
         var probs = ReferenceAttention.MaskedSoftmax(scores, allowed);                   // (B, H, G, Wq, Wk [+ M])
-        var grouped = matmul(probs, values)                                              // (B, H, G, Wq, Dv)
-                      .masked_fill(queryValid.unsqueeze(-1).logical_not(), 0)
+        var grouped = matmul(probs, values);                                             // (B, H, G, Wq, Dv)
+        if (relative is not null) grouped = relative.AddToOutput(grouped, probs.narrow(-1, 0, wk), distance!);
+        grouped = grouped.masked_fill(queryValid.unsqueeze(-1).logical_not(), 0)
                       .view(batch, heads, groups * wq, dimV);                            // (B, H, G·Wq, Dv)
         return ScatterMeanRows(grouped, querySafe, queryValid.view(batch, heads, groups * wq), tq)
                .MoveToOuterDisposeScope();                                               // (B, H, Tq, Dv)

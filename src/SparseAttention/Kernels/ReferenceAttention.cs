@@ -19,9 +19,10 @@ public static class ReferenceAttention
     /// <param name="keyMask">Optional (B, Tk) bool; true = a real key, false = padding (never attended).</param>
     /// <param name="bias">Optional additive score bias broadcastable to (B, H, Tq, Tk).</param>
     /// <param name="scale">Score scale; default 1/√D.</param>
+    /// <param name="relative">Optional terms of the distance j − i between key and query positions (needs Tq = Tk).</param>
     /// <returns>(B, H, Tq, Dv). A query with no allowed key gets zeros (and zero gradients), never NaN.</returns>
     public static Tensor Attention(Tensor q, Tensor k, Tensor v, Tensor? mask = null, bool causal = false,
-        Tensor? keyMask = null, Tensor? bias = null, double? scale = null)
+        Tensor? keyMask = null, Tensor? bias = null, double? scale = null, RelativePositionTerms? relative = null)
     {
         Check.QueryKeyValue(q, k, v);
         long batch = q.shape[0], heads = q.shape[1], tq = q.shape[2], tk = k.shape[2];
@@ -36,6 +37,8 @@ public static class ReferenceAttention
             Check.That(bias.dim() <= 4 && Broadcasts(bias.shape, [batch, heads, tq, tk]), nameof(bias),
                 $"must broadcast to (B, H, Tq, Tk) = ({batch}, {heads}, {tq}, {tk}), got {Check.ShapeOf(bias)}.");
         Check.That(!causal || tq == tk, nameof(causal), $"causal attention needs as many queries as keys, got Tq = {tq}, Tk = {tk}.");
+        Check.That(relative is null || tq == tk, nameof(relative), $"relative positions need self-attention (Tq = Tk), got Tq = {tq}, Tk = {tk}.");
+        relative?.CheckFits(heads, q.shape[3], v.shape[3], nameof(relative));
 
         using var scope = NewDisposeScope();
         var allowed = ones(new long[] { batch, heads, tq, tk }, dtype: ScalarType.Bool, device: q.device);
@@ -52,8 +55,12 @@ public static class ReferenceAttention
         double s = scale ?? 1.0 / Math.Sqrt(q.shape[3]);
         var scores = matmul(q, k.transpose(-1, -2)) * s;                           // (B, H, Tq, Tk)
         if (bias is not null) scores = scores + bias;
+        var distance = relative is null ? null : RelativePositionTerms.DenseDistance(tq, q.device);   // (T, T): j − i
+        if (relative is not null) scores = relative.AddToScores(scores, q, distance!, s);
         var probs = MaskedSoftmax(scores, allowed);
-        return matmul(probs, v).MoveToOuterDisposeScope();                         // (B, H, Tq, Dv)
+        var output = matmul(probs, v);                                             // (B, H, Tq, Dv)
+        if (relative is not null) output = relative.AddToOutput(output, probs, distance!);
+        return output.MoveToOuterDisposeScope();
     }
 
     /// <summary>Softmax over the last dimension restricted to <paramref name="allowed"/>; rows with no
