@@ -61,6 +61,13 @@ public class DecodingTests
             WeightTie = true, Depth = 3, UseRezero = true, FfGlu = true, EmbDim = 8, WindowSize = 4, NLocalAttnHeads = [2], StaticHeadGroups = null,
         },
         ["relative shaw + tied embedding"] = Base with { PositionalEncoding = PositionalEncoding.RelativeShaw, MaxRelativePosition = 3, TieEmbedding = true },
+        ["relative shaw on local + routing heads, separate qk + memory"] = Base with
+        {
+            PositionalEncoding = PositionalEncoding.RelativeShaw, MaxRelativePosition = 3, NLocalAttnHeads = [2], StaticHeadGroups = null,
+            WindowSize = 4, SharedQk = false, NumMemKv = 1,
+        },
+        ["alibi on static groups"] = Base with { PositionalEncoding = PositionalEncoding.Alibi },
+        ["alibi on local + routing heads, shared qk"] = Base with { PositionalEncoding = PositionalEncoding.Alibi, NLocalAttnHeads = [1], StaticHeadGroups = null, WindowSize = 4 },
         ["no positions + sparsity skip first"] = Base with { PositionalEncoding = PositionalEncoding.None, Depth = 3, SparsitySkipFirst = 1, NLocalAttnHeads = [1], StaticHeadGroups = null, WindowSize = 4 },
         ["lsh 2 rounds"] = Base with { NLocalAttnHeads = [2], StaticHeadGroups = null, Lsh = new LshSpec { Heads = 2, NHashes = 2, BucketSize = 4 } },
         ["lsh 3 rounds dedup, 4 buckets"] = Base with { NLocalAttnHeads = [1], StaticHeadGroups = null, Lsh = new LshSpec { Heads = 3, NHashes = 3, BucketSize = 3, NBuckets = 4, Dedup = true } },
@@ -256,10 +263,11 @@ public class DecodingTests
     }
 
     [Theory]
-    [InlineData(false, false)]
-    [InlineData(true, false)]
-    [InlineData(false, true)]
-    public void FusedOneQueryAttentionEqualsTheOpsPath(bool memory, bool relative)
+    [InlineData(false, null)]
+    [InlineData(true, null)]
+    [InlineData(false, "shaw")]
+    [InlineData(true, "alibi")]
+    public void FusedOneQueryAttentionEqualsTheOpsPath(bool memory, string? relative)
     {
         // The ops path is the oracle (plain gather + masked softmax); lists hold empty slots, a repeated slot and a
         // (row, head) with no key at all.
@@ -275,9 +283,14 @@ public class DecodingTests
         for (int l = 0; l < width; l++) slots[width + l] = -1;                              // (0, 1) sees nothing
         Tensor? memK = memory ? randn(new long[] { batch, heads, 2, dim }, generator: gen) : null;
         Tensor? memV = memory ? randn(new long[] { batch, heads, 2, dim }, generator: gen) : null;
-        Kernels.DecodeAttention.Relative? rel = relative
-            ? new(slots.Select(_ => (long)rng.Next(0, 5)).ToArray(), randn(new long[] { 5, dim }, generator: gen), randn(new long[] { 5, dim }, generator: gen))
-            : null;
+        // Distances beyond the Shaw tables' reach (±2) exercise the clipping.
+        Kernels.RelativePositionTerms? terms = relative switch
+        {
+            "shaw" => new Kernels.ShawRelativePositions(randn(new long[] { 5, dim }, generator: gen), randn(new long[] { 5, dim }, generator: gen)),
+            "alibi" => new Kernels.AlibiPositions([0.5, 0.25, 0.125]),
+            _ => null,
+        };
+        Kernels.DecodeAttention.Relative? rel = terms is null ? null : new(slots.Select(_ => (long)rng.Next(-6, 1)).ToArray(), terms);
         double scale = 1 / Math.Sqrt(dim);
         var expected = Kernels.DecodeAttention.AttendOps(q, keys, values, slots, width, memK, memV, rel, scale);
         var actual = Kernels.DecodeAttention.AttendCpu(q, keys, values, slots, width, memK, memV, rel, (float)scale);

@@ -13,11 +13,10 @@ namespace SparseAttention.Kernels;
 /// A query with no key and no memory gets zeros.</remarks>
 public static class DecodeAttention
 {
-    /// <summary>Optional Shaw relative-position terms (one pair of tables shared by the heads).</summary>
-    /// <param name="Index">Per listed slot, clip(key − query, ±R) + R; same layout as the slot list.</param>
-    /// <param name="KeyTable">(2R + 1, D) key-side table.</param>
-    /// <param name="ValueTable">(2R + 1, Dv) value-side table.</param>
-    public sealed record Relative(long[] Index, Tensor KeyTable, Tensor ValueTable);
+    /// <summary>Optional relative-position terms of the listed keys.</summary>
+    /// <param name="Distance">Per listed slot, key position − query position; same layout as the slot list.</param>
+    /// <param name="Terms">The terms (Shaw tables, ALiBi slopes) for the H heads.</param>
+    public sealed record Relative(long[] Distance, RelativePositionTerms Terms);
 
     /// <param name="q">New queries (B, H, D).</param>
     /// <param name="keys">Cached keys (B, S, H, D), S slots per row.</param>
@@ -26,7 +25,7 @@ public static class DecodeAttention
     /// <param name="width">L, listed slots per (b, h).</param>
     /// <param name="memoryKeys">Optional (B, H, M, D) keys every query may attend.</param>
     /// <param name="memoryValues">Optional (B, H, M, Dv).</param>
-    /// <param name="relative">Optional Shaw relative terms.</param>
+    /// <param name="relative">Optional relative-position terms (Shaw, ALiBi) of the listed keys.</param>
     /// <param name="scale">Score scale; default 1/√D.</param>
     /// <returns>(B, H, Dv).</returns>
     public static Tensor Attend(Tensor q, Tensor keys, Tensor values, long[] slots, int width,
@@ -41,7 +40,8 @@ public static class DecodeAttention
         Check.NonNegative(width, nameof(width));
         Check.That(slots.LongLength == batch * heads * width, nameof(slots), $"must hold B·H·L = {batch * heads * width} entries, got {slots.LongLength}.");
         Check.That((memoryKeys is null) == (memoryValues is null), nameof(memoryKeys), "memoryKeys and memoryValues must be given together.");
-        Check.That(relative is null || relative.Index.LongLength == slots.LongLength, nameof(relative), "needs one index per listed slot.");
+        Check.That(relative is null || relative.Distance.LongLength == slots.LongLength, nameof(relative), "needs one distance per listed slot.");
+        relative?.Terms.CheckFits(heads, dim, values.shape[3], nameof(relative));
         double s = scale ?? 1.0 / Math.Sqrt(dim);
         bool fused = q.device.type == DeviceType.CPU && q.dtype == ScalarType.Float32 && keys.dtype == ScalarType.Float32
                      && values.dtype == ScalarType.Float32 && (memoryKeys is null || memoryKeys.dtype == ScalarType.Float32)
@@ -71,14 +71,9 @@ public static class DecodeAttention
         var v = values.view(batch * capacity * heads, dimV).index_select(0, index).view(batch, heads, width, dimV); // (B, H, L, Dv)
         var query = q.unsqueeze(2);                                                     // (B, H, 1, D)
         var scores = matmul(query, k.transpose(-1, -2)).squeeze(2);                     // (B, H, L)
-        Tensor? relIndex = null;
-        if (relative is not null)
-        {
-            relIndex = tensor(relative.Index, device: device).view(batch, heads, width).clamp_min(0);   // (B, H, L)
-            var relScores = matmul(query, relative.KeyTable.to(q.dtype).t()).squeeze(2);               // (B, H, 2R+1)
-            scores = scores + relScores.gather(-1, relIndex);
-        }
         scores = scores * s;
+        var distance = relative is null ? null : tensor(relative.Distance, device: device).view(batch, heads, 1, width);   // (B, H, 1, L)
+        if (relative is not null) scores = relative.Terms.AddToScores(scores.unsqueeze(2), query, distance!, s).squeeze(2);
         if (memoryKeys is not null && memoryValues is not null)
         {
             long mem = memoryKeys.shape[2];
@@ -92,12 +87,7 @@ public static class DecodeAttention
         if (memoryValues is not null)
             output = output + matmul(probs.narrow(-1, width, memoryValues.shape[2]).unsqueeze(2), memoryValues).squeeze(2);
         if (relative is not null)
-        {
-            long buckets = relative.ValueTable.shape[0];
-            var perBucket = zeros(new long[] { batch, heads, buckets }, dtype: q.dtype, device: device)
-                            .scatter_add(-1, relIndex!, keyProbs);                      // (B, H, 2R+1)
-            output = output + matmul(perBucket, relative.ValueTable.to(q.dtype));       // (B, H, Dv)
-        }
+            output = relative.Terms.AddToOutput(output.unsqueeze(2), keyProbs.unsqueeze(2), distance!).squeeze(2);   // (B, H, Dv)
         return output.MoveToOuterDisposeScope();
     }
 
@@ -119,8 +109,11 @@ public static class DecodeAttention
         var vc = values.contiguous();
         var mk = memoryKeys?.contiguous();
         var mv = memoryValues?.contiguous();
-        var rk = relative?.KeyTable.to(ScalarType.Float32).contiguous();
-        var rv = relative?.ValueTable.to(ScalarType.Float32).contiguous();
+        var shaw = relative?.Terms as ShawRelativePositions;
+        var alibi = relative?.Terms as AlibiPositions;
+        var rk = shaw?.KeyTable.detach().to(ScalarType.Float32).contiguous();
+        var rv = shaw?.ValueTable.detach().to(ScalarType.Float32).contiguous();
+        int reach = shaw?.MaxDistance ?? 0;
         var output = zeros(new long[] { batch, heads, dimV }, dtype: ScalarType.Float32);
         float* qp = (float*)FusedBlockSparseAttention.Pointer(qc), kp = (float*)FusedBlockSparseAttention.Pointer(kc), vp = (float*)FusedBlockSparseAttention.Pointer(vc), op = (float*)FusedBlockSparseAttention.Pointer(output);
         float* mkp = mk is null ? null : (float*)FusedBlockSparseAttention.Pointer(mk!), mvp = mv is null ? null : (float*)FusedBlockSparseAttention.Pointer(mv);
@@ -139,8 +132,10 @@ public static class DecodeAttention
                 long slot = slots[(long)bh * width + l];
                 if (slot < 0) { scores[l] = float.NegativeInfinity; continue; }
                 float score = Dot(query, kp + ((b * capacity + slot) * heads + h) * dim, dim);
-                if (relative is not null) score += relScores[relative.Index[(long)bh * width + l]];
+                long distance = relative?.Distance[(long)bh * width + l] ?? 0;
+                if (shaw is not null) score += relScores[Math.Clamp(distance, -reach, reach) + reach];
                 scores[l] = score * scale;
+                if (alibi is not null) scores[l] -= (float)(alibi.Slopes[h] * Math.Abs(distance));
                 max = Math.Max(max, scores[l]);
             }
             for (int m = 0; m < mem; m++)
@@ -162,7 +157,7 @@ public static class DecodeAttention
                 if (slot < 0) continue;
                 float p = scores[l] / sum;
                 Axpy(p, vp + ((b * capacity + slot) * heads + h) * dimV, o, dimV);
-                if (relative is not null) Axpy(p, rvp + relative.Index[(long)bh * width + l] * dimV, o, dimV);
+                if (shaw is not null) Axpy(p, rvp + (Math.Clamp(relative!.Distance[(long)bh * width + l], -reach, reach) + reach) * dimV, o, dimV);
             }
             for (int m = 0; m < mem; m++) Axpy(scores[width + m] / sum, mvp + ((long)bh * mem + m) * dimV, o, dimV);
         }

@@ -28,18 +28,6 @@ public abstract class RelativePositionTerms
     /// <param name="distance">int64 j − i, broadcastable to <paramref name="probs"/>.</param>
     public virtual Tensor AddToOutput(Tensor output, Tensor probs, Tensor distance) => output;
 
-    /// <summary>The score term for one query over listed keys (decoding): (H, L) added to scaled scores.</summary>
-    /// <param name="q">(H, D) the query of one row.</param>
-    /// <param name="distance">(H, L) j − i of the listed keys (any value where the slot is empty).</param>
-    /// <param name="scale">The score scale.</param>
-    internal Tensor ScoreTerm(Tensor q, Tensor distance, double scale)
-    {
-        using var scope = NewDisposeScope();
-        var zero = zeros(distance.shape, dtype: q.dtype, device: q.device);
-        return AddToScores(zero.unsqueeze(0), q.unsqueeze(0).unsqueeze(2), distance.unsqueeze(0), scale)   // (1, H, 1?, L) → (H, L)
-               .view(distance.shape).MoveToOuterDisposeScope();
-    }
-
     /// <summary>Heads this term is built for, or null when the same for every head.</summary>
     public abstract int? Heads { get; }
 

@@ -49,7 +49,8 @@ public sealed partial class AttentionLayer : AttentionSublayer
         to_out = nn.Linear(inner, config.Dim, hasBias: false);
         var plan = config.HeadGroupsForLayer(layer);
         Check.That(plan.Sum(g => g.Heads) == heads, nameof(config), $"layer {layer}'s head groups hold {plan.Sum(g => g.Heads)} heads, expected {heads}.");
-        groups = nn.ModuleList(plan.Select(g => CreateGroup(config, layer, g)).ToArray());
+        var firstHeads = plan.Select((_, n) => plan.Take(n).Sum(g => g.Heads)).ToArray();   // each group's first head
+        groups = nn.ModuleList(plan.Select((g, n) => CreateGroup(config, layer, g, firstHeads[n])).ToArray());
         RegisterComponents();
     }
 
@@ -61,16 +62,25 @@ public sealed partial class AttentionLayer : AttentionSublayer
     /// routing groups with <see cref="RoutingHeadGroup"/>, LSH groups with <see cref="LshHeadGroup"/>, synthesizer groups
     /// with <see cref="SynthesizerHeadGroup"/>.
     /// </summary>
-    public static HeadGroupAttention CreateGroup(TransformerConfig config, int layer, HeadGroupPlan group) => group.Kind switch
+    /// <param name="config">The model configuration.</param>
+    /// <param name="layer">Layer index.</param>
+    /// <param name="group">The group's plan.</param>
+    /// <param name="firstHead">The group's first head in the layer (ALiBi slopes follow the layer's head order).</param>
+    public static HeadGroupAttention CreateGroup(TransformerConfig config, int layer, HeadGroupPlan group, int firstHead = 0) => group.Kind switch
     {
         HeadGroupKind.Local or HeadGroupKind.Static => new StaticPatternAttention(group.Heads, config.ResolvedDimHead, group.Pattern!,
             config.BlockSize, config.AttnDropout,
-            config.PositionalEncoding == PositionalEncoding.RelativeShaw ? config.MaxRelativePosition : 0, config.Kernel),
-        HeadGroupKind.Routing => new RoutingHeadGroup(config, group.Heads, layer),
+            config.PositionalEncoding == PositionalEncoding.RelativeShaw ? config.MaxRelativePosition : 0, config.Kernel,
+            alibiSlopes: AlibiSlopes(config, firstHead, group.Heads)),
+        HeadGroupKind.Routing => new RoutingHeadGroup(config, group.Heads, layer, alibiSlopes: AlibiSlopes(config, firstHead, group.Heads)),
         HeadGroupKind.Lsh => new LshHeadGroup(config, group.Heads, layer),
         HeadGroupKind.Synthesizer => new SynthesizerHeadGroup(config, group.Heads, layer),
         _ => throw new ArgumentException($"group: unknown head group kind {group.Kind}.", nameof(group)),
     };
+
+    /// <summary>With ALiBi positions: the slopes of heads [firstHead, firstHead + heads) of a layer; otherwise null.</summary>
+    private static double[]? AlibiSlopes(TransformerConfig config, int firstHead, int heads) =>
+        config.PositionalEncoding == PositionalEncoding.Alibi ? Kernels.AlibiPositions.StandardSlopes(config.Heads)[firstHead..(firstHead + heads)] : null;
 
     /// <summary>
     /// The q/k/v projections as one GEMM (the three weights concatenated at call time, so the parameters stay

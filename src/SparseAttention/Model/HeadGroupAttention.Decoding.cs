@@ -30,6 +30,16 @@ public abstract class HeadGroupDecoder : IDisposable
 
     public abstract void Dispose();
 
+    /// <summary>Key position − query position per listed slot, in the layout of <see cref="Flatten"/> (0 where a row has
+    /// fewer keys than <paramref name="width"/>); <paramref name="queryPosition"/> gives the query position of row·head i.</summary>
+    internal static long[] Distances(List<int>[] perRowHead, int width, Func<int, int> queryPosition)
+    {
+        var distance = new long[(long)perRowHead.Length * width];
+        for (int i = 0; i < perRowHead.Length; i++)
+            for (int j = 0; j < perRowHead[i].Count; j++) distance[(long)i * width + j] = perRowHead[i][j] - queryPosition(i);
+        return distance;
+    }
+
     /// <summary>The flat slot list (B·H·L, −1 padded) <see cref="DecodeAttention"/> takes, from per-(b, h) lists.</summary>
     internal static (long[] Slots, int Width) Flatten(List<int>[] perRowHead, Func<int, int> slotOf)
     {
@@ -91,18 +101,8 @@ public sealed partial class StaticPatternAttention
                     lists[b * heads + h] = h > 0 && pattern.SameForAllHeads ? lists[b * heads] : AllowedKeys(pattern, h, t, cache.Capacity, group.blockSize);
             }
             var (slots, width) = Flatten(lists, cache.Slot);
-            DecodeAttention.Relative? relative = null;
-            if (group.rel_k is not null && group.rel_v is not null)
-            {
-                int r = group.maxRelativePosition;
-                var index = new long[slots.LongLength];
-                for (int i = 0; i < lists.Length; i++)
-                {
-                    int t = positions[i / heads];
-                    for (int j = 0; j < lists[i].Count; j++) index[(long)i * width + j] = Math.Clamp(lists[i][j] - t, -r, r) + r;
-                }
-                relative = new DecodeAttention.Relative(index, group.rel_k, group.rel_v);
-            }
+            var terms = group.Relative;
+            var relative = terms is null ? null : new DecodeAttention.Relative(Distances(lists, width, i => positions[i / heads]), terms);
             var output = DecodeAttention.Attend(q.squeeze(2), cache.Keys, cache.Values, slots, width, relative: relative);   // (B, Hg, D)
             return output.unsqueeze(2).MoveToOuterDisposeScope();                       // (B, Hg, 1, D)
         }
@@ -133,7 +133,7 @@ public sealed partial class RoutingHeadGroup
     public override HeadGroupDecoder? CreateDecoder(long batch, int maxSeqLen, ScalarType dtype, Device device)
     {
         if (!routing.Causal) return null;
-        return new RoutingDecoder(routing, batch, device, dtype);
+        return new RoutingDecoder(this, batch, device, dtype);
     }
 }
 
@@ -148,6 +148,7 @@ public sealed partial class RoutingHeadGroup
 /// </summary>
 internal sealed class RoutingDecoder : HeadGroupDecoder
 {
+    private readonly RoutingHeadGroup group;
     private readonly RoutingAttention routing;
     private readonly KeyValueCache cache;
     private readonly Tensor centroids;              // (H, C, D) the snapshot every step routes with
@@ -157,9 +158,10 @@ internal sealed class RoutingDecoder : HeadGroupDecoder
     private List<int>[] open;                       // (B·H·C) key positions of the open chunk
     private List<int>[] previous;                   // (B·H·C) key positions of the chunk before it
 
-    public RoutingDecoder(RoutingAttention routing, long batch, Device device, ScalarType dtype)
+    public RoutingDecoder(RoutingHeadGroup group, long batch, Device device, ScalarType dtype)
     {
-        this.routing = routing;
+        this.group = group;
+        routing = group.Routing;
         this.batch = batch;
         heads = routing.Heads;
         clusters = routing.Clusters;
@@ -176,7 +178,7 @@ internal sealed class RoutingDecoder : HeadGroupDecoder
     {
         using var scope = NewDisposeScope();
         (q, k) = (routing.AttendInput(q), routing.AttendInput(k));                     // as the group's forward does
-        var result = routing.forward(q, routing.SharedQk ? null : k, v, keyMask);
+        var result = routing.Forward(q, routing.SharedQk ? null : k, v, keyMask, group.Relative);
         var keys = routing.SharedQk ? routing.KMeans.Normalize(q) : k;                  // what the keys were in that forward
         cache.WritePrompt(keys, v, lengths);
         // Rebuild the chunks from the forward's groups: a cluster's groups are its chunks in order (CausalGroups), and
@@ -237,7 +239,9 @@ internal sealed class RoutingDecoder : HeadGroupDecoder
             memKeys = routing.MemoryOf(clusterIndex, values: false).to(q.dtype);            // (B, H, M, D)
             memValues = routing.MemoryOf(clusterIndex, values: true).to(q.dtype);
         }
-        var output = DecodeAttention.Attend(q.squeeze(2), cache.Keys, cache.Values, slots, width, memKeys, memValues);  // (B, H, D)
+        var terms = group.Relative;
+        var relative = terms is null ? null : new DecodeAttention.Relative(Distances(lists, width, i => positions[i / heads]), terms);
+        var output = DecodeAttention.Attend(q.squeeze(2), cache.Keys, cache.Values, slots, width, memKeys, memValues, relative);  // (B, H, D)
         return output.unsqueeze(2).MoveToOuterDisposeScope();
     }
 

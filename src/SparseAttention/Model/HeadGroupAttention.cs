@@ -37,35 +37,36 @@ public abstract partial class HeadGroupAttention : nn.Module
 }
 
 /// <summary>
-/// A head group attending with a static <see cref="AttentionPattern"/>. Without relative positions it
-/// calls <see cref="BlockSparseAttention.Attention"/> (fused CPU kernels for float32, TorchSharp ops
-/// otherwise); attention dropout then applies to the group's output, because those kernels never form
-/// probabilities. With Shaw relative positions it attends through a dense masked path (O(T²) memory)
-/// that adds the key-side term q·a<sup>K</sup><sub>j−i</sub> to the scores and the value-side term
-/// Σ p·a<sup>V</sup><sub>j−i</sub> to the output; attention dropout then applies to the probabilities.
+/// A head group attending with a static <see cref="AttentionPattern"/> through <see cref="BlockSparseAttention.Attention"/>
+/// (fused CPU kernels for float32, TorchSharp ops otherwise). Attention dropout applies to the group's output,
+/// because the fused kernels never form probabilities. With relative positions (Shaw tables or ALiBi slopes) the
+/// terms are evaluated on the attended pairs only, by the Ops kernel: memory stays O(T·W).
 /// </summary>
 /// <remarks>Relative positions: Shaw, Uszkoreit and Vaswani 2018, "Self-Attention with Relative
-/// Position Representations" (arXiv 1803.02155). One pair of tables per group, shared by its heads.</remarks>
+/// Position Representations" (arXiv 1803.02155), one pair of tables per group shared by its heads; ALiBi,
+/// Press, Smith and Lewis 2022 (arXiv 2108.12409), one fixed slope per head.</remarks>
 public sealed partial class StaticPatternAttention : HeadGroupAttention
 {
-    private readonly Parameter? rel_k, rel_v;  // (2·R + 1, D) Shaw tables, index = clip(j − i, ±R) + R
+    private readonly Parameter? rel_k, rel_v;  // (2·R + 1, D) Shaw tables, row = clip(j − i, ±R) + R
+    private readonly AlibiPositions? alibi;
     private readonly AttentionPattern pattern;
-    private readonly int blockSize, maxRelativePosition, dimHead;
+    private readonly int blockSize, dimHead;
     private readonly double dropout;
     private readonly AttentionKernel kernel;
     private readonly ConcurrentDictionary<int, BlockMask> masks = new();
-    private readonly ConcurrentDictionary<int, Tensor> denseMasks = new();   // (Hg, T, T) bool on the CPU, dense path only
 
     /// <param name="heads">Heads in the group (Hg).</param>
     /// <param name="dimHead">Head width D.</param>
     /// <param name="pattern">Which keys each query may attend (heads renumbered from 0 within the group).</param>
     /// <param name="blockSize">Block size the pattern is compiled with (capped at T).</param>
-    /// <param name="dropout">Attention dropout probability (see the class remarks for where it applies).</param>
-    /// <param name="maxRelativePosition">0 = no relative positions; otherwise Shaw tables clipped at ±this.</param>
+    /// <param name="dropout">Attention dropout probability (applied to the group's output).</param>
+    /// <param name="maxRelativePosition">0 = no Shaw terms; otherwise Shaw tables clipped at ±this.</param>
     /// <param name="kernel">Kernel for the block-sparse path.</param>
     /// <param name="name">Module name.</param>
+    /// <param name="alibiSlopes">Optional ALiBi slope per head of the group.</param>
     public StaticPatternAttention(int heads, int dimHead, AttentionPattern pattern, int blockSize = 64, double dropout = 0,
-        int maxRelativePosition = 0, AttentionKernel kernel = AttentionKernel.Auto, string name = "static_attention")
+        int maxRelativePosition = 0, AttentionKernel kernel = AttentionKernel.Auto, string name = "static_attention",
+        double[]? alibiSlopes = null)
         : base(name, heads)
     {
         ArgumentNullException.ThrowIfNull(pattern);
@@ -73,19 +74,24 @@ public sealed partial class StaticPatternAttention : HeadGroupAttention
         Check.Positive(blockSize, nameof(blockSize));
         Check.NonNegative(maxRelativePosition, nameof(maxRelativePosition));
         Check.That(dropout >= 0 && dropout < 1, nameof(dropout), $"must be in [0, 1), got {dropout}.");
+        Check.That(alibiSlopes is null || alibiSlopes.Length == heads, nameof(alibiSlopes), $"needs one slope per head ({heads}), got {alibiSlopes?.Length}.");
+        Check.That(alibiSlopes is null || maxRelativePosition == 0, nameof(alibiSlopes), "ALiBi and Shaw terms are alternatives; give one.");
         this.pattern = pattern;
         this.dimHead = dimHead;
         this.blockSize = blockSize;
         this.dropout = dropout;
-        this.maxRelativePosition = maxRelativePosition;
         this.kernel = kernel;
         if (maxRelativePosition > 0)
         {
             rel_k = new Parameter(randn(2 * maxRelativePosition + 1, dimHead) * 0.02);
             rel_v = new Parameter(randn(2 * maxRelativePosition + 1, dimHead) * 0.02);
         }
+        if (alibiSlopes is not null) alibi = new AlibiPositions(alibiSlopes);
         RegisterComponents();
     }
+
+    /// <summary>The relative-position terms of this group as its parameters are now (null without any).</summary>
+    internal RelativePositionTerms? Relative => rel_k is not null && rel_v is not null ? new ShawRelativePositions(rel_k, rel_v) : alibi;
 
     public AttentionPattern Pattern => pattern;
 
@@ -98,42 +104,10 @@ public sealed partial class StaticPatternAttention : HeadGroupAttention
         Check.That(q.shape[1] == Heads, nameof(q), $"this group has {Heads} heads, q has H = {q.shape[1]}.");
         using var scope = NewDisposeScope();
         int seqLen = (int)q.shape[2];
-        Tensor output;
-        if (rel_k is null)
-        {
-            output = BlockSparseAttention.Attention(q, k, v, MaskFor(seqLen), keyMask, kernel: kernel);   // (B, Hg, T, D)
-            output = nn.functional.dropout(output, dropout, training);
-        }
-        else output = RelativeDense(q, k, v, keyMask, seqLen);
+        var output = BlockSparseAttention.Attention(q, k, v, MaskFor(seqLen), keyMask, kernel: kernel, relative: Relative);   // (B, Hg, T, D)
+        output = nn.functional.dropout(output, dropout, training);
         var aux = zeros(Array.Empty<long>(), dtype: q.dtype, device: q.device);
         return (output.MoveToOuterDisposeScope(), aux.MoveToOuterDisposeScope());
-    }
-
-    private Tensor RelativeDense(Tensor q, Tensor k, Tensor v, Tensor? keyMask, int seqLen)
-    {
-        long batch = q.shape[0], dim = q.shape[3];
-        var dense = denseMasks.GetOrAdd(seqLen, t => MaskFor(t).ToDense().DetachFromDisposeScope());   // (Hg, T, T)
-        var allowed = dense.to(q.device).unsqueeze(0);                                     // (1, Hg, T, T)
-        if (keyMask is not null)
-        {
-            allowed = allowed.logical_and(keyMask.view(batch, 1, 1, seqLen));              // (B, Hg, T, T)
-            var drop = keyMask.logical_not().view(batch, 1, seqLen, 1);                     // (B, 1, T, 1)
-            k = k.masked_fill(drop, 0);                                                     // NaN in padding must not leak via 0·x
-            v = v.masked_fill(drop, 0);
-        }
-        var positions = arange(seqLen, device: q.device);
-        var relIndex = (positions.view(1, seqLen) - positions.view(seqLen, 1))             // (T, T): j − i
-                       .clamp(-maxRelativePosition, maxRelativePosition) + maxRelativePosition;
-        int buckets = 2 * maxRelativePosition + 1;
-        double scale = 1.0 / Math.Sqrt(dim);
-        var relScores = matmul(q, rel_k!.to(q.dtype).t());                                 // (B, Hg, T, 2R+1)
-        var index = relIndex.view(1, 1, seqLen, seqLen).expand(batch, Heads, seqLen, seqLen);  // (B, Hg, T, T)
-        var scores = (matmul(q, k.transpose(-1, -2)) + relScores.gather(-1, index)) * scale;    // (B, Hg, T, T)
-        var probs = Kernels.ReferenceAttention.MaskedSoftmax(scores, allowed);
-        probs = nn.functional.dropout(probs, dropout, training);
-        var perBucket = zeros(batch, Heads, seqLen, buckets, dtype: q.dtype, device: q.device)
-                        .scatter_add(-1, index, probs);                                    // (B, Hg, T, 2R+1)
-        return matmul(probs, v) + matmul(perBucket, rel_v!.to(q.dtype));                  // (B, Hg, T, D)
     }
 }
 
@@ -149,24 +123,40 @@ public sealed partial class RoutingHeadGroup : HeadGroupAttention
 {
     private readonly RoutingAttention routing;
     private readonly double dropout;
+    private readonly Parameter? rel_k, rel_v;  // (2·R + 1, D) Shaw tables on original positions, row = clip(j − i, ±R) + R
+    private readonly AlibiPositions? alibi;
 
-    public RoutingHeadGroup(TransformerConfig config, int heads, int layer, string name = "routing_group") : base(name, heads)
+    /// <param name="config">The model configuration.</param>
+    /// <param name="heads">Heads in the group.</param>
+    /// <param name="layer">Layer index (seeds the centroids).</param>
+    /// <param name="name">Module name.</param>
+    /// <param name="alibiSlopes">With <see cref="PositionalEncoding.Alibi"/>: the slope of each head of the group.</param>
+    public RoutingHeadGroup(TransformerConfig config, int heads, int layer, string name = "routing_group", double[]? alibiSlopes = null) : base(name, heads)
     {
         routing = new RoutingAttention(heads, config.ResolvedDimHead, config.MaxSeqLen, config.WindowSize, config.Causal,
             config.ResolvedSharedQk, config.ResolvedNumMemKv, config.KmeansEmaDecay, config.CommitmentFactor, config.KmeansNorm, seed: layer,
             lookBackward: config.RoutingLookBack, numClusters: config.NumClusters)
         { Kernel = config.Kernel, AttendNormalized = config.KmeansAttendNormalized };
         dropout = config.AttnDropout;
+        if (config.PositionalEncoding == PositionalEncoding.RelativeShaw)
+        {
+            rel_k = new Parameter(randn(2 * config.MaxRelativePosition + 1, config.ResolvedDimHead) * 0.02);
+            rel_v = new Parameter(randn(2 * config.MaxRelativePosition + 1, config.ResolvedDimHead) * 0.02);
+        }
+        if (alibiSlopes is not null) alibi = new AlibiPositions(alibiSlopes);
         RegisterComponents();
     }
 
     public RoutingAttention Routing => routing;
 
+    /// <summary>The relative-position terms of this group as its parameters are now (null without any).</summary>
+    internal RelativePositionTerms? Relative => rel_k is not null && rel_v is not null ? new ShawRelativePositions(rel_k, rel_v) : alibi;
+
     public override (Tensor Output, Tensor AuxLoss) Forward(Tensor q, Tensor k, Tensor v, Tensor? keyMask)
     {
         using var scope = NewDisposeScope();
         (q, k) = (routing.AttendInput(q), routing.AttendInput(k));                     // (B, Hg, T, D) each
-        var result = routing.forward(q, routing.SharedQk ? null : k, v, keyMask);
+        var result = routing.Forward(q, routing.SharedQk ? null : k, v, keyMask, Relative);
         RoutingCapture.Record(this, result);   // no-op unless a RoutingCapture is open (plots)
         var output = dropout > 0 ? nn.functional.dropout(result.Output, dropout, training) : result.Output;  // (B, Hg, T, D)
         return (output.MoveToOuterDisposeScope(), result.AuxLoss.MoveToOuterDisposeScope());

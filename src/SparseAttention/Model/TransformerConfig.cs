@@ -13,12 +13,17 @@ public enum PositionalEncoding
     /// Works with every kernel. What the PyTorch routing-transformer uses.</summary>
     Rotary,
     /// <summary>Shaw et al. (2018) learned relative embeddings on the key and value side, distances
-    /// clipped to ±<see cref="TransformerConfig.MaxRelativePosition"/> (the authors' Routing Transformer).
-    /// Needs a per-(query, key) term, so static head groups attend through a dense masked path
-    /// (O(T²) memory per layer) instead of the block-sparse kernels.</summary>
+    /// clipped to ±<see cref="TransformerConfig.MaxRelativePosition"/> (the authors' Routing Transformer): one pair of
+    /// tables per local/static and per routing head group, on original positions. The per-(query, key) terms are
+    /// evaluated on the attended pairs only (O(T·W) memory) by the Ops kernels. LSH and synthesizer heads get none;
+    /// not with routing_look_back.</summary>
     RelativeShaw,
     /// <summary>No positional information at all.</summary>
     None,
+    /// <summary>ALiBi (Press et al. 2022): a bias −mₕ·|j − i| on the scores of local/static and routing heads, the
+    /// paper's fixed slope per head (over all of a layer's heads, in head order); no parameters. Evaluated like
+    /// RelativeShaw, by the Ops kernels; LSH and synthesizer heads get none; not with routing_look_back.</summary>
+    Alibi,
 }
 
 /// <summary>How cross-attention (ReceivesContext) attends the context.</summary>
@@ -198,8 +203,8 @@ public sealed record TransformerConfig
     // ---- kernels -------------------------------------------------------------------------------
     /// <summary>64 — block size static patterns are compiled with (performance only; capped at T).</summary>
     [JsonPropertyName("block_size")] public int BlockSize { get; init; } = 64;
-    /// <summary>Auto — kernel for static head groups (Auto = fused C# kernels for float32 CPU, else TorchSharp ops);
-    /// not used by the dense RelativeShaw path or by cross-attention, which are always dense.</summary>
+    /// <summary>Auto — kernel for static head groups (Auto = fused C# kernels for float32 CPU, else TorchSharp ops; with
+    /// RelativeShaw or Alibi positions, Ops); not used by cross-attention, which is always dense.</summary>
     [JsonPropertyName("kernel"), JsonConverter(typeof(JsonStringEnumConverter<AttentionKernel>))]
     public AttentionKernel Kernel { get; init; } = AttentionKernel.Auto;
     /// <summary>Float32 — dtype of the self-attention q/k/v/out projections and the feed-forward matmuls: Float32, or
@@ -338,6 +343,12 @@ public sealed record TransformerConfig
         if (PositionalEncoding == PositionalEncoding.Rotary)
             Check.That(ResolvedDimHead % 2 == 0, nameof(DimHead), $"rotary embeddings rotate pairs of features, so the head width must be even, got {ResolvedDimHead}.");
         if (PositionalEncoding == PositionalEncoding.RelativeShaw) Check.Positive(MaxRelativePosition, nameof(MaxRelativePosition));
+        if (PositionalEncoding is PositionalEncoding.RelativeShaw or PositionalEncoding.Alibi)
+        {
+            // The relative terms run in the Ops kernels; the fused ones do not take them (yet).
+            Check.That(Kernel != AttentionKernel.Fused, nameof(Kernel), $"the fused kernels do not take {PositionalEncoding} terms; use Auto or Ops.");
+            Check.That(!RoutingLookBack, nameof(RoutingLookBack), $"cannot be combined with {PositionalEncoding} positions yet.");
+        }
 
         if (ContextDim is int cd) Check.Positive(cd, nameof(ContextDim));
         Check.That(ContextDim is null || ReceivesContext, nameof(ContextDim), "is only used when ReceivesContext is true.");

@@ -140,8 +140,18 @@ public sealed partial class RoutingAttention : nn.Module<Tensor, Tensor?, Tensor
     /// <param name="v">Values (B, H, T, D).</param>
     /// <param name="keyMask">Optional (B, T) bool; true = real token, false = padding (never routed, never attended,
     /// excluded from the k-means).</param>
-    public override RoutingAttentionOutput forward(Tensor q, Tensor? k, Tensor v, Tensor? keyMask = null)
+    public override RoutingAttentionOutput forward(Tensor q, Tensor? k, Tensor v, Tensor? keyMask = null) => Forward(q, k, v, keyMask, null);
+
+    /// <summary><see cref="forward"/> with relative-position terms on the original positions of every attended pair (the
+    /// grouped Ops kernel evaluates them; memory key/values have no position and get none). Not with look-back.</summary>
+    /// <param name="q">Queries (B, H, T, D).</param>
+    /// <param name="k">Keys (B, H, T, D), or null with shared QK.</param>
+    /// <param name="v">Values (B, H, T, D).</param>
+    /// <param name="keyMask">Optional (B, T) bool; true = real token.</param>
+    /// <param name="relative">Optional terms of the distance j − i (Shaw, ALiBi).</param>
+    public RoutingAttentionOutput Forward(Tensor q, Tensor? k, Tensor v, Tensor? keyMask, RelativePositionTerms? relative)
     {
+        Check.That(relative is null || !lookBackward, nameof(relative), "relative-position terms are not available with look-back (routing_look_back) yet.");
         Check.Shape(q, nameof(q), "(B, H, T, D)", -1, heads, -1, dimHead);
         Check.FloatingPoint(q, nameof(q));
         long batch = q.shape[0], seqLen = q.shape[2];
@@ -207,7 +217,7 @@ public sealed partial class RoutingAttention : nn.Module<Tensor, Tensor?, Tensor
                 keyIdx.MoveToOuterDisposeScope(), groupClusters.MoveToOuterDisposeScope(), aux.MoveToOuterDisposeScope());
         }
         var output = GroupedAttention.Attention(q, keys, v, queryIdx, keyIdx, causal: causal, sharedQk: sharedQk,
-            keyMask: keyMask, memoryKeys: memKeys, memoryValues: memValues, kernel: Kernel); // (B, H, T, D)
+            keyMask: keyMask, memoryKeys: memKeys, memoryValues: memValues, kernel: Kernel, relative: relative);   // (B, H, T, D)
         return new RoutingAttentionOutput(output.MoveToOuterDisposeScope(), queryIdx.MoveToOuterDisposeScope(),
             keyIdx.MoveToOuterDisposeScope(), groupClusters.MoveToOuterDisposeScope(), aux.MoveToOuterDisposeScope());
     }
