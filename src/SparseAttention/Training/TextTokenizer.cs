@@ -70,8 +70,8 @@ public abstract class TextTokenizer
     public abstract int ByteLength(int id);
 
     /// <summary>Token ids of UTF-8 text. Bytes: one id per byte, exactly (even invalid UTF-8). BPE: the bytes are decoded
-    /// as UTF-8 first, an invalid sequence becoming U+FFFD; special-token text such as &lt;|endoftext|&gt; is encoded as
-    /// plain text, never as the special id.</summary>
+    /// as UTF-8 first, an invalid sequence becoming U+FFFD; special-token text such as &lt;|endoftext|&gt; in the text becomes
+    /// the special id (Microsoft.ML.Tokenizers' rule), whose bytes are that text, so decoding stays byte-exact.</summary>
     public abstract int[] Encode(ReadOnlySpan<byte> utf8);
 
     /// <summary>Token ids of <paramref name="text"/> (its UTF-8 bytes, see <see cref="Encode(ReadOnlySpan{byte})"/>).</summary>
@@ -94,8 +94,8 @@ public abstract class TextTokenizer
     public string Decode(IEnumerable<int> ids) => new UTF8Encoding(false, false).GetString(DecodeBytes(ids));
 
     /// <summary>The token ids of <paramref name="text"/> with the bytes each covers. Bytes: a view of the same bytes, no copy.
-    /// BPE: encoded in pieces of about 1 MB cut only after a newline that a letter or digit follows — a place where the
-    /// GPT-2 and cl100k pre-tokenizers always end a token — so the ids equal those of encoding the whole text at once,
+    /// BPE: encoded in pieces of about 1 MB cut only between a visible character + newline and a letter or digit — a place
+    /// where the GPT-2 and cl100k pre-tokenizers always end a token — so the ids equal those of encoding the whole text at once,
     /// and a text of any size (a memory-mapped corpus) is encoded without one giant string.</summary>
     public abstract TokenText Tokenize(ByteText text);
 
@@ -107,6 +107,10 @@ public abstract class TextTokenizer
     }
 
     public override string ToString() => $"{Name} ({VocabularySize:N0} tokens)";
+
+    /// <summary>The text Microsoft.ML.Tokenizers itself decodes <paramref name="ids"/> to (null for bytes): lets tests check
+    /// the byte table read from the vocabulary file against the library's own decoder.</summary>
+    internal virtual string? LibraryDecode(IEnumerable<int> ids) => null;
 
     private sealed class ByteTokenizer : TextTokenizer
     {
@@ -125,7 +129,8 @@ public abstract class TextTokenizer
     }
 
     /// <summary>A tiktoken-style byte-level BPE: Microsoft.ML.Tokenizers encodes; the bytes of each id come from the same
-    /// vocabulary file (the data package's resource: a "Capacity: N" line, then "base64-bytes id" lines) plus the
+    /// vocabulary file (the data package's resource: a "Capacity: N" line, then one line of base64 bytes per id, in id order,
+    /// optionally followed by the id) plus the
     /// special tokens' text — the tokenizer's public API decodes only to strings, which loses the bytes of partial characters.</summary>
     private sealed class BpeTokenizer : TextTokenizer
     {
@@ -142,13 +147,16 @@ public abstract class TextTokenizer
                                 ?? throw new InvalidOperationException($"{assembly} holds no resource {resource}; the {NameOf(kind)} vocabulary cannot be read."))
             using (var reader = new StreamReader(new DeflateStream(stream, CompressionMode.Decompress)))
             {
+                int next = 0;                                 // a line without an explicit id holds the next id
                 for (string? line; (line = reader.ReadLine()) is not null;)
                 {
                     if (line.Length == 0 || line.StartsWith("Capacity:", StringComparison.Ordinal)) continue;
                     int space = line.IndexOf(' ');
-                    if (space <= 0 || !int.TryParse(line.AsSpan(space + 1), out int id) || id < 0)
+                    int id = next;
+                    if (space == 0 || (space > 0 && (!int.TryParse(line.AsSpan(space + 1), out id) || id < 0)))
                         throw new InvalidOperationException($"{resource} in {assembly}: unexpected line '{line}'.");
-                    table[id] = Convert.FromBase64String(line[..space]);
+                    table[id] = Convert.FromBase64String(space > 0 ? line[..space] : line);
+                    next = id + 1;
                 }
             }
             foreach (var (text, id) in tokenizer.SpecialTokens ?? new Dictionary<string, int>()) table[id] = Encoding.UTF8.GetBytes(text);
@@ -166,6 +174,8 @@ public abstract class TextTokenizer
         public override int[] Encode(ReadOnlySpan<byte> utf8) =>
             utf8.IsEmpty ? [] : tokenizer.EncodeToIds(Encoding.UTF8.GetString(utf8)).ToArray();
 
+        internal override string? LibraryDecode(IEnumerable<int> ids) => tokenizer.Decode(ids);
+
         public override TokenText Tokenize(ByteText text)
         {
             ArgumentNullException.ThrowIfNull(text);
@@ -179,10 +189,14 @@ public abstract class TextTokenizer
             return TokenText.FromIds(ids.ToArray(), this);
         }
 
+        /// <summary>The end of the piece starting at <paramref name="at"/>: the first place at least PieceBytes on that has
+        /// a visible ASCII character, a newline, then an ASCII letter or digit (cut after the newline). Both pre-tokenizers end
+        /// a token there whatever follows; after a longer whitespace run they would not (at the end of a piece "\n\n" is one
+        /// token, inside the text "\n" + "\n").</summary>
         private static long PieceEnd(ByteText text, long at)
         {
-            for (long i = at + PieceBytes; i < text.Length; i++)
-                if (text[i - 1] == (byte)'\n' && char.IsAsciiLetterOrDigit((char)text[i])) return i;
+            for (long i = Math.Max(at + PieceBytes, at + 2); i < text.Length; i++)
+                if (text[i - 1] == (byte)'\n' && char.IsAsciiLetterOrDigit((char)text[i]) && text[i - 2] is > (byte)' ' and < 0x7f) return i;
             return text.Length;
         }
     }
