@@ -193,6 +193,25 @@ public sealed class TokenizerTrainingTests : TrainedModelTestBase
         Assert.Equal(result.BitsPerByte, trainer.ValidationBitsPerCharacter());
     }
 
+    /// <summary>A step's BytesPerToken (the training log's bpc = loss / ln 2 / BytesPerToken) counts the bytes of exactly
+    /// the tokens the step predicted: the batches a twin trainer with the same seed draws, decoded by the library.</summary>
+    [Fact]
+    public void Step_bytes_per_token_are_those_of_the_predicted_tokens()
+    {
+        TokenText train = Gpt2.Tokenize(TrainBytes), validation = Gpt2.Tokenize(ValBytes);
+        using var trainer = new Trainer(Gpt2Micro, MicroOptions, train, validation);
+        using var twin = new Trainer(Gpt2Micro, MicroOptions, train, validation);
+        var predicted = new List<int>();
+        for (int micro = 0; micro < MicroOptions.Accumulation; micro++)
+        {
+            var batch = twin.NextBatch();                                                      // (B, T)
+            predicted.AddRange(batch.narrow(1, 1, batch.shape[1] - 1).contiguous().data<long>().ToArray().Select(id => (int)id));
+        }
+        var step = trainer.TrainStep();
+        Assert.Equal((double)AsciiBytes(predicted) / predicted.Count, step.BytesPerToken, 1e-12);
+        Assert.True(step.BytesPerToken > 2, $"{step.BytesPerToken} bytes per GPT-2 token");
+    }
+
     [Fact]
     public void For_bytes_bits_per_byte_is_the_bits_per_character_exactly()
     {
@@ -303,6 +322,11 @@ public sealed class TokenizerTrainingTests : TrainedModelTestBase
         var plain = CliRunner.Run("eval", "--checkpoint", RunDir, "--data", evalPath);
         Assert.Contains($"predicted gpt2 tokens", plain.Out);
         Assert.Contains($"covering {bytes:N0} bytes", plain.Out);
+
+        // plot attention runs the model on the GPT-2 tokens of its text.
+        var plot = CliRunner.Run("plot", "attention", "--checkpoint", RunDir, "--text", prompt, "--out", Path.Combine(Dir, "attention.png"));
+        Assert.True(plot.Code == 0, plot.Err);
+        Assert.Contains($"on {Gpt2.Encode(prompt).Length} gpt2 tokens", plot.Out);
     }
 
     [Fact]
