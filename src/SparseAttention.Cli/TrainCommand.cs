@@ -315,7 +315,7 @@ internal sealed class TrainCommand
         double lastBpc = double.NaN;
         void Validate()
         {
-            var result = trainer.Validate();
+            var result = trainer.ValidationLoss();
             lastBpc = result.BitsPerByte;
             trainer.ElapsedSeconds = Elapsed();
             Print($"step {trainer.Step,7}  val_bpc {lastBpc:F4}  val_loss {result.LossPerToken:F4}");

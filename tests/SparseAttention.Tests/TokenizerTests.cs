@@ -168,7 +168,7 @@ public sealed class TokenizerTrainingTests : TrainedModelTestBase
         var options = MicroOptions with { EvalBatches = 1, BatchSize = 2 };
         using var trainer = new Trainer(Gpt2Micro, options, train, validation);
         trainer.TrainStep();
-        var result = trainer.Validate();
+        var result = trainer.ValidationLoss();
 
         // By hand: windows [0,16), [16,32) of the validation tokens; log-softmax in float64; bytes from decoded text.
         var ids = Enumerable.Range(0, (int)validation.Length).Select(i => validation[i]).ToArray();
@@ -218,7 +218,7 @@ public sealed class TokenizerTrainingTests : TrainedModelTestBase
         using var trainer = new Trainer(MicroConfig, MicroOptions, TrainBytes, ValBytes);
         var step = trainer.TrainStep();
         Assert.Equal(1.0, step.BytesPerToken);
-        var result = trainer.Validate();
+        var result = trainer.ValidationLoss();
         Assert.Equal(result.Tokens, result.Bytes);
         Assert.Equal(result.Nats / result.Tokens / Math.Log(2), result.BitsPerByte);       // the formula of earlier versions, bit for bit
         Assert.Equal(result.BitsPerByte, trainer.ValidationBitsPerCharacter());

@@ -167,7 +167,7 @@ public sealed class Trainer : IDisposable
     /// <summary>Validation loss over up to Options.EvalBatches batches of non-overlapping windows from the start of the
     /// validation tokens (the same windows every time): summed next-token cross-entropy, tokens predicted and the original
     /// bytes they cover, so that <see cref="ValidationResult.BitsPerByte"/> compares models of any tokenizer on one scale.</summary>
-    public ValidationResult Validate()
+    public ValidationResult ValidationLoss()
     {
         double nats = 0;
         long count = 0, bytes = 0;
@@ -182,11 +182,11 @@ public sealed class Trainer : IDisposable
         return new ValidationResult(nats, count, bytes);
     }
 
-    /// <summary>Validation bits per byte of the original text (<see cref="Validate"/>); for a byte-level model the bits per
+    /// <summary>Validation bits per byte of the original text (<see cref="ValidationLoss"/>); for a byte-level model the bits per
     /// character (mean next-byte cross-entropy / ln 2) of earlier versions, bit for bit.</summary>
-    public double ValidationBitsPerCharacter() => Validate().BitsPerByte;
+    public double ValidationBitsPerCharacter() => ValidationLoss().BitsPerByte;
 
-    /// <summary>Validation bits per byte by position in the window, on the same windows as <see cref="Validate"/>:
+    /// <summary>Validation bits per byte by position in the window, on the same windows as <see cref="ValidationLoss"/>:
     /// the SeqLen − 1 predicted positions 1..SeqLen−1 are cut into <paramref name="buckets"/> contiguous buckets
     /// (position t goes to bucket ⌊t·buckets / SeqLen⌋) and each bucket's summed next-token cross-entropy / (ln 2 · the
     /// bytes its tokens cover) is returned, with the number of predictions in it. Late buckets predict from a long
