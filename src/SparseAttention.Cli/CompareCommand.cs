@@ -245,7 +245,7 @@ internal sealed class CompareCommand
         else if (!child) AtomicFile.WriteAllText(path, JsonSerializer.Serialize(plan, Json));
     }
 
-    private static ByteCorpus LoadCorpus(Plan plan) => TrainCommand.LoadCorpus(plan.Data, plan.Options);
+    private static TokenCorpus LoadCorpus(Plan plan) => TrainCommand.LoadCorpus(plan.Data, plan.Options, TextTokenizer.For(TokenizerKind.Bytes));
 
     private static bool RunInProcess(List<Entry> pending, Plan plan, string outDir, int? threads, TextWriter output)
     {
@@ -287,7 +287,7 @@ internal sealed class CompareCommand
 
     /// <summary>Trains one configuration in its run folder (resuming its newest checkpoint) until the budget is spent, then
     /// writes result.json. Returns false when stopped early (Ctrl-C or <see cref="StopAfterStep"/>), after saving a checkpoint.</summary>
-    private static bool RunOne(Entry entry, Plan plan, ByteCorpus corpus, string outDir, int? threads, TextWriter output, Action<string, double>? report)
+    private static bool RunOne(Entry entry, Plan plan, TokenCorpus corpus, string outDir, int? threads, TextWriter output, Action<string, double>? report)
     {
         string dir = Path.Combine(outDir, entry.Name);
         if (ReadResult(outDir, entry.Name) is not null) return true;

@@ -2,12 +2,13 @@ using System.CommandLine;
 using System.Diagnostics;
 using System.Globalization;
 using SparseAttention.Model;
+using SparseAttention.Training;
 using static TorchSharp.torch;
 
 namespace SparseAttention.Cli;
 
 /// <summary>
-/// <c>sparse-attn eval</c>: bits per character (byte) of a model on a text file or folder.
+/// <c>sparse-attn eval</c>: bits per byte of a model on a text file or folder, for any tokenizer, with the per-token loss.
 /// </summary>
 internal sealed class EvalCommand
 {
@@ -16,16 +17,18 @@ internal sealed class EvalCommand
     private readonly Option<string> dataOption = new("--data") { HelpName = "PATH", Description = "Text to score: a file, or a folder whose files are concatenated (ordinal path order, as train reads them).", Required = true };
     private readonly Option<long?> maxBytesOption = new("--max-bytes") { HelpName = "N", Description = "Score only the first N bytes of the data." };
     private readonly Option<int> batchSizeOption = new("--batch-size") { HelpName = "B", Description = "Windows per forward pass.", DefaultValueFactory = _ => 16 };
-    private readonly Option<bool> jsonOption = new("--json") { Description = "Print {\"bpc\":x, \"tokens\":n} instead of a sentence." };
+    private readonly Option<bool> jsonOption = new("--json") { Description = "Print {\"bpc\":x, \"tokens\":n, \"bytes\":m, \"loss\":l, \"tokenizer\":name} instead of a sentence." };
     private readonly Option<int?> threadsOption = new("--threads") { HelpName = "N", Description = "libtorch intra-op threads (default: libtorch's choice)." };
 
     public static Command Create()
     {
         var self = new EvalCommand();
         var command = new Command("eval",
-            "Bits per character of a model on text. The bytes are cut into windows of T = max_seq_len bytes that overlap by one byte " +
-            "(window k starts at byte k·(T−1); the last may be shorter), so every byte except the first is predicted exactly once, " +
-            "from the bytes before it in its window; bpc = mean next-byte cross-entropy in bits, tokens = bytes predicted.");
+            "Bits per byte of a model on text. The text is encoded with the model's tokenizer (bytes, gpt2 or cl100k, from its checkpoint) and " +
+            "the tokens are cut into windows of T = max_seq_len tokens that overlap by one token (window k starts at token k·(T−1); the last " +
+            "may be shorter), so every token except the first is predicted exactly once, from the tokens before it in its window; " +
+            "bpc = summed next-token cross-entropy / (ln 2 · the original bytes the predicted tokens stand for) — bits per byte, on one scale " +
+            "for every tokenizer (for bytes, the mean next-byte cross-entropy in bits); loss = nats per predicted token; tokens = tokens predicted.");
         foreach (var option in new Option[] { self.checkpointOption, self.configOption, self.dataOption, self.maxBytesOption, self.batchSizeOption,
                      self.jsonOption, self.threadsOption })
             command.Add(option);
@@ -45,17 +48,23 @@ internal sealed class EvalCommand
         if (maxBytes is long mb && mb < data.Length) data = data[..(int)mb];
 
         using var loaded = CheckpointLocator.Load(parse.GetValue(checkpointOption)!, parse.GetValue(configOption));
+        var tokenizer = CliTokenizer.Of(loaded);
         var watch = Stopwatch.StartNew();
-        var (nats, tokens, windows) = NextByteNats(loaded.Model, data, loaded.Config.MaxSeqLen, batchSize);
-        double bpc = nats / tokens / Math.Log(2);
+        if (tokenizer.Tokenize(data) is not { Length: >= 2 } text)
+            throw new CliUsageException($"--data: the text gives fewer than 2 {tokenizer.Name} tokens; nothing to predict.");
+        var (nats, tokens, bytes, windows) = NextTokenNats(loaded.Model, text, loaded.Config.MaxSeqLen, batchSize);
+        double bpc = nats / bytes / Math.Log(2), loss = nats / tokens;
+        string unit = CliTokenizer.Unit(tokenizer);
         if (parse.GetValue(jsonOption))
         {
-            double? value = double.IsFinite(bpc) ? bpc : null;                  // JSON has no NaN: null, and the exit code says why
-            output.WriteLine($"{{\"bpc\":{value?.ToString("R", CultureInfo.InvariantCulture) ?? "null"}, \"tokens\":{tokens}}}");
+            // JSON has no NaN: null, and the exit code says why
+            static string Number(double x) => double.IsFinite(x) ? x.ToString("R", CultureInfo.InvariantCulture) : "null";
+            output.WriteLine($"{{\"bpc\":{Number(bpc)}, \"tokens\":{tokens}, \"bytes\":{bytes}, \"loss\":{Number(loss)}, \"tokenizer\":\"{tokenizer.Name}\"}}");
         }
         else
-            output.WriteLine($"bpc {bpc:F4} over {tokens:N0} predicted bytes ({windows:N0} windows of up to {loaded.Config.MaxSeqLen} bytes) " +
-                             $"with {loaded.Describe()} in {watch.Elapsed.TotalSeconds:F1} s");
+            output.WriteLine($"bpc {bpc:F4} over {tokens:N0} predicted {unit} ({windows:N0} windows of up to {loaded.Config.MaxSeqLen} {unit})" +
+                             (tokenizer.Kind == TokenizerKind.Bytes ? "" : $" covering {bytes:N0} bytes") +
+                             $"; loss {loss:F4} nats/token; with {loaded.Describe()} in {watch.Elapsed.TotalSeconds:F1} s");
         if (!double.IsFinite(bpc))
             throw new CliFailureException($"bpc is {bpc.ToString(CultureInfo.InvariantCulture)}: {loaded.Describe()} gives NaN or infinite outputs on this data.");
         return CliApp.Ok;
@@ -69,14 +78,15 @@ internal sealed class EvalCommand
             yield return ((int)start, (int)Math.Min(seqLen, dataLength - start));
     }
 
-    /// <summary>Summed next-byte cross-entropy (nats) over all windows, the number of predicted bytes and of windows.</summary>
-    internal static (double Nats, long Tokens, int Windows) NextByteNats(RoutingTransformerLM model, byte[] data, int seqLen, int batchSize)
+    /// <summary>Summed next-token cross-entropy (nats) over all windows, the number of predicted tokens, the original bytes
+    /// they stand for, and the number of windows.</summary>
+    internal static (double Nats, long Tokens, long Bytes, int Windows) NextTokenNats(RoutingTransformerLM model, TokenText data, int seqLen, int batchSize)
     {
         model.eval();
         using var noGrad = no_grad();
         double nats = 0;
-        long tokens = 0;
-        var windows = Windows(data.Length, seqLen).ToList();
+        long tokens = 0, bytes = 0;
+        var windows = Windows(checked((int)data.Length), seqLen).ToList();
         // Windows of one length go through the model together (all full windows; the last may be shorter).
         foreach (var sameLength in windows.GroupBy(w => w.Length))
         {
@@ -88,16 +98,20 @@ internal sealed class EvalCommand
                 int b = Math.Min(batchSize, list.Count - first);
                 var ids = new long[b * length];
                 for (int i = 0; i < b; i++)
-                    for (int t = 0; t < length; t++) ids[i * length + t] = data[list[first + i].Start + t];
+                    for (int t = 0; t < length; t++)
+                    {
+                        ids[i * length + t] = data[list[first + i].Start + t];
+                        if (t > 0) bytes += data.ByteLength(list[first + i].Start + t);          // a predicted token
+                    }
                 var batch = tensor(ids, new long[] { b, length });                                  // (B, T)
-                var logits = model.forward(batch, null).Logits;                                      // (B, T, 256)
-                var predictions = logits.narrow(1, 0, length - 1).reshape(-1, logits.shape[2]);      // (B·(T−1), 256)
+                var logits = model.forward(batch, null).Logits;                                      // (B, T, NumTokens)
+                var predictions = logits.narrow(1, 0, length - 1).reshape(-1, logits.shape[2]);      // (B·(T−1), NumTokens)
                 var targets = batch.narrow(1, 1, length - 1).reshape(-1);                            // (B·(T−1))
                 var summed = nn.functional.cross_entropy(predictions.to(ScalarType.Float64), targets, reduction: nn.Reduction.Sum);
                 nats += summed.item<double>();
                 tokens += b * (length - 1);
             }
         }
-        return (nats, tokens, windows.Count);
+        return (nats, tokens, bytes, windows.Count);
     }
 }

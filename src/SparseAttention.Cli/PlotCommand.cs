@@ -4,6 +4,7 @@ using System.Text.Json;
 using ScottPlot;
 using SkiaSharp;
 using SparseAttention.Model;
+using SparseAttention.Training;
 using static TorchSharp.torch;
 
 namespace SparseAttention.Cli;
@@ -23,8 +24,13 @@ internal static class PlotCommand
     }
 }
 
-/// <summary>One point of a run's log: <c>loss</c> (nats, training) or <c>val_bpc</c> at a step.</summary>
-internal readonly record struct LogPoint(long Step, double? Loss, double? ValBpc);
+/// <summary>One point of a run's log: <c>loss</c> (nats per token, training) with <c>bpc</c> (its bits per byte; absent in
+/// logs of earlier versions, which trained bytes only: then loss / ln 2), or <c>val_bpc</c> (bits per byte) at a step.</summary>
+internal readonly record struct LogPoint(long Step, double? Loss, double? ValBpc, double? Bpc = null)
+{
+    /// <summary>Training loss in bits per byte of the text.</summary>
+    public double? TrainBits => Bpc ?? Loss / Math.Log(2);
+}
 
 internal sealed class CurvesCommand
 {
@@ -34,7 +40,7 @@ internal sealed class CurvesCommand
     public static Command Create()
     {
         var self = new CurvesCommand();
-        var command = new Command("curves", "Learning curves: training loss (in bits per character, loss / ln 2) and validation bits per character against step.");
+        var command = new Command("curves", "Learning curves: training loss and validation loss in bits per byte of the text (any tokenizer) against step.");
         command.Add(self.runOption);
         command.Add(self.outOption);
         command.SetAction(self.Execute);
@@ -56,7 +62,7 @@ internal sealed class CurvesCommand
                 var root = doc.RootElement;
                 static double? Number(JsonElement e, string name) =>
                     e.TryGetProperty(name, out var v) && v.ValueKind == JsonValueKind.Number ? v.GetDouble() : null;
-                points.Add(new LogPoint(root.GetProperty("step").GetInt64(), Number(root, "loss"), Number(root, "val_bpc")));
+                points.Add(new LogPoint(root.GetProperty("step").GetInt64(), Number(root, "loss"), Number(root, "val_bpc"), Number(root, "bpc")));
             }
             catch (Exception e) when (e is JsonException or KeyNotFoundException or InvalidOperationException or FormatException)
             {
@@ -81,22 +87,22 @@ internal sealed class CurvesCommand
         plot.Font.Set(PlotStyle.SansSerif);
         if (train.Count > 0)
         {
-            var s = plot.Add.ScatterLine(train.Select(p => (double)p.Step).ToArray(), train.Select(p => p.Loss!.Value / Math.Log(2)).ToArray());
-            s.LegendText = "training loss (bits/char)";
+            var s = plot.Add.ScatterLine(train.Select(p => (double)p.Step).ToArray(), train.Select(p => p.TrainBits!.Value).ToArray());
+            s.LegendText = "training loss (bits/byte)";
             s.LineWidth = 1.5f;
             s.Color = Colors.SteelBlue;
         }
         if (val.Count > 0)
         {
             var s = plot.Add.Scatter(val.Select(p => (double)p.Step).ToArray(), val.Select(p => p.ValBpc!.Value).ToArray());
-            s.LegendText = "validation bpc";
+            s.LegendText = "validation bits/byte";
             s.LineWidth = 2;
             s.MarkerSize = 6;
             s.Color = Colors.OrangeRed;
         }
         plot.Title($"Learning curves — {Path.GetFileName(Path.GetDirectoryName(Path.GetFullPath(log)))}");
         plot.XLabel("optimizer step");
-        plot.YLabel("bits per character");
+        plot.YLabel("bits per byte of text");
         plot.ShowLegend(Alignment.UpperRight);
         string outPath = parse.GetValue(outOption)!;
         AtomicFile.WriteAllBytes(outPath, plot.GetImageBytes(900, 540, ImageFormat.Png));
@@ -114,10 +120,10 @@ internal sealed class AttentionPlotCommand
 {
     private readonly Option<string> checkpointOption = new("--checkpoint") { HelpName = "FILE|DIR", Description = "Checkpoint (ckpt-*.sat), run folder (its newest checkpoint), .safetensors file or exported folder.", Required = true };
     private readonly Option<string?> configOption = new("--config") { HelpName = "FILE", Description = "Configuration JSON for safetensors weights that carry none." };
-    private readonly Option<string?> textOption = new("--text") { HelpName = "TEXT", Description = "The text to run the model on (UTF-8 bytes)." };
+    private readonly Option<string?> textOption = new("--text") { HelpName = "TEXT", Description = "The text to run the model on (encoded with the checkpoint's tokenizer)." };
     private readonly Option<string?> dataOption = new("--data") { HelpName = "PATH", Description = "Take the text from this file instead, starting at --offset." };
     private readonly Option<long> offsetOption = new("--offset") { HelpName = "N", Description = "First byte of the text within --data.", DefaultValueFactory = _ => 0 };
-    private readonly Option<int?> lengthOption = new("--length") { HelpName = "T", Description = "Bytes of text to use (default and maximum: the model's max_seq_len)." };
+    private readonly Option<int?> lengthOption = new("--length") { HelpName = "T", Description = "Tokens of text to use (bytes for a byte-level model; default and maximum: the model's max_seq_len)." };
     private readonly Option<string> outOption = new("--out") { HelpName = "FILE.png", Description = "PNG of the attention masks; with routing heads also FILE-clusters.png.", Required = true };
 
     public static Command Create()
@@ -150,22 +156,30 @@ internal sealed class AttentionPlotCommand
         using var loaded = CheckpointLocator.Load(parse.GetValue(checkpointOption)!, parse.GetValue(configOption));
         int maxLen = loaded.Config.MaxSeqLen;
         if (length is int l && l > maxLen) throw new CliUsageException($"--length: {l} is longer than the model's context (max_seq_len = {maxLen}).");
-        int available = (int)(source.Length - offset);
-        if (text is not null && length is null && available > maxLen)
-            throw new CliUsageException($"--text: {available} bytes is longer than the model's context (max_seq_len = {maxLen}); shorten it or pass --length.");
-        int t = Math.Min(length ?? maxLen, available);
-        var window = source.AsSpan((int)offset, t).ToArray();
+        var tokenizer = CliTokenizer.Of(loaded);
+        int want = length ?? maxLen;
+        // A token covers at most a few dozen bytes: encode only a generous prefix of a long file.
+        var ids = tokenizer.Encode(source.AsSpan((int)offset, (int)Math.Min(source.Length - offset, (long)want * 256)));
+        string unit = CliTokenizer.Unit(tokenizer);
+        if (text is not null && length is null && ids.Length > maxLen)
+            throw new CliUsageException($"--text: {ids.Length} {unit} is longer than the model's context (max_seq_len = {maxLen}); shorten it or pass --length.");
+        if (ids.Length == 0) throw new CliUsageException("--text / --data: the text gives no tokens.");
+        int t = Math.Min(want, ids.Length);
+        var window = ids[..t];
+        var labels = window.Select(id => tokenizer.Kind == TokenizerKind.Bytes
+            ? Encoding.Latin1.GetString([(byte)id])                                   // one character per byte, as before
+            : tokenizer.Decode([id])).ToArray();
 
         var heads = Compute(loaded.Model, window);
         string outPath = parse.GetValue(outOption)!;
         int clusters = Math.Max(1, (maxLen + loaded.Config.WindowSize - 1) / loaded.Config.WindowSize);
         clusters = Math.Max(clusters, heads.Where(h => h.Cluster is not null).SelectMany(h => h.Cluster!).DefaultIfEmpty(0).Max() + 1);   // LSH buckets
-        AttentionRendering.MasksPng(heads, window, clusters, outPath, $"{loaded.Describe()}: attention on {t} bytes");
-        output.WriteLine($"wrote {outPath}: {heads.Select(h => h.Layer).Distinct().Count()} layers × {loaded.Config.Heads} heads on {t} bytes");
+        AttentionRendering.MasksPng(heads, labels, clusters, outPath, $"{loaded.Describe()}: attention on {t} {unit}");
+        output.WriteLine($"wrote {outPath}: {heads.Select(h => h.Layer).Distinct().Count()} layers × {loaded.Config.Heads} heads on {t} {unit}");
         if (heads.Any(h => h.Cluster is not null))
         {
             string clustersPath = Path.Combine(Path.GetDirectoryName(outPath) ?? "", Path.GetFileNameWithoutExtension(outPath) + "-clusters.png");
-            AttentionRendering.ClustersPng(heads, window, clusters, clustersPath, $"{loaded.Describe()}: routing clusters / LSH buckets over positions");
+            AttentionRendering.ClustersPng(heads, labels, clusters, clustersPath, $"{loaded.Describe()}: routing clusters / LSH buckets over positions");
             output.WriteLine($"wrote {clustersPath}: {heads.Count(h => h.Kind == HeadGroupKind.Routing)} routing heads (colour = cluster of the query's group), " +
                              $"{heads.Count(h => h.Kind == HeadGroupKind.Lsh)} LSH heads (colour = bucket in the first hash round)");
         }
@@ -176,16 +190,19 @@ internal sealed class AttentionPlotCommand
     /// and head in order, the keys each query may attend: static/local heads from their compiled pattern, routing
     /// heads from the groups recorded by <see cref="RoutingCapture"/> (causal rule on positions; with shared QK a
     /// token attends itself only when its group offers nothing else, as the kernel does).</summary>
-    internal static List<HeadAttention> Compute(RoutingTransformerLM model, byte[] text)
+    internal static List<HeadAttention> Compute(RoutingTransformerLM model, byte[] text) => Compute(model, text.Select(b => (int)b).ToArray());
+
+    /// <summary>As <see cref="Compute(RoutingTransformerLM, byte[])"/>, on token ids of the model's tokenizer.</summary>
+    internal static List<HeadAttention> Compute(RoutingTransformerLM model, int[] tokens)
     {
         var config = model.Config;
-        int t = text.Length;
+        int t = tokens.Length;
         using var capture = RoutingCapture.Start();
         using (no_grad())
         using (var scope = NewDisposeScope())
         {
             model.eval();
-            model.forward(tensor(text.Select(b => (long)b).ToArray(), new long[] { 1, t }), null);   // (1, T) → routing recorded
+            model.forward(tensor(tokens.Select(id => (long)id).ToArray(), new long[] { 1, t }), null);   // (1, T) → routing recorded
         }
         var attentionLayers = model.Transformer.Blocks.Select(b => b.Attention).OfType<AttentionLayer>().ToList();
         var result = new List<HeadAttention>();
@@ -296,9 +313,9 @@ internal static class AttentionRendering
 
     /// <summary>One panel per (layer, head): x = key, y = query (0 at the top); allowed cells black for static heads,
     /// coloured by the group's cluster for routing heads; white = not attended.</summary>
-    public static void MasksPng(IReadOnlyList<HeadAttention> heads, byte[] text, int clusters, string path, string title)
+    public static void MasksPng(IReadOnlyList<HeadAttention> heads, IReadOnlyList<string> tokens, int clusters, string path, string title)
     {
-        int t = text.Length;
+        int t = tokens.Count;
         int layers = heads.Max(h => h.Layer) + 1, columns = heads.Count / layers;
         var multiplot = new Multiplot();
         multiplot.AddPlots(heads.Count);
@@ -331,11 +348,11 @@ internal static class AttentionRendering
     }
 
     /// <summary>One row per routing (layer, head): the cluster of each position's group as a colour (white = none),
-    /// with the text's characters along the bottom when they fit.</summary>
-    public static void ClustersPng(IReadOnlyList<HeadAttention> heads, byte[] text, int clusters, string path, string title)
+    /// with the text of each token (a character for bytes) along the bottom when they fit.</summary>
+    public static void ClustersPng(IReadOnlyList<HeadAttention> heads, IReadOnlyList<string> tokens, int clusters, string path, string title)
     {
         var routing = heads.Where(h => h.Cluster is not null).ToList();
-        int t = text.Length, rows = routing.Count;
+        int t = tokens.Count, rows = routing.Count;
         var values = new double[rows, t];
         for (int r = 0; r < rows; r++)
             for (int i = 0; i < t; i++)
@@ -355,7 +372,7 @@ internal static class AttentionRendering
                                 routing.Select(h => $"L{h.Layer} H{h.Head}").ToArray());
         if (t <= 160)
         {
-            var characters = Encoding.Latin1.GetString(text).Select(c => c is >= ' ' and < '\x7f' ? c.ToString() : "·").ToArray();
+            var characters = tokens.Select(s => string.Concat(s.Select(c => c is >= ' ' and < '\x7f' ? c : '·'))).ToArray();
             plot.Axes.Bottom.SetTicks(Enumerable.Range(0, t).Select(i => i + 0.5).ToArray(), characters);
         }
         plot.XLabel("position (text below)", 12);

@@ -2,26 +2,28 @@ using System.CommandLine;
 using System.Diagnostics;
 using System.Text;
 using SparseAttention.Model;
+using SparseAttention.Training;
 using static TorchSharp.torch;
 
 namespace SparseAttention.Cli;
 
 /// <summary>
-/// <c>sparse-attn sample</c>: continues a prompt with a trained byte-level model, writing the text to stdout as it is
-/// generated (the prompt first, then each new byte decoded as UTF-8 as soon as it completes a character).
+/// <c>sparse-attn sample</c>: continues a prompt with a trained model, writing the text to stdout as it is generated (the
+/// prompt first, then the bytes of each new token — a byte, or a BPE token's bytes — decoded as UTF-8 as soon as they
+/// complete a character). The prompt is encoded with the tokenizer the checkpoint records.
 /// </summary>
 internal sealed class SampleCommand
 {
     private readonly Option<string> checkpointOption = new("--checkpoint") { HelpName = "FILE|DIR", Description = "Checkpoint (ckpt-*.sat), run folder (its newest checkpoint), .safetensors file or exported folder (model.safetensors + config.json).", Required = true };
     private readonly Option<string?> configOption = new("--config") { HelpName = "FILE", Description = "Configuration JSON for safetensors weights that carry none (or to override theirs)." };
-    private readonly Option<string?> promptOption = new("--prompt") { HelpName = "TEXT", Description = "Text to continue (UTF-8 bytes, at most max_seq_len of them); without it the prompt is read from stdin." };
-    private readonly Option<int> maxNewTokensOption = new("--max-new-tokens") { HelpName = "N", Description = "Bytes to generate; once the context holds max_seq_len bytes its older half is dropped and the rest re-encoded.", DefaultValueFactory = _ => 200 };
-    private readonly Option<double> temperatureOption = new("--temperature") { HelpName = "T", Description = "Divide the logits by T before sampling; 0 = greedy (always the most likely byte).", DefaultValueFactory = _ => 1.0 };
-    private readonly Option<int?> topKOption = new("--top-k") { HelpName = "K", Description = "Sample only among the K most likely bytes (K >= 1)." };
-    private readonly Option<double?> topPOption = new("--top-p") { HelpName = "P", Description = "Nucleus sampling: only the smallest set of most likely bytes whose probability reaches P, in (0, 1]." };
+    private readonly Option<string?> promptOption = new("--prompt") { HelpName = "TEXT", Description = "Text to continue (encoded with the model's tokenizer, at most max_seq_len tokens); without it the prompt is read from stdin." };
+    private readonly Option<int> maxNewTokensOption = new("--max-new-tokens") { HelpName = "N", Description = "Tokens to generate (bytes for a byte-level model); once the context holds max_seq_len tokens its older half is dropped and the rest re-encoded.", DefaultValueFactory = _ => 200 };
+    private readonly Option<double> temperatureOption = new("--temperature") { HelpName = "T", Description = "Divide the logits by T before sampling; 0 = greedy (always the most likely token).", DefaultValueFactory = _ => 1.0 };
+    private readonly Option<int?> topKOption = new("--top-k") { HelpName = "K", Description = "Sample only among the K most likely tokens (K >= 1)." };
+    private readonly Option<double?> topPOption = new("--top-p") { HelpName = "P", Description = "Nucleus sampling: only the smallest set of most likely tokens whose probability reaches P, in (0, 1]." };
     private readonly Option<ulong> seedOption = new("--seed") { HelpName = "N", Description = "Seed of the sampler: the same seed, model and options give the same text.", DefaultValueFactory = _ => 0UL };
     private readonly Option<int?> threadsOption = new("--threads") { HelpName = "N", Description = "libtorch intra-op threads (default: libtorch's choice)." };
-    private readonly Option<bool> noCacheOption = new("--no-cache") { Description = "Re-encode the whole context for every new byte instead of decoding incrementally (slow; the same text — for comparison)." };
+    private readonly Option<bool> noCacheOption = new("--no-cache") { Description = "Re-encode the whole context for every new token instead of decoding incrementally (slow; the same text — for comparison)." };
 
     /// <summary>Where the prompt is read from when --prompt is absent (tests set it); null = stdin when it is redirected.</summary>
     internal static TextReader? InputOverride;
@@ -57,19 +59,22 @@ internal sealed class SampleCommand
         if (promptBytes.Length == 0) throw new CliUsageException("--prompt: the prompt is empty; give at least one character.");
 
         using var loaded = CheckpointLocator.Load(parse.GetValue(checkpointOption)!, parse.GetValue(configOption));
+        var tokenizer = CliTokenizer.Of(loaded);
+        string unit = CliTokenizer.Unit(tokenizer);
         int context = loaded.Config.MaxSeqLen;
-        if (promptBytes.Length > context)
-            throw new CliUsageException($"--prompt: {promptBytes.Length} bytes is longer than the model's context (max_seq_len = {context} bytes).");
+        var promptIds = tokenizer.Encode(promptBytes);
+        if (promptIds.Length > context)
+            throw new CliUsageException($"--prompt: {promptIds.Length} {unit} is longer than the model's context (max_seq_len = {context} {unit}).");
 
         output.Write(prompt);
         output.Flush();
         var decoder = new UTF8Encoding(false, false).GetDecoder();   // invalid bytes → U+FFFD, never an exception
         var chars = new char[4];
-        var one = new byte[1];
         void Emit(Tensor next)                                        // (1) int64
         {
-            one[0] = (byte)next[0].item<long>();
-            int n = decoder.GetChars(one, 0, 1, chars, 0, flush: false);
+            var bytes = tokenizer.TokenBytes((int)next[0].item<long>());
+            if (chars.Length < bytes.Length + 4) chars = new char[bytes.Length + 4];
+            int n = decoder.GetChars(bytes, chars, flush: false);
             if (n > 0)
             {
                 output.Write(chars, 0, n);
@@ -82,7 +87,7 @@ internal sealed class SampleCommand
         var watch = Stopwatch.StartNew();
         using (var scope = NewDisposeScope())
         {
-            var tokens = tensor(promptBytes.Select(b => (long)b).ToArray(), new long[] { 1, promptBytes.Length });   // (1, Tp)
+            var tokens = tensor(promptIds.Select(id => (long)id).ToArray(), new long[] { 1, promptIds.Length });   // (1, Tp)
             ulong seed = parse.GetValue(seedOption);
             if (cached) Sampling.GenerateCached(model, tokens, maxNew, temperature, topK, topP, eos: null, seed: seed, onToken: Emit);
             else Sampling.Generate(model, tokens, maxNew, context, window => model.forward(window, null).Logits,
@@ -93,7 +98,7 @@ internal sealed class SampleCommand
         output.WriteLine();
         output.Flush();
         double seconds = watch.Elapsed.TotalSeconds;
-        error.WriteLine($"sampled {maxNew} bytes in {seconds:F1} s ({maxNew / Math.Max(seconds, 1e-9):F0} bytes/s, {(cached ? "cached decoding" : "re-encoding the context per byte")}) from {loaded.Describe()}");
+        error.WriteLine($"sampled {maxNew} {unit} in {seconds:F1} s ({maxNew / Math.Max(seconds, 1e-9):F0} {unit}/s, {(cached ? "cached decoding" : "re-encoding the context per token")}) from {loaded.Describe()}");
         return CliApp.Ok;
     }
 

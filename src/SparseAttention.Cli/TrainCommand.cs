@@ -9,8 +9,8 @@ using Spectre.Console;
 namespace SparseAttention.Cli;
 
 /// <summary>
-/// <c>sparse-attn train</c>: trains a byte-level language model on a text file or folder, with periodic
-/// validation in bits per character, a JSONL log and atomic, resumable checkpoints in the run folder.
+/// <c>sparse-attn train</c>: trains a language model (bytes or a BPE vocabulary, --tokenizer) on a text file or folder,
+/// with periodic validation in bits per byte of the original text, a JSONL log and atomic, resumable checkpoints in the run folder.
 /// </summary>
 internal sealed class TrainCommand
 {
@@ -39,6 +39,7 @@ internal sealed class TrainCommand
     private readonly Option<double> randomTruncateOption = new("--random-truncate") { HelpName = "P", Description = "Probability that a micro-batch is cut to a random length in [2, seq_len] (for decoding from short prompts).", DefaultValueFactory = _ => 0.0 };
     private readonly Option<int?> threadsOption = new("--threads") { HelpName = "N", Description = "libtorch intra-op threads (default: libtorch's choice)." };
     private readonly Option<int> maxSkippedOption = new("--max-skipped-steps") { HelpName = "N", Description = "Stop (exit 1, no checkpoint) after N steps in a row skipped because their loss or gradient norm was NaN or infinite.", DefaultValueFactory = _ => 5 };
+    private readonly Option<string?> tokenizerOption = new("--tokenizer") { HelpName = "NAME", Description = $"Vocabulary: {string.Join(", ", TextTokenizer.Names)} (default: the configuration's tokenizer key, bytes). Sets num_tokens to its vocabulary size and is recorded in every checkpoint." };
     private readonly Option<bool> fromIntactOption = new("--from-intact") { Description = "With --resume: when the newest checkpoint is damaged, continue from the newest intact one (damaged newer ones are renamed *.damaged)." };
 
     /// <summary>Set to request a clean stop (as Ctrl-C does); checked between steps. For tests.</summary>
@@ -47,12 +48,12 @@ internal sealed class TrainCommand
     public static Command Create()
     {
         var self = new TrainCommand();
-        var command = new Command("train", "Train a byte-level language model on text; checkpoints, validation bits per character, resumable.");
+        var command = new Command("train", "Train a language model on text (bytes, or GPT-2 / cl100k BPE tokens with --tokenizer); checkpoints, validation bits per byte, resumable.");
         foreach (var option in new Option[] { self.dataOption, self.outOption, self.presetOption, self.setOption, self.maxStepsOption, self.maxMinutesOption,
                      self.resumeOption, self.seqLenOption, self.batchSizeOption, self.accumOption, self.lrOption, self.warmupOption, self.decayStepsOption,
                      self.weightDecayOption, self.clipOption, self.valFractionOption, self.evalBatchesOption, self.seedOption, self.evalEveryOption,
                      self.logEveryOption, self.checkpointEveryOption, self.keepLastOption, self.randomTruncateOption, self.threadsOption,
-                     self.maxSkippedOption, self.fromIntactOption })
+                     self.maxSkippedOption, self.fromIntactOption, self.tokenizerOption })
             command.Add(option);
         command.SetAction(self.Execute);
         return command;
@@ -83,7 +84,7 @@ internal sealed class TrainCommand
         var existing = Checkpoint.List(outDir);
         RunLock? runLock = null;
         Trainer? trainer = null;
-        ByteCorpus? corpus = null;
+        TokenCorpus? corpus = null;
         try
         {
             if (resume)
@@ -100,6 +101,8 @@ internal sealed class TrainCommand
                 if (maxSteps is int ms && storedStep >= ms)
                     throw new CliUsageException($"--max-steps {ms}: {Path.GetFileName(latest)} is already at step {storedStep}, so there is nothing to train; " +
                                                 $"give --max-steps above {storedStep} (or --max-minutes) to continue.");
+                if (parse.GetValue(tokenizerOption) is string tn && ParseTokenizer(tn) != storedConfig.Tokenizer)
+                    throw new CliUsageException($"--resume: {latest} was trained with tokenizer {TextTokenizer.NameOf(storedConfig.Tokenizer)}; drop --tokenizer or start a new --out.");
                 if (Given(parse, presetOption) || Given(parse, setOption))
                 {
                     var requested = BuildConfig(parse);
@@ -110,7 +113,7 @@ internal sealed class TrainCommand
                 var requestedOptions = BuildOptions(parse, storedConfig, maxSteps, storedOptions);
                 if (requestedOptions != storedOptions)
                     throw new CliUsageException($"--resume: hyperparameters differ from {latest}: {DescribeOptionDiff(storedOptions, requestedOptions)}; drop those options to continue the run as it was.");
-                corpus = LoadCorpus(parse, storedOptions);
+                corpus = LoadCorpus(parse, storedOptions, storedConfig);
                 try { trainer = Checkpoint.Load(latest, corpus.Train, corpus.Validation); }
                 catch (CheckpointException e) { throw WithIntactHint(e, outDir, latest); }
                 int dropped = TrimLog(Path.Combine(outDir, "log.jsonl"), trainer.Step);
@@ -127,7 +130,7 @@ internal sealed class TrainCommand
                 Limits.RequireTrainableModel(config, Given(parse, setOption) ? "--set" : "--preset");
                 var options = BuildOptions(parse, config, maxSteps, null);
                 Limits.RequireBatchFits(config, options.BatchSize, options.SeqLen, "--batch-size", "--seq-len");
-                corpus = LoadCorpus(parse, options);
+                corpus = LoadCorpus(parse, options, config);
                 try { trainer = new Trainer(config, options, corpus.Train, corpus.Validation); }
                 catch (ArgumentException e) { throw new CliUsageException(DescribeConfigError(e)); }
                 Directory.CreateDirectory(outDir);
@@ -137,7 +140,10 @@ internal sealed class TrainCommand
                 AtomicFile.WriteAllText(Path.Combine(outDir, "config.json"), ConfigBinding.ToJson(config));
             }
             long parameters = trainer.Model.parameters().Sum(p => p.numel());
-            output.WriteLine($"data: {corpus.Files} file(s), {corpus.Train.Length:N0} training + {corpus.Validation.Length:N0} validation bytes; " +
+            string tokens = corpus.Tokenizer.Kind == TokenizerKind.Bytes ? "" :
+                $" → {corpus.Tokenizer.Name}: {corpus.Train.Length:N0} + {corpus.Validation.Length:N0} tokens " +
+                $"({(double)(corpus.Train.ByteCount + corpus.Validation.ByteCount) / (corpus.Train.Length + corpus.Validation.Length):F2} bytes/token, tokenized in {corpus.TokenizeSeconds:F1} s)";
+            output.WriteLine($"data: {corpus.Files} file(s), {corpus.Bytes.Train.Length:N0} training + {corpus.Bytes.Validation.Length:N0} validation bytes{tokens}; " +
                              $"model: {parameters:N0} parameters (dim {trainer.Config.Dim}, depth {trainer.Config.Depth}, heads {trainer.Config.Heads}), " +
                              $"seq_len {trainer.Options.SeqLen}, batch {trainer.Options.BatchSize}×{trainer.Options.Accumulation}");
             return Loop(parse, trainer, outDir, maxSteps, maxMinutes, output);
@@ -185,8 +191,32 @@ internal sealed class TrainCommand
         return lines.Length - kept.Length;
     }
 
-    private TransformerConfig BuildConfig(ParseResult parse) =>
-        ConfigCommand.Effective(parse.GetValue(presetOption)!, parse.GetValue(setOption) ?? [], OptionOf);
+    private static TokenizerKind ParseTokenizer(string name)
+    {
+        try { return TextTokenizer.Parse(name, "--tokenizer"); }
+        catch (ArgumentException e) { throw new CliUsageException(ConfigCommand.Plain(e)); }
+    }
+
+    /// <summary>The preset with --set overrides, then the tokenizer (--tokenizer, else the configuration's) with num_tokens
+    /// set to its vocabulary size; a --set num_tokens or --set tokenizer that disagrees is refused.</summary>
+    private TransformerConfig BuildConfig(ParseResult parse)
+    {
+        var assignments = parse.GetValue(setOption) ?? [];
+        var config = ConfigCommand.Effective(parse.GetValue(presetOption)!, assignments, OptionOf);
+        bool Sets(string key) => assignments.Any(a => a.Split('=', 2)[0].Trim() == key);
+        if (parse.GetValue(tokenizerOption) is string name)
+        {
+            var kind = ParseTokenizer(name);
+            if (Sets("tokenizer") && config.Tokenizer != kind)
+                throw new CliUsageException($"--tokenizer {TextTokenizer.NameOf(kind)} disagrees with --set tokenizer={TextTokenizer.NameOf(config.Tokenizer)}; give one of them.");
+            config = config with { Tokenizer = kind };
+        }
+        var tokenizer = TextTokenizer.For(config);
+        if (Sets("num_tokens") && config.NumTokens != tokenizer.VocabularySize)
+            throw new CliUsageException($"--set num_tokens={config.NumTokens} disagrees with the tokenizer {tokenizer.Name}, whose vocabulary has {tokenizer.VocabularySize} tokens; " +
+                                        "drop --set num_tokens (train sets it from the tokenizer).");
+        return config with { NumTokens = tokenizer.VocabularySize };
+    }
 
     private static string DescribeConfigError(ArgumentException e) => ConfigCommand.DescribeConfigError(e, OptionOf);
 
@@ -235,12 +265,14 @@ internal sealed class TrainCommand
         typeof(TrainingOptions).GetProperties().Where(p => !Equals(p.GetValue(a), p.GetValue(b)))
             .Select(p => $"{(OptionOf.TryGetValue(p.Name, out var o) ? o : p.Name)} {p.GetValue(a)} in the checkpoint vs {p.GetValue(b)}"));
 
-    private ByteCorpus LoadCorpus(ParseResult parse, TrainingOptions options) => LoadCorpus(parse.GetValue(dataOption)!, options);
+    private TokenCorpus LoadCorpus(ParseResult parse, TrainingOptions options, TransformerConfig config) =>
+        LoadCorpus(parse.GetValue(dataOption)!, options, TextTokenizer.For(config));
 
-    /// <summary>The corpus at <paramref name="data"/> split as <paramref name="options"/> say; bad input names its option.</summary>
-    internal static ByteCorpus LoadCorpus(string data, TrainingOptions options)
+    /// <summary>The corpus at <paramref name="data"/> split as <paramref name="options"/> say and tokenized with
+    /// <paramref name="tokenizer"/>; bad input names its option.</summary>
+    internal static TokenCorpus LoadCorpus(string data, TrainingOptions options, TextTokenizer tokenizer)
     {
-        try { return ByteCorpus.Load(data, options.ValFraction, options.SeqLen); }
+        try { return TokenCorpus.Load(data, options.ValFraction, options.SeqLen, tokenizer); }
         catch (ArgumentException e) { throw new CliUsageException("--" + ConfigCommand.Plain(e)); }
     }
 
@@ -248,6 +280,8 @@ internal sealed class TrainCommand
         [property: System.Text.Json.Serialization.JsonPropertyName("step")] long Step,
         [property: System.Text.Json.Serialization.JsonPropertyName("loss")] double? Loss,
         [property: System.Text.Json.Serialization.JsonPropertyName("val_bpc")] double? ValBpc,
+        [property: System.Text.Json.Serialization.JsonPropertyName("val_loss")] double? ValLoss,
+        [property: System.Text.Json.Serialization.JsonPropertyName("bpc")] double? Bpc,
         [property: System.Text.Json.Serialization.JsonPropertyName("tokens_per_s")] double? TokensPerSecond,
         [property: System.Text.Json.Serialization.JsonPropertyName("lr")] double? LearningRate,
         [property: System.Text.Json.Serialization.JsonPropertyName("elapsed")] double Elapsed);
@@ -281,10 +315,12 @@ internal sealed class TrainCommand
         double lastBpc = double.NaN;
         void Validate()
         {
-            lastBpc = trainer.ValidationBitsPerCharacter();
+            var result = trainer.ValidationLoss();
+            lastBpc = result.BitsPerByte;
             trainer.ElapsedSeconds = Elapsed();
-            Print($"step {trainer.Step,7}  val_bpc {lastBpc:F4}");
-            Log(new LogLine(trainer.Step, null, Limits.FiniteOrNull(lastBpc, $"val_bpc at step {trainer.Step}", output), null, null, Math.Round(trainer.ElapsedSeconds, 3)));
+            Print($"step {trainer.Step,7}  val_bpc {lastBpc:F4}  val_loss {result.LossPerToken:F4}");
+            Log(new LogLine(trainer.Step, null, Limits.FiniteOrNull(lastBpc, $"val_bpc at step {trainer.Step}", output),
+                Limits.FiniteOrNull(result.LossPerToken, $"val_loss at step {trainer.Step}", output), null, null, null, Math.Round(trainer.ElapsedSeconds, 3)));
             if (!double.IsFinite(lastBpc))
                 throw new CliFailureException($"training diverged: val_bpc is {lastBpc} at step {trainer.Step} (the model's outputs are not finite); " +
                                               $"stopped without saving; {Newest()}; try a lower --lr.");
@@ -306,7 +342,7 @@ internal sealed class TrainCommand
             if (trainer.Step == 0) Validate();
             long intervalTokens = 0;
             var interval = Stopwatch.StartNew();
-            double lossSum = 0;
+            double lossSum = 0, bitsSum = 0;
             int lossCount = 0;
             string status = "";
             void RunSteps(Action<string, double>? report)
@@ -325,25 +361,26 @@ internal sealed class TrainCommand
                         continue;
                     }
                     lossSum += r.Loss;
+                    bitsSum += r.Loss / r.BytesPerToken;                          // nats per byte; = loss for bytes
                     lossCount++;
                     bool last = Done();
                     if ((r.Step % logEvery == 0 || last) && lossCount > 0)
                     {
                         double seconds = interval.Elapsed.TotalSeconds;
                         double tps = intervalTokens / Math.Max(seconds, 1e-9);
-                        double loss = lossSum / lossCount;
+                        double loss = lossSum / lossCount, bpc = bitsSum / lossCount / Math.Log(2);
                         double secPerStep = seconds / lossCount;
                         double eta = double.PositiveInfinity;
                         if (maxSteps is int ms) eta = Math.Max(0, ms - r.Step) * secPerStep;
                         if (maxMinutes is double m) eta = Math.Min(eta, Math.Max(0, m * 60 - session.Elapsed.TotalSeconds));
-                        status = $"step {r.Step,7}{(maxSteps is int mx ? $"/{mx}" : "")}  loss {loss:F4}  bpc {loss / Math.Log(2):F4}  " +
+                        status = $"step {r.Step,7}{(maxSteps is int mx ? $"/{mx}" : "")}  loss {loss:F4}  bpc {bpc:F4}  " +
                                  $"val_bpc {(double.IsNaN(lastBpc) ? "-" : lastBpc.ToString("F4", CultureInfo.InvariantCulture))}  lr {r.LearningRate:0.00e+0}  " +
                                  $"{tps:F0} tok/s  elapsed {Format((Elapsed()))}  eta {Format((eta))}";
                         if (report is null) Print(status);
                         else report($"step {r.Step}  loss {loss:F3}  val_bpc {(double.IsNaN(lastBpc) ? "-" : lastBpc.ToString("F3", CultureInfo.InvariantCulture))}  {tps:F0} tok/s",
                             ProgressFraction(trainer, maxSteps, maxMinutes, session));   // the bar's own columns show progress and time left
-                        Log(new LogLine(r.Step, Math.Round(loss, 6), null, Math.Round(tps, 1), r.LearningRate, Math.Round(Elapsed(), 3)));
-                        intervalTokens = 0; lossSum = 0; lossCount = 0; interval.Restart();
+                        Log(new LogLine(r.Step, Math.Round(loss, 6), null, null, Math.Round(bpc, 6), Math.Round(tps, 1), r.LearningRate, Math.Round(Elapsed(), 3)));
+                        intervalTokens = 0; lossSum = 0; bitsSum = 0; lossCount = 0; interval.Restart();
                     }
                     if (r.Step % evalEvery == 0 || last) Validate();
                     if (r.Step % checkpointEvery == 0 && !last) Save();

@@ -17,7 +17,8 @@ public sealed class CliEvalTests : TrainedModelTestBase
         var (code, stdout, stderr) = CliRunner.Run("eval", "--checkpoint", RunDir, "--data", data, "--json", "--batch-size", "3");
         Assert.True(code == 0, stderr);
         using var doc = JsonDocument.Parse(stdout);
-        Assert.Equal(["bpc", "tokens"], doc.RootElement.EnumerateObject().Select(p => p.Name).ToArray());
+        Assert.Equal(["bpc", "tokens", "bytes", "loss", "tokenizer"], doc.RootElement.EnumerateObject().Select(p => p.Name).ToArray());
+        Assert.Equal(text.Length - 1, doc.RootElement.GetProperty("bytes").GetInt64());    // bytes: one byte per predicted token
         Assert.Equal(text.Length - 1, doc.RootElement.GetProperty("tokens").GetInt64());   // every byte but the first, once
 
         // By hand: windows [0,16), [15,31), ..., each predicting its bytes 1.. from the bytes before them; log-softmax in float64.

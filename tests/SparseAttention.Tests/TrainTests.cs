@@ -135,7 +135,7 @@ public sealed class TrainCliTests : TrainTestBase
         Assert.False(File.Exists(Checkpoint.PathFor(run, 6) + ".tmp"));
         var lines = File.ReadAllLines(Path.Combine(run, "log.jsonl")).Select(l => JsonDocument.Parse(l).RootElement).ToList();
         foreach (var line in lines)
-            Assert.Equal(["step", "loss", "val_bpc", "tokens_per_s", "lr", "elapsed"], line.EnumerateObject().Select(p => p.Name).ToArray());
+            Assert.Equal(["step", "loss", "val_bpc", "val_loss", "bpc", "tokens_per_s", "lr", "elapsed"], line.EnumerateObject().Select(p => p.Name).ToArray());
         Assert.Equal([0L, 3L, 6L], lines.Where(l => l.GetProperty("val_bpc").ValueKind == JsonValueKind.Number).Select(l => l.GetProperty("step").GetInt64()).ToArray());
         Assert.Equal([2L, 4L, 6L], lines.Where(l => l.GetProperty("loss").ValueKind == JsonValueKind.Number).Select(l => l.GetProperty("step").GetInt64()).ToArray());
         Assert.All(lines, l => Assert.True(l.GetProperty("elapsed").GetDouble() >= 0));

@@ -26,6 +26,18 @@ public enum PositionalEncoding
     Alibi,
 }
 
+/// <summary>Which vocabulary a language model's token ids come from (see <c>SparseAttention.Training.TextTokenizer</c>).</summary>
+[JsonConverter(typeof(JsonStringEnumConverter<TokenizerKind>))]
+public enum TokenizerKind
+{
+    /// <summary>UTF-8 bytes: token id = byte value, 256 tokens.</summary>
+    [JsonStringEnumMemberName("bytes")] Bytes,
+    /// <summary>GPT-2's byte-level BPE (r50k): 50,257 tokens.</summary>
+    [JsonStringEnumMemberName("gpt2")] Gpt2,
+    /// <summary>The cl100k_base byte-level BPE (GPT-3.5/4): 100,277 token ids (100,256 merges plus special tokens).</summary>
+    [JsonStringEnumMemberName("cl100k")] Cl100k,
+}
+
 /// <summary>How cross-attention (ReceivesContext) attends the context.</summary>
 public enum CrossAttentionKind
 {
@@ -79,6 +91,9 @@ public sealed record TransformerConfig
     [JsonPropertyName("max_seq_len")] public int MaxSeqLen { get; init; } = 8192;
     /// <summary>false — true = decoder (no query sees a later key), false = encoder (bidirectional).</summary>
     [JsonPropertyName("causal")] public bool Causal { get; init; }
+    /// <summary>bytes — the vocabulary of the token ids (LM only): bytes, gpt2 or cl100k. Recorded so that sampling and
+    /// evaluation encode and decode text as training did; training needs NumTokens = the tokenizer's vocabulary size.</summary>
+    [JsonPropertyName("tokenizer")] public TokenizerKind Tokenizer { get; init; } = TokenizerKind.Bytes;
 
     // ---- head groups ---------------------------------------------------------------------------
     /// <summary>64 — used by routing heads: tokens per k-means cluster; clusters = MaxSeqLen / WindowSize.</summary>

@@ -177,7 +177,7 @@ public static class Checkpoint
     /// when the file is corrupt or truncated, or when its model state does not fit its configuration.
     /// Restores libtorch's global RNG state too.
     /// </summary>
-    public static Trainer Load(string path, ByteText train, ByteText validation)
+    public static Trainer Load(string path, TokenText train, TokenText validation)
     {
         var (header, reader) = ReadVerified(path);
         using (reader)

@@ -97,7 +97,7 @@ public static class ConfigBinding
         if (t == typeof(double)) return "a number";
         if (t == typeof(bool)) return "true or false";
         if (t == typeof(int[])) return "a JSON array of integers such as [2,2]";
-        if (t.IsEnum) return "one of " + string.Join(", ", Enum.GetNames(t));
+        if (t.IsEnum) return "one of " + string.Join(", ", Enum.GetNames(t).Select(n => t.GetField(n)?.GetCustomAttribute<JsonStringEnumMemberNameAttribute>()?.Name ?? n));
         if (t.IsArray) return "a JSON array";
         return "a JSON value of type " + t.Name;
     }

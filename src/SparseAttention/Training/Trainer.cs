@@ -8,29 +8,46 @@ namespace SparseAttention.Training;
 
 /// <summary>Result of one optimizer step.</summary>
 /// <param name="Step">Optimizer steps done after this one.</param>
-/// <param name="Loss">Mean next-byte cross-entropy (nats) over the step's micro-batches, without the auxiliary loss.</param>
+/// <param name="Loss">Mean next-token cross-entropy (nats per token) over the step's micro-batches, without the auxiliary loss.</param>
 /// <param name="LearningRate">Learning rate used by this step.</param>
 /// <param name="Tokens">Tokens processed by this step.</param>
 /// <param name="GradNorm">Global L2 norm of the gradient before clipping.</param>
 /// <param name="Skipped">True when the loss or the gradient norm was not finite: no update was applied (weights,
 /// optimizer state and k-means centroids are unchanged; the batch sampler moved on).</param>
-public readonly record struct StepResult(long Step, double Loss, double LearningRate, long Tokens, double GradNorm = 0, bool Skipped = false);
+/// <param name="BytesPerToken">Original bytes covered by the step's predicted tokens per predicted token (exactly 1 for bytes):
+/// Loss / ln 2 / BytesPerToken is the step's training loss in bits per byte.</param>
+public readonly record struct StepResult(long Step, double Loss, double LearningRate, long Tokens, double GradNorm = 0, bool Skipped = false, double BytesPerToken = 1);
+
+/// <summary>A validation result: summed next-token cross-entropy over the predicted tokens and the original bytes they cover.</summary>
+/// <param name="Nats">Summed cross-entropy (nats) over the predicted tokens.</param>
+/// <param name="Tokens">Tokens predicted.</param>
+/// <param name="Bytes">Original UTF-8 bytes those tokens stand for (= Tokens for bytes).</param>
+public readonly record struct ValidationResult(double Nats, long Tokens, long Bytes)
+{
+    /// <summary>Mean cross-entropy per predicted token (nats).</summary>
+    public double LossPerToken => Nats / Tokens;
+    /// <summary>Bits per byte of the original text: Nats / (ln 2 · Bytes). For bytes, the bits per character of earlier versions.</summary>
+    public double BitsPerByte => Nats / Bytes / Math.Log(2);
+}
 
 /// <summary>
-/// Trains a byte-level <see cref="RoutingTransformerLM"/>: random windows of the training bytes (a seeded
+/// Trains a <see cref="RoutingTransformerLM"/> on tokenized text (bytes or a BPE vocabulary, <see cref="TransformerConfig.Tokenizer"/>):
+/// random windows of the training tokens (a seeded
 /// SplitMix64 sampler), AdamW, warm-up + cosine learning rate, gradient accumulation and clipping, and
 /// <see cref="OnlineKMeans.UpdateAll"/> after every optimizer step (routing heads' centroids).
 /// Everything needed to continue bit-for-bit is saved by <see cref="Checkpoint"/>.
 /// </summary>
 public sealed class Trainer : IDisposable
 {
-    private readonly ByteText train, validation;
+    private readonly TokenText train, validation;
     private readonly AdamW optimizer;
 
     /// <summary>The model being trained.</summary>
     public RoutingTransformerLM Model { get; }
-    /// <summary>The model's configuration (vocabulary 256).</summary>
+    /// <summary>The model's configuration (num_tokens = the tokenizer's vocabulary size).</summary>
     public TransformerConfig Config { get; }
+    /// <summary>The configuration's tokenizer, which produced the training and validation tokens.</summary>
+    public TextTokenizer Tokenizer { get; }
     /// <summary>The run's hyperparameters.</summary>
     public TrainingOptions Options { get; }
     /// <summary>Optimizer steps done.</summary>
@@ -48,8 +65,10 @@ public sealed class Trainer : IDisposable
 
     internal AdamW Optimizer => optimizer;
 
-    /// <summary>A fresh run: seeds libtorch's global generator with Options.Seed, then builds the model and optimizer.</summary>
-    public Trainer(TransformerConfig config, TrainingOptions options, ByteText train, ByteText validation)
+    /// <summary>A fresh run: seeds libtorch's global generator with Options.Seed, then builds the model and optimizer.
+    /// <paramref name="train"/> and <paramref name="validation"/> must come from the configuration's tokenizer
+    /// (a byte array or <see cref="ByteText"/> for bytes; <see cref="TextTokenizer.Tokenize"/> otherwise).</summary>
+    public Trainer(TransformerConfig config, TrainingOptions options, TokenText train, TokenText validation)
     {
         ArgumentNullException.ThrowIfNull(config);
         ArgumentNullException.ThrowIfNull(options);
@@ -57,17 +76,22 @@ public sealed class Trainer : IDisposable
         ArgumentNullException.ThrowIfNull(validation);
         options.Validate();
         config.Validate();
-        Check.That(config.NumTokens == 256, nameof(config.NumTokens), $"byte-level training needs num_tokens = 256, got {config.NumTokens}.");
+        var tokenizer = TextTokenizer.For(config);
+        Check.That(config.NumTokens == tokenizer.VocabularySize, nameof(config.NumTokens),
+            $"training with tokenizer = {tokenizer.Name} needs num_tokens = {tokenizer.VocabularySize} (its vocabulary), got {config.NumTokens}.");
+        Check.That(train.Tokenizer == tokenizer && validation.Tokenizer == tokenizer, nameof(train),
+            $"the data was tokenized with {train.Tokenizer.Name} / {validation.Tokenizer.Name}, but the configuration says tokenizer = {tokenizer.Name}.");
         Check.That(config.Causal, nameof(config.Causal), "a language model must be causal (causal = true).");
         Check.That(options.SeqLen <= config.MaxSeqLen, nameof(options.SeqLen), $"must be at most max_seq_len = {config.MaxSeqLen}, got {options.SeqLen}.");
         bool routing = Enumerable.Range(0, config.Depth).Any(l => config.HeadGroupsForLayer(l).Any(g => g.Kind == HeadGroupKind.Routing));
         Check.That(!routing || options.SeqLen == config.MaxSeqLen, nameof(options.SeqLen),
             $"models with routing heads train on windows of exactly max_seq_len = {config.MaxSeqLen} tokens (clusters are fixed by max_seq_len), got {options.SeqLen}.");
         Check.That(train.Length > options.SeqLen && validation.Length > options.SeqLen, nameof(train),
-            $"both training ({train.Length} bytes) and validation ({validation.Length} bytes) data need more than seq_len = {options.SeqLen} bytes.");
+            $"both training ({train.Length} tokens) and validation ({validation.Length} tokens) data need more than seq_len = {options.SeqLen} tokens.");
         this.train = train;
         this.validation = validation;
         Config = config;
+        Tokenizer = tokenizer;
         Options = options;
         random.manual_seed(options.Seed);
         Model = new RoutingTransformerLM(config);
@@ -83,19 +107,23 @@ public sealed class Trainer : IDisposable
         Model.train();
         optimizer.zero_grad();
         double lossSum = 0, totalSum = 0;
-        long tokens = 0;
+        long tokens = 0, predicted = 0, bytes = 0;
         for (int micro = 0; micro < Options.Accumulation; micro++)
         {
             using var scope = NewDisposeScope();
             var batch = NextBatch();                                                   // (B, T)
-            var (logits, aux) = Model.forward(batch, null);                            // (B, T, 256)
+            var (logits, aux) = Model.forward(batch, null);                            // (B, T, NumTokens)
             var lm = LanguageModelLoss.NextToken(logits, batch);
             var total = lm + aux;
             (total / Options.Accumulation).backward();
             lossSum += lm.item<float>();
             totalSum += total.item<float>();
             tokens += batch.numel();
+            var targets = batch.narrow(1, 1, batch.shape[1] - 1);                      // (B, T − 1)
+            predicted += targets.numel();
+            bytes += CoveredBytes(targets);
         }
+        double bytesPerToken = (double)bytes / predicted;
         double gradNorm = GradientNorm();
         double lr = Options.LearningRateAt(Step);
         if (!double.IsFinite(totalSum) || !double.IsFinite(gradNorm))
@@ -105,7 +133,7 @@ public sealed class Trainer : IDisposable
             SkippedSteps++;
             ConsecutiveSkippedSteps++;
             TokensSeen += tokens;
-            return new StepResult(Step, lossSum / Options.Accumulation, lr, tokens, gradNorm, Skipped: true);
+            return new StepResult(Step, lossSum / Options.Accumulation, lr, tokens, gradNorm, Skipped: true, bytesPerToken);
         }
         ConsecutiveSkippedSteps = 0;
         if (Options.ClipNorm > 0) nn.utils.clip_grad_norm_(Model.parameters(), Options.ClipNorm);
@@ -114,7 +142,16 @@ public sealed class Trainer : IDisposable
         OnlineKMeans.UpdateAll(Model);
         Step++;
         TokensSeen += tokens;
-        return new StepResult(Step, lossSum / Options.Accumulation, lr, tokens, gradNorm);
+        return new StepResult(Step, lossSum / Options.Accumulation, lr, tokens, gradNorm, BytesPerToken: bytesPerToken);
+    }
+
+    /// <summary>Original bytes the token ids in <paramref name="ids"/> stand for (its element count for bytes).</summary>
+    private long CoveredBytes(Tensor ids)
+    {
+        if (Tokenizer.Kind == TokenizerKind.Bytes) return ids.numel();
+        long sum = 0;
+        foreach (long id in ids.contiguous().data<long>()) sum += Tokenizer.ByteLength((int)id);
+        return sum;
     }
 
     /// <summary>Global L2 norm of the parameters' gradients (float64 accumulation; NaN/∞ propagate).</summary>
@@ -127,57 +164,70 @@ public sealed class Trainer : IDisposable
         return Math.Sqrt(sumSquares);
     }
 
-    /// <summary>Validation bits per character (byte): mean next-byte cross-entropy / ln 2 over up to
-    /// Options.EvalBatches batches of non-overlapping windows from the start of the validation bytes (the same windows every time).</summary>
-    public double ValidationBitsPerCharacter()
+    /// <summary>Validation loss over up to Options.EvalBatches batches of non-overlapping windows from the start of the
+    /// validation tokens (the same windows every time): summed next-token cross-entropy, tokens predicted and the original
+    /// bytes they cover, so that <see cref="ValidationResult.BitsPerByte"/> compares models of any tokenizer on one scale.</summary>
+    public ValidationResult ValidationLoss()
     {
         double nats = 0;
-        long count = 0;
-        ForEachValidationBatch((batch, logits) =>
+        long count = 0, bytes = 0;
+        ForEachValidationBatch((batch, logits, byteLengths) =>
         {
             long b = batch.shape[0], seqLen = batch.shape[1];
             nats += LanguageModelLoss.NextToken(logits, batch).item<float>() * b * (seqLen - 1);
             count += b * (seqLen - 1);
+            for (int i = 0; i < b; i++)
+                for (int t = 1; t < seqLen; t++) bytes += byteLengths[i * seqLen + t];         // the predicted tokens
         });
-        return nats / count / Math.Log(2);
+        return new ValidationResult(nats, count, bytes);
     }
 
-    /// <summary>Validation bits per byte by position in the window, on the same windows as <see cref="ValidationBitsPerCharacter"/>:
+    /// <summary>Validation bits per byte of the original text (<see cref="ValidationLoss"/>); for a byte-level model the bits per
+    /// character (mean next-byte cross-entropy / ln 2) of earlier versions, bit for bit.</summary>
+    public double ValidationBitsPerCharacter() => ValidationLoss().BitsPerByte;
+
+    /// <summary>Validation bits per byte by position in the window, on the same windows as <see cref="ValidationLoss"/>:
     /// the SeqLen − 1 predicted positions 1..SeqLen−1 are cut into <paramref name="buckets"/> contiguous buckets
-    /// (position t goes to bucket ⌊t·buckets / SeqLen⌋) and each bucket's mean next-byte cross-entropy / ln 2 is returned,
-    /// with the number of predictions in it. Late buckets predict from a long context: a model that uses long context gains there.</summary>
+    /// (position t goes to bucket ⌊t·buckets / SeqLen⌋) and each bucket's summed next-token cross-entropy / (ln 2 · the
+    /// bytes its tokens cover) is returned, with the number of predictions in it. Late buckets predict from a long
+    /// context: a model that uses long context gains there.</summary>
     public (double[] Bits, long[] Counts) ValidationBitsByPosition(int buckets)
     {
         Check.That(buckets >= 1 && buckets <= Options.SeqLen - 1, nameof(buckets), $"must be in [1, seq_len − 1 = {Options.SeqLen - 1}], got {buckets}.");
         var nats = new double[Options.SeqLen - 1];
+        var bytes = new long[Options.SeqLen - 1];
         long windows = 0;
-        ForEachValidationBatch((batch, logits) =>
+        ForEachValidationBatch((batch, logits, byteLengths) =>
         {
             long b = batch.shape[0], seqLen = batch.shape[1];
-            var predictions = logits.narrow(1, 0, seqLen - 1).reshape(-1, logits.shape[2]).to(ScalarType.Float64);    // (B·(T−1), 256)
+            var predictions = logits.narrow(1, 0, seqLen - 1).reshape(-1, logits.shape[2]).to(ScalarType.Float64);    // (B·(T−1), NumTokens)
             var targets = batch.narrow(1, 1, seqLen - 1).reshape(-1);                                                 // (B·(T−1))
             var perToken = nn.functional.cross_entropy(predictions, targets, reduction: nn.Reduction.None)
                 .reshape(b, seqLen - 1).sum(0L);                                                                       // (T−1)
             var values = perToken.data<double>().ToArray();
             for (int i = 0; i < values.Length; i++) nats[i] += values[i];
+            for (int i = 0; i < b; i++)
+                for (int t = 1; t < seqLen; t++) bytes[t - 1] += byteLengths[i * seqLen + t];
             windows += b;
         });
         var bits = new double[buckets];
         var counts = new long[buckets];
+        var bucketBytes = new long[buckets];
         for (int i = 0; i < nats.Length; i++)
         {
-            int bucket = (int)((long)(i + 1) * buckets / Options.SeqLen);                                             // position of the predicted byte
+            int bucket = (int)((long)(i + 1) * buckets / Options.SeqLen);                                             // position of the predicted token
             bits[bucket] += nats[i];
             counts[bucket] += windows;
+            bucketBytes[bucket] += bytes[i];
         }
-        for (int k = 0; k < buckets; k++) bits[k] = bits[k] / counts[k] / Math.Log(2);
+        for (int k = 0; k < buckets; k++) bits[k] = bits[k] / bucketBytes[k] / Math.Log(2);
         return (bits, counts);
     }
 
-    /// <summary>Runs the model (eval mode, no gradient) on the validation windows and hands each (B, SeqLen) batch and
-    /// its (B, SeqLen, 256) logits to <paramref name="add"/>: up to Options.EvalBatches batches of non-overlapping windows
-    /// from the start of the validation bytes.</summary>
-    private void ForEachValidationBatch(Action<Tensor, Tensor> add)
+    /// <summary>Runs the model (eval mode, no gradient) on the validation windows and hands each (B, SeqLen) batch, its
+    /// (B, SeqLen, NumTokens) logits and the bytes each of its tokens covers (B·SeqLen, row-major) to <paramref name="add"/>:
+    /// up to Options.EvalBatches batches of non-overlapping windows from the start of the validation tokens.</summary>
+    private void ForEachValidationBatch(Action<Tensor, Tensor, int[]> add)
     {
         Model.eval();
         try
@@ -191,12 +241,17 @@ public sealed class Trainer : IDisposable
                 using var scope = NewDisposeScope();
                 int b = (int)Math.Min(Options.BatchSize, windows - start);
                 var data = new long[b * seqLen];
+                var byteLengths = new int[b * seqLen];
                 for (int i = 0; i < b; i++)
                     for (int t = 0; t < seqLen; t++)
-                        data[i * seqLen + t] = validation[(start + i) * seqLen + t];
+                    {
+                        long at = (start + i) * seqLen + t;
+                        data[i * seqLen + t] = validation[at];
+                        byteLengths[i * seqLen + t] = validation.ByteLength(at);
+                    }
                 var batch = tensor(data, new long[] { b, seqLen });                   // (B, T)
-                var (logits, _) = Model.forward(batch, null);                         // (B, T, 256)
-                add(batch, logits);
+                var (logits, _) = Model.forward(batch, null);                         // (B, T, NumTokens)
+                add(batch, logits, byteLengths);
             }
         }
         finally { Model.train(); }
@@ -219,7 +274,7 @@ public sealed class Trainer : IDisposable
         finally { Model.train(); }
     }
 
-    /// <summary>(BatchSize, L) int64 windows at random offsets of the training bytes, L = SeqLen or, with probability
+    /// <summary>(BatchSize, L) int64 windows at random offsets of the training tokens, L = SeqLen or, with probability
     /// Options.RandomTruncate, uniform in [2, SeqLen]; advances <see cref="SamplerState"/>.</summary>
     internal Tensor NextBatch()
     {
