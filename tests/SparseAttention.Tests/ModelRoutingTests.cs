@@ -351,4 +351,42 @@ public partial class ModelTests
         Assert.Equal("RoutingLookBack", Assert.ThrowsAny<ArgumentException>(() => (config with { Causal = false }).Validate()).ParamName);
         Assert.Equal("RoutingLookBack", Assert.ThrowsAny<ArgumentException>(() => (config with { NumMemKv = 2 }).Validate()).ParamName);
     }
+
+    /// <summary>Relative positions on routing heads: the decoder stays causal (bit-exact, in the forward that initialises the
+    /// k-means too), the routing group's own Shaw tables get gradients, and the combinations the
+    /// kernels cannot run are refused by name.</summary>
+    [Theory]
+    [InlineData(PositionalEncoding.RelativeShaw)]
+    [InlineData(PositionalEncoding.Alibi)]
+    public void RelativePositionsOnRoutingHeadsKeepTheDecoderCausalAndTrainTheirTables(PositionalEncoding positions)
+    {
+        var config = WithRouting(sharedQk: false) with { PositionalEncoding = positions, MaxRelativePosition = 3 };
+        var model = Lm(config, seed: 23);
+        var routingGroups = model.modules().OfType<RoutingHeadGroup>().ToArray();
+        Assert.NotEmpty(routingGroups);
+        model.train();
+        const int seqLen = 32;
+        var tokens = RoutingTokens(2, seqLen, 43);
+        var logits = model.forward(tokens).Logits;                                           // initialises the k-means
+        if (positions == PositionalEncoding.RelativeShaw)
+        {
+            logits.sum().backward();
+            foreach (var group in routingGroups)
+                foreach (string table in new[] { "rel_k", "rel_v" })
+                {
+                    var grad = group.named_parameters().Single(p => p.name == table).parameter.grad;
+                    Assert.True(grad is not null && grad.abs().sum().item<float>() > 0, $"{table} of a routing group gets no gradient");
+                }
+        }
+        model.eval();
+        var reference = model.forward(tokens).Logits.detach();
+        foreach (int t in new[] { 3, 15, 30 })
+        {
+            var perturbed = tokens.clone();
+            perturbed[.., (t + 1)..] = RoutingTokens(2, seqLen - t - 1, (ulong)(70 + t));
+            AssertSame(reference[.., ..(t + 1)], model.forward(perturbed).Logits.detach()[.., ..(t + 1)], $"logits up to {t}");
+        }
+        Assert.Equal("RoutingLookBack", Assert.ThrowsAny<ArgumentException>(() => (config with { RoutingLookBack = true, NumMemKv = 0 }).Validate()).ParamName);
+        Assert.Equal("Kernel", Assert.ThrowsAny<ArgumentException>(() => (config with { Kernel = SparseAttention.Kernels.AttentionKernel.Fused }).Validate()).ParamName);
+    }
 }
