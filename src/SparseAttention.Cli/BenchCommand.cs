@@ -45,7 +45,7 @@ internal sealed class BenchCommand
     private readonly Option<int> modelHeadsOption = new("--model-heads") { Description = "--model: heads per layer (head width = dim / heads; routing = half local, half routing).", DefaultValueFactory = _ => 4 };
     private readonly Option<int?> modelDimHeadOption = new("--model-dim-head") { Description = "--model: head width (default dim / heads; must be even)." };
     private readonly Option<int> modelDepthOption = new("--model-depth") { Description = "--model: layers.", DefaultValueFactory = _ => 2 };
-    private readonly Option<string> modelKindsOption = new("--model-kinds") { HelpName = "KIND,...", Description = "--model: configurations: " + string.Join(", ", Models) + " (-reversible: RevNet layers that recompute activations in the backward; -bf16: compute_dtype = BFloat16). The × dense column needs dense.", DefaultValueFactory = _ => "dense,local,routing" };
+    private readonly Option<string> modelKindsOption = new("--model-kinds") { HelpName = "KIND,...", Description = "--model: configurations: " + string.Join(", ", Models) + " (-reversible: RevNet layers that recompute activations in the backward; -bf16: compute_dtype = BFloat16; -shaw / -alibi: positional_encoding = RelativeShaw / Alibi instead of rotary). The × dense column needs dense.", DefaultValueFactory = _ => "dense,local,routing" };
 
     public static Command Create()
     {
@@ -85,7 +85,8 @@ internal sealed class BenchCommand
         double ms_per_step, double tokens_per_s, double? speedup_vs_dense, double peak_rss_mb);
 
     public static readonly string[] Models = [.. new[] { "dense", "local", "routing", "dense-reversible", "local-reversible", "routing-reversible" }
-                                              .SelectMany(m => new[] { m, m + "-bf16" })];
+                                              .SelectMany(m => new[] { m, m + "-bf16" }),
+                                              .. new[] { "local", "routing" }.SelectMany(m => new[] { m + "-shaw", m + "-alibi" })];
 
     private readonly GenerateBench generate = new();
 
@@ -432,7 +433,8 @@ internal sealed class BenchCommand
     /// The three model configurations of one size, causal, vocab 256, MaxSeqLen = T: <c>dense</c> = every head in a
     /// Dense static group; <c>local</c> = every head local (window <paramref name="window"/>, radius 1);
     /// <c>routing</c> = half local heads, the rest routing heads (WindowSize = window, so clusters = T / window).
-    /// A <c>-reversible</c> suffix gives the same configuration with reversible layers, a <c>-bf16</c> suffix (last) with bfloat16 projections and feed-forward.
+    /// A <c>-reversible</c> suffix gives the same configuration with reversible layers, a <c>-bf16</c> suffix (last) with bfloat16
+    /// projections and feed-forward, <c>-shaw</c> / <c>-alibi</c> relative positions (Shaw tables clipped at ±16, ALiBi) instead of rotary.
     /// </summary>
     internal static TransformerConfig ModelConfig(string kind, int seqLen, int dim, int heads, int dimHead, int depth, int window)
     {
@@ -441,8 +443,9 @@ internal sealed class BenchCommand
             NumTokens = 256, Dim = dim, Heads = heads, DimHead = dimHead, Depth = depth, MaxSeqLen = seqLen, Causal = true,
             WindowSize = Math.Min(window, seqLen), LocalAttnWindowSize = window, LocalAttnRadiusBlocks = 1, SparsitySkipFirst = 0,
             Reversible = kind.Contains("-reversible"), ComputeDtype = kind.EndsWith("-bf16") ? ComputeDtype.BFloat16 : ComputeDtype.Float32,
+            PositionalEncoding = kind.EndsWith("-shaw") ? PositionalEncoding.RelativeShaw : kind.EndsWith("-alibi") ? PositionalEncoding.Alibi : PositionalEncoding.Rotary,
         };
-        config = kind.Replace("-bf16", "").Replace("-reversible", "") switch
+        config = kind.Replace("-bf16", "").Replace("-reversible", "").Replace("-shaw", "").Replace("-alibi", "") switch
         {
             "dense" => config with { NLocalAttnHeads = [0], StaticHeadGroups = [new StaticHeadGroup(new StaticPatternSpec(StaticPatternKind.Dense), heads)] },
             "local" => config with { NLocalAttnHeads = [heads] },
