@@ -178,7 +178,7 @@ internal sealed class RoutingDecoder : HeadGroupDecoder
     {
         using var scope = NewDisposeScope();
         (q, k) = (routing.AttendInput(q), routing.AttendInput(k));                     // as the group's forward does
-        var result = routing.Forward(q, routing.SharedQk ? null : k, v, keyMask, group.Relative);
+        var result = routing.forward(q, routing.SharedQk ? null : k, v, keyMask, group.Relative);
         var keys = routing.SharedQk ? routing.KMeans.Normalize(q) : k;                  // what the keys were in that forward
         cache.WritePrompt(keys, v, lengths);
         // Rebuild the chunks from the forward's groups: a cluster's groups are its chunks in order (CausalGroups), and

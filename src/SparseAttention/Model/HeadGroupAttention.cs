@@ -156,7 +156,7 @@ public sealed partial class RoutingHeadGroup : HeadGroupAttention
     {
         using var scope = NewDisposeScope();
         (q, k) = (routing.AttendInput(q), routing.AttendInput(k));                     // (B, Hg, T, D) each
-        var result = routing.Forward(q, routing.SharedQk ? null : k, v, keyMask, Relative);
+        var result = routing.forward(q, routing.SharedQk ? null : k, v, keyMask, Relative);
         RoutingCapture.Record(this, result);   // no-op unless a RoutingCapture is open (plots)
         var output = dropout > 0 ? nn.functional.dropout(result.Output, dropout, training) : result.Output;  // (B, Hg, T, D)
         return (output.MoveToOuterDisposeScope(), result.AuxLoss.MoveToOuterDisposeScope());

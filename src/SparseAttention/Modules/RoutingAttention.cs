@@ -55,7 +55,7 @@ public sealed record RoutingAttentionOutput(Tensor Output, Tensor QueryIndices, 
 /// <para><b>k-means updates</b> are explicit: call <see cref="OnlineKMeans.Update"/> (or
 /// <see cref="OnlineKMeans.UpdateAll"/>) once per optimizer step; see <see cref="OnlineKMeans"/>.</para>
 /// </remarks>
-public sealed partial class RoutingAttention : nn.Module<Tensor, Tensor?, Tensor, Tensor?, RoutingAttentionOutput>
+public sealed partial class RoutingAttention : nn.Module<Tensor, Tensor?, Tensor, Tensor?, RelativePositionTerms?, RoutingAttentionOutput>
 {
     private readonly OnlineKMeans kmeans;
     private Parameter? mem_key;    // (H, C, M, D)
@@ -140,16 +140,9 @@ public sealed partial class RoutingAttention : nn.Module<Tensor, Tensor?, Tensor
     /// <param name="v">Values (B, H, T, D).</param>
     /// <param name="keyMask">Optional (B, T) bool; true = real token, false = padding (never routed, never attended,
     /// excluded from the k-means).</param>
-    public override RoutingAttentionOutput forward(Tensor q, Tensor? k, Tensor v, Tensor? keyMask = null) => Forward(q, k, v, keyMask, null);
-
-    /// <summary><see cref="forward"/> with relative-position terms on the original positions of every attended pair (the
-    /// grouped Ops kernel evaluates them; memory key/values have no position and get none). Not with look-back.</summary>
-    /// <param name="q">Queries (B, H, T, D).</param>
-    /// <param name="k">Keys (B, H, T, D), or null with shared QK.</param>
-    /// <param name="v">Values (B, H, T, D).</param>
-    /// <param name="keyMask">Optional (B, T) bool; true = real token.</param>
-    /// <param name="relative">Optional terms of the distance j − i (Shaw, ALiBi).</param>
-    public RoutingAttentionOutput Forward(Tensor q, Tensor? k, Tensor v, Tensor? keyMask, RelativePositionTerms? relative)
+    /// <param name="relative">Optional terms of the distance j − i between the original positions of every attended pair
+    /// (Shaw, ALiBi; evaluated by the grouped Ops kernel; memory key/values have no position and get none). Not with look-back.</param>
+    public override RoutingAttentionOutput forward(Tensor q, Tensor? k, Tensor v, Tensor? keyMask = null, RelativePositionTerms? relative = null)
     {
         Check.That(relative is null || !lookBackward, nameof(relative), "relative-position terms are not available with look-back (routing_look_back) yet.");
         Check.Shape(q, nameof(q), "(B, H, T, D)", -1, heads, -1, dimHead);
