@@ -7,7 +7,7 @@ namespace SparseAttention;
 /// Argument checks shared by every public entry point. Each failure is an
 /// <see cref="ArgumentException"/> that names the argument, what was expected and what was given.
 /// </summary>
-public static class Check
+internal static class Check
 {
     public static void Positive(int value, string name)
     {

@@ -22,8 +22,15 @@ public static class FusedBlockSparseAttention
     /// <see cref="Supports"/> and a hardware-accelerated vector width (<see cref="SimdWidth.Vectorised"/>).</summary>
     internal static bool PreferredFor(Tensor q) => SimdWidth.Vectorised && Supports(q);
 
-    /// <summary>Threads the fused kernels use when a call does not say; default: all processors.</summary>
-    public static int DefaultThreads { get; set; } = Environment.ProcessorCount;
+    /// <summary>Threads the fused kernels use when a call does not say; default: all processors. A process-wide setting
+    /// (the CLI's <c>--threads</c> sets it with libtorch's own thread count); results never depend on it.</summary>
+    public static int DefaultThreads
+    {
+        get => defaultThreads;
+        set { Check.Positive(value, nameof(DefaultThreads)); defaultThreads = value; }
+    }
+
+    private static int defaultThreads = Environment.ProcessorCount;
 
     /// <inheritdoc cref="BlockSparseOpsAttention.Attention"/>
     /// <param name="threads">Worker threads (results do not depend on it); default <see cref="DefaultThreads"/>.</param>

@@ -413,7 +413,7 @@ public static class GroupedAttention
     }
 
     /// <summary>Batched row gather: x (B, H, T, D), index (B, H, N) int64 in [0, T) → (B, H, N, D).</summary>
-    public static Tensor GatherRows(Tensor x, Tensor index)
+    internal static Tensor GatherRows(Tensor x, Tensor index)
     {
         long batch = index.shape[0], heads = index.shape[1], n = index.shape[2], d = x.shape[3];
         return x.gather(2, index.unsqueeze(-1).expand(batch, heads, n, d));            // (B, H, N, D)
@@ -423,7 +423,7 @@ public static class GroupedAttention
     /// index (B, H, N) of a (B, H, T, D) result and divided by how many valid rows landed there; rows where
     /// <paramref name="valid"/> (B, H, N) is false are ignored (they must already be zero); positions no valid row
     /// reaches are zero.</summary>
-    public static Tensor ScatterMeanRows(Tensor rows, Tensor index, Tensor valid, long length)
+    internal static Tensor ScatterMeanRows(Tensor rows, Tensor index, Tensor valid, long length)
     {
         long batch = rows.shape[0], heads = rows.shape[1], n = rows.shape[2], d = rows.shape[3];
         var summed = zeros(new long[] { batch, heads, length, d }, dtype: rows.dtype, device: rows.device)
