@@ -271,13 +271,16 @@ public static class PyTorchRoutingTransformer
             var (attnWrap, ffWrap) = c.Reversible
                 ? ($"routing_transformer.layers.blocks.{layer}.f.net", $"routing_transformer.layers.blocks.{layer}.g.net")
                 : ($"routing_transformer.layers.layers.{layer}.0", $"routing_transformer.layers.layers.{layer}.1");
-            foreach (var (wrap, sub) in new[] { (attnWrap, "attn"), (ffWrap, "ff") })
+            void Wrapper(string wrap, string sub)
+            {
                 if (c.UseRezero) Add($"{wrap}.residual_weight", [1], $"{o}{sub}_rezero.g");
                 else
                 {
                     Add($"{wrap}.norm.weight", [dim], $"{o}{sub}_norm.weight");
                     Add($"{wrap}.norm.bias", [dim], $"{o}{sub}_norm.bias");
                 }
+            }
+            Wrapper(attnWrap, "attn");
             string shift = c.ShiftTokens ? ".fn" : "";
             string a = $"{attnWrap}.fn{shift}.";
             int local = LocalHeads(c, layer), routing = heads - local;
@@ -316,6 +319,7 @@ public static class PyTorchRoutingTransformer
                     links.Add(new Link($"{o}attn.to_k.weight", $"{a}to_k.weight", first, 0, count, w => HeadRows(w, perm), w => HeadRows(w, inverse)));
             }
             Add($"{a}to_out.weight", [dim, heads * dh], $"{o}attn.to_out.weight");
+            Wrapper(ffWrap, "ff");
             string f = $"{ffWrap}.fn{shift}.fn.";
             Add($"{f}w1.weight", [(c.FfGlu ? 2 : 1) * hidden, dim], $"{o}ff.w1.weight");
             Add($"{f}w1.bias", [(c.FfGlu ? 2 : 1) * hidden], $"{o}ff.w1.bias");
