@@ -105,7 +105,6 @@ internal static class CheckpointLocator
             throw new WeightFileException($"{e.Message} ({file} is neither a sparse-attn checkpoint nor a valid safetensors file or PyTorch state_dict.)", e);
         }
         using (state)
-        using (var scope = TorchSharp.torch.NewDisposeScope())
         {
             bool library = PyTorchRoutingTransformer.IsLibraryLayout(state.ByName.Keys);
             var (json, source) = ConfigJsonFor(file, state, configPath, option, library);
@@ -119,13 +118,14 @@ internal static class CheckpointLocator
             {
                 throw new CliUsageException($"configuration from {source}: {(e is ArgumentException a ? ConfigCommand.Plain(a) : e.Message)}");
             }
-            var tensors = library ? PyTorchRoutingTransformer.ToProjectNames(state.ByName, config, file) : state.ByName;
+            // The model lives outside any dispose scope (its parameters must outlive this call); converted tensors do not.
             RoutingTransformerLM model;
             try { model = new RoutingTransformerLM(config); }
             catch (ArgumentException e) { throw new CliUsageException($"configuration of {file}: {e.Message}"); }
             try
             {
-                WeightFiles.Load(model, tensors, file);
+                using (var scope = TorchSharp.torch.NewDisposeScope())
+                    WeightFiles.Load(model, library ? PyTorchRoutingTransformer.ToProjectNames(state.ByName, config, file) : state.ByName, file);
                 if (Checkpoint.FirstNonFinite(model) is string bad)
                     throw new WeightFileException($"{file}: tensor '{bad}' holds NaN or infinite values; these weights cannot be used.");
             }

@@ -114,9 +114,9 @@ public sealed class RoutingTransformerPyTorchLayoutTests
             for (int i = 0; i < 8; i++)
             {
                 long ourRow = 8 + head * 8 + order[i], theirRow = head * 8 + i;   // the local head owns our rows 0..7
-                Assert.True(theirs[a + "to_q.weight"][theirRow].equal(ours["transformer.layers.0.attn.to_q.weight"][ourRow]).item<bool>());
-                Assert.True(theirs[a + "to_k.weight"][theirRow].equal(ours["transformer.layers.0.attn.to_k.weight"][ourRow]).item<bool>());
-                Assert.True(theirs[a + "to_v.weight"][theirRow].equal(ours["transformer.layers.0.attn.to_v.weight"][8 + head * 8 + i]).item<bool>());
+                Assert.True(theirs[a + "to_q.weight"][theirRow].equal(ours["transformer.layers.0.attn.to_q.weight"][ourRow]).all().item<bool>());
+                Assert.True(theirs[a + "to_k.weight"][theirRow].equal(ours["transformer.layers.0.attn.to_k.weight"][ourRow]).all().item<bool>());
+                Assert.True(theirs[a + "to_v.weight"][theirRow].equal(ours["transformer.layers.0.attn.to_v.weight"][8 + head * 8 + i]).all().item<bool>());
                 Assert.True(theirs[a + "global_attn.kmeans.means"][head].select(-1, i).equal(ours["transformer.layers.0.attn.groups.1.routing.kmeans.means"][head].select(-1, order[i])).all().item<bool>());
                 Assert.True(theirs[a + "global_attn.mem_key"][head].select(-1, i).equal(ours["transformer.layers.0.attn.groups.1.routing.mem_key"][head].select(-1, order[i])).all().item<bool>());
                 Assert.True(theirs[a + "global_attn.mem_value"][head].select(-1, i).equal(ours["transformer.layers.0.attn.groups.1.routing.mem_value"][head].select(-1, i)).all().item<bool>());
