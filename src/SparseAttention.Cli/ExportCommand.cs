@@ -87,7 +87,7 @@ internal sealed class ExportCommand
             written = [outPath];
             configPath = Path.ChangeExtension(outPath, ".json");
         }
-        AtomicFile.WriteAllText(configPath, json);
+        AtomicFile.WriteAllText(configPath, json + "\n");
         long parameters = loaded.Model.parameters().Sum(p => p.numel());
         long bytes = written.Sum(p => new FileInfo(p).Length);
         output.WriteLine($"wrote {string.Join(", ", written.Select(p => Path.GetFileName(p)))} in {Path.GetDirectoryName(Path.GetFullPath(written[0]))}: " +

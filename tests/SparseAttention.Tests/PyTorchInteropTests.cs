@@ -157,6 +157,10 @@ public sealed class PyTorchInteropTests : TrainedModelTestBase
         Assert.True(code == 0, stderr);
         using (var back = Load(Checkpoint.PathFor(imported, 0)))
             Assert.True(Logits(original.Model, Probe).equal(Logits(back.Model, Probe)).all().item<bool>(), "imported logits differ");
+        // Re-exporting the other format into the folder removes the first one's weights (they would be found first).
+        Assert.Equal(0, CliRunner.Run("export", "--checkpoint", checkpoint, "--out", folder).Code);
+        Assert.Empty(Directory.GetFiles(folder, "pytorch_model*"));
+        AssertSameLogits(original.Model, folder);
         // A configuration without a counterpart is refused in one line before anything is written.
         string micro = TrainCheckpoint();
         var refused = CliRunner.Run("export", "--checkpoint", micro, "--format", "routing-transformer-pytorch", "--out", Path.Combine(Dir, "no.pt"));

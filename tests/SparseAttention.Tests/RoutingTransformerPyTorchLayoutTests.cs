@@ -148,9 +148,10 @@ public sealed class RoutingTransformerPyTorchLayoutTests
     [InlineData("ff_activation=Relu", "ff_activation Relu")]
     [InlineData("num_clusters=2", "num_clusters 2")]
     [InlineData("lsh={\"heads\":1}", "lsh heads")]
+    [InlineData("shared_qk=false;num_mem_kv=0", "num_mem_kv 0 with causal routing")]
     public void Configurations_without_a_counterpart_are_refused_in_one_line(string setting, string expected)
     {
-        var config = ConfigBinding.Apply(Base with { Depth = 1, Heads = 2, DimHead = 16, NLocalAttnHeads = [1], Causal = true }, [setting]).Validate();
+        var config = ConfigBinding.Apply(Base with { Depth = 1, Heads = 2, DimHead = 16, NLocalAttnHeads = [1], Causal = true }, setting.Split(';')).Validate();
         using var model = new RoutingTransformerLM(config);
         var e = Assert.Throws<NotSupportedException>(() => PyTorchRoutingTransformer.Export(model));
         Assert.Contains(expected, e.Message);

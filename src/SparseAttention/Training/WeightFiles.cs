@@ -224,18 +224,23 @@ public static class WeightFiles
     /// names them: one <c>model.safetensors</c> / <c>pytorch_model.bin</c> when the data fits
     /// <paramref name="maxShardBytes"/>, else shards <c>model-00001-of-0000N.safetensors</c> (… <c>.bin</c>) of at most that
     /// size (a larger single tensor gets a shard of its own) plus the <c>.index.json</c>. Weights files of an earlier
-    /// export into the folder are removed first. Returns the files written (index last).
+    /// export into the folder (either format, single or sharded) are removed first. Returns the files written (index last).
     /// </summary>
     public static IReadOnlyList<string> WriteFolder(string folder, WeightFormat format, IReadOnlyList<(string Name, Tensor Tensor)> tensors, long maxShardBytes)
     {
         ArgumentNullException.ThrowIfNull(tensors);
         Check.That(maxShardBytes > 0, nameof(maxShardBytes), $"must be positive, got {maxShardBytes}.");
         Directory.CreateDirectory(folder);
+        // Weights of an earlier export in either format would be found before (or beside) the new ones.
+        foreach (var name in new[] { SafetensorsFileName, PyTorchFileName })
+        {
+            string stemOf = Path.GetFileNameWithoutExtension(name), extOf = Path.GetExtension(name);
+            foreach (var stale in Directory.EnumerateFiles(folder, $"{stemOf}*"))
+                if (Path.GetFileName(stale) == name || Path.GetFileName(stale) == name + IndexSuffix || IsShardName(Path.GetFileName(stale), stemOf, extOf))
+                    File.Delete(stale);
+        }
         string single = format == WeightFormat.Safetensors ? SafetensorsFileName : PyTorchFileName;
         string stem = Path.GetFileNameWithoutExtension(single), ext = Path.GetExtension(single);
-        foreach (var stale in Directory.EnumerateFiles(folder, $"{stem}*{ext}").Concat(Directory.EnumerateFiles(folder, $"{stem}*{ext}{IndexSuffix}")))
-            if (Path.GetFileName(stale) == single || Path.GetFileName(stale) == single + IndexSuffix || IsShardName(Path.GetFileName(stale), stem, ext))
-                File.Delete(stale);
 
         static long Bytes(Tensor t) => t.numel() * t.ElementSize;
         var shards = new List<List<(string, Tensor)>> { new() };
