@@ -265,8 +265,9 @@ public static class PyTorchRoutingTransformer
         // Routing heads: this project's rotary pair (i, i + D/2) is the library's (2i, 2i + 1).
         var perm = arange(dh / 2).unsqueeze(1).add(tensor(new long[] { 0, dh / 2 })).reshape(-1);    // (Dh): library index → ours
         var inverse = argsort(perm);
-        Tensor Feature(Tensor x, Tensor index) => x.index_select(-1, index);
-        Tensor HeadRows(Tensor w, Tensor index) => w.reshape(-1, dh, w.shape[1]).index_select(1, index).reshape(w.shape);   // (G·Dh, dim)
+        Tensor Feature(Tensor x, Tensor index) => x.index_select(-1, index);                                     // (..., Dh) reordered
+        Tensor HeadRows(Tensor w, Tensor index) =>                                                               // (G·Dh, dim) → (G, Dh, dim) → back
+            w.reshape(-1, dh, w.shape[1]).index_select(1, index).reshape(w.shape);
         for (int layer = 0; layer < c.Depth; layer++)
         {
             string o = $"transformer.layers.{(c.WeightTie ? 0 : layer)}.";
