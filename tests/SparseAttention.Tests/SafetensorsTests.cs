@@ -255,6 +255,31 @@ public sealed class SafetensorsTests : TrainedModelTestBase
         }
     }
 
+    /// <summary>Earlier versions exported one .safetensors file with the configuration in <c>__metadata__["config"]</c>
+    /// (and no JSON beside it); such files still load. The file is rebuilt here with that header.</summary>
+    [Fact]
+    public void Files_with_the_configuration_in_their_metadata_still_load()
+    {
+        using var trainer = Load(TrainCheckpoint());
+        string plain = Path.Combine(Dir, "plain.safetensors");
+        WeightFiles.SaveModel(trainer.Model, plain);
+        var bytes = File.ReadAllBytes(plain);
+        int n = (int)BinaryPrimitives.ReadUInt64LittleEndian(bytes);
+        var header = System.Text.Json.Nodes.JsonNode.Parse(Encoding.UTF8.GetString(bytes, 8, n))!.AsObject();
+        header["__metadata__"] = new System.Text.Json.Nodes.JsonObject { ["format"] = "pt", ["config"] = ConfigBinding.ToJson(MicroConfig), ["step"] = "3" };
+        var newHeader = Encoding.UTF8.GetBytes(header.ToJsonString());
+        var file = new byte[8 + newHeader.Length + bytes.Length - 8 - n];
+        BinaryPrimitives.WriteUInt64LittleEndian(file, (ulong)newHeader.Length);
+        newHeader.CopyTo(file, 8);
+        bytes.AsSpan(8 + n).CopyTo(file.AsSpan(8 + newHeader.Length));
+        string old = Path.Combine(Dir, "old", "export.safetensors");
+        Directory.CreateDirectory(Path.GetDirectoryName(old)!);
+        File.WriteAllBytes(old, file);
+        using var loaded = CheckpointLocator.Load(old, null);
+        Assert.Equal(3, loaded.Step);
+        Assert.True(Logits(trainer.Model, Probe).equal(Logits(loaded.Model, Probe)).all().item<bool>());
+    }
+
     [Fact]
     public void Export_and_import_commands_round_trip_through_safetensors()
     {

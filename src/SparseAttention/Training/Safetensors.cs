@@ -28,8 +28,9 @@ public sealed record SafetensorsHeader(IReadOnlyList<SafetensorsEntry> Entries, 
 /// to the buffer, contiguous and non-overlapping, and together cover it exactly.
 /// What PyBridge 1.4.4 accepts silently (found by running the malformed cases of the tests through it): trailing
 /// bytes, overlapping or gapped offsets, unknown fields, duplicate names (the last wins), non-string metadata and
-/// BOOL bytes other than 0/1; the rest it rejects with messages that name neither the file nor the tensor
-/// (NotImplementedException, NullReferenceException, EndOfStreamException, JsonException).
+/// BOOL bytes other than 0/1; it allocates each tensor from the header's shape before comparing it with the byte span
+/// (so a corrupt shape can exhaust memory); the rest it rejects with messages that name neither the file nor, mostly,
+/// the tensor (NotImplementedException, NullReferenceException, EndOfStreamException, JsonException).
 /// </remarks>
 public static class Safetensors
 {
