@@ -1,4 +1,6 @@
 using System.Text;
+using System.Text.Json;
+using System.Text.Json.Nodes;
 using SparseAttention.Model;
 using SparseAttention.Training;
 
@@ -22,22 +24,25 @@ internal sealed class LoadedModel(RoutingTransformerLM model, TransformerConfig 
 
 /// <summary>
 /// Finds and loads what <c>--checkpoint</c> names, the way a user of Hugging Face tools would expect:
-/// a checkpoint file (<c>ckpt-*.sat</c>); a run folder (its newest checkpoint); a <c>.safetensors</c> file
-/// (configuration from <c>--config</c>, else a <c>config.json</c> beside it, else the file's <c>__metadata__</c>
-/// "config" entry); or a folder holding <c>model.safetensors</c> (and usually <c>config.json</c>), as written by
-/// <c>sparse-attn export --out DIR</c> or <c>save_pretrained</c>.
+/// a checkpoint file (<c>ckpt-*.sat</c>); a run folder (its newest checkpoint); a weights file (<c>.safetensors</c>,
+/// or a <c>torch.save</c> state dict <c>.pt</c>/<c>.pth</c>/<c>.bin</c>) or a shard index (<c>*.index.json</c>); or a
+/// Hugging Face-style folder holding <c>model.safetensors</c>, <c>pytorch_model.bin</c> or a sharded index, with
+/// <c>config.json</c>, as <c>sparse-attn export --out DIR</c> writes it. Weights in the PyTorch routing-transformer
+/// library's layout (<see cref="PyTorchRoutingTransformer"/>) are recognised by their names and converted; their JSON is
+/// that library's constructor arguments.
 /// </summary>
+/// <remarks>The configuration of weights comes from <c>--config</c>, else <c>NAME.json</c> beside <c>NAME.ext</c>
+/// (what <c>export</c> writes next to a single file), else <c>config.json</c> beside Hugging Face-named weights, else a
+/// safetensors file's <c>__metadata__</c> "config" (files exported by earlier versions).</remarks>
 internal static class CheckpointLocator
 {
-    /// <summary>File name of the weights in an exported folder (the Hugging Face name).</summary>
-    public const string WeightsFileName = "model.safetensors";
-    /// <summary>File name of the configuration beside exported weights (the Hugging Face name).</summary>
+    /// <summary>File name of the configuration in a Hugging Face-style folder.</summary>
     public const string ConfigFileName = "config.json";
-    /// <summary>Metadata key holding the configuration JSON in files written by <c>export</c>.</summary>
+    /// <summary>Metadata key holding the configuration JSON in safetensors files exported by earlier versions.</summary>
     public const string ConfigMetadataKey = "config";
     private static readonly byte[] CheckpointMagic = "SPATCKPT"u8.ToArray();
 
-    /// <summary>The file <paramref name="path"/> stands for (a folder → its newest checkpoint or its model.safetensors).
+    /// <summary>The file <paramref name="path"/> stands for (a folder → its newest checkpoint or its weights).
     /// Throws <see cref="CliUsageException"/> naming <paramref name="option"/> when there is none.</summary>
     public static string Resolve(string path, string option)
     {
@@ -46,16 +51,15 @@ internal static class CheckpointLocator
         {
             var checkpoints = Checkpoint.List(path);
             if (checkpoints.Count > 0) return checkpoints[^1].Path;
-            string weights = System.IO.Path.Combine(path, WeightsFileName);
-            if (File.Exists(weights)) return weights;
-            throw new CliUsageException($"{option}: {path} holds no checkpoint ({Checkpoint.Prefix}*{Checkpoint.Extension}) and no {WeightsFileName}.");
+            return WeightFiles.FindInFolder(path)
+                ?? throw new CliUsageException($"{option}: {path} holds no checkpoint ({Checkpoint.Prefix}*{Checkpoint.Extension}) and no {WeightFiles.SafetensorsFileName}, {WeightFiles.PyTorchFileName} or sharded {WeightFiles.IndexSuffix} index.");
         }
         throw new CliUsageException($"{option}: no such file or folder: {path}");
     }
 
     /// <summary>Loads the model <paramref name="path"/> names (see the class summary), in eval mode.</summary>
-    /// <param name="path">Checkpoint file, run folder, safetensors file or exported folder.</param>
-    /// <param name="configPath">Configuration JSON for safetensors weights (overrides the file's own); null = find it.</param>
+    /// <param name="path">Checkpoint file, run folder, weights file, shard index or Hugging Face-style folder.</param>
+    /// <param name="configPath">Configuration JSON for weights (overrides the one found beside them); null = find it.</param>
     /// <param name="option">Option name for error messages.</param>
     public static LoadedModel Load(string path, string? configPath, string option = "--checkpoint")
     {
@@ -65,7 +69,7 @@ internal static class CheckpointLocator
         {
             loaded = IsCheckpoint(file)
                 ? LoadCheckpoint(file, configPath, option)
-                : LoadSafetensors(file, configPath, option);
+                : LoadWeights(file, configPath, option);
         }
         catch (CheckpointException e) when (Directory.Exists(path) && Checkpoint.NewestIntact(path) is string intact && intact != file)
         {
@@ -85,77 +89,116 @@ internal static class CheckpointLocator
     private static LoadedModel LoadCheckpoint(string file, string? configPath, string option)
     {
         if (configPath is not null)
-            throw new CliUsageException($"--config: {file} is a checkpoint, which carries its own configuration; --config is for safetensors weights.");
+            throw new CliUsageException($"--config: {file} is a checkpoint, which carries its own configuration; --config is for weights files.");
         var (model, config, step) = Checkpoint.LoadModel(file);
         return new LoadedModel(model, config, file, step, model);
     }
 
-    private static LoadedModel LoadSafetensors(string file, string? configPath, string option)
+    private static LoadedModel LoadWeights(string file, string? configPath, string option)
     {
-        SafetensorsContents contents;
-        try { contents = Safetensors.Read(file); }
-        catch (SafetensorsException e)
+        if (!WeightFiles.HasWeightsName(file))
+            throw new WeightFileException($"{file} is neither a sparse-attn checkpoint nor a valid safetensors file or PyTorch state_dict (expected ckpt-*.sat, .safetensors, .pt, .pth, .bin or {WeightFiles.IndexSuffix}).");
+        StateDict state;
+        try { state = WeightFiles.Read(file); }
+        catch (WeightFileException e)
         {
-            throw new SafetensorsException($"{e.Message} ({file} is neither a sparse-attn checkpoint nor a valid safetensors file.)", e);
+            throw new WeightFileException($"{e.Message} ({file} is neither a sparse-attn checkpoint nor a valid safetensors file or PyTorch state_dict.)", e);
         }
-        using (contents)
+        using (state)
         {
-            var config = ConfigFor(file, contents, configPath, option);
+            bool library = PyTorchRoutingTransformer.IsLibraryLayout(state.ByName.Keys);
+            var (json, source) = ConfigJsonFor(file, state, configPath, option, library);
+            TransformerConfig config;
+            try
+            {
+                config = library ? PyTorchRoutingTransformer.FromConstructorArguments(json, source)
+                                 : ConfigBinding.FromJson(HuggingFaceConfig.Strip(json, source), "config").Validate();
+            }
+            catch (Exception e) when (e is ArgumentException or NotSupportedException)
+            {
+                throw new CliUsageException($"configuration from {source}: {(e is ArgumentException a ? ConfigCommand.Plain(a) : e.Message)}");
+            }
+            // The model lives outside any dispose scope (its parameters must outlive this call); converted tensors do not.
             RoutingTransformerLM model;
             try { model = new RoutingTransformerLM(config); }
             catch (ArgumentException e) { throw new CliUsageException($"configuration of {file}: {e.Message}"); }
             try
             {
-                Safetensors.LoadModel(model, contents, file);
+                using (var scope = TorchSharp.torch.NewDisposeScope())
+                    WeightFiles.Load(model, library ? PyTorchRoutingTransformer.ToProjectNames(state.ByName, config, file) : state.ByName, file);
                 if (Checkpoint.FirstNonFinite(model) is string bad)
-                    throw new SafetensorsException($"{file}: tensor '{bad}' holds NaN or infinite values; these weights cannot be used.");
+                    throw new WeightFileException($"{file}: tensor '{bad}' holds NaN or infinite values; these weights cannot be used.");
             }
             catch
             {
                 model.Dispose();
                 throw;
             }
-            long? step = contents.Metadata.TryGetValue("step", out var s) && long.TryParse(s, out long n) ? n : null;
+            long? step = state.Metadata.TryGetValue("step", out var s) && long.TryParse(s, out long n) ? n : null;
             return new LoadedModel(model, config, file, step, model);
         }
     }
 
-    /// <summary>The configuration for safetensors weights: --config, else config.json beside the file, else the metadata.</summary>
-    private static TransformerConfig ConfigFor(string file, SafetensorsContents contents, string? configPath, string option)
+    /// <summary>The JSON describing weights <paramref name="file"/> and where it came from (see the class remarks).</summary>
+    private static (string Json, string Source) ConfigJsonFor(string file, StateDict state, string? configPath, string option, bool library)
     {
-        string json, source;
-        string beside = System.IO.Path.Combine(System.IO.Path.GetDirectoryName(System.IO.Path.GetFullPath(file))!, ConfigFileName);
         if (configPath is not null)
         {
             if (!File.Exists(configPath)) throw new CliUsageException($"--config: no such file: {configPath}");
-            (json, source) = (File.ReadAllText(configPath), configPath);
+            return (File.ReadAllText(configPath), configPath);
         }
-        else if (System.IO.Path.GetFileName(file) == WeightsFileName && File.Exists(beside))
-            (json, source) = (File.ReadAllText(beside), beside);
-        else if (contents.Metadata.TryGetValue(ConfigMetadataKey, out var embedded))
-            (json, source) = (embedded, $"the '{ConfigMetadataKey}' metadata of {file}");
-        else
-            throw new CliUsageException($"{option}: {file} carries no model configuration (no '{ConfigMetadataKey}' metadata" +
-                                        $"{(System.IO.Path.GetFileName(file) == WeightsFileName ? $", no {ConfigFileName} beside it" : "")}); pass --config FILE.");
-        try { return ConfigBinding.FromJson(json, "config").Validate(); }
-        catch (ArgumentException e)
+        string full = System.IO.Path.GetFullPath(file), folder = System.IO.Path.GetDirectoryName(full)!, name = System.IO.Path.GetFileName(full);
+        bool index = name.EndsWith(WeightFiles.IndexSuffix, StringComparison.OrdinalIgnoreCase);
+        string sidecar = System.IO.Path.ChangeExtension(full, ".json");
+        if (!index && File.Exists(sidecar)) return (File.ReadAllText(sidecar), sidecar);
+        string beside = System.IO.Path.Combine(folder, ConfigFileName);
+        bool huggingFaceName = index || name is WeightFiles.SafetensorsFileName or WeightFiles.PyTorchFileName;
+        if (huggingFaceName && File.Exists(beside)) return (File.ReadAllText(beside), beside);
+        if (!library && state.Metadata.TryGetValue(ConfigMetadataKey, out var embedded)) return (embedded, $"the '{ConfigMetadataKey}' metadata of {file}");
+        throw new CliUsageException($"{option}: {file} carries no model configuration (no {System.IO.Path.GetFileName(sidecar)} beside it" +
+                                    $"{(huggingFaceName ? $", no {ConfigFileName}" : "")}{(library ? "" : $", no '{ConfigMetadataKey}' metadata")}); pass --config FILE.");
+    }
+}
+
+/// <summary>
+/// The <c>config.json</c> of an exported Hugging Face-style folder: this project's configuration keys plus
+/// <c>model_type</c>, <c>architectures</c>, <c>torch_dtype</c> and <c>tokenizer</c> (the configuration's own
+/// <c>tokenizer</c> key when it has one, else "bytes").
+/// </summary>
+internal static class HuggingFaceConfig
+{
+    /// <summary>The <c>model_type</c> written and accepted.</summary>
+    public const string ModelType = "sparse-attn-routing-transformer";
+    private static readonly string[] Extras = ["model_type", "architectures", "torch_dtype", "tokenizer"];
+
+    /// <summary>config.json text for <paramref name="config"/> stored as <paramref name="torchDtype"/> (e.g. "float16").</summary>
+    public static string ToJson(TransformerConfig config, string torchDtype)
+    {
+        var keys = JsonNode.Parse(ConfigBinding.ToJson(config))!.AsObject();
+        var result = new JsonObject
         {
-            throw new CliUsageException($"configuration from {source}: {e.Message.Replace(" (Parameter 'config')", "")}");
-        }
+            ["model_type"] = ModelType,
+            ["architectures"] = new JsonArray("RoutingTransformerLM"),
+            ["torch_dtype"] = torchDtype,
+        };
+        if (!keys.ContainsKey("tokenizer")) result["tokenizer"] = "bytes";
+        foreach (var (key, value) in keys) result[key] = value?.DeepClone();
+        return result.ToJsonString(new JsonSerializerOptions { WriteIndented = true });
     }
 
-    /// <summary>Metadata written with exported weights: <c>format</c> = "pt" (what transformers checks),
-    /// the configuration JSON, the training step, and the producer.</summary>
-    public static Dictionary<string, string> ExportMetadata(LoadedModel loaded)
+    /// <summary><paramref name="json"/> without the Hugging Face keys that are not configuration keys (a plain configuration
+    /// passes through); a <c>model_type</c> other than <see cref="ModelType"/> is refused.</summary>
+    public static string Strip(string json, string source)
     {
-        var metadata = new Dictionary<string, string>
-        {
-            ["format"] = "pt",
-            [ConfigMetadataKey] = ConfigBinding.ToJson(loaded.Config),
-            ["producer"] = "sparse-attn",
-        };
-        if (loaded.Step is long s) metadata["step"] = s.ToString(System.Globalization.CultureInfo.InvariantCulture);
-        return metadata;
+        JsonObject? node;
+        try { node = JsonNode.Parse(json) as JsonObject; }
+        catch (JsonException) { return json; }                      // ConfigBinding reports malformed JSON
+        if (node is null) return json;
+        if (node["model_type"] is JsonNode type && type.GetValueKind() == JsonValueKind.String && type.GetValue<string>() != ModelType)
+            throw new CliUsageException($"configuration from {source}: model_type '{type.GetValue<string>()}' is not a sparse-attn model ('{ModelType}').");
+        foreach (var key in Extras)
+            if (!ConfigBinding.ValidKeys.Contains(key)) node.Remove(key);
+        return node.ToJsonString();
     }
 }
 

@@ -80,7 +80,7 @@ public static class CliApp
         {
             case CliUsageException:
                 return (UsageError, e.Message);
-            case CliFailureException or Training.CheckpointException or Training.SafetensorsException or IOException or UnauthorizedAccessException:
+            case CliFailureException or Training.CheckpointException or Training.WeightFileException or IOException or UnauthorizedAccessException:
                 return (Failure, verbose ? e.ToString() : FirstLine(e.Message));
             case ArgumentException a when IsOwnArgumentCheck(a):
                 // Library argument checks name their parameter; say which option that is when we know.

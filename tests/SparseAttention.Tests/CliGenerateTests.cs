@@ -73,7 +73,8 @@ public sealed class CliGenerateTests : TrainedModelTestBase
         using var trainer = Load(TrainCheckpoint());
         using (no_grad()) trainer.Model.parameters().First().view(-1)[0] = double.NaN;
         string weights = Path.Combine(Dir, "nan.safetensors");
-        Safetensors.SaveModel(trainer.Model, weights, new Dictionary<string, string> { ["config"] = ConfigBinding.ToJson(MicroConfig) });
+        WeightFiles.SaveModel(trainer.Model, weights);
+        File.WriteAllText(Path.ChangeExtension(weights, ".json"), ConfigBinding.ToJson(MicroConfig));   // the configuration beside the weights
         var (code, stdout, stderr) = CliRunner.Run("sample", "--checkpoint", weights, "--prompt", "The", "--temperature", "0");
         Assert.Equal(CliApp.Failure, code);
         Assert.Single(stderr.Trim().Split('\n'));

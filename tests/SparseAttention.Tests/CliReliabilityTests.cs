@@ -118,7 +118,8 @@ public sealed class CliReliabilityTests : TrainedModelTestBase
         using var trainer = Load(TrainCheckpoint());
         using (no_grad()) trainer.Model.parameters().First().view(-1)[0] = double.NaN;
         string weights = Path.Combine(Dir, "nan.safetensors");
-        Safetensors.SaveModel(trainer.Model, weights, new Dictionary<string, string> { ["config"] = ConfigBinding.ToJson(MicroConfig) });
+        WeightFiles.SaveModel(trainer.Model, weights);
+        File.WriteAllText(Path.ChangeExtension(weights, ".json"), ConfigBinding.ToJson(MicroConfig));   // the configuration beside the weights
         var r = CliRunner.Run("eval", "--checkpoint", weights, "--data", Data, "--json");
         AssertOneLine(r, CliApp.Failure, "NaN or infinite");
         Assert.Equal("", r.Out);
