@@ -142,7 +142,8 @@ internal sealed class ImportCommand
 
         using var loaded = CheckpointLocator.Load(parse.GetValue(weightsOption)!, parse.GetValue(configOption), "--weights");
         var options = new TrainingOptions { SeqLen = loaded.Config.MaxSeqLen };
-        var placeholder = new byte[options.SeqLen + 1];      // the trainer wants data; the checkpoint does not store it
+        // The trainer wants data (of the configuration's tokenizer); the checkpoint does not store any.
+        var placeholder = TokenText.FromIds(new int[options.SeqLen + 1], TextTokenizer.For(loaded.Config));
         Trainer trainer;
         try { trainer = new Trainer(loaded.Config, options, placeholder, placeholder); }
         catch (ArgumentException e) { throw new CliUsageException($"--weights: these weights cannot become a training checkpoint: {e.Message}"); }
