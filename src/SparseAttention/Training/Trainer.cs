@@ -1,4 +1,5 @@
 using SparseAttention.Clustering;
+using SparseAttention.Distributed;
 using SparseAttention.Model;
 using TorchSharp;
 using TorchSharp.Modules;
@@ -48,6 +49,20 @@ public sealed class Trainer : IDisposable
 
     internal AdamW Optimizer => optimizer;
 
+    /// <summary>The data-parallel group this trainer is a replica in (<see cref="JoinDataParallel"/>); null = single process.</summary>
+    public DataParallel? Parallel { get; private set; }
+
+    /// <summary>Makes this trainer one replica of <paramref name="group"/>: rank 0's weights and buffers are copied to every
+    /// rank, k-means statistics are summed over the ranks, each step trains this rank's share of a global batch of
+    /// Options.BatchSize × ranks windows and averages the gradients over the ranks. Call it on every rank after
+    /// construction or <see cref="Checkpoint.Load"/> (each rank loads the same checkpoint).</summary>
+    public void JoinDataParallel(DataParallel group)
+    {
+        ArgumentNullException.ThrowIfNull(group);
+        group.Attach(Model);
+        Parallel = group;
+    }
+
     /// <summary>A fresh run: seeds libtorch's global generator with Options.Seed, then builds the model and optimizer.</summary>
     public Trainer(TransformerConfig config, TrainingOptions options, ByteText train, ByteText validation)
     {
@@ -82,6 +97,7 @@ public sealed class Trainer : IDisposable
     {
         Model.train();
         optimizer.zero_grad();
+        Parallel?.ReseedReplica(Options.Seed, Step);
         double lossSum = 0, totalSum = 0;
         long tokens = 0;
         for (int micro = 0; micro < Options.Accumulation; micro++)
@@ -95,6 +111,13 @@ public sealed class Trainer : IDisposable
             lossSum += lm.item<float>();
             totalSum += total.item<float>();
             tokens += batch.numel();
+        }
+        if (Parallel is not null)
+        {
+            // Gradients averaged over the ranks; losses and tokens summed, so every rank takes the same decisions below.
+            Span<double> sums = [lossSum, totalSum, tokens];
+            Parallel.AverageGradients(Model.parameters(), sums);
+            (lossSum, totalSum, tokens) = (sums[0] / Parallel.Size, sums[1] / Parallel.Size, (long)sums[2]);
         }
         double gradNorm = GradientNorm();
         double lr = Options.LearningRateAt(Step);
@@ -220,16 +243,18 @@ public sealed class Trainer : IDisposable
     }
 
     /// <summary>(BatchSize, L) int64 windows at random offsets of the training bytes, L = SeqLen or, with probability
-    /// Options.RandomTruncate, uniform in [2, SeqLen]; advances <see cref="SamplerState"/>.</summary>
+    /// Options.RandomTruncate, uniform in [2, SeqLen]; advances <see cref="SamplerState"/>. Data-parallel: every rank
+    /// draws the same BatchSize × ranks windows and keeps windows [rank·BatchSize, (rank+1)·BatchSize).</summary>
     internal Tensor NextBatch()
     {
-        int b = Options.BatchSize, seqLen = Options.SeqLen;
+        int b = Options.BatchSize, seqLen = Options.SeqLen, first = b * (Parallel?.Rank ?? 0);
         var data = new long[b * seqLen];
         ulong range = (ulong)(train.Length - seqLen + 1);
-        for (int i = 0; i < b; i++)
+        for (int i = 0; i < b * (Parallel?.Size ?? 1); i++)
         {
             long offset = (long)(NextRandom() % range);
-            for (int t = 0; t < seqLen; t++) data[i * seqLen + t] = train[offset + t];
+            if (i < first || i >= first + b) continue;                                  // another rank's window
+            for (int t = 0; t < seqLen; t++) data[(i - first) * seqLen + t] = train[offset + t];
         }
         int length = seqLen;
         // Only draws when truncation is on, so runs without it keep their sampler stream.
