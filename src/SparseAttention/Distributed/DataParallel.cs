@@ -165,6 +165,18 @@ public sealed class DataParallel : IStatisticsReducer, IDisposable
         random.manual_seed((long)(z >> 1));
     }
 
+    /// <summary>Rank <paramref name="root"/>'s <paramref name="text"/> on every rank (other ranks' argument is ignored).</summary>
+    public string Broadcast(string text, int root = 0)
+    {
+        ArgumentNullException.ThrowIfNull(text);
+        var mine = Encoding.UTF8.GetBytes(text);
+        var length = BitConverter.GetBytes((long)mine.Length);
+        Communicator.Broadcast(length, root);
+        var bytes = Rank == root ? mine : new byte[BitConverter.ToInt64(length)];
+        Communicator.Broadcast(bytes, root);
+        return Encoding.UTF8.GetString(bytes);
+    }
+
     /// <summary>
     /// Checks that <paramref name="description"/> (lines of "key value") is identical on every rank; otherwise throws
     /// <see cref="DataParallelMismatchException"/> on every rank — a rank that differs names its first differing line and
@@ -175,12 +187,7 @@ public sealed class DataParallel : IStatisticsReducer, IDisposable
     public void RequireSame(string what, string description)
     {
         ArgumentNullException.ThrowIfNull(description);
-        var mine = Encoding.UTF8.GetBytes(description);
-        var length = BitConverter.GetBytes((long)mine.Length);
-        Communicator.Broadcast(length, 0);
-        var rootBytes = IsRoot ? mine : new byte[BitConverter.ToInt64(length)];
-        Communicator.Broadcast(rootBytes, 0);
-        string rootText = Encoding.UTF8.GetString(rootBytes);
+        string rootText = Broadcast(description);
         bool differs = rootText != description;
         Span<double> count = [differs ? 1 : 0];
         Communicator.AllReduceSum(count);

@@ -1,5 +1,4 @@
 using SparseAttention.Clustering;
-using SparseAttention.Distributed;
 using SparseAttention.Model;
 using TorchSharp;
 using TorchSharp.Modules;
@@ -23,7 +22,7 @@ public readonly record struct StepResult(long Step, double Loss, double Learning
 /// <see cref="OnlineKMeans.UpdateAll"/> after every optimizer step (routing heads' centroids).
 /// Everything needed to continue bit-for-bit is saved by <see cref="Checkpoint"/>.
 /// </summary>
-public sealed class Trainer : IDisposable
+public sealed partial class Trainer : IDisposable
 {
     private readonly ByteText train, validation;
     private readonly AdamW optimizer;
@@ -48,20 +47,6 @@ public sealed class Trainer : IDisposable
     public int ConsecutiveSkippedSteps { get; private set; }
 
     internal AdamW Optimizer => optimizer;
-
-    /// <summary>The data-parallel group this trainer is a replica in (<see cref="JoinDataParallel"/>); null = single process.</summary>
-    public DataParallel? Parallel { get; private set; }
-
-    /// <summary>Makes this trainer one replica of <paramref name="group"/>: rank 0's weights and buffers are copied to every
-    /// rank, k-means statistics are summed over the ranks, each step trains this rank's share of a global batch of
-    /// Options.BatchSize × ranks windows and averages the gradients over the ranks. Call it on every rank after
-    /// construction or <see cref="Checkpoint.Load"/> (each rank loads the same checkpoint).</summary>
-    public void JoinDataParallel(DataParallel group)
-    {
-        ArgumentNullException.ThrowIfNull(group);
-        group.Attach(Model);
-        Parallel = group;
-    }
 
     /// <summary>A fresh run: seeds libtorch's global generator with Options.Seed, then builds the model and optimizer.</summary>
     public Trainer(TransformerConfig config, TrainingOptions options, ByteText train, ByteText validation)
@@ -112,13 +97,7 @@ public sealed class Trainer : IDisposable
             totalSum += total.item<float>();
             tokens += batch.numel();
         }
-        if (Parallel is not null)
-        {
-            // Gradients averaged over the ranks; losses and tokens summed, so every rank takes the same decisions below.
-            Span<double> sums = [lossSum, totalSum, tokens];
-            Parallel.AverageGradients(Model.parameters(), sums);
-            (lossSum, totalSum, tokens) = (sums[0] / Parallel.Size, sums[1] / Parallel.Size, (long)sums[2]);
-        }
+        if (Parallel is not null) (lossSum, totalSum, tokens) = AverageOverRanks(lossSum, totalSum, tokens);
         double gradNorm = GradientNorm();
         double lr = Options.LearningRateAt(Step);
         if (!double.IsFinite(totalSum) || !double.IsFinite(gradNorm))
