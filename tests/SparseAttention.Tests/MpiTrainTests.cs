@@ -152,7 +152,7 @@ public sealed class MpiTrainTests : IDisposable
         foreach (var (name, x) in left)
         {
             var y = right[name];
-            if (x.dtype == ScalarType.Bool) { Assert.True(x.equal(y).item<bool>(), name); continue; }
+            if (x.dtype == ScalarType.Bool) { Assert.True(x.equal(y).all().item<bool>(), name); continue; }
             double diff = (x - y).abs().max().item<float>(), scale = x.abs().max().item<float>();
             Assert.True(diff <= 1e-4 + 1e-4 * scale, $"{name}: max |single − parallel| = {diff:E2} (max |single| = {scale:E2})");
             if (name.EndsWith("means", StringComparison.Ordinal)) centroids++;
