@@ -23,7 +23,7 @@ internal sealed class TrainCommand
     private readonly Option<double?> maxMinutesOption = new("--max-minutes") { HelpName = "M", Description = "Stop after M minutes of this session." };
     private readonly Option<bool> resumeOption = new("--resume") { Description = "Continue from the newest checkpoint in --out (its configuration and hyperparameters)." };
     private readonly Option<int?> seqLenOption = new("--seq-len") { HelpName = "T", Description = "Tokens per training window (default: the preset's max_seq_len; routing heads need exactly max_seq_len)." };
-    private readonly Option<int> batchSizeOption = new("--batch-size") { HelpName = "B", Description = "Windows per micro-batch.", DefaultValueFactory = _ => 16 };
+    private readonly Option<int> batchSizeOption = new("--batch-size") { HelpName = "B", Description = "Windows per micro-batch (per rank under mpirun).", DefaultValueFactory = _ => 16 };
     private readonly Option<int> accumOption = new("--accum") { HelpName = "N", Description = "Micro-batches accumulated per optimizer step.", DefaultValueFactory = _ => 1 };
     private readonly Option<double> lrOption = new("--lr") { HelpName = "LR", Description = "Peak learning rate (AdamW).", DefaultValueFactory = _ => 1e-3 };
     private readonly Option<int> warmupOption = new("--warmup") { HelpName = "N", Description = "Linear warm-up steps.", DefaultValueFactory = _ => 100 };
@@ -48,7 +48,7 @@ internal sealed class TrainCommand
     public static Command Create()
     {
         var self = new TrainCommand();
-        var command = new Command("train", "Train a byte-level language model on text; checkpoints, validation bits per character, resumable.");
+        var command = new Command("train", "Train a byte-level language model on text; checkpoints, validation bits per character, resumable. Under Open MPI's mpirun: data-parallel, --batch-size per rank.");
         foreach (var option in new Option[] { self.dataOption, self.outOption, self.presetOption, self.setOption, self.maxStepsOption, self.maxMinutesOption,
                      self.resumeOption, self.seqLenOption, self.batchSizeOption, self.accumOption, self.lrOption, self.warmupOption, self.decayStepsOption,
                      self.weightDecayOption, self.clipOption, self.valFractionOption, self.evalBatchesOption, self.seedOption, self.evalEveryOption,

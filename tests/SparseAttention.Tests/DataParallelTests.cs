@@ -29,10 +29,14 @@ public sealed class DataParallelTests
         (LanguageModelLoss.NextToken(logits, batch) + aux).backward();
     }
 
+    /// <param name="ranks">Replicas, each training 4 / ranks rows of every batch.</param>
+    /// <param name="explicitUpdate">true: <see cref="OnlineKMeans.UpdateAll"/> after each step; false: the automatic EMA
+    /// step at the next training forward (<see cref="OnlineKMeans.AutoUpdate"/>) must reduce over the ranks too.</param>
     [Theory]
-    [InlineData(2)]
-    [InlineData(4)]
-    public void Ranks_average_to_the_whole_batch_gradient_and_keep_its_centroids(int ranks)
+    [InlineData(2, true)]
+    [InlineData(4, true)]
+    [InlineData(2, false)]
+    public void Ranks_average_to_the_whole_batch_gradient_and_keep_its_centroids(int ranks, bool explicitUpdate)
     {
         random.manual_seed(11);
         using var whole = new RoutingTransformerLM(Config);
@@ -45,7 +49,7 @@ public sealed class DataParallelTests
         var parallel = Enumerable.Range(0, ranks).Select(r => new DataParallel(group.Member(r))).ToArray();
         group.Run(r => parallel[r].Attach(replicas[r]));
 
-        for (int step = 0; step < 2; step++)
+        for (int step = 0; step < 3; step++)
         {
             var batch = Batch(step);
             whole.zero_grad();
@@ -62,8 +66,11 @@ public sealed class DataParallelTests
                     Assert.True(p.grad!.allclose(expected[name], rtol: 1e-4, atol: 1e-6),
                         $"step {step}, {name}: max |Δgrad| {(p.grad! - expected[name]).abs().max().item<float>():E2}");
 
-            OnlineKMeans.UpdateAll(whole);
-            group.Run(r => OnlineKMeans.UpdateAll(replicas[r]));
+            if (explicitUpdate)
+            {
+                OnlineKMeans.UpdateAll(whole);
+                group.Run(r => OnlineKMeans.UpdateAll(replicas[r]));
+            }
             var means = OnlineKMeans.All(whole).Select(k => k.Means).ToArray();
             Assert.All(OnlineKMeans.All(whole), k => Assert.True(k.IsInitialized));
             foreach (var replica in replicas)

@@ -26,7 +26,7 @@ public sealed unsafe class MpiCommunicator : ICommunicator
     private const int ThreadSerialized = 2;          // MPI_THREAD_SERIALIZED in Open MPI's mpi.h
     private const int MaxChunk = 1 << 30;            // elements per call: MPI counts are int
 
-    private static readonly Lock Gate = new();
+    private static readonly object Gate = new();
     private static MpiCommunicator? current;
 
     private readonly IntPtr world, floatType, doubleType, byteType, sumOp;
