@@ -7,7 +7,7 @@ namespace SparseAttention.Distributed;
 /// <summary>
 /// MPI's world communicator for a process started by Open MPI's <c>mpirun</c>, bound directly to Open MPI's
 /// <c>libmpi.so.40</c> (Open MPI 4.x and 5.x) with function pointers: MPI_Init_thread, MPI_Comm_rank/size,
-/// MPI_Allreduce, MPI_Bcast, MPI_Barrier, MPI_Abort and MPI_Finalize, nothing else.
+/// MPI_Allreduce, MPI_Bcast, MPI_Barrier, MPI_Abort, MPI_Finalize(d) and MPI_Error_string, nothing else.
 /// </summary>
 /// <remarks>
 /// <para>Why not the MPI.NET package: MPI.NET 1.4.0 calls <c>msmpi.dll</c> with Microsoft MPI's integer handles
