@@ -2,6 +2,7 @@ using System.CommandLine;
 using System.Diagnostics;
 using System.Globalization;
 using System.Text.Json;
+using SparseAttention.Distributed;
 using SparseAttention.Model;
 using SparseAttention.Training;
 using Spectre.Console;
@@ -22,7 +23,7 @@ internal sealed class TrainCommand
     private readonly Option<double?> maxMinutesOption = new("--max-minutes") { HelpName = "M", Description = "Stop after M minutes of this session." };
     private readonly Option<bool> resumeOption = new("--resume") { Description = "Continue from the newest checkpoint in --out (its configuration and hyperparameters)." };
     private readonly Option<int?> seqLenOption = new("--seq-len") { HelpName = "T", Description = "Tokens per training window (default: the preset's max_seq_len; routing heads need exactly max_seq_len)." };
-    private readonly Option<int> batchSizeOption = new("--batch-size") { HelpName = "B", Description = "Windows per micro-batch.", DefaultValueFactory = _ => 16 };
+    private readonly Option<int> batchSizeOption = new("--batch-size") { HelpName = "B", Description = "Windows per micro-batch (per rank under mpirun).", DefaultValueFactory = _ => 16 };
     private readonly Option<int> accumOption = new("--accum") { HelpName = "N", Description = "Micro-batches accumulated per optimizer step.", DefaultValueFactory = _ => 1 };
     private readonly Option<double> lrOption = new("--lr") { HelpName = "LR", Description = "Peak learning rate (AdamW).", DefaultValueFactory = _ => 1e-3 };
     private readonly Option<int> warmupOption = new("--warmup") { HelpName = "N", Description = "Linear warm-up steps.", DefaultValueFactory = _ => 100 };
@@ -48,7 +49,7 @@ internal sealed class TrainCommand
     public static Command Create()
     {
         var self = new TrainCommand();
-        var command = new Command("train", "Train a language model on text (bytes, or GPT-2 / cl100k BPE tokens with --tokenizer); checkpoints, validation bits per byte, resumable.");
+        var command = new Command("train", "Train a language model on text (bytes, or GPT-2 / cl100k BPE tokens with --tokenizer); checkpoints, validation bits per byte, resumable. Under Open MPI's mpirun: data-parallel, --batch-size per rank.");
         foreach (var option in new Option[] { self.dataOption, self.outOption, self.presetOption, self.setOption, self.maxStepsOption, self.maxMinutesOption,
                      self.resumeOption, self.seqLenOption, self.batchSizeOption, self.accumOption, self.lrOption, self.warmupOption, self.decayStepsOption,
                      self.weightDecayOption, self.clipOption, self.valFractionOption, self.evalBatchesOption, self.seedOption, self.evalEveryOption,
@@ -61,9 +62,31 @@ internal sealed class TrainCommand
 
     private bool Given(ParseResult parse, Option option) => parse.GetResult(option) is { Implicit: false };
 
+    /// <summary>Single process, or one rank of <c>mpirun -np N sparse-attn train …</c> (data-parallel over MPI): then
+    /// a failure on any rank aborts every rank (no rank waits forever in a collective).</summary>
     private int Execute(ParseResult parse)
     {
-        var output = parse.InvocationConfiguration.Output;
+        DataParallel? group;
+        try { group = DataParallel.FromEnvironment(); }
+        catch (InvalidOperationException e) { throw new CliFailureException(e.Message); }
+        if (group is null) return Execute(parse, null);
+        using (group)
+        {
+            try { return Execute(parse, group); }
+            catch (Exception e)
+            {
+                var (code, message) = CliApp.Classify(e, parse.CommandResult.Command, parse.GetValue(CliApp.VerboseOption));
+                parse.InvocationConfiguration.Error.WriteLine($"error: rank {group.Rank} of {group.Size}: {message}");
+                group.Communicator.Abort(code);
+                return code;                                                        // not reached: Abort ends the process
+            }
+        }
+    }
+
+    private int Execute(ParseResult parse, DataParallel? group)
+    {
+        bool root = group?.IsRoot ?? true;                                          // only rank 0 writes files and prints
+        var output = root ? parse.InvocationConfiguration.Output : TextWriter.Null;
         var error = parse.InvocationConfiguration.Error;
         string outDir = parse.GetValue(outOption)!;
         int? maxSteps = parse.GetValue(maxStepsOption);
@@ -90,9 +113,10 @@ internal sealed class TrainCommand
             if (resume)
             {
                 if (existing.Count == 0) throw new CliUsageException($"--resume: no checkpoint ({Checkpoint.Prefix}*{Checkpoint.Extension}) in {outDir}.");
-                runLock = RunLock.Acquire(outDir, output.WriteLine);
+                if (root) runLock = RunLock.Acquire(outDir, output.WriteLine);
                 existing = Checkpoint.List(outDir);                                 // as of holding the lock
-                string latest = fromIntact ? SetAsideDamaged(outDir, output) : existing[^1].Path;
+                string latest = !root ? "" : fromIntact ? SetAsideDamaged(outDir, output) : existing[^1].Path;
+                if (group is not null) latest = group.Broadcast(latest);          // every rank resumes from rank 0's choice
                 TransformerConfig storedConfig;
                 TrainingOptions storedOptions;
                 long storedStep;
@@ -116,7 +140,8 @@ internal sealed class TrainCommand
                 corpus = LoadCorpus(parse, storedOptions, storedConfig);
                 try { trainer = Checkpoint.Load(latest, corpus.Train, corpus.Validation); }
                 catch (CheckpointException e) { throw WithIntactHint(e, outDir, latest); }
-                int dropped = TrimLog(Path.Combine(outDir, "log.jsonl"), trainer.Step);
+                if (group is not null) trainer.JoinDataParallel(group);
+                int dropped = root ? TrimLog(Path.Combine(outDir, "log.jsonl"), trainer.Step) : 0;
                 if (dropped > 0) output.WriteLine($"log.jsonl: dropped {dropped} line(s) after step {trainer.Step} (written after the newest checkpoint; those steps run again)");
                 output.WriteLine($"resumed {latest} at step {trainer.Step} ({trainer.TokensSeen:N0} tokens, {Format((trainer.ElapsedSeconds))} trained)");
             }
@@ -133,11 +158,15 @@ internal sealed class TrainCommand
                 corpus = LoadCorpus(parse, options, config);
                 try { trainer = new Trainer(config, options, corpus.Train, corpus.Validation); }
                 catch (ArgumentException e) { throw new CliUsageException(DescribeConfigError(e)); }
-                Directory.CreateDirectory(outDir);
-                runLock = RunLock.Acquire(outDir, output.WriteLine);
-                if (Checkpoint.List(outDir).Count > 0)
-                    throw new CliUsageException($"--out: {outDir} received checkpoints from another run meanwhile; choose another folder.");
-                AtomicFile.WriteAllText(Path.Combine(outDir, "config.json"), ConfigBinding.ToJson(config));
+                if (group is not null) trainer.JoinDataParallel(group);                // ranks compared before the run folder is touched
+                if (root)
+                {
+                    Directory.CreateDirectory(outDir);
+                    runLock = RunLock.Acquire(outDir, output.WriteLine);
+                    if (Checkpoint.List(outDir).Count > 0)
+                        throw new CliUsageException($"--out: {outDir} received checkpoints from another run meanwhile; choose another folder.");
+                    AtomicFile.WriteAllText(Path.Combine(outDir, "config.json"), ConfigBinding.ToJson(config));
+                }
             }
             long parameters = trainer.Model.parameters().Sum(p => p.numel());
             string tokens = corpus.Tokenizer.Kind == TokenizerKind.Bytes ? "" :
@@ -146,6 +175,9 @@ internal sealed class TrainCommand
             output.WriteLine($"data: {corpus.Files} file(s), {corpus.Bytes.Train.Length:N0} training + {corpus.Bytes.Validation.Length:N0} validation bytes{tokens}; " +
                              $"model: {parameters:N0} parameters (dim {trainer.Config.Dim}, depth {trainer.Config.Depth}, heads {trainer.Config.Heads}), " +
                              $"seq_len {trainer.Options.SeqLen}, batch {trainer.Options.BatchSize}×{trainer.Options.Accumulation}");
+            if (group is not null)
+                output.WriteLine($"data-parallel over MPI: {group.Size} rank(s), each trains {trainer.Options.BatchSize} of every " +
+                                 $"{trainer.Options.BatchSize * group.Size} windows; rank 0 validates, logs and saves");
             return Loop(parse, trainer, outDir, maxSteps, maxMinutes, output);
         }
         finally
@@ -303,7 +335,11 @@ internal sealed class TrainCommand
         Console.CancelKeyPress += OnCancel;
         bool interactive = ReferenceEquals(output, Console.Out) && !Console.IsOutputRedirected && AnsiConsole.Profile.Capabilities.Interactive;
 
-        void Log(LogLine line) => File.AppendAllText(logPath, JsonSerializer.Serialize(line) + "\n");
+        bool root = trainer.Parallel?.IsRoot ?? true;                                // data-parallel: rank 0 validates, logs and saves
+        void Log(LogLine line)
+        {
+            if (root) File.AppendAllText(logPath, JsonSerializer.Serialize(line) + "\n");
+        }
         string Newest() => Checkpoint.List(outDir) is { Count: > 0 } list ? $"the newest checkpoint is {Path.GetFileName(list[^1].Path)}" : "no checkpoint was saved";
         void Print(string line)
         {
@@ -311,10 +347,15 @@ internal sealed class TrainCommand
             else output.WriteLine(line);
         }
         double Elapsed() => startElapsed + session.Elapsed.TotalSeconds;
-        bool Done() => StopRequested || (maxSteps is int ms && trainer.Step >= ms) || (maxMinutes is double m && session.Elapsed.TotalMinutes >= m);
+        bool Done()
+        {
+            bool done = StopRequested || (maxSteps is int ms && trainer.Step >= ms) || (maxMinutes is double m && session.Elapsed.TotalMinutes >= m);
+            return trainer.Parallel?.Any(done) ?? done;                                // ranks stop at the same step
+        }
         double lastBpc = double.NaN;
         void Validate()
         {
+            if (!root) return;
             var result = trainer.ValidationLoss();
             lastBpc = result.BitsPerByte;
             trainer.ElapsedSeconds = Elapsed();
@@ -327,6 +368,7 @@ internal sealed class TrainCommand
         }
         void Save()
         {
+            if (!root) return;
             if (!trainer.OutputsAreFinite())
                 throw new CliFailureException($"training diverged: the model's outputs are NaN or infinite at step {trainer.Step}; " +
                                               $"stopped without saving; {Newest()}; try a lower --lr.");

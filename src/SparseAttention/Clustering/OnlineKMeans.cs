@@ -55,6 +55,9 @@ public sealed record KMeansOutput(Tensor Normalized, Tensor Similarities, Tensor
 /// module needs <see cref="Update"/> (or <see cref="UpdateAll"/>) once after each optimizer step. <see cref="UpdateOnForward"/> (default <c>false</c>) restores the PyTorch library's
 /// behaviour of one EMA step per training forward; it is off by default because that behaviour takes several steps
 /// per optimizer step under gradient accumulation and would step again during a reversible recompute.</para>
+/// <para><b>Data parallelism.</b> With a <see cref="StatisticsReducer"/>, the statistics are summed over the replicas
+/// just before each EMA step and initialisation runs on the union of the replicas' batches, so N replicas with batch b
+/// keep the centroids of one process with batch N·b.</para>
 /// <para><b>Eval mode</b> never initialises or accumulates. <see cref="SuspendUpdates()"/> gives the same guarantee in
 /// training mode for the duration of a <c>using</c> scope (for reversible-layer or checkpoint recomputes).</para>
 /// <para>Pending statistics are transient: they are not part of the state dict and are kept in float64 on the
@@ -128,6 +131,18 @@ public sealed class OnlineKMeans : nn.Module<Tensor, Tensor?, KMeansOutput>
     /// moves the centroids once per optimizer step without calling <see cref="Update"/>. Default true; set false when
     /// you drive <see cref="Update"/> yourself (an explicit call simply leaves nothing pending for this to apply).</summary>
     public bool AutoUpdate { get; set; } = true;
+
+    /// <summary>Data-parallel replicas (null = this process alone, the default): when set, pending statistics are summed
+    /// over all replicas before every EMA step and the initialising batch is the union of all replicas' batches, so every
+    /// replica keeps the centroids one process would have on the union of their batches.</summary>
+    public IStatisticsReducer? StatisticsReducer { get; set; }
+
+    /// <summary>Sets <see cref="StatisticsReducer"/> of every <see cref="OnlineKMeans"/> in <paramref name="root"/> (itself included).</summary>
+    public static void SetStatisticsReducer(nn.Module root, IStatisticsReducer? reducer)
+    {
+        ArgumentNullException.ThrowIfNull(root);
+        foreach (var k in FindAll(root)) k.StatisticsReducer = reducer;
+    }
 
     /// <summary>Use <see cref="FusedKMeansAssign"/> for float32 CPU forwards without similarities (default); false
     /// forces the tensor-ops path (the oracle of the fused one in tests).</summary>
@@ -352,6 +367,12 @@ public sealed class OnlineKMeans : nn.Module<Tensor, Tensor?, KMeansOutput>
                     var all = count == 1 ? real[0].detach() : cat(real.Select(t => t.detach()).ToArray(), 2);     // (B, H, ΣT_p, D)
                     var allMask = masks.All(m => m is null) ? null : count == 1 ? masks[0]
                         : cat(masks.Select((m, p) => m ?? ones(batch, parts[p].shape[2], dtype: ScalarType.Bool, device: x0.device)).ToArray(), 1);
+                    if (StatisticsReducer is { } reducer)
+                    {
+                        // Every replica initialises from the union of all replicas' batches: the same centroids everywhere.
+                        allMask = reducer.Concatenate(allMask ?? ones(batch, all.shape[2], dtype: ScalarType.Bool, device: x0.device));  // (ΣB, ΣT_p)
+                        all = reducer.Concatenate(all);                                                                            // (ΣB, H, ΣT_p, D)
+                    }
                     initialMeans = Initialize(all, allMask)?.DetachFromDisposeScope();
                     if (initialMeans is null) return;                            // no real token: stay uninitialised
                 }
@@ -448,6 +469,7 @@ public sealed class OnlineKMeans : nn.Module<Tensor, Tensor?, KMeansOutput>
     public bool Update()
     {
         if (pending.Counts is null || pending.Sums is null) return false;
+        ReducePending([this]);
         using (var scope = NewDisposeScope())
         using (no_grad())
         {
@@ -470,6 +492,20 @@ public sealed class OnlineKMeans : nn.Module<Tensor, Tensor?, KMeansOutput>
         pending.Counts?.Dispose();
         pending.Sums = null;
         pending.Counts = null;
+        pending.Reduced = false;
+    }
+
+    /// <summary>Sums the pending statistics of <paramref name="modules"/> over the replicas of their
+    /// <see cref="StatisticsReducer"/>: one collective call per reducer, however many modules.</summary>
+    private static void ReducePending(IEnumerable<OnlineKMeans> modules)
+    {
+        foreach (var group in modules.Where(k => k.StatisticsReducer is not null && k.HasPendingStatistics && !k.pending.Reduced)
+                                     .GroupBy(k => k.StatisticsReducer!))
+        {
+            var members = group.ToList();
+            group.Key.SumInPlace(members.SelectMany(k => new[] { k.pending.Sums!, k.pending.Counts! }).ToList());
+            foreach (var k in members) k.pending.Reduced = true;
+        }
     }
 
     /// <summary>Suspends initialisation and accumulation (in training mode) until the returned scope is disposed.
@@ -493,7 +529,9 @@ public sealed class OnlineKMeans : nn.Module<Tensor, Tensor?, KMeansOutput>
     public static int UpdateAll(nn.Module root)
     {
         ArgumentNullException.ThrowIfNull(root);
-        return FindAll(root).Count(k => k.Update());
+        var all = FindAll(root).ToList();
+        ReducePending(all);
+        return all.Count(k => k.Update());
     }
 
     /// <summary>
@@ -517,11 +555,14 @@ public sealed class OnlineKMeans : nn.Module<Tensor, Tensor?, KMeansOutput>
         bool outermost = all.All(k => k.modelForwardDepth == 0 && k.suspendDepth == 0);
         var due = all.Where(k => k.AutoUpdate && !k.UpdateOnForward && k.backwardSeen && k.HasPendingStatistics).ToList();
         if (outermost && due.Count > 0 && GradientsReset(root))
+        {
+            ReducePending(due);
             foreach (var k in due)
             {
                 k.Update();
                 k.backwardSeen = false;
             }
+        }
         foreach (var k in all) k.modelForwardDepth++;
         return new ModelForward(all);
     }
@@ -677,6 +718,7 @@ public sealed class OnlineKMeans : nn.Module<Tensor, Tensor?, KMeansOutput>
     {
         public Tensor? Sums;    // (H, C, D) float64
         public Tensor? Counts;  // (H, C) float64
+        public bool Reduced;    // already summed over the replicas (StatisticsReducer)
     }
 
     private sealed class Resume(Action onDispose) : IDisposable

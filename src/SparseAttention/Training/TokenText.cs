@@ -62,6 +62,14 @@ public sealed class TokenText
         }
     }
 
+    /// <summary>Feeds the ids (bytes for byte-level text, int32 ids otherwise) to <paramref name="hash"/>, in 16 MiB pieces.</summary>
+    internal void AppendTo(System.Security.Cryptography.IncrementalHash hash)
+    {
+        if (ids is not null) { hash.AppendData(System.Runtime.InteropServices.MemoryMarshal.AsBytes(ids.AsSpan())); return; }
+        for (long offset = 0; offset < bytes!.Length; offset += 1 << 24)
+            hash.AppendData(bytes.Span(offset, (int)Math.Min(1 << 24, bytes.Length - offset)));
+    }
+
     /// <summary>Original bytes covered by token <paramref name="index"/> (1 for bytes).</summary>
     public int ByteLength(long index) => ids is null ? 1 : Tokenizer.ByteLength(this[index]);
 }

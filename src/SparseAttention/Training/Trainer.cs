@@ -37,7 +37,7 @@ public readonly record struct ValidationResult(double Nats, long Tokens, long By
 /// <see cref="OnlineKMeans.UpdateAll"/> after every optimizer step (routing heads' centroids).
 /// Everything needed to continue bit-for-bit is saved by <see cref="Checkpoint"/>.
 /// </summary>
-public sealed class Trainer : IDisposable
+public sealed partial class Trainer : IDisposable
 {
     private readonly TokenText train, validation;
     private readonly AdamW optimizer;
@@ -106,6 +106,7 @@ public sealed class Trainer : IDisposable
     {
         Model.train();
         optimizer.zero_grad();
+        Parallel?.ReseedReplica(Options.Seed, Step);
         double lossSum = 0, totalSum = 0;
         long tokens = 0, predicted = 0, bytes = 0;
         for (int micro = 0; micro < Options.Accumulation; micro++)
@@ -123,7 +124,8 @@ public sealed class Trainer : IDisposable
             predicted += targets.numel();
             bytes += CoveredBytes(targets);
         }
-        double bytesPerToken = (double)bytes / predicted;
+        if (Parallel is not null) (lossSum, totalSum, tokens) = AverageOverRanks(lossSum, totalSum, tokens);
+        double bytesPerToken = (double)bytes / predicted;                              // this rank's batches
         double gradNorm = GradientNorm();
         double lr = Options.LearningRateAt(Step);
         if (!double.IsFinite(totalSum) || !double.IsFinite(gradNorm))
@@ -275,16 +277,18 @@ public sealed class Trainer : IDisposable
     }
 
     /// <summary>(BatchSize, L) int64 windows at random offsets of the training tokens, L = SeqLen or, with probability
-    /// Options.RandomTruncate, uniform in [2, SeqLen]; advances <see cref="SamplerState"/>.</summary>
+    /// Options.RandomTruncate, uniform in [2, SeqLen]; advances <see cref="SamplerState"/>. Data-parallel: every rank
+    /// draws the same BatchSize × ranks windows and keeps windows [rank·BatchSize, (rank+1)·BatchSize).</summary>
     internal Tensor NextBatch()
     {
-        int b = Options.BatchSize, seqLen = Options.SeqLen;
+        int b = Options.BatchSize, seqLen = Options.SeqLen, first = b * (Parallel?.Rank ?? 0);
         var data = new long[b * seqLen];
         ulong range = (ulong)(train.Length - seqLen + 1);
-        for (int i = 0; i < b; i++)
+        for (int i = 0; i < b * (Parallel?.Size ?? 1); i++)
         {
             long offset = (long)(NextRandom() % range);
-            for (int t = 0; t < seqLen; t++) data[i * seqLen + t] = train[offset + t];
+            if (i < first || i >= first + b) continue;                                  // another rank's window
+            for (int t = 0; t < seqLen; t++) data[(i - first) * seqLen + t] = train[offset + t];
         }
         int length = seqLen;
         // Only draws when truncation is on, so runs without it keep their sampler stream.
