@@ -168,11 +168,11 @@ public class DecodingTests
         contextMask[1, 5..] = tensor(false);
         var tokens = randint(0, config.NumTokens, new long[] { 2, config.MaxSeqLen }, generator: new Generator(15));
         model.train();
-        using (no_grad()) model.Forward(tokens, null, context, contextMask);                // k-means from data
+        using (no_grad()) model.forward(tokens, null, context, contextMask);                // k-means from data
         model.eval();
         Assert.True(model.SupportsCachedDecoding);
         using var noGrad = no_grad();
-        var expected = model.Forward(tokens, null, context, contextMask).Logits;          // (2, T, V)
+        var expected = model.forward(tokens, null, context, contextMask).Logits;          // (2, T, V)
         using var state = model.StartDecoding(tokens.narrow(1, 0, 3), context: context, contextMask: contextMask);
         TestSupport.AssertClose(expected.select(1, 2), state.Logits, "prompt", atol: LogitTolerance, rtol: LogitTolerance);
         for (int t = 3; t < config.MaxSeqLen; t++)

@@ -379,19 +379,19 @@ public partial class ModelTests
         sourceMask[0, 6..] = tensor(false);
         using var _ = no_grad();
         model.train(training);
-        if (training) model.Forward(Tokens(2, 9, 11, 40), Tokens(2, 13, 17, 41), null, null);   // initialises the routing k-means
-        var (logits, aux) = model.Forward(source, target, sourceMask, null);
+        if (training) model.forward(Tokens(2, 9, 11, 40), Tokens(2, 13, 17, 41), null, null);   // initialises the routing k-means
+        var (logits, aux) = model.forward(source, target, sourceMask, null);
         Assert.Equal([2L, 13, 17], logits.shape);
         if (routing) Assert.True(aux.item<float>() > 0, "routing cross-attention adds its commitment loss");
         else Assert.Equal(0f, aux.item<float>());
         // Padded source tokens change nothing; a real source token changes everything downstream.
         var otherPadding = source.clone();
         otherPadding[0, 6..] = tensor(3L);
-        AssertSame(logits, model.Forward(otherPadding, target, sourceMask, null).Logits, "padded source");
+        AssertSame(logits, model.forward(otherPadding, target, sourceMask, null).Logits, "padded source");
         var otherReal = source.clone();
         otherReal[0, 8] = tensor((source[0, 8].item<long>() + 1) % 11);
         otherReal[1, 8] = tensor((source[1, 8].item<long>() + 1) % 11);
-        var changed = model.Forward(otherReal, target, sourceMask, null).Logits;
+        var changed = model.forward(otherReal, target, sourceMask, null).Logits;
         AssertSame(logits[0], changed[0], "row 0's position 8 is padding");
         if (routing) Assert.True(Differ(logits[1], changed[1]), "a real source token must reach the decoder");
         else Assert.True(Differ(logits[1, 0], changed[1, 0]), "the last source token must reach the first target position");
@@ -400,7 +400,7 @@ public partial class ModelTests
         {
             var perturbed = target.clone();
             perturbed[.., (t + 1)..] = Tokens(2, 12 - t, 17, (ulong)(31 + t));
-            AssertSame(logits[.., ..(t + 1)], model.Forward(source, perturbed, sourceMask, null).Logits[.., ..(t + 1)], $"decoder causality up to {t}");
+            AssertSame(logits[.., ..(t + 1)], model.forward(source, perturbed, sourceMask, null).Logits[.., ..(t + 1)], $"decoder causality up to {t}");
         }
         // Generation runs on top.
         Assert.Equal([2L, 5], model.Generate(source, target.narrow(1, 0, 1), 5, sourceMask, temperature: 0).shape);

@@ -86,7 +86,7 @@ public partial class ModelTests
             model.train();
             model.Encoder.Transformer.ReversibleRecompute = recompute;
             model.Decoder.Transformer.ReversibleRecompute = recompute;
-            var (logits, aux) = model.Forward(source, target, sourceMask, null);
+            var (logits, aux) = model.forward(source, target, sourceMask, null);
             LanguageModelLoss.NextToken(logits, target, aux).backward();
             return [logits.detach().clone(), .. model.parameters().Select(p => p.grad?.clone() ?? zeros(1))];
         }

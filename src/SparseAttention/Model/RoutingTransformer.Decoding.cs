@@ -30,7 +30,7 @@ public sealed partial class RoutingTransformer
     internal bool SupportsDecoding => config.Causal && layers.All(block => block.SupportsDecoding);
 
     /// <summary>The layer stack run over a prompt (filling caches) or over one new token per row; the same sequential
-    /// or reversible residual math as <see cref="Forward"/> in evaluation mode (no dropout, no LayerDrop).</summary>
+    /// or reversible residual math as <see cref="forward"/> in evaluation mode (no dropout, no LayerDrop).</summary>
     internal sealed class TransformerDecoder(RoutingTransformer model, List<TransformerBlock.BlockDecoder> blocks) : IDisposable
     {
         /// <param name="x">(B, T, Dim) prompt embeddings, rows right-padded.</param>

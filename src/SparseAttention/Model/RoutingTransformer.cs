@@ -18,7 +18,7 @@ namespace SparseAttention.Model;
 /// are not kept but recomputed in the backward (<see cref="ReversibleRecompute"/>). LayerDrop (Fan et al. 2020): in training each layer is
 /// skipped with probability LayerDropout (drawn from the global torch generator); in evaluation all run.
 /// </remarks>
-public sealed partial class RoutingTransformer : nn.Module<Tensor, Tensor?, (Tensor Output, Tensor AuxLoss)>
+public sealed partial class RoutingTransformer : nn.Module<Tensor, Tensor?, Tensor?, Tensor?, (Tensor Output, Tensor AuxLoss)>
 {
     private readonly ModuleList<TransformerBlock> layers;
     private readonly nn.Module<Tensor, Tensor> norm;
@@ -59,15 +59,10 @@ public sealed partial class RoutingTransformer : nn.Module<Tensor, Tensor?, (Ten
 
     /// <param name="x">(B, T, Dim) embeddings, T ≤ MaxSeqLen.</param>
     /// <param name="inputMask">Optional (B, T) bool; true = real token, false = padding (never attended).</param>
-    /// <returns>(B, T, Dim) and the scalar auxiliary loss.</returns>
-    public override (Tensor Output, Tensor AuxLoss) forward(Tensor x, Tensor? inputMask = null) => Forward(x, inputMask, null, null);
-
-    /// <param name="x">(B, T, Dim) embeddings, T ≤ MaxSeqLen.</param>
-    /// <param name="inputMask">Optional (B, T) bool; true = real token, false = padding (never attended).</param>
     /// <param name="context">(B, S, ContextDim) sequence to cross-attend to; required iff ReceivesContext.</param>
     /// <param name="contextMask">Optional (B, S) bool; true = real context token.</param>
     /// <returns>(B, T, Dim) and the scalar auxiliary loss.</returns>
-    public (Tensor Output, Tensor AuxLoss) Forward(Tensor x, Tensor? inputMask, Tensor? context, Tensor? contextMask)
+    public override (Tensor Output, Tensor AuxLoss) forward(Tensor x, Tensor? inputMask = null, Tensor? context = null, Tensor? contextMask = null)
     {
         Check.Shape(x, nameof(x), "(B, T, Dim)", -1, -1, config.Dim);
         Check.FloatingPoint(x, nameof(x));
@@ -126,7 +121,7 @@ public sealed partial class RoutingTransformer : nn.Module<Tensor, Tensor?, (Ten
 /// the attention layers (<see cref="TransformerConfig.PositionalEncoding"/>); there is no absolute
 /// position embedding.
 /// </summary>
-public sealed partial class RoutingTransformerLM : nn.Module<Tensor, Tensor?, (Tensor Logits, Tensor AuxLoss)>
+public sealed partial class RoutingTransformerLM : nn.Module<Tensor, Tensor?, Tensor?, Tensor?, (Tensor Logits, Tensor AuxLoss)>
 {
     private readonly Embedding token_emb;
     private readonly Embedding? pos_emb;        // (MaxSeqLen, EmbDim) with UseAbsolutePosEmb
@@ -162,15 +157,10 @@ public sealed partial class RoutingTransformerLM : nn.Module<Tensor, Tensor?, (T
 
     /// <param name="tokens">(B, T) int64 token ids in [0, NumTokens), T ≤ MaxSeqLen.</param>
     /// <param name="inputMask">Optional (B, T) bool; true = real token, false = padding (never attended).</param>
-    /// <returns>Logits (B, T, NumTokens) and the scalar auxiliary loss.</returns>
-    public override (Tensor Logits, Tensor AuxLoss) forward(Tensor tokens, Tensor? inputMask = null) => Forward(tokens, inputMask, null, null);
-
-    /// <param name="tokens">(B, T) int64 token ids in [0, NumTokens), T ≤ MaxSeqLen.</param>
-    /// <param name="inputMask">Optional (B, T) bool; true = real token, false = padding (never attended).</param>
     /// <param name="context">(B, S, ContextDim) sequence to cross-attend to; required iff ReceivesContext.</param>
     /// <param name="contextMask">Optional (B, S) bool; true = real context token.</param>
     /// <returns>Logits (B, T, NumTokens) and the scalar auxiliary loss.</returns>
-    public (Tensor Logits, Tensor AuxLoss) Forward(Tensor tokens, Tensor? inputMask, Tensor? context, Tensor? contextMask)
+    public override (Tensor Logits, Tensor AuxLoss) forward(Tensor tokens, Tensor? inputMask = null, Tensor? context = null, Tensor? contextMask = null)
     {
         using var scope = NewDisposeScope();
         var (hidden, aux) = Hidden(tokens, inputMask, context, contextMask);              // (B, T, Dim)
@@ -192,7 +182,7 @@ public sealed partial class RoutingTransformerLM : nn.Module<Tensor, Tensor?, (T
             Check.That(min >= 0 && max < config.NumTokens, nameof(tokens), $"token ids must be in [0, NumTokens = {config.NumTokens}), got [{min}, {max}].");
         }
         using var scope = NewDisposeScope();
-        var (hidden, aux) = transformer.Forward(Embed(tokens), inputMask, context, contextMask);   // (B, T, Dim)
+        var (hidden, aux) = transformer.forward(Embed(tokens), inputMask, context, contextMask);   // (B, T, Dim)
         return (hidden.MoveToOuterDisposeScope(), aux.MoveToOuterDisposeScope());
     }
 
@@ -208,7 +198,7 @@ public sealed partial class RoutingTransformerLM : nn.Module<Tensor, Tensor?, (T
             return Sampling.GenerateCached(this, prompt, maxNewTokens, temperature, topK, topP, eos, seed, onToken,
                 context: context, contextMask: contextMask);
         return Sampling.Generate(this, prompt, maxNewTokens, config.MaxSeqLen,
-            window => Forward(window, null, context, contextMask).Logits,
+            window => forward(window, null, context, contextMask).Logits,
             temperature, topK, topP, eos, seed, onToken);
     }
 }

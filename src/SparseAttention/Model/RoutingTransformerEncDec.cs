@@ -9,7 +9,7 @@ namespace SparseAttention.Model;
 /// the encoder's hidden states (B, S, encoder Dim), masked by the source mask. The auxiliary loss is
 /// the sum of both.
 /// </summary>
-public sealed class RoutingTransformerEncDec : nn.Module<Tensor, Tensor, (Tensor Logits, Tensor AuxLoss)>
+public sealed class RoutingTransformerEncDec : nn.Module<Tensor, Tensor, Tensor?, Tensor?, (Tensor Logits, Tensor AuxLoss)>
 {
     private readonly RoutingTransformerLM encoder, decoder;
 
@@ -37,19 +37,14 @@ public sealed class RoutingTransformerEncDec : nn.Module<Tensor, Tensor, (Tensor
 
     /// <param name="source">(B, S) int64 source tokens.</param>
     /// <param name="target">(B, T) int64 target tokens.</param>
-    /// <returns>Decoder logits (B, T, decoder NumTokens) and the summed auxiliary loss.</returns>
-    public override (Tensor Logits, Tensor AuxLoss) forward(Tensor source, Tensor target) => Forward(source, target, null, null);
-
-    /// <param name="source">(B, S) int64 source tokens.</param>
-    /// <param name="target">(B, T) int64 target tokens.</param>
     /// <param name="sourceMask">Optional (B, S) bool; true = real source token.</param>
     /// <param name="targetMask">Optional (B, T) bool; true = real target token.</param>
     /// <returns>Decoder logits (B, T, decoder NumTokens) and the summed auxiliary loss.</returns>
-    public (Tensor Logits, Tensor AuxLoss) Forward(Tensor source, Tensor target, Tensor? sourceMask, Tensor? targetMask)
+    public override (Tensor Logits, Tensor AuxLoss) forward(Tensor source, Tensor target, Tensor? sourceMask = null, Tensor? targetMask = null)
     {
         using var scope = NewDisposeScope();
         var (context, encAux) = encoder.Hidden(source, sourceMask);                    // (B, S, encoder Dim)
-        var (logits, decAux) = decoder.Forward(target, targetMask, context, sourceMask);  // (B, T, V)
+        var (logits, decAux) = decoder.forward(target, targetMask, context, sourceMask);  // (B, T, V)
         return (logits.MoveToOuterDisposeScope(), (encAux + decAux).MoveToOuterDisposeScope());
     }
 
@@ -70,7 +65,7 @@ public sealed class RoutingTransformerEncDec : nn.Module<Tensor, Tensor, (Tensor
                 return Sampling.GenerateCached(decoder, prompt, maxNewTokens, temperature, topK, topP, eos, seed,
                     context: context, contextMask: sourceMask).MoveToOuterDisposeScope();
             return Sampling.Generate(this, prompt, maxNewTokens, decoder.Config.MaxSeqLen,
-                window => decoder.Forward(window, null, context, sourceMask).Logits,
+                window => decoder.forward(window, null, context, sourceMask).Logits,
                 temperature, topK, topP, eos, seed).MoveToOuterDisposeScope();
         }
         finally
