@@ -6,22 +6,6 @@ using SparseAttention.Training;
 
 namespace SparseAttention.Cli;
 
-/// <summary>A model loaded for inference (sample, eval, plot, export), with where it came from.</summary>
-internal sealed class LoadedModel(RoutingTransformerLM model, TransformerConfig config, string path, long? step, IDisposable owner) : IDisposable
-{
-    public RoutingTransformerLM Model { get; } = model;
-    public TransformerConfig Config { get; } = config;
-    /// <summary>The file actually read (a run folder resolves to its newest checkpoint).</summary>
-    public string Path { get; } = path;
-    /// <summary>Training step of a checkpoint; null for weights without one.</summary>
-    public long? Step { get; } = step;
-
-    /// <summary>"ckpt-00000100.sat (step 100)" — for messages.</summary>
-    public string Describe() => System.IO.Path.GetFileName(Path) + (Step is long s ? $" (step {s})" : "");
-
-    public void Dispose() => owner.Dispose();
-}
-
 /// <summary>
 /// Finds and loads what <c>--checkpoint</c> names, the way a user of Hugging Face tools would expect:
 /// a checkpoint file (<c>ckpt-*.sat</c>); a run folder (its newest checkpoint); a weights file (<c>.safetensors</c>,
@@ -157,62 +141,5 @@ internal static class CheckpointLocator
         if (!library && state.Metadata.TryGetValue(ConfigMetadataKey, out var embedded)) return (embedded, $"the '{ConfigMetadataKey}' metadata of {file}");
         throw new CliUsageException($"{option}: {file} carries no model configuration (no {System.IO.Path.GetFileName(sidecar)} beside it" +
                                     $"{(huggingFaceName ? $", no {ConfigFileName}" : "")}{(library ? "" : $", no '{ConfigMetadataKey}' metadata")}); pass --config FILE.");
-    }
-}
-
-/// <summary>
-/// The <c>config.json</c> of an exported Hugging Face-style folder: this project's configuration keys plus
-/// <c>model_type</c>, <c>architectures</c>, <c>torch_dtype</c> and <c>tokenizer</c> (the configuration's own
-/// <c>tokenizer</c> key when it has one, else "bytes").
-/// </summary>
-internal static class HuggingFaceConfig
-{
-    /// <summary>The <c>model_type</c> written and accepted.</summary>
-    public const string ModelType = "sparse-attn-routing-transformer";
-    private static readonly string[] Extras = ["model_type", "architectures", "torch_dtype", "tokenizer"];
-
-    /// <summary>config.json text for <paramref name="config"/> stored as <paramref name="torchDtype"/> (e.g. "float16").</summary>
-    public static string ToJson(TransformerConfig config, string torchDtype)
-    {
-        var keys = JsonNode.Parse(ConfigBinding.ToJson(config))!.AsObject();
-        var result = new JsonObject
-        {
-            ["model_type"] = ModelType,
-            ["architectures"] = new JsonArray("RoutingTransformerLM"),
-            ["torch_dtype"] = torchDtype,
-        };
-        if (!keys.ContainsKey("tokenizer")) result["tokenizer"] = "bytes";
-        foreach (var (key, value) in keys) result[key] = value?.DeepClone();
-        return result.ToJsonString(new JsonSerializerOptions { WriteIndented = true });
-    }
-
-    /// <summary><paramref name="json"/> without the Hugging Face keys that are not configuration keys (a plain configuration
-    /// passes through); a <c>model_type</c> other than <see cref="ModelType"/> is refused.</summary>
-    public static string Strip(string json, string source)
-    {
-        JsonObject? node;
-        try { node = JsonNode.Parse(json) as JsonObject; }
-        catch (JsonException) { return json; }                      // ConfigBinding reports malformed JSON
-        if (node is null) return json;
-        if (node["model_type"] is JsonNode type && type.GetValueKind() == JsonValueKind.String && type.GetValue<string>() != ModelType)
-            throw new CliUsageException($"configuration from {source}: model_type '{type.GetValue<string>()}' is not a sparse-attn model ('{ModelType}').");
-        foreach (var key in Extras)
-            if (!ConfigBinding.ValidKeys.Contains(key)) node.Remove(key);
-        return node.ToJsonString();
-    }
-}
-
-/// <summary>Reads text data for <c>eval</c> and <c>plot</c> as <c>train</c> does (<see cref="ByteCorpus.ReadText"/>),
-/// turning its errors into usage errors that name the option.</summary>
-internal static class TextData
-{
-    public static byte[] Read(string path, string option, int minBytes)
-    {
-        byte[] bytes;
-        try { bytes = ByteCorpus.ReadText(path).Bytes; }
-        catch (ArgumentException e) { throw new CliUsageException(option + e.Message.Replace(" (Parameter 'data')", "")["data".Length..]); }
-        if (bytes.Length < minBytes)
-            throw new CliUsageException($"{option}: {path} has {bytes.Length} byte(s); at least {minBytes} are needed.");
-        return bytes;
     }
 }

@@ -1,0 +1,105 @@
+using System.CommandLine;
+using System.Text;
+using System.Text.Json;
+using ScottPlot;
+using SkiaSharp;
+using SparseAttention.Model;
+using SparseAttention.Training;
+using static TorchSharp.torch;
+
+namespace SparseAttention.Cli;
+
+internal static class AttentionRendering
+{
+    private const int PanelSize = 360, HeaderHeight = 56;
+
+    /// <summary>One panel per (layer, head): x = key, y = query (0 at the top); allowed cells black for static heads,
+    /// coloured by the group's cluster for routing heads; white = not attended.</summary>
+    public static void MasksPng(IReadOnlyList<HeadAttention> heads, IReadOnlyList<string> tokens, int clusters, string path, string title)
+    {
+        int t = tokens.Count;
+        int layers = heads.Max(h => h.Layer) + 1, columns = heads.Count / layers;
+        var multiplot = new Multiplot();
+        multiplot.AddPlots(heads.Count);
+        multiplot.Layout = new ScottPlot.MultiplotLayouts.Grid(layers, columns);
+        var plots = multiplot.GetPlots();
+        for (int i = 0; i < heads.Count; i++)
+        {
+            var h = heads[i];
+            var values = new double[t, t];
+            for (int q = 0; q < t; q++)
+                for (int k = 0; k < t; k++)
+                    values[q, k] = !h.Allowed[q * t + k] ? double.NaN : h.Cluster is null ? 0 : h.Cluster[q] + 1;
+            var plot = plots[i];
+            var heatmap = plot.Add.Heatmap(values);
+            heatmap.Colormap = new ClusterColormap(clusters);
+            heatmap.ManualRange = new ScottPlot.Range(0, clusters);
+            heatmap.NaNCellColor = Colors.White;
+            heatmap.CellAlignment = Alignment.LowerLeft;
+            plot.Axes.SetLimits(0, t, t, 0);
+            plot.Axes.SquareUnits();
+            plot.HideGrid();
+            plot.Font.Set(PlotStyle.SansSerif);
+            double density = h.Allowed.Count(a => a) / (double)(t * (t + 1) / 2);
+            plot.Title($"layer {h.Layer} head {h.Head} ({h.Kind.ToString().ToLowerInvariant()}, {density:P0} of causal pairs)", 12);
+            plot.XLabel("key", 11);
+            plot.YLabel("query", 11);
+        }
+        Save(multiplot, columns * PanelSize, layers * PanelSize, path, title,
+             $"T = {t}; black = static/local pattern, colour = routing cluster of the query's group or LSH bucket of the query (first round), white = not attended");
+    }
+
+    /// <summary>One row per routing (layer, head): the cluster of each position's group as a colour (white = none),
+    /// with the text of each token (a character for bytes) along the bottom when they fit.</summary>
+    public static void ClustersPng(IReadOnlyList<HeadAttention> heads, IReadOnlyList<string> tokens, int clusters, string path, string title)
+    {
+        var routing = heads.Where(h => h.Cluster is not null).ToList();
+        int t = tokens.Count, rows = routing.Count;
+        var values = new double[rows, t];
+        for (int r = 0; r < rows; r++)
+            for (int i = 0; i < t; i++)
+                values[r, i] = routing[r].Cluster![i] < 0 ? double.NaN : routing[r].Cluster![i] + 1;
+        var multiplot = new Multiplot();
+        multiplot.AddPlots(1);
+        var plot = multiplot.GetPlots()[0];
+        var heatmap = plot.Add.Heatmap(values);
+        heatmap.Colormap = new ClusterColormap(clusters);
+        heatmap.ManualRange = new ScottPlot.Range(0, clusters);
+        heatmap.NaNCellColor = Colors.White;
+        heatmap.CellAlignment = Alignment.LowerLeft;
+        plot.Axes.SetLimits(0, t, rows, 0);
+        plot.HideGrid();
+        plot.Font.Set(PlotStyle.SansSerif);
+        plot.Axes.Left.SetTicks(Enumerable.Range(0, rows).Select(r => r + 0.5).ToArray(),
+                                routing.Select(h => $"L{h.Layer} H{h.Head}").ToArray());
+        if (t <= 160)
+        {
+            var characters = tokens.Select(s => string.Concat(s.Select(c => c is >= ' ' and < '\x7f' ? c : '·'))).ToArray();
+            plot.Axes.Bottom.SetTicks(Enumerable.Range(0, t).Select(i => i + 0.5).ToArray(), characters);
+        }
+        plot.XLabel("position (text below)", 12);
+        int width = Math.Max(900, Math.Min(2400, 12 * t + 120)), height = 120 + 36 * rows;
+        Save(multiplot, width, height, path, title, $"T = {t}; colour = cluster of the group the position's query joined ({clusters} clusters per head), white = none");
+    }
+
+    private static void Save(Multiplot multiplot, int plotsWidth, int plotsHeight, string path, string title, string subtitle)
+    {
+        int width = Math.Max(plotsWidth, 720), height = HeaderHeight + plotsHeight;
+        using var surface = SKSurface.Create(new SKImageInfo(width, height, SKColorType.Rgba8888, SKAlphaType.Premul));
+        var canvas = surface.Canvas;
+        canvas.Clear(SKColors.White);
+        using (var panels = SKSurface.Create(new SKImageInfo(plotsWidth, plotsHeight, SKColorType.Rgba8888, SKAlphaType.Premul)))
+        {
+            multiplot.Render(panels);
+            using var image = panels.Snapshot();
+            canvas.DrawImage(image, (width - plotsWidth) / 2f, HeaderHeight);
+        }
+        using var paint = new SKPaint { Color = SKColors.Black, IsAntialias = true };
+        using var typeface = SKTypeface.FromFamilyName(PlotStyle.SansSerif) ?? SKTypeface.Default;
+        using (var big = new SKFont(typeface, 18)) canvas.DrawText(title, 12, 24, SKTextAlign.Left, big, paint);
+        using (var small = new SKFont(typeface, 13)) canvas.DrawText(subtitle, 12, 46, SKTextAlign.Left, small, paint);
+        using var snapshot = surface.Snapshot();
+        using var png = snapshot.Encode(SKEncodedImageFormat.Png, 100);
+        AtomicFile.WriteAllBytes(path, png.ToArray());
+    }
+}

@@ -1,0 +1,14 @@
+using System.CommandLine;
+using System.Text;
+using System.Text.Json;
+using ScottPlot;
+using SkiaSharp;
+using SparseAttention.Model;
+using SparseAttention.Training;
+using static TorchSharp.torch;
+
+namespace SparseAttention.Cli;
+
+/// <summary>What one head of one layer may attend on a text: <c>Allowed[q·T + k]</c>; for routing heads
+/// <c>Cluster[q]</c> is the cluster of the group query q was routed to (−1 = none), for static heads null.</summary>
+internal sealed record HeadAttention(int Layer, int Head, HeadGroupKind Kind, bool[] Allowed, int[]? Cluster);
