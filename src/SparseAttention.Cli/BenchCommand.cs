@@ -45,6 +45,7 @@ internal sealed class BenchCommand
     private readonly Option<int> modelHeadsOption = new("--model-heads") { Description = "--model: heads per layer (head width = dim / heads; routing = half local, half routing).", DefaultValueFactory = _ => 4 };
     private readonly Option<int?> modelDimHeadOption = new("--model-dim-head") { Description = "--model: head width (default dim / heads; must be even)." };
     private readonly Option<int> modelDepthOption = new("--model-depth") { Description = "--model: layers.", DefaultValueFactory = _ => 2 };
+    private readonly Option<string> deviceOption = CliDevice.CreateOption();
     private readonly Option<string> modelKindsOption = new("--model-kinds") { HelpName = "KIND,...", Description = "--model: configurations: " + string.Join(", ", Models) + " (-reversible: RevNet layers that recompute activations in the backward; -bf16: compute_dtype = BFloat16; -shaw / -alibi: positional_encoding = RelativeShaw / Alibi instead of rotary). The × dense column needs dense.", DefaultValueFactory = _ => "dense,local,routing" };
 
     public static Command Create()
@@ -53,7 +54,7 @@ internal sealed class BenchCommand
         var command = new Command("bench", "Time attention kernels against dense SDPA and the GEMM rate, in one run.");
         foreach (var o in new Option[] { self.seqLensOption, self.attentionOption, self.implOption, self.passOption, self.batchOption,
                      self.headsOption, self.headDimOption, self.windowOption, self.nHashesOption, self.bidirectionalOption, self.runsOption,
-                     self.quickOption, self.maxDenseLenOption, self.maxGatherGbOption, self.jsonOption,
+                     self.quickOption, self.maxDenseLenOption, self.maxGatherGbOption, self.jsonOption, self.deviceOption,
                      self.modelOption, self.modelDimOption, self.modelHeadsOption, self.modelDimHeadOption, self.modelDepthOption, self.modelKindsOption })
             command.Add(o);
         self.generate.AddTo(command);
@@ -109,6 +110,13 @@ internal sealed class BenchCommand
         var attentions = List(parse, attentionOption, Attentions);
         var impls = List(parse, implOption, Impls.Where(i => i != "sdpa").ToArray());
         var passes = List(parse, passOption, Passes);
+        var device = CliDevice.Parse(parse.GetValue(deviceOption)!);
+        if (device.type != DeviceType.CPU)
+        {
+            // The fused kernels are C# code over CPU memory; elsewhere the TorchSharp-ops kernels are the fast path.
+            impls = impls.Where(i => i != "fused").ToArray();
+            if (kernels && impls.Length == 0) throw new CliUsageException($"--impl: the fused kernels run on the CPU only; with --device {device} use --impl ops.");
+        }
         int batch = parse.GetValue(batchOption), heads = parse.GetValue(headsOption), dim = parse.GetValue(headDimOption), window = parse.GetValue(windowOption);
         int runs = quick && parse.GetResult(runsOption) is null or { Implicit: true } ? 3 : parse.GetValue(runsOption);
         int nHashes = parse.GetValue(nHashesOption);
@@ -153,10 +161,10 @@ internal sealed class BenchCommand
                 double flopFactor = backward ? 3.5 : 1.0;   // backward = 5 matmuls to the forward's 2 (FlashAttention's count)
                 using var scope = NewDisposeScope();
                 var gen = new Generator(1);
-                var q = randn(new long[] { batch, heads, seqLen, dim }, generator: gen);
-                var k = randn(new long[] { batch, heads, seqLen, dim }, generator: gen);
-                var v = randn(new long[] { batch, heads, seqLen, dim }, generator: gen);
-                var upstream = randn(new long[] { batch, heads, seqLen, dim }, generator: gen);
+                var q = randn(new long[] { batch, heads, seqLen, dim }, generator: gen).to(device);
+                var k = randn(new long[] { batch, heads, seqLen, dim }, generator: gen).to(device);
+                var v = randn(new long[] { batch, heads, seqLen, dim }, generator: gen).to(device);
+                var upstream = randn(new long[] { batch, heads, seqLen, dim }, generator: gen).to(device);
                 hugePagesBytes = Math.Max(hugePagesBytes, TorchAllocator.AnonHugePagesBytes() ?? 0);   // with q, k, v, upstream resident
 
                 // Dense SDPA first: every sparse figure is reported as a ratio against it.
@@ -240,7 +248,7 @@ internal sealed class BenchCommand
             stderr.WriteLine($"bench: model JIT warm-up (steps of each configuration at T={warmLen} until their times settle) ...");
             foreach (string kind in modelKinds)
             {
-                using var warm = new ModelStep(ModelConfig(kind, warmLen, modelDim, modelHeads, modelDimHead, modelDepth, window), 1);
+                using var warm = new ModelStep(ModelConfig(kind, warmLen, modelDim, modelHeads, modelDimHead, modelDepth, window), 1, device);
                 int calls = Timing.WarmUp(warm.Run);
                 stderr.WriteLine($"bench: model {kind} warm-up: {calls} steps at T={warmLen}");
             }
@@ -251,7 +259,7 @@ internal sealed class BenchCommand
                 var kinds = modelKinds.Where(kind => !kind.StartsWith("routing") || seqLen % window == 0).ToArray();
                 if (kinds.Length < modelKinds.Length)
                     stderr.WriteLine($"bench: model routing T={seqLen}: skipped (T must be a multiple of --window {window} to fix the number of clusters)");
-                var steps = kinds.Select(kind => new ModelStep(ModelConfig(kind, (int)seqLen, modelDim, modelHeads, modelDimHead, modelDepth, window), batch)).ToArray();
+                var steps = kinds.Select(kind => new ModelStep(ModelConfig(kind, (int)seqLen, modelDim, modelHeads, modelDimHead, modelDepth, window), batch, device)).ToArray();
                 try
                 {
                     var times = kinds.Select(_ => new double[runs]).ToArray();
@@ -463,13 +471,14 @@ internal sealed class BenchCommand
         private readonly optim.Optimizer optimizer;
         private readonly Tensor tokens;
 
-        public ModelStep(TransformerConfig config, int batch)
+        public ModelStep(TransformerConfig config, int batch, Device device)
         {
             random.manual_seed(1);
             lm = new RoutingTransformerLM(config);
+            if (device.type != DeviceType.CPU) lm.to(device);
             lm.train();
             optimizer = optim.AdamW(lm.parameters(), lr: 1e-4);
-            tokens = randint(0, config.NumTokens, new long[] { batch, config.MaxSeqLen }, dtype: ScalarType.Int64, generator: new Generator(2));
+            tokens = randint(0, config.NumTokens, new long[] { batch, config.MaxSeqLen }, dtype: ScalarType.Int64, generator: new Generator(2)).to(device);
         }
 
         public void Run()
@@ -480,6 +489,7 @@ internal sealed class BenchCommand
             LanguageModelLoss.NextToken(logits, tokens, aux).backward();
             optimizer.step();
             OnlineKMeans.UpdateAll(lm);
+            if (tokens.device.type == DeviceType.CUDA) cuda.synchronize();             // time the GPU's work, not its queueing
         }
 
         public void Dispose()
@@ -505,6 +515,11 @@ internal sealed class BenchCommand
         Tensor upstream, bool backward, int runs)
     {
         void Once()
+        {
+            Run();
+            if (q.device.type == DeviceType.CUDA) cuda.synchronize();                   // GPU work is asynchronous: time its end
+        }
+        void Run()
         {
             using var scope = NewDisposeScope();
             if (!backward)
@@ -543,6 +558,7 @@ internal sealed class BenchCommand
     {
         long heads = q.shape[1], seqLen = q.shape[2], dim = q.shape[3];
         using var routing = new SparseAttention.Modules.RoutingAttention((int)heads, (int)dim, (int)seqLen, Math.Min(window, (int)seqLen), causal) { Kernel = kernel };
+        if (q.device.type != DeviceType.CPU) routing.to(q.device);
         double pairs = 0;
         var timing = Time((a, b, c) =>
         {
@@ -563,6 +579,7 @@ internal sealed class BenchCommand
     {
         long heads = q.shape[1], seqLen = q.shape[2], dim = q.shape[3];
         using var lsh = new SparseAttention.Modules.LshAttention((int)heads, (int)dim, (int)seqLen, Math.Min(window, (int)seqLen), nHashes, causal: causal) { Kernel = kernel };
+        if (q.device.type != DeviceType.CPU) lsh.to(q.device);
         double pairs = 0;
         var timing = Time((a, _, c) =>
         {

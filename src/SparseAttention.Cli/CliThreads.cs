@@ -1,8 +1,3 @@
-using System.CommandLine;
-using System.Diagnostics;
-using System.Text;
-using SparseAttention.Model;
-using SparseAttention.Training;
 using static TorchSharp.torch;
 
 namespace SparseAttention.Cli;

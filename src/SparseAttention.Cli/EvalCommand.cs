@@ -1,3 +1,4 @@
+using TorchSharp;
 using System.CommandLine;
 using System.Diagnostics;
 using System.Globalization;
@@ -19,6 +20,7 @@ internal sealed class EvalCommand
     private readonly Option<int> batchSizeOption = new("--batch-size") { HelpName = "B", Description = "Windows per forward pass.", DefaultValueFactory = _ => 16 };
     private readonly Option<bool> jsonOption = new("--json") { Description = "Print {\"bpc\":x, \"tokens\":n, \"bytes\":m, \"loss\":l, \"tokenizer\":name} instead of a sentence." };
     private readonly Option<int?> threadsOption = new("--threads") { HelpName = "N", Description = "libtorch intra-op threads (default: libtorch's choice)." };
+    private readonly Option<string> deviceOption = CliDevice.CreateOption();
 
     public static Command Create()
     {
@@ -30,7 +32,7 @@ internal sealed class EvalCommand
             "bpc = summed next-token cross-entropy / (ln 2 · the original bytes the predicted tokens stand for) — bits per byte, on one scale " +
             "for every tokenizer (for bytes, the mean next-byte cross-entropy in bits); loss = nats per predicted token; tokens = tokens predicted.");
         foreach (var option in new Option[] { self.checkpointOption, self.configOption, self.dataOption, self.maxBytesOption, self.batchSizeOption,
-                     self.jsonOption, self.threadsOption })
+                     self.jsonOption, self.threadsOption, self.deviceOption })
             command.Add(option);
         command.SetAction(self.Execute);
         return command;
@@ -44,6 +46,7 @@ internal sealed class EvalCommand
         long? maxBytes = parse.GetValue(maxBytesOption);
         if (maxBytes is < 2) throw new CliUsageException($"--max-bytes must be >= 2 (one byte predicted from another), got {maxBytes}.");
         CliThreads.Apply(parse.GetValue(threadsOption));
+        var device = CliDevice.Parse(parse.GetValue(deviceOption)!);
         var data = TextData.Read(parse.GetValue(dataOption)!, "--data", minBytes: 2);
         if (maxBytes is long mb && mb < data.Length) data = data[..(int)mb];
 
@@ -52,6 +55,7 @@ internal sealed class EvalCommand
         var watch = Stopwatch.StartNew();
         if (tokenizer.Tokenize(data) is not { Length: >= 2 } text)
             throw new CliUsageException($"--data: the text gives fewer than 2 {tokenizer.Name} tokens; nothing to predict.");
+        if (device.type != DeviceType.CPU) loaded.Model.to(device);
         var (nats, tokens, bytes, windows) = NextTokenNats(loaded.Model, text, loaded.Config.MaxSeqLen, batchSize);
         double bpc = nats / bytes / Math.Log(2), loss = nats / tokens;
         string unit = CliTokenizer.Unit(tokenizer);
@@ -84,6 +88,7 @@ internal sealed class EvalCommand
     {
         model.eval();
         using var noGrad = no_grad();
+        var device = model.parameters().First().device;                                    // batches go where the model is
         double nats = 0;
         long tokens = 0, bytes = 0;
         var windows = Windows(checked((int)data.Length), seqLen).ToList();
@@ -103,7 +108,7 @@ internal sealed class EvalCommand
                         ids[i * length + t] = data[list[first + i].Start + t];
                         if (t > 0) bytes += data.ByteLength(list[first + i].Start + t);          // a predicted token
                     }
-                var batch = tensor(ids, new long[] { b, length });                                  // (B, T)
+                var batch = tensor(ids, new long[] { b, length }, device: device);                  // (B, T)
                 var logits = model.forward(batch, null).Logits;                                      // (B, T, NumTokens)
                 var predictions = logits.narrow(1, 0, length - 1).reshape(-1, logits.shape[2]);      // (B·(T−1), NumTokens)
                 var targets = batch.narrow(1, 1, length - 1).reshape(-1);                            // (B·(T−1))

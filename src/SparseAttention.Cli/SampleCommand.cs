@@ -1,3 +1,4 @@
+using TorchSharp;
 using System.CommandLine;
 using System.Diagnostics;
 using System.Text;
@@ -23,6 +24,7 @@ internal sealed class SampleCommand
     private readonly Option<double?> topPOption = new("--top-p") { HelpName = "P", Description = "Nucleus sampling: only the smallest set of most likely tokens whose probability reaches P, in (0, 1]." };
     private readonly Option<ulong> seedOption = new("--seed") { HelpName = "N", Description = "Seed of the sampler: the same seed, model and options give the same text.", DefaultValueFactory = _ => 0UL };
     private readonly Option<int?> threadsOption = new("--threads") { HelpName = "N", Description = "libtorch intra-op threads (default: libtorch's choice)." };
+    private readonly Option<string> deviceOption = CliDevice.CreateOption();
     private readonly Option<bool> noCacheOption = new("--no-cache") { Description = "Re-encode the whole context for every new token instead of decoding incrementally (slow; the same text — for comparison)." };
 
     /// <summary>Where the prompt is read from when --prompt is absent (tests set it); null = stdin when it is redirected.</summary>
@@ -33,7 +35,7 @@ internal sealed class SampleCommand
         var self = new SampleCommand();
         var command = new Command("sample", "Generate text from a trained model, streaming it to stdout (statistics go to stderr).");
         foreach (var option in new Option[] { self.checkpointOption, self.configOption, self.promptOption, self.maxNewTokensOption, self.temperatureOption,
-                     self.topKOption, self.topPOption, self.seedOption, self.threadsOption, self.noCacheOption })
+                     self.topKOption, self.topPOption, self.seedOption, self.threadsOption, self.deviceOption, self.noCacheOption })
             command.Add(option);
         command.SetAction(self.Execute);
         return command;
@@ -53,6 +55,7 @@ internal sealed class SampleCommand
         if (topK is < 1) throw new CliUsageException($"--top-k must be >= 1, got {topK}.");
         if (topP is double p && !(p > 0 && p <= 1)) throw new CliUsageException($"--top-p must be in (0, 1], got {p}.");
         CliThreads.Apply(parse.GetValue(threadsOption));
+        var device = CliDevice.Parse(parse.GetValue(deviceOption)!);
 
         string prompt = parse.GetValue(promptOption) ?? ReadStdin();
         var promptBytes = Encoding.UTF8.GetBytes(prompt);
@@ -83,11 +86,12 @@ internal sealed class SampleCommand
         }
 
         var model = loaded.Model;
+        if (device.type != DeviceType.CPU) model.to(device);
         bool cached = !parse.GetValue(noCacheOption) && model.SupportsCachedDecoding;
         var watch = Stopwatch.StartNew();
         using (var scope = NewDisposeScope())
         {
-            var tokens = tensor(promptIds.Select(id => (long)id).ToArray(), new long[] { 1, promptIds.Length });   // (1, Tp)
+            var tokens = tensor(promptIds.Select(id => (long)id).ToArray(), new long[] { 1, promptIds.Length }, device: device);   // (1, Tp)
             ulong seed = parse.GetValue(seedOption);
             if (cached) Sampling.GenerateCached(model, tokens, maxNew, temperature, topK, topP, eos: null, seed: seed, onToken: Emit);
             else Sampling.Generate(model, tokens, maxNew, context, window => model.forward(window, null).Logits,

@@ -39,6 +39,7 @@ internal sealed class TrainCommand
     private readonly Option<int> keepLastOption = new("--keep-last") { HelpName = "N", Description = "Keep the newest N checkpoints.", DefaultValueFactory = _ => 3 };
     private readonly Option<double> randomTruncateOption = new("--random-truncate") { HelpName = "P", Description = "Probability that a micro-batch is cut to a random length in [2, seq_len] (for decoding from short prompts).", DefaultValueFactory = _ => 0.0 };
     private readonly Option<int?> threadsOption = new("--threads") { HelpName = "N", Description = "libtorch intra-op threads (default: libtorch's choice)." };
+    private readonly Option<string> deviceOption = CliDevice.CreateOption();
     private readonly Option<int> maxSkippedOption = new("--max-skipped-steps") { HelpName = "N", Description = "Stop (exit 1, no checkpoint) after N steps in a row skipped because their loss or gradient norm was NaN or infinite.", DefaultValueFactory = _ => 5 };
     private readonly Option<string?> tokenizerOption = new("--tokenizer") { HelpName = "NAME", Description = $"Vocabulary: {string.Join(", ", TextTokenizer.Names)} (default: the configuration's tokenizer key, bytes). Sets num_tokens to its vocabulary size and is recorded in every checkpoint." };
     private readonly Option<bool> fromIntactOption = new("--from-intact") { Description = "With --resume: when the newest checkpoint is damaged, continue from the newest intact one (damaged newer ones are renamed *.damaged)." };
@@ -53,7 +54,7 @@ internal sealed class TrainCommand
         foreach (var option in new Option[] { self.dataOption, self.outOption, self.presetOption, self.setOption, self.maxStepsOption, self.maxMinutesOption,
                      self.resumeOption, self.seqLenOption, self.batchSizeOption, self.accumOption, self.lrOption, self.warmupOption, self.decayStepsOption,
                      self.weightDecayOption, self.clipOption, self.valFractionOption, self.evalBatchesOption, self.seedOption, self.evalEveryOption,
-                     self.logEveryOption, self.checkpointEveryOption, self.keepLastOption, self.randomTruncateOption, self.threadsOption,
+                     self.logEveryOption, self.checkpointEveryOption, self.keepLastOption, self.randomTruncateOption, self.threadsOption, self.deviceOption,
                      self.maxSkippedOption, self.fromIntactOption, self.tokenizerOption })
             command.Add(option);
         command.SetAction(self.Execute);
@@ -96,6 +97,7 @@ internal sealed class TrainCommand
         if (maxMinutes is double mm && !(mm > 0)) throw new CliUsageException($"--max-minutes must be > 0, got {mm}.");
         foreach (var o in new[] { evalEveryOption, logEveryOption, checkpointEveryOption, keepLastOption, maxSkippedOption })
             if (parse.GetValue(o) <= 0) throw new CliUsageException($"{o.Name} must be > 0, got {parse.GetValue(o)}.");
+        var device = CliDevice.Parse(parse.GetValue(deviceOption)!);
         if (parse.GetValue(threadsOption) is int threads)
         {
             if (threads <= 0) throw new CliUsageException($"--threads must be > 0, got {threads}.");
@@ -138,7 +140,7 @@ internal sealed class TrainCommand
                 if (requestedOptions != storedOptions)
                     throw new CliUsageException($"--resume: hyperparameters differ from {latest}: {DescribeOptionDiff(storedOptions, requestedOptions)}; drop those options to continue the run as it was.");
                 corpus = LoadCorpus(parse, storedOptions, storedConfig);
-                try { trainer = Checkpoint.Load(latest, corpus.Train, corpus.Validation); }
+                try { trainer = Checkpoint.Load(latest, corpus.Train, corpus.Validation, device); }
                 catch (CheckpointException e) { throw WithIntactHint(e, outDir, latest); }
                 if (group is not null) trainer.JoinDataParallel(group);
                 int dropped = root ? TrimLog(Path.Combine(outDir, "log.jsonl"), trainer.Step) : 0;
@@ -156,7 +158,7 @@ internal sealed class TrainCommand
                 var options = BuildOptions(parse, config, maxSteps, null);
                 Limits.RequireBatchFits(config, options.BatchSize, options.SeqLen, "--batch-size", "--seq-len");
                 corpus = LoadCorpus(parse, options, config);
-                try { trainer = new Trainer(config, options, corpus.Train, corpus.Validation); }
+                try { trainer = new Trainer(config, options, corpus.Train, corpus.Validation, device); }
                 catch (ArgumentException e) { throw new CliUsageException(DescribeConfigError(e)); }
                 if (group is not null) trainer.JoinDataParallel(group);                // ranks compared before the run folder is touched
                 if (root)

@@ -162,7 +162,30 @@ public sealed class CliReliabilityTests : TrainedModelTestBase
         { ["--batch-size", "100000000"], "--batch-size 100000000 × --seq-len 16 = " },
         { ["--set", "dim=32768"], "--set: dim 32768, depth 1, ff_mult 2 give at least" },
         { ["--preset", "tiny-local", "--set", "max_seq_len=1"], "configuration: max_seq_len = 1 is too short to train" },
+        { ["--device", "gpu"], "--device: expected cpu, cuda or cuda:N, got 'gpu'" },
     };
+
+    /// <summary><c>--device</c>: a CUDA device that is not there (this build's libtorch is CPU-only) is one clear line from
+    /// every command that takes the option, before anything is written; <c>--device cpu</c> trains.</summary>
+    [Fact]
+    public void Device_option_refuses_missing_cuda_by_name_and_trains_on_cpu()
+    {
+        Assert.SkipWhen(TorchSharp.torch.cuda.is_available(), "this machine has CUDA; the refusal cannot be observed");
+        string run = Path.Combine(Dir, "cuda");
+        AssertOneLine(Train(run, "--max-steps", "1", "--device", "cuda"), CliApp.UsageError, "--device cuda: CUDA is not available");
+        Assert.False(Directory.Exists(run), "the refused run created its folder");
+        AssertOneLine(Train(run, "--max-steps", "1", "--device", "cuda:1"), CliApp.UsageError, "--device cuda:1: CUDA is not available");
+        foreach (string[] command in new[] { new[] { "eval", "--data", Data }, ["sample", "--prompt", "a"] })
+            AssertOneLine(CliRunner.Run([command[0], "--checkpoint", run, .. command[1..], "--device", "cuda"]), CliApp.UsageError, "--device cuda: CUDA is not available");
+        AssertOneLine(CliRunner.Run("bench", "--attention", "local", "--seq-lens", "64", "--device", "cuda"), CliApp.UsageError, "--device cuda: CUDA is not available");
+
+        string cpuRun = Path.Combine(Dir, "cpu");
+        var trained = Train(cpuRun, "--max-steps", "2", "--device", "cpu");
+        Assert.True(trained.Code == CliApp.Ok, trained.Err);
+        Assert.NotEmpty(Checkpoint.List(cpuRun));
+        var evaluated = CliRunner.Run("eval", "--checkpoint", cpuRun, "--data", Data, "--device", "cpu", "--threads", "1");
+        Assert.True(evaluated.Code == CliApp.Ok, evaluated.Err);
+    }
 
     [Theory]
     [MemberData(nameof(RefusedBeforeStart))]

@@ -153,10 +153,10 @@ if check "dotnet tool install sparse-attn $version from the local feed" \
   for i in $(seq 1 300); do echo "Line $i: the quick brown fox number $((i * 7 % 13)) jumps over $((i % 5)) lazy dogs."; done >"$work/corpus.txt"
   check "sparse-attn train (3 steps, tiny-routing)" "$sa" train --data "$work/corpus.txt" --out "$work/run" --preset tiny-routing --set dim=32 \
       --max-steps 3 --batch-size 2 --warmup 1 --eval-every 3 --eval-batches 1 --log-every 1 --threads 2 &&
-    expect "train reports validation bits per character" "bpc"
+    expect "train reports validation bits per byte" "bpc"
   if ls "$work/run"/ckpt-*.sat >/dev/null 2>&1; then ok "train wrote a checkpoint"; else not_ok "train wrote a checkpoint"; fi
   check "sparse-attn eval of the trained checkpoint" "$sa" eval --checkpoint "$work/run" --data "$work/corpus.txt" --max-bytes 2000 --json &&
-    expect "eval prints bits per character" '^\{"bpc":[0-9.]+, "tokens":[0-9]+\}$'
+    expect "eval prints bits per byte as JSON" '^\{"bpc":[0-9.]+, "tokens":[0-9]+, "bytes":[0-9]+, "loss":[0-9.]+, "tokenizer":"bytes"\}$'
   check "sparse-attn demo --help" "$sa" demo --help && expect "demo --help shows usage" "^Usage:"
   if "$sa" config show --preset no-such-preset >"$work/last.log" 2>&1; then not_ok "a bad preset exits non-zero"
   elif [ $? -eq 2 ]; then ok "a bad preset exits 2 (usage error)"; else not_ok "a bad preset exits 2 (usage error)"; fi

@@ -177,14 +177,14 @@ public static class Checkpoint
     /// when the file is corrupt or truncated, or when its model state does not fit its configuration.
     /// Restores libtorch's global RNG state too.
     /// </summary>
-    public static Trainer Load(string path, TokenText train, TokenText validation)
+    public static Trainer Load(string path, TokenText train, TokenText validation, Device? device = null)
     {
         var (header, reader) = ReadVerified(path);
         using (reader)
         {
             var config = ConfigOf(header, path);
             Trainer trainer;
-            try { trainer = new Trainer(config, header.Options, train, validation); }
+            try { trainer = new Trainer(config, header.Options, train, validation, device); }
             catch (ArgumentException e) { throw new CheckpointException($"checkpoint {path} cannot continue on this data: {e.Message}", e); }
             try
             {

@@ -46,6 +46,8 @@ public sealed partial class Trainer : IDisposable
     public RoutingTransformerLM Model { get; }
     /// <summary>The model's configuration (num_tokens = the tokenizer's vocabulary size).</summary>
     public TransformerConfig Config { get; }
+    /// <summary>The device of the model, its optimizer state and the batches.</summary>
+    public Device Device { get; }
     /// <summary>The configuration's tokenizer, which produced the training and validation tokens.</summary>
     public TextTokenizer Tokenizer { get; }
     /// <summary>The run's hyperparameters.</summary>
@@ -68,7 +70,12 @@ public sealed partial class Trainer : IDisposable
     /// <summary>A fresh run: seeds libtorch's global generator with Options.Seed, then builds the model and optimizer.
     /// <paramref name="train"/> and <paramref name="validation"/> must come from the configuration's tokenizer
     /// (a byte array or <see cref="ByteText"/> for bytes; <see cref="TextTokenizer.Tokenize"/> otherwise).</summary>
-    public Trainer(TransformerConfig config, TrainingOptions options, TokenText train, TokenText validation)
+    /// <param name="config">The model configuration.</param>
+    /// <param name="options">Training options.</param>
+    /// <param name="train">Training tokens.</param>
+    /// <param name="validation">Validation tokens.</param>
+    /// <param name="device">Where the model, its optimizer state and the batches live; default the CPU.</param>
+    public Trainer(TransformerConfig config, TrainingOptions options, TokenText train, TokenText validation, Device? device = null)
     {
         ArgumentNullException.ThrowIfNull(config);
         ArgumentNullException.ThrowIfNull(options);
@@ -94,7 +101,9 @@ public sealed partial class Trainer : IDisposable
         Tokenizer = tokenizer;
         Options = options;
         random.manual_seed(options.Seed);
+        Device = device ?? CPU;
         Model = new RoutingTransformerLM(config);
+        if (Device.type != DeviceType.CPU) Model.to(Device);                          // before the optimizer sees the parameters
         optimizer = optim.AdamW(Model.parameters(), options.LearningRate, weight_decay: options.WeightDecay);
         SamplerState = (ulong)options.Seed ^ 0x9E3779B97F4A7C15UL;
     }
@@ -152,7 +161,7 @@ public sealed partial class Trainer : IDisposable
     {
         if (Tokenizer.Kind == TokenizerKind.Bytes) return ids.numel();
         long sum = 0;
-        foreach (long id in ids.contiguous().data<long>()) sum += Tokenizer.ByteLength((int)id);
+        foreach (long id in ids.cpu().contiguous().data<long>()) sum += Tokenizer.ByteLength((int)id);
         return sum;
     }
 
@@ -206,7 +215,7 @@ public sealed partial class Trainer : IDisposable
             var targets = batch.narrow(1, 1, seqLen - 1).reshape(-1);                                                 // (B·(T−1))
             var perToken = nn.functional.cross_entropy(predictions, targets, reduction: nn.Reduction.None)
                 .reshape(b, seqLen - 1).sum(0L);                                                                       // (T−1)
-            var values = perToken.data<double>().ToArray();
+            var values = perToken.cpu().data<double>().ToArray();
             for (int i = 0; i < values.Length; i++) nats[i] += values[i];
             for (int i = 0; i < b; i++)
                 for (int t = 1; t < seqLen; t++) bytes[t - 1] += byteLengths[i * seqLen + t];
@@ -251,7 +260,7 @@ public sealed partial class Trainer : IDisposable
                         data[i * seqLen + t] = validation[at];
                         byteLengths[i * seqLen + t] = validation.ByteLength(at);
                     }
-                var batch = tensor(data, new long[] { b, seqLen });                   // (B, T)
+                var batch = tensor(data, new long[] { b, seqLen }, device: Device);   // (B, T)
                 var (logits, _) = Model.forward(batch, null);                         // (B, T, NumTokens)
                 add(batch, logits, byteLengths);
             }
@@ -270,7 +279,7 @@ public sealed partial class Trainer : IDisposable
             using var scope = NewDisposeScope();
             var ids = new long[Options.SeqLen];
             for (int t = 0; t < ids.Length; t++) ids[t] = validation[t];
-            var window = tensor(ids, new long[] { 1, Options.SeqLen });                                               // (1, T)
+            var window = tensor(ids, new long[] { 1, Options.SeqLen }, device: Device);                               // (1, T)
             return Model.forward(window, null).Logits.isfinite().all().item<bool>();
         }
         finally { Model.train(); }
@@ -294,7 +303,7 @@ public sealed partial class Trainer : IDisposable
         // Only draws when truncation is on, so runs without it keep their sampler stream.
         if (Options.RandomTruncate > 0 && (NextRandom() >> 11) * (1.0 / (1UL << 53)) < Options.RandomTruncate)
             length = 2 + (int)(NextRandom() % (ulong)(seqLen - 1));
-        var batch = tensor(data, new long[] { b, seqLen });                             // (B, SeqLen)
+        var batch = tensor(data, new long[] { b, seqLen }, device: Device);             // (B, SeqLen)
         return length == seqLen ? batch : batch.narrow(1, 0, length).contiguous();     // (B, L)
     }
 
