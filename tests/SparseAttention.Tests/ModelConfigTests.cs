@@ -160,6 +160,35 @@ public partial class ModelTests
         Assert.Contains("\"compute_dtype\": \"BFloat16\"", SparseAttention.Training.ConfigBinding.ToJson(bf16));
     }
 
+    /// <summary>The BigBird, Longformer and DeepSpeed block layouts are reachable from configuration JSON (what presets and
+    /// --set give) and build the pattern classes with the parameters written there.</summary>
+    [Fact]
+    public void BlockLayoutsAreReachableFromConfigurationJson()
+    {
+        string json = """
+            {"num_tokens": 17, "dim": 16, "depth": 1, "heads": 4, "max_seq_len": 32, "causal": false, "n_local_attn_heads": [0],
+             "static_head_groups": [
+               {"pattern": {"kind": "BigBird", "size": 4, "num_random_blocks": 2, "num_sliding_window_blocks": 3, "num_global_blocks": 1, "seed": 5}, "heads": 1},
+               {"pattern": {"kind": "Longformer", "size": 4, "num_sliding_window_blocks": 5, "global_block_indices": [0, 3]}, "heads": 1},
+               {"pattern": {"kind": "DsFixed", "size": 4, "num_local_blocks": 2, "num_global_blocks": 1, "horizontal_global_attention": true}, "heads": 1},
+               {"pattern": {"kind": "DsVariable", "size": 4, "num_random_blocks": 1, "local_window_blocks": [1, 2], "global_block_indices": [0]}, "heads": 1}]}
+            """;
+        var config = JsonSerializer.Deserialize<TransformerConfig>(json)!.Validate();
+        var patterns = config.HeadGroupsForLayer(0).Select(g => g.Pattern!).ToArray();
+        Assert.Equal(
+            [new Patterns.BigBirdPattern(4, causal: false, numRandomBlocks: 2, numSlidingWindowBlocks: 3, numGlobalBlocks: 1, seed: 5).Name,
+             new Patterns.LongformerPattern(4, causal: false, numSlidingWindowBlocks: 5, globalBlockIndices: [0, 3]).Name,
+             new Patterns.DsFixedPattern(4, causal: false, numLocalBlocks: 2, numGlobalBlocks: 1, horizontalGlobalAttention: true).Name,
+             new Patterns.DsVariablePattern(4, causal: false, numRandomBlocks: 1, localWindowBlocks: [1, 2], globalBlockIndices: [0]).Name],
+            patterns.Select(p => p.Name));
+        Assert.IsType<Patterns.BigBirdPattern>(patterns[0]);
+        // The layout's own rules, not a default: Longformer's global block 3 (tokens 12..15) is seen from token 0.
+        Assert.True(patterns[1].Allows(0, 0, 13, 32));
+        var model = Lm(config);
+        var (logits, _) = model.forward(randint(0, 17, new long[] { 2, 32 }));
+        Assert.True(logits.isfinite().all().item<bool>());
+    }
+
     // ------------------------------------------------------------------------------------------
     // Head groups
     // ------------------------------------------------------------------------------------------
