@@ -60,24 +60,29 @@ public class TokenPatternTests
         return g.Full(band.view(1, g.T, g.T));
     }
 
+    // Constants enter the expectations as 0-dim tensors, not as implicit TorchSharp Scalars: a temporary Scalar can be
+    // finalized by a garbage collection while libtorch still reads it (TorchSharp passes only its handle), which under
+    // parallel tests failed as "Expected false to be true ... toLong". A tensor is held by the test's dispose scope.
+    private static Tensor K(long value) => tensor(value);
+
     private static Tensor ExpWindow(Grid g, int w, int back, int fwd, bool exact, bool causal)
     {
-        var wi = g.I.floor_divide(w);
-        var wj = g.J.floor_divide(w);
-        var m = wj.ge(wi - back).logical_and(wj.le(wi + fwd));
-        if (exact) m = m.logical_and(g.D.le(w * back)).logical_and(g.D.neg().le(w * fwd));
+        var wi = g.I.floor_divide(K(w));
+        var wj = g.J.floor_divide(K(w));
+        var m = wj.ge(wi - K(back)).logical_and(wj.le(wi + K(fwd)));
+        if (exact) m = m.logical_and(g.D.le(K(w * back))).logical_and(g.D.neg().le(K(w * fwd)));
         return g.Full(g.Causal(m, causal));
     }
 
     private static (Tensor A, Tensor B) ExpStridedParts(Grid g, int l, bool causal) =>
-        (g.Causal(g.D.abs().lt(l), causal), g.Causal(g.D.remainder(l).eq(0), causal));
+        (g.Causal(g.D.abs().lt(K(l)), causal), g.Causal(g.D.remainder(K(l)).eq(K(0)), causal));
 
     private static (Tensor A, Tensor B) ExpFixedParts(Grid g, int l, int c, int v, bool causal)
     {
-        var a = g.I.floor_divide(l).eq(g.J.floor_divide(l));                 // (1,T,T)
-        var fromEnd = g.J.remainder(l).neg().add(l - 1);                      // (1,1,T): L−1 − j mod L
-        var shift = g.Hd.remainder(v).mul(c);                                 // (H,1,1)
-        var b = fromEnd.ge(shift).logical_and(fromEnd.le(shift + (c - 1)));   // (H,1,T)
+        var a = g.I.floor_divide(K(l)).eq(g.J.floor_divide(K(l)));           // (1,T,T)
+        var fromEnd = g.J.remainder(K(l)).neg().add(K(l - 1));                // (1,1,T): L−1 − j mod L
+        var shift = g.Hd.remainder(K(v)).mul(K(c));                           // (H,1,1)
+        var b = fromEnd.ge(shift).logical_and(fromEnd.le(shift + K(c - 1)));  // (H,1,T)
         b = b.logical_and(g.Ones.view(1, g.T, g.T));                          // (H,T,T)
         return (g.Causal(a, causal), g.Causal(b, causal));
     }
@@ -85,7 +90,7 @@ public class TokenPatternTests
     private static Tensor Combine(Grid g, Tensor a, Tensor b, FactorizedCombine combine, int layer) => combine switch
     {
         FactorizedCombine.Merged => g.Full(a.logical_or(b)),
-        FactorizedCombine.MultiHead => g.Full(where(g.Hd.remainder(2).eq(0), a, b)),
+        FactorizedCombine.MultiHead => g.Full(where(g.Hd.remainder(K(2)).eq(K(0)), a, b)),
         _ => g.Full(layer % 2 == 0 ? a : b),
     };
 
@@ -232,7 +237,7 @@ public class TokenPatternTests
         forFull[.., ..t, ..t] = dense;
         var tiles = none.to_type(ScalarType.Int64).view(h, nb, blockSize, nb, blockSize).sum(new long[] { 2, 4 });
         var fullTiles = forFull.to_type(ScalarType.Int64).view(h, nb, blockSize, nb, blockSize).sum(new long[] { 2, 4 });
-        return (tiles.gt(0), fullTiles.eq((long)blockSize * blockSize));
+        return (tiles.gt(K(0)), fullTiles.eq(K((long)blockSize * blockSize)));
     }
 
     /// <summary><see cref="ExpectedBlockFlags"/> as (head, query block, key block) → bool lookups.</summary>
@@ -465,7 +470,7 @@ public class TokenPatternTests
         // Nested, with a predicate pattern: (A or B) and "key is even".
         var even = AttentionPattern.FromPredicate("even keys", isCausal: false, sameForAllHeads: true, (_, _, k, _) => k % 2 == 0);
         var nested = pa.Or(pb).And(even);
-        var evenKeys = g.Full(g.J.remainder(2).eq(0).logical_and(g.Ones.view(1, seqLen, seqLen)));
+        var evenKeys = g.Full(g.J.remainder(K(2)).eq(K(0)).logical_and(g.Ones.view(1, seqLen, seqLen)));
         AssertMaskEqual(ea.logical_or(eb).logical_and(evenKeys), nested.Compile(seqLen, blockSize, heads).ToDense(), nested.Name);
     }
 
