@@ -13,7 +13,7 @@ public class BertAdapterTests
     private const int Hidden = 16, Heads = 4, HeadSize = Hidden / Heads, SeqLen = 11;
 
     /// <summary>An encoder config whose layer 0 has the given head groups (all others are routing heads).</summary>
-    private static TransformerConfig Encoder(int local, StaticHeadGroup[]? statics = null, SynthesizerConfig? synthesizer = null, LshSpec? lsh = null) => new()
+    private static TransformerConfig Encoder(int local, StaticHeadGroup[]? statics = null, SynthesizerSpec? synthesizer = null, LshSpec? lsh = null) => new()
     {
         NumTokens = 17, Dim = Hidden, Depth = 1, Heads = Heads, MaxSeqLen = 16, Causal = false, WindowSize = 4,
         LocalAttnWindowSize = 3, NLocalAttnHeads = [local], StaticHeadGroups = statics, Synthesizer = synthesizer, Lsh = lsh, BlockSize = 4,
@@ -29,11 +29,11 @@ public class BertAdapterTests
             Kind.Dense => BertSelfAttention.Dense(Hidden, Heads),
             Kind.Strided => BertSelfAttention.FromPattern(Hidden, Heads, new StridedPattern(3, causal: false), blockSize: 4),
             Kind.Routing => BertSelfAttention.FromConfig(Encoder(local: 0)),
-            Kind.Synthesizer => BertSelfAttention.FromConfig(Encoder(0, synthesizer: new SynthesizerConfig { Heads = Heads, Kind = SynthesizerKind.Dense, Mix = SynthesizerMix.Sum })),
+            Kind.Synthesizer => BertSelfAttention.FromConfig(Encoder(0, synthesizer: new SynthesizerSpec { Heads = Heads, Kind = SynthesizerKind.Dense, Mix = SynthesizerMix.Sum })),
             Kind.Lsh => BertSelfAttention.FromConfig(Encoder(1, lsh: new LshSpec { Heads = 3, NHashes = 2, BucketSize = 3, Dedup = true })),  // local + LSH
             _ => BertSelfAttention.FromConfig(Encoder(1,
                     [new StaticHeadGroup(new StaticPatternSpec(StaticPatternKind.Fixed, Size: 4), 1)],
-                    new SynthesizerConfig { Heads = 1, Kind = SynthesizerKind.FactorizedRandom, Rank = 2 })),   // local, fixed, synthesizer, routing
+                    new SynthesizerSpec { Heads = 1, Kind = SynthesizerKind.FactorizedRandom, Rank = 2 })),   // local, fixed, synthesizer, routing
         };
         module.to(ScalarType.Float64);
         if (kind is Kind.Routing or Kind.Mixed)

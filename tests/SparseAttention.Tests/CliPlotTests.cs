@@ -102,7 +102,7 @@ public sealed class CliPlotTests : TrainedModelTestBase
         {
             Heads = 4, NLocalAttnHeads = [1],
             Lsh = new SparseAttention.Model.LshSpec { Heads = 2, NHashes = 1, BucketSize = 4 },
-            Synthesizer = new SynthesizerConfig { Heads = 1, Kind = SparseAttention.Modules.SynthesizerKind.Random },
+            Synthesizer = new SynthesizerSpec { Heads = 1, Kind = SparseAttention.Modules.SynthesizerKind.Random },
         };
         TorchSharp.torch.random.manual_seed(3);
         using var model = new RoutingTransformerLM(config);

@@ -74,16 +74,16 @@ public class DecodingTests
         ["alsh simple-lsh"] = Base with { NLocalAttnHeads = [2], StaticHeadGroups = null, Lsh = new LshSpec { Heads = 2, NHashes = 2, BucketSize = 4, Alsh = AlshTransform.SimpleLsh } },
         ["alsh xbox + qnf"] = Base with { NLocalAttnHeads = [2], StaticHeadGroups = null, Lsh = new LshSpec { Heads = 2, BucketSize = 4, Alsh = AlshTransform.Xbox, QueryNormalizedFirst = true } },
         ["alsh sign-alsh"] = Base with { NLocalAttnHeads = [2], StaticHeadGroups = null, Lsh = new LshSpec { Heads = 2, BucketSize = 4, Alsh = AlshTransform.SignAlsh } },
-        ["synthesizer dense"] = Base with { NLocalAttnHeads = [0], StaticHeadGroups = null, Synthesizer = new SynthesizerConfig { Heads = 4, Kind = Modules.SynthesizerKind.Dense } },
-        ["synthesizer random + learned mix"] = Base with { NLocalAttnHeads = [2], StaticHeadGroups = null, Synthesizer = new SynthesizerConfig { Heads = 2, Kind = Modules.SynthesizerKind.Random, Mix = Modules.SynthesizerMix.Learned } },
-        ["synthesizer factorized dense + sum"] = Base with { NLocalAttnHeads = [2], StaticHeadGroups = null, Synthesizer = new SynthesizerConfig { Heads = 2, Kind = Modules.SynthesizerKind.FactorizedDense, Mix = Modules.SynthesizerMix.Sum } },
-        ["synthesizer factorized random fixed"] = Base with { NLocalAttnHeads = [2], StaticHeadGroups = null, Synthesizer = new SynthesizerConfig { Heads = 2, Kind = Modules.SynthesizerKind.FactorizedRandom, Trainable = false } },
+        ["synthesizer dense"] = Base with { NLocalAttnHeads = [0], StaticHeadGroups = null, Synthesizer = new SynthesizerSpec { Heads = 4, Kind = Modules.SynthesizerKind.Dense } },
+        ["synthesizer random + learned mix"] = Base with { NLocalAttnHeads = [2], StaticHeadGroups = null, Synthesizer = new SynthesizerSpec { Heads = 2, Kind = Modules.SynthesizerKind.Random, Mix = Modules.SynthesizerMix.Learned } },
+        ["synthesizer factorized dense + sum"] = Base with { NLocalAttnHeads = [2], StaticHeadGroups = null, Synthesizer = new SynthesizerSpec { Heads = 2, Kind = Modules.SynthesizerKind.FactorizedDense, Mix = Modules.SynthesizerMix.Sum } },
+        ["synthesizer factorized random fixed"] = Base with { NLocalAttnHeads = [2], StaticHeadGroups = null, Synthesizer = new SynthesizerSpec { Heads = 2, Kind = Modules.SynthesizerKind.FactorizedRandom, Trainable = false } },
         ["every kind in one layer + shift + reversible"] = Base with
         {
             Heads = 8, Dim = 32, NLocalAttnHeads = [1], WindowSize = 4, ShiftTokens = true, Reversible = true,
             StaticHeadGroups = [new(new(StaticPatternKind.Strided, Size: 3), 1), new(new(StaticPatternKind.Fixed, Size: 4), 1)],
             Lsh = new LshSpec { Heads = 2, NHashes = 2, BucketSize = 4 },
-            Synthesizer = new SynthesizerConfig { Heads = 1, Kind = Modules.SynthesizerKind.Dense, Mix = Modules.SynthesizerMix.Sum },
+            Synthesizer = new SynthesizerSpec { Heads = 1, Kind = Modules.SynthesizerKind.Dense, Mix = Modules.SynthesizerMix.Sum },
             RoutingLookBack = true,
         },
     };

@@ -16,7 +16,7 @@ public partial class ModelTests
         Dim = 32, Heads = 8, Depth = 2, NLocalAttnHeads = [2],
         StaticHeadGroups = [new StaticHeadGroup(new StaticPatternSpec(StaticPatternKind.Strided, Size: 3), 1)],
         Lsh = new LshSpec { Heads = 2, NHashes = 2, BucketSize = 4 },
-        Synthesizer = new SynthesizerConfig { Heads = 1, Kind = SynthesizerKind.FactorizedRandom, Mix = SynthesizerMix.Sum },
+        Synthesizer = new SynthesizerSpec { Heads = 1, Kind = SynthesizerKind.FactorizedRandom, Mix = SynthesizerMix.Sum },
     };
 
     [Fact]

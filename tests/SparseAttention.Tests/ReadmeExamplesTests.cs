@@ -60,7 +60,7 @@ public class ReadmeExamplesTests
             NLocalAttnHeads = [2],
             StaticHeadGroups = [new StaticHeadGroup(new StaticPatternSpec(StaticPatternKind.Strided, Size: 32), 1)],
             Lsh = new LshSpec { Heads = 2, NHashes = 2, BucketSize = 16 },
-            Synthesizer = new SynthesizerConfig { Heads = 1, Kind = SynthesizerKind.FactorizedRandom, Mix = SynthesizerMix.Sum },
+            Synthesizer = new SynthesizerSpec { Heads = 1, Kind = SynthesizerKind.FactorizedRandom, Mix = SynthesizerMix.Sum },
             Reversible = true, BlockSize = 32,
         };
         Assert.Equal(2, mixed.Validate().HeadGroupsForLayer(1).Single(g => g.Kind == HeadGroupKind.Routing).Heads);

@@ -319,7 +319,7 @@ public class SynthesizerTests
     // ------------------------------------------------------------------------------------------
 
     /// <summary>A tiny decoder: 1 local head, 1 strided head, 2 synthesizer heads of the given kind.</summary>
-    private static TransformerConfig Tiny(SynthesizerConfig synthesizer, bool causal = true) => ModelTests.Tiny(causal) with
+    private static TransformerConfig Tiny(SynthesizerSpec synthesizer, bool causal = true) => ModelTests.Tiny(causal) with
     {
         NLocalAttnHeads = [1],
         StaticHeadGroups = [new StaticHeadGroup(new StaticPatternSpec(StaticPatternKind.Strided, Size: 3), 1)],
@@ -329,7 +329,7 @@ public class SynthesizerTests
     [Fact]
     public void Config_places_synthesizer_heads_after_static_groups_and_before_routing()
     {
-        var config = Tiny(new SynthesizerConfig { Heads = 1, Kind = SynthesizerKind.Random }) with { MaxSeqLen = 32, WindowSize = 8 };
+        var config = Tiny(new SynthesizerSpec { Heads = 1, Kind = SynthesizerKind.Random }) with { MaxSeqLen = 32, WindowSize = 8 };
         config.Validate();
         Assert.Equal([HeadGroupKind.Local, HeadGroupKind.Static, HeadGroupKind.Synthesizer, HeadGroupKind.Routing],
             config.HeadGroupsForLayer(0).Select(g => g.Kind));
@@ -347,7 +347,7 @@ public class SynthesizerTests
     [InlineData("""{"heads": 1, "kind": "FactorizedDense", "factor_a": 5}""", "FactorA must be a positive divisor of MaxSeqLen = 32")]
     public void Bad_synthesizer_config_names_the_field(string json, string expected)
     {
-        var config = ConfigBinding.Apply(Tiny(new SynthesizerConfig { Heads = 1 }), [$"synthesizer={json}"]);
+        var config = ConfigBinding.Apply(Tiny(new SynthesizerSpec { Heads = 1 }), [$"synthesizer={json}"]);
         var e = Assert.Throws<ArgumentException>(() => config.Validate());
         Assert.Equal(nameof(TransformerConfig.Synthesizer), e.ParamName);
         Assert.Contains(expected, e.Message);
@@ -358,7 +358,7 @@ public class SynthesizerTests
     {
         var config = ConfigBinding.Apply(new TransformerConfig(),
             ["""synthesizer={"heads": 2, "kind": "FactorizedRandom", "mix": "Learned", "trainable": false, "rank": 4}"""]);
-        Assert.Equal(new SynthesizerConfig { Heads = 2, Kind = SynthesizerKind.FactorizedRandom, Mix = SynthesizerMix.Learned, Trainable = false, Rank = 4 },
+        Assert.Equal(new SynthesizerSpec { Heads = 2, Kind = SynthesizerKind.FactorizedRandom, Mix = SynthesizerMix.Learned, Trainable = false, Rank = 4 },
             config.Synthesizer);
         var back = ConfigBinding.FromJson(ConfigBinding.ToJson(config), "x");
         Assert.Equal(config.Synthesizer, back.Synthesizer);
@@ -383,7 +383,7 @@ public class SynthesizerTests
         var config = ModelTests.Tiny() with
         {
             NLocalAttnHeads = [0], StaticHeadGroups = null,
-            Synthesizer = new SynthesizerConfig { Heads = 4, Kind = kind, Mix = mix, Trainable = trainable, Rank = 4 },
+            Synthesizer = new SynthesizerSpec { Heads = 4, Kind = kind, Mix = mix, Trainable = trainable, Rank = 4 },
         };
         var model = ModelTests.Lm(config, seed: 17);
         var tokens = ModelTests.Tokens(4, 16, 17, 18);
@@ -395,7 +395,7 @@ public class SynthesizerTests
     [InlineData(SynthesizerKind.FactorizedRandom, SynthesizerMix.None)]
     public void Decoder_with_synthesizer_heads_never_sees_later_tokens(SynthesizerKind kind, SynthesizerMix mix)
     {
-        var model = ModelTests.Lm(Tiny(new SynthesizerConfig { Heads = 2, Kind = kind, Mix = mix }) with { ShiftTokens = true });
+        var model = ModelTests.Lm(Tiny(new SynthesizerSpec { Heads = 2, Kind = kind, Mix = mix }) with { ShiftTokens = true });
         model.train();
         const int seqLen = 19;
         var tokens = ModelTests.Tokens(2, seqLen, 17, 11);

@@ -9,7 +9,7 @@ namespace SparseAttention.Model;
 /// The Synthesizer heads of every attention layer (<see cref="TransformerConfig.Synthesizer"/>), computed by
 /// <see cref="SynthesizerAttention"/>. Only the fields of the chosen kind are read; the others keep their defaults.
 /// </summary>
-public sealed record SynthesizerConfig
+public sealed record SynthesizerSpec
 {
     /// <summary>0 — synthesizer heads per layer; must be &gt; 0 when the record is given.</summary>
     [JsonPropertyName("heads")] public int Heads { get; init; }

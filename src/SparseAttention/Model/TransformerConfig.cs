@@ -116,9 +116,9 @@ public sealed record TransformerConfig
     /// <summary>null — LSH (Reformer) or ALSH heads in every layer, after the static groups; see <see cref="LshSpec"/>
     /// for its fields (heads, n_hashes, bucket_size, …). Below SparsitySkipFirst they are local heads.</summary>
     [JsonPropertyName("lsh")] public LshSpec? Lsh { get; init; }
-    /// <summary>null — Synthesizer heads in every layer (after the static groups; see <see cref="SynthesizerConfig"/>);
+    /// <summary>null — Synthesizer heads in every layer (after the static groups; see <see cref="SynthesizerSpec"/>);
     /// the remaining heads route.</summary>
-    [JsonPropertyName("synthesizer")] public SynthesizerConfig? Synthesizer { get; init; }
+    [JsonPropertyName("synthesizer")] public SynthesizerSpec? Synthesizer { get; init; }
 
     // ---- regularisation ------------------------------------------------------------------------
     /// <summary>0 — attention dropout: on attention probabilities where they are materialised (the dense
