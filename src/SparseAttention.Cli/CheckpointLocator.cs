@@ -1,6 +1,3 @@
-using System.Text;
-using System.Text.Json;
-using System.Text.Json.Nodes;
 using SparseAttention.Model;
 using SparseAttention.Training;
 

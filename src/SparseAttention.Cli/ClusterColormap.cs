@@ -1,11 +1,4 @@
-using System.CommandLine;
-using System.Text;
-using System.Text.Json;
 using ScottPlot;
-using SkiaSharp;
-using SparseAttention.Model;
-using SparseAttention.Training;
-using static TorchSharp.torch;
 
 namespace SparseAttention.Cli;
 

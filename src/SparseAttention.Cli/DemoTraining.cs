@@ -1,7 +1,6 @@
 using System.Diagnostics;
 using SparseAttention.Clustering;
 using SparseAttention.Model;
-using TorchSharp;
 using TorchSharp.Modules;
 using static TorchSharp.torch;
 

@@ -1,9 +1,9 @@
-using TorchSharp;
 using System.CommandLine;
 using System.Diagnostics;
 using System.Globalization;
 using SparseAttention.Model;
 using SparseAttention.Training;
+using TorchSharp;
 using static TorchSharp.torch;
 
 namespace SparseAttention.Cli;

@@ -1,5 +1,4 @@
 using System.CommandLine;
-using System.Globalization;
 using SparseAttention.Training;
 using static TorchSharp.torch;
 

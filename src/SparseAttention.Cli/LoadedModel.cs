@@ -1,8 +1,4 @@
-using System.Text;
-using System.Text.Json;
-using System.Text.Json.Nodes;
 using SparseAttention.Model;
-using SparseAttention.Training;
 
 namespace SparseAttention.Cli;
 

@@ -1,9 +1,8 @@
-using TorchSharp;
 using System.CommandLine;
 using System.Diagnostics;
 using System.Text;
 using SparseAttention.Model;
-using SparseAttention.Training;
+using TorchSharp;
 using static TorchSharp.torch;
 
 namespace SparseAttention.Cli;

@@ -34,6 +34,15 @@ public abstract partial class HeadGroupAttention : nn.Module
     /// <param name="keyMask">Optional (B, T) bool; true = real token that may be attended, false = padding.</param>
     /// <returns>Output (B, Hg, T, D) and a scalar auxiliary loss (zero for static groups).</returns>
     public abstract (Tensor Output, Tensor AuxLoss) Forward(Tensor q, Tensor k, Tensor v, Tensor? keyMask);
+
+    /// <summary>A new pair of Shaw tables (2·R + 1, D), key side then value side, each drawn from N(0, 0.02²).</summary>
+    private protected static (Parameter Key, Parameter Value) NewShawTables(int maxDistance, int dimHead) =>
+        (new Parameter(randn(2 * maxDistance + 1, dimHead) * 0.02), new Parameter(randn(2 * maxDistance + 1, dimHead) * 0.02));
+
+    /// <summary>A group's relative-position terms as its parameters are now: Shaw when it has tables, else its ALiBi
+    /// slopes, else none.</summary>
+    private protected static RelativePositionTerms? TermsOf(Parameter? relK, Parameter? relV, AlibiPositions? alibi) =>
+        relK is not null && relV is not null ? new ShawRelativePositions(relK, relV) : alibi;
 }
 
 /// <summary>
@@ -81,17 +90,13 @@ public sealed partial class StaticPatternAttention : HeadGroupAttention
         this.blockSize = blockSize;
         this.dropout = dropout;
         this.kernel = kernel;
-        if (maxRelativePosition > 0)
-        {
-            rel_k = new Parameter(randn(2 * maxRelativePosition + 1, dimHead) * 0.02);
-            rel_v = new Parameter(randn(2 * maxRelativePosition + 1, dimHead) * 0.02);
-        }
+        if (maxRelativePosition > 0) (rel_k, rel_v) = NewShawTables(maxRelativePosition, dimHead);
         if (alibiSlopes is not null) alibi = new AlibiPositions(alibiSlopes);
         RegisterComponents();
     }
 
     /// <summary>The relative-position terms of this group as its parameters are now (null without any).</summary>
-    internal RelativePositionTerms? Relative => rel_k is not null && rel_v is not null ? new ShawRelativePositions(rel_k, rel_v) : alibi;
+    internal RelativePositionTerms? Relative => TermsOf(rel_k, rel_v, alibi);
 
     public AttentionPattern Pattern => pattern;
 
@@ -138,11 +143,7 @@ public sealed partial class RoutingHeadGroup : HeadGroupAttention
             lookBackward: config.RoutingLookBack, numClusters: config.NumClusters)
         { Kernel = config.Kernel, AttendNormalized = config.KmeansAttendNormalized };
         dropout = config.AttnDropout;
-        if (config.PositionalEncoding == PositionalEncoding.RelativeShaw)
-        {
-            rel_k = new Parameter(randn(2 * config.MaxRelativePosition + 1, config.ResolvedDimHead) * 0.02);
-            rel_v = new Parameter(randn(2 * config.MaxRelativePosition + 1, config.ResolvedDimHead) * 0.02);
-        }
+        if (config.PositionalEncoding == PositionalEncoding.RelativeShaw) (rel_k, rel_v) = NewShawTables(config.MaxRelativePosition, config.ResolvedDimHead);
         if (alibiSlopes is not null) alibi = new AlibiPositions(alibiSlopes);
         RegisterComponents();
     }
@@ -150,7 +151,7 @@ public sealed partial class RoutingHeadGroup : HeadGroupAttention
     public RoutingAttention Routing => routing;
 
     /// <summary>The relative-position terms of this group as its parameters are now (null without any).</summary>
-    internal RelativePositionTerms? Relative => rel_k is not null && rel_v is not null ? new ShawRelativePositions(rel_k, rel_v) : alibi;
+    internal RelativePositionTerms? Relative => TermsOf(rel_k, rel_v, alibi);
 
     public override (Tensor Output, Tensor AuxLoss) Forward(Tensor q, Tensor k, Tensor v, Tensor? keyMask)
     {
