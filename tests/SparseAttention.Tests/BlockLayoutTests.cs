@@ -473,4 +473,41 @@ public class BlockLayoutTests
         Throws("head", () => new DsFixedPattern(16, false).Layout(-1, 4));
         Throws("numBlocks", () => new DsFixedPattern(16, false).Layout(0, 0));
     }
+
+    /// <summary><c>AtLength</c>: a causal layout whose rows change with the length (random blocks seeded by the block count)
+    /// is, at every shorter length, exactly the full-length layout's top-left corner — prefix-stable, as cached decoding
+    /// needs — while the plain layout is not; compiled masks agree with the predicate; longer sequences are refused.</summary>
+    [Fact]
+    public void AtLengthCropsTheFullLengthLayoutToEveryShorterSequence()
+    {
+        var bigBird = new BigBirdPattern(B, causal: true, numRandomBlocks: 2, numSlidingWindowBlocks: 1, numGlobalBlocks: 1, seed: 3);
+        const int full = 40;                                        // 10 blocks; shorter prompts would be refused by the plain layout
+        Assert.False(bigBird.IsPrefixStable);
+        var cropped = bigBird.AtLength(full);
+        Assert.True(cropped.IsPrefixStable);
+        Assert.True(cropped.IsCausal);
+        bool anyDiffers = false;
+        for (int len = 1; len <= full; len++)
+        {
+            for (int q = 0; q < len; q++)
+                for (int k = 0; k < len; k++)
+                {
+                    bool expected = bigBird.Allows(0, q, k, full);
+                    Assert.True(expected == cropped.Allows(0, q, k, len), $"len {len}, q {q}, k {k}");
+                    if (len > 2 * B) anyDiffers |= bigBird.Allows(0, q, k, len) != expected;   // (the plain layout refuses < 3 blocks)
+                }
+            foreach (int blockSize in new[] { 1, 3, 4, 16 })
+            {
+                var mask = cropped.Compile(len, blockSize, heads: 1);
+                for (int q = 0; q < len; q++)
+                    for (int k = 0; k < len; k++)
+                        Assert.True(mask.Allows(0, q, k) == bigBird.Allows(0, q, k, full), $"compiled: len {len}, block {blockSize}, q {q}, k {k}");
+            }
+        }
+        Assert.True(anyDiffers, "the plain layout should change with the length, or this test shows nothing");
+        var window = new WindowPattern(4, 1, 0, exactWindowSize: false, causal: true);
+        Assert.Same(window, window.AtLength(full));                // already prefix-stable: unchanged
+        var e = Assert.Throws<ArgumentException>(() => cropped.Validate(full + 1, 1));
+        Assert.Equal("seqLen", e.ParamName);
+    }
 }

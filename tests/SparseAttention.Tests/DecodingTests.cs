@@ -78,6 +78,23 @@ public class DecodingTests
         ["synthesizer random + learned mix"] = Base with { NLocalAttnHeads = [2], StaticHeadGroups = null, Synthesizer = new SynthesizerSpec { Heads = 2, Kind = Modules.SynthesizerKind.Random, Mix = Modules.SynthesizerMix.Learned } },
         ["synthesizer factorized dense + sum"] = Base with { NLocalAttnHeads = [2], StaticHeadGroups = null, Synthesizer = new SynthesizerSpec { Heads = 2, Kind = Modules.SynthesizerKind.FactorizedDense, Mix = Modules.SynthesizerMix.Sum } },
         ["synthesizer factorized random fixed"] = Base with { NLocalAttnHeads = [2], StaticHeadGroups = null, Synthesizer = new SynthesizerSpec { Heads = 2, Kind = Modules.SynthesizerKind.FactorizedRandom, Trainable = false } },
+        // Causal block layouts whose rows depend on the length (random blocks, window-aligned globals): the model fixes
+        // them at max_seq_len, so a prompt of 1 or 7 tokens sees what the full forward sees.
+        ["bigbird + ds variable + ds fixed"] = Base with
+        {
+            NLocalAttnHeads = [1],
+            StaticHeadGroups =
+            [
+                new(new(StaticPatternKind.BigBird, Size: 4, NumRandomBlocks: 2, DifferentLayoutPerHead: true, Seed: 5), 1),
+                new(new(StaticPatternKind.DsVariable, Size: 4, NumRandomBlocks: 1, LocalWindowBlocks: [1, 2], GlobalBlockIndices: [0], Seed: 7), 1),
+                new(new(StaticPatternKind.DsFixed, Size: 4, NumLocalBlocks: 3, NumGlobalBlocks: 1), 1),
+            ],
+        },
+        ["longformer + sliding window"] = Base with
+        {
+            NLocalAttnHeads = [2],
+            StaticHeadGroups = [new(new(StaticPatternKind.Longformer, Size: 4, GlobalBlockIndices: [1]), 1), new(new(StaticPatternKind.SlidingWindow, Size: 4), 1)],
+        },
         ["every kind in one layer + shift + reversible"] = Base with
         {
             Heads = 8, Dim = 32, NLocalAttnHeads = [1], WindowSize = 4, ShiftTokens = true, Reversible = true,

@@ -76,7 +76,20 @@ public sealed record StaticPatternSpec(
     /// only matters for <see cref="FactorizedCombine.Interleaved"/> (even layers part A, odd layers part B).
     /// Throws <see cref="ArgumentException"/> naming the bad parameter.
     /// </summary>
-    public AttentionPattern ToPattern(bool causal, int layer = 0) => Kind switch
+    public AttentionPattern ToPattern(bool causal, int layer = 0) => Build(causal, layer);
+
+    /// <summary>The pattern a model with sequences of at most <paramref name="maxSeqLen"/> tokens uses: a causal block layout
+    /// whose rows depend on the sequence length (BigBird's random blocks, DeepSpeed's window-aligned globals) is built once
+    /// at <paramref name="maxSeqLen"/> and cropped to shorter sequences (<see cref="AttentionPattern.AtLength"/>), so what
+    /// a token sees never depends on how many tokens follow it — which cached decoding needs. Training at
+    /// <c>max_seq_len</c> is unchanged; encoders keep the layout of each length, as DeepSpeed builds it.</summary>
+    public AttentionPattern ToModelPattern(bool causal, int layer, int maxSeqLen)
+    {
+        var pattern = Build(causal, layer);
+        return causal ? pattern.AtLength(maxSeqLen) : pattern;
+    }
+
+    private AttentionPattern Build(bool causal, int layer) => Kind switch
     {
         StaticPatternKind.Dense => new DensePattern(causal),
         StaticPatternKind.LocalBand => new LocalBandPattern(Size, causal),

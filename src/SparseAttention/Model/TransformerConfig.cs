@@ -269,7 +269,7 @@ public sealed record TransformerConfig
                 new WindowPattern(ResolvedLocalAttnWindowSize, radius, Causal ? 0 : radius, exactWindowSize: false, Causal)));
         }
         foreach (var g in StaticHeadGroups ?? [])
-            plan.Add(new HeadGroupPlan(HeadGroupKind.Static, g.Heads, g.Pattern.ToPattern(Causal, layer)));
+            plan.Add(new HeadGroupPlan(HeadGroupKind.Static, g.Heads, g.Pattern.ToModelPattern(Causal, layer, MaxSeqLen)));
         if (lsh > 0) plan.Add(new HeadGroupPlan(HeadGroupKind.Lsh, lsh, null));
         if (synthesizer > 0) plan.Add(new HeadGroupPlan(HeadGroupKind.Synthesizer, synthesizer, null));
         if (routing > 0) plan.Add(new HeadGroupPlan(HeadGroupKind.Routing, routing, null));
@@ -301,7 +301,7 @@ public sealed record TransformerConfig
                 string field = $"{nameof(StaticHeadGroups)}[{i}]";
                 Check.That(g is not null && g.Pattern is not null, field, "must be a group with a pattern.");
                 Check.That(g!.Heads > 0, field, $"Heads must be > 0, got {g.Heads}.");
-                try { g.Pattern!.ToPattern(Causal); }
+                try { g.Pattern!.ToModelPattern(Causal, 0, MaxSeqLen).Validate(MaxSeqLen, g.Heads); }
                 catch (ArgumentException e) { throw new ArgumentException($"{field}: {e.Message}", field, e); }
                 staticHeads += g.Heads;
             }

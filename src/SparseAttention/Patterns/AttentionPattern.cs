@@ -49,6 +49,12 @@ public abstract class AttentionPattern
 
     public AttentionPattern And(AttentionPattern other) => new AndPattern(this, other);
 
+    /// <summary>This pattern as it is at length <paramref name="length"/>, cropped to shorter sequences: query i may attend
+    /// key j at every length ≤ <paramref name="length"/> exactly when it may at <paramref name="length"/>. Prefix-stable by
+    /// construction, so a causal layout whose rows depend on the sequence length (random or window-aligned blocks) can
+    /// decode from a cache; a pattern that is already prefix-stable is returned as it is.</summary>
+    public AttentionPattern AtLength(int length) => IsPrefixStable ? this : new FixedLengthPattern(this, length);
+
     public AttentionPattern Or(AttentionPattern other) => new OrPattern(this, other);
 
     /// <summary>Compiles to a block mask; see <see cref="BlockMask.Compile"/>.</summary>
@@ -73,6 +79,38 @@ internal sealed class PredicatePattern(string name, bool isCausal, bool sameForA
     public override bool Allows(int head, int query, int key, int seqLen) =>
         (!isCausal || key <= query) && allows(head, query, key, seqLen);
     // A user predicate may read seqLen: not prefix-stable.
+}
+
+internal sealed class FixedLengthPattern : AttentionPattern
+{
+    private readonly AttentionPattern inner;
+    private readonly int length;
+
+    public FixedLengthPattern(AttentionPattern inner, int length) : base($"{inner.Name} at length {length}")
+    {
+        Check.Positive(length, nameof(length));
+        this.inner = inner;
+        this.length = length;
+    }
+
+    public override bool IsCausal => inner.IsCausal;
+    public override bool SameForAllHeads => inner.SameForAllHeads;
+    public override bool IsPrefixStable => true;
+
+    public override bool Allows(int head, int query, int key, int seqLen) => inner.Allows(head, query, key, length);
+
+    // The inner candidates at the fixed length, clipped to this sequence's blocks (compilation tests each exactly).
+    public override IEnumerable<int> CandidateKeyBlocks(int head, int queryBlock, int blockSize, int seqLen)
+    {
+        int blocks = (seqLen + blockSize - 1) / blockSize;
+        return inner.CandidateKeyBlocks(head, queryBlock, blockSize, length).Where(kb => kb < blocks);
+    }
+
+    public override void Validate(int seqLen, int heads)
+    {
+        Check.That(seqLen <= length, nameof(seqLen), $"must be <= {length}, the length this pattern is fixed at; got {seqLen}.");
+        inner.Validate(length, heads);
+    }
 }
 
 internal sealed class AndPattern(AttentionPattern a, AttentionPattern b) : AttentionPattern($"({a.Name} and {b.Name})")
