@@ -662,11 +662,48 @@ internal static unsafe class GroupedKernel
         {
             int j = 0;
             for (; j + 4 * w <= n; j += 4 * w) MicroTransposedA4x4<TS, TV>(k, a + i, lda, b + j, ldb, c + (long)i * ldc + j, ldc);
+            for (; j + w <= n; j += w) MicroTransposedA4x1<TS, TV>(k, a + i, lda, b + j, ldb, c + (long)i * ldc + j, ldc);   // narrow heads (D < 4 vectors)
             for (; j < n; j++)
                 for (int r = 0; r < 4; r++) c[(long)(i + r) * ldc + j] += ColumnDot(k, a + i + r, lda, b + j, ldb);
         }
         for (; i < m; i++)
-            for (int j = 0; j < n; j++) c[(long)i * ldc + j] += ColumnDot(k, a + i, lda, b + j, ldb);
+        {
+            int j = 0;
+            for (; j + w <= n; j += w) MicroTransposedA1x1<TS, TV>(k, a + i, lda, b + j, ldb, c + (long)i * ldc + j);
+            for (; j < n; j++) c[(long)i * ldc + j] += ColumnDot(k, a + i, lda, b + j, ldb);
+        }
+    }
+
+    // 4 rows (columns of A) × 1 vector of C.
+    [MethodImpl(Hot)]
+    private static void MicroTransposedA4x1<TS, TV>(int k, float* a, int lda, float* b, int ldb, float* c, int ldc)
+        where TS : struct, ISimd<TV> where TV : unmanaged
+    {
+        TV c0 = TS.Zero, c1 = TS.Zero, c2 = TS.Zero, c3 = TS.Zero;
+        float* ap = a, bp = b;
+        for (int p = 0; p < k; p++, ap += lda, bp += ldb)
+        {
+            TV bv = TS.Load(bp);
+            c0 = TS.MulAdd(TS.Broadcast(ap[0]), bv, c0);
+            c1 = TS.MulAdd(TS.Broadcast(ap[1]), bv, c1);
+            c2 = TS.MulAdd(TS.Broadcast(ap[2]), bv, c2);
+            c3 = TS.MulAdd(TS.Broadcast(ap[3]), bv, c3);
+        }
+        TS.Store(c, TS.Add(TS.Load(c), c0));
+        TS.Store(c + ldc, TS.Add(TS.Load(c + ldc), c1));
+        TS.Store(c + 2L * ldc, TS.Add(TS.Load(c + 2L * ldc), c2));
+        TS.Store(c + 3L * ldc, TS.Add(TS.Load(c + 3L * ldc), c3));
+    }
+
+    // 1 row (column of A) × 1 vector of C.
+    [MethodImpl(Hot)]
+    private static void MicroTransposedA1x1<TS, TV>(int k, float* a, int lda, float* b, int ldb, float* c)
+        where TS : struct, ISimd<TV> where TV : unmanaged
+    {
+        TV acc = TS.Zero;
+        float* ap = a, bp = b;
+        for (int p = 0; p < k; p++, ap += lda, bp += ldb) acc = TS.MulAdd(TS.Broadcast(ap[0]), TS.Load(bp), acc);
+        TS.Store(c, TS.Add(TS.Load(c), acc));
     }
 
     private static float ColumnDot(int k, float* a, int lda, float* b, int ldb)
