@@ -43,7 +43,7 @@ public unsafe class FusedTileTests
     [MemberData(nameof(Widths))]
     public void GemmAndTransposedAGemmMatchDoubleLoops(int width)
     {
-        foreach (var (m, n, k) in new[] { (4, 64, 8), (7, 70, 5), (13, 17, 33), (128, 64, 128), (1, 1, 1) })
+        foreach (var (m, n, k) in new[] { (4, 64, 8), (7, 70, 5), (13, 17, 33), (128, 64, 128), (1, 1, 1), (5, 48, 7), (9, 40, 3) })
             foreach (bool transposed in new[] { false, true })
                 foreach (bool accumulate in new[] { false, true })
                 {

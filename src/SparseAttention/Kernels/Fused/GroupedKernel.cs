@@ -662,7 +662,8 @@ internal static unsafe class GroupedKernel
         {
             int j = 0;
             for (; j + 4 * w <= n; j += 4 * w) MicroTransposedA4x4<TS, TV>(k, a + i, lda, b + j, ldb, c + (long)i * ldc + j, ldc);
-            for (; j + w <= n; j += w) MicroTransposedA4x1<TS, TV>(k, a + i, lda, b + j, ldb, c + (long)i * ldc + j, ldc);   // narrow heads (D < 4 vectors)
+            for (; j + 2 * w <= n; j += 2 * w) MicroTransposedA4x2<TS, TV>(k, a + i, lda, b + j, ldb, c + (long)i * ldc + j, ldc);   // narrow heads
+            for (; j + w <= n; j += w) MicroTransposedA4x1<TS, TV>(k, a + i, lda, b + j, ldb, c + (long)i * ldc + j, ldc);
             for (; j < n; j++)
                 for (int r = 0; r < 4; r++) c[(long)(i + r) * ldc + j] += ColumnDot(k, a + i + r, lda, b + j, ldb);
         }
@@ -672,6 +673,33 @@ internal static unsafe class GroupedKernel
             for (; j + w <= n; j += w) MicroTransposedA1x1<TS, TV>(k, a + i, lda, b + j, ldb, c + (long)i * ldc + j);
             for (; j < n; j++) c[(long)i * ldc + j] += ColumnDot(k, a + i, lda, b + j, ldb);
         }
+    }
+
+    // 4 rows (columns of A) × 2 vectors of C: 8 FMA chains.
+    [MethodImpl(Hot)]
+    private static void MicroTransposedA4x2<TS, TV>(int k, float* a, int lda, float* b, int ldb, float* c, int ldc)
+        where TS : struct, ISimd<TV> where TV : unmanaged
+    {
+        int w = TS.Width;
+        TV c00 = TS.Zero, c01 = TS.Zero, c10 = TS.Zero, c11 = TS.Zero, c20 = TS.Zero, c21 = TS.Zero, c30 = TS.Zero, c31 = TS.Zero;
+        float* ap = a, bp = b;
+        for (int p = 0; p < k; p++, ap += lda, bp += ldb)
+        {
+            TV b0 = TS.Load(bp), b1 = TS.Load(bp + w);
+            TV x = TS.Broadcast(ap[0]);
+            c00 = TS.MulAdd(x, b0, c00); c01 = TS.MulAdd(x, b1, c01);
+            x = TS.Broadcast(ap[1]);
+            c10 = TS.MulAdd(x, b0, c10); c11 = TS.MulAdd(x, b1, c11);
+            x = TS.Broadcast(ap[2]);
+            c20 = TS.MulAdd(x, b0, c20); c21 = TS.MulAdd(x, b1, c21);
+            x = TS.Broadcast(ap[3]);
+            c30 = TS.MulAdd(x, b0, c30); c31 = TS.MulAdd(x, b1, c31);
+        }
+        float* c1 = c + ldc, c2 = c1 + ldc, c3 = c2 + ldc;
+        AddStore(c, c00); AddStore(c + w, c01); AddStore(c1, c10); AddStore(c1 + w, c11);
+        AddStore(c2, c20); AddStore(c2 + w, c21); AddStore(c3, c30); AddStore(c3 + w, c31);
+
+        static void AddStore(float* at, TV v) => TS.Store(at, TS.Add(TS.Load(at), v));
     }
 
     // 4 rows (columns of A) × 1 vector of C.

@@ -38,6 +38,7 @@ internal static unsafe class Tile<TS, TV> where TS : struct, ISimd<TV> where TV 
             float* c0 = c + (long)i * ldc;
             int j = 0;
             for (; j + nr <= n; j += nr) Micro4x4(k, a0, rowStride, stepStride, b + j, ldb, c0 + j, ldc, accumulate);
+            for (; j + 2 * w <= n; j += 2 * w) Micro4x2(k, a0, rowStride, stepStride, b + j, ldb, c0 + j, ldc, accumulate);
             for (; j + w <= n; j += w) Micro4x1(k, a0, rowStride, stepStride, b + j, ldb, c0 + j, ldc, accumulate);
             for (; j < n; j++)
                 for (int r = 0; r < 4; r++) ScalarDot(k, a0 + (long)r * rowStride, stepStride, b + j, ldb, c0 + (long)r * ldc + j, accumulate);
@@ -95,6 +96,35 @@ internal static unsafe class Tile<TS, TV> where TS : struct, ISimd<TV> where TV 
         Put(c1, c10, accumulate); Put(c1 + w, c11, accumulate); Put(c1 + 2 * w, c12, accumulate); Put(c1 + 3 * w, c13, accumulate);
         Put(c2, c20, accumulate); Put(c2 + w, c21, accumulate); Put(c2 + 2 * w, c22, accumulate); Put(c2 + 3 * w, c23, accumulate);
         Put(c3, c30, accumulate); Put(c3 + w, c31, accumulate); Put(c3 + 2 * w, c32, accumulate); Put(c3 + 3 * w, c33, accumulate);
+    }
+
+    // 4 rows × 2 vectors: 8 independent FMA chains for narrow heads (e.g. P·V with 32-wide heads at 512 bits), where
+    // 4×1's four chains leave the FMA units waiting on latency.
+    [MethodImpl(Hot)]
+    private static void Micro4x2(int k, float* a0, int rowStride, int stepStride, float* b, int ldb, float* c0, int ldc, bool accumulate)
+    {
+        int w = TS.Width;
+        float* a1 = a0 + rowStride, a2 = a1 + rowStride, a3 = a2 + rowStride;
+        TV c00 = TS.Zero, c01 = TS.Zero, c10 = TS.Zero, c11 = TS.Zero, c20 = TS.Zero, c21 = TS.Zero, c30 = TS.Zero, c31 = TS.Zero;
+        float* bp = b;
+        long o = 0;
+        for (int p = 0; p < k; p++, bp += ldb, o += stepStride)
+        {
+            TV b0 = TS.Load(bp), b1 = TS.Load(bp + w);
+            TV x = TS.Broadcast(a0[o]);
+            c00 = TS.MulAdd(x, b0, c00); c01 = TS.MulAdd(x, b1, c01);
+            x = TS.Broadcast(a1[o]);
+            c10 = TS.MulAdd(x, b0, c10); c11 = TS.MulAdd(x, b1, c11);
+            x = TS.Broadcast(a2[o]);
+            c20 = TS.MulAdd(x, b0, c20); c21 = TS.MulAdd(x, b1, c21);
+            x = TS.Broadcast(a3[o]);
+            c30 = TS.MulAdd(x, b0, c30); c31 = TS.MulAdd(x, b1, c31);
+        }
+        float* c1 = c0 + ldc, c2 = c1 + ldc, c3 = c2 + ldc;
+        Put(c0, c00, accumulate); Put(c0 + w, c01, accumulate);
+        Put(c1, c10, accumulate); Put(c1 + w, c11, accumulate);
+        Put(c2, c20, accumulate); Put(c2 + w, c21, accumulate);
+        Put(c3, c30, accumulate); Put(c3 + w, c31, accumulate);
     }
 
     [MethodImpl(Hot)]
