@@ -114,7 +114,7 @@ internal static unsafe class GroupedKernel
             long bytes = 0;
             long Take(long count, int size) { long at = bytes; bytes += RoundUp(count * size, 64); return at; }
             long qp = Take(nq * D, 4), kt = Take(D * nk, 4), vp = Take(nk * Dv, 4);
-            long kp = backward ? Take(nk * D, 4) : 0, vt = backward ? Take(Dv * nk, 4) : 0;
+            long kp = Take(nk * D, 4), vt = backward ? Take(Dv * nk, 4) : 0;
             long dkp = backward ? Take(nk * D, 4) : 0, dvp = backward ? Take(nk * Dv, 4) : 0;
             long s = Take(a.QuerySlots * n, 4), p = Take(a.QuerySlots * n, 4);
             long dog = Take(a.QuerySlots * Dv, 4), dq = Take(a.QuerySlots * Math.Max(D, Dv), 4);
@@ -130,7 +130,7 @@ internal static unsafe class GroupedKernel
             }
             byte* m = (byte*)memory;
             Qp = (float*)(m + qp); KT = (float*)(m + kt); Vp = (float*)(m + vp);
-            Kp = backward ? (float*)(m + kp) : null; VT = backward ? (float*)(m + vt) : null;
+            Kp = (float*)(m + kp); VT = backward ? (float*)(m + vt) : null;
             DKp = backward ? (float*)(m + dkp) : null; DVp = backward ? (float*)(m + dvp) : null;
             S = (float*)(m + s); P = (float*)(m + p); DOg = (float*)(m + dog); DQ = (float*)(m + dq);
             Count = (float*)(m + count); PosMax = (float*)(m + posMax); PosSum = (float*)(m + posSum);
@@ -183,7 +183,7 @@ internal static unsafe class GroupedKernel
     [MethodImpl(Hot)]
     private static void Permute<TS, TV>(in GroupedArgs a, int bh, Scratch x, bool backward) where TS : struct, ISimd<TV> where TV : unmanaged
     {
-        int T = a.SeqLen, D = a.Dim, Dv = a.DimV, wq = a.QuerySlots, wk = a.KeySlots, w = TS.Width;
+        int D = a.Dim, Dv = a.DimV, wq = a.QuerySlots, wk = a.KeySlots, w = TS.Width;
         var h = new Head(a, bh);
         float* q = h.Q, k = h.K, v = h.V;
         long* queryIndex = h.QueryIndex, keyIndex = h.KeyIndex;
@@ -211,50 +211,24 @@ internal static unsafe class GroupedKernel
                 if (p < 0 || (keyMask != null && keyMask[p] == 0)) continue;               // never attended: not in the tile
                 x.KPos[nk] = (int)p;
                 new Span<float>(v + p * Dv, Dv).CopyTo(new Span<float>(x.Vp + (long)nk * Dv, Dv));
-                if (backward) new Span<float>(k + p * D, D).CopyTo(new Span<float>(x.Kp + (long)nk * D, D));
+                new Span<float>(k + p * D, D).CopyTo(new Span<float>(x.Kp + (long)nk * D, D));
                 nk++;
             }
             for (; nk % w != 0; nk++)                                                      // sentinel keys up to the vector width
             {
                 x.KPos[nk] = int.MaxValue;
                 new Span<float>(x.Vp + (long)nk * Dv, Dv).Clear();
-                if (backward) new Span<float>(x.Kp + (long)nk * D, D).Clear();
+                new Span<float>(x.Kp + (long)nk * D, D).Clear();
             }
             x.KCols[g] = nk - x.KOff[g];
         }
         x.KTotal = nk;
-        GatherTransposed(k, D, T, x.KPos, nk, x.KT);
+        // Rows copied in order, then transposed in registers: cheaper than gathering columns from scattered rows.
+        Tile<TS, TV>.Transpose(x.Kp, nk, D, D, x.KT, nk, 1f);                                 // (D, nk)
         if (!backward) return;
-        GatherTransposed(v, Dv, T, x.KPos, nk, x.VT);
+        Tile<TS, TV>.Transpose(x.Vp, nk, Dv, Dv, x.VT, nk, 1f);                               // (Dv, nk)
         new Span<float>(x.DKp, nk * D).Clear();
         new Span<float>(x.DVp, nk * Dv).Clear();
-    }
-
-    /// <summary>dst (width × n, row stride n) = the rows of src (T × width) at positions pos[0..n), transposed; zero
-    /// columns at sentinel positions (int.MaxValue).</summary>
-    [MethodImpl(Hot)]
-    private static void GatherTransposed(float* src, int width, int seqLen, int* pos, int n, float* dst)
-    {
-        int c = 0;
-        if (Avx2.IsSupported && (long)seqLen * width <= int.MaxValue)
-        {
-            var sentinel = Vector256.Create(int.MaxValue);
-            var rowLength = Vector256.Create(width);
-            for (; c + 8 <= n; c += 8)
-            {
-                var p = Vector256.Load(pos + c);
-                var real = ~Vector256.Equals(p, sentinel);
-                var offsets = (p & real) * rowLength;                                      // sentinels read row 0, masked off
-                var mask = real.AsSingle();
-                for (int d = 0; d < width; d++)
-                    Avx2.GatherMaskVector256(Vector256<float>.Zero, src + d, offsets, mask, 4).Store(dst + (long)d * n + c);
-            }
-        }
-        for (; c < n; c++)
-        {
-            int p = pos[c];
-            for (int d = 0; d < width; d++) dst[(long)d * n + c] = p == int.MaxValue ? 0f : src[(long)p * width + d];
-        }
     }
 
     /// <summary>The look-back group of g (−1 = none): g − 1, or the explicit link in merged mode.</summary>
