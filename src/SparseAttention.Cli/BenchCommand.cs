@@ -8,6 +8,7 @@ using SparseAttention.Patterns;
 using Spectre.Console;
 using TorchSharp;
 using static TorchSharp.torch;
+using SparseAttention.Training;
 
 namespace SparseAttention.Cli;
 

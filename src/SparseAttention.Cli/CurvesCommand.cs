@@ -1,6 +1,7 @@
 using System.CommandLine;
 using System.Text.Json;
 using ScottPlot;
+using SparseAttention.Training;
 
 namespace SparseAttention.Cli;
 

@@ -1,5 +1,6 @@
 using ScottPlot;
 using SkiaSharp;
+using SparseAttention.Training;
 
 namespace SparseAttention.Cli;
 

@@ -3,6 +3,7 @@ using System.Text.Json;
 using ScottPlot;
 using SkiaSharp;
 using SparseAttention.Patterns;
+using SparseAttention.Training;
 
 namespace SparseAttention.Cli;
 
