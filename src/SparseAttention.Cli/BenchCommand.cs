@@ -1,7 +1,6 @@
 using System.CommandLine;
 using System.Diagnostics;
 using System.Text.Json;
-using SparseAttention.Clustering;
 using SparseAttention.Kernels;
 using SparseAttention.Model;
 using SparseAttention.Patterns;
@@ -468,8 +467,9 @@ internal sealed class BenchCommand
     /// UpdateAll, on a fixed batch of random bytes. The first step also initialises the k-means.</summary>
     private sealed class ModelStep : IDisposable
     {
+        private const double LearningRate = 1e-4;
         private readonly RoutingTransformerLM lm;
-        private readonly optim.Optimizer optimizer;
+        private readonly TrainingStep step;
         private readonly Tensor tokens;
 
         public ModelStep(TransformerConfig config, int batch, Device device)
@@ -477,25 +477,20 @@ internal sealed class BenchCommand
             random.manual_seed(1);
             lm = new RoutingTransformerLM(config);
             if (device.type != DeviceType.CPU) lm.to(device);
-            lm.train();
-            optimizer = optim.AdamW(lm.parameters(), lr: 1e-4);
+            step = new TrainingStep(lm, LearningRate, weightDecay: 0);   // AdamW's own default
             tokens = randint(0, config.NumTokens, new long[] { batch, config.MaxSeqLen }, dtype: ScalarType.Int64, generator: new Generator(2)).to(device);
         }
 
         public void Run()
         {
             using var scope = NewDisposeScope();
-            optimizer.zero_grad();
-            var (logits, aux) = lm.forward(tokens);
-            LanguageModelLoss.NextToken(logits, tokens, aux).backward();
-            optimizer.step();
-            OnlineKMeans.UpdateAll(lm);
+            step.Run(tokens, null, LearningRate, clipNorm: 0);
             if (tokens.device.type == DeviceType.CUDA) cuda.synchronize();             // time the GPU's work, not its queueing
         }
 
         public void Dispose()
         {
-            optimizer.Dispose();
+            step.Dispose();
             tokens.Dispose();
             lm.Dispose();
         }

@@ -1,7 +1,6 @@
 using System.Diagnostics;
-using SparseAttention.Clustering;
 using SparseAttention.Model;
-using TorchSharp.Modules;
+using SparseAttention.Training;
 using static TorchSharp.torch;
 
 namespace SparseAttention.Cli;
@@ -74,7 +73,7 @@ public sealed record DemoSettings(int SeqLen, int Steps, int Batch, long Seed, i
 /// <summary>One of the two demo models with its optimizer, timings and learning curve.</summary>
 internal sealed class DemoModel : IDisposable
 {
-    private readonly AdamW optimizer;
+    private readonly TrainingStep trainingStep;
     private readonly DemoSettings settings;
     private readonly Stopwatch clock = new();
 
@@ -104,7 +103,7 @@ internal sealed class DemoModel : IDisposable
         random.manual_seed(settings.Seed);          // same seed: both models start from comparable weights
         Model = new RoutingTransformerLM(settings.Config(routing));
         Parameters = Model.parameters().Sum(p => p.numel());
-        optimizer = optim.AdamW(Model.parameters(), settings.LearningRate, weight_decay: 0.01);
+        trainingStep = new TrainingStep(Model, settings.LearningRate, weightDecay: 0.01);
     }
 
     /// <summary>The routing head groups (empty for the local model).</summary>
@@ -126,16 +125,7 @@ internal sealed class DemoModel : IDisposable
         try
         {
             using var scope = NewDisposeScope();
-            Model.train();
-            optimizer.zero_grad();
-            var (logits, aux) = Model.forward(tokens);                                   // (B, T, V)
-            var loss = LanguageModelLoss.NextToken(logits, targets);
-            (loss + aux).backward();
-            nn.utils.clip_grad_norm_(Model.parameters(), 1.0);
-            double lr = LearningRateAt(step);
-            foreach (var group in optimizer.ParamGroups) group.LearningRate = lr;
-            optimizer.step();
-            OnlineKMeans.UpdateAll(Model);
+            var (logits, loss) = trainingStep.Run(tokens, targets, LearningRateAt(step), clipNorm: 1.0);   // (B, T, V), scalar
             double l = loss.item<float>();
             if (!double.IsFinite(l)) throw new InvalidOperationException($"{Name}: training loss became {l} at step {step + 1}.");
             var (correct, total) = Accuracy(logits.detach(), targets);
@@ -169,7 +159,7 @@ internal sealed class DemoModel : IDisposable
 
     public void Dispose()
     {
-        optimizer.Dispose();
+        trainingStep.Dispose();
         Model.Dispose();
     }
 }

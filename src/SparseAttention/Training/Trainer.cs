@@ -40,7 +40,7 @@ public readonly record struct ValidationResult(double Nats, long Tokens, long By
 public sealed partial class Trainer : IDisposable
 {
     private readonly TokenText train, validation;
-    private readonly AdamW optimizer;
+    private readonly TrainingStep trainingStep;
 
     /// <summary>The model being trained.</summary>
     public RoutingTransformerLM Model { get; }
@@ -65,7 +65,7 @@ public sealed partial class Trainer : IDisposable
     /// <summary>Skipped steps in a row (0 after an applied step).</summary>
     public int ConsecutiveSkippedSteps { get; private set; }
 
-    internal AdamW Optimizer => optimizer;
+    internal AdamW Optimizer => trainingStep.Optimizer;
 
     /// <summary>A fresh run: seeds libtorch's global generator with Options.Seed, then builds the model and optimizer.
     /// <paramref name="train"/> and <paramref name="validation"/> must come from the configuration's tokenizer
@@ -104,7 +104,7 @@ public sealed partial class Trainer : IDisposable
         Device = device ?? CPU;
         Model = new RoutingTransformerLM(config);
         if (Device.type != DeviceType.CPU) Model.to(Device);                          // before the optimizer sees the parameters
-        optimizer = optim.AdamW(Model.parameters(), options.LearningRate, weight_decay: options.WeightDecay);
+        trainingStep = new TrainingStep(Model, options.LearningRate, options.WeightDecay);
         SamplerState = (ulong)options.Seed ^ 0x9E3779B97F4A7C15UL;
     }
 
@@ -113,8 +113,7 @@ public sealed partial class Trainer : IDisposable
     /// the weights, the optimizer moments or the k-means centroids.</summary>
     public StepResult TrainStep()
     {
-        Model.train();
-        optimizer.zero_grad();
+        trainingStep.Begin();
         Parallel?.ReseedReplica(Options.Seed, Step);
         double lossSum = 0, totalSum = 0;
         long tokens = 0, predicted = 0, bytes = 0;
@@ -122,10 +121,7 @@ public sealed partial class Trainer : IDisposable
         {
             using var scope = NewDisposeScope();
             var batch = NextBatch();                                                   // (B, T)
-            var (logits, aux) = Model.forward(batch, null);                            // (B, T, NumTokens)
-            var lm = LanguageModelLoss.NextToken(logits, batch);
-            var total = lm + aux;
-            (total / Options.Accumulation).backward();
+            var (_, lm, total) = trainingStep.Backward(batch, accumulation: Options.Accumulation);
             lossSum += lm.item<float>();
             totalSum += total.item<float>();
             tokens += batch.numel();
@@ -135,24 +131,17 @@ public sealed partial class Trainer : IDisposable
         }
         if (Parallel is not null) (lossSum, totalSum, tokens) = AverageOverRanks(lossSum, totalSum, tokens);
         double bytesPerToken = (double)bytes / predicted;                              // this rank's batches
-        double gradNorm = GradientNorm();
         double lr = Options.LearningRateAt(Step);
-        if (!double.IsFinite(totalSum) || !double.IsFinite(gradNorm))
+        var (gradNorm, skipped) = trainingStep.Apply(lr, Options.ClipNorm, skipNonFinite: true, totalSum);
+        TokensSeen += tokens;
+        if (skipped)
         {
-            optimizer.zero_grad();
-            foreach (var kmeans in OnlineKMeans.All(Model)) kmeans.DiscardPendingStatistics();
             SkippedSteps++;
             ConsecutiveSkippedSteps++;
-            TokensSeen += tokens;
             return new StepResult(Step, lossSum / Options.Accumulation, lr, tokens, gradNorm, Skipped: true, bytesPerToken);
         }
         ConsecutiveSkippedSteps = 0;
-        if (Options.ClipNorm > 0) nn.utils.clip_grad_norm_(Model.parameters(), Options.ClipNorm);
-        foreach (var group in optimizer.ParamGroups) group.LearningRate = lr;
-        optimizer.step();
-        OnlineKMeans.UpdateAll(Model);
         Step++;
-        TokensSeen += tokens;
         return new StepResult(Step, lossSum / Options.Accumulation, lr, tokens, gradNorm, BytesPerToken: bytesPerToken);
     }
 
@@ -163,16 +152,6 @@ public sealed partial class Trainer : IDisposable
         long sum = 0;
         foreach (long id in ids.cpu().contiguous().data<long>()) sum += Tokenizer.ByteLength((int)id);
         return sum;
-    }
-
-    /// <summary>Global L2 norm of the parameters' gradients (float64 accumulation; NaN/∞ propagate).</summary>
-    private double GradientNorm()
-    {
-        using var scope = NewDisposeScope();
-        double sumSquares = 0;
-        foreach (var p in Model.parameters())
-            if (p.grad is Tensor g) sumSquares += g.to(ScalarType.Float64).pow(2).sum().item<double>();
-        return Math.Sqrt(sumSquares);
     }
 
     /// <summary>Validation loss over up to Options.EvalBatches batches of non-overlapping windows from the start of the
@@ -318,7 +297,7 @@ public sealed partial class Trainer : IDisposable
 
     public void Dispose()
     {
-        optimizer.Dispose();
+        trainingStep.Dispose();
         Model.Dispose();
     }
 }
