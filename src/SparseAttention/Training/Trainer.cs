@@ -157,20 +157,7 @@ public sealed partial class Trainer : IDisposable
     /// <summary>Validation loss over up to Options.EvalBatches batches of non-overlapping windows from the start of the
     /// validation tokens (the same windows every time): summed next-token cross-entropy, tokens predicted and the original
     /// bytes they cover, so that <see cref="ValidationResult.BitsPerByte"/> compares models of any tokenizer on one scale.</summary>
-    public ValidationResult ValidationLoss()
-    {
-        double nats = 0;
-        long count = 0, bytes = 0;
-        ForEachValidationBatch((batch, logits, byteLengths) =>
-        {
-            long b = batch.shape[0], seqLen = batch.shape[1];
-            nats += LanguageModelLoss.NextToken(logits, batch).item<float>() * b * (seqLen - 1);
-            count += b * (seqLen - 1);
-            for (int i = 0; i < b; i++)
-                for (int t = 1; t < seqLen; t++) bytes += byteLengths[i * seqLen + t];         // the predicted tokens
-        });
-        return new ValidationResult(nats, count, bytes);
-    }
+    public ValidationResult ValidationLoss() => NextTokenEvaluation.Run(Model, validation, ValidationWindows(), Options.BatchSize);
 
     /// <summary>Validation bits per byte of the original text (<see cref="ValidationLoss"/>); for a byte-level model the bits per
     /// character (mean next-byte cross-entropy / ln 2) of earlier versions, bit for bit.</summary>
@@ -186,20 +173,8 @@ public sealed partial class Trainer : IDisposable
         Check.That(buckets >= 1 && buckets <= Options.SeqLen - 1, nameof(buckets), $"must be in [1, seq_len − 1 = {Options.SeqLen - 1}], got {buckets}.");
         var nats = new double[Options.SeqLen - 1];
         var bytes = new long[Options.SeqLen - 1];
-        long windows = 0;
-        ForEachValidationBatch((batch, logits, byteLengths) =>
-        {
-            long b = batch.shape[0], seqLen = batch.shape[1];
-            var predictions = logits.narrow(1, 0, seqLen - 1).reshape(-1, logits.shape[2]).to(ScalarType.Float64);    // (B·(T−1), NumTokens)
-            var targets = batch.narrow(1, 1, seqLen - 1).reshape(-1);                                                 // (B·(T−1))
-            var perToken = nn.functional.cross_entropy(predictions, targets, reduction: nn.Reduction.None)
-                .reshape(b, seqLen - 1).sum(0L);                                                                       // (T−1)
-            var values = perToken.cpu().data<double>().ToArray();
-            for (int i = 0; i < values.Length; i++) nats[i] += values[i];
-            for (int i = 0; i < b; i++)
-                for (int t = 1; t < seqLen; t++) bytes[t - 1] += byteLengths[i * seqLen + t];
-            windows += b;
-        });
+        var windows = ValidationWindows();
+        NextTokenEvaluation.Run(Model, validation, windows, Options.BatchSize, nats, bytes);
         var bits = new double[buckets];
         var counts = new long[buckets];
         var bucketBytes = new long[buckets];
@@ -207,44 +182,22 @@ public sealed partial class Trainer : IDisposable
         {
             int bucket = (int)((long)(i + 1) * buckets / Options.SeqLen);                                             // position of the predicted token
             bits[bucket] += nats[i];
-            counts[bucket] += windows;
+            counts[bucket] += windows.Count;
             bucketBytes[bucket] += bytes[i];
         }
         for (int k = 0; k < buckets; k++) bits[k] = bits[k] / bucketBytes[k] / Math.Log(2);
         return (bits, counts);
     }
 
-    /// <summary>Runs the model (eval mode, no gradient) on the validation windows and hands each (B, SeqLen) batch, its
-    /// (B, SeqLen, NumTokens) logits and the bytes each of its tokens covers (B·SeqLen, row-major) to <paramref name="add"/>:
-    /// up to Options.EvalBatches batches of non-overlapping windows from the start of the validation tokens.</summary>
-    private void ForEachValidationBatch(Action<Tensor, Tensor, int[]> add)
+    /// <summary>The validation windows: up to Options.EvalBatches × Options.BatchSize non-overlapping windows of SeqLen
+    /// tokens from the start of the validation tokens (at least one).</summary>
+    private List<(long Start, int Length)> ValidationWindows()
     {
-        Model.eval();
-        try
-        {
-            int seqLen = Options.SeqLen;
-            long windows = Math.Min((long)Options.EvalBatches * Options.BatchSize, (validation.Length - 1) / seqLen);
-            windows = Math.Max(1, windows);
-            using var noGrad = no_grad();
-            for (long start = 0; start < windows; start += Options.BatchSize)
-            {
-                using var scope = NewDisposeScope();
-                int b = (int)Math.Min(Options.BatchSize, windows - start);
-                var data = new long[b * seqLen];
-                var byteLengths = new int[b * seqLen];
-                for (int i = 0; i < b; i++)
-                    for (int t = 0; t < seqLen; t++)
-                    {
-                        long at = (start + i) * seqLen + t;
-                        data[i * seqLen + t] = validation[at];
-                        byteLengths[i * seqLen + t] = validation.ByteLength(at);
-                    }
-                var batch = tensor(data, new long[] { b, seqLen }, device: Device);   // (B, T)
-                var (logits, _) = Model.forward(batch, null);                         // (B, T, NumTokens)
-                add(batch, logits, byteLengths);
-            }
-        }
-        finally { Model.train(); }
+        int seqLen = Options.SeqLen;
+        long windows = Math.Max(1, Math.Min((long)Options.EvalBatches * Options.BatchSize, (validation.Length - 1) / seqLen));
+        var list = new List<(long Start, int Length)>();
+        for (long w = 0; w < windows; w++) list.Add((w * seqLen, seqLen));
+        return list;
     }
 
     /// <summary>Whether the model's logits on the first validation window are all finite (one forward pass, no
