@@ -61,28 +61,19 @@ internal static class KernelBench
 
                 foreach (string attention in attentions.Where(a => a != "dense"))
                 {
-                    if (attention == "lsh")
+                    if (attention is "lsh" or "routing")
                     {
+                        // Content-based groupings time their module with the ops or fused kernel: no reference row.
                         foreach (string impl in impls.Where(i => i != "reference"))
                         {
                             step++;
-                            stderr.WriteLine($"[{step}/{total}] lsh {impl} {pass} T={seqLen}");
-                            var (timing, lshPairs) = TimeLsh(q, v, upstream, window, nHashes, causal, impl == "ops" ? AttentionKernel.Ops : AttentionKernel.Fused, backward, runs);
+                            stderr.WriteLine($"[{step}/{total}] {attention} {impl} {pass} T={seqLen}");
+                            var kernel = impl == "ops" ? AttentionKernel.Ops : AttentionKernel.Fused;
+                            var (timing, groupPairs) = attention == "lsh"
+                                ? TimeLsh(q, v, upstream, window, nHashes, causal, kernel, backward, runs)
+                                : TimeRouting(q, k, v, upstream, window, causal, kernel, backward, runs);
                             double? speedup = denseMs.TryGetValue((seqLen, pass), out double d) ? d / timing.Ms : null;
-                            results.Add(Make("lsh", impl, pass, seqLen, batch, heads, dim, window, causal, timing, 4 * lshPairs * dim * flopFactor, limits, speedup));
-                        }
-                        if (impls.Contains("reference")) step++;
-                        continue;
-                    }
-                    if (attention == "routing")
-                    {
-                        foreach (string impl in impls.Where(i => i != "reference"))
-                        {
-                            step++;
-                            stderr.WriteLine($"[{step}/{total}] routing {impl} {pass} T={seqLen}");
-                            var (timing, groupPairs) = TimeRouting(q, k, v, upstream, window, causal, impl == "ops" ? AttentionKernel.Ops : AttentionKernel.Fused, backward, runs);
-                            double? speedup = denseMs.TryGetValue((seqLen, pass), out double d) ? d / timing.Ms : null;
-                            results.Add(Make("routing", impl, pass, seqLen, batch, heads, dim, window, causal, timing, 4 * groupPairs * dim * flopFactor, limits, speedup));
+                            results.Add(Make(attention, impl, pass, seqLen, batch, heads, dim, window, causal, timing, 4 * groupPairs * dim * flopFactor, limits, speedup));
                         }
                         if (impls.Contains("reference")) step++;
                         continue;
