@@ -9,8 +9,10 @@ namespace SparseAttention.Cli;
 /// <c>sparse-attn bench</c>: times attention kernels (median of several runs after a warm-up until timings settle) beside
 /// dense <c>scaled_dot_product_attention</c> and the machine's matrix-multiply rate, all measured in
 /// the same process run, and reports ratios. With <c>--model</c> it times full training steps of a small
-/// byte-level <see cref="RoutingTransformerLM"/> (dense vs local vs routing heads) instead; the kernel rows
-/// then run only when <c>--attention</c>, <c>--impl</c> or <c>--pass</c> is given explicitly.
+/// byte-level <see cref="SparseAttention.Model.RoutingTransformerLM"/> (dense vs local vs routing heads) instead; the kernel rows
+/// then run only when <c>--attention</c>, <c>--impl</c> or <c>--pass</c> is given explicitly. This class reads and checks
+/// the options; <see cref="KernelBench"/> and <see cref="ModelBench"/> time the rows, <see cref="BenchReport"/> reports them
+/// and <see cref="GenerateBench"/> serves <c>--generate</c>.
 /// </summary>
 internal sealed class BenchCommand
 {

@@ -13,6 +13,7 @@ namespace SparseAttention.Cli;
 /// </summary>
 internal static class ModelBench
 {
+    /// <summary>The configurations <c>--model-kinds</c> accepts (see <see cref="ModelConfig"/>).</summary>
     public static readonly string[] Models = [.. new[] { "dense", "local", "routing", "dense-reversible", "local-reversible", "routing-reversible" }
                                               .SelectMany(m => new[] { m, m + "-bf16" }),
                                               .. new[] { "local", "routing" }.SelectMany(m => new[] { m + "-shaw", m + "-alibi" })];
