@@ -1,11 +1,10 @@
 using ScottPlot;
-using SkiaSharp;
 
 namespace SparseAttention.Cli;
 
 internal static class AttentionRendering
 {
-    private const int PanelSize = 360, HeaderHeight = 56;
+    private const int PanelSize = 360;
 
     /// <summary>One panel per (layer, head): x = key, y = query (0 at the top); allowed cells black for static heads,
     /// coloured by the group's cluster for routing heads; white = not attended.</summary>
@@ -25,21 +24,13 @@ internal static class AttentionRendering
                 for (int k = 0; k < t; k++)
                     values[q, k] = !h.Allowed[q * t + k] ? double.NaN : h.Cluster is null ? 0 : h.Cluster[q] + 1;
             var plot = plots[i];
-            var heatmap = plot.Add.Heatmap(values);
-            heatmap.Colormap = new ClusterColormap(clusters);
-            heatmap.ManualRange = new ScottPlot.Range(0, clusters);
-            heatmap.NaNCellColor = Colors.White;
-            heatmap.CellAlignment = Alignment.LowerLeft;
+            ClusterHeatmap(plot, values, clusters);
             plot.Axes.SetLimits(0, t, t, 0);
             plot.Axes.SquareUnits();
-            plot.HideGrid();
-            plot.Font.Set(PlotStyle.SansSerif);
             double density = h.Allowed.Count(a => a) / (double)(t * (t + 1) / 2);
-            plot.Title($"layer {h.Layer} head {h.Head} ({h.Kind.ToString().ToLowerInvariant()}, {density:P0} of causal pairs)", 12);
-            plot.XLabel("key", 11);
-            plot.YLabel("query", 11);
+            PlotStyle.Label(plot, $"layer {h.Layer} head {h.Head} ({h.Kind.ToString().ToLowerInvariant()}, {density:P0} of causal pairs)", "key", "query", 12, 11);
         }
-        Save(multiplot, columns * PanelSize, layers * PanelSize, path, title,
+        PngPicture.Save(multiplot, path, columns * PanelSize, layers * PanelSize, title,
              $"T = {t}; black = static/local pattern, colour = routing cluster of the query's group or LSH bucket of the query (first round), white = not attended");
     }
 
@@ -56,14 +47,8 @@ internal static class AttentionRendering
         var multiplot = new Multiplot();
         multiplot.AddPlots(1);
         var plot = multiplot.GetPlots()[0];
-        var heatmap = plot.Add.Heatmap(values);
-        heatmap.Colormap = new ClusterColormap(clusters);
-        heatmap.ManualRange = new ScottPlot.Range(0, clusters);
-        heatmap.NaNCellColor = Colors.White;
-        heatmap.CellAlignment = Alignment.LowerLeft;
+        ClusterHeatmap(plot, values, clusters);
         plot.Axes.SetLimits(0, t, rows, 0);
-        plot.HideGrid();
-        plot.Font.Set(PlotStyle.SansSerif);
         plot.Axes.Left.SetTicks(Enumerable.Range(0, rows).Select(r => r + 0.5).ToArray(),
                                 routing.Select(h => $"L{h.Layer} H{h.Head}").ToArray());
         if (t <= 160)
@@ -73,27 +58,17 @@ internal static class AttentionRendering
         }
         plot.XLabel("position (text below)", 12);
         int width = Math.Max(900, Math.Min(2400, 12 * t + 120)), height = 120 + 36 * rows;
-        Save(multiplot, width, height, path, title, $"T = {t}; colour = cluster of the group the position's query joined ({clusters} clusters per head), white = none");
+        PngPicture.Save(multiplot, path, width, height, title, $"T = {t}; colour = cluster of the group the position's query joined ({clusters} clusters per head), white = none");
     }
 
-    private static void Save(Multiplot multiplot, int plotsWidth, int plotsHeight, string path, string title, string subtitle)
+    /// <summary>Draws <paramref name="values"/> (cluster + 1 per cell, NaN = not attended) with one colour per cluster.</summary>
+    private static void ClusterHeatmap(Plot plot, double[,] values, int clusters)
     {
-        int width = Math.Max(plotsWidth, 720), height = HeaderHeight + plotsHeight;
-        using var surface = SKSurface.Create(new SKImageInfo(width, height, SKColorType.Rgba8888, SKAlphaType.Premul));
-        var canvas = surface.Canvas;
-        canvas.Clear(SKColors.White);
-        using (var panels = SKSurface.Create(new SKImageInfo(plotsWidth, plotsHeight, SKColorType.Rgba8888, SKAlphaType.Premul)))
-        {
-            multiplot.Render(panels);
-            using var image = panels.Snapshot();
-            canvas.DrawImage(image, (width - plotsWidth) / 2f, HeaderHeight);
-        }
-        using var paint = new SKPaint { Color = SKColors.Black, IsAntialias = true };
-        using var typeface = SKTypeface.FromFamilyName(PlotStyle.SansSerif) ?? SKTypeface.Default;
-        using (var big = new SKFont(typeface, 18)) canvas.DrawText(title, 12, 24, SKTextAlign.Left, big, paint);
-        using (var small = new SKFont(typeface, 13)) canvas.DrawText(subtitle, 12, 46, SKTextAlign.Left, small, paint);
-        using var snapshot = surface.Snapshot();
-        using var png = snapshot.Encode(SKEncodedImageFormat.Png, 100);
-        AtomicFile.WriteAllBytes(path, png.ToArray());
+        var heatmap = plot.Add.Heatmap(values);
+        heatmap.Colormap = new ClusterColormap(clusters);
+        heatmap.ManualRange = new ScottPlot.Range(0, clusters);
+        heatmap.NaNCellColor = Colors.White;
+        heatmap.CellAlignment = Alignment.LowerLeft;
+        plot.HideGrid();
     }
 }

@@ -294,7 +294,7 @@ internal sealed class CompareCommand
         Directory.CreateDirectory(dir);
         using var runLock = RunLock.Acquire(dir, output.WriteLine);
         string logPath = Path.Combine(dir, "log.jsonl");
-        BenchCommand.ResetPeakRss();                                       // this configuration's own peak (sequential runs share a process)
+        ProcessMemory.ResetPeakRss();                                       // this configuration's own peak (sequential runs share a process)
         Trainer trainer;
         double cpuSeconds = 0;                                             // CPU time of training steps over all sessions
         var existing = Checkpoint.List(dir);
@@ -335,7 +335,7 @@ internal sealed class CompareCommand
                 if (!double.IsFinite(bpc))
                     throw new CliFailureException($"{entry.Name}: training diverged (val bpc {bpc} at step {trainer.Step}); try a lower --lr.");
                 var point = new Point(trainer.Step, trainer.TokensSeen, Math.Round(trainer.ElapsedSeconds, 3), lossCount > 0 ? Math.Round(lossSum / lossCount, 6) : null,
-                    Math.Round(bpc, 6), intervalSeconds > 0 ? Math.Round(intervalTokens / intervalSeconds, 1) : null, Math.Round(BenchCommand.PeakRssMb(), 1),
+                    Math.Round(bpc, 6), intervalSeconds > 0 ? Math.Round(intervalTokens / intervalSeconds, 1) : null, Math.Round(ProcessMemory.PeakRssMb(), 1),
                     Math.Round(cpuSeconds, 3));
                 File.AppendAllText(logPath, JsonSerializer.Serialize(point, Line) + "\n");
                 string line = $"step {trainer.Step}  val_bpc {bpc:F4}  {(point.TokensPerSecond is double t ? $"{t:F0} tok/s" : "")}";
@@ -386,7 +386,7 @@ internal sealed class CompareCommand
             var points = ReadLog(logPath);
             var result = new Result(entry.Name, entry.Spec, parameters, trainer.Step, trainer.TokensSeen, Math.Round(trainer.ElapsedSeconds, 3), Math.Round(cpuSeconds, 3),
                 Math.Round(trainer.TokensSeen / Math.Max(trainer.ElapsedSeconds, 1e-9), 1), points[^1].ValBpc, bits.Select(b => Math.Round(b, 6)).ToArray(),
-                (int)Math.Ceiling((double)plan.Options.SeqLen / plan.Buckets), Math.Round(Math.Max(points.Max(p => p.PeakRssMb), BenchCommand.PeakRssMb()), 1),
+                (int)Math.Ceiling((double)plan.Options.SeqLen / plan.Buckets), Math.Round(Math.Max(points.Max(p => p.PeakRssMb), ProcessMemory.PeakRssMb()), 1),
                 threads ?? TorchSharp.torch.get_num_threads());
             AtomicFile.WriteAllText(Path.Combine(dir, "result.json"), JsonSerializer.Serialize(result, Json));
             output.WriteLine($"{entry.Name}: done, step {result.Steps}, val_bpc {result.ValBpc:F4}, {result.TokensPerSecond:F0} tok/s");

@@ -5,12 +5,6 @@ namespace SparseAttention.Cli;
 /// <summary>compare.png: validation bpc against training time and against tokens, and bpc by position in the window.</summary>
 internal static class ComparePictures
 {
-    private static readonly Color[] Palette =
-    [
-        new(0x1f, 0x77, 0xb4), new(0xd6, 0x27, 0x28), new(0x2c, 0xa0, 0x2c), new(0xff, 0x7f, 0x0e),
-        new(0x94, 0x67, 0xbd), new(0x8c, 0x56, 0x4b), new(0xe3, 0x77, 0xc2), new(0x7f, 0x7f, 0x7f),
-    ];
-
     public static void Curves(string path, IReadOnlyList<(string Name, List<CompareCommand.Point> Log, CompareCommand.Result Result)> runs, CompareCommand.Plan plan)
     {
         var multiplot = new Multiplot();
@@ -32,15 +26,11 @@ internal static class ComparePictures
             var (title, xLabel, x) = panels[i];
             for (int r = 0; r < runs.Count; r++)
             {
-                var line = plots[i].Add.ScatterLine(runs[r].Log.Select(x).ToArray(), runs[r].Log.Select(p => p.ValBpc).ToArray(), Palette[r % Palette.Length]);
-                line.LineWidth = 2;
-                line.MarkerSize = 4;
-                line.LegendText = $"{runs[r].Name} ({runs[r].Result.Parameters:N0} params)";
+                PlotStyle.Line(plots[i], runs[r].Log.Select(x).ToArray(), runs[r].Log.Select(p => p.ValBpc).ToArray(), PlotStyle.Series(r),
+                    $"{runs[r].Name} ({runs[r].Result.Parameters:N0} params)", markerSize: 4);
             }
             plots[i].Axes.SetLimitsY(bottom - 0.05, top + 0.05);
-            plots[i].Title(title, 14);
-            plots[i].XLabel(xLabel, 13);
-            plots[i].YLabel("validation bits per byte", 13);
+            PlotStyle.Label(plots[i], title, xLabel, "validation bits per byte");
             plots[i].ShowLegend(Alignment.UpperRight);
         }
         var byPos = plots[2];
@@ -49,16 +39,11 @@ internal static class ComparePictures
             var bits = runs[r].Result.BpcByPosition;
             int size = runs[r].Result.BucketSize;
             var xs = Enumerable.Range(0, bits.Length).Select(k => (k + 0.5) * size).ToArray();
-            var line = byPos.Add.ScatterLine(xs, bits, Palette[r % Palette.Length]);
-            line.LineWidth = 2;
-            line.MarkerSize = 6;
-            line.LegendText = runs[r].Name;
+            PlotStyle.Line(byPos, xs, bits, PlotStyle.Series(r), runs[r].Name, markerSize: 6);
         }
-        byPos.Title("bpc by position in the window (final models)", 14);
-        byPos.XLabel($"position of the predicted byte (buckets of {runs[0].Result.BucketSize})", 13);
-        byPos.YLabel("bits per byte", 13);
+        PlotStyle.Label(byPos, "bpc by position in the window (final models)", $"position of the predicted byte (buckets of {runs[0].Result.BucketSize})", "bits per byte");
         byPos.ShowLegend(Alignment.UpperRight);
-        DemoPictures.Save(multiplot, path, 1800, 520, $"compare: {plan.Describe()} each",
+        PngPicture.Save(multiplot, path, 1800, 520, $"compare: {plan.Describe()} each",
             $"{Path.GetFileName(plan.Data)}, seq_len {plan.Options.SeqLen}, batch {plan.Options.BatchSize}, seed {plan.Options.Seed}, " +
             $"{plan.Options.EvalBatches * plan.Options.BatchSize} held-out windows; {DateTime.UtcNow:yyyy-MM-dd}");
     }

@@ -56,28 +56,18 @@ internal sealed class CurvesCommand
         if (train.Count == 0 && val.Count == 0) throw new CliUsageException($"--run: {log} holds no loss or val_bpc values yet.");
 
         var plot = new Plot();
-        plot.Font.Set(PlotStyle.SansSerif);
         if (train.Count > 0)
-        {
-            var s = plot.Add.ScatterLine(train.Select(p => (double)p.Step).ToArray(), train.Select(p => p.TrainBits!.Value).ToArray());
-            s.LegendText = "training loss (bits/byte)";
-            s.LineWidth = 1.5f;
-            s.Color = Colors.SteelBlue;
-        }
+            PlotStyle.Line(plot, train.Select(p => (double)p.Step).ToArray(), train.Select(p => p.TrainBits!.Value).ToArray(), Colors.SteelBlue,
+                "training loss (bits/byte)", lineWidth: 1.5f);
         if (val.Count > 0)
-        {
-            var s = plot.Add.Scatter(val.Select(p => (double)p.Step).ToArray(), val.Select(p => p.ValBpc!.Value).ToArray());
-            s.LegendText = "validation bits/byte";
-            s.LineWidth = 2;
-            s.MarkerSize = 6;
-            s.Color = Colors.OrangeRed;
-        }
-        plot.Title($"Learning curves — {Path.GetFileName(Path.GetDirectoryName(Path.GetFullPath(log)))}");
-        plot.XLabel("optimizer step");
-        plot.YLabel("bits per byte of text");
+            PlotStyle.Line(plot, val.Select(p => (double)p.Step).ToArray(), val.Select(p => p.ValBpc!.Value).ToArray(), Colors.OrangeRed,
+                "validation bits/byte", markerSize: 6);
+        PlotStyle.Label(plot, "", "optimizer step", "bits per byte of text");
         plot.ShowLegend(Alignment.UpperRight);
         string outPath = parse.GetValue(outOption)!;
-        AtomicFile.WriteAllBytes(outPath, plot.GetImageBytes(900, 540, ImageFormat.Png));
+        string runName = Path.GetFileName(Path.GetDirectoryName(Path.GetFullPath(log)))!;
+        PngPicture.Save(plot, outPath, 900, 540 - PngPicture.HeaderHeight, $"Learning curves — {runName}",
+            $"{log}: {train.Count} training points, {val.Count} validation points");
         output.WriteLine($"wrote {outPath}: {train.Count} training points, {val.Count} validation points" +
                          (val.Count > 0 ? $" (val_bpc {val[0].ValBpc:F3} at step {val[0].Step} → {val[^1].ValBpc:F3} at step {val[^1].Step})" : ""));
         return CliApp.Ok;

@@ -5,6 +5,7 @@ using System.Text.Json;
 using SparseAttention.Model;
 using Spectre.Console;
 using static TorchSharp.torch;
+using SparseAttention.Training;
 
 namespace SparseAttention.Cli;
 

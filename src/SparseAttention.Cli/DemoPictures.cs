@@ -1,19 +1,12 @@
 using ScottPlot;
-using SkiaSharp;
 
 namespace SparseAttention.Cli;
 
 /// <summary>The demo's two PNGs: learning curves, and the routing clusters over one sequence.</summary>
 internal static class DemoPictures
 {
-    private const int HeaderHeight = 64;
-    /// <summary>A sans-serif family installed here (the platform default is often a serif face).</summary>
-    private static readonly string SansSerif =
-        new[] { "DejaVu Sans", "Liberation Sans", "Noto Sans", "Arial", "Helvetica" }
-            .FirstOrDefault(f => SKFontManager.Default.MatchFamily(f)?.FamilyName == f) ?? Fonts.Default;
-
-    private static readonly Color LocalColor = new(0x1f, 0x77, 0xb4);     // blue
-    private static readonly Color RoutingColor = new(0xd6, 0x27, 0x28);   // red
+    private static readonly Color LocalColor = PlotStyle.Series(0);       // blue
+    private static readonly Color RoutingColor = PlotStyle.Series(1);     // red
 
     /// <summary>
     /// Two panels: training loss on the answers (nats) and answer accuracy on each step's fresh batch, for both
@@ -40,21 +33,17 @@ internal static class DemoPictures
             {
                 var ys = MovingAverage(values(m), window);
                 var xs = Enumerable.Range(1, ys.Length).Select(i => (double)i).ToArray();
-                var line = plot.Add.ScatterLine(xs, ys, m.Name == "routing" ? RoutingColor : LocalColor);
-                line.LineWidth = 2;
-                line.LegendText = $"{m.Name} ({m.Parameters:N0} params)";
+                PlotStyle.Line(plot, xs, ys, m.Name == "routing" ? RoutingColor : LocalColor, $"{m.Name} ({m.Parameters:N0} params)");
             }
             var chanceLine = plot.Add.HorizontalLine(chanceLevel, 1.5f, Colors.Gray, LinePattern.Dashed);
             chanceLine.LegendText = p == 0 ? "chance (ln V)" : "chance (1/V)";
             chanceLine.LabelText = "";
             if (p == 1) plot.Axes.SetLimitsY(0, 1.02);
             plot.Axes.SetLimitsX(0, Math.Max(1, steps));
-            plot.Title(title, 14);
-            plot.XLabel($"training step (moving average of {window})", 13);
-            plot.YLabel(yLabel, 13);
+            PlotStyle.Label(plot, title, $"training step (moving average of {window})", yLabel);
             plot.ShowLegend(p == 0 ? Alignment.UpperRight : Alignment.MiddleRight);   // clear of both curves
         }
-        Save(multiplot, path, 1200, 480, "Learning curves: local attention vs routing attention", subtitle);
+        PngPicture.Save(multiplot, path, 1200, 480, "Learning curves: local attention vs routing attention", subtitle);
     }
 
     /// <summary>
@@ -90,8 +79,8 @@ internal static class DemoPictures
             bool IsKey(long token) => token >= RecallTask.FirstKey && token < task.FirstValue;
             bool IsValue(long token) => token >= task.FirstValue;
             Points(t => Token(t) == RecallTask.Filler, Colors.LightGray, MarkerShape.FilledCircle, 4, "filler");
-            Points(t => IsValue(Token(t)), new Color(0xff, 0x7f, 0x0e), MarkerShape.FilledCircle, 6, "value");
-            Points(t => IsKey(Token(t)) && !stored.Contains(t) && !asked.Contains(t), new Color(0x94, 0x67, 0xbd), MarkerShape.FilledCircle, 6, "stored key (not asked)");
+            Points(t => IsValue(Token(t)), PlotStyle.Series(3), MarkerShape.FilledCircle, 6, "value");
+            Points(t => IsKey(Token(t)) && !stored.Contains(t) && !asked.Contains(t), PlotStyle.Series(4), MarkerShape.FilledCircle, 6, "stored key (not asked)");
             Points(t => Token(t) == RecallTask.Marker, Colors.Black, MarkerShape.Cross, 6, "?");
             Points(t => stored.Contains(t), LocalColor, MarkerShape.FilledSquare, 8, "stored key (asked later)");
             Points(t => asked.Contains(t), RoutingColor, MarkerShape.FilledTriangleUp, 9, "question key");
@@ -100,7 +89,7 @@ internal static class DemoPictures
                 int a = example.AnswerPositions[i], r = example.RecordPositions[i];
                 bool together = groups[h][a] >= 0 && groups[h][a] == groups[h][r];
                 var link = plot.Add.Line(r, clusters[h][r], a, clusters[h][a]);
-                link.LineColor = together ? new Color(0x2c, 0xa0, 0x2c) : Colors.Gray.WithAlpha(140);
+                link.LineColor = together ? PlotStyle.Series(2) : Colors.Gray.WithAlpha(140);
                 link.LineWidth = together ? 1.5f : 1;
                 link.LinePattern = together ? LinePattern.Solid : LinePattern.Dotted;
                 link.MarkerSize = 0;
@@ -108,12 +97,11 @@ internal static class DemoPictures
             int shared = Enumerable.Range(0, example.AnswerPositions.Length)
                 .Count(i => groups[h][example.AnswerPositions[i]] >= 0 && groups[h][example.AnswerPositions[i]] == groups[h][example.RecordPositions[i]]);
             plot.Axes.SetLimits(-2, seqLen + 1, -0.7, clusterCount - 0.3);
-            plot.Title($"routing head {h}: {shared} of {example.AnswerPositions.Length} questions share a group with their stored key (green lines)", 13);
-            plot.XLabel("position", 12);
-            plot.YLabel("cluster", 12);
+            PlotStyle.Label(plot, $"routing head {h}: {shared} of {example.AnswerPositions.Length} questions share a group with their stored key (green lines)",
+                "position", "cluster", 13, 12);
             plot.ShowLegend(Edge.Bottom);
         }
-        Save(multiplot, path, 1200, 40 + 380 * heads, "Routing clusters over one held-out sequence", subtitle);
+        PngPicture.Save(multiplot, path, 1200, 40 + 380 * heads, "Routing clusters over one held-out sequence", subtitle);
     }
 
     private static double[] MovingAverage(List<double> values, int window)
@@ -127,31 +115,5 @@ internal static class DemoPictures
             result[i] = sum / Math.Min(i + 1, window);
         }
         return result;
-    }
-
-    /// <summary>Renders the panels under a two-line header and writes the PNG atomically.</summary>
-    internal static void Save(Multiplot multiplot, string path, int width, int plotsHeight, string title, string subtitle)
-    {
-        foreach (var plot in multiplot.GetPlots()) plot.Font.Set(SansSerif);
-        int height = HeaderHeight + plotsHeight;
-        using var surface = SKSurface.Create(new SKImageInfo(width, height, SKColorType.Rgba8888, SKAlphaType.Premul));
-        var canvas = surface.Canvas;
-        canvas.Clear(SKColors.White);
-        using (var panels = SKSurface.Create(new SKImageInfo(width, plotsHeight, SKColorType.Rgba8888, SKAlphaType.Premul)))
-        {
-            multiplot.Render(panels);
-            using var image = panels.Snapshot();
-            canvas.DrawImage(image, 0, HeaderHeight);
-        }
-        using var paint = new SKPaint { Color = SKColors.Black, IsAntialias = true };
-        foreach (var (text, y, size) in new[] { (title, 28f, 20f), (subtitle, 52f, 14f) })
-        {
-            using var font = new SKFont(SKTypeface.FromFamilyName(SansSerif) ?? SKTypeface.Default, size);
-            while (font.Size > 8 && font.MeasureText(text) > width - 24) font.Size -= 1;   // shrink until it fits
-            canvas.DrawText(text, 12, y, SKTextAlign.Left, font, paint);
-        }
-        using var snapshot = surface.Snapshot();
-        using var png = snapshot.Encode(SKEncodedImageFormat.Png, 100);
-        AtomicFile.WriteAllBytes(path, png.ToArray());
     }
 }

@@ -56,7 +56,8 @@ internal sealed class EvalCommand
         if (tokenizer.Tokenize(data) is not { Length: >= 2 } text)
             throw new CliUsageException($"--data: the text gives fewer than 2 {tokenizer.Name} tokens; nothing to predict.");
         if (device.type != DeviceType.CPU) loaded.Model.to(device);
-        var (nats, tokens, bytes, windows) = NextTokenNats(loaded.Model, text, loaded.Config.MaxSeqLen, batchSize);
+        var windows = Windows(checked((int)text.Length), loaded.Config.MaxSeqLen).Select(w => ((long)w.Start, w.Length)).ToList();
+        var (nats, tokens, bytes) = NextTokenEvaluation.Run(loaded.Model, text, windows, batchSize);
         double bpc = nats / bytes / Math.Log(2), loss = nats / tokens;
         string unit = CliTokenizer.Unit(tokenizer);
         if (parse.GetValue(jsonOption))
@@ -66,7 +67,7 @@ internal sealed class EvalCommand
             output.WriteLine($"{{\"bpc\":{Number(bpc)}, \"tokens\":{tokens}, \"bytes\":{bytes}, \"loss\":{Number(loss)}, \"tokenizer\":\"{tokenizer.Name}\"}}");
         }
         else
-            output.WriteLine($"bpc {bpc:F4} over {tokens:N0} predicted {unit} ({windows:N0} windows of up to {loaded.Config.MaxSeqLen} {unit})" +
+            output.WriteLine($"bpc {bpc:F4} over {tokens:N0} predicted {unit} ({windows.Count:N0} windows of up to {loaded.Config.MaxSeqLen} {unit})" +
                              (tokenizer.Kind == TokenizerKind.Bytes ? "" : $" covering {bytes:N0} bytes") +
                              $"; loss {loss:F4} nats/token; with {loaded.Describe()} in {watch.Elapsed.TotalSeconds:F1} s");
         if (!double.IsFinite(bpc))
@@ -80,43 +81,5 @@ internal sealed class EvalCommand
         int stride = Math.Max(1, seqLen - 1);
         for (long start = 0; start < dataLength - 1; start += stride)
             yield return ((int)start, (int)Math.Min(seqLen, dataLength - start));
-    }
-
-    /// <summary>Summed next-token cross-entropy (nats) over all windows, the number of predicted tokens, the original bytes
-    /// they stand for, and the number of windows.</summary>
-    internal static (double Nats, long Tokens, long Bytes, int Windows) NextTokenNats(RoutingTransformerLM model, TokenText data, int seqLen, int batchSize)
-    {
-        model.eval();
-        using var noGrad = no_grad();
-        var device = model.parameters().First().device;                                    // batches go where the model is
-        double nats = 0;
-        long tokens = 0, bytes = 0;
-        var windows = Windows(checked((int)data.Length), seqLen).ToList();
-        // Windows of one length go through the model together (all full windows; the last may be shorter).
-        foreach (var sameLength in windows.GroupBy(w => w.Length))
-        {
-            var list = sameLength.ToList();
-            int length = sameLength.Key;
-            for (int first = 0; first < list.Count; first += batchSize)
-            {
-                using var scope = NewDisposeScope();
-                int b = Math.Min(batchSize, list.Count - first);
-                var ids = new long[b * length];
-                for (int i = 0; i < b; i++)
-                    for (int t = 0; t < length; t++)
-                    {
-                        ids[i * length + t] = data[list[first + i].Start + t];
-                        if (t > 0) bytes += data.ByteLength(list[first + i].Start + t);          // a predicted token
-                    }
-                var batch = tensor(ids, new long[] { b, length }, device: device);                  // (B, T)
-                var logits = model.forward(batch, null).Logits;                                      // (B, T, NumTokens)
-                var predictions = logits.narrow(1, 0, length - 1).reshape(-1, logits.shape[2]);      // (B·(T−1), NumTokens)
-                var targets = batch.narrow(1, 1, length - 1).reshape(-1);                            // (B·(T−1))
-                var summed = nn.functional.cross_entropy(predictions.to(ScalarType.Float64), targets, reduction: nn.Reduction.Sum);
-                nats += summed.item<double>();
-                tokens += b * (length - 1);
-            }
-        }
-        return (nats, tokens, bytes, windows.Count);
     }
 }

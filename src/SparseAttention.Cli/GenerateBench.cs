@@ -69,7 +69,7 @@ internal sealed class GenerateBench
             using var scope = NewDisposeScope();
             using var noGrad = no_grad();
             var sequence = randint(0, config.NumTokens, new long[] { 1, position + tokens + 2 }, generator: generator);
-            BenchCommand.ResetPeakRss();
+            ProcessMemory.ResetPeakRss();
             var watch = Stopwatch.StartNew();
             using var state = model.StartDecoding(sequence.narrow(1, 0, position));
             double prefill = watch.Elapsed.TotalMilliseconds;
@@ -80,7 +80,7 @@ internal sealed class GenerateBench
                 using (NewDisposeScope()) state.Append(sequence.select(1, position + i));
                 if (i >= 2) times.Add(watch.Elapsed.TotalMilliseconds);   // the first two steps warm up
             }
-            double peak = BenchCommand.PeakRssMb();
+            double peak = ProcessMemory.PeakRssMb();
             times.Sort();
             double? uncached = null;
             if (uncachedTokens > 0)
@@ -105,8 +105,8 @@ internal sealed class GenerateBench
             var samples = new List<(int, double)>();
             using var state = model.StartDecoding(randint(0, config.NumTokens, new long[] { 1, 16 }, generator: generator));
             GC.Collect();
-            double afterPrompt = BenchCommand.CurrentRssMb();
-            BenchCommand.ResetPeakRss();
+            double afterPrompt = ProcessMemory.CurrentRssMb();
+            ProcessMemory.ResetPeakRss();
             var next = zeros(1, dtype: ScalarType.Int64);
             for (int i = 1; i <= rssTokens; i++)
             {
@@ -115,9 +115,9 @@ internal sealed class GenerateBench
                     var logits = state.Append(next);
                     next.copy_(logits.argmax(-1));
                 }
-                if (i % Math.Max(1, rssTokens / 10) == 0 || i == rssTokens) samples.Add((i, BenchCommand.CurrentRssMb()));
+                if (i % Math.Max(1, rssTokens / 10) == 0 || i == rssTokens) samples.Add((i, ProcessMemory.CurrentRssMb()));
             }
-            rss = (afterPrompt, BenchCommand.PeakRssMb(), samples);
+            rss = (afterPrompt, ProcessMemory.PeakRssMb(), samples);
         }
 
         int threads = get_num_threads();

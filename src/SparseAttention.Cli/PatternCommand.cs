@@ -3,6 +3,7 @@ using SparseAttention.Hashing;
 using SparseAttention.Modules;
 using SparseAttention.Patterns;
 using static TorchSharp.torch;
+using SparseAttention.Training;
 
 namespace SparseAttention.Cli;
 

@@ -1,7 +1,6 @@
 using System.Text;
 using System.Text.Json;
 using ScottPlot;
-using SkiaSharp;
 using SparseAttention.Patterns;
 
 namespace SparseAttention.Cli;
@@ -101,11 +100,6 @@ internal static class PatternRendering
     /// <summary>Most cells drawn per axis; longer sequences are pooled (a cell's shade = fraction allowed).</summary>
     private const int MaxCellsPerAxis = 1024;
     private const int PanelSize = 440;
-    private const int HeaderHeight = 64;
-    /// <summary>A sans-serif family installed here (the platform default is often a serif face).</summary>
-    private static readonly string SansSerif =
-        new[] { "DejaVu Sans", "Liberation Sans", "Noto Sans", "Arial", "Helvetica" }
-            .FirstOrDefault(f => SKFontManager.Default.MatchFamily(f)?.FamilyName == f) ?? Fonts.Default;
 
     /// <summary>
     /// Saves the token-level mask as a PNG, one panel per head (at most <paramref name="maxHeads"/>):
@@ -160,44 +154,13 @@ internal static class PatternRendering
             plot.Axes.SetLimits(0, t, t, 0);                               // bottom = t, top = 0: query 0 at the top
             plot.Axes.SquareUnits();
             plot.HideGrid();
-            plot.Font.Set(SansSerif);
-            plot.Title($"head {h}", 14);
-            plot.XLabel("key", 13);
-            plot.YLabel("query", 13);
+            PlotStyle.Label(plot, $"head {h}", "key", "query");
         }
 
-        // The panels are rendered on their own (a multiplot clears the whole canvas it is given), then
-        // placed under a header naming the pattern and its parameters.
-        int plotsWidth = columns * PanelSize, plotsHeight = rows * PanelSize;
-        int width = Math.Max(plotsWidth, 720), height = HeaderHeight + plotsHeight;
-        using var surface = SKSurface.Create(new SKImageInfo(width, height, SKColorType.Rgba8888, SKAlphaType.Premul));
-        var canvas = surface.Canvas;
-        canvas.Clear(SKColors.White);
-        using (var panelsSurface = SKSurface.Create(new SKImageInfo(plotsWidth, plotsHeight, SKColorType.Rgba8888, SKAlphaType.Premul)))
-        {
-            multiplot.Render(panelsSurface);
-            using var panelsImage = panelsSurface.Snapshot();
-            canvas.DrawImage(panelsImage, (width - plotsWidth) / 2f, HeaderHeight);
-        }
-        string title = mask.Name;
         string subtitle = $"seq_len={t}  block={mask.BlockSize}  heads={mask.Heads}  sparsity={mask.Sparsity:F3}  " +
                           $"visited blocks={mask.BlockDensity:P1}  (dark = may attend" +
                           (pool > 1 ? $"; {pool}×{pool} tokens per cell" : "") +
                           (panels < mask.Heads ? $"; {panels} of {mask.Heads} heads drawn" : "") + ")";
-        using var paint = new SKPaint { Color = SKColors.Black, IsAntialias = true };
-        DrawFitted(canvas, title, 12, 28, width - 24, 20, paint);
-        DrawFitted(canvas, subtitle, 12, 52, width - 24, 14, paint);
-
-        using var image = surface.Snapshot();
-        using var png = image.Encode(SKEncodedImageFormat.Png, 100);
-        AtomicFile.WriteAllBytes(path, png.ToArray());
-    }
-
-    /// <summary>Draws one line of text, shrinking the font until it fits <paramref name="maxWidth"/>.</summary>
-    private static void DrawFitted(SKCanvas canvas, string text, float x, float y, float maxWidth, float size, SKPaint paint)
-    {
-        using var font = new SKFont(SKTypeface.FromFamilyName(SansSerif) ?? SKTypeface.Default, size);
-        while (font.Size > 8 && font.MeasureText(text) > maxWidth) font.Size -= 1;
-        canvas.DrawText(text, x, y, SKTextAlign.Left, font, paint);
+        PngPicture.Save(multiplot, path, columns * PanelSize, rows * PanelSize, mask.Name, subtitle);
     }
 }

@@ -146,7 +146,7 @@ public sealed class CheckpointTests : TrainTestBase
         Checkpoint.Save(trainer, path);
         var before = File.ReadAllBytes(path);
 
-        var e = Assert.Throws<IOException>(() => Checkpoint.WriteAtomic(path, stream =>
+        var e = Assert.Throws<IOException>(() => AtomicFile.Write(path, stream =>
         {
             stream.Write(before, 0, before.Length / 3);   // half-written new content ...
             throw new IOException("disk full (simulated)"); // ... then the writer dies

@@ -19,7 +19,7 @@ public sealed class CheckpointException(string message, Exception? inner = null)
 /// <remarks>
 /// Layout: magic <c>SPATCKPT</c>, int32 format version, int64 payload length, payload, SHA-256 of the payload.
 /// Payload: header JSON (string), RNG state (int32 length + bytes), model (<c>Module.save</c>), optimizer
-/// (<c>save_state_dict</c>). Files are written to <c>FILE.tmp</c> and renamed over <c>FILE</c>, so a failed
+/// (<c>save_state_dict</c>). Files are written through <see cref="AtomicFile"/>, so a failed
 /// save never damages an existing checkpoint. Writing and reading stream through the file (no 2 GB array limit).
 /// Weights holding NaN or ∞ are neither saved nor loaded.
 /// </remarks>
@@ -72,7 +72,7 @@ public static class Checkpoint
         ArgumentNullException.ThrowIfNull(trainer);
         if (FirstNonFinite(trainer.Model) is string bad)
             throw new CheckpointException($"refusing to save {path}: {bad} holds NaN or infinite values (the run diverged; try a lower --lr).");
-        WriteAtomic(path, stream =>
+        AtomicFile.Write(path, stream =>
         {
             using var w = new BinaryWriter(stream, Encoding.UTF8, leaveOpen: true);
             w.Write(Magic);
@@ -137,31 +137,6 @@ public static class Checkpoint
         {
             hash.AppendData(buffer);
             inner.Write(buffer);
-        }
-    }
-
-    /// <summary>Writes <paramref name="path"/> through <paramref name="write"/> into <c>path.tmp</c>, flushes it to
-    /// disk and renames it over <paramref name="path"/>; if <paramref name="write"/> throws, the temporary file is
-    /// removed and <paramref name="path"/> is left as it was.</summary>
-    public static void WriteAtomic(string path, Action<Stream> write)
-    {
-        string full = Path.GetFullPath(path);
-        string tmp = full + ".tmp";
-        string? dir = Path.GetDirectoryName(full);
-        if (!string.IsNullOrEmpty(dir)) Directory.CreateDirectory(dir);
-        try
-        {
-            using (var stream = new FileStream(tmp, FileMode.Create, FileAccess.Write, FileShare.None))
-            {
-                write(stream);
-                stream.Flush(flushToDisk: true);
-            }
-            File.Move(tmp, full, overwrite: true);
-        }
-        catch
-        {
-            try { File.Delete(tmp); } catch (IOException) { } catch (UnauthorizedAccessException) { }
-            throw;
         }
     }
 

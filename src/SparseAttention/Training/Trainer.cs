@@ -40,7 +40,7 @@ public readonly record struct ValidationResult(double Nats, long Tokens, long By
 public sealed partial class Trainer : IDisposable
 {
     private readonly TokenText train, validation;
-    private readonly AdamW optimizer;
+    private readonly TrainingStep trainingStep;
 
     /// <summary>The model being trained.</summary>
     public RoutingTransformerLM Model { get; }
@@ -65,7 +65,7 @@ public sealed partial class Trainer : IDisposable
     /// <summary>Skipped steps in a row (0 after an applied step).</summary>
     public int ConsecutiveSkippedSteps { get; private set; }
 
-    internal AdamW Optimizer => optimizer;
+    internal AdamW Optimizer => trainingStep.Optimizer;
 
     /// <summary>A fresh run: seeds libtorch's global generator with Options.Seed, then builds the model and optimizer.
     /// <paramref name="train"/> and <paramref name="validation"/> must come from the configuration's tokenizer
@@ -104,7 +104,7 @@ public sealed partial class Trainer : IDisposable
         Device = device ?? CPU;
         Model = new RoutingTransformerLM(config);
         if (Device.type != DeviceType.CPU) Model.to(Device);                          // before the optimizer sees the parameters
-        optimizer = optim.AdamW(Model.parameters(), options.LearningRate, weight_decay: options.WeightDecay);
+        trainingStep = new TrainingStep(Model, options.LearningRate, options.WeightDecay);
         SamplerState = (ulong)options.Seed ^ 0x9E3779B97F4A7C15UL;
     }
 
@@ -113,8 +113,7 @@ public sealed partial class Trainer : IDisposable
     /// the weights, the optimizer moments or the k-means centroids.</summary>
     public StepResult TrainStep()
     {
-        Model.train();
-        optimizer.zero_grad();
+        trainingStep.Begin();
         Parallel?.ReseedReplica(Options.Seed, Step);
         double lossSum = 0, totalSum = 0;
         long tokens = 0, predicted = 0, bytes = 0;
@@ -122,10 +121,7 @@ public sealed partial class Trainer : IDisposable
         {
             using var scope = NewDisposeScope();
             var batch = NextBatch();                                                   // (B, T)
-            var (logits, aux) = Model.forward(batch, null);                            // (B, T, NumTokens)
-            var lm = LanguageModelLoss.NextToken(logits, batch);
-            var total = lm + aux;
-            (total / Options.Accumulation).backward();
+            var (_, lm, total) = trainingStep.Backward(batch, accumulation: Options.Accumulation);
             lossSum += lm.item<float>();
             totalSum += total.item<float>();
             tokens += batch.numel();
@@ -135,24 +131,17 @@ public sealed partial class Trainer : IDisposable
         }
         if (Parallel is not null) (lossSum, totalSum, tokens) = AverageOverRanks(lossSum, totalSum, tokens);
         double bytesPerToken = (double)bytes / predicted;                              // this rank's batches
-        double gradNorm = GradientNorm();
         double lr = Options.LearningRateAt(Step);
-        if (!double.IsFinite(totalSum) || !double.IsFinite(gradNorm))
+        var (gradNorm, skipped) = trainingStep.Apply(lr, Options.ClipNorm, skipNonFinite: true, totalSum);
+        TokensSeen += tokens;
+        if (skipped)
         {
-            optimizer.zero_grad();
-            foreach (var kmeans in OnlineKMeans.All(Model)) kmeans.DiscardPendingStatistics();
             SkippedSteps++;
             ConsecutiveSkippedSteps++;
-            TokensSeen += tokens;
             return new StepResult(Step, lossSum / Options.Accumulation, lr, tokens, gradNorm, Skipped: true, bytesPerToken);
         }
         ConsecutiveSkippedSteps = 0;
-        if (Options.ClipNorm > 0) nn.utils.clip_grad_norm_(Model.parameters(), Options.ClipNorm);
-        foreach (var group in optimizer.ParamGroups) group.LearningRate = lr;
-        optimizer.step();
-        OnlineKMeans.UpdateAll(Model);
         Step++;
-        TokensSeen += tokens;
         return new StepResult(Step, lossSum / Options.Accumulation, lr, tokens, gradNorm, BytesPerToken: bytesPerToken);
     }
 
@@ -165,33 +154,10 @@ public sealed partial class Trainer : IDisposable
         return sum;
     }
 
-    /// <summary>Global L2 norm of the parameters' gradients (float64 accumulation; NaN/∞ propagate).</summary>
-    private double GradientNorm()
-    {
-        using var scope = NewDisposeScope();
-        double sumSquares = 0;
-        foreach (var p in Model.parameters())
-            if (p.grad is Tensor g) sumSquares += g.to(ScalarType.Float64).pow(2).sum().item<double>();
-        return Math.Sqrt(sumSquares);
-    }
-
     /// <summary>Validation loss over up to Options.EvalBatches batches of non-overlapping windows from the start of the
     /// validation tokens (the same windows every time): summed next-token cross-entropy, tokens predicted and the original
     /// bytes they cover, so that <see cref="ValidationResult.BitsPerByte"/> compares models of any tokenizer on one scale.</summary>
-    public ValidationResult ValidationLoss()
-    {
-        double nats = 0;
-        long count = 0, bytes = 0;
-        ForEachValidationBatch((batch, logits, byteLengths) =>
-        {
-            long b = batch.shape[0], seqLen = batch.shape[1];
-            nats += LanguageModelLoss.NextToken(logits, batch).item<float>() * b * (seqLen - 1);
-            count += b * (seqLen - 1);
-            for (int i = 0; i < b; i++)
-                for (int t = 1; t < seqLen; t++) bytes += byteLengths[i * seqLen + t];         // the predicted tokens
-        });
-        return new ValidationResult(nats, count, bytes);
-    }
+    public ValidationResult ValidationLoss() => NextTokenEvaluation.Run(Model, validation, ValidationWindows(), Options.BatchSize);
 
     /// <summary>Validation bits per byte of the original text (<see cref="ValidationLoss"/>); for a byte-level model the bits per
     /// character (mean next-byte cross-entropy / ln 2) of earlier versions, bit for bit.</summary>
@@ -207,20 +173,8 @@ public sealed partial class Trainer : IDisposable
         Check.That(buckets >= 1 && buckets <= Options.SeqLen - 1, nameof(buckets), $"must be in [1, seq_len − 1 = {Options.SeqLen - 1}], got {buckets}.");
         var nats = new double[Options.SeqLen - 1];
         var bytes = new long[Options.SeqLen - 1];
-        long windows = 0;
-        ForEachValidationBatch((batch, logits, byteLengths) =>
-        {
-            long b = batch.shape[0], seqLen = batch.shape[1];
-            var predictions = logits.narrow(1, 0, seqLen - 1).reshape(-1, logits.shape[2]).to(ScalarType.Float64);    // (B·(T−1), NumTokens)
-            var targets = batch.narrow(1, 1, seqLen - 1).reshape(-1);                                                 // (B·(T−1))
-            var perToken = nn.functional.cross_entropy(predictions, targets, reduction: nn.Reduction.None)
-                .reshape(b, seqLen - 1).sum(0L);                                                                       // (T−1)
-            var values = perToken.cpu().data<double>().ToArray();
-            for (int i = 0; i < values.Length; i++) nats[i] += values[i];
-            for (int i = 0; i < b; i++)
-                for (int t = 1; t < seqLen; t++) bytes[t - 1] += byteLengths[i * seqLen + t];
-            windows += b;
-        });
+        var windows = ValidationWindows();
+        NextTokenEvaluation.Run(Model, validation, windows, Options.BatchSize, nats, bytes);
         var bits = new double[buckets];
         var counts = new long[buckets];
         var bucketBytes = new long[buckets];
@@ -228,44 +182,22 @@ public sealed partial class Trainer : IDisposable
         {
             int bucket = (int)((long)(i + 1) * buckets / Options.SeqLen);                                             // position of the predicted token
             bits[bucket] += nats[i];
-            counts[bucket] += windows;
+            counts[bucket] += windows.Count;
             bucketBytes[bucket] += bytes[i];
         }
         for (int k = 0; k < buckets; k++) bits[k] = bits[k] / bucketBytes[k] / Math.Log(2);
         return (bits, counts);
     }
 
-    /// <summary>Runs the model (eval mode, no gradient) on the validation windows and hands each (B, SeqLen) batch, its
-    /// (B, SeqLen, NumTokens) logits and the bytes each of its tokens covers (B·SeqLen, row-major) to <paramref name="add"/>:
-    /// up to Options.EvalBatches batches of non-overlapping windows from the start of the validation tokens.</summary>
-    private void ForEachValidationBatch(Action<Tensor, Tensor, int[]> add)
+    /// <summary>The validation windows: up to Options.EvalBatches × Options.BatchSize non-overlapping windows of SeqLen
+    /// tokens from the start of the validation tokens (at least one).</summary>
+    private List<(long Start, int Length)> ValidationWindows()
     {
-        Model.eval();
-        try
-        {
-            int seqLen = Options.SeqLen;
-            long windows = Math.Min((long)Options.EvalBatches * Options.BatchSize, (validation.Length - 1) / seqLen);
-            windows = Math.Max(1, windows);
-            using var noGrad = no_grad();
-            for (long start = 0; start < windows; start += Options.BatchSize)
-            {
-                using var scope = NewDisposeScope();
-                int b = (int)Math.Min(Options.BatchSize, windows - start);
-                var data = new long[b * seqLen];
-                var byteLengths = new int[b * seqLen];
-                for (int i = 0; i < b; i++)
-                    for (int t = 0; t < seqLen; t++)
-                    {
-                        long at = (start + i) * seqLen + t;
-                        data[i * seqLen + t] = validation[at];
-                        byteLengths[i * seqLen + t] = validation.ByteLength(at);
-                    }
-                var batch = tensor(data, new long[] { b, seqLen }, device: Device);   // (B, T)
-                var (logits, _) = Model.forward(batch, null);                         // (B, T, NumTokens)
-                add(batch, logits, byteLengths);
-            }
-        }
-        finally { Model.train(); }
+        int seqLen = Options.SeqLen;
+        long windows = Math.Max(1, Math.Min((long)Options.EvalBatches * Options.BatchSize, (validation.Length - 1) / seqLen));
+        var list = new List<(long Start, int Length)>();
+        for (long w = 0; w < windows; w++) list.Add((w * seqLen, seqLen));
+        return list;
     }
 
     /// <summary>Whether the model's logits on the first validation window are all finite (one forward pass, no
@@ -318,7 +250,7 @@ public sealed partial class Trainer : IDisposable
 
     public void Dispose()
     {
-        optimizer.Dispose();
+        trainingStep.Dispose();
         Model.Dispose();
     }
 }

@@ -212,7 +212,7 @@ public static class WeightFiles
         // PyBridge copies each tensor's memory as it is: hand it contiguous CPU tensors, in the order given.
         var dict = new Dictionary<string, Tensor>(StringComparer.Ordinal);
         foreach (var (name, t) in tensors) dict[name] = t.detach().cpu().contiguous();
-        Checkpoint.WriteAtomic(path, stream =>
+        AtomicFile.Write(path, stream =>
         {
             if (format == WeightFormat.Safetensors) TorchSharp.PyBridge.Safetensors.SaveStateDict(stream, dict, leaveOpen: true);
             else PyTorchPickler.PickleStateDict(stream, dict, leaveOpen: true);
@@ -269,7 +269,7 @@ public static class WeightFiles
         string index = Path.Combine(folder, single + IndexSuffix);
         var json = JsonSerializer.Serialize(new { metadata = new { total_size = tensors.Sum(t => Bytes(t.Tensor)) }, weight_map = weightMap },
             new JsonSerializerOptions { WriteIndented = true });
-        Checkpoint.WriteAtomic(index, s => s.Write(System.Text.Encoding.UTF8.GetBytes(json)));
+        AtomicFile.WriteAllText(index, json);
         written.Add(index);
         return written;
     }
