@@ -66,6 +66,10 @@ public class DecodingTests
             PositionalEncoding = PositionalEncoding.RelativeShaw, MaxRelativePosition = 3, NLocalAttnHeads = [2], StaticHeadGroups = null,
             WindowSize = 4, SharedQk = false, NumMemKv = 1,
         },
+        ["mixture of experts + product-key memory + routing"] = Base with
+        {
+            MoeLayers = [1], PkmLayers = [2], PkmNumKeys = 5, PkmTopK = 2, PkmHeads = 2, PkmDimHead = 4, NLocalAttnHeads = [2], StaticHeadGroups = null, WindowSize = 4,
+        },
         ["alibi on static groups"] = Base with { PositionalEncoding = PositionalEncoding.Alibi },
         ["alibi on local + routing heads, shared qk"] = Base with { PositionalEncoding = PositionalEncoding.Alibi, NLocalAttnHeads = [1], StaticHeadGroups = null, WindowSize = 4 },
         ["no positions + sparsity skip first"] = Base with { PositionalEncoding = PositionalEncoding.None, Depth = 3, SparsitySkipFirst = 1, NLocalAttnHeads = [1], StaticHeadGroups = null, WindowSize = 4 },

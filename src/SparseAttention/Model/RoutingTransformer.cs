@@ -33,7 +33,7 @@ public sealed partial class RoutingTransformer : nn.Module<Tensor, Tensor?, Tens
         var blocks = new List<TransformerBlock>();
         for (int layer = 0; layer < unique; layer++)
         {
-            blocks.Add(new TransformerBlock(config, new AttentionLayer(config, layer)));
+            blocks.Add(new TransformerBlock(config, new AttentionLayer(config, layer), positionwise: config.PositionwiseKindForLayer(layer)));
             if (config.ReceivesContext) blocks.Add(new TransformerBlock(config, new CrossAttentionLayer(config, layer)));
         }
         int perLayer = config.ReceivesContext ? 2 : 1;
@@ -98,15 +98,16 @@ public sealed partial class RoutingTransformer : nn.Module<Tensor, Tensor?, Tens
             {
                 var (f, loss) = block.AttentionBranch(x2, inputMask, context, contextMask);
                 var y1 = x1 + f;
-                var y2 = x2 + block.FeedForwardBranch(y1, inputMask);
-                (x1, x2, aux) = (y1, y2, aux + loss);
+                var (g, gLoss) = block.FeedForwardBranch(y1, inputMask);
+                (x1, x2, aux) = (y1, x2 + g, aux + loss + gLoss);
             }
             else
             {
                 var (f, loss) = block.AttentionBranch(x1, inputMask, context, contextMask);
                 x1 = x1 + f;
-                x1 = x1 + block.FeedForwardBranch(x1, inputMask);
-                aux = aux + loss;
+                var (g, gLoss) = block.FeedForwardBranch(x1, inputMask);
+                x1 = x1 + g;
+                aux = aux + loss + gLoss;
             }
         }
         var output = config.Reversible ? (x1 + x2) / 2 : x1;                             // (B, T, Dim)

@@ -47,6 +47,17 @@ public enum CrossAttentionKind
     Routing,
 }
 
+/// <summary>The position-wise sublayer of a layer (after its attention sublayer).</summary>
+public enum PositionwiseKind
+{
+    /// <summary>The feed-forward (<see cref="Model.FeedForward"/>).</summary>
+    FeedForward,
+    /// <summary>A top-2 mixture of feed-forward experts (<see cref="Model.MixtureOfExperts"/>; <c>moe_layers</c>).</summary>
+    MixtureOfExperts,
+    /// <summary>A product-key memory (<see cref="Model.ProductKeyMemory"/>; <c>pkm_layers</c>).</summary>
+    ProductKeyMemory,
+}
+
 /// <summary>The kind of a head group inside an attention layer.</summary>
 public enum HeadGroupKind
 {
@@ -144,6 +155,27 @@ public sealed record TransformerConfig
     /// <summary>1 — the feed-forward runs over the sequence in this many chunks (same result, smaller peak
     /// intermediate when gradients are not recorded).</summary>
     [JsonPropertyName("ff_chunks")] public int FfChunks { get; init; } = 1;
+    /// <summary>null — layers (1-based, as the PyTorch library's <c>moe_layers</c>) whose feed-forward is a top-2
+    /// mixture of experts (<see cref="MixtureOfExperts"/>; each expert is the feed-forward the fields above describe);
+    /// its load-balancing loss is added to the auxiliary loss. Not in cross-attention blocks. With WeightTie: none or
+    /// every layer.</summary>
+    [JsonPropertyName("moe_layers")] public int[]? MoeLayers { get; init; }
+    /// <summary>4 — MoeLayers only: experts per mixture-of-experts layer (≥ 2).</summary>
+    [JsonPropertyName("moe_num_experts")] public int MoeNumExperts { get; init; } = 4;
+    /// <summary>0.01 — MoeLayers only: weight of the load-balancing loss in the auxiliary loss (≥ 0).</summary>
+    [JsonPropertyName("moe_loss_coef")] public double MoeLossCoef { get; init; } = 1e-2;
+    /// <summary>null — layers (1-based, as the PyTorch library's <c>pkm_layers</c>) whose feed-forward is a product-key
+    /// memory (<see cref="ProductKeyMemory"/>). Not in cross-attention blocks; not together with MoeLayers in one layer.
+    /// With WeightTie: none or every layer.</summary>
+    [JsonPropertyName("pkm_layers")] public int[]? PkmLayers { get; init; }
+    /// <summary>128 — PkmLayers only: sub-keys per half; the memory holds pkm_num_keys² values.</summary>
+    [JsonPropertyName("pkm_num_keys")] public int PkmNumKeys { get; init; } = 128;
+    /// <summary>32 — PkmLayers only: memory slots each head reads per token (≤ PkmNumKeys).</summary>
+    [JsonPropertyName("pkm_topk")] public int PkmTopK { get; init; } = 32;
+    /// <summary>4 — PkmLayers only: query heads of a product-key memory (their reads are summed).</summary>
+    [JsonPropertyName("pkm_heads")] public int PkmHeads { get; init; } = 4;
+    /// <summary>128 — PkmLayers only: features of each half of a memory query.</summary>
+    [JsonPropertyName("pkm_dim_head")] public int PkmDimHead { get; init; } = 128;
 
     // ---- architecture --------------------------------------------------------------------------
     /// <summary>false — RevNet layers (y1 = x1 + attn(x2), y2 = x2 + ff(y1), output = (y1 + y2) / 2). Training keeps
@@ -244,6 +276,12 @@ public sealed record TransformerConfig
     /// <summary>ContextWindowSize, or WindowSize when unset.</summary>
     [JsonIgnore] public int ResolvedContextWindowSize => ContextWindowSize ?? WindowSize;
 
+    /// <summary>The position-wise sublayer of layer <paramref name="layer"/> (0-based; MoeLayers and PkmLayers are 1-based).</summary>
+    public PositionwiseKind PositionwiseKindForLayer(int layer) =>
+        MoeLayers?.Contains(layer + 1) == true ? PositionwiseKind.MixtureOfExperts
+        : PkmLayers?.Contains(layer + 1) == true ? PositionwiseKind.ProductKeyMemory
+        : PositionwiseKind.FeedForward;
+
     /// <summary>Local heads in layer <paramref name="layer"/> as NLocalAttnHeads gives them (before SparsitySkipFirst).</summary>
     public int LocalHeadsInLayer(int layer) => NLocalAttnHeads.Length == 1 ? NLocalAttnHeads[0] : NLocalAttnHeads[layer];
 
@@ -336,6 +374,24 @@ public sealed record TransformerConfig
         Check.Positive(FfMult, nameof(FfMult));
         Check.Positive(FfChunks, nameof(FfChunks));
         if (EmbDim is int ed) Check.Positive(ed, nameof(EmbDim));
+        LayerList(MoeLayers, nameof(MoeLayers));
+        LayerList(PkmLayers, nameof(PkmLayers));
+        if (MoeLayers is { Length: > 0 })
+        {
+            Check.That(MoeNumExperts >= MixtureOfExperts.TopK, nameof(MoeNumExperts), $"top-{MixtureOfExperts.TopK} gating needs at least {MixtureOfExperts.TopK} experts, got {MoeNumExperts}.");
+            Check.That(MoeLossCoef >= 0 && double.IsFinite(MoeLossCoef), nameof(MoeLossCoef), $"must be finite and >= 0, got {MoeLossCoef}.");
+            int? both = PkmLayers?.Intersect(MoeLayers).Cast<int?>().FirstOrDefault();
+            Check.That(both is null, nameof(PkmLayers), $"layer {both} is in both MoeLayers and PkmLayers; a layer has one feed-forward.");
+        }
+        if (PkmLayers is { Length: > 0 })
+        {
+            Check.Positive(PkmNumKeys, nameof(PkmNumKeys));
+            Check.That((long)PkmNumKeys * PkmNumKeys <= int.MaxValue, nameof(PkmNumKeys), $"pkm_num_keys² must fit in an int, got {PkmNumKeys}.");
+            Check.That(PkmTopK >= 1 && PkmTopK <= PkmNumKeys, nameof(PkmTopK), $"must be in [1, PkmNumKeys = {PkmNumKeys}], got {PkmTopK}.");
+            Check.Positive(PkmHeads, nameof(PkmHeads));
+            Check.Positive(PkmDimHead, nameof(PkmDimHead));
+        }
+
         Check.That(!(UseScaleNorm && UseRezero), nameof(UseRezero),
             "ReZero replaces the pre-norm, so UseScaleNorm would have no effect; set at most one of UseScaleNorm and UseRezero.");
         if (WeightTie)
@@ -343,7 +399,7 @@ public sealed record TransformerConfig
             var first = Signature(0);
             for (int l = 1; l < Depth; l++)
                 Check.That(Signature(l) == first, nameof(WeightTie),
-                    $"shares one layer across depth, so every layer needs the same head groups; layer {l} has {Signature(l)}, layer 0 has {first} (see NLocalAttnHeads, SparsitySkipFirst, Interleaved static groups).");
+                    $"shares one layer across depth, so every layer needs the same head groups and position-wise sublayer; layer {l} has {Signature(l)}, layer 0 has {first} (see NLocalAttnHeads, SparsitySkipFirst, Interleaved static groups, MoeLayers, PkmLayers).");
         }
 
         Check.NonNegative(ResolvedNumMemKv, nameof(NumMemKv));
@@ -384,7 +440,17 @@ public sealed record TransformerConfig
     }
 
     private string Signature(int layer) =>
-        string.Join(" + ", HeadGroupsForLayer(layer).Select(g => $"{g.Heads}×{g.Pattern?.Name ?? g.Kind.ToString()}"));
+        string.Join(" + ", HeadGroupsForLayer(layer).Select(g => $"{g.Heads}×{g.Pattern?.Name ?? g.Kind.ToString()}"))
+        + $" with {PositionwiseKindForLayer(layer)}";
+
+    /// <summary>A list of 1-based layer numbers: each in [1, Depth], no repeats.</summary>
+    private void LayerList(int[]? layers, string name)
+    {
+        if (layers is null) return;
+        foreach (int l in layers)
+            Check.That(l >= 1 && l <= Depth, name, $"holds 1-based layer numbers in [1, Depth = {Depth}], got {l}.");
+        Check.That(layers.Distinct().Count() == layers.Length, name, $"lists a layer twice: [{string.Join(", ", layers)}].");
+    }
 
     private static void Probability(double p, string name) =>
         Check.That(p >= 0 && p < 1, name, $"must be in [0, 1), got {p}.");
