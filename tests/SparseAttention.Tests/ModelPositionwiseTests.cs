@@ -192,6 +192,37 @@ public partial class ModelTests
             TestSupport.AssertClose(plain[i].Value, recomputed[i].Value, plain[i].Key, atol: 2e-5, rtol: 1e-4);
     }
 
+    // ------------------------------------------------------------------------------------------
+    // context_shared_qk, return_embeddings
+    // ------------------------------------------------------------------------------------------
+
+    [Fact]
+    public void ContextSharedQkProjectsTheContextKeysWithTheQueryProjection()
+    {
+        var separate = Tiny() with { ReceivesContext = true };
+        var shared = separate with { ContextSharedQk = true };
+        var a = Lm(separate, seed: 61);
+        var b = Lm(shared, seed: 62);
+        var missing = Shapes(a).Keys.Except(Shapes(b).Keys).ToList();                       // one to_k per cross-attention layer
+        Assert.Equal(2, missing.Count);
+        Assert.All(missing, k => Assert.EndsWith("to_k.weight", k));
+        Assert.Empty(Shapes(b).Keys.Except(Shapes(a).Keys));
+        // b's weights into a, and a's cross-attention to_k := to_q: the same function.
+        var bParams = b.named_parameters().ToDictionary(p => p.name, p => p.parameter);
+        var aParams = a.named_parameters().ToDictionary(p => p.name, p => p.parameter);
+        using (no_grad())
+            foreach (var (name, p) in aParams)
+                p.copy_(bParams.TryGetValue(name, out var same) ? same : bParams[name.Replace("to_k.weight", "to_q.weight")]);
+        var tokens = Tokens(2, 10, 17, 63);
+        var context = randn(new long[] { 2, 6, 16 }, generator: new Generator(64));
+        var contextMask = ones(2, 6, dtype: ScalarType.Bool).index_put_(tensor(false), TensorIndex.Single(0), TensorIndex.Slice(4));
+        a.eval(); b.eval();
+        using var noGrad = no_grad();
+        TestSupport.AssertClose(a.forward(tokens, null, context, contextMask).Logits, b.forward(tokens, null, context, contextMask).Logits, "shared qk");
+        var (hidden, _) = b.forward(tokens, null, context, contextMask, returnEmbeddings: true);
+        Assert.Equal([2L, 10, 16], hidden.shape);
+    }
+
     [Fact]
     public void PositionwiseOptionsAreValidatedByName()
     {
@@ -209,6 +240,8 @@ public partial class ModelTests
         Fails(Tiny() with { PkmLayers = [2], PkmHeads = 0 }, nameof(TransformerConfig.PkmHeads));
         Fails(Tiny() with { PkmLayers = [2], PkmDimHead = 0 }, nameof(TransformerConfig.PkmDimHead));
         Fails(Tiny() with { MoeLayers = [1], WeightTie = true }, nameof(TransformerConfig.WeightTie));
+        Fails(Tiny() with { ContextSharedQk = true }, nameof(TransformerConfig.ContextSharedQk));
+        Fails(Tiny() with { ReceivesContext = true, ContextDim = 8, ContextSharedQk = true }, nameof(TransformerConfig.ContextSharedQk));
         (Tiny() with { MoeLayers = [1, 2], WeightTie = true }).Validate();
         var json = System.Text.Json.JsonSerializer.Deserialize<TransformerConfig>(
             """{"depth": 3, "moe_layers": [1, 3], "moe_num_experts": 5, "moe_loss_coef": 0.5, "pkm_layers": [2], "pkm_num_keys": 9, "pkm_topk": 4, "pkm_heads": 3, "pkm_dim_head": 8}""")!;

@@ -122,7 +122,7 @@ public sealed partial class RoutingTransformer : nn.Module<Tensor, Tensor?, Tens
 /// the attention layers (<see cref="TransformerConfig.PositionalEncoding"/>); there is no absolute
 /// position embedding.
 /// </summary>
-public sealed partial class RoutingTransformerLM : nn.Module<Tensor, Tensor?, Tensor?, Tensor?, (Tensor Logits, Tensor AuxLoss)>
+public sealed partial class RoutingTransformerLM : nn.Module<Tensor, Tensor?, Tensor?, Tensor?, bool, (Tensor Logits, Tensor AuxLoss)>
 {
     private readonly Embedding token_emb;
     private readonly Embedding? pos_emb;        // (MaxSeqLen, EmbDim) with UseAbsolutePosEmb
@@ -160,18 +160,13 @@ public sealed partial class RoutingTransformerLM : nn.Module<Tensor, Tensor?, Te
     /// <param name="inputMask">Optional (B, T) bool; true = real token, false = padding (never attended).</param>
     /// <param name="context">(B, S, ContextDim) sequence to cross-attend to; required iff ReceivesContext.</param>
     /// <param name="contextMask">Optional (B, S) bool; true = real context token.</param>
-    /// <returns>Logits (B, T, NumTokens) and the scalar auxiliary loss.</returns>
-    public override (Tensor Logits, Tensor AuxLoss) forward(Tensor tokens, Tensor? inputMask = null, Tensor? context = null, Tensor? contextMask = null)
-    {
-        using var scope = NewDisposeScope();
-        var (hidden, aux) = Hidden(tokens, inputMask, context, contextMask);              // (B, T, Dim)
-        var logits = ToLogits(hidden);                                                   // (B, T, NumTokens)
-        return (logits.MoveToOuterDisposeScope(), aux.MoveToOuterDisposeScope());
-    }
-
-    /// <summary>The transformer's output before the output layer: (B, T, Dim) and the auxiliary loss
-    /// (what an encoder hands to a decoder).</summary>
-    public (Tensor Hidden, Tensor AuxLoss) Hidden(Tensor tokens, Tensor? inputMask, Tensor? context = null, Tensor? contextMask = null)
+    /// <param name="returnEmbeddings">false (default): logits. true: the transformer's final hidden states (B, T, Dim)
+    /// instead — after the final norm, before the output layer (and before the EmbDim projection): what an encoder hands
+    /// to a decoder; the PyTorch library's <c>return_embeddings</c>.</param>
+    /// <returns>Logits (B, T, NumTokens), or the hidden states (B, T, Dim) with <paramref name="returnEmbeddings"/>, and
+    /// the scalar auxiliary loss.</returns>
+    public override (Tensor Logits, Tensor AuxLoss) forward(Tensor tokens, Tensor? inputMask = null, Tensor? context = null,
+        Tensor? contextMask = null, bool returnEmbeddings = false)
     {
         Check.Shape(tokens, nameof(tokens), "(B, T)", -1, -1);
         Check.That(tokens.dtype == ScalarType.Int64, nameof(tokens), $"must be int64 token ids, got {tokens.dtype}.");
@@ -184,7 +179,8 @@ public sealed partial class RoutingTransformerLM : nn.Module<Tensor, Tensor?, Te
         }
         using var scope = NewDisposeScope();
         var (hidden, aux) = transformer.forward(Embed(tokens), inputMask, context, contextMask);   // (B, T, Dim)
-        return (hidden.MoveToOuterDisposeScope(), aux.MoveToOuterDisposeScope());
+        var output = returnEmbeddings ? hidden : ToLogits(hidden);                       // (B, T, Dim) or (B, T, NumTokens)
+        return (output.MoveToOuterDisposeScope(), aux.MoveToOuterDisposeScope());
     }
 
     /// <summary>

@@ -241,9 +241,15 @@ public sealed record TransformerConfig
     /// <summary>Dense — ReceivesContext only: how the cross-attention attends the context. Dense: every query sees every
     /// real context token (O(T·S)). Routing: all heads route — the k-means clusters queries and context keys together,
     /// each cluster takes its ContextWindowSize nearest context keys, and queries are grouped like routing
-    /// self-attention (causal-safe in a decoder); see <see cref="Modules.RoutingAttention.CrossForward"/>.</summary>
+    /// self-attention (causal-safe in a decoder); see <see cref="Modules.RoutingAttention.CrossForward"/>. The PyTorch
+    /// library always routes; the default here stays Dense because routing cross-attention has no incremental decoder
+    /// (generation then re-encodes the target per token instead of using the cache) and adds a MaxSeqLen / WindowSize
+    /// divisibility requirement.</summary>
     [JsonPropertyName("cross_attention"), JsonConverter(typeof(JsonStringEnumConverter<CrossAttentionKind>))]
     public CrossAttentionKind CrossAttention { get; init; } = CrossAttentionKind.Dense;
+    /// <summary>false — ReceivesContext only: cross-attention projects the context's keys with the query projection
+    /// (<c>to_q</c>; no <c>to_k</c>), as the PyTorch library's <c>context_shared_qk</c>. Needs ContextDim = Dim.</summary>
+    [JsonPropertyName("context_shared_qk")] public bool ContextSharedQk { get; init; }
     /// <summary>null — CrossAttention = Routing only: context tokens per cluster; null = WindowSize.</summary>
     [JsonPropertyName("context_window_size")] public int? ContextWindowSize { get; init; }
 
@@ -424,6 +430,9 @@ public sealed record TransformerConfig
         if (ContextDim is int cd) Check.Positive(cd, nameof(ContextDim));
         Check.That(ContextDim is null || ReceivesContext, nameof(ContextDim), "is only used when ReceivesContext is true.");
         Check.That(Enum.IsDefined(CrossAttention), nameof(CrossAttention), $"unknown value {CrossAttention}.");
+        Check.That(!ContextSharedQk || ReceivesContext, nameof(ContextSharedQk), "is only used when ReceivesContext is true.");
+        Check.That(!ContextSharedQk || ResolvedContextDim == Dim, nameof(ContextSharedQk),
+            $"projects the context with the query projection, so ContextDim ({ResolvedContextDim}) must equal Dim ({Dim}).");
         Check.That(CrossAttention == CrossAttentionKind.Dense || ReceivesContext, nameof(CrossAttention), "is only used when ReceivesContext is true.");
         if (ContextWindowSize is int cw) Check.Positive(cw, nameof(ContextWindowSize));
         Check.That(ContextWindowSize is null || CrossAttention == CrossAttentionKind.Routing, nameof(ContextWindowSize), "is only used when CrossAttention is Routing.");
