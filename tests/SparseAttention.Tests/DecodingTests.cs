@@ -70,6 +70,8 @@ public class DecodingTests
         {
             MoeLayers = [1], PkmLayers = [2], PkmNumKeys = 5, PkmTopK = 2, PkmHeads = 2, PkmDimHead = 4, NLocalAttnHeads = [2], StaticHeadGroups = null, WindowSize = 4,
         },
+        ["routing, centroids trained by gradient (kmeans_ema = false)"] = Base with { NLocalAttnHeads = [2], StaticHeadGroups = null, WindowSize = 4, KmeansEma = false },
+        ["timing signal + target dropout + factorized embedding"] = Base with { AddTimingSignal = true, TargetDropout = 0.3, EmbDim = 8 },
         ["alibi on static groups"] = Base with { PositionalEncoding = PositionalEncoding.Alibi },
         ["alibi on local + routing heads, shared qk"] = Base with { PositionalEncoding = PositionalEncoding.Alibi, NLocalAttnHeads = [1], StaticHeadGroups = null, WindowSize = 4 },
         ["no positions + sparsity skip first"] = Base with { PositionalEncoding = PositionalEncoding.None, Depth = 3, SparsitySkipFirst = 1, NLocalAttnHeads = [1], StaticHeadGroups = null, WindowSize = 4 },

@@ -72,11 +72,20 @@ public sealed partial class AttentionLayer : AttentionSublayer
             config.BlockSize, config.AttnDropout,
             config.PositionalEncoding == PositionalEncoding.RelativeShaw ? config.MaxRelativePosition : 0, config.Kernel,
             alibiSlopes: AlibiSlopes(config, firstHead, group.Heads)),
-        HeadGroupKind.Routing => new RoutingHeadGroup(config, group.Heads, layer, alibiSlopes: AlibiSlopes(config, firstHead, group.Heads)),
+        HeadGroupKind.Routing => WithCentroidTraining(config, new RoutingHeadGroup(config, group.Heads, layer, alibiSlopes: AlibiSlopes(config, firstHead, group.Heads))),
         HeadGroupKind.Lsh => new LshHeadGroup(config, group.Heads, layer),
         HeadGroupKind.Synthesizer => new SynthesizerHeadGroup(config, group.Heads, layer),
         _ => throw new ArgumentException($"group: unknown head group kind {group.Kind}.", nameof(group)),
     };
+
+    /// <summary><paramref name="module"/>, its k-means centroids trained by gradient when the configuration says
+    /// <c>kmeans_ema = false</c> (<see cref="Clustering.OnlineKMeans.TrainCentroidsByGradient"/>).</summary>
+    internal static T WithCentroidTraining<T>(TransformerConfig config, T module) where T : nn.Module
+    {
+        if (!config.KmeansEma)
+            foreach (var kmeans in Clustering.OnlineKMeans.All(module)) kmeans.TrainCentroidsByGradient();
+        return module;
+    }
 
     /// <summary>With ALiBi positions: the slopes of heads [firstHead, firstHead + heads) of a layer; otherwise null.</summary>
     private static double[]? AlibiSlopes(TransformerConfig config, int firstHead, int heads) =>
@@ -176,8 +185,8 @@ public sealed partial class CrossAttentionLayer : AttentionSublayer
         to_out = nn.Linear(inner, config.Dim, hasBias: false);
         contextWindowSize = config.ResolvedContextWindowSize;
         if (config.CrossAttention == CrossAttentionKind.Routing)
-            routing = new RoutingAttention(heads, dimHead, config.MaxSeqLen, config.WindowSize, config.Causal, sharedQk: false,
-                numMemKv: 0, config.KmeansEmaDecay, config.CommitmentFactor, config.KmeansNorm, seed: 1000 + layer) { Kernel = config.Kernel };
+            routing = AttentionLayer.WithCentroidTraining(config, new RoutingAttention(heads, dimHead, config.MaxSeqLen, config.WindowSize, config.Causal,
+                sharedQk: false, numMemKv: 0, config.KmeansEmaDecay, config.CommitmentFactor, config.KmeansNorm, seed: 1000 + layer) { Kernel = config.Kernel });
         RegisterComponents();
     }
 

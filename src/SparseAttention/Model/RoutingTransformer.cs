@@ -119,8 +119,8 @@ public sealed partial class RoutingTransformer : nn.Module<Tensor, Tensor?, Tens
 /// Language model: token ids (B, T) int64 → logits (B, T, NumTokens) plus the auxiliary loss. Token
 /// embedding (EmbDim wide; projected to Dim and back when EmbDim ≠ Dim), a <see cref="RoutingTransformer"/>,
 /// then the output layer (or the embedding matrix transposed with TieEmbedding). Positions enter through
-/// the attention layers (<see cref="TransformerConfig.PositionalEncoding"/>); there is no absolute
-/// position embedding.
+/// the attention layers (<see cref="TransformerConfig.PositionalEncoding"/>) and, when asked, through the embedding
+/// (<see cref="TransformerConfig.UseAbsolutePosEmb"/>, <see cref="TransformerConfig.AddTimingSignal"/>).
 /// </summary>
 public sealed partial class RoutingTransformerLM : nn.Module<Tensor, Tensor?, Tensor?, Tensor?, bool, (Tensor Logits, Tensor AuxLoss)>
 {

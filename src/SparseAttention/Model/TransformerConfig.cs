@@ -192,6 +192,15 @@ public sealed record TransformerConfig
     /// as the PyTorch library's <c>use_absolute_pos_emb</c>; positions are 0.. within the context (a sliding decoding
     /// window starts again at 0 after each re-encode, as a full forward of that window does).</summary>
     [JsonPropertyName("use_absolute_pos_emb")] public bool UseAbsolutePosEmb { get; init; }
+    /// <summary>false — LM only: the sinusoidal timing signal (<see cref="TimingSignal"/>, tensor2tensor's) is added to the
+    /// token embedding, as the authors' <c>add_timing_signal</c>; positions as for UseAbsolutePosEmb.</summary>
+    [JsonPropertyName("add_timing_signal")] public bool AddTimingSignal { get; init; }
+    /// <summary>0 — LM only, bidirectional models (Causal = false; the encoder of an encoder-decoder): dropout on the
+    /// embedded tokens before the first layer, as the authors' <c>input_dropout</c> on their encoder's inputs.</summary>
+    [JsonPropertyName("input_dropout")] public double InputDropout { get; init; }
+    /// <summary>0 — LM only, causal models (a decoder, or a language model): dropout on the embedded tokens before the
+    /// first layer, as the authors' <c>target_dropout</c> on their decoder's targets.</summary>
+    [JsonPropertyName("target_dropout")] public double TargetDropout { get; init; }
     /// <summary>false — ScaleNorm (g·x/‖x‖, g learned, init √Dim) instead of LayerNorm before each sublayer and at the end.</summary>
     [JsonPropertyName("use_scale_norm")] public bool UseScaleNorm { get; init; }
     /// <summary>false — ReZero: no pre-norm; each sublayer's output is scaled by a learned scalar initialised to 0.</summary>
@@ -211,6 +220,10 @@ public sealed record TransformerConfig
     [JsonPropertyName("shared_qk")] public bool? SharedQk { get; init; }
     /// <summary>0.999 — used by routing heads: EMA decay of the k-means centroids, in [0, 1).</summary>
     [JsonPropertyName("kmeans_ema_decay")] public double KmeansEmaDecay { get; init; } = 0.999;
+    /// <summary>true — used by routing heads: centroids move by exponential moving average of their assigned vectors. false
+    /// — the authors' <c>ema = false</c>: the centroids are a parameter trained by gradient, pulled toward their tokens by a
+    /// codebook term (weight 1) added to the k-means loss (<see cref="OnlineKMeans.TrainCentroidsByGradient"/>).</summary>
+    [JsonPropertyName("kmeans_ema")] public bool KmeansEma { get; init; } = true;
     /// <summary>L2 — used by routing heads: how queries, keys and centroids are normalised before clustering: L2 (unit
     /// vectors, the PyTorch library) or LayerNorm without affine (centred and scaled, the authors' choice; centring
     /// removes a direction shared by all positions, which otherwise can pull every token into one cluster).</summary>
@@ -376,6 +389,12 @@ public sealed record TransformerConfig
         Probability(AttnLayerDropout, nameof(AttnLayerDropout));
         Probability(FfDropout, nameof(FfDropout));
         Probability(LayerDropout, nameof(LayerDropout));
+        Probability(InputDropout, nameof(InputDropout));
+        Probability(TargetDropout, nameof(TargetDropout));
+        Check.That(InputDropout == 0 || !Causal, nameof(InputDropout),
+            "drops the embedded inputs of a bidirectional model (the authors' encoder inputs); a causal model reads targets: use TargetDropout.");
+        Check.That(TargetDropout == 0 || Causal, nameof(TargetDropout),
+            "drops the embedded targets of a causal model (the authors' decoder targets); a bidirectional model reads inputs: use InputDropout.");
 
         Check.Positive(FfMult, nameof(FfMult));
         Check.Positive(FfChunks, nameof(FfChunks));
