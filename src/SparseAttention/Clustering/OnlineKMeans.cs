@@ -194,6 +194,17 @@ public sealed class OnlineKMeans : nn.Module<Tensor, Tensor?, KMeansOutput>
         }
     }
 
+    /// <summary>A copy of the stored centroids (H, C, D) as they are (not normalised when trained by gradient): the snapshot
+    /// <see cref="RouteWith"/> restores exactly.</summary>
+    internal Tensor StoredMeans
+    {
+        get
+        {
+            using var scope = NewDisposeScope();
+            return means.detach().clone().MoveToOuterDisposeScope();
+        }
+    }
+
     /// <summary>Sets the centroids to <c>normalise(<paramref name="newMeans"/>)</c> and marks the module initialised.
     /// Pending statistics are discarded.</summary>
     /// <param name="newMeans">(H, C, D) floating point.</param>
@@ -658,7 +669,7 @@ public sealed class OnlineKMeans : nn.Module<Tensor, Tensor?, KMeansOutput>
     internal static IReadOnlyList<OnlineKMeans> All(nn.Module root) => FindAll(root).ToList();
 
     /// <summary>
-    /// Makes the centroids equal <paramref name="snapshot"/> (an earlier <see cref="Means"/>) until the returned scope
+    /// Makes the centroids equal <paramref name="snapshot"/> (an earlier <see cref="StoredMeans"/>) until the returned scope
     /// is disposed, then puts the current ones back. Pending statistics and the initialised flag are untouched: a
     /// reversible-layer recompute routes exactly as the original forward did, even if that forward initialised or
     /// (with <see cref="UpdateOnForward"/>) moved the centroids afterwards.

@@ -68,7 +68,7 @@ internal static class ReversibleStack
             {
                 if (plan.Training && plan.LayerDropout > 0 && rand(1).item<float>() < plan.LayerDropout) continue;
                 var block = plan.Blocks[index];
-                var centroids = OnlineKMeans.All(block).Select(k => (k, k.Means.DetachFromDisposeScope())).ToArray();
+                var centroids = OnlineKMeans.All(block).Select(k => (k, k.StoredMeans.DetachFromDisposeScope())).ToArray();
                 var rngAttention = get_rng_state().DetachFromDisposeScope();
                 Tensor y1, y2, sum;
                 using (NewDisposeScope())                                             // frees this layer's temporaries now, not at the end
