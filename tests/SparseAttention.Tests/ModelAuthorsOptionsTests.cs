@@ -123,12 +123,10 @@ public partial class ModelTests
     [Fact]
     public void AuthorsOptionsAreValidatedByName()
     {
-        void Fails(TransformerConfig config, string field) =>
-            Assert.Equal(field, Assert.ThrowsAny<ArgumentException>(() => config.Validate()).ParamName);
-        Fails(Tiny(causal: true) with { InputDropout = 0.1 }, nameof(TransformerConfig.InputDropout));
-        Fails(Tiny(causal: false) with { TargetDropout = 0.1 }, nameof(TransformerConfig.TargetDropout));
-        Fails(Tiny(causal: false) with { InputDropout = 1 }, nameof(TransformerConfig.InputDropout));
-        Fails(Tiny(causal: true) with { TargetDropout = -0.1 }, nameof(TransformerConfig.TargetDropout));
+        AssertRejectedBy(Tiny(causal: true) with { InputDropout = 0.1 }, nameof(TransformerConfig.InputDropout));
+        AssertRejectedBy(Tiny(causal: false) with { TargetDropout = 0.1 }, nameof(TransformerConfig.TargetDropout));
+        AssertRejectedBy(Tiny(causal: false) with { InputDropout = 1 }, nameof(TransformerConfig.InputDropout));
+        AssertRejectedBy(Tiny(causal: true) with { TargetDropout = -0.1 }, nameof(TransformerConfig.TargetDropout));
         var json = System.Text.Json.JsonSerializer.Deserialize<TransformerConfig>(
             """{"causal": true, "kmeans_ema": false, "add_timing_signal": true, "target_dropout": 0.25}""")!;
         Assert.Equal((false, true, 0.25), (json.KmeansEma, json.AddTimingSignal, json.TargetDropout));

@@ -26,6 +26,10 @@ public partial class ModelTests
         return result;
     }
 
+    /// <summary>Validation of <paramref name="config"/> fails with an ArgumentException naming <paramref name="field"/>.</summary>
+    internal static void AssertRejectedBy(TransformerConfig config, string field) =>
+        Assert.Equal(field, Assert.ThrowsAny<ArgumentException>(() => config.Validate()).ParamName);
+
     private static void AssertSameEntries(Dictionary<string, Tensor> expected, Dictionary<string, Tensor> actual, string what)
     {
         Assert.Equal(expected.Keys.Order(), actual.Keys.Order());
@@ -226,22 +230,20 @@ public partial class ModelTests
     [Fact]
     public void PositionwiseOptionsAreValidatedByName()
     {
-        void Fails(TransformerConfig config, string field) =>
-            Assert.Equal(field, Assert.ThrowsAny<ArgumentException>(() => config.Validate()).ParamName);
-        Fails(Tiny() with { MoeLayers = [0] }, nameof(TransformerConfig.MoeLayers));
-        Fails(Tiny() with { MoeLayers = [3] }, nameof(TransformerConfig.MoeLayers));
-        Fails(Tiny() with { MoeLayers = [1, 1] }, nameof(TransformerConfig.MoeLayers));
-        Fails(Tiny() with { MoeLayers = [1], MoeNumExperts = 1 }, nameof(TransformerConfig.MoeNumExperts));
-        Fails(Tiny() with { MoeLayers = [1], MoeLossCoef = -1 }, nameof(TransformerConfig.MoeLossCoef));
-        Fails(Tiny() with { PkmLayers = [5] }, nameof(TransformerConfig.PkmLayers));
-        Fails(Tiny() with { MoeLayers = [1], PkmLayers = [1] }, nameof(TransformerConfig.PkmLayers));
-        Fails(Tiny() with { PkmLayers = [1], PkmTopK = 200 }, nameof(TransformerConfig.PkmTopK));
-        Fails(Tiny() with { PkmLayers = [1], PkmNumKeys = 0 }, nameof(TransformerConfig.PkmNumKeys));
-        Fails(Tiny() with { PkmLayers = [2], PkmHeads = 0 }, nameof(TransformerConfig.PkmHeads));
-        Fails(Tiny() with { PkmLayers = [2], PkmDimHead = 0 }, nameof(TransformerConfig.PkmDimHead));
-        Fails(Tiny() with { MoeLayers = [1], WeightTie = true }, nameof(TransformerConfig.WeightTie));
-        Fails(Tiny() with { ContextSharedQk = true }, nameof(TransformerConfig.ContextSharedQk));
-        Fails(Tiny() with { ReceivesContext = true, ContextDim = 8, ContextSharedQk = true }, nameof(TransformerConfig.ContextSharedQk));
+        AssertRejectedBy(Tiny() with { MoeLayers = [0] }, nameof(TransformerConfig.MoeLayers));
+        AssertRejectedBy(Tiny() with { MoeLayers = [3] }, nameof(TransformerConfig.MoeLayers));
+        AssertRejectedBy(Tiny() with { MoeLayers = [1, 1] }, nameof(TransformerConfig.MoeLayers));
+        AssertRejectedBy(Tiny() with { MoeLayers = [1], MoeNumExperts = 1 }, nameof(TransformerConfig.MoeNumExperts));
+        AssertRejectedBy(Tiny() with { MoeLayers = [1], MoeLossCoef = -1 }, nameof(TransformerConfig.MoeLossCoef));
+        AssertRejectedBy(Tiny() with { PkmLayers = [5] }, nameof(TransformerConfig.PkmLayers));
+        AssertRejectedBy(Tiny() with { MoeLayers = [1], PkmLayers = [1] }, nameof(TransformerConfig.PkmLayers));
+        AssertRejectedBy(Tiny() with { PkmLayers = [1], PkmTopK = 200 }, nameof(TransformerConfig.PkmTopK));
+        AssertRejectedBy(Tiny() with { PkmLayers = [1], PkmNumKeys = 0 }, nameof(TransformerConfig.PkmNumKeys));
+        AssertRejectedBy(Tiny() with { PkmLayers = [2], PkmHeads = 0 }, nameof(TransformerConfig.PkmHeads));
+        AssertRejectedBy(Tiny() with { PkmLayers = [2], PkmDimHead = 0 }, nameof(TransformerConfig.PkmDimHead));
+        AssertRejectedBy(Tiny() with { MoeLayers = [1], WeightTie = true }, nameof(TransformerConfig.WeightTie));
+        AssertRejectedBy(Tiny() with { ContextSharedQk = true }, nameof(TransformerConfig.ContextSharedQk));
+        AssertRejectedBy(Tiny() with { ReceivesContext = true, ContextDim = 8, ContextSharedQk = true }, nameof(TransformerConfig.ContextSharedQk));
         (Tiny() with { MoeLayers = [1, 2], WeightTie = true }).Validate();
         var json = System.Text.Json.JsonSerializer.Deserialize<TransformerConfig>(
             """{"depth": 3, "moe_layers": [1, 3], "moe_num_experts": 5, "moe_loss_coef": 0.5, "pkm_layers": [2], "pkm_num_keys": 9, "pkm_topk": 4, "pkm_heads": 3, "pkm_dim_head": 8}""")!;
