@@ -66,6 +66,12 @@ public class DecodingTests
             PositionalEncoding = PositionalEncoding.RelativeShaw, MaxRelativePosition = 3, NLocalAttnHeads = [2], StaticHeadGroups = null,
             WindowSize = 4, SharedQk = false, NumMemKv = 1,
         },
+        ["mixture of experts + product-key memory + routing"] = Base with
+        {
+            MoeLayers = [1], PkmLayers = [2], PkmNumKeys = 5, PkmTopK = 2, PkmHeads = 2, PkmDimHead = 4, NLocalAttnHeads = [2], StaticHeadGroups = null, WindowSize = 4,
+        },
+        ["routing, centroids trained by gradient (kmeans_ema = false)"] = Base with { NLocalAttnHeads = [2], StaticHeadGroups = null, WindowSize = 4, KmeansEma = false },
+        ["timing signal + target dropout + factorized embedding"] = Base with { AddTimingSignal = true, TargetDropout = 0.3, EmbDim = 8 },
         ["alibi on static groups"] = Base with { PositionalEncoding = PositionalEncoding.Alibi },
         ["alibi on local + routing heads, shared qk"] = Base with { PositionalEncoding = PositionalEncoding.Alibi, NLocalAttnHeads = [1], StaticHeadGroups = null, WindowSize = 4 },
         ["no positions + sparsity skip first"] = Base with { PositionalEncoding = PositionalEncoding.None, Depth = 3, SparsitySkipFirst = 1, NLocalAttnHeads = [1], StaticHeadGroups = null, WindowSize = 4 },
@@ -172,15 +178,19 @@ public class DecodingTests
     }
 
     [Theory]
-    [InlineData(false)]
-    [InlineData(true)]
-    public void CrossAttendingDecodersDecodeLikeAFullForward(bool tokenShift)
+    [InlineData(false, false)]
+    [InlineData(true, false)]
+    [InlineData(false, true)]
+    public void CrossAttendingDecodersDecodeLikeAFullForward(bool tokenShift, bool contextSharedQk)
     {
         // A decoder with dense cross-attention to a context (an encoder's output, here random) and routing + local
-        // self-attention; some context rows padded.
-        var config = VariantConfigs["routing look-back"] with { ReceivesContext = true, ContextDim = 12, ShiftTokens = tokenShift };
+        // self-attention; some context rows padded. With context_shared_qk the context is projected by to_q (width Dim).
+        var config = VariantConfigs["routing look-back"] with
+        {
+            ReceivesContext = true, ContextDim = contextSharedQk ? null : 12, ShiftTokens = tokenShift, ContextSharedQk = contextSharedQk,
+        };
         var model = ModelTests.Lm(config, seed: 13);
-        var context = randn(new long[] { 2, 9, 12 }, generator: new Generator(14));
+        var context = randn(new long[] { 2, 9, config.ResolvedContextDim }, generator: new Generator(14));
         var contextMask = ones(2, 9, dtype: ScalarType.Bool);
         contextMask[1, 5..] = tensor(false);
         var tokens = randint(0, config.NumTokens, new long[] { 2, config.MaxSeqLen }, generator: new Generator(15));
@@ -214,6 +224,14 @@ public class DecodingTests
 
         var routed = ModelTests.Lm(decoder with { CrossAttention = CrossAttentionKind.Routing }, seed: 1);
         Assert.False(routed.SupportsCachedDecoding);                                        // routing cross-attention re-encodes
+        // An encoder-decoder with routing cross-attention still generates (by re-encoding), the same with and without
+        // asking for the cache.
+        random.manual_seed(16);
+        var routedModel = new RoutingTransformerEncDec(encoder, decoder with { CrossAttention = CrossAttentionKind.Routing });
+        routedModel.train();
+        using (no_grad()) routedModel.forward(source, randint(0, decoder.NumTokens, new long[] { 2, decoder.MaxSeqLen }, generator: new Generator(19)), sourceMask);
+        Assert.Equal(routedModel.Generate(source, prompt, 20, sourceMask, temperature: 0, useCache: false).data<long>().ToArray(),
+                     routedModel.Generate(source, prompt, 20, sourceMask, temperature: 0).data<long>().ToArray());
     }
 
     [Fact]

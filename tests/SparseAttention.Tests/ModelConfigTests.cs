@@ -369,7 +369,7 @@ public partial class ModelTests
         var tokens = Tokens(2, 9, 17, 3);
         tied.eval();
         using var _ = no_grad();
-        var (hidden, _) = tied.Hidden(tokens, null);
+        var (hidden, _) = tied.forward(tokens, returnEmbeddings: true);
         var weight = tied.named_parameters().Single(p => p.name == "token_emb.weight").parameter;
         TestSupport.AssertClose(matmul(hidden, weight.t()), tied.forward(tokens).Logits, "tied logits");
     }

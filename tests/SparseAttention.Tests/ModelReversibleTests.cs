@@ -10,7 +10,8 @@ namespace SparseAttention.Tests;
 /// ordinary autograd (<see cref="RoutingTransformer.ReversibleRecompute"/> = false), outputs and every gradient.</summary>
 public partial class ModelTests
 {
-    public static TheoryData<string> ReversibleVariants() => new(["static", "routing", "routing-update-on-forward", "dropout", "weight-tie", "padding"]);
+    public static TheoryData<string> ReversibleVariants() => new(["static", "routing", "routing-update-on-forward", "dropout", "weight-tie", "padding",
+        "gradient-trained centroids"]);
 
     [Theory]
     [MemberData(nameof(ReversibleVariants))]
@@ -22,6 +23,7 @@ public partial class ModelTests
             "routing" or "routing-update-on-forward" or "padding" => WithRouting(causal: variant != "padding"),
             "dropout" => WithRouting() with { AttnDropout = 0.2, FfDropout = 0.3, AttnLayerDropout = 0.1, LayerDropout = 0.3, Depth = 4 },
             "weight-tie" => WithRouting() with { WeightTie = true, SparsitySkipFirst = 0 },
+            "gradient-trained centroids" => WithRouting() with { KmeansEma = false },
             _ => throw new ArgumentException(variant),
         } with { Reversible = true };
         RoutingTransformerLM Model()
@@ -31,6 +33,14 @@ public partial class ModelTests
             model.train();
             if (variant == "routing-update-on-forward")
                 foreach (var k in model.modules().OfType<OnlineKMeans>()) k.UpdateOnForward = true;
+            if (variant == "gradient-trained centroids")
+                foreach (var k in model.modules().OfType<OnlineKMeans>())
+                {
+                    // Initialised, then off the unit sphere, as after optimizer steps: the recompute must route with and
+                    // differentiate at the stored parameter, not at its normalised copy.
+                    k.SetMeans(k.Means);
+                    using (no_grad()) k.parameters().Single().mul_(3);
+                }
             return model;
         }
         var tokens = Tokens(2, 27, 17, 9);

@@ -62,6 +62,11 @@ public sealed record KMeansOutput(Tensor Normalized, Tensor Similarities, Tensor
 /// training mode for the duration of a <c>using</c> scope (for reversible-layer or checkpoint recomputes).</para>
 /// <para>Pending statistics are transient: they are not part of the state dict and are kept in float64 on the
 /// centroids' device.</para>
+/// <para><b>Gradient-trained centroids</b> (<see cref="TrainCentroidsByGradient"/>, the authors' <c>ema = false</c>):
+/// <c>means</c> becomes a parameter that the optimizer moves; a forward routes with <c>normalise(means)</c> and its loss
+/// adds the codebook term of VQ-VAE, mse(normalise(means)[nearest], sg(x)) with weight 1, which pulls each centroid
+/// toward the tokens assigned to it (the commitment term on x keeps its factor). The first training forward still
+/// initialises them from data; no statistics are accumulated and <see cref="Update"/> does nothing.</para>
 /// </remarks>
 public sealed class OnlineKMeans : nn.Module<Tensor, Tensor?, KMeansOutput>
 {
@@ -80,6 +85,7 @@ public sealed class OnlineKMeans : nn.Module<Tensor, Tensor?, KMeansOutput>
     private int modelForwardDepth;   // > 0 inside BeginModelForward: initialisation and UpdateOnForward steps wait for its end
     private Tensor? initialMeans;    // (H, C, D) computed by an initialising forward inside a model forward, applied at its end
     private bool backwardSeen;       // a backward ran through a model output since the last automatic update
+    private bool byGradient;         // means is a parameter trained by gradient (TrainCentroidsByGradient)
 
     /// <param name="heads">Number of heads H; each head has its own centroids.</param>
     /// <param name="dim">Feature size D of the clustered vectors.</param>
@@ -148,6 +154,27 @@ public sealed class OnlineKMeans : nn.Module<Tensor, Tensor?, KMeansOutput>
     /// forces the tensor-ops path (the oracle of the fused one in tests).</summary>
     internal bool UseFusedAssign { get; set; } = true;
 
+    /// <summary>true — centroids move by EMA (the default); false after <see cref="TrainCentroidsByGradient"/>.</summary>
+    public bool Ema => !byGradient;
+
+    /// <summary>
+    /// Turns the centroids into a trained parameter (the Routing Transformer authors' <c>ema = false</c>): the
+    /// <c>means</c> buffer becomes the parameter <c>means</c> (same name and value, so state dicts keep their key), the
+    /// loss gains the codebook term that pulls the centroids (see the remarks), and no EMA statistics are kept. Call it
+    /// before training starts (pending statistics are dropped); it cannot be undone.
+    /// </summary>
+    public void TrainCentroidsByGradient()
+    {
+        if (byGradient) return;
+        DiscardPendingStatistics();
+        var parameter = new TorchSharp.Modules.Parameter(means.detach().clone());
+        _internal_buffers.Remove("means");
+        register_parameter("means", parameter);
+        means.Dispose();
+        means = parameter;
+        byGradient = true;
+    }
+
     /// <summary>Whether the centroids have been initialised from data (the <c>initted</c> buffer).</summary>
     public bool IsInitialized => initted.item<bool>();
 
@@ -157,12 +184,23 @@ public sealed class OnlineKMeans : nn.Module<Tensor, Tensor?, KMeansOutput>
     /// <summary>True inside a <see cref="SuspendUpdates()"/> scope.</summary>
     public bool UpdatesSuspended => suspendDepth > 0;
 
-    /// <summary>A copy of the centroids (H, C, D).</summary>
+    /// <summary>A copy of the centroids (H, C, D) a forward routes with (normalised first when trained by gradient).</summary>
     public Tensor Means
     {
         get
         {
             using var scope = NewDisposeScope();                                           // the detached view is a temporary
+            return (byGradient ? Normalize(means.detach()) : means.detach().clone()).MoveToOuterDisposeScope();
+        }
+    }
+
+    /// <summary>A copy of the stored centroids (H, C, D) as they are (not normalised when trained by gradient): the snapshot
+    /// <see cref="RouteWith"/> restores exactly.</summary>
+    internal Tensor StoredMeans
+    {
+        get
+        {
+            using var scope = NewDisposeScope();
             return means.detach().clone().MoveToOuterDisposeScope();
         }
     }
@@ -254,8 +292,10 @@ public sealed class OnlineKMeans : nn.Module<Tensor, Tensor?, KMeansOutput>
         int count = parts.Length;
 
         using var scope = NewDisposeScope();
-        var centroids = means.detach().to(x0.dtype, x0.device).clone();            // (H, C, D) snapshot used by this forward
-        if (!similarities && UseFusedAssign && FusedKMeansAssign.Supports(x0))
+        // (H, C, D) snapshot used by this forward; trained by gradient, the normalised parameter itself (with its graph).
+        var trained = byGradient ? Normalize(means.to(x0.dtype, x0.device)) : null;
+        var centroids = trained?.detach() ?? means.detach().to(x0.dtype, x0.device).clone();
+        if (!similarities && UseFusedAssign && !byGradient && FusedKMeansAssign.Supports(x0))
             return ForwardPartsFused(parts, masks, centroids, normalized);
         var normalizedParts = new Tensor[count];
         var sims = new Tensor[count];
@@ -295,7 +335,10 @@ public sealed class OnlineKMeans : nn.Module<Tensor, Tensor?, KMeansOutput>
             squares = squares is null ? partSquares : squares + partSquares;
         }
         var squared = squares! - 2 * (sums! * centroids).sum() + (counts! * centroids.square().sum(-1)).sum();
-        var loss = squared / RealElements(parts, masks).clamp_min(1) * commitmentFactor;
+        var elements = RealElements(parts, masks).clamp_min(1);
+        var loss = squared / elements * commitmentFactor;
+        if (trained is not null)                                                   // codebook term: centroids toward sg(x)
+            loss = loss + (squares!.detach() - 2 * (sums!.detach() * trained).sum() + (counts! * trained.square().sum(-1)).sum()) / elements;
         AfterForward(parts, masks, () => real, sums!, counts!);
         return (normalizedParts.Select(t => t.MoveToOuterDisposeScope()).ToArray(), sims.Select(t => t.MoveToOuterDisposeScope()).ToArray(),
             nearest.Select(t => t.MoveToOuterDisposeScope()).ToArray(), loss.MoveToOuterDisposeScope());
@@ -387,9 +430,9 @@ public sealed class OnlineKMeans : nn.Module<Tensor, Tensor?, KMeansOutput>
                     freshSums = freshSums is null ? ps : freshSums + ps;
                     freshCounts = freshCounts is null ? pc : freshCounts + pc;
                 }
-                Accumulate(freshSums!, freshCounts!);
+                if (!byGradient) Accumulate(freshSums!, freshCounts!);
             }
-            else Accumulate(sums.detach(), counts);
+            else if (!byGradient) Accumulate(sums.detach(), counts);
             if (modelForwardDepth == 0) ApplyDeferred();
         }
     }
@@ -626,7 +669,7 @@ public sealed class OnlineKMeans : nn.Module<Tensor, Tensor?, KMeansOutput>
     internal static IReadOnlyList<OnlineKMeans> All(nn.Module root) => FindAll(root).ToList();
 
     /// <summary>
-    /// Makes the centroids equal <paramref name="snapshot"/> (an earlier <see cref="Means"/>) until the returned scope
+    /// Makes the centroids equal <paramref name="snapshot"/> (an earlier <see cref="StoredMeans"/>) until the returned scope
     /// is disposed, then puts the current ones back. Pending statistics and the initialised flag are untouched: a
     /// reversible-layer recompute routes exactly as the original forward did, even if that forward initialised or
     /// (with <see cref="UpdateOnForward"/>) moved the centroids afterwards.

@@ -42,8 +42,7 @@ public sealed partial class CrossAttentionLayer
             long batch = context.shape[0], ctxLen = context.shape[1];
             using var scope = NewDisposeScope();
             using var noGrad = no_grad();
-            k = layer.to_k.forward(context).view(batch, ctxLen, layer.heads, layer.dimHead).transpose(1, 2)
-                     .contiguous().DetachFromDisposeScope();                                   // (B, H, S, Dh)
+            k = layer.ContextKeys(context).contiguous().DetachFromDisposeScope();                // (B, H, S, Dh)
             v = layer.to_v.forward(context).view(batch, ctxLen, layer.heads, layer.dimHead).transpose(1, 2)
                      .contiguous().DetachFromDisposeScope();
         }

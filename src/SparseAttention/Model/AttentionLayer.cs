@@ -72,11 +72,20 @@ public sealed partial class AttentionLayer : AttentionSublayer
             config.BlockSize, config.AttnDropout,
             config.PositionalEncoding == PositionalEncoding.RelativeShaw ? config.MaxRelativePosition : 0, config.Kernel,
             alibiSlopes: AlibiSlopes(config, firstHead, group.Heads)),
-        HeadGroupKind.Routing => new RoutingHeadGroup(config, group.Heads, layer, alibiSlopes: AlibiSlopes(config, firstHead, group.Heads)),
+        HeadGroupKind.Routing => WithCentroidTraining(config, new RoutingHeadGroup(config, group.Heads, layer, alibiSlopes: AlibiSlopes(config, firstHead, group.Heads))),
         HeadGroupKind.Lsh => new LshHeadGroup(config, group.Heads, layer),
         HeadGroupKind.Synthesizer => new SynthesizerHeadGroup(config, group.Heads, layer),
         _ => throw new ArgumentException($"group: unknown head group kind {group.Kind}.", nameof(group)),
     };
+
+    /// <summary><paramref name="module"/>, its k-means centroids trained by gradient when the configuration says
+    /// <c>kmeans_ema = false</c> (<see cref="Clustering.OnlineKMeans.TrainCentroidsByGradient"/>).</summary>
+    internal static T WithCentroidTraining<T>(TransformerConfig config, T module) where T : nn.Module
+    {
+        if (!config.KmeansEma)
+            foreach (var kmeans in Clustering.OnlineKMeans.All(module)) kmeans.TrainCentroidsByGradient();
+        return module;
+    }
 
     /// <summary>With ALiBi positions: the slopes of heads [firstHead, firstHead + heads) of a layer; otherwise null.</summary>
     private static double[]? AlibiSlopes(TransformerConfig config, int firstHead, int heads) =>
@@ -153,7 +162,8 @@ public sealed partial class AttentionLayer : AttentionSublayer
 /// </summary>
 public sealed partial class CrossAttentionLayer : AttentionSublayer
 {
-    private readonly Linear to_q, to_k, to_v, to_out;
+    private readonly Linear to_q, to_v, to_out;
+    private readonly Linear? to_k;                       // null with ContextSharedQk: keys use to_q
     private readonly RoutingAttention? routing;
     private readonly int heads, dimHead, contextWindowSize;
     private readonly double dropout, layerDropout;
@@ -170,24 +180,28 @@ public sealed partial class CrossAttentionLayer : AttentionSublayer
         layerDropout = config.AttnLayerDropout;
         int inner = heads * dimHead;
         to_q = nn.Linear(config.Dim, inner, hasBias: false);
-        to_k = nn.Linear(config.ResolvedContextDim, inner, hasBias: false);
+        if (!config.ContextSharedQk) to_k = nn.Linear(config.ResolvedContextDim, inner, hasBias: false);
         to_v = nn.Linear(config.ResolvedContextDim, inner, hasBias: false);
         to_out = nn.Linear(inner, config.Dim, hasBias: false);
         contextWindowSize = config.ResolvedContextWindowSize;
         if (config.CrossAttention == CrossAttentionKind.Routing)
-            routing = new RoutingAttention(heads, dimHead, config.MaxSeqLen, config.WindowSize, config.Causal, sharedQk: false,
-                numMemKv: 0, config.KmeansEmaDecay, config.CommitmentFactor, config.KmeansNorm, seed: 1000 + layer) { Kernel = config.Kernel };
+            routing = AttentionLayer.WithCentroidTraining(config, new RoutingAttention(heads, dimHead, config.MaxSeqLen, config.WindowSize, config.Causal,
+                sharedQk: false, numMemKv: 0, config.KmeansEmaDecay, config.CommitmentFactor, config.KmeansNorm, seed: 1000 + layer) { Kernel = config.Kernel });
         RegisterComponents();
     }
 
     /// <summary>The routing module of a routing cross-attention layer; null when dense.</summary>
     public RoutingAttention? Routing => routing;
 
+    /// <summary>The context's keys (B, S, contextDim) → (B, H, S, Dh): <c>to_k</c>, or <c>to_q</c> with ContextSharedQk.</summary>
+    private Tensor ContextKeys(Tensor context) =>
+        (to_k ?? to_q).forward(context).view(context.shape[0], context.shape[1], heads, dimHead).transpose(1, 2);
+
     public override (Tensor Output, Tensor AuxLoss) Forward(Tensor x, Tensor? inputMask, Tensor? context, Tensor? contextMask)
     {
         Check.Shape(x, nameof(x), "(B, T, dim)", -1, -1, to_q.in_features);
         Check.That(context is not null, nameof(context), "this model receives context (ReceivesContext = true); pass the context sequence.");
-        Check.Shape(context!, nameof(context), "(B, S, contextDim)", x.shape[0], -1, to_k.in_features);
+        Check.Shape(context!, nameof(context), "(B, S, contextDim)", x.shape[0], -1, to_v.in_features);
         Check.SameDtype(x, nameof(x), context!, nameof(context));
         long batch = x.shape[0], seqLen = x.shape[1], ctxLen = context!.shape[1];
         if (contextMask is not null)
@@ -197,7 +211,7 @@ public sealed partial class CrossAttentionLayer : AttentionSublayer
         }
         using var scope = NewDisposeScope();
         var q = to_q.forward(x).view(batch, seqLen, heads, dimHead).transpose(1, 2);           // (B, H, T, Dh)
-        var k = to_k.forward(context).view(batch, ctxLen, heads, dimHead).transpose(1, 2);     // (B, H, S, Dh)
+        var k = ContextKeys(context);                                                          // (B, H, S, Dh)
         var v = to_v.forward(context).view(batch, ctxLen, heads, dimHead).transpose(1, 2);     // (B, H, S, Dh)
         Tensor attended, aux;
         if (routing is null)

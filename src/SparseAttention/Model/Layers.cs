@@ -66,6 +66,32 @@ public static class RotaryEmbedding
 }
 
 /// <summary>
+/// The sinusoidal timing signal of the Transformer (Vaswani et al. 2017) as tensor2tensor's <c>add_timing_signal_1d</c>
+/// builds it (what the Routing Transformer authors' <c>add_timing_signal</c> adds to the embeddings): with
+/// n = ⌊channels / 2⌋ timescales τ<sub>i</sub> = 10000<sup>−i/max(n − 1, 1)</sup>, channel i holds sin(p·τ<sub>i</sub>)
+/// and channel n + i holds cos(p·τ<sub>i</sub>) for position p; an odd last channel is 0. No parameters.
+/// </summary>
+public static class TimingSignal
+{
+    /// <param name="positions">(B, T) int64 positions (≥ 0).</param>
+    /// <param name="channels">Feature size of the signal.</param>
+    /// <param name="dtype">Result dtype (computed in float64, then rounded).</param>
+    /// <returns>(B, T, channels).</returns>
+    public static Tensor Of(Tensor positions, int channels, ScalarType dtype = ScalarType.Float32)
+    {
+        Check.Shape(positions, nameof(positions), "(B, T)", -1, -1);
+        Check.Positive(channels, nameof(channels));
+        using var scope = NewDisposeScope();
+        long n = channels / 2;
+        var scales = exp(arange(n, dtype: ScalarType.Float64, device: positions.device) * (-Math.Log(1e4) / Math.Max(n - 1, 1)));   // (n)
+        var angles = positions.to(ScalarType.Float64).unsqueeze(-1) * scales;              // (B, T, n)
+        var signal = cat([angles.sin(), angles.cos()], -1);                                // (B, T, 2n)
+        if (channels % 2 == 1) signal = nn.functional.pad(signal, [0, 1]);                 // (B, T, channels)
+        return signal.to(dtype).MoveToOuterDisposeScope();
+    }
+}
+
+/// <summary>
 /// Token shift: some feature slices of each token are replaced by the same slices of a neighbouring
 /// token, a cheap way to mix in local context. With shifts (s₀, …, s<sub>n−1</sub>) the features are cut
 /// into n slices of ⌊dim/n⌋ (the remainder is left alone) and slice i at position t takes the value at

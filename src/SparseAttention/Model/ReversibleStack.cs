@@ -68,7 +68,7 @@ internal static class ReversibleStack
             {
                 if (plan.Training && plan.LayerDropout > 0 && rand(1).item<float>() < plan.LayerDropout) continue;
                 var block = plan.Blocks[index];
-                var centroids = OnlineKMeans.All(block).Select(k => (k, k.Means.DetachFromDisposeScope())).ToArray();
+                var centroids = OnlineKMeans.All(block).Select(k => (k, k.StoredMeans.DetachFromDisposeScope())).ToArray();
                 var rngAttention = get_rng_state().DetachFromDisposeScope();
                 Tensor y1, y2, sum;
                 using (NewDisposeScope())                                             // frees this layer's temporaries now, not at the end
@@ -76,8 +76,9 @@ internal static class ReversibleStack
                     var (f, loss) = block.AttentionBranch(x2, plan.InputMask, context, plan.ContextMask);
                     y1 = (x1 + f).MoveToOuterDisposeScope();
                     var rngFeedForward = get_rng_state().DetachFromDisposeScope();
-                    y2 = (x2 + block.FeedForwardBranch(y1, plan.InputMask)).MoveToOuterDisposeScope();
-                    sum = (aux + loss).MoveToOuterDisposeScope();
+                    var (g, gLoss) = block.FeedForwardBranch(y1, plan.InputMask);
+                    y2 = (x2 + g).MoveToOuterDisposeScope();
+                    sum = (aux + loss + gLoss).MoveToOuterDisposeScope();
                     steps.Add(new Step(index, rngAttention, rngFeedForward, centroids));
                 }
                 Replace(ref x1, y1);
@@ -125,8 +126,10 @@ internal static class ReversibleStack
                         set_rng_state(step.RngBeforeFeedForward);
                         using (enable_grad())
                         {
-                            g = block.FeedForwardBranch(y1Leaf, plan.InputMask);
-                            g.backward([dy2]);
+                            var (gOut, gLoss) = block.FeedForwardBranch(y1Leaf, plan.InputMask);
+                            g = gOut;
+                            var surrogate = (gOut * dy2).sum() + (gLoss * dAux).sum();   // ∂/∂θ = dy2·∂g/∂θ + dAux·∂loss/∂θ
+                            surrogate.backward();
                         }
                         x2 = (y2 - g.detach()).detach();
                         dx1 = dy1 + y1Leaf.grad!;                                       // y1 feeds g as well as the output

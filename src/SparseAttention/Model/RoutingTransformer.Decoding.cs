@@ -134,14 +134,19 @@ public sealed partial class RoutingTransformerLM
         return new DecodingState(this, rows, keep, token_emb.weight!.dtype, token_emb.weight!.device, context, contextMask);
     }
 
-    /// <summary>The embedding of token ids: (B, T) int64 → (B, T, Dim).</summary>
-    /// <summary>Token (and, with UseAbsolutePosEmb, position) embedding projected to Dim: tokens (B, T) → (B, T, Dim).</summary>
+    /// <summary>Token embedding plus, with UseAbsolutePosEmb, the learned position embedding and, with AddTimingSignal, the
+    /// sinusoidal timing signal; then (training only) the input or target dropout; projected to Dim: tokens (B, T) → (B, T, Dim).</summary>
     /// <param name="positions">(B, T) int64 positions of the tokens; null = 0..T−1 in every row.</param>
     private Tensor Embed(Tensor tokens, Tensor? positions = null)
     {
         var x = token_emb.forward(tokens);                                                 // (B, T, EmbDim)
-        if (pos_emb is not null)
-            x = x + pos_emb.forward(positions ?? arange(tokens.shape[1], dtype: ScalarType.Int64, device: tokens.device).unsqueeze(0));
+        if (pos_emb is not null || config.AddTimingSignal)
+        {
+            positions ??= arange(tokens.shape[1], dtype: ScalarType.Int64, device: tokens.device).unsqueeze(0);   // (1 or B, T)
+            if (pos_emb is not null) x = x + pos_emb.forward(positions);
+            if (config.AddTimingSignal) x = x + TimingSignal.Of(positions, (int)x.shape[2], x.dtype);
+        }
+        x = nn.functional.dropout(x, config.Causal ? config.TargetDropout : config.InputDropout, training);
         return project_in is null ? x : project_in.forward(x);                             // (B, T, Dim)
     }
 

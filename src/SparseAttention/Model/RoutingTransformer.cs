@@ -33,7 +33,7 @@ public sealed partial class RoutingTransformer : nn.Module<Tensor, Tensor?, Tens
         var blocks = new List<TransformerBlock>();
         for (int layer = 0; layer < unique; layer++)
         {
-            blocks.Add(new TransformerBlock(config, new AttentionLayer(config, layer)));
+            blocks.Add(new TransformerBlock(config, new AttentionLayer(config, layer), positionwise: config.PositionwiseKindForLayer(layer)));
             if (config.ReceivesContext) blocks.Add(new TransformerBlock(config, new CrossAttentionLayer(config, layer)));
         }
         int perLayer = config.ReceivesContext ? 2 : 1;
@@ -98,15 +98,16 @@ public sealed partial class RoutingTransformer : nn.Module<Tensor, Tensor?, Tens
             {
                 var (f, loss) = block.AttentionBranch(x2, inputMask, context, contextMask);
                 var y1 = x1 + f;
-                var y2 = x2 + block.FeedForwardBranch(y1, inputMask);
-                (x1, x2, aux) = (y1, y2, aux + loss);
+                var (g, gLoss) = block.FeedForwardBranch(y1, inputMask);
+                (x1, x2, aux) = (y1, x2 + g, aux + loss + gLoss);
             }
             else
             {
                 var (f, loss) = block.AttentionBranch(x1, inputMask, context, contextMask);
                 x1 = x1 + f;
-                x1 = x1 + block.FeedForwardBranch(x1, inputMask);
-                aux = aux + loss;
+                var (g, gLoss) = block.FeedForwardBranch(x1, inputMask);
+                x1 = x1 + g;
+                aux = aux + loss + gLoss;
             }
         }
         var output = config.Reversible ? (x1 + x2) / 2 : x1;                             // (B, T, Dim)
@@ -118,10 +119,10 @@ public sealed partial class RoutingTransformer : nn.Module<Tensor, Tensor?, Tens
 /// Language model: token ids (B, T) int64 → logits (B, T, NumTokens) plus the auxiliary loss. Token
 /// embedding (EmbDim wide; projected to Dim and back when EmbDim ≠ Dim), a <see cref="RoutingTransformer"/>,
 /// then the output layer (or the embedding matrix transposed with TieEmbedding). Positions enter through
-/// the attention layers (<see cref="TransformerConfig.PositionalEncoding"/>); there is no absolute
-/// position embedding.
+/// the attention layers (<see cref="TransformerConfig.PositionalEncoding"/>) and, when asked, through the embedding
+/// (<see cref="TransformerConfig.UseAbsolutePosEmb"/>, <see cref="TransformerConfig.AddTimingSignal"/>).
 /// </summary>
-public sealed partial class RoutingTransformerLM : nn.Module<Tensor, Tensor?, Tensor?, Tensor?, (Tensor Logits, Tensor AuxLoss)>
+public sealed partial class RoutingTransformerLM : nn.Module<Tensor, Tensor?, Tensor?, Tensor?, bool, (Tensor Logits, Tensor AuxLoss)>
 {
     private readonly Embedding token_emb;
     private readonly Embedding? pos_emb;        // (MaxSeqLen, EmbDim) with UseAbsolutePosEmb
@@ -159,18 +160,13 @@ public sealed partial class RoutingTransformerLM : nn.Module<Tensor, Tensor?, Te
     /// <param name="inputMask">Optional (B, T) bool; true = real token, false = padding (never attended).</param>
     /// <param name="context">(B, S, ContextDim) sequence to cross-attend to; required iff ReceivesContext.</param>
     /// <param name="contextMask">Optional (B, S) bool; true = real context token.</param>
-    /// <returns>Logits (B, T, NumTokens) and the scalar auxiliary loss.</returns>
-    public override (Tensor Logits, Tensor AuxLoss) forward(Tensor tokens, Tensor? inputMask = null, Tensor? context = null, Tensor? contextMask = null)
-    {
-        using var scope = NewDisposeScope();
-        var (hidden, aux) = Hidden(tokens, inputMask, context, contextMask);              // (B, T, Dim)
-        var logits = ToLogits(hidden);                                                   // (B, T, NumTokens)
-        return (logits.MoveToOuterDisposeScope(), aux.MoveToOuterDisposeScope());
-    }
-
-    /// <summary>The transformer's output before the output layer: (B, T, Dim) and the auxiliary loss
-    /// (what an encoder hands to a decoder).</summary>
-    public (Tensor Hidden, Tensor AuxLoss) Hidden(Tensor tokens, Tensor? inputMask, Tensor? context = null, Tensor? contextMask = null)
+    /// <param name="returnEmbeddings">false (default): logits. true: the transformer's final hidden states (B, T, Dim)
+    /// instead — after the final norm, before the output layer (and before the EmbDim projection): what an encoder hands
+    /// to a decoder; the PyTorch library's <c>return_embeddings</c>.</param>
+    /// <returns>Logits (B, T, NumTokens), or the hidden states (B, T, Dim) with <paramref name="returnEmbeddings"/>, and
+    /// the scalar auxiliary loss.</returns>
+    public override (Tensor Logits, Tensor AuxLoss) forward(Tensor tokens, Tensor? inputMask = null, Tensor? context = null,
+        Tensor? contextMask = null, bool returnEmbeddings = false)
     {
         Check.Shape(tokens, nameof(tokens), "(B, T)", -1, -1);
         Check.That(tokens.dtype == ScalarType.Int64, nameof(tokens), $"must be int64 token ids, got {tokens.dtype}.");
@@ -183,7 +179,8 @@ public sealed partial class RoutingTransformerLM : nn.Module<Tensor, Tensor?, Te
         }
         using var scope = NewDisposeScope();
         var (hidden, aux) = transformer.forward(Embed(tokens), inputMask, context, contextMask);   // (B, T, Dim)
-        return (hidden.MoveToOuterDisposeScope(), aux.MoveToOuterDisposeScope());
+        var output = returnEmbeddings ? hidden : ToLogits(hidden);                       // (B, T, Dim) or (B, T, NumTokens)
+        return (output.MoveToOuterDisposeScope(), aux.MoveToOuterDisposeScope());
     }
 
     /// <summary>

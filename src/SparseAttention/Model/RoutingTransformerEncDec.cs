@@ -43,7 +43,7 @@ public sealed class RoutingTransformerEncDec : nn.Module<Tensor, Tensor, Tensor?
     public override (Tensor Logits, Tensor AuxLoss) forward(Tensor source, Tensor target, Tensor? sourceMask = null, Tensor? targetMask = null)
     {
         using var scope = NewDisposeScope();
-        var (context, encAux) = encoder.Hidden(source, sourceMask);                    // (B, S, encoder Dim)
+        var (context, encAux) = encoder.forward(source, sourceMask, returnEmbeddings: true);                    // (B, S, encoder Dim)
         var (logits, decAux) = decoder.forward(target, targetMask, context, sourceMask);  // (B, T, V)
         return (logits.MoveToOuterDisposeScope(), (encAux + decAux).MoveToOuterDisposeScope());
     }
@@ -60,7 +60,7 @@ public sealed class RoutingTransformerEncDec : nn.Module<Tensor, Tensor, Tensor?
         {
             using var scope = NewDisposeScope();
             using var noGrad = no_grad();
-            var (context, _) = encoder.Hidden(source, sourceMask);                     // (B, S, encoder Dim)
+            var (context, _) = encoder.forward(source, sourceMask, returnEmbeddings: true);                     // (B, S, encoder Dim)
             if (useCache && decoder.SupportsCachedDecoding)
                 return Sampling.GenerateCached(decoder, prompt, maxNewTokens, temperature, topK, topP, eos, seed,
                     context: context, contextMask: sourceMask).MoveToOuterDisposeScope();

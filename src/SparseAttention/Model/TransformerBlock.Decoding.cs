@@ -59,11 +59,12 @@ public sealed partial class TransformerBlock
             return output.MoveToOuterDisposeScope();
         }
 
-        /// <summary>The feed-forward branch over a prompt: (B, T, dim) → (B, T, dim).</summary>
+        /// <summary>The position-wise branch over a prompt: (B, T, dim) → (B, T, dim) (its auxiliary loss is dropped).</summary>
         public Tensor FeedForwardPrefill(Tensor x, Tensor? mask, int[] lengths)
         {
+            using var scope = NewDisposeScope();
             Remember(ref prevFf, x, lengths);
-            return block.FeedForwardBranch(x, mask);
+            return block.FeedForwardBranch(x, mask).Output.MoveToOuterDisposeScope();
         }
 
         /// <summary>The attention branch of one new token per row: (B, 1, dim) → (B, 1, dim).</summary>
@@ -82,7 +83,7 @@ public sealed partial class TransformerBlock
         {
             using var scope = NewDisposeScope();
             var shifted = Shift(ref prevFf, x);
-            var output = block.ff.forward(block.ff_norm is null ? shifted : block.ff_norm.forward(shifted));
+            var output = block.RunPositionwise(block.ff_norm is null ? shifted : block.ff_norm.forward(shifted), null).Output;
             if (block.ff_rezero is not null) output = block.ff_rezero.forward(output);
             return output.MoveToOuterDisposeScope();
         }

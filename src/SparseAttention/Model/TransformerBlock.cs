@@ -5,7 +5,8 @@ using static TorchSharp.torch;
 namespace SparseAttention.Model;
 
 /// <summary>
-/// One layer: an attention sublayer and a feed-forward sublayer, each wrapped as
+/// One layer: an attention sublayer and a position-wise sublayer (feed-forward, mixture of experts or product-key
+/// memory; see <see cref="PositionwiseKind"/>), each wrapped as
 /// token shift (optional) → pre-norm (LayerNorm or ScaleNorm; none with ReZero) → sublayer → ReZero gate
 /// (optional). The block exposes the two residual branches f (attention) and g (feed-forward); the
 /// layer stack adds them to the residual stream, either sequentially (x += f(x); x += g(x)) or as a
@@ -14,19 +15,28 @@ namespace SparseAttention.Model;
 public sealed partial class TransformerBlock : nn.Module
 {
     private readonly AttentionSublayer attn;
-    private readonly FeedForward ff;
+    private readonly nn.Module ff;                  // FeedForward, MixtureOfExperts or ProductKeyMemory
     private readonly nn.Module<Tensor, Tensor>? attn_norm, ff_norm;
     private readonly ReZero? attn_rezero, ff_rezero;
     private readonly int[]? shifts;
 
-    /// <summary>A block around <paramref name="attention"/> with a feed-forward sublayer built from <paramref name="config"/>.</summary>
-    public TransformerBlock(TransformerConfig config, AttentionSublayer attention, string name = "block") : base(name)
+    /// <summary>A block around <paramref name="attention"/> with a position-wise sublayer of kind <paramref name="positionwise"/>
+    /// built from <paramref name="config"/>.</summary>
+    public TransformerBlock(TransformerConfig config, AttentionSublayer attention, string name = "block",
+        PositionwiseKind positionwise = PositionwiseKind.FeedForward) : base(name)
     {
         ArgumentNullException.ThrowIfNull(config);
         ArgumentNullException.ThrowIfNull(attention);
+        Check.That(Enum.IsDefined(positionwise), nameof(positionwise), $"unknown value {positionwise}.");
         attn = attention;
-        ff = new FeedForward(config.Dim, config.FfMult, config.FfGlu, config.FfDropout, config.FfChunks, computeDtype: config.ComputeDtype,
-            activation: config.FfActivation);
+        FeedForward NewFeedForward() => new(config.Dim, config.FfMult, config.FfGlu, config.FfDropout, config.FfChunks,
+            computeDtype: config.ComputeDtype, activation: config.FfActivation);
+        ff = positionwise switch
+        {
+            PositionwiseKind.MixtureOfExperts => new MixtureOfExperts(config.Dim, config.MoeNumExperts, config.MoeLossCoef, NewFeedForward),
+            PositionwiseKind.ProductKeyMemory => new ProductKeyMemory(config.Dim, config.PkmNumKeys, config.PkmTopK, config.PkmHeads, config.PkmDimHead),
+            _ => NewFeedForward(),
+        };
         if (config.UseRezero)
         {
             attn_rezero = new ReZero();
@@ -47,6 +57,9 @@ public sealed partial class TransformerBlock : nn.Module
 
     public AttentionSublayer Attention => attn;
 
+    /// <summary>The position-wise sublayer: a <see cref="FeedForward"/>, <see cref="MixtureOfExperts"/> or <see cref="ProductKeyMemory"/>.</summary>
+    public nn.Module Positionwise => ff;
+
     /// <summary>The attention branch f(x).</summary>
     /// <param name="x">(B, T, dim).</param>
     /// <param name="inputMask">Optional (B, T) bool; true = real token.</param>
@@ -61,14 +74,24 @@ public sealed partial class TransformerBlock : nn.Module
         return (output.MoveToOuterDisposeScope(), aux.MoveToOuterDisposeScope());
     }
 
-    /// <summary>The feed-forward branch g(x): (B, T, dim) → (B, T, dim).</summary>
-    public Tensor FeedForwardBranch(Tensor x, Tensor? inputMask)
+    /// <summary>The position-wise branch g(x): (B, T, dim) → (B, T, dim), and its scalar auxiliary loss (the
+    /// mixture of experts' load-balancing loss; zero otherwise).</summary>
+    public (Tensor Output, Tensor AuxLoss) FeedForwardBranch(Tensor x, Tensor? inputMask)
     {
         using var scope = NewDisposeScope();
-        var output = ff.forward(Prepare(x, ff_norm, inputMask));
+        var (output, aux) = RunPositionwise(Prepare(x, ff_norm, inputMask), inputMask);
         if (ff_rezero is not null) output = ff_rezero.forward(output);
-        return output.MoveToOuterDisposeScope();
+        return (output.MoveToOuterDisposeScope(), aux.MoveToOuterDisposeScope());
     }
+
+    /// <summary>The position-wise sublayer on already prepared input (B, T, dim).</summary>
+    private (Tensor Output, Tensor AuxLoss) RunPositionwise(Tensor x, Tensor? inputMask) => ff switch
+    {
+        MixtureOfExperts moe => moe.forward(x, inputMask),
+        ProductKeyMemory pkm => (pkm.forward(x), zeros(Array.Empty<long>(), dtype: x.dtype, device: x.device)),
+        FeedForward dense => (dense.forward(x), zeros(Array.Empty<long>(), dtype: x.dtype, device: x.device)),
+        _ => throw new InvalidOperationException($"unexpected position-wise module {ff.GetType().Name}."),
+    };
 
     private Tensor Prepare(Tensor x, nn.Module<Tensor, Tensor>? norm, Tensor? inputMask)
     {

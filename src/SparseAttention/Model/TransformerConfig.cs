@@ -47,6 +47,17 @@ public enum CrossAttentionKind
     Routing,
 }
 
+/// <summary>The position-wise sublayer of a layer (after its attention sublayer).</summary>
+public enum PositionwiseKind
+{
+    /// <summary>The feed-forward (<see cref="Model.FeedForward"/>).</summary>
+    FeedForward,
+    /// <summary>A top-2 mixture of feed-forward experts (<see cref="Model.MixtureOfExperts"/>; <c>moe_layers</c>).</summary>
+    MixtureOfExperts,
+    /// <summary>A product-key memory (<see cref="Model.ProductKeyMemory"/>; <c>pkm_layers</c>).</summary>
+    ProductKeyMemory,
+}
+
 /// <summary>The kind of a head group inside an attention layer.</summary>
 public enum HeadGroupKind
 {
@@ -144,6 +155,27 @@ public sealed record TransformerConfig
     /// <summary>1 — the feed-forward runs over the sequence in this many chunks (same result, smaller peak
     /// intermediate when gradients are not recorded).</summary>
     [JsonPropertyName("ff_chunks")] public int FfChunks { get; init; } = 1;
+    /// <summary>null — layers (1-based, as the PyTorch library's <c>moe_layers</c>) whose feed-forward is a top-2
+    /// mixture of experts (<see cref="MixtureOfExperts"/>; each expert is the feed-forward the fields above describe);
+    /// its load-balancing loss is added to the auxiliary loss. Not in cross-attention blocks. With WeightTie: none or
+    /// every layer.</summary>
+    [JsonPropertyName("moe_layers")] public int[]? MoeLayers { get; init; }
+    /// <summary>4 — MoeLayers only: experts per mixture-of-experts layer (≥ 2).</summary>
+    [JsonPropertyName("moe_num_experts")] public int MoeNumExperts { get; init; } = 4;
+    /// <summary>0.01 — MoeLayers only: weight of the load-balancing loss in the auxiliary loss (≥ 0).</summary>
+    [JsonPropertyName("moe_loss_coef")] public double MoeLossCoef { get; init; } = 1e-2;
+    /// <summary>null — layers (1-based, as the PyTorch library's <c>pkm_layers</c>) whose feed-forward is a product-key
+    /// memory (<see cref="ProductKeyMemory"/>). Not in cross-attention blocks; not together with MoeLayers in one layer.
+    /// With WeightTie: none or every layer.</summary>
+    [JsonPropertyName("pkm_layers")] public int[]? PkmLayers { get; init; }
+    /// <summary>128 — PkmLayers only: sub-keys per half; the memory holds pkm_num_keys² values.</summary>
+    [JsonPropertyName("pkm_num_keys")] public int PkmNumKeys { get; init; } = 128;
+    /// <summary>32 — PkmLayers only: memory slots each head reads per token (≤ PkmNumKeys).</summary>
+    [JsonPropertyName("pkm_topk")] public int PkmTopK { get; init; } = 32;
+    /// <summary>4 — PkmLayers only: query heads of a product-key memory (their reads are summed).</summary>
+    [JsonPropertyName("pkm_heads")] public int PkmHeads { get; init; } = 4;
+    /// <summary>128 — PkmLayers only: features of each half of a memory query.</summary>
+    [JsonPropertyName("pkm_dim_head")] public int PkmDimHead { get; init; } = 128;
 
     // ---- architecture --------------------------------------------------------------------------
     /// <summary>false — RevNet layers (y1 = x1 + attn(x2), y2 = x2 + ff(y1), output = (y1 + y2) / 2). Training keeps
@@ -160,6 +192,15 @@ public sealed record TransformerConfig
     /// as the PyTorch library's <c>use_absolute_pos_emb</c>; positions are 0.. within the context (a sliding decoding
     /// window starts again at 0 after each re-encode, as a full forward of that window does).</summary>
     [JsonPropertyName("use_absolute_pos_emb")] public bool UseAbsolutePosEmb { get; init; }
+    /// <summary>false — LM only: the sinusoidal timing signal (<see cref="TimingSignal"/>, tensor2tensor's) is added to the
+    /// token embedding, as the authors' <c>add_timing_signal</c>; positions as for UseAbsolutePosEmb.</summary>
+    [JsonPropertyName("add_timing_signal")] public bool AddTimingSignal { get; init; }
+    /// <summary>0 — LM only, bidirectional models (Causal = false; the encoder of an encoder-decoder): dropout on the
+    /// embedded tokens before the first layer, as the authors' <c>input_dropout</c> on their encoder's inputs.</summary>
+    [JsonPropertyName("input_dropout")] public double InputDropout { get; init; }
+    /// <summary>0 — LM only, causal models (a decoder, or a language model): dropout on the embedded tokens before the
+    /// first layer, as the authors' <c>target_dropout</c> on their decoder's targets.</summary>
+    [JsonPropertyName("target_dropout")] public double TargetDropout { get; init; }
     /// <summary>false — ScaleNorm (g·x/‖x‖, g learned, init √Dim) instead of LayerNorm before each sublayer and at the end.</summary>
     [JsonPropertyName("use_scale_norm")] public bool UseScaleNorm { get; init; }
     /// <summary>false — ReZero: no pre-norm; each sublayer's output is scaled by a learned scalar initialised to 0.</summary>
@@ -179,6 +220,10 @@ public sealed record TransformerConfig
     [JsonPropertyName("shared_qk")] public bool? SharedQk { get; init; }
     /// <summary>0.999 — used by routing heads: EMA decay of the k-means centroids, in [0, 1).</summary>
     [JsonPropertyName("kmeans_ema_decay")] public double KmeansEmaDecay { get; init; } = 0.999;
+    /// <summary>true — used by routing heads: centroids move by exponential moving average of their assigned vectors. false
+    /// — the authors' <c>ema = false</c>: the centroids are a parameter trained by gradient, pulled toward their tokens by a
+    /// codebook term (weight 1) added to the k-means loss (<see cref="OnlineKMeans.TrainCentroidsByGradient"/>).</summary>
+    [JsonPropertyName("kmeans_ema")] public bool KmeansEma { get; init; } = true;
     /// <summary>L2 — used by routing heads: how queries, keys and centroids are normalised before clustering: L2 (unit
     /// vectors, the PyTorch library) or LayerNorm without affine (centred and scaled, the authors' choice; centring
     /// removes a direction shared by all positions, which otherwise can pull every token into one cluster).</summary>
@@ -209,9 +254,15 @@ public sealed record TransformerConfig
     /// <summary>Dense — ReceivesContext only: how the cross-attention attends the context. Dense: every query sees every
     /// real context token (O(T·S)). Routing: all heads route — the k-means clusters queries and context keys together,
     /// each cluster takes its ContextWindowSize nearest context keys, and queries are grouped like routing
-    /// self-attention (causal-safe in a decoder); see <see cref="Modules.RoutingAttention.CrossForward"/>.</summary>
+    /// self-attention (causal-safe in a decoder); see <see cref="Modules.RoutingAttention.CrossForward"/>. The PyTorch
+    /// library always routes; the default here stays Dense because routing cross-attention has no incremental decoder
+    /// (generation then re-encodes the target per token instead of using the cache) and adds a MaxSeqLen / WindowSize
+    /// divisibility requirement.</summary>
     [JsonPropertyName("cross_attention"), JsonConverter(typeof(JsonStringEnumConverter<CrossAttentionKind>))]
     public CrossAttentionKind CrossAttention { get; init; } = CrossAttentionKind.Dense;
+    /// <summary>false — ReceivesContext only: cross-attention projects the context's keys with the query projection
+    /// (<c>to_q</c>; no <c>to_k</c>), as the PyTorch library's <c>context_shared_qk</c>. Needs ContextDim = Dim.</summary>
+    [JsonPropertyName("context_shared_qk")] public bool ContextSharedQk { get; init; }
     /// <summary>null — CrossAttention = Routing only: context tokens per cluster; null = WindowSize.</summary>
     [JsonPropertyName("context_window_size")] public int? ContextWindowSize { get; init; }
 
@@ -243,6 +294,12 @@ public sealed record TransformerConfig
     [JsonIgnore] public int ResolvedContextDim => ContextDim ?? Dim;
     /// <summary>ContextWindowSize, or WindowSize when unset.</summary>
     [JsonIgnore] public int ResolvedContextWindowSize => ContextWindowSize ?? WindowSize;
+
+    /// <summary>The position-wise sublayer of layer <paramref name="layer"/> (0-based; MoeLayers and PkmLayers are 1-based).</summary>
+    public PositionwiseKind PositionwiseKindForLayer(int layer) =>
+        MoeLayers?.Contains(layer + 1) == true ? PositionwiseKind.MixtureOfExperts
+        : PkmLayers?.Contains(layer + 1) == true ? PositionwiseKind.ProductKeyMemory
+        : PositionwiseKind.FeedForward;
 
     /// <summary>Local heads in layer <paramref name="layer"/> as NLocalAttnHeads gives them (before SparsitySkipFirst).</summary>
     public int LocalHeadsInLayer(int layer) => NLocalAttnHeads.Length == 1 ? NLocalAttnHeads[0] : NLocalAttnHeads[layer];
@@ -332,10 +389,34 @@ public sealed record TransformerConfig
         Probability(AttnLayerDropout, nameof(AttnLayerDropout));
         Probability(FfDropout, nameof(FfDropout));
         Probability(LayerDropout, nameof(LayerDropout));
+        Probability(InputDropout, nameof(InputDropout));
+        Probability(TargetDropout, nameof(TargetDropout));
+        Check.That(InputDropout == 0 || !Causal, nameof(InputDropout),
+            "drops the embedded inputs of a bidirectional model (the authors' encoder inputs); a causal model reads targets: use TargetDropout.");
+        Check.That(TargetDropout == 0 || Causal, nameof(TargetDropout),
+            "drops the embedded targets of a causal model (the authors' decoder targets); a bidirectional model reads inputs: use InputDropout.");
 
         Check.Positive(FfMult, nameof(FfMult));
         Check.Positive(FfChunks, nameof(FfChunks));
         if (EmbDim is int ed) Check.Positive(ed, nameof(EmbDim));
+        LayerList(MoeLayers, nameof(MoeLayers));
+        LayerList(PkmLayers, nameof(PkmLayers));
+        if (MoeLayers is { Length: > 0 })
+        {
+            Check.That(MoeNumExperts >= MixtureOfExperts.TopK, nameof(MoeNumExperts), $"top-{MixtureOfExperts.TopK} gating needs at least {MixtureOfExperts.TopK} experts, got {MoeNumExperts}.");
+            Check.That(MoeLossCoef >= 0 && double.IsFinite(MoeLossCoef), nameof(MoeLossCoef), $"must be finite and >= 0, got {MoeLossCoef}.");
+            int? both = PkmLayers?.Intersect(MoeLayers).Cast<int?>().FirstOrDefault();
+            Check.That(both is null, nameof(PkmLayers), $"layer {both} is in both MoeLayers and PkmLayers; a layer has one feed-forward.");
+        }
+        if (PkmLayers is { Length: > 0 })
+        {
+            Check.Positive(PkmNumKeys, nameof(PkmNumKeys));
+            Check.That((long)PkmNumKeys * PkmNumKeys <= int.MaxValue, nameof(PkmNumKeys), $"pkm_num_keys² must fit in an int, got {PkmNumKeys}.");
+            Check.That(PkmTopK >= 1 && PkmTopK <= PkmNumKeys, nameof(PkmTopK), $"must be in [1, PkmNumKeys = {PkmNumKeys}], got {PkmTopK}.");
+            Check.Positive(PkmHeads, nameof(PkmHeads));
+            Check.Positive(PkmDimHead, nameof(PkmDimHead));
+        }
+
         Check.That(!(UseScaleNorm && UseRezero), nameof(UseRezero),
             "ReZero replaces the pre-norm, so UseScaleNorm would have no effect; set at most one of UseScaleNorm and UseRezero.");
         if (WeightTie)
@@ -343,7 +424,7 @@ public sealed record TransformerConfig
             var first = Signature(0);
             for (int l = 1; l < Depth; l++)
                 Check.That(Signature(l) == first, nameof(WeightTie),
-                    $"shares one layer across depth, so every layer needs the same head groups; layer {l} has {Signature(l)}, layer 0 has {first} (see NLocalAttnHeads, SparsitySkipFirst, Interleaved static groups).");
+                    $"shares one layer across depth, so every layer needs the same head groups and position-wise sublayer; layer {l} has {Signature(l)}, layer 0 has {first} (see NLocalAttnHeads, SparsitySkipFirst, Interleaved static groups, MoeLayers, PkmLayers).");
         }
 
         Check.NonNegative(ResolvedNumMemKv, nameof(NumMemKv));
@@ -368,6 +449,9 @@ public sealed record TransformerConfig
         if (ContextDim is int cd) Check.Positive(cd, nameof(ContextDim));
         Check.That(ContextDim is null || ReceivesContext, nameof(ContextDim), "is only used when ReceivesContext is true.");
         Check.That(Enum.IsDefined(CrossAttention), nameof(CrossAttention), $"unknown value {CrossAttention}.");
+        Check.That(!ContextSharedQk || ReceivesContext, nameof(ContextSharedQk), "is only used when ReceivesContext is true.");
+        Check.That(!ContextSharedQk || ResolvedContextDim == Dim, nameof(ContextSharedQk),
+            $"projects the context with the query projection, so ContextDim ({ResolvedContextDim}) must equal Dim ({Dim}).");
         Check.That(CrossAttention == CrossAttentionKind.Dense || ReceivesContext, nameof(CrossAttention), "is only used when ReceivesContext is true.");
         if (ContextWindowSize is int cw) Check.Positive(cw, nameof(ContextWindowSize));
         Check.That(ContextWindowSize is null || CrossAttention == CrossAttentionKind.Routing, nameof(ContextWindowSize), "is only used when CrossAttention is Routing.");
@@ -384,7 +468,17 @@ public sealed record TransformerConfig
     }
 
     private string Signature(int layer) =>
-        string.Join(" + ", HeadGroupsForLayer(layer).Select(g => $"{g.Heads}×{g.Pattern?.Name ?? g.Kind.ToString()}"));
+        string.Join(" + ", HeadGroupsForLayer(layer).Select(g => $"{g.Heads}×{g.Pattern?.Name ?? g.Kind.ToString()}"))
+        + $" with {PositionwiseKindForLayer(layer)}";
+
+    /// <summary>A list of 1-based layer numbers: each in [1, Depth], no repeats.</summary>
+    private void LayerList(int[]? layers, string name)
+    {
+        if (layers is null) return;
+        foreach (int l in layers)
+            Check.That(l >= 1 && l <= Depth, name, $"holds 1-based layer numbers in [1, Depth = {Depth}], got {l}.");
+        Check.That(layers.Distinct().Count() == layers.Length, name, $"lists a layer twice: [{string.Join(", ", layers)}].");
+    }
 
     private static void Probability(double p, string name) =>
         Check.That(p >= 0 && p < 1, name, $"must be in [0, 1), got {p}.");

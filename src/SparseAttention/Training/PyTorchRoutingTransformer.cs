@@ -54,6 +54,11 @@ public static class PyTorchRoutingTransformer
         If(c.UseAbsolutePosEmb, "use_absolute_pos_emb (the library accepts the argument but builds no position embedding)");
         If(c.ReceivesContext, "receives_context (the library's cross-attention layers are routing layers with their own layout)");
         If(c.RoutingLookBack, "routing_look_back (no counterpart in the library)");
+        If(c.MoeLayers is { Length: > 0 }, "moe_layers (this project's experts are feed-forwards with biases and no capacity limit; the library's are bias-free with capacity-limited top-2 gating)");
+        If(c.PkmLayers is { Length: > 0 }, "pkm_layers (the product-key memory's layout is not mapped)");
+        If(!c.KmeansEma, "kmeans_ema false (the library's centroids are an EMA buffer)");
+        If(c.AddTimingSignal, "add_timing_signal (the library adds no timing signal)");
+        If(c.InputDropout > 0 || c.TargetDropout > 0, "input_dropout / target_dropout (the library has no embedding dropout)");
         If(c.KmeansNorm != KMeansNorm.L2, "kmeans_norm LayerNorm (the library normalises with L2)");
         If(c.KmeansAttendNormalized, "kmeans_attend_normalized (the library attends with the raw q and k)");
         If(c.MaxSeqLen % c.WindowSize != 0, $"max_seq_len {c.MaxSeqLen} not divisible by window_size {c.WindowSize} (the library asserts it)");
