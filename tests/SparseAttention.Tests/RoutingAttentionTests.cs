@@ -253,6 +253,49 @@ public class RoutingAttentionTests
         Assert.Equal("sharedQk", Assert.ThrowsAny<ArgumentException>(() => Make(true, sharedQk: true, memKv: 0).CrossForward(q, k!, v, null, null, 2)).ParamName);
     }
 
+    [Theory]
+    [InlineData(16, 20, false, KMeansNorm.L2)]
+    [InlineData(13, 7, true, KMeansNorm.LayerNorm)]
+    [InlineData(3, 2, true, KMeansNorm.L2)]
+    public void CrossStepsEqualTheCausalCrossForwardQueryByQuery(int seqLen, int ctxLen, bool padded, KMeansNorm norm)
+    {
+        // Incremental routing cross-attention: the context's per-cluster keys once, then each query alone attends its
+        // nearest cluster's keys — the full forward's output at every real query, whatever chunk it fell in.
+        const long batch = 2;
+        const int contextWindow = 3;
+        var module = new RoutingAttention(Heads, Dim, MaxSeqLen, Window, causal: true, norm: norm, seed: 3);
+        module.to(ScalarType.Float64);
+        var (wq, wk, wv) = Inputs(2000, 3, MaxSeqLen, sharedQk: false);
+        module.train();
+        module.CrossForward(wq, wk!.narrow(2, 0, 9), wv.narrow(2, 0, 9), null, null, contextWindow);   // initialises the centroids
+        module.eval();
+        var gen = new Generator((ulong)(seqLen * 17 + ctxLen));
+        Tensor Rand(long length) => randn(new long[] { batch, Heads, length, Dim }, dtype: ScalarType.Float64, generator: gen);
+        var (q, k, v) = (Rand(seqLen), Rand(ctxLen), Rand(ctxLen));
+        var queryMask = PaddingMask(batch, seqLen, padded);
+        var contextMask = PaddingMask(batch, ctxLen, padded);
+        var full = module.CrossForward(q, k, v, queryMask, contextMask, contextWindow);
+        var groups = module.CrossContextGroups(k, contextMask, contextWindow);                   // (B, H, C, Wc)
+        Assert.Equal(new long[] { batch, Heads, module.Clusters, Math.Min(contextWindow, ctxLen) }, groups.shape);
+        var realQ = (queryMask ?? ones(batch, seqLen, dtype: ScalarType.Bool)).data<bool>().ToArray();
+        for (int t = 0; t < seqLen; t++)
+        {
+            var step = module.CrossStep(q.narrow(2, t, 1), k, v, groups, contextMask);            // (B, H, 1, D)
+            for (long b = 0; b < batch; b++)
+                if (realQ[b * seqLen + t])
+                    TestSupport.AssertClose(full.Output[b, .., t], step[b, .., 0], $"row {b}, query {t}");
+        }
+        if (seqLen < 16) return;
+        // Meaningful: the queries use several clusters, some cluster holds two chunks, a cluster's keys are a strict subset.
+        long g = full.GroupClusters.shape[2];
+        var rows = full.GroupClusters.data<long>().ToArray().Chunk((int)g).Select(r => r.Where(c => c >= 0).ToArray()).ToArray();   // per (b, h)
+        Assert.True(rows.All(r => r.Distinct().Count() > 1), "every query of a row chose one cluster");
+        Assert.True(rows.Any(r => r.GroupBy(c => c).Any(x => x.Count() > 1)), "no cluster holds two chunks of queries");
+        Assert.True(contextWindow < ctxLen);
+        Assert.Equal("training", Assert.ThrowsAny<ArgumentException>(() => { module.train(); module.CrossContextGroups(k, null, 2); }).ParamName);
+        Assert.Equal("causal", Assert.ThrowsAny<ArgumentException>(() => Make(false, sharedQk: false, memKv: 0).CrossContextGroups(k, null, 2)).ParamName);
+    }
+
     public static TheoryData<bool, int, bool> LookBackCases()
     {
         var data = new TheoryData<bool, int, bool>();
