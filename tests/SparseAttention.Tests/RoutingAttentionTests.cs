@@ -161,6 +161,23 @@ public class RoutingAttentionTests
         Assert.Equal(0.0, actual.Output.masked_select(nowhere).abs().sum().item<double>());
     }
 
+    /// <summary>One training cross forward on full-length queries and 9 context tokens (initialises the centroids).</summary>
+    private static void WarmUpCross(RoutingAttention module, int contextWindow)
+    {
+        var (wq, wk, wv) = Inputs(2000, 3, MaxSeqLen, sharedQk: false);
+        module.train();
+        module.CrossForward(wq, wk!.narrow(2, 0, 9), wv.narrow(2, 0, 9), null, null, contextWindow);
+    }
+
+    /// <summary>Float64 queries (B, H, T, D), context keys and values (B, H, S, D) and, when padded, both masks.</summary>
+    private static (Tensor Q, Tensor K, Tensor V, Tensor? QueryMask, Tensor? ContextMask) CrossInputs(ulong seed, long batch, int seqLen, int ctxLen, bool padded)
+    {
+        var gen = new Generator(seed);
+        Tensor Rand(long length) => randn(new long[] { batch, Heads, length, Dim }, dtype: ScalarType.Float64, generator: gen);
+        var (q, k, v) = (Rand(seqLen), Rand(ctxLen), Rand(ctxLen));
+        return (q, k, v, PaddingMask(batch, seqLen, padded), PaddingMask(batch, ctxLen, padded));
+    }
+
     public static TheoryData<bool, int, int, bool> CrossCases()
     {
         var data = new TheoryData<bool, int, int, bool>();
@@ -177,16 +194,9 @@ public class RoutingAttentionTests
         const long batch = 2;
         const int contextWindow = 3;
         var module = Make(causal, sharedQk: false, memKv: 0);
-        var (wq, wk, wv) = Inputs(2000, 3, MaxSeqLen, sharedQk: false);
-        module.train();
-        module.CrossForward(wq, wk!.narrow(2, 0, 9), wv.narrow(2, 0, 9), null, null, contextWindow);   // initialises the centroids
+        WarmUpCross(module, contextWindow);
         module.KMeans.Update();
-
-        var gen = new Generator((ulong)(seqLen * 31 + ctxLen));
-        Tensor Rand(long length) => randn(new long[] { batch, Heads, length, Dim }, dtype: ScalarType.Float64, generator: gen);
-        var (q, k, v) = (Rand(seqLen), Rand(ctxLen), Rand(ctxLen));
-        var queryMask = PaddingMask(batch, seqLen, padded);
-        var contextMask = PaddingMask(batch, ctxLen, padded);
+        var (q, k, v, queryMask, contextMask) = CrossInputs((ulong)(seqLen * 31 + ctxLen), batch, seqLen, ctxLen, padded);
         var result = module.CrossForward(q, k, v, queryMask, contextMask, contextWindow);
         Assert.Equal(new long[] { batch, Heads, seqLen, Dim }, result.Output.shape);
 
@@ -265,15 +275,9 @@ public class RoutingAttentionTests
         const int contextWindow = 3;
         var module = new RoutingAttention(Heads, Dim, MaxSeqLen, Window, causal: true, norm: norm, seed: 3);
         module.to(ScalarType.Float64);
-        var (wq, wk, wv) = Inputs(2000, 3, MaxSeqLen, sharedQk: false);
-        module.train();
-        module.CrossForward(wq, wk!.narrow(2, 0, 9), wv.narrow(2, 0, 9), null, null, contextWindow);   // initialises the centroids
+        WarmUpCross(module, contextWindow);
         module.eval();
-        var gen = new Generator((ulong)(seqLen * 17 + ctxLen));
-        Tensor Rand(long length) => randn(new long[] { batch, Heads, length, Dim }, dtype: ScalarType.Float64, generator: gen);
-        var (q, k, v) = (Rand(seqLen), Rand(ctxLen), Rand(ctxLen));
-        var queryMask = PaddingMask(batch, seqLen, padded);
-        var contextMask = PaddingMask(batch, ctxLen, padded);
+        var (q, k, v, queryMask, contextMask) = CrossInputs((ulong)(seqLen * 17 + ctxLen), batch, seqLen, ctxLen, padded);
         var full = module.CrossForward(q, k, v, queryMask, contextMask, contextWindow);
         var groups = module.CrossContextGroups(k, contextMask, contextWindow);                   // (B, H, C, Wc)
         Assert.Equal(new long[] { batch, Heads, module.Clusters, Math.Min(contextWindow, ctxLen) }, groups.shape);
