@@ -40,6 +40,8 @@ public class DecodingTests
         ["routing separate qk + memory"] = Base with { NLocalAttnHeads = [1], StaticHeadGroups = null, WindowSize = 4, SharedQk = false, NumMemKv = 2 },
         ["routing shared qk + memory"] = Base with { NLocalAttnHeads = [0], StaticHeadGroups = null, WindowSize = 4, NumMemKv = 1 },
         ["routing look-back"] = Base with { NLocalAttnHeads = [1], StaticHeadGroups = null, WindowSize = 4, RoutingLookBack = true },
+        ["routing hashed clusters"] = Base with { NLocalAttnHeads = [1], StaticHeadGroups = null, WindowSize = 4, HashItems = true },
+        ["routing hashed clusters separate qk + memory"] = Base with { NLocalAttnHeads = [1], StaticHeadGroups = null, WindowSize = 4, HashItems = true, SharedQk = false, NumMemKv = 1 },
         ["routing look-back separate qk, layernorm k-means"] = Base with
         {
             NLocalAttnHeads = [1], StaticHeadGroups = null, WindowSize = 4, RoutingLookBack = true, SharedQk = false, KmeansNorm = Clustering.KMeansNorm.LayerNorm,

@@ -382,11 +382,81 @@ public class RoutingAttentionTests
         Assert.Equal("lookBackward", Assert.ThrowsAny<ArgumentException>(() => new RoutingAttention(Heads, Dim, MaxSeqLen, Window, causal: true, numMemKv: 1, lookBackward: true)).ParamName);
     }
 
+    private static RoutingAttention MakeHashed(bool causal, bool sharedQk, int memKv)
+    {
+        var module = new RoutingAttention(Heads, Dim, MaxSeqLen, Window, causal, sharedQk, memKv, seed: 5) { HashItems = true };
+        module.to(ScalarType.Float64);
+        return module;
+    }
+
+    [Theory]
+    [InlineData(true, true, 16, false)]
+    [InlineData(true, false, 13, true)]
+    [InlineData(false, true, 13, true)]
+    [InlineData(false, false, 16, false)]
+    public void HashedClustersAreSimHashBucketsAndAttendAsTheOracle(bool causal, bool sharedQk, int seqLen, bool padded)
+    {
+        // hash_items: bit b of a token's cluster is 1 iff its normalised vector has a positive projection on direction b.
+        const long batch = 2;
+        var module = MakeHashed(causal, sharedQk, memKv: 0);
+        module.train();
+        var (q, k, v) = Inputs(77 + seqLen, batch, seqLen, sharedQk);
+        var keyMask = PaddingMask(batch, seqLen, padded);
+        var result = module.forward(q, k, v, keyMask);
+        Assert.Equal(0.0, result.AuxLoss.item<double>());
+        Assert.False(module.KMeans.HasPendingStatistics || module.KMeans.IsInitialized, "the k-means is not used");
+
+        var directions = module.HashProjections();                                             // (H, bits, D)
+        int bits = (int)directions.shape[1];
+        Assert.Equal(module.Clusters, 1 << bits);
+        TestSupport.AssertClose(eye(bits, dtype: ScalarType.Float64).expand(Heads, bits, bits), directions.matmul(directions.transpose(1, 2)), "orthonormal");
+        var real = keyMask ?? ones(batch, seqLen, dtype: ScalarType.Bool);
+        Tensor Projections(Tensor x) => einsum("bhtd,hkd->bhtk", nn.functional.normalize(x, 2, -1), directions);   // (B, H, T, bits)
+        Tensor Bucket(Tensor x)
+        {
+            var weights = pow(2, arange(bits, dtype: ScalarType.Int64));                       // (bits)
+            return (Projections(x).gt(0).to(ScalarType.Int64) * weights).sum(-1)
+                   .masked_fill(real.logical_not().unsqueeze(1), -1);                         // (B, H, T)
+        }
+        Tensor Similarities(Tensor x)                                                          // Σ_b ±(x̂·r_b), sign = bit b of the cluster
+        {
+            var signs = zeros(module.Clusters, bits, dtype: ScalarType.Float64);
+            for (int c = 0; c < module.Clusters; c++)
+                for (int b = 0; b < bits; b++) signs[c, b] = tensor(((c >> b) & 1) == 1 ? 1.0 : -1.0, dtype: ScalarType.Float64);
+            return einsum("bhtk,ck->bhtc", Projections(x), signs);
+        }
+        var keySource = sharedQk ? q : k!;
+        Tensor queryIdx, keyIdx;
+        if (causal)
+            (queryIdx, keyIdx, _) = RoutingAttention.CausalGroups(Bucket(q), Bucket(keySource), Window, module.Clusters);
+        else
+        {
+            queryIdx = RoutingAttention.BalancedGroups(Similarities(q), keyMask, Window);
+            keyIdx = RoutingAttention.BalancedGroups(Similarities(keySource), keyMask, Window);
+        }
+        Assert.Equal(queryIdx.data<long>().ToArray(), result.QueryIndices.data<long>().ToArray());
+        Assert.Equal(keyIdx.data<long>().ToArray(), result.KeyIndices.data<long>().ToArray());
+
+        var upstream = randn(result.Output.shape, dtype: ScalarType.Float64, generator: new Generator(5));
+        var inputs = sharedQk ? new[] { q, v } : new[] { q, k!, v };
+        Tensor Module(Tensor[] x) => module.forward(x[0], sharedQk ? null : x[1], x[^1], keyMask).Output;
+        Tensor Oracle(Tensor[] x) => GroupedOracle.Attention(x[0], sharedQk ? nn.functional.normalize(x[0], 2, -1) : x[1], x[^1],
+            queryIdx, keyIdx, causal, sharedQk, keyMask);
+        var expected = GroupedAttentionTests.Grad(Oracle, upstream, inputs);
+        var actual = GroupedAttentionTests.Grad(Module, upstream, inputs);
+        TestSupport.AssertClose(expected.Output, actual.Output, "output");
+        for (int n = 0; n < inputs.Length; n++) TestSupport.AssertClose(expected.Grads[n], actual.Grads[n], $"gradient {n}");
+
+        Assert.Equal("HashItems", Assert.ThrowsAny<ArgumentException>(() => new RoutingAttention(Heads, Dim, 12, 4) { HashItems = true }).ParamName);   // 3 clusters
+        Assert.Equal("HashItems", Assert.ThrowsAny<ArgumentException>(() => new RoutingAttention(Heads, 2, 16, 2) { HashItems = true }).ParamName);    // 3 bits > D = 2
+        if (!sharedQk) Assert.Equal("HashItems", Assert.ThrowsAny<ArgumentException>(() => module.CrossForward(q, q, v, null, null, 2)).ParamName);
+    }
+
     public static TheoryData<bool, string> LeakCases()
     {
         var data = new TheoryData<bool, string>();
         foreach (bool sharedQk in new[] { false, true })
-            foreach (var mode in new[] { "eval", "train", "train-initialising", "train-update-on-forward" })
+            foreach (var mode in new[] { "eval", "train", "train-initialising", "train-update-on-forward", "train-hashed" })
                 data.Add(sharedQk, mode);
         return data;
     }
@@ -398,8 +468,8 @@ public class RoutingAttentionTests
         const long batch = 2, seqLen = 14;
         RoutingAttention Build()
         {
-            var module = Make(causal: true, sharedQk, memKv: 1, seed: 11);
-            if (mode != "train-initialising") WarmUp(module);
+            var module = mode == "train-hashed" ? MakeHashed(causal: true, sharedQk, memKv: 1) : Make(causal: true, sharedQk, memKv: 1, seed: 11);
+            if (mode is not ("train-initialising" or "train-hashed")) WarmUp(module);
             if (mode == "eval") module.eval(); else module.train();
             module.KMeans.UpdateOnForward = mode == "train-update-on-forward";
             return module;

@@ -238,6 +238,11 @@ public sealed record TransformerConfig
     /// <summary>false — causal routing heads: each chunk of a cluster also attends the previous chunk of the same cluster
     /// (a query sees up to 2·WindowSize keys; stays causal). Needs Causal and NumMemKv = 0.</summary>
     [JsonPropertyName("routing_look_back")] public bool RoutingLookBack { get; init; }
+    /// <summary>false — routing heads (self-attention) cluster by SimHash instead of k-means, as the authors' <c>hash_items</c>:
+    /// a token's cluster is the sign pattern of its normalised vector on log2(clusters) fixed random orthonormal directions;
+    /// no centroids to learn, no commitment loss (see <see cref="Modules.RoutingAttention.HashItems"/>). Needs a power-of-two
+    /// number of clusters no larger than 2^DimHead.</summary>
+    [JsonPropertyName("hash_items")] public bool HashItems { get; init; }
     /// <summary>1e-4 — used by routing heads: weight of the k-means commitment loss in the auxiliary loss.</summary>
     [JsonPropertyName("commitment_factor")] public double CommitmentFactor { get; init; } = 1e-4;
 
@@ -384,6 +389,12 @@ public sealed record TransformerConfig
             $"must be in [0, Depth = {Depth}], got {SparsitySkipFirst}.");
         bool anyRouting = Enumerable.Range(0, Depth).Any(l => HeadGroupsForLayer(l).Any(g => g.Kind == HeadGroupKind.Routing));
         Check.That(NumClusters is null or > 0, nameof(NumClusters), $"must be positive when given, got {NumClusters}.");
+        if (HashItems)
+        {
+            int hashed = NumClusters ?? Math.Max(1, MaxSeqLen / Math.Max(1, WindowSize));
+            Check.That((hashed & (hashed - 1)) == 0 && System.Numerics.BitOperations.Log2((uint)hashed) <= ResolvedDimHead, nameof(HashItems),
+                $"hashed clusters need a power-of-two number of clusters (num_clusters, or max_seq_len / window_size) of at most 2^DimHead, got {hashed} with DimHead {ResolvedDimHead}.");
+        }
         if (anyRouting && NumClusters is null)
             Check.That(MaxSeqLen % WindowSize == 0, nameof(WindowSize),
                 $"routing heads need MaxSeqLen ({MaxSeqLen}) divisible by WindowSize ({WindowSize}) to fix the number of clusters.");
