@@ -40,6 +40,8 @@ public class DecodingTests
         ["routing separate qk + memory"] = Base with { NLocalAttnHeads = [1], StaticHeadGroups = null, WindowSize = 4, SharedQk = false, NumMemKv = 2 },
         ["routing shared qk + memory"] = Base with { NLocalAttnHeads = [0], StaticHeadGroups = null, WindowSize = 4, NumMemKv = 1 },
         ["routing look-back"] = Base with { NLocalAttnHeads = [1], StaticHeadGroups = null, WindowSize = 4, RoutingLookBack = true },
+        ["routing hashed clusters"] = Base with { NLocalAttnHeads = [1], StaticHeadGroups = null, WindowSize = 4, HashItems = true },
+        ["routing hashed clusters separate qk + memory"] = Base with { NLocalAttnHeads = [1], StaticHeadGroups = null, WindowSize = 4, HashItems = true, SharedQk = false, NumMemKv = 1 },
         ["routing look-back separate qk, layernorm k-means"] = Base with
         {
             NLocalAttnHeads = [1], StaticHeadGroups = null, WindowSize = 4, RoutingLookBack = true, SharedQk = false, KmeansNorm = Clustering.KMeansNorm.LayerNorm,
@@ -178,16 +180,20 @@ public class DecodingTests
     }
 
     [Theory]
-    [InlineData(false, false)]
-    [InlineData(true, false)]
-    [InlineData(false, true)]
-    public void CrossAttendingDecodersDecodeLikeAFullForward(bool tokenShift, bool contextSharedQk)
+    [InlineData(false, false, CrossAttentionKind.Dense)]
+    [InlineData(true, false, CrossAttentionKind.Dense)]
+    [InlineData(false, true, CrossAttentionKind.Dense)]
+    [InlineData(false, false, CrossAttentionKind.Routing)]
+    [InlineData(true, true, CrossAttentionKind.Routing)]
+    public void CrossAttendingDecodersDecodeLikeAFullForward(bool tokenShift, bool contextSharedQk, CrossAttentionKind cross)
     {
-        // A decoder with dense cross-attention to a context (an encoder's output, here random) and routing + local
+        // A decoder with cross-attention to a context (an encoder's output, here random) and routing + local
         // self-attention; some context rows padded. With context_shared_qk the context is projected by to_q (width Dim).
+        // Routing cross-attention: 3 context keys per cluster out of 9 (5 real in row 1), 8 clusters, query chunks of 4.
         var config = VariantConfigs["routing look-back"] with
         {
             ReceivesContext = true, ContextDim = contextSharedQk ? null : 12, ShiftTokens = tokenShift, ContextSharedQk = contextSharedQk,
+            CrossAttention = cross, ContextWindowSize = cross == CrossAttentionKind.Routing ? 3 : null,
         };
         var model = ModelTests.Lm(config, seed: 13);
         var context = randn(new long[] { 2, 9, config.ResolvedContextDim }, generator: new Generator(14));
@@ -212,26 +218,24 @@ public class DecodingTests
     {
         var encoder = ModelTests.Tiny(causal: false) with { NumTokens = 11, Dim = 12, Heads = 2, NLocalAttnHeads = [1], StaticHeadGroups = [new(new(StaticPatternKind.Dense), 1)] };
         var decoder = VariantConfigs["routing separate qk + memory"] with { ReceivesContext = true, ContextDim = 12 };
-        random.manual_seed(16);
-        var model = new RoutingTransformerEncDec(encoder, decoder);
         var source = randint(0, 11, new long[] { 2, 9 }, generator: new Generator(17));
         var sourceMask = ones(2, 9, dtype: ScalarType.Bool);
         sourceMask[0, 6..] = tensor(false);
         var prompt = randint(0, decoder.NumTokens, new long[] { 2, 2 }, generator: new Generator(18));
-        var cached = model.Generate(source, prompt, 60, sourceMask, temperature: 0);
-        var uncached = model.Generate(source, prompt, 60, sourceMask, temperature: 0, useCache: false);
-        Assert.Equal(uncached.data<long>().ToArray(), cached.data<long>().ToArray());
-
-        var routed = ModelTests.Lm(decoder with { CrossAttention = CrossAttentionKind.Routing }, seed: 1);
-        Assert.False(routed.SupportsCachedDecoding);                                        // routing cross-attention re-encodes
-        // An encoder-decoder with routing cross-attention still generates (by re-encoding), the same with and without
-        // asking for the cache.
-        random.manual_seed(16);
-        var routedModel = new RoutingTransformerEncDec(encoder, decoder with { CrossAttention = CrossAttentionKind.Routing });
-        routedModel.train();
-        using (no_grad()) routedModel.forward(source, randint(0, decoder.NumTokens, new long[] { 2, decoder.MaxSeqLen }, generator: new Generator(19)), sourceMask);
-        Assert.Equal(routedModel.Generate(source, prompt, 20, sourceMask, temperature: 0, useCache: false).data<long>().ToArray(),
-                     routedModel.Generate(source, prompt, 20, sourceMask, temperature: 0).data<long>().ToArray());
+        foreach (var cross in new[] { CrossAttentionKind.Dense, CrossAttentionKind.Routing })
+        {
+            random.manual_seed(16);
+            var model = new RoutingTransformerEncDec(encoder, decoder with { CrossAttention = cross });
+            model.train();                                                                    // k-means from data
+            using (no_grad()) model.forward(source, randint(0, decoder.NumTokens, new long[] { 2, decoder.MaxSeqLen }, generator: new Generator(19)), sourceMask);
+            Assert.True(model.Decoder.SupportsCachedDecoding);
+            var cached = model.Generate(source, prompt, 60, sourceMask, temperature: 0);
+            var uncached = model.Generate(source, prompt, 60, sourceMask, temperature: 0, useCache: false);
+            Assert.Equal(uncached.data<long>().ToArray(), cached.data<long>().ToArray());
+        }
+        // Non-causal routing cross-attention groups its queries by balanced top-k over all of them: no incremental decoder.
+        var bidirectional = decoder with { Causal = false, CrossAttention = CrossAttentionKind.Routing, SharedQk = false };
+        Assert.False(ModelTests.Lm(bidirectional, seed: 1).SupportsCachedDecoding);
     }
 
     [Fact]

@@ -555,4 +555,43 @@ public partial class ModelTests
         Assert.Equal("tokens", Assert.ThrowsAny<ArgumentException>(() => model.forward(full(new long[] { 1, 4 }, 17, dtype: ScalarType.Int64))).ParamName);
         Assert.Equal([1L, 32, 17], Logits(model, Tokens(1, 32, 17, 1)).shape);
     }
+
+    [Fact]
+    public void ReceivesContextRoutesCrossAttentionByDefaultAndKeepsDenseAvailable()
+    {
+        static IEnumerable<CrossAttentionLayer> Cross(RoutingTransformerLM m) => m.Transformer.Blocks.Select(b => b.Attention).OfType<CrossAttentionLayer>();
+        var decoder = Tiny() with { ReceivesContext = true };
+        Assert.Null(decoder.CrossAttention);
+        Assert.Equal(CrossAttentionKind.Routing, decoder.ResolvedCrossAttention);
+        Assert.Equal(CrossAttentionKind.Dense, Tiny().ResolvedCrossAttention);
+        var routed = Lm(decoder);
+        Assert.Equal(2, Cross(routed).Count());
+        Assert.All(Cross(routed), c => Assert.Equal(32 / 8, c.Routing!.Clusters));
+        Assert.True(routed.SupportsCachedDecoding);
+        Assert.All(Cross(Lm(decoder with { CrossAttention = CrossAttentionKind.Dense })), c => Assert.Null(c.Routing));
+        Tiny().Validate();
+        (Tiny() with { CrossAttention = CrossAttentionKind.Dense }).Validate();          // as configurations written before the default changed
+        AssertRejectedBy(Tiny() with { CrossAttention = CrossAttentionKind.Routing }, nameof(TransformerConfig.CrossAttention));
+        AssertRejectedBy(Tiny() with { ContextWindowSize = 4 }, nameof(TransformerConfig.ContextWindowSize));
+        AssertRejectedBy(decoder with { CrossAttention = CrossAttentionKind.Dense, ContextWindowSize = 4 }, nameof(TransformerConfig.ContextWindowSize));
+        (decoder with { ContextWindowSize = 4 }).Validate();
+
+        // Clusters fixed by MaxSeqLen / WindowSize: a length that does not divide is refused with the two ways out.
+        var uneven = decoder with { MaxSeqLen = 30 };
+        var error = Assert.ThrowsAny<ArgumentException>(() => uneven.Validate());
+        Assert.Equal(nameof(TransformerConfig.WindowSize), error.ParamName);
+        Assert.Contains("num_clusters", error.Message);
+        Assert.Contains("cross_attention = Dense", error.Message);
+        (uneven with { CrossAttention = CrossAttentionKind.Dense }).Validate();
+        Assert.All(Cross(Lm(uneven with { NumClusters = 5 })), c => Assert.Equal(5, c.Routing!.Clusters));
+
+        // JSON: unset stays unset (null), an explicit kind round-trips, --set picks either.
+        var json = ConfigBinding.ToJson(decoder);
+        Assert.Contains("\"cross_attention\": null", json);
+        Assert.Null(ConfigBinding.FromJson(json, "config").CrossAttention);
+        Assert.Equal(CrossAttentionKind.Dense, ConfigBinding.FromJson(ConfigBinding.ToJson(decoder with { CrossAttention = CrossAttentionKind.Dense }), "config").CrossAttention);
+        Assert.Equal(CrossAttentionKind.Dense, ConfigBinding.Apply(decoder, ["cross_attention=Dense"]).ResolvedCrossAttention);
+        Assert.Equal(CrossAttentionKind.Routing, ConfigBinding.Apply(decoder with { CrossAttention = CrossAttentionKind.Dense }, ["cross_attention=null"]).ResolvedCrossAttention);
+        Assert.Equal("set", Assert.ThrowsAny<ArgumentException>(() => ConfigBinding.Apply(decoder, ["cross_attention=Sparse"])).ParamName);
+    }
 }

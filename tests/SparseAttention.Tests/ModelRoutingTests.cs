@@ -51,6 +51,29 @@ public partial class ModelTests
         }
     }
 
+    [Theory]
+    [InlineData(true)]
+    [InlineData(false)]
+    public void HashedClusterHeadsKeepTheDecoderCausalWithoutAnAuxiliaryLoss(bool sharedQk)
+    {
+        random.manual_seed(3);
+        var model = new RoutingTransformerLM(WithRouting(sharedQk: sharedQk, numMemKv: sharedQk ? 0 : 1) with { HashItems = true });
+        model.train();
+        const int seqLen = 27;
+        var tokens = RoutingTokens(2, seqLen, 5);
+        var (logits, aux) = model.forward(tokens);
+        Assert.Equal(0.0, aux.item<float>());
+        Assert.All(model.modules().OfType<OnlineKMeans>(), k => Assert.False(k.IsInitialized || k.HasPendingStatistics));
+        foreach (int t in new[] { 0, 6, 13, 25 })
+        {
+            var perturbed = tokens.clone();
+            perturbed[.., (t + 1)..] = RoutingTokens(2, seqLen - t - 1, (ulong)(50 + t));
+            var (changed, _) = model.forward(perturbed);
+            AssertSame(logits[.., ..(t + 1)], changed[.., ..(t + 1)], $"logits up to {t}");
+        }
+        AssertRejectedBy(WithRouting() with { HashItems = true, NumClusters = 3 }, nameof(TransformerConfig.HashItems));
+    }
+
     [Fact]
     public void RoutingLanguageModelOverfitsAFixedBatchAndMovesItsCentroids()
     {

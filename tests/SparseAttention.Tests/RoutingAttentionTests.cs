@@ -161,6 +161,23 @@ public class RoutingAttentionTests
         Assert.Equal(0.0, actual.Output.masked_select(nowhere).abs().sum().item<double>());
     }
 
+    /// <summary>One training cross forward on full-length queries and 9 context tokens (initialises the centroids).</summary>
+    private static void WarmUpCross(RoutingAttention module, int contextWindow)
+    {
+        var (wq, wk, wv) = Inputs(2000, 3, MaxSeqLen, sharedQk: false);
+        module.train();
+        module.CrossForward(wq, wk!.narrow(2, 0, 9), wv.narrow(2, 0, 9), null, null, contextWindow);
+    }
+
+    /// <summary>Float64 queries (B, H, T, D), context keys and values (B, H, S, D) and, when padded, both masks.</summary>
+    private static (Tensor Q, Tensor K, Tensor V, Tensor? QueryMask, Tensor? ContextMask) CrossInputs(ulong seed, long batch, int seqLen, int ctxLen, bool padded)
+    {
+        var gen = new Generator(seed);
+        Tensor Rand(long length) => randn(new long[] { batch, Heads, length, Dim }, dtype: ScalarType.Float64, generator: gen);
+        var (q, k, v) = (Rand(seqLen), Rand(ctxLen), Rand(ctxLen));
+        return (q, k, v, PaddingMask(batch, seqLen, padded), PaddingMask(batch, ctxLen, padded));
+    }
+
     public static TheoryData<bool, int, int, bool> CrossCases()
     {
         var data = new TheoryData<bool, int, int, bool>();
@@ -177,16 +194,9 @@ public class RoutingAttentionTests
         const long batch = 2;
         const int contextWindow = 3;
         var module = Make(causal, sharedQk: false, memKv: 0);
-        var (wq, wk, wv) = Inputs(2000, 3, MaxSeqLen, sharedQk: false);
-        module.train();
-        module.CrossForward(wq, wk!.narrow(2, 0, 9), wv.narrow(2, 0, 9), null, null, contextWindow);   // initialises the centroids
+        WarmUpCross(module, contextWindow);
         module.KMeans.Update();
-
-        var gen = new Generator((ulong)(seqLen * 31 + ctxLen));
-        Tensor Rand(long length) => randn(new long[] { batch, Heads, length, Dim }, dtype: ScalarType.Float64, generator: gen);
-        var (q, k, v) = (Rand(seqLen), Rand(ctxLen), Rand(ctxLen));
-        var queryMask = PaddingMask(batch, seqLen, padded);
-        var contextMask = PaddingMask(batch, ctxLen, padded);
+        var (q, k, v, queryMask, contextMask) = CrossInputs((ulong)(seqLen * 31 + ctxLen), batch, seqLen, ctxLen, padded);
         var result = module.CrossForward(q, k, v, queryMask, contextMask, contextWindow);
         Assert.Equal(new long[] { batch, Heads, seqLen, Dim }, result.Output.shape);
 
@@ -251,6 +261,43 @@ public class RoutingAttentionTests
         Assert.Equal("contextWindowSize", Assert.ThrowsAny<ArgumentException>(() => module.CrossForward(q, k!, v, null, null, 0)).ParamName);
         Assert.Equal("v", Assert.ThrowsAny<ArgumentException>(() => module.CrossForward(q, k!, v.narrow(2, 0, 4), null, null, 2)).ParamName);
         Assert.Equal("sharedQk", Assert.ThrowsAny<ArgumentException>(() => Make(true, sharedQk: true, memKv: 0).CrossForward(q, k!, v, null, null, 2)).ParamName);
+    }
+
+    [Theory]
+    [InlineData(16, 20, false, KMeansNorm.L2)]
+    [InlineData(13, 7, true, KMeansNorm.LayerNorm)]
+    [InlineData(3, 2, true, KMeansNorm.L2)]
+    public void CrossStepsEqualTheCausalCrossForwardQueryByQuery(int seqLen, int ctxLen, bool padded, KMeansNorm norm)
+    {
+        // Incremental routing cross-attention: the context's per-cluster keys once, then each query alone attends its
+        // nearest cluster's keys — the full forward's output at every real query, whatever chunk it fell in.
+        const long batch = 2;
+        const int contextWindow = 3;
+        var module = new RoutingAttention(Heads, Dim, MaxSeqLen, Window, causal: true, norm: norm, seed: 3);
+        module.to(ScalarType.Float64);
+        WarmUpCross(module, contextWindow);
+        module.eval();
+        var (q, k, v, queryMask, contextMask) = CrossInputs((ulong)(seqLen * 17 + ctxLen), batch, seqLen, ctxLen, padded);
+        var full = module.CrossForward(q, k, v, queryMask, contextMask, contextWindow);
+        var groups = module.CrossContextGroups(k, contextMask, contextWindow);                   // (B, H, C, Wc)
+        Assert.Equal(new long[] { batch, Heads, module.Clusters, Math.Min(contextWindow, ctxLen) }, groups.shape);
+        var realQ = (queryMask ?? ones(batch, seqLen, dtype: ScalarType.Bool)).data<bool>().ToArray();
+        for (int t = 0; t < seqLen; t++)
+        {
+            var step = module.CrossStep(q.narrow(2, t, 1), k, v, groups, contextMask);            // (B, H, 1, D)
+            for (long b = 0; b < batch; b++)
+                if (realQ[b * seqLen + t])
+                    TestSupport.AssertClose(full.Output[b, .., t], step[b, .., 0], $"row {b}, query {t}");
+        }
+        if (seqLen < 16) return;
+        // Meaningful: the queries use several clusters, some cluster holds two chunks, a cluster's keys are a strict subset.
+        long g = full.GroupClusters.shape[2];
+        var rows = full.GroupClusters.data<long>().ToArray().Chunk((int)g).Select(r => r.Where(c => c >= 0).ToArray()).ToArray();   // per (b, h)
+        Assert.True(rows.All(r => r.Distinct().Count() > 1), "every query of a row chose one cluster");
+        Assert.True(rows.Any(r => r.GroupBy(c => c).Any(x => x.Count() > 1)), "no cluster holds two chunks of queries");
+        Assert.True(contextWindow < ctxLen);
+        Assert.Equal("training", Assert.ThrowsAny<ArgumentException>(() => { module.train(); module.CrossContextGroups(k, null, 2); }).ParamName);
+        Assert.Equal("causal", Assert.ThrowsAny<ArgumentException>(() => Make(false, sharedQk: false, memKv: 0).CrossContextGroups(k, null, 2)).ParamName);
     }
 
     public static TheoryData<bool, int, bool> LookBackCases()
@@ -335,11 +382,81 @@ public class RoutingAttentionTests
         Assert.Equal("lookBackward", Assert.ThrowsAny<ArgumentException>(() => new RoutingAttention(Heads, Dim, MaxSeqLen, Window, causal: true, numMemKv: 1, lookBackward: true)).ParamName);
     }
 
+    private static RoutingAttention MakeHashed(bool causal, bool sharedQk, int memKv)
+    {
+        var module = new RoutingAttention(Heads, Dim, MaxSeqLen, Window, causal, sharedQk, memKv, seed: 5) { HashItems = true };
+        module.to(ScalarType.Float64);
+        return module;
+    }
+
+    [Theory]
+    [InlineData(true, true, 16, false)]
+    [InlineData(true, false, 13, true)]
+    [InlineData(false, true, 13, true)]
+    [InlineData(false, false, 16, false)]
+    public void HashedClustersAreSimHashBucketsAndAttendAsTheOracle(bool causal, bool sharedQk, int seqLen, bool padded)
+    {
+        // hash_items: bit b of a token's cluster is 1 iff its normalised vector has a positive projection on direction b.
+        const long batch = 2;
+        var module = MakeHashed(causal, sharedQk, memKv: 0);
+        module.train();
+        var (q, k, v) = Inputs(77 + seqLen, batch, seqLen, sharedQk);
+        var keyMask = PaddingMask(batch, seqLen, padded);
+        var result = module.forward(q, k, v, keyMask);
+        Assert.Equal(0.0, result.AuxLoss.item<double>());
+        Assert.False(module.KMeans.HasPendingStatistics || module.KMeans.IsInitialized, "the k-means is not used");
+
+        var directions = module.HashProjections();                                             // (H, bits, D)
+        int bits = (int)directions.shape[1];
+        Assert.Equal(module.Clusters, 1 << bits);
+        TestSupport.AssertClose(eye(bits, dtype: ScalarType.Float64).expand(Heads, bits, bits), directions.matmul(directions.transpose(1, 2)), "orthonormal");
+        var real = keyMask ?? ones(batch, seqLen, dtype: ScalarType.Bool);
+        Tensor Projections(Tensor x) => einsum("bhtd,hkd->bhtk", nn.functional.normalize(x, 2, -1), directions);   // (B, H, T, bits)
+        Tensor Bucket(Tensor x)
+        {
+            var weights = pow(2, arange(bits, dtype: ScalarType.Int64));                       // (bits)
+            return (Projections(x).gt(0).to(ScalarType.Int64) * weights).sum(-1)
+                   .masked_fill(real.logical_not().unsqueeze(1), -1);                         // (B, H, T)
+        }
+        Tensor Similarities(Tensor x)                                                          // Σ_b ±(x̂·r_b), sign = bit b of the cluster
+        {
+            var signs = zeros(module.Clusters, bits, dtype: ScalarType.Float64);
+            for (int c = 0; c < module.Clusters; c++)
+                for (int b = 0; b < bits; b++) signs[c, b] = tensor(((c >> b) & 1) == 1 ? 1.0 : -1.0, dtype: ScalarType.Float64);
+            return einsum("bhtk,ck->bhtc", Projections(x), signs);
+        }
+        var keySource = sharedQk ? q : k!;
+        Tensor queryIdx, keyIdx;
+        if (causal)
+            (queryIdx, keyIdx, _) = RoutingAttention.CausalGroups(Bucket(q), Bucket(keySource), Window, module.Clusters);
+        else
+        {
+            queryIdx = RoutingAttention.BalancedGroups(Similarities(q), keyMask, Window);
+            keyIdx = RoutingAttention.BalancedGroups(Similarities(keySource), keyMask, Window);
+        }
+        Assert.Equal(queryIdx.data<long>().ToArray(), result.QueryIndices.data<long>().ToArray());
+        Assert.Equal(keyIdx.data<long>().ToArray(), result.KeyIndices.data<long>().ToArray());
+
+        var upstream = randn(result.Output.shape, dtype: ScalarType.Float64, generator: new Generator(5));
+        var inputs = sharedQk ? new[] { q, v } : new[] { q, k!, v };
+        Tensor Module(Tensor[] x) => module.forward(x[0], sharedQk ? null : x[1], x[^1], keyMask).Output;
+        Tensor Oracle(Tensor[] x) => GroupedOracle.Attention(x[0], sharedQk ? nn.functional.normalize(x[0], 2, -1) : x[1], x[^1],
+            queryIdx, keyIdx, causal, sharedQk, keyMask);
+        var expected = GroupedAttentionTests.Grad(Oracle, upstream, inputs);
+        var actual = GroupedAttentionTests.Grad(Module, upstream, inputs);
+        TestSupport.AssertClose(expected.Output, actual.Output, "output");
+        for (int n = 0; n < inputs.Length; n++) TestSupport.AssertClose(expected.Grads[n], actual.Grads[n], $"gradient {n}");
+
+        Assert.Equal("HashItems", Assert.ThrowsAny<ArgumentException>(() => new RoutingAttention(Heads, Dim, 12, 4) { HashItems = true }).ParamName);   // 3 clusters
+        Assert.Equal("HashItems", Assert.ThrowsAny<ArgumentException>(() => new RoutingAttention(Heads, 2, 16, 2) { HashItems = true }).ParamName);    // 3 bits > D = 2
+        if (!sharedQk) Assert.Equal("HashItems", Assert.ThrowsAny<ArgumentException>(() => module.CrossForward(q, q, v, null, null, 2)).ParamName);
+    }
+
     public static TheoryData<bool, string> LeakCases()
     {
         var data = new TheoryData<bool, string>();
         foreach (bool sharedQk in new[] { false, true })
-            foreach (var mode in new[] { "eval", "train", "train-initialising", "train-update-on-forward" })
+            foreach (var mode in new[] { "eval", "train", "train-initialising", "train-update-on-forward", "train-hashed" })
                 data.Add(sharedQk, mode);
         return data;
     }
@@ -351,8 +468,8 @@ public class RoutingAttentionTests
         const long batch = 2, seqLen = 14;
         RoutingAttention Build()
         {
-            var module = Make(causal: true, sharedQk, memKv: 1, seed: 11);
-            if (mode != "train-initialising") WarmUp(module);
+            var module = mode == "train-hashed" ? MakeHashed(causal: true, sharedQk, memKv: 1) : Make(causal: true, sharedQk, memKv: 1, seed: 11);
+            if (mode is not ("train-initialising" or "train-hashed")) WarmUp(module);
             if (mode == "eval") module.eval(); else module.train();
             module.KMeans.UpdateOnForward = mode == "train-update-on-forward";
             return module;

@@ -143,6 +143,7 @@ public sealed class RoutingTransformerPyTorchLayoutTests
     [InlineData("positional_encoding=RelativeShaw", "positional_encoding RelativeShaw")]
     [InlineData("kmeans_norm=LayerNorm", "kmeans_norm LayerNorm")]
     [InlineData("kmeans_attend_normalized=true", "kmeans_attend_normalized")]
+    [InlineData("hash_items=true", "hash_items")]
     [InlineData("routing_look_back=true", "routing_look_back")]
     [InlineData("use_absolute_pos_emb=true", "use_absolute_pos_emb")]
     [InlineData("ff_activation=Relu", "ff_activation Relu")]

@@ -22,17 +22,22 @@ public abstract class SublayerDecoder : IDisposable
 
 public sealed partial class CrossAttentionLayer
 {
-    /// <summary>A decoder for dense cross-attention to <paramref name="context"/> (B, S, contextDim): its keys and values
-    /// are projected once; null for routing cross-attention (its query groups are chunked like causal routing and are
-    /// not decoded incrementally).</summary>
+    /// <summary>A decoder for cross-attention to <paramref name="context"/> (B, S, contextDim): the context's keys and values
+    /// are projected once and, for routing cross-attention, every cluster's context keys chosen once
+    /// (<see cref="RoutingAttention.CrossContextGroups"/>); each new query then attends what the full forward gives it.
+    /// Null for non-causal routing cross-attention (its balanced query groups depend on every query).</summary>
     public SublayerDecoder? CreateDecoder(Tensor context, Tensor? contextMask) =>
-        routing is null ? new Decoder(this, context, contextMask) : null;
+        routing is null || routing.Causal ? new Decoder(this, context, contextMask) : null;
+
+    /// <summary>Whether <see cref="CreateDecoder"/> gives a decoder.</summary>
+    internal bool SupportsDecoding => routing is null || routing.Causal;
 
     private sealed class Decoder : SublayerDecoder
     {
         private readonly CrossAttentionLayer layer;
         private readonly Tensor context, k, v;    // (B, S, contextDim), (B, H, S, Dh) × 2
         private readonly Tensor? contextMask;     // (B, S)
+        private readonly Tensor? contextGroups;   // routing: (B, H, C, Wc) context positions per cluster
 
         public Decoder(CrossAttentionLayer layer, Tensor context, Tensor? contextMask)
         {
@@ -45,6 +50,7 @@ public sealed partial class CrossAttentionLayer
             k = layer.ContextKeys(context).contiguous().DetachFromDisposeScope();                // (B, H, S, Dh)
             v = layer.to_v.forward(context).view(batch, ctxLen, layer.heads, layer.dimHead).transpose(1, 2)
                      .contiguous().DetachFromDisposeScope();
+            contextGroups = layer.routing?.CrossContextGroups(k, contextMask, layer.contextWindowSize).DetachFromDisposeScope();
         }
 
         public override Tensor Prefill(Tensor x, Tensor? mask, int[] lengths) => layer.Forward(x, mask, context, contextMask).Output;
@@ -54,7 +60,9 @@ public sealed partial class CrossAttentionLayer
             using var scope = NewDisposeScope();
             long batch = x.shape[0];
             var q = layer.to_q.forward(x).view(batch, 1, layer.heads, layer.dimHead).transpose(1, 2);   // (B, H, 1, Dh)
-            var attended = Kernels.ReferenceAttention.Attention(q, k, v, keyMask: contextMask);          // (B, H, 1, Dh)
+            var attended = layer.routing is null
+                ? Kernels.ReferenceAttention.Attention(q, k, v, keyMask: contextMask)                     // (B, H, 1, Dh)
+                : layer.routing.CrossStep(q, k, v, contextGroups!, contextMask);
             var merged = attended.transpose(1, 2).reshape(batch, 1, layer.heads * layer.dimHead);        // (B, 1, H·Dh)
             return layer.to_out.forward(merged).MoveToOuterDisposeScope();                               // (B, 1, dim)
         }
@@ -63,6 +71,7 @@ public sealed partial class CrossAttentionLayer
         {
             k.Dispose();
             v.Dispose();
+            contextGroups?.Dispose();
         }
     }
 }

@@ -184,9 +184,10 @@ public sealed partial class CrossAttentionLayer : AttentionSublayer
         to_v = nn.Linear(config.ResolvedContextDim, inner, hasBias: false);
         to_out = nn.Linear(inner, config.Dim, hasBias: false);
         contextWindowSize = config.ResolvedContextWindowSize;
-        if (config.CrossAttention == CrossAttentionKind.Routing)
+        if (config.ResolvedCrossAttention == CrossAttentionKind.Routing)
             routing = AttentionLayer.WithCentroidTraining(config, new RoutingAttention(heads, dimHead, config.MaxSeqLen, config.WindowSize, config.Causal,
-                sharedQk: false, numMemKv: 0, config.KmeansEmaDecay, config.CommitmentFactor, config.KmeansNorm, seed: 1000 + layer) { Kernel = config.Kernel });
+                sharedQk: false, numMemKv: 0, config.KmeansEmaDecay, config.CommitmentFactor, config.KmeansNorm, seed: 1000 + layer,
+                numClusters: config.NumClusters) { Kernel = config.Kernel });
         RegisterComponents();
     }
 

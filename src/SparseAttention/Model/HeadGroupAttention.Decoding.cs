@@ -213,8 +213,8 @@ internal sealed class RoutingDecoder : HeadGroupDecoder
         var kmeans = routing.KMeans;
         var keys = shared ? kmeans.Normalize(q) : k;                                     // (B, H, 1, D), as in the forward
         cache.Write(keys, v, positions);
-        var queryCluster = kmeans.NearestOf(q, centroids).cpu().contiguous().data<long>().ToArray();   // (B, H, 1)
-        var keyCluster = shared ? queryCluster : kmeans.NearestOf(k, centroids).cpu().contiguous().data<long>().ToArray();
+        var queryCluster = routing.NearestOf(q, centroids).cpu().contiguous().data<long>().ToArray();   // (B, H, 1)
+        var keyCluster = shared ? queryCluster : routing.NearestOf(k, centroids).cpu().contiguous().data<long>().ToArray();
 
         bool memory = routing.NumMemKv > 0;
         var lists = new List<int>[batch * heads];

@@ -26,7 +26,7 @@ public sealed partial class RoutingTransformer
         return new TransformerDecoder(this, decoders);
     }
 
-    /// <summary>Causal, every head group of every layer can decode incrementally, and cross-attention (if any) is dense.</summary>
+    /// <summary>Causal, every head group of every layer can decode incrementally, and so can the cross-attention (if any).</summary>
     internal bool SupportsDecoding => config.Causal && layers.All(block => block.SupportsDecoding);
 
     /// <summary>The layer stack run over a prompt (filling caches) or over one new token per row; the same sequential
@@ -77,7 +77,7 @@ public sealed partial class RoutingTransformer
 public sealed partial class RoutingTransformerLM
 {
     /// <summary>True when <see cref="StartDecoding"/> can decode incrementally (a causal model whose every head group has a
-    /// decoder and whose cross-attention, if any, is dense); otherwise <see cref="Generate"/> re-encodes the context per token.</summary>
+    /// decoder; cross-attention, dense or routing, always decodes in a causal model); otherwise <see cref="Generate"/> re-encodes the context per token.</summary>
     public bool SupportsCachedDecoding => transformer.SupportsDecoding;
 
     /// <summary>

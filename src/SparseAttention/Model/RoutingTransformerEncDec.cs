@@ -48,8 +48,8 @@ public sealed class RoutingTransformerEncDec : nn.Module<Tensor, Tensor, Tensor?
         return (logits.MoveToOuterDisposeScope(), (encAux + decAux).MoveToOuterDisposeScope());
     }
 
-    /// <summary>Encodes <paramref name="source"/> once, then samples the decoder — incrementally when it supports it (dense
-    /// cross-attention; see <see cref="RoutingTransformerLM.SupportsCachedDecoding"/>), else by re-encoding the target
+    /// <summary>Encodes <paramref name="source"/> once, then samples the decoder — incrementally when it supports it (a causal
+    /// decoder whose head groups all decode; see <see cref="RoutingTransformerLM.SupportsCachedDecoding"/>), else by re-encoding the target
     /// per token; both give the same tokens. See <see cref="Sampling.Generate"/>.</summary>
     public Tensor Generate(Tensor source, Tensor prompt, int maxNewTokens, Tensor? sourceMask = null, double temperature = 1.0,
         int? topK = null, double? topP = null, long? eos = null, ulong seed = 0, bool useCache = true)

@@ -4,8 +4,8 @@ namespace SparseAttention.Model;
 
 public sealed partial class TransformerBlock
 {
-    /// <summary>A decoder for this block, or null when its attention cannot decode incrementally (routing
-    /// cross-attention, head groups without a decoder).</summary>
+    /// <summary>A decoder for this block, or null when its attention cannot decode incrementally (non-causal
+    /// routing cross-attention, head groups without a decoder).</summary>
     /// <param name="batch">Rows B.</param>
     /// <param name="maxSeqLen">The model's context.</param>
     /// <param name="dtype">Cache element type.</param>
@@ -27,7 +27,7 @@ public sealed partial class TransformerBlock
     internal bool SupportsDecoding => attn switch
     {
         AttentionLayer self => self.Groups.All(g => g.SupportsDecoding),
-        CrossAttentionLayer cross => cross.Routing is null,
+        CrossAttentionLayer cross => cross.SupportsDecoding,
         _ => false,
     };
 

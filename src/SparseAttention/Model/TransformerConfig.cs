@@ -39,6 +39,7 @@ public enum TokenizerKind
 }
 
 /// <summary>How cross-attention (ReceivesContext) attends the context.</summary>
+[JsonConverter(typeof(JsonStringEnumConverter<CrossAttentionKind>))]
 public enum CrossAttentionKind
 {
     /// <summary>Every query attends every real context token.</summary>
@@ -109,7 +110,7 @@ public sealed record TransformerConfig
     // ---- head groups ---------------------------------------------------------------------------
     /// <summary>64 — used by routing heads: tokens per k-means cluster; clusters = MaxSeqLen / WindowSize.</summary>
     [JsonPropertyName("window_size")] public int WindowSize { get; init; } = 64;
-    /// <summary>null — used by routing heads: k-means centroids per head; null = MaxSeqLen / WindowSize (the PyTorch
+    /// <summary>null — used by routing heads and routing cross-attention: k-means centroids per head; null = MaxSeqLen / WindowSize (the PyTorch
     /// library's rule). Set it to decouple the two, as the authors' <c>sparsity_cluster_size</c> does: each cluster still
     /// takes WindowSize tokens (encoder) or is chunked every WindowSize members (decoder).</summary>
     [JsonPropertyName("num_clusters")] public int? NumClusters { get; init; }
@@ -237,6 +238,11 @@ public sealed record TransformerConfig
     /// <summary>false — causal routing heads: each chunk of a cluster also attends the previous chunk of the same cluster
     /// (a query sees up to 2·WindowSize keys; stays causal). Needs Causal and NumMemKv = 0.</summary>
     [JsonPropertyName("routing_look_back")] public bool RoutingLookBack { get; init; }
+    /// <summary>false — routing heads (self-attention) cluster by SimHash instead of k-means, as the authors' <c>hash_items</c>:
+    /// a token's cluster is the sign pattern of its normalised vector on log2(clusters) fixed random orthonormal directions;
+    /// no centroids to learn, no commitment loss (see <see cref="Modules.RoutingAttention.HashItems"/>). Needs a power-of-two
+    /// number of clusters no larger than 2^DimHead.</summary>
+    [JsonPropertyName("hash_items")] public bool HashItems { get; init; }
     /// <summary>1e-4 — used by routing heads: weight of the k-means commitment loss in the auxiliary loss.</summary>
     [JsonPropertyName("commitment_factor")] public double CommitmentFactor { get; init; } = 1e-4;
 
@@ -247,19 +253,19 @@ public sealed record TransformerConfig
     [JsonPropertyName("max_relative_position")] public int MaxRelativePosition { get; init; } = 16;
 
     // ---- encoder-decoder -----------------------------------------------------------------------
-    /// <summary>false — every layer also cross-attends (dense, all heads) to a context sequence, e.g. an encoder's output.</summary>
+    /// <summary>false — every layer also cross-attends (all heads; routing unless CrossAttention = Dense) to a context
+    /// sequence, e.g. an encoder's output.</summary>
     [JsonPropertyName("receives_context")] public bool ReceivesContext { get; init; }
     /// <summary>null — ReceivesContext only: width of the context vectors; null = Dim.</summary>
     [JsonPropertyName("context_dim")] public int? ContextDim { get; init; }
-    /// <summary>Dense — ReceivesContext only: how the cross-attention attends the context. Dense: every query sees every
-    /// real context token (O(T·S)). Routing: all heads route — the k-means clusters queries and context keys together,
-    /// each cluster takes its ContextWindowSize nearest context keys, and queries are grouped like routing
-    /// self-attention (causal-safe in a decoder); see <see cref="Modules.RoutingAttention.CrossForward"/>. The PyTorch
-    /// library always routes; the default here stays Dense because routing cross-attention has no incremental decoder
-    /// (generation then re-encodes the target per token instead of using the cache) and adds a MaxSeqLen / WindowSize
-    /// divisibility requirement.</summary>
-    [JsonPropertyName("cross_attention"), JsonConverter(typeof(JsonStringEnumConverter<CrossAttentionKind>))]
-    public CrossAttentionKind CrossAttention { get; init; } = CrossAttentionKind.Dense;
+    /// <summary>null — ReceivesContext only: how the cross-attention attends the context; null = Routing when
+    /// ReceivesContext (as the PyTorch library, which always routes it), else Dense. Dense: every query sees every real
+    /// context token (O(T·S)). Routing: all heads route — the k-means clusters queries and context keys together, each
+    /// cluster takes its ContextWindowSize nearest context keys, and queries are grouped like routing self-attention
+    /// (causal-safe in a decoder, and decoded incrementally); see <see cref="Modules.RoutingAttention.CrossForward"/>.
+    /// Routing needs MaxSeqLen divisible by WindowSize unless NumClusters is set.</summary>
+    [JsonPropertyName("cross_attention")]
+    public CrossAttentionKind? CrossAttention { get; init; }
     /// <summary>false — ReceivesContext only: cross-attention projects the context's keys with the query projection
     /// (<c>to_q</c>; no <c>to_k</c>), as the PyTorch library's <c>context_shared_qk</c>. Needs ContextDim = Dim.</summary>
     [JsonPropertyName("context_shared_qk")] public bool ContextSharedQk { get; init; }
@@ -270,7 +276,7 @@ public sealed record TransformerConfig
     /// <summary>64 — block size static patterns are compiled with (performance only; capped at T).</summary>
     [JsonPropertyName("block_size")] public int BlockSize { get; init; } = 64;
     /// <summary>Auto — kernel for static head groups (Auto = fused C# kernels for float32 CPU, else TorchSharp ops; with
-    /// RelativeShaw or Alibi positions, Ops); not used by cross-attention, which is always dense.</summary>
+    /// RelativeShaw or Alibi positions, Ops) and routing cross-attention; dense cross-attention uses the reference kernel.</summary>
     [JsonPropertyName("kernel"), JsonConverter(typeof(JsonStringEnumConverter<AttentionKernel>))]
     public AttentionKernel Kernel { get; init; } = AttentionKernel.Auto;
     /// <summary>Float32 — dtype of the self-attention q/k/v/out projections and the feed-forward matmuls: Float32, or
@@ -294,6 +300,8 @@ public sealed record TransformerConfig
     [JsonIgnore] public int ResolvedContextDim => ContextDim ?? Dim;
     /// <summary>ContextWindowSize, or WindowSize when unset.</summary>
     [JsonIgnore] public int ResolvedContextWindowSize => ContextWindowSize ?? WindowSize;
+    /// <summary>CrossAttention, or Routing when unset and ReceivesContext (Dense when the model receives no context).</summary>
+    [JsonIgnore] public CrossAttentionKind ResolvedCrossAttention => CrossAttention ?? (ReceivesContext ? CrossAttentionKind.Routing : CrossAttentionKind.Dense);
 
     /// <summary>The position-wise sublayer of layer <paramref name="layer"/> (0-based; MoeLayers and PkmLayers are 1-based).</summary>
     public PositionwiseKind PositionwiseKindForLayer(int layer) =>
@@ -381,6 +389,12 @@ public sealed record TransformerConfig
             $"must be in [0, Depth = {Depth}], got {SparsitySkipFirst}.");
         bool anyRouting = Enumerable.Range(0, Depth).Any(l => HeadGroupsForLayer(l).Any(g => g.Kind == HeadGroupKind.Routing));
         Check.That(NumClusters is null or > 0, nameof(NumClusters), $"must be positive when given, got {NumClusters}.");
+        if (HashItems)
+        {
+            int hashed = NumClusters ?? Math.Max(1, MaxSeqLen / Math.Max(1, WindowSize));
+            Check.That((hashed & (hashed - 1)) == 0 && System.Numerics.BitOperations.Log2((uint)hashed) <= ResolvedDimHead, nameof(HashItems),
+                $"hashed clusters need a power-of-two number of clusters (num_clusters, or max_seq_len / window_size) of at most 2^DimHead, got {hashed} with DimHead {ResolvedDimHead}.");
+        }
         if (anyRouting && NumClusters is null)
             Check.That(MaxSeqLen % WindowSize == 0, nameof(WindowSize),
                 $"routing heads need MaxSeqLen ({MaxSeqLen}) divisible by WindowSize ({WindowSize}) to fix the number of clusters.");
@@ -448,18 +462,19 @@ public sealed record TransformerConfig
 
         if (ContextDim is int cd) Check.Positive(cd, nameof(ContextDim));
         Check.That(ContextDim is null || ReceivesContext, nameof(ContextDim), "is only used when ReceivesContext is true.");
-        Check.That(Enum.IsDefined(CrossAttention), nameof(CrossAttention), $"unknown value {CrossAttention}.");
+        Check.That(CrossAttention is null || Enum.IsDefined(CrossAttention.Value), nameof(CrossAttention), $"unknown value {CrossAttention}.");
         Check.That(!ContextSharedQk || ReceivesContext, nameof(ContextSharedQk), "is only used when ReceivesContext is true.");
         Check.That(!ContextSharedQk || ResolvedContextDim == Dim, nameof(ContextSharedQk),
             $"projects the context with the query projection, so ContextDim ({ResolvedContextDim}) must equal Dim ({Dim}).");
-        Check.That(CrossAttention == CrossAttentionKind.Dense || ReceivesContext, nameof(CrossAttention), "is only used when ReceivesContext is true.");
+        Check.That(CrossAttention != CrossAttentionKind.Routing || ReceivesContext, nameof(CrossAttention), "Routing is only used when ReceivesContext is true.");
         if (ContextWindowSize is int cw) Check.Positive(cw, nameof(ContextWindowSize));
-        Check.That(ContextWindowSize is null || CrossAttention == CrossAttentionKind.Routing, nameof(ContextWindowSize), "is only used when CrossAttention is Routing.");
-        if (CrossAttention == CrossAttentionKind.Routing)
+        bool routedCross = ReceivesContext && ResolvedCrossAttention == CrossAttentionKind.Routing;
+        Check.That(ContextWindowSize is null || routedCross, nameof(ContextWindowSize), "is only used by routing cross-attention (ReceivesContext, CrossAttention Routing or unset).");
+        if (routedCross)
         {
-            Check.That(WindowSize <= MaxSeqLen, nameof(WindowSize), $"routing cross-attention needs WindowSize ({WindowSize}) <= MaxSeqLen ({MaxSeqLen}).");
-            Check.That(MaxSeqLen % WindowSize == 0, nameof(WindowSize),
-                $"routing cross-attention needs MaxSeqLen ({MaxSeqLen}) divisible by WindowSize ({WindowSize}) to fix the number of clusters.");
+            Check.That(WindowSize <= MaxSeqLen, nameof(WindowSize), $"routing cross-attention needs WindowSize ({WindowSize}) <= MaxSeqLen ({MaxSeqLen}); or set cross_attention = Dense.");
+            Check.That(NumClusters is not null || MaxSeqLen % WindowSize == 0, nameof(WindowSize),
+                $"routing cross-attention (the default with ReceivesContext) needs MaxSeqLen ({MaxSeqLen}) divisible by WindowSize ({WindowSize}) to fix the number of clusters; set num_clusters, or cross_attention = Dense.");
         }
         Check.Positive(BlockSize, nameof(BlockSize));
         Check.That(Enum.IsDefined(Kernel), nameof(Kernel), $"unknown value {Kernel}.");

@@ -61,6 +61,7 @@ public sealed partial class RoutingAttention : nn.Module<Tensor, Tensor?, Tensor
     private Parameter? mem_key;    // (H, C, M, D)
     private Parameter? mem_value;  // (H, C, M, D)
     private readonly int heads, dimHead, maxSeqLen, windowSize, clusters, numMemKv;
+    private readonly long seed;
     private readonly bool causal, sharedQk, lookBackward;
 
     /// <param name="heads">Routing heads H.</param>
@@ -102,6 +103,7 @@ public sealed partial class RoutingAttention : nn.Module<Tensor, Tensor?, Tensor
         this.causal = causal;
         this.sharedQk = sharedQk;
         this.numMemKv = numMemKv;
+        this.seed = seed;
         clusters = numClusters ?? (maxSeqLen + windowSize - 1) / windowSize;
         kmeans = new OnlineKMeans(heads, dimHead, clusters, kmeansEmaDecay, commitmentFactor, norm, seed);
         if (numMemKv > 0)
@@ -130,6 +132,73 @@ public sealed partial class RoutingAttention : nn.Module<Tensor, Tensor?, Tensor
     /// <summary>Whether the owner attends with the k-means-normalised queries and keys (<see cref="AttendInput"/>), as the
     /// Routing Transformer authors do with LayerNorm; <see cref="forward"/> itself attends with what it is given.</summary>
     public bool AttendNormalized { get; init; }
+
+    /// <summary>
+    /// Hashed clusters (the Routing Transformer authors' <c>hash_items</c>): a token's cluster is the SimHash bucket of its
+    /// normalised vector — bit k of the cluster index is 1 when x̂·r_k &gt; 0, for log2(C) fixed random orthonormal
+    /// directions r_k per head (seeded, not learned, not stored) — instead of its nearest k-means centroid. The bucket is the
+    /// nearest of the C fixed "vertices" v_c = Σ_k ±r_k (sign k = bit k of c), so everything else is unchanged: causal
+    /// heads chunk each bucket's members by position, non-causal heads give each bucket its windowSize tokens of highest
+    /// x̂·v_c. No commitment loss (the k-means is unused). Needs C a power of two and log2(C) ≤ dimHead. Self-attention only.
+    /// </summary>
+    public bool HashItems
+    {
+        get => hashItems;
+        init
+        {
+            Check.That(!value || (clusters & (clusters - 1)) == 0, nameof(HashItems), $"hashed clusters need a power-of-two number of clusters, got {clusters}.");
+            Check.That(!value || System.Numerics.BitOperations.Log2((uint)clusters) <= dimHead, nameof(HashItems),
+                $"hashed clusters need log2(clusters) = {System.Numerics.BitOperations.Log2((uint)clusters)} <= dimHead = {dimHead} orthonormal directions.");
+            hashItems = value;
+        }
+    }
+    private bool hashItems;
+    private Tensor? hashProjections;   // (H, bits, D) float64 CPU, made on first use
+
+    /// <summary>With <see cref="HashItems"/>: the (H, log2 C, D) float64 orthonormal hashing directions of every head.</summary>
+    internal Tensor HashProjections()
+    {
+        if (hashProjections is null)
+        {
+            using var scope = NewDisposeScope();
+            int bits = System.Numerics.BitOperations.Log2((uint)clusters);
+            var gen = new Generator((ulong)seed + 0x5851F42DUL);
+            var (qr, _) = linalg.qr(randn(new long[] { heads, dimHead, Math.Max(bits, 1) }, dtype: ScalarType.Float64, generator: gen));   // (H, D, bits) orthonormal columns
+            hashProjections = qr.narrow(2, 0, bits).transpose(1, 2).contiguous().DetachFromDisposeScope();   // (H, bits, D)
+        }
+        return hashProjections;
+    }
+
+    /// <summary>With <see cref="HashItems"/>: normalised x (B, H, T, D) (padding rows zeroed first), its similarities to the
+    /// bucket vertices (B, H, T, C) and its bucket (B, H, T) (−1 = padding).</summary>
+    private (Tensor Normalized, Tensor Similarities, Tensor Nearest) Hash(Tensor x, Tensor? keyMask)
+    {
+        long batch = x.shape[0], t = x.shape[2];
+        var padding = keyMask?.logical_not().view(batch, 1, t);                          // (B, 1, T)
+        var normalized = kmeans.Normalize(padding is null ? x : x.masked_fill(padding.unsqueeze(-1), 0));   // (B, H, T, D)
+        int bits = System.Numerics.BitOperations.Log2((uint)clusters);
+        var signs = (arange(clusters, dtype: ScalarType.Int64).view(clusters, 1)
+                     .bitwise_right_shift(arange(bits, dtype: ScalarType.Int64).view(1, bits)).bitwise_and(1) * 2 - 1)
+                    .to(ScalarType.Float64);                                              // (C, bits) ±1, bit k of c
+        var vertices = einsum("cb,hbd->hcd", signs, HashProjections()).to(x.dtype, x.device);   // (H, C, D)
+        Tensor sims, nearest;
+        using (no_grad())
+        {
+            sims = einsum("bhtd,hcd->bhtc", normalized, vertices);                       // (B, H, T, C)
+            nearest = sims.argmax(-1);                                                    // (B, H, T)
+            if (padding is not null) nearest = nearest.masked_fill(padding, -1);
+        }
+        return (normalized, sims, nearest);
+    }
+
+    /// <summary>The cluster (B, H, T) of each vector of x (B, H, T, D) as a forward assigns it — the SimHash bucket with
+    /// <see cref="HashItems"/>, else the nearest of <paramref name="centroids"/> (H, C, D) — for incremental decoding.</summary>
+    internal Tensor NearestOf(Tensor x, Tensor centroids)
+    {
+        if (!hashItems) return kmeans.NearestOf(x, centroids);
+        using var scope = NewDisposeScope();
+        return Hash(x, null).Nearest.MoveToOuterDisposeScope();
+    }
 
     /// <summary>The query or key (B, H, T, D) to pass to <see cref="forward"/>: normalised by the k-means when
     /// <see cref="AttendNormalized"/>, else <paramref name="x"/> itself. Forward and incremental decoding both use it.</summary>
@@ -164,7 +233,15 @@ public sealed partial class RoutingAttention : nn.Module<Tensor, Tensor?, Tensor
         using var scope = NewDisposeScope();
         Tensor keys, querySims, keySims, queryNearest, keyNearest;
         Tensor aux;
-        if (sharedQk)
+        if (hashItems)
+        {
+            var hq = Hash(q, keyMask);
+            var hk = sharedQk ? hq : Hash(k!, keyMask);
+            aux = zeros(Array.Empty<long>(), dtype: q.dtype, device: q.device);
+            keys = sharedQk ? hq.Normalized : k!;                                     // (B, H, T, D)
+            (querySims, keySims, queryNearest, keyNearest) = (hq.Similarities, hk.Similarities, hq.Nearest, hk.Nearest);
+        }
+        else if (sharedQk)
         {
             var routed = kmeans.Forward(q, keyMask, similarities: !causal);           // causal routing needs only the nearest
             aux = routed.Loss;
@@ -249,6 +326,7 @@ public sealed partial class RoutingAttention : nn.Module<Tensor, Tensor?, Tensor
         Check.KeyMask(contextMask, batch, ctxLen);
         Check.Positive(contextWindowSize, nameof(contextWindowSize));
         Check.That(!sharedQk && numMemKv == 0, nameof(sharedQk), "routing cross-attention has its own keys and no memory key/values; build the module with sharedQk = false and numMemKv = 0.");
+        Check.That(!hashItems, nameof(HashItems), "routing cross-attention clusters with the k-means; hashed clusters are for self-attention.");
 
         using var scope = NewDisposeScope();
         var (_, sims, nearest, aux) = kmeans.ForwardParts([q, k], [queryMask, contextMask], similarities: true);
