@@ -121,4 +121,19 @@ public sealed class FusedRelativeAttentionTests
             q.grad!.zero_(); k.grad!.zero_(); v.grad!.zero_();
         }
     }
+
+    /// <summary>What the path caches with a mask outlives the dispose scope of the call that built it (a model forward).</summary>
+    [Fact]
+    public void CachedPartsOutliveTheFirstCallsDisposeScope()
+    {
+        var (q, k, v) = TestSupport.RandomQkv(1, 1, 12, 4, seed: 6, dtype: ScalarType.Float32);
+        var mask = new WindowPattern(4, 1, 0, false, causal: true).Compile(12, 4, 1);
+        var gen = new Generator(7);
+        var shaw = new ShawRelativePositions(randn(5, 4, generator: gen), randn(5, 4, generator: gen));
+        Tensor first;
+        using (var scope = NewDisposeScope())
+            first = BlockSparseAttention.Attention(q, k, v, mask, kernel: AttentionKernel.Fused, relative: shaw).MoveToOuterDisposeScope();
+        using (var scope = NewDisposeScope())
+            Assert.True(allclose(first, BlockSparseAttention.Attention(q, k, v, mask, kernel: AttentionKernel.Fused, relative: shaw), 0, 0));
+    }
 }

@@ -70,7 +70,8 @@ internal static class FusedRelativeAttention
                         near[rowBase + slot] = Math.Abs(j - i) < r && mask.Allows(h, i, j);
                     }
                 }
-            plan.NearAllowed = tensor(near).view(1, heads, nb, w, width);
+            using (var flat = tensor(near))
+                plan.NearAllowed = flat.view(1, heads, nb, w, width).DetachFromDisposeScope();   // cached with the mask: outlives any scope
             return plan;
         }
 
