@@ -39,7 +39,7 @@ internal static class FusedRelativeAttention
     {
         public BlockMask? Below;          // Shaw: j − i ≤ −R; ALiBi: j ≤ i (the mask itself when causal)
         public BlockMask? Above;          // Shaw: j − i ≥ R; ALiBi: j > i; null when the mask is causal
-        public int Band;                  // Shaw: the near band's block w (keys of block n come from blocks n − 1 … n + 1)
+        public int Band;                  // Shaw: the near band's block w ≥ R (keys of block n come from blocks n − 1 … n + 1)
         public int Slots;                 // Shaw: key blocks per query block in the band: 2 causal, 3 otherwise
         public Tensor? NearAllowed;       // Shaw: (1, H, nb, w, Slots·w) bool, the pattern on the near pairs
 
@@ -54,7 +54,7 @@ internal static class FusedRelativeAttention
                 Above = mask.IsCausal ? null
                     : pattern.And(AttentionPattern.FromPredicate($"j − i ≥ {r}", false, true, (_, i, j, _) => j - i >= r))
                              .Compile(seqLen, block, heads),
-                Band = Math.Max(1, r),
+                Band = Math.Max(16, r),                                    // at least 16 rows: fewer, larger matmuls
                 Slots = mask.IsCausal ? 2 : 3,
             };
             int w = plan.Band, slots = plan.Slots, nb = (seqLen + w - 1) / w, width = slots * w;
