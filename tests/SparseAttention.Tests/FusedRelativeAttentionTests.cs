@@ -49,14 +49,9 @@ public sealed class FusedRelativeAttentionTests
         RelativePositionTerms Make(Tensor kt, Tensor vt) => terms == "alibi"
             ? new AlibiPositions(AlibiPositions.StandardSlopes(heads))
             : new ShawRelativePositions(kt, vt);
-        Tensor[] Run(AttentionKernel kernel, ScalarType dtype)
-        {
-            var leaves = inputs.Select(x => x.to(dtype).requires_grad_(true)).ToArray();
-            var output = BlockSparseAttention.Attention(leaves[0], leaves[1], leaves[2], mask, keyMask, kernel: kernel,
-                relative: Make(leaves[3], leaves[4]));
-            var grads = autograd.grad([(output * upstream.to(dtype)).sum()], leaves, allow_unused: true);
-            return [output.detach(), .. grads.Select((g, n) => (g is null || g.IsInvalid ? zeros_like(leaves[n]) : g).detach())];
-        }
+        Tensor[] Run(AttentionKernel kernel, ScalarType dtype) => RelativePositionTests.GradientsOf(
+            x => BlockSparseAttention.Attention(x[0], x[1], x[2], mask, keyMask, kernel: kernel, relative: Make(x[3], x[4])),
+            upstream.to(dtype), [.. inputs.Select(x => x.to(dtype))]);
         var expected = Run(AttentionKernel.Ops, ScalarType.Float64);
         var fused = Run(AttentionKernel.Fused, ScalarType.Float32);
         var auto = Run(AttentionKernel.Auto, ScalarType.Float32);
@@ -86,14 +81,9 @@ public sealed class FusedRelativeAttentionTests
         var far = AttentionPattern.FromPredicate("far", isCausal: true, sameForAllHeads: false, (h, i, j, _) => i - j >= 3 + h && i - j < 9);
         foreach (var mask in new[] { far.Compile(seqLen, 4, heads), new WindowPattern(2, 1, 0, false, causal: true).Compile(seqLen, 2, heads) })
         {
-            Tensor[] Run(AttentionKernel kernel, ScalarType dtype)
-            {
-                var leaves = inputs.Select(x => x.to(dtype).requires_grad_(true)).ToArray();
-                var output = BlockSparseAttention.Attention(leaves[0], leaves[1], leaves[2], mask, kernel: kernel,
-                    relative: new ShawRelativePositions(leaves[3], leaves[4]));
-                var grads = autograd.grad([(output * upstream.to(dtype)).sum()], leaves, allow_unused: true);
-                return [output.detach(), .. grads.Select((g, n) => (g is null || g.IsInvalid ? zeros_like(leaves[n]) : g).detach())];
-            }
+            Tensor[] Run(AttentionKernel kernel, ScalarType dtype) => RelativePositionTests.GradientsOf(
+                x => BlockSparseAttention.Attention(x[0], x[1], x[2], mask, kernel: kernel, relative: new ShawRelativePositions(x[3], x[4])),
+                upstream.to(dtype), [.. inputs.Select(x => x.to(dtype))]);
             var expected = Run(AttentionKernel.Ops, ScalarType.Float64);
             var actual = Run(AttentionKernel.Fused, ScalarType.Float32);
             for (int n = 0; n < expected.Length; n++)

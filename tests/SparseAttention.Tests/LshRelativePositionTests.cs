@@ -67,8 +67,8 @@ public sealed class LshRelativePositionTests
                 relative: Make(x[3], x[4]));
             return keyMask is null ? output : output.masked_fill(keyMask.logical_not().view(batch, 1, T, 1), 0);
         }
-        var expected = Gradients(Oracle, upstream, inputs);
-        var actual = Gradients(x => module.forward(x[0], sharedQk ? null : x[1], x[2], keyMask, Make(x[3], x[4])).Output, upstream, inputs);
+        var expected = RelativePositionTests.GradientsOf(Oracle, upstream, inputs);
+        var actual = RelativePositionTests.GradientsOf(x => module.forward(x[0], sharedQk ? null : x[1], x[2], keyMask, Make(x[3], x[4])).Output, upstream, inputs);
         string[] names = ["output", "dq", "dk", "dv", "d key table", "d value table"];
         for (int n = 0; n < names.Length; n++) TestSupport.AssertClose(expected[n], actual[n], names[n]);
         if (terms == "shaw") Assert.True(actual[4].abs().sum().item<double>() > 0, "the key table gets a gradient");
@@ -107,14 +107,5 @@ public sealed class LshRelativePositionTests
         var (q, _, v) = TestSupport.RandomQkv(1, 2, 8, Dim, seed: 2, dtype: ScalarType.Float32);
         var e = Assert.Throws<ArgumentException>(() => module.forward(q, null, v, null, new AlibiPositions([0.5, 0.25])));
         Assert.Equal("kernel", e.ParamName);
-    }
-
-    /// <summary>Output and gradients of every input for the loss sum(output · upstream).</summary>
-    private static Tensor[] Gradients(Func<Tensor[], Tensor> attention, Tensor upstream, Tensor[] inputs)
-    {
-        var leaves = inputs.Select(x => x.detach().clone().requires_grad_(true)).ToArray();
-        var output = attention(leaves);
-        var grads = autograd.grad([(output * upstream).sum()], leaves, allow_unused: true);
-        return [output.detach(), .. grads.Select((g, n) => (g is null || g.IsInvalid ? zeros_like(leaves[n]) : g).detach())];
     }
 }

@@ -218,7 +218,7 @@ public sealed class RelativePositionTests
     }
 
     /// <summary>Output and gradients of every input for the loss sum(output · upstream).</summary>
-    private static Tensor[] GradientsOf(Func<Tensor[], Tensor> attention, Tensor upstream, params Tensor[] inputs)
+    internal static Tensor[] GradientsOf(Func<Tensor[], Tensor> attention, Tensor upstream, params Tensor[] inputs)
     {
         var leaves = inputs.Select(x => x.detach().clone().requires_grad_(true)).ToArray();
         var output = attention(leaves);
