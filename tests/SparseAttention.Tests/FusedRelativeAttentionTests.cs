@@ -24,6 +24,8 @@ public sealed class FusedRelativeAttentionTests
         { "alibi", 2, 2, 13, 4, 1, 0, true, true },
         { "alibi", 1, 1, 37, 8, 2, 0, true, false },
         { "alibi", 2, 3, 19, 4, 1, 0, false, true },
+        { "alibi", 2, 3, 41, 4, 1, 0, true, true },
+        { "alibi", 1, 1, 50, 8, 1, 0, true, false },
     };
 
     [Theory]
@@ -89,6 +91,22 @@ public sealed class FusedRelativeAttentionTests
             for (int n = 0; n < expected.Length; n++)
                 TestSupport.AssertClose(expected[n].to(ScalarType.Float32), actual[n], $"{mask.Name} #{n}", atol: 2e-5, rtol: 2e-4);
         }
+    }
+
+    /// <summary>Causal ALiBi on a local window keeps float32 precision at any length: positions are counted from the start
+    /// of the two segments a row can see, not from 0 (from 0 the scores would carry m·T and lose ~10⁻⁴ here).</summary>
+    [Fact]
+    public void AlibiOnALongLocalWindowKeepsFloat32Precision()
+    {
+        const int seqLen = 4096;
+        var (q, k, v) = TestSupport.RandomQkv(1, 1, seqLen, 8, seed: 8, dtype: ScalarType.Float32);
+        var mask = new WindowPattern(32, 1, 0, false, causal: true).Compile(seqLen, 32, 1);
+        var alibi = new AlibiPositions([0.5]);
+        using var _ = no_grad();
+        var fused = BlockSparseAttention.Attention(q, k, v, mask, kernel: AttentionKernel.Fused, relative: alibi);
+        var exact = BlockSparseAttention.Attention(q.to(ScalarType.Float64), k.to(ScalarType.Float64), v.to(ScalarType.Float64), mask,
+            kernel: AttentionKernel.Ops, relative: alibi);
+        TestSupport.AssertClose(exact.to(ScalarType.Float32), fused, "output", atol: 1e-5, rtol: 1e-5);
     }
 
     /// <summary>Rows whose keys are all padding get zeros and no NaN, as the other kernels give.</summary>

@@ -17,13 +17,17 @@ namespace SparseAttention.Kernels;
 /// attended with tensor ops over (T, a few R) scores carrying the full terms.</item>
 /// <item>ALiBi: on keys j ≤ i the bias −m·(i − j) is the key term m·j plus the row constant −m·i, which a softmax
 /// ignores; the key term rides on one extra feature (qᵢ gets 1, kⱼ gets m·j/s). Keys j &gt; i (bidirectional patterns)
-/// are a second part with −m·j and row constant +m·i. Causal ALiBi is thus one fused call on the original mask.</item>
+/// are a second part with −m·j and row constant +m·i. Causal ALiBi is thus one fused call (two over alternate row
+/// segments when the pattern's reach is bounded, see remarks).</item>
 /// </list>
 /// Memory stays O(T·W). <see cref="BlockSparseAttention.Attention"/> uses it under <see cref="AttentionKernel.Auto"/>
 /// and <see cref="AttentionKernel.Fused"/>; <see cref="BlockSparseOpsAttention"/> is its oracle.
 /// </summary>
-/// <remarks>ALiBi's key feature grows with the position, so float32 rounding of a score grows like m·T·2⁻²⁴ (about
-/// 10⁻³ at T = 8192 with the steepest standard slope ½) where the Ops path computes m·(i − j) exactly.</remarks>
+/// <remarks>ALiBi's key feature grows with the position, so float32 rounding of a score grows like m·T·2⁻²⁴ where the
+/// Ops path computes m·(i − j) exactly. Causal patterns with a bounded reach ρ (local windows) keep it at m·2(ρ + 1)·2⁻²⁴
+/// whatever T: rows of alternate segments of ρ + 1 positions are two fused calls, each with positions counted from the
+/// start of the two segments its rows can see. Unbounded or bidirectional patterns keep m·T (about 3·10⁻⁴ in the
+/// outputs at T = 8192 with the steepest standard slope ½).</remarks>
 internal static class FusedRelativeAttention
 {
     private static readonly ConditionalWeakTable<BlockMask, Dictionary<int, Plan>> Plans = new();
@@ -37,11 +41,12 @@ internal static class FusedRelativeAttention
     /// Shaw's near band.</summary>
     private sealed class Plan
     {
-        public BlockMask? Below;          // Shaw: j − i ≤ −R; ALiBi: j ≤ i (the mask itself when causal)
-        public BlockMask? Above;          // Shaw: j − i ≥ R; ALiBi: j > i; null when the mask is causal
+        public BlockMask? Below;          // Shaw: j − i ≤ −R; ALiBi: j ≤ i (the mask itself when causal, or see Segment)
+        public BlockMask? Above;          // Shaw: j − i ≥ R; ALiBi: j > i; null when the mask is causal (unless Segment)
         public int Band;                  // Shaw: the near band's block w ≥ R (keys of block n come from blocks n − 1 … n + 1)
         public int Slots;                 // Shaw: key blocks per query block in the band: 2 causal, 3 otherwise
         public Tensor? NearAllowed;       // Shaw: (1, H, nb, w, Slots·w) bool, the pattern on the near pairs
+        public int Segment;               // causal ALiBi with a bounded reach: rows of even segments in Below, odd in Above
 
         public static Plan ForShaw(BlockMask mask, int r)
         {
@@ -77,9 +82,18 @@ internal static class FusedRelativeAttention
 
         public static Plan ForAlibi(BlockMask mask)
         {
-            if (mask.IsCausal) return new Plan { Below = mask };
             var pattern = mask.Pattern!;
             int seqLen = mask.SeqLen, block = mask.BlockSize, heads = mask.Heads;
+            if (mask.IsCausal)
+            {
+                // A bounded reach ρ: the rows of segment g (Sg = ρ + 1 positions) see keys of segments g − 1 and g only, so
+                // rows of even and of odd segments each take positions from the start of their segment pair.
+                if (pattern.CausalReach is not int reach || seqLen <= 2 * (reach + 1)) return new Plan { Below = mask };
+                int segment = reach + 1;
+                BlockMask Rows(int parity) => pattern.And(AttentionPattern.FromPredicate($"segment of {segment} rows, parity {parity}", true, true,
+                    (_, i, _, _) => i / segment % 2 == parity)).Compile(seqLen, block, heads);
+                return new Plan { Below = Rows(0), Above = Rows(1), Segment = segment };
+            }
             return new Plan
             {
                 Below = pattern.And(AttentionPattern.FromPredicate("j ≤ i", true, true, (_, i, j, _) => j <= i)).Compile(seqLen, block, heads),
@@ -144,6 +158,18 @@ internal static class FusedRelativeAttention
             cat([k, (slopes * position * (sign / s)).expand(batch, heads, seqLen, 1)], 3);   // (B, H, T, D + 1): ±m·j/s
         if (plan.Above is null)
             return FusedBlockSparseAttention.Attention(qx, KeysWith(1), v, mask, keyMask, s);
+        if (plan.Segment > 0)
+        {
+            // Keys from the start of the segment pair their rows see: magnitudes stay below 2·m·Sg instead of m·T.
+            long sg = plan.Segment;
+            var j = arange(seqLen, dtype: ScalarType.Int64);
+            Tensor KeysFrom(Tensor start) =>
+                cat([k, (slopes * (j - start).to(ScalarType.Float32).view(1, 1, seqLen, 1) / s).expand(batch, heads, seqLen, 1)], 3);
+            var evenStart = (j + sg).div(2 * sg, rounding_mode: RoundingMode.floor) * (2 * sg) - sg;   // pair (2t − 1, 2t)
+            var oddStart = j.div(2 * sg, rounding_mode: RoundingMode.floor) * (2 * sg);                 // pair (2t, 2t + 1)
+            return FusedBlockSparseAttention.Attention(qx, KeysFrom(evenStart), v, plan.Below!, keyMask, s)
+                 + FusedBlockSparseAttention.Attention(qx, KeysFrom(oddStart), v, plan.Above, keyMask, s);   // disjoint rows
+        }
         var rowTerm = (slopes * position).squeeze(-1);                                 // (1, H, T): m·i
         var (below, lseBelow) = Part(qx, KeysWith(1), v, plan.Below!, keyMask, s);
         var (above, lseAbove) = Part(qx, KeysWith(-1), v, plan.Above, keyMask, s);
