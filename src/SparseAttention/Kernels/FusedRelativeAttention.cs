@@ -248,7 +248,7 @@ internal static class FusedRelativeAttention
 
     /// <summary>The fused forward returning [output, lse] as (B, H, T, Dv + 1), and a backward that takes the
     /// log-sum-exp's gradient too: d lseᵢ adds d lseᵢ·Pᵢⱼ to dSᵢⱼ, which is the kernel's dS = P ∘ (dP − Δ) with Δ lowered
-    /// by d lseᵢ — obtained unchanged by giving the kernel O and dO one more column (1 and −d lse) and V a zero one.</summary>
+    /// by d lseᵢ — given to the kernel as its Δ.</summary>
     private sealed class PartFunction : autograd.SingleTensorFunction<PartFunction>
     {
         public override string Name => "FusedBlockSparseAttentionPart";
@@ -271,13 +271,11 @@ internal static class FusedRelativeAttention
             var settings = (FusedBlockSparseAttention.Settings)ctx.get_data("settings");
             long dimV = v.shape[3];
             using var scope = NewDisposeScope();
-            var column = ones(lse.shape[0], lse.shape[1], lse.shape[2], 1);            // (B, H, T, 1)
-            var dLse = grad.narrow(3, dimV, 1).nan_to_num(0);                          // (B, H, T, 1)
-            var (dq, dk, dvx) = FusedBlockSparseAttention.BackwardKernel(settings.Mask, q, k,
-                cat([v, zeros_like(column)], 3).contiguous(), keyBias.numel() == 0 ? null : keyBias,
-                cat([output, column], 3).contiguous(), lse, cat([grad.narrow(3, 0, dimV), -dLse], 3).contiguous(),
-                settings.Scale, settings.Threads, settings.BackwardChunks);
-            return [dq.MoveToOuterDisposeScope(), dk.MoveToOuterDisposeScope(), dvx.narrow(3, 0, dimV).contiguous().MoveToOuterDisposeScope(), null!, null!];
+            var dO = grad.narrow(3, 0, dimV).contiguous();                             // (B, H, T, Dv)
+            var delta = ((dO * output).sum(-1) - grad.select(3, dimV).nan_to_num(0)).contiguous();   // (B, H, T): Δ − d lse
+            var (dq, dk, dv) = FusedBlockSparseAttention.BackwardKernel(settings.Mask, q, k, v, keyBias.numel() == 0 ? null : keyBias,
+                output, lse, dO, settings.Scale, settings.Threads, settings.BackwardChunks, delta);
+            return [dq.MoveToOuterDisposeScope(), dk.MoveToOuterDisposeScope(), dv.MoveToOuterDisposeScope(), null!, null!];
         }
     }
 }
