@@ -82,6 +82,16 @@ public class DecodingTests
         ["alsh simple-lsh"] = Base with { NLocalAttnHeads = [2], StaticHeadGroups = null, Lsh = new LshSpec { Heads = 2, NHashes = 2, BucketSize = 4, Alsh = AlshTransform.SimpleLsh } },
         ["alsh xbox + qnf"] = Base with { NLocalAttnHeads = [2], StaticHeadGroups = null, Lsh = new LshSpec { Heads = 2, BucketSize = 4, Alsh = AlshTransform.Xbox, QueryNormalizedFirst = true } },
         ["alsh sign-alsh"] = Base with { NLocalAttnHeads = [2], StaticHeadGroups = null, Lsh = new LshSpec { Heads = 2, BucketSize = 4, Alsh = AlshTransform.SignAlsh } },
+        ["relative shaw on lsh 2 rounds"] = Base with
+        {
+            PositionalEncoding = PositionalEncoding.RelativeShaw, MaxRelativePosition = 3, NLocalAttnHeads = [2], StaticHeadGroups = null,
+            Lsh = new LshSpec { Heads = 2, NHashes = 2, BucketSize = 4 },
+        },
+        ["alibi on alsh simple-lsh, 2 rounds dedup"] = Base with
+        {
+            PositionalEncoding = PositionalEncoding.Alibi, NLocalAttnHeads = [2], StaticHeadGroups = null,
+            Lsh = new LshSpec { Heads = 2, NHashes = 2, BucketSize = 4, Dedup = true, Alsh = AlshTransform.SimpleLsh },
+        },
         ["synthesizer dense"] = Base with { NLocalAttnHeads = [0], StaticHeadGroups = null, Synthesizer = new SynthesizerSpec { Heads = 4, Kind = Modules.SynthesizerKind.Dense } },
         ["synthesizer random + learned mix"] = Base with { NLocalAttnHeads = [2], StaticHeadGroups = null, Synthesizer = new SynthesizerSpec { Heads = 2, Kind = Modules.SynthesizerKind.Random, Mix = Modules.SynthesizerMix.Learned } },
         ["synthesizer factorized dense + sum"] = Base with { NLocalAttnHeads = [2], StaticHeadGroups = null, Synthesizer = new SynthesizerSpec { Heads = 2, Kind = Modules.SynthesizerKind.FactorizedDense, Mix = Modules.SynthesizerMix.Sum } },

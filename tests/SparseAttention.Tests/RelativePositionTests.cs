@@ -196,20 +196,29 @@ public sealed class RelativePositionTests
         for (int n = 0; n < names.Length; n++) TestSupport.AssertClose(expected[n + 1], actual[n + 1], names[n]);
     }
 
+    /// <summary>A term the fused kernels do not know (a user subclass) is refused under Fused by name and runs on Ops under Auto.</summary>
     [Fact]
-    public void FusedKernelsRefuseRelativeTermsByName()
+    public void FusedKernelsRefuseUnknownRelativeTermsByName()
     {
         var (q, k, v) = TestSupport.RandomQkv(1, 1, 8, 4, seed: 1, dtype: ScalarType.Float32);
         var mask = new WindowPattern(4, 1, 0, false, causal: true).Compile(8, 4, 1);
-        var alibi = new AlibiPositions([0.5]);
-        var e = Assert.Throws<ArgumentException>(() => BlockSparseAttention.Attention(q, k, v, mask, kernel: AttentionKernel.Fused, relative: alibi));
+        var custom = new ConstantBias();
+        var e = Assert.Throws<ArgumentException>(() => BlockSparseAttention.Attention(q, k, v, mask, kernel: AttentionKernel.Fused, relative: custom));
         Assert.Equal("kernel", e.ParamName);
+        TestSupport.AssertClose(BlockSparseAttention.Attention(q, k, v, mask, kernel: AttentionKernel.Ops),
+            BlockSparseAttention.Attention(q, k, v, mask, relative: custom), "a constant bias changes nothing");
         var wrongHeads = Assert.Throws<ArgumentException>(() => BlockSparseAttention.Attention(q, k, v, mask, relative: new AlibiPositions([0.5, 0.25])));
         Assert.Equal("relative", wrongHeads.ParamName);
     }
 
+    private sealed class ConstantBias : RelativePositionTerms
+    {
+        public override int? Heads => null;
+        public override Tensor AddToScores(Tensor scaledScores, Tensor q, Tensor distance, double scale) => scaledScores + 1;
+    }
+
     /// <summary>Output and gradients of every input for the loss sum(output · upstream).</summary>
-    private static Tensor[] GradientsOf(Func<Tensor[], Tensor> attention, Tensor upstream, params Tensor[] inputs)
+    internal static Tensor[] GradientsOf(Func<Tensor[], Tensor> attention, Tensor upstream, params Tensor[] inputs)
     {
         var leaves = inputs.Select(x => x.detach().clone().requires_grad_(true)).ToArray();
         var output = attention(leaves);

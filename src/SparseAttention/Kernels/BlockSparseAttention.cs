@@ -34,15 +34,16 @@ public static class BlockSparseAttention
     /// <param name="keyMask">Optional (B, T) bool; true = real key.</param>
     /// <param name="scale">Score scale; default 1/√D.</param>
     /// <param name="kernel">Implementation to use.</param>
-    /// <param name="relative">Optional terms of the distance j − i (Shaw, ALiBi). The fused kernels do not take them:
-    /// <c>Auto</c> then runs Ops, <c>Fused</c> refuses.</param>
+    /// <param name="relative">Optional terms of the distance j − i (Shaw, ALiBi). <c>Auto</c> and <c>Fused</c> run them with
+    /// the fused kernel over far and near parts merged by log-sum-exp (<see cref="FusedRelativeAttention"/>) when the mask
+    /// was compiled from a pattern and the term is Shaw or ALiBi; otherwise <c>Auto</c> runs Ops and <c>Fused</c> refuses.</param>
     /// <returns>(B, H, T, Dv).</returns>
     public static Tensor Attention(Tensor q, Tensor k, Tensor v, BlockMask mask, Tensor? keyMask = null,
         double? scale = null, AttentionKernel kernel = AttentionKernel.Auto, RelativePositionTerms? relative = null)
     {
         ArgumentNullException.ThrowIfNull(mask);
-        Check.That(relative is null || kernel != AttentionKernel.Fused, nameof(kernel),
-            "the fused block-sparse kernels do not take relative-position terms; use Auto or Ops.");
+        Check.That(relative is null || kernel != AttentionKernel.Fused || FusedRelativeAttention.Handles(mask, relative), nameof(kernel),
+            $"the fused block-sparse kernels take only Shaw or ALiBi terms on a mask compiled from a pattern, got {relative?.GetType().Name} on {mask.Name}; use Auto or Ops.");
         switch (kernel)
         {
             case AttentionKernel.Reference:
@@ -51,6 +52,9 @@ public static class BlockSparseAttention
                 using (var dense = mask.ToDense())                                 // (H, T, T)
                 using (var onDevice = dense.to(q.device))
                     return ReferenceAttention.Attention(q, k, v, onDevice.unsqueeze(0), keyMask: keyMask, scale: scale, relative: relative);
+            case AttentionKernel.Fused when relative is not null:
+            case AttentionKernel.Auto when relative is not null && FusedBlockSparseAttention.PreferredFor(q) && FusedRelativeAttention.Handles(mask, relative):
+                return FusedRelativeAttention.Attention(q, k, v, mask, keyMask, scale, relative);
             case AttentionKernel.Fused:
             case AttentionKernel.Auto when relative is null && FusedBlockSparseAttention.PreferredFor(q):
                 // A strided pattern's strided part touches every key block in this layout; permuted it is a band.

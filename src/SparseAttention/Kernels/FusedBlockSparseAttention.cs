@@ -95,18 +95,21 @@ public static class FusedBlockSparseAttention
     /// row log-sum-exp (B, H, T) of the softmax the keys of <paramref name="mask"/> take part in. Passing the output
     /// and log-sum-exp of a larger softmax (this mask's keys plus others) gives this mask's share of its gradients.</summary>
     /// <param name="chunks">Backward tasks per (batch, head); 0 = automatic.</param>
+    /// <param name="delta">Optional Δ (B, H, T) to use instead of rowsum(dO ∘ output) — e.g. lowered by a gradient of the
+    /// log-sum-exp, which adds d lseᵢ·Pᵢⱼ to dSᵢⱼ; <paramref name="output"/> is then not read.</param>
     internal static (Tensor Dq, Tensor Dk, Tensor Dv) BackwardKernel(BlockMask mask, Tensor q, Tensor k, Tensor v, Tensor? keyBias,
-        Tensor output, Tensor lse, Tensor dO, float scale, int threads, int chunks = 0)
+        Tensor output, Tensor lse, Tensor dO, float scale, int threads, int chunks = 0, Tensor? delta = null)
     {
         var (dq, dk, dv) = (empty_like(q), empty_like(k), empty_like(v));
         var args = Arguments(q, k, v, keyBias, scale, threads, chunks);
         args.Lse = Pointer(lse); args.DO = Pointer(dO); args.O = Pointer(output);
+        if (delta is not null) args.Delta = Pointer(delta);
         args.DQ = Pointer(dq); args.DK = Pointer(dk); args.DV = Pointer(dv);
         BlockSparseKernel.Backward(FusedLayout.For(mask), args);
         // The kernel only saw raw pointers: keep every tensor it read or wrote reachable until it is
         // done, or the GC may finalize a wrapper (and free its memory) mid-kernel in optimised builds.
         GC.KeepAlive(q); GC.KeepAlive(k); GC.KeepAlive(v); GC.KeepAlive(keyBias);
-        GC.KeepAlive(output); GC.KeepAlive(lse); GC.KeepAlive(dO);
+        GC.KeepAlive(output); GC.KeepAlive(lse); GC.KeepAlive(dO); GC.KeepAlive(delta);
         return (dq, dk, dv);
     }
 

@@ -211,6 +211,24 @@ public static class GroupedAttention
         MergedAttention(q, k, v, queryIndices, keyIndices, previousGroup, rounds, causal, sharedQk, keyMask, queryLabels, keyLabels, dedup,
             scale, kernel, builtGroups: false);
 
+    /// <summary>Merged grouped attention with optional <paramref name="relative"/> terms of the distance j − i between
+    /// the original positions of every attended pair, on the Ops kernel (Auto takes Ops with them, Fused refuses them);
+    /// the shared-QK last resort (a token alone with itself) gets the distance-0 terms, as attending itself would.</summary>
+    internal static Tensor MergedAttention(Tensor q, Tensor k, Tensor v, Tensor queryIndices, Tensor keyIndices, Tensor previousGroup,
+        int rounds, bool causal, bool sharedQk, Tensor? keyMask, Tensor? queryLabels, Tensor? keyLabels, bool dedup, double? scale,
+        AttentionKernel kernel, bool builtGroups, RelativePositionTerms? relative)
+    {
+        if (relative is null)
+            return MergedAttention(q, k, v, queryIndices, keyIndices, previousGroup, rounds, causal, sharedQk, keyMask, queryLabels, keyLabels,
+                dedup, scale, kernel, builtGroups);
+        CheckMergedArguments(q, k, v, queryIndices, keyIndices, previousGroup, rounds, keyMask, queryLabels, keyLabels, values: !builtGroups);
+        relative.CheckFits(q.shape[1], q.shape[3], v.shape[3], nameof(relative));
+        Check.That(kernel is AttentionKernel.Auto or AttentionKernel.Ops, nameof(kernel),
+            $"merged grouped attention takes relative-position terms on the Ops kernel only (Auto or Ops), got {kernel}.");
+        return MergedOps(q, k, v, queryIndices, keyIndices, previousGroup, rounds, causal, sharedQk, keyMask, queryLabels, keyLabels, dedup,
+            scale, relative);
+    }
+
     /// <summary><see cref="MergedAttention(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, int, bool, bool, Tensor?, Tensor?, Tensor?, bool, double?, AttentionKernel)"/>;
     /// with <paramref name="builtGroups"/> the indices come from this library's own grouping (valid by construction), so
     /// only shapes and dtypes are checked — the value checks are a few tensor passes per call.</summary>
@@ -228,7 +246,7 @@ public static class GroupedAttention
             case AttentionKernel.Reference:
                 throw new ArgumentException("kernel: merged grouped attention has Ops and Fused kernels; its oracle is ReferenceAttention with the implied mask.", nameof(kernel));
         }
-        return MergedOps(q, k, v, queryIndices, keyIndices, previousGroup, rounds, causal, sharedQk, keyMask, queryLabels, keyLabels, dedup, scale);
+        return MergedOps(q, k, v, queryIndices, keyIndices, previousGroup, rounds, causal, sharedQk, keyMask, queryLabels, keyLabels, dedup, scale, null);
     }
 
     internal static void CheckMergedArguments(Tensor q, Tensor k, Tensor v, Tensor queryIndices, Tensor keyIndices, Tensor previousGroup,
@@ -305,7 +323,8 @@ public static class GroupedAttention
     }
 
     private static Tensor MergedOps(Tensor q, Tensor k, Tensor v, Tensor queryIndices, Tensor keyIndices, Tensor previousGroup,
-        int rounds, bool causal, bool sharedQk, Tensor? keyMask, Tensor? queryLabels, Tensor? keyLabels, bool dedup, double? scale)
+        int rounds, bool causal, bool sharedQk, Tensor? keyMask, Tensor? queryLabels, Tensor? keyLabels, bool dedup, double? scale,
+        RelativePositionTerms? relative)
     {
         long batch = q.shape[0], heads = q.shape[1], seqLen = q.shape[2], dim = q.shape[3], dimV = v.shape[3];
         long groups = queryIndices.shape[2], wq = queryIndices.shape[3];
@@ -339,6 +358,8 @@ public static class GroupedAttention
         }
         double s = scale ?? 1.0 / Math.Sqrt(dim);
         var scores = matmul(qg, kg.transpose(-1, -2)) * s;                               // (B, H, G, Wq, Wk2)
+        var distance = relative is null ? null : keyPos - queryPos;                      // (B, H, G, Wq, Wk2): j − i
+        if (relative is not null) scores = relative.AddToScores(scores, qg, distance!, s);
         if (dedup)
         {
             // Rounds in which each pair is allowed: key's group is the query's group or its previous group (+ labels).
@@ -374,16 +395,24 @@ public static class GroupedAttention
         var weights = (masked - shift).exp();                                            // (B, H, G, Wq, Wk2), 0 where not allowed
         var total = zeros(new long[] { batch, heads, seqLen }, dtype: q.dtype, device: q.device)
                     .scatter_add(2, querySafe, weights.sum(-1L).reshape(batch, heads, groups * wq));      // (B, H, T)
+        var attended = matmul(weights, vg);                                              // (B, H, G, Wq, Dv)
+        if (relative is not null) attended = relative.AddToOutput(attended, weights, distance!);   // linear in the weights
         var numerator = zeros(new long[] { batch, heads, seqLen, dimV }, dtype: q.dtype, device: q.device)
                         .scatter_add(2, querySafe.unsqueeze(-1).expand(batch, heads, groups * wq, dimV),
-                                     matmul(weights, vg).reshape(batch, heads, groups * wq, dimV));      // (B, H, T, Dv)
+                                     attended.reshape(batch, heads, groups * wq, dimV));                  // (B, H, T, Dv)
         // total is 0 (nothing allowed) or ≥ 1 (the maximum contributes exp(0)), so clamping at 1 is exact.
         var output = numerator / total.clamp_min(1).unsqueeze(-1);                       // (B, H, T, Dv)
         if (sharedQk)
         {
             var alone = total.eq(0);                                                     // (B, H, T)
             if (keyMask is not null) alone = alone.logical_and(keyMask.view(batch, 1, seqLen));
-            output = where(alone.unsqueeze(-1), v, output);                              // self as the last resort
+            var self = v;                                                                // (B, H, T, Dv): the softmax over itself alone
+            if (relative is not null)
+            {
+                self = relative.AddToOutput(v.unsqueeze(-2), ones(new long[] { batch, heads, seqLen, 1, 1 }, dtype: v.dtype, device: v.device),
+                    zeros(new long[] { 1, 1, 1, 1, 1 }, dtype: ScalarType.Int64, device: v.device)).squeeze(-2);
+            }
+            output = where(alone.unsqueeze(-1), self, output);                           // self as the last resort
         }
         return output.MoveToOuterDisposeScope();
     }

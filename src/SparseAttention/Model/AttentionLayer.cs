@@ -73,7 +73,7 @@ public sealed partial class AttentionLayer : AttentionSublayer
             config.PositionalEncoding == PositionalEncoding.RelativeShaw ? config.MaxRelativePosition : 0, config.Kernel,
             alibiSlopes: AlibiSlopes(config, firstHead, group.Heads)),
         HeadGroupKind.Routing => WithCentroidTraining(config, new RoutingHeadGroup(config, group.Heads, layer, alibiSlopes: AlibiSlopes(config, firstHead, group.Heads))),
-        HeadGroupKind.Lsh => new LshHeadGroup(config, group.Heads, layer),
+        HeadGroupKind.Lsh => new LshHeadGroup(config, group.Heads, layer, alibiSlopes: AlibiSlopes(config, firstHead, group.Heads)),
         HeadGroupKind.Synthesizer => new SynthesizerHeadGroup(config, group.Heads, layer),
         _ => throw new ArgumentException($"group: unknown head group kind {group.Kind}.", nameof(group)),
     };

@@ -8,5 +8,5 @@ public sealed partial class LshHeadGroup
     public override bool SupportsDecoding => lsh.Causal;
 
     public override HeadGroupDecoder? CreateDecoder(long batch, int maxSeqLen, ScalarType dtype, Device device) =>
-        lsh.CreateDecoder(batch, dtype, device);
+        lsh.CreateDecoder(batch, dtype, device, () => Relative);
 }

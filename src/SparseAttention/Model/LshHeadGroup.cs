@@ -3,6 +3,7 @@ using SparseAttention.Hashing;
 using SparseAttention.Kernels;
 using SparseAttention.Modules;
 using static TorchSharp.torch;
+using Parameter = TorchSharp.Modules.Parameter;
 
 namespace SparseAttention.Model;
 
@@ -64,8 +65,15 @@ public sealed partial class LshHeadGroup : HeadGroupAttention, IAttentionProbabi
 {
     private readonly LshAttention lsh;
     private readonly double dropout;
+    private readonly Parameter? rel_k, rel_v;  // (2·R + 1, D) Shaw tables on original positions, row = clip(j − i, ±R) + R
+    private readonly AlibiPositions? alibi;
 
-    public LshHeadGroup(TransformerConfig config, int heads, int layer, string name = "lsh_group") : base(name, heads)
+    /// <param name="config">The model configuration.</param>
+    /// <param name="heads">Heads in the group.</param>
+    /// <param name="layer">Layer index (seeds the rotations).</param>
+    /// <param name="name">Module name.</param>
+    /// <param name="alibiSlopes">With <see cref="PositionalEncoding.Alibi"/>: the slope of each head of the group.</param>
+    public LshHeadGroup(TransformerConfig config, int heads, int layer, string name = "lsh_group", double[]? alibiSlopes = null) : base(name, heads)
     {
         ArgumentNullException.ThrowIfNull(config);
         var spec = config.Lsh ?? new LshSpec();
@@ -74,8 +82,13 @@ public sealed partial class LshHeadGroup : HeadGroupAttention, IAttentionProbabi
             spec.QueryNormalizedFirst, seed: 1000 + layer)
         { Kernel = config.Kernel == AttentionKernel.Reference ? AttentionKernel.Auto : config.Kernel };
         dropout = config.AttnDropout;
+        if (config.PositionalEncoding == PositionalEncoding.RelativeShaw) (rel_k, rel_v) = NewShawTables(config.MaxRelativePosition, config.ResolvedDimHead);
+        if (alibiSlopes is not null) alibi = new AlibiPositions(alibiSlopes);
         RegisterComponents();
     }
+
+    /// <summary>The relative-position terms of this group as its parameters are now (null without any).</summary>
+    internal RelativePositionTerms? Relative => TermsOf(rel_k, rel_v, alibi);
 
     /// <summary>The LSH attention module (call its forward directly to get the buckets).</summary>
     public LshAttention Attention => lsh;
@@ -83,7 +96,7 @@ public sealed partial class LshHeadGroup : HeadGroupAttention, IAttentionProbabi
     public override (Tensor Output, Tensor AuxLoss) Forward(Tensor q, Tensor k, Tensor v, Tensor? keyMask)
     {
         using var scope = NewDisposeScope();
-        var result = lsh.forward(q, lsh.SharedQk ? null : k, v, keyMask);
+        var result = lsh.forward(q, lsh.SharedQk ? null : k, v, keyMask, Relative);
         if (RoutingCapture.Active)                                                       // plots: which keys, which buckets
             RoutingCapture.RecordLsh(this, lsh.AttendedMask(result, keyMask), result.QueryBuckets.select(2, 0));
         var output = dropout > 0 ? nn.functional.dropout(result.Output, dropout, training) : result.Output;   // (B, Hg, T, D)
@@ -102,7 +115,11 @@ public sealed partial class LshHeadGroup : HeadGroupAttention, IAttentionProbabi
         using var scope = NewDisposeScope();
         long batch = v.shape[0], seqLen = v.shape[2], dim = v.shape[3];
         var identity = eye(seqLen, dtype: v.dtype, device: v.device).expand(batch, Heads, seqLen, seqLen);   // (B, Hg, T, T)
-        var result = lsh.forward(q, lsh.SharedQk ? null : k, cat([v, identity], -1), keyMask);              // (B, Hg, T, D + T)
+        // Shaw's value term belongs to the D value columns only: its table gets zero columns for the identity's T.
+        var relative = Relative is ShawRelativePositions shaw
+            ? new ShawRelativePositions(shaw.KeyTable, cat([shaw.ValueTable, zeros(shaw.ValueTable.shape[0], seqLen, dtype: shaw.ValueTable.dtype)], 1))
+            : Relative;
+        var result = lsh.forward(q, lsh.SharedQk ? null : k, cat([v, identity], -1), keyMask, relative);              // (B, Hg, T, D + T)
         var output = result.Output.narrow(-1, 0, dim);                                                       // (B, Hg, T, D)
         var probabilities = result.Output.narrow(-1, dim, seqLen);                                           // (B, Hg, T, T)
         if (dropout > 0) output = nn.functional.dropout(output, dropout, training);

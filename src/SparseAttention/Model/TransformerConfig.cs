@@ -14,15 +14,17 @@ public enum PositionalEncoding
     Rotary,
     /// <summary>Shaw et al. (2018) learned relative embeddings on the key and value side, distances
     /// clipped to ±<see cref="TransformerConfig.MaxRelativePosition"/> (the authors' Routing Transformer): one pair of
-    /// tables per local/static and per routing head group, on original positions. The per-(query, key) terms are
-    /// evaluated on the attended pairs only (O(T·W) memory) by the Ops kernels. LSH and synthesizer heads get none;
+    /// tables per local/static, routing and LSH head group, on original positions. The per-(query, key) terms are
+    /// evaluated on the attended pairs only (O(T·W) memory): for local/static heads on float32 CPU by the fused kernel
+    /// (far pairs) plus ops (the band |j − i| &lt; R), otherwise by the Ops kernels. Synthesizer heads get none;
     /// not with routing_look_back.</summary>
     RelativeShaw,
     /// <summary>No positional information at all.</summary>
     None,
-    /// <summary>ALiBi (Press et al. 2022): a bias −mₕ·|j − i| on the scores of local/static and routing heads, the
+    /// <summary>ALiBi (Press et al. 2022): a bias −mₕ·|j − i| on the scores of local/static, routing and LSH heads, the
     /// paper's fixed slope per head (over all of a layer's heads, in head order); no parameters. Evaluated like
-    /// RelativeShaw, by the Ops kernels; LSH and synthesizer heads get none; not with routing_look_back.</summary>
+    /// RelativeShaw (local/static heads on float32 CPU: the fused kernel with the bias as an extra key feature);
+    /// synthesizer heads get none; not with routing_look_back.</summary>
     Alibi,
 }
 

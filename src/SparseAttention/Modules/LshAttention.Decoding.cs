@@ -11,8 +11,12 @@ public sealed partial class LshAttention
     private static Tensor SharedKeys(Tensor q) => q / q.norm(-1, keepdim: true).clamp_min(1e-6);
 
     /// <summary>A decoder for causal LSH / ALSH heads (null when not causal: bidirectional chunks depend on the future).</summary>
-    public HeadGroupDecoder? CreateDecoder(long batch, ScalarType dtype, Device device) =>
-        causal ? new Decoder(this, batch, dtype, device) : null;
+    public HeadGroupDecoder? CreateDecoder(long batch, ScalarType dtype, Device device) => CreateDecoder(batch, dtype, device, null);
+
+    /// <summary><see cref="CreateDecoder(long, ScalarType, Device)"/> for heads attending with relative-position terms:
+    /// <paramref name="relative"/> gives them as they are at each call (null = none).</summary>
+    internal HeadGroupDecoder? CreateDecoder(long batch, ScalarType dtype, Device device, Func<RelativePositionTerms?>? relative) =>
+        causal ? new Decoder(this, batch, dtype, device, relative) : null;
 
     /// <summary>
     /// Decoding state of causal LSH heads. Per (row, head, round) and bucket: the keys it has had, its open chunk and
@@ -30,10 +34,12 @@ public sealed partial class LshAttention
         private readonly long batch;
         private readonly Dictionary<long, (int Count, List<int> Open, List<int> Previous)>[] buckets;   // per (b, h, round)
         private Tensor? largestKey;                                                                  // (B, H, 1, D), ALSH only
+        private readonly Func<RelativePositionTerms?>? relative;
 
-        public Decoder(LshAttention lsh, long batch, ScalarType dtype, Device device)
+        public Decoder(LshAttention lsh, long batch, ScalarType dtype, Device device, Func<RelativePositionTerms?>? relative)
         {
             this.lsh = lsh;
+            this.relative = relative;
             this.batch = batch;
             cache = new KeyValueCache(batch, lsh.heads, lsh.maxSeqLen, lsh.dimHead, lsh.dimHead, dtype, device);
             buckets = Enumerable.Range(0, (int)(batch * lsh.heads * lsh.nHashes))
@@ -43,7 +49,7 @@ public sealed partial class LshAttention
         public override Tensor Prefill(Tensor q, Tensor k, Tensor v, Tensor? keyMask, int[] lengths)
         {
             using var scope = NewDisposeScope();
-            var result = lsh.forward(q, lsh.SharedQk ? null : k, v, keyMask);
+            var result = lsh.forward(q, lsh.SharedQk ? null : k, v, keyMask, relative?.Invoke());
             cache.WritePrompt(lsh.SharedQk ? SharedKeys(q) : k, v, lengths);
             long seqLen = q.shape[2];
             var keyBuckets = result.KeyBuckets.cpu().contiguous().data<long>().ToArray();   // (B, H, R, T)
@@ -123,7 +129,9 @@ public sealed partial class LshAttention
                 lists[bh] = list;
             }
             var (slots, width) = Flatten(lists, cache.Slot);
-            var output = DecodeAttention.Attend(q.squeeze(2), cache.Keys, cache.Values, slots, width);   // (B, H, D)
+            var terms = relative?.Invoke();
+            var distances = terms is null ? null : new DecodeAttention.Relative(Distances(lists, width, i => positions[i / heads]), terms);
+            var output = DecodeAttention.Attend(q.squeeze(2), cache.Keys, cache.Values, slots, width, relative: distances);   // (B, H, D)
             return output.unsqueeze(2).MoveToOuterDisposeScope();
         }
 

@@ -183,7 +183,13 @@ public sealed partial class LshAttention : nn.Module<Tensor, Tensor?, Tensor, Te
     /// <param name="v">Values (B, H, T, Dv); Dv may differ from D.</param>
     /// <param name="keyMask">Optional (B, T) bool; true = real token, false = padding (never hashed into a chunk,
     /// never attended, zero output).</param>
-    public override LshAttentionOutput forward(Tensor q, Tensor? k, Tensor v, Tensor? keyMask = null)
+    public override LshAttentionOutput forward(Tensor q, Tensor? k, Tensor v, Tensor? keyMask = null) => forward(q, k, v, keyMask, null);
+
+    /// <inheritdoc cref="forward(Tensor, Tensor?, Tensor, Tensor?)"/>
+    /// <param name="relative">Optional terms of the distance j − i between the original positions of every attended pair
+    /// (Shaw, ALiBi), evaluated by the grouped Ops kernel on the chunks' pairs only (O(T·W) memory); a token alone with
+    /// itself under shared QK gets the distance-0 terms.</param>
+    public LshAttentionOutput forward(Tensor q, Tensor? k, Tensor v, Tensor? keyMask, RelativePositionTerms? relative)
     {
         Check.Shape(q, nameof(q), "(B, H, T, D)", -1, heads, -1, dimHead);
         Check.FloatingPoint(q, nameof(q));
@@ -220,7 +226,7 @@ public sealed partial class LshAttention : nn.Module<Tensor, Tensor?, Tensor, Te
         bool labels = !attendAcrossBuckets && !causal;                                   // causal chunks hold one bucket already
         var output = GroupedAttention.MergedAttention(q, keys, v, groups.QueryIndices, groups.KeyIndices, groups.PreviousGroup,
             nHashes, causal, SharedQk, keyMask, labels ? queryBuckets : null, labels ? keyBuckets : null, dedup, scale: null, Kernel,
-            builtGroups: true);                                                          // (B, H, T, Dv)
+            builtGroups: true, relative);                                                // (B, H, T, Dv)
         if (keyMask is not null) output = output.masked_fill(keyMask.logical_not().view(batch, 1, seqLen, 1), 0);
         return new LshAttentionOutput(output.MoveToOuterDisposeScope(), queryBuckets.MoveToOuterDisposeScope(),
             ReferenceEquals(keyBuckets, queryBuckets) ? queryBuckets : keyBuckets.MoveToOuterDisposeScope(),

@@ -12,6 +12,7 @@ internal struct KernelArgs
     public nint KeyBias;            // (B, T): 0 = real key, −∞ = padding; 0 when there is no key mask
     public nint O, Lse;             // forward outputs: (B, H, T, Dv), (B, H, T) natural log-sum-exp (+∞: row with no key)
     public nint DO;                 // backward: dO (B, H, T, Dv)
+    public nint Delta;              // backward, optional: Δ (B, H, T) given by the caller instead of rowsum(dO ∘ O) (O then unused)
     public nint DQ, DK, DV;         // backward outputs
     /// <summary>Backward tasks per (batch, head); 0 = <see cref="BlockSparseKernel.BackwardChunks"/>.</summary>
     public int Chunks;
@@ -350,10 +351,11 @@ internal static unsafe class BlockSparseKernel
                 float* dO = (float*)a.DO + ((long)bh * T + q0) * Dv;                       // (rows, Dv)
                 float* o = (float*)a.O + ((long)bh * T + q0) * Dv;
                 float* lse = (float*)a.Lse + (long)bh * T + q0;
+                float* delta = a.Delta == 0 ? null : (float*)a.Delta + (long)bh * T + q0;
                 for (int i = 0; i < rows; i++)
                 {
                     x.Lse2[i] = lse[i] * FastExp.Log2E;
-                    x.Delta[i] = Tile<TS, TV>.Dot(dO + (long)i * Dv, o + (long)i * Dv, Dv);  // Δ = rowsum(dO ∘ O)
+                    x.Delta[i] = delta != null ? delta[i] : Tile<TS, TV>.Dot(dO + (long)i * Dv, o + (long)i * Dv, Dv);  // Δ = rowsum(dO ∘ O)
                 }
                 if (t >= 0 && L.ActiveStart[t] >= 0)
                 {
