@@ -49,7 +49,8 @@ public abstract partial class HeadGroupAttention : nn.Module
 /// A head group attending with a static <see cref="AttentionPattern"/> through <see cref="BlockSparseAttention.Attention"/>
 /// (fused CPU kernels for float32, TorchSharp ops otherwise). Attention dropout applies to the group's output,
 /// because the fused kernels never form probabilities. With relative positions (Shaw tables or ALiBi slopes) the
-/// terms are evaluated on the attended pairs only, by the Ops kernel: memory stays O(T·W).
+/// terms are evaluated on the attended pairs only (fused kernel plus a near band for float32 CPU, the Ops kernel
+/// otherwise): memory stays O(T·W).
 /// </summary>
 /// <remarks>Relative positions: Shaw, Uszkoreit and Vaswani 2018, "Self-Attention with Relative
 /// Position Representations" (arXiv 1803.02155), one pair of tables per group shared by its heads; ALiBi,

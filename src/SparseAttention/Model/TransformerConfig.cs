@@ -457,8 +457,9 @@ public sealed record TransformerConfig
         if (PositionalEncoding == PositionalEncoding.RelativeShaw) Check.Positive(MaxRelativePosition, nameof(MaxRelativePosition));
         if (PositionalEncoding is PositionalEncoding.RelativeShaw or PositionalEncoding.Alibi)
         {
-            // The relative terms run in the Ops kernels; the fused ones do not take them (yet).
-            Check.That(Kernel != AttentionKernel.Fused, nameof(Kernel), $"the fused kernels do not take {PositionalEncoding} terms; use Auto or Ops.");
+            // Local and static heads take the terms in the fused block kernel; routing and LSH heads only in the grouped
+            // Ops kernel, so a forced Fused cannot hold for every head kind.
+            Check.That(Kernel != AttentionKernel.Fused, nameof(Kernel), $"the fused grouped kernel (routing and LSH heads) does not take {PositionalEncoding} terms; use Auto or Ops.");
             Check.That(!RoutingLookBack, nameof(RoutingLookBack), $"cannot be combined with {PositionalEncoding} positions yet.");
         }
 
