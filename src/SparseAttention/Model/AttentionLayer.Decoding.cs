@@ -24,7 +24,7 @@ public sealed partial class CrossAttentionLayer
 {
     /// <summary>A decoder for cross-attention to <paramref name="context"/> (B, S, contextDim): the context's keys and values
     /// are projected once and, for routing cross-attention, every cluster's context keys chosen once
-    /// (<see cref="RoutingAttention.CrossContextGroups"/>); each new query then attends what the full forward gives it.
+    /// (<see cref="Modules.RoutingAttention.CrossContextGroups"/>); each new query then attends what the full forward gives it.
     /// Null for non-causal routing cross-attention (its balanced query groups depend on every query).</summary>
     public SublayerDecoder? CreateDecoder(Tensor context, Tensor? contextMask) =>
         routing is null || routing.Causal ? new Decoder(this, context, contextMask) : null;
