@@ -198,14 +198,9 @@ internal static class FusedRelativeAttention
         var kg = Around(k, dim);                                                       // (B, H, nb, slots·w, D)
         var vg = Around(v, dimV);                                                      // (B, H, nb, slots·w, Dv)
         var qb = nn.functional.pad(q, [0, 0, 0, pad]).view(batch, heads, nb, w, dim);  // (B, H, nb, w, D)
-        // Every block has the same (row, column) → clipped distance map, so the Shaw terms go through one small one-hot
-        // matrix instead of a score-sized int64 index that autograd would keep for the gather / scatter.
-        int r = shaw.MaxDistance;
-        var distance = arange(slots * w).view(1, slots * w) - w - arange(w).view(w, 1);   // (w, slots·w): j − i
-        var oneHot = nn.functional.one_hot(distance.clamp(-r, r) + r, 2 * r + 1).to(q.dtype);   // (w, slots·w, 2R+1)
-        var keyTerm = matmul(qb, shaw.KeyTable.to(q.dtype).t()).unsqueeze(-2);        // (B, H, nb, w, 1, 2R+1): qᵢ·aᴷ_c
-        var scores = matmul(qb, kg.transpose(-1, -2)) * s
-                     + matmul(keyTerm, oneHot.transpose(-1, -2)).squeeze(-2) * s;     // (B, H, nb, w, slots·w)
+        var distance = (arange(slots * w).view(1, slots * w) - w - arange(w).view(w, 1))   // (w, slots·w): j − i
+                       .view(1, 1, 1, w, slots * w);
+        var scores = shaw.AddToScores(matmul(qb, kg.transpose(-1, -2)) * s, qb, distance, s);   // (B, H, nb, w, slots·w)
         var allowed = plan.NearAllowed!;                                               // (1, H, nb, w, slots·w)
         if (keyMask is not null)
         {
@@ -214,8 +209,7 @@ internal static class FusedRelativeAttention
             allowed = allowed.logical_and(around.view(batch, 1, nb, 1, slots * w));    // (B, H, nb, w, slots·w)
         }
         var probs = ReferenceAttention.MaskedSoftmax(scores, allowed);
-        var mass = matmul(probs.unsqueeze(-2), oneHot).squeeze(-2);                    // (B, H, nb, w, 2R+1): Σⱼ pᵢⱼ per distance
-        var output = (matmul(probs, vg) + matmul(mass, shaw.ValueTable.to(q.dtype)))  // (B, H, nb, w, Dv)
+        var output = shaw.AddToOutput(matmul(probs, vg), probs, distance)             // (B, H, nb, w, Dv)
                      .view(batch, heads, nb * w, dimV).narrow(2, 0, seqLen);           // (B, H, T, Dv)
         var empty = allowed.any(-1).logical_not();                                     // (·, H, nb, w)
         var lse = scores.masked_fill(allowed.logical_not(), double.NegativeInfinity)
