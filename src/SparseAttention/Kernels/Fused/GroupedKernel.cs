@@ -2,7 +2,6 @@ using System.Collections.Concurrent;
 using System.Runtime.CompilerServices;
 using System.Runtime.InteropServices;
 using System.Runtime.Intrinsics;
-using System.Runtime.Intrinsics.X86;
 
 namespace SparseAttention.Kernels.Fused;
 
@@ -296,8 +295,9 @@ internal static unsafe class GroupedKernel
     private static void AccumulateKeyRows<TS, TV>(Scratch x, float* tile, int m, int n, int prev, int pn, int g, float* rows, int width, float* target)
         where TS : struct, ISimd<TV> where TV : unmanaged
     {
-        if (pn > 0) GemmTransposedA<TS, TV>(pn, width, m, tile, n, rows, width, target + (long)x.KOff[prev] * width, width);
-        if (n > pn) GemmTransposedA<TS, TV>(n - pn, width, m, tile + pn, n, rows, width, target + (long)x.KOff[g] * width, width);
+        // The tile is read where it lies (Tile.GemmTransA): the key-side products Pᵀ·dO and dSᵀ·Q without transposing it.
+        if (pn > 0) Tile<TS, TV>.GemmTransA(pn, width, m, tile, n, rows, width, target + (long)x.KOff[prev] * width, width, accumulate: true);
+        if (n > pn) Tile<TS, TV>.GemmTransA(n - pn, width, m, tile + pn, n, rows, width, target + (long)x.KOff[g] * width, width, accumulate: true);
     }
 
     /// <summary>
@@ -623,127 +623,5 @@ internal static unsafe class GroupedKernel
             BackwardTile<TS, TV>(a, x, g, m, n, prev, pn, dq, lse, queryPos, delta);
         }
         UnpermuteKeyGradients<TS, TV>(a, x, dk, dv);
-    }
-
-    /// <summary>C (m × n, row stride ldc) += Aᵀ · B for A stored k × m (row stride lda) and B k × n (ldb): the key-side
-    /// products Pᵀ·dO and dSᵀ·Q without transposing the tiles.</summary>
-    [MethodImpl(Hot)]
-    private static void GemmTransposedA<TS, TV>(int m, int n, int k, float* a, int lda, float* b, int ldb, float* c, int ldc)
-        where TS : struct, ISimd<TV> where TV : unmanaged
-    {
-        int w = TS.Width, i = 0;
-        for (; i + 4 <= m; i += 4)
-        {
-            int j = 0;
-            for (; j + 4 * w <= n; j += 4 * w) MicroTransposedA4x4<TS, TV>(k, a + i, lda, b + j, ldb, c + (long)i * ldc + j, ldc);
-            for (; j + 2 * w <= n; j += 2 * w) MicroTransposedA4x2<TS, TV>(k, a + i, lda, b + j, ldb, c + (long)i * ldc + j, ldc);   // narrow heads
-            for (; j + w <= n; j += w) MicroTransposedA4x1<TS, TV>(k, a + i, lda, b + j, ldb, c + (long)i * ldc + j, ldc);
-            for (; j < n; j++)
-                for (int r = 0; r < 4; r++) c[(long)(i + r) * ldc + j] += ColumnDot(k, a + i + r, lda, b + j, ldb);
-        }
-        for (; i < m; i++)
-        {
-            int j = 0;
-            for (; j + w <= n; j += w) MicroTransposedA1x1<TS, TV>(k, a + i, lda, b + j, ldb, c + (long)i * ldc + j);
-            for (; j < n; j++) c[(long)i * ldc + j] += ColumnDot(k, a + i, lda, b + j, ldb);
-        }
-    }
-
-    // 4 rows (columns of A) × 2 vectors of C: 8 FMA chains.
-    [MethodImpl(Hot)]
-    private static void MicroTransposedA4x2<TS, TV>(int k, float* a, int lda, float* b, int ldb, float* c, int ldc)
-        where TS : struct, ISimd<TV> where TV : unmanaged
-    {
-        int w = TS.Width;
-        TV c00 = TS.Zero, c01 = TS.Zero, c10 = TS.Zero, c11 = TS.Zero, c20 = TS.Zero, c21 = TS.Zero, c30 = TS.Zero, c31 = TS.Zero;
-        float* ap = a, bp = b;
-        for (int p = 0; p < k; p++, ap += lda, bp += ldb)
-        {
-            TV b0 = TS.Load(bp), b1 = TS.Load(bp + w);
-            TV x = TS.Broadcast(ap[0]);
-            c00 = TS.MulAdd(x, b0, c00); c01 = TS.MulAdd(x, b1, c01);
-            x = TS.Broadcast(ap[1]);
-            c10 = TS.MulAdd(x, b0, c10); c11 = TS.MulAdd(x, b1, c11);
-            x = TS.Broadcast(ap[2]);
-            c20 = TS.MulAdd(x, b0, c20); c21 = TS.MulAdd(x, b1, c21);
-            x = TS.Broadcast(ap[3]);
-            c30 = TS.MulAdd(x, b0, c30); c31 = TS.MulAdd(x, b1, c31);
-        }
-        float* c1 = c + ldc, c2 = c1 + ldc, c3 = c2 + ldc;
-        AddStore(c, c00); AddStore(c + w, c01); AddStore(c1, c10); AddStore(c1 + w, c11);
-        AddStore(c2, c20); AddStore(c2 + w, c21); AddStore(c3, c30); AddStore(c3 + w, c31);
-
-        static void AddStore(float* at, TV v) => TS.Store(at, TS.Add(TS.Load(at), v));
-    }
-
-    // 4 rows (columns of A) × 1 vector of C.
-    [MethodImpl(Hot)]
-    private static void MicroTransposedA4x1<TS, TV>(int k, float* a, int lda, float* b, int ldb, float* c, int ldc)
-        where TS : struct, ISimd<TV> where TV : unmanaged
-    {
-        TV c0 = TS.Zero, c1 = TS.Zero, c2 = TS.Zero, c3 = TS.Zero;
-        float* ap = a, bp = b;
-        for (int p = 0; p < k; p++, ap += lda, bp += ldb)
-        {
-            TV bv = TS.Load(bp);
-            c0 = TS.MulAdd(TS.Broadcast(ap[0]), bv, c0);
-            c1 = TS.MulAdd(TS.Broadcast(ap[1]), bv, c1);
-            c2 = TS.MulAdd(TS.Broadcast(ap[2]), bv, c2);
-            c3 = TS.MulAdd(TS.Broadcast(ap[3]), bv, c3);
-        }
-        TS.Store(c, TS.Add(TS.Load(c), c0));
-        TS.Store(c + ldc, TS.Add(TS.Load(c + ldc), c1));
-        TS.Store(c + 2L * ldc, TS.Add(TS.Load(c + 2L * ldc), c2));
-        TS.Store(c + 3L * ldc, TS.Add(TS.Load(c + 3L * ldc), c3));
-    }
-
-    // 1 row (column of A) × 1 vector of C.
-    [MethodImpl(Hot)]
-    private static void MicroTransposedA1x1<TS, TV>(int k, float* a, int lda, float* b, int ldb, float* c)
-        where TS : struct, ISimd<TV> where TV : unmanaged
-    {
-        TV acc = TS.Zero;
-        float* ap = a, bp = b;
-        for (int p = 0; p < k; p++, ap += lda, bp += ldb) acc = TS.MulAdd(TS.Broadcast(ap[0]), TS.Load(bp), acc);
-        TS.Store(c, TS.Add(TS.Load(c), acc));
-    }
-
-    private static float ColumnDot(int k, float* a, int lda, float* b, int ldb)
-    {
-        float s = 0;
-        for (int p = 0; p < k; p++) s = MathF.FusedMultiplyAdd(a[(long)p * lda], b[(long)p * ldb], s);
-        return s;
-    }
-
-    // 4 rows (columns of A) × 4 vectors of C in 16 registers; each step reads 4 consecutive scalars of one row of A.
-    [MethodImpl(Hot)]
-    private static void MicroTransposedA4x4<TS, TV>(int k, float* a, int lda, float* b, int ldb, float* c, int ldc)
-        where TS : struct, ISimd<TV> where TV : unmanaged
-    {
-        int w = TS.Width;
-        TV c00 = TS.Zero, c01 = TS.Zero, c02 = TS.Zero, c03 = TS.Zero;
-        TV c10 = TS.Zero, c11 = TS.Zero, c12 = TS.Zero, c13 = TS.Zero;
-        TV c20 = TS.Zero, c21 = TS.Zero, c22 = TS.Zero, c23 = TS.Zero;
-        TV c30 = TS.Zero, c31 = TS.Zero, c32 = TS.Zero, c33 = TS.Zero;
-        float* ap = a, bp = b;
-        for (int p = 0; p < k; p++, ap += lda, bp += ldb)
-        {
-            TV b0 = TS.Load(bp), b1 = TS.Load(bp + w), b2 = TS.Load(bp + 2 * w), b3 = TS.Load(bp + 3 * w);
-            TV x = TS.Broadcast(ap[0]);
-            c00 = TS.MulAdd(x, b0, c00); c01 = TS.MulAdd(x, b1, c01); c02 = TS.MulAdd(x, b2, c02); c03 = TS.MulAdd(x, b3, c03);
-            x = TS.Broadcast(ap[1]);
-            c10 = TS.MulAdd(x, b0, c10); c11 = TS.MulAdd(x, b1, c11); c12 = TS.MulAdd(x, b2, c12); c13 = TS.MulAdd(x, b3, c13);
-            x = TS.Broadcast(ap[2]);
-            c20 = TS.MulAdd(x, b0, c20); c21 = TS.MulAdd(x, b1, c21); c22 = TS.MulAdd(x, b2, c22); c23 = TS.MulAdd(x, b3, c23);
-            x = TS.Broadcast(ap[3]);
-            c30 = TS.MulAdd(x, b0, c30); c31 = TS.MulAdd(x, b1, c31); c32 = TS.MulAdd(x, b2, c32); c33 = TS.MulAdd(x, b3, c33);
-        }
-        float* c1 = c + ldc, c2 = c1 + ldc, c3 = c2 + ldc;
-        AddStore(c, c00); AddStore(c + w, c01); AddStore(c + 2 * w, c02); AddStore(c + 3 * w, c03);
-        AddStore(c1, c10); AddStore(c1 + w, c11); AddStore(c1 + 2 * w, c12); AddStore(c1 + 3 * w, c13);
-        AddStore(c2, c20); AddStore(c2 + w, c21); AddStore(c2 + 2 * w, c22); AddStore(c2 + 3 * w, c23);
-        AddStore(c3, c30); AddStore(c3 + w, c31); AddStore(c3 + 2 * w, c32); AddStore(c3 + 3 * w, c33);
-
-        static void AddStore(float* at, TV v) => TS.Store(at, TS.Add(TS.Load(at), v));
     }
 }
