@@ -181,7 +181,7 @@ internal sealed class ThreadGroup(int size)
         }
 
         public void Barrier() => group.barrier.SignalAndWait();
-        public void Abort(int exitCode) => throw new InvalidOperationException($"rank {rank} aborted with {exitCode}");
+        [System.Diagnostics.CodeAnalysis.DoesNotReturn] public void Abort(int exitCode) => throw new InvalidOperationException($"rank {rank} aborted with {exitCode}");
         public void Dispose() { }
     }
 }

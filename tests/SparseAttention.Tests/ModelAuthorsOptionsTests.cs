@@ -133,10 +133,10 @@ public partial class ModelTests
         // Every new key is reachable from --set (ConfigBinding).
         var set = ConfigBinding.Apply(Tiny(), ["moe_layers=[1,2]", "moe_num_experts=3", "moe_loss_coef=0.5", "pkm_num_keys=7", "pkm_topk=2",
             "pkm_heads=1", "pkm_dim_head=8", "kmeans_ema=false", "add_timing_signal=true", "target_dropout=0.1", "context_shared_qk=false"]);
-        Assert.Equal([1, 2], set.MoeLayers);
+        Assert.Equal([1, 2], set.MoeLayers!);
         Assert.Equal((3, 0.5, 7, 2, 1, 8), (set.MoeNumExperts, set.MoeLossCoef, set.PkmNumKeys, set.PkmTopK, set.PkmHeads, set.PkmDimHead));
         Assert.Equal((false, true, 0.1), (set.KmeansEma, set.AddTimingSignal, set.TargetDropout));
-        Assert.Equal([2], ConfigBinding.Apply(Tiny(), ["pkm_layers=[2]"]).PkmLayers);
+        Assert.Equal([2], ConfigBinding.Apply(Tiny(), ["pkm_layers=[2]"]).PkmLayers!);
         Assert.Equal(0.2, ConfigBinding.Apply(Tiny(causal: false), ["input_dropout=0.2"]).InputDropout);
     }
 }

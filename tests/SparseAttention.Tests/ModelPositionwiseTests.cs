@@ -247,7 +247,7 @@ public partial class ModelTests
         (Tiny() with { MoeLayers = [1, 2], WeightTie = true }).Validate();
         var json = System.Text.Json.JsonSerializer.Deserialize<TransformerConfig>(
             """{"depth": 3, "moe_layers": [1, 3], "moe_num_experts": 5, "moe_loss_coef": 0.5, "pkm_layers": [2], "pkm_num_keys": 9, "pkm_topk": 4, "pkm_heads": 3, "pkm_dim_head": 8}""")!;
-        Assert.Equal([1, 3], json.MoeLayers);
+        Assert.Equal([1, 3], json.MoeLayers!);
         Assert.Equal((5, 0.5, 9, 4, 3, 8), (json.MoeNumExperts, json.MoeLossCoef, json.PkmNumKeys, json.PkmTopK, json.PkmHeads, json.PkmDimHead));
         Assert.Equal([PositionwiseKind.MixtureOfExperts, PositionwiseKind.ProductKeyMemory, PositionwiseKind.MixtureOfExperts],
             Enumerable.Range(0, 3).Select(json.PositionwiseKindForLayer));
