@@ -137,7 +137,9 @@ internal static class FusedRelativeAttention
         int r = shaw.MaxDistance;
         var keyTable = shaw.KeyTable.to(q.dtype);                                      // (2R+1, D)
         var valueTable = shaw.ValueTable.to(q.dtype);                                  // (2R+1, Dv)
-        var parts = new List<(Tensor Output, Tensor Lse)> { Near(q, k, v, plan, keyMask, s, shaw) };
+        var near = NearFunction.apply(q, k, v, shaw.KeyTable, shaw.ValueTable, keyMask, new NearSettings(plan, s));   // (B, H, T, Dv + 1)
+        long dimV = v.shape[3];
+        var parts = new List<(Tensor Output, Tensor Lse)> { (near.narrow(3, 0, dimV), near.select(3, dimV)) };
         foreach (var (far, row) in new[] { (plan.Below, 0), (plan.Above, 2 * r) })
         {
             if (far is null) continue;
@@ -178,45 +180,115 @@ internal static class FusedRelativeAttention
 
     /// <summary>Shaw's near band |j − i| &lt; R with tensor ops: query block n of w rows against key blocks n − 1 … n
     /// (+ 1), the full terms on every pair. Output (B, H, T, Dv) and row log-sum-exp (B, H, T), −∞ for no key.</summary>
+    /// <remarks>The (B, H, blocks) axes are flattened into one batch of blocks, so the keys of block n + δ are the same
+    /// tensor shifted by δ along it: no gathered copy of k or v. Pairs that cross into another head's blocks (the first
+    /// block's previous one, the last block's next one) lie outside the sequence, so the plan never allows them.</remarks>
     private static (Tensor Output, Tensor Lse) Near(Tensor q, Tensor k, Tensor v, Plan plan, Tensor? keyMask, double s,
         ShawRelativePositions shaw)
     {
         long batch = q.shape[0], heads = q.shape[1], seqLen = q.shape[2], dim = q.shape[3], dimV = v.shape[3];
         int w = plan.Band, slots = plan.Slots;
-        long nb = (seqLen + w - 1) / w, pad = nb * w - seqLen, right = pad + (slots == 3 ? w : 0);
+        long nb = (seqLen + w - 1) / w, pad = nb * w - seqLen, blocks = batch * heads * nb;
         if (keyMask is not null)
         {
             var drop = keyMask.logical_not().view(batch, 1, seqLen, 1);                // (B, 1, T, 1)
             k = k.masked_fill(drop, 0);                                                // NaN in padding must not leak via 0·x
             v = v.masked_fill(drop, 0);
         }
-        Tensor Around(Tensor x, long width)                                            // (B, H, T, ·) → (B, H, nb, slots·w, ·)
+        Tensor Blocks(Tensor x) =>                                                     // (B, H, T, ·) → (B·H·nb, w, ·)
+            (pad == 0 ? x : nn.functional.pad(x, [0, 0, 0, pad])).reshape(blocks, w, x.shape[3]);
+        var qf = Blocks(q);                                                            // (B·H·nb, w, D)
+        var kf = Blocks(k);                                                            // (B·H·nb, w, D)
+        var vf = Blocks(v);                                                            // (B·H·nb, w, Dv)
+        int[] offsets = slots == 2 ? [-1, 0] : [-1, 0, 1];                             // slot o: key block n + offsets[o]
+
+        // (B·H·nb, w, ·): block n of a times block n + δ of b (zeros where n + δ falls off the flattened axis).
+        Tensor Shifted(Tensor a, Tensor b, int delta, Func<Tensor, Tensor, Tensor> product, long width)
         {
-            var blocks = nn.functional.pad(x, [0, 0, w, right]).view(batch, heads, nb + slots - 1, w, width);
-            return cat(Enumerable.Range(0, slots).Select(o => blocks.narrow(2, o, nb)).ToArray(), 3);
+            if (delta == 0) return product(a, b);
+            long n = blocks - 1;
+            var none = zeros(1, w, width, dtype: a.dtype, device: a.device);
+            return delta < 0 ? cat([none, product(a.narrow(0, 1, n), b.narrow(0, 0, n))], 0)
+                             : cat([product(a.narrow(0, 0, n), b.narrow(0, 1, n)), none], 0);
         }
-        var kg = Around(k, dim);                                                       // (B, H, nb, slots·w, D)
-        var vg = Around(v, dimV);                                                      // (B, H, nb, slots·w, Dv)
-        var qb = nn.functional.pad(q, [0, 0, 0, pad]).view(batch, heads, nb, w, dim);  // (B, H, nb, w, D)
+        var qk = cat(offsets.Select(o => Shifted(qf, kf, o, (a, b) => bmm(a, b.transpose(1, 2)), w)).ToArray(), 2)
+                 .view(batch, heads, nb, w, slots * w);                                // (B, H, nb, w, slots·w)
+        var qb = qf.view(batch, heads, nb, w, dim);                                    // (B, H, nb, w, D)
         var distance = (arange(slots * w).view(1, slots * w) - w - arange(w).view(w, 1))   // (w, slots·w): j − i
                        .view(1, 1, 1, w, slots * w);
-        var scores = shaw.AddToScores(matmul(qb, kg.transpose(-1, -2)) * s, qb, distance, s);   // (B, H, nb, w, slots·w)
+        var scores = shaw.AddToScores(qk * s, qb, distance, s);                        // (B, H, nb, w, slots·w)
         var allowed = plan.NearAllowed!;                                               // (1, H, nb, w, slots·w)
         if (keyMask is not null)
         {
-            var km = nn.functional.pad(keyMask, [w, right], value: 0).view(batch, nb + slots - 1, w);   // (B, nb + slots − 1, w)
+            var km = nn.functional.pad(keyMask, [w, pad + (slots == 3 ? w : 0)], value: 0).view(batch, nb + slots - 1, w);
             var around = cat(Enumerable.Range(0, slots).Select(o => km.narrow(1, o, nb)).ToArray(), 2);  // (B, nb, slots·w)
             allowed = allowed.logical_and(around.view(batch, 1, nb, 1, slots * w));    // (B, H, nb, w, slots·w)
         }
-        var probs = ReferenceAttention.MaskedSoftmax(scores, allowed);
-        var output = shaw.AddToOutput(matmul(probs, vg), probs, distance)             // (B, H, nb, w, Dv)
-                     .view(batch, heads, nb * w, dimV).narrow(2, 0, seqLen);           // (B, H, T, Dv)
-        var empty = allowed.any(-1).logical_not();                                     // (·, H, nb, w)
-        var lse = scores.masked_fill(allowed.logical_not(), double.NegativeInfinity)
-                        .masked_fill(empty.unsqueeze(-1), 0).logsumexp(-1)             // finite first: no NaN gradient
-                        .masked_fill(empty, double.NegativeInfinity)
-                        .expand(batch, heads, nb, w).reshape(batch, heads, nb * w).narrow(2, 0, seqLen);   // (B, H, T)
-        return (output, lse);
+        var refused = allowed.logical_not();
+        var empty = refused.all(-1, keepdim: true);                                    // (·, H, nb, w, 1): no key at all
+        var masked = scores.masked_fill(refused, double.NegativeInfinity).masked_fill(empty, 0);   // finite on empty rows
+        var lse = masked.logsumexp(-1, keepdim: true);                                 // (B, H, nb, w, 1)
+        var probs = (masked - lse).exp().masked_fill(empty, 0);                        // (B, H, nb, w, slots·w)
+        var pf = probs.view(blocks, w, slots * w);
+        Tensor output = null!;
+        for (int o = 0; o < slots; o++)
+        {
+            var term = Shifted(pf.narrow(2, o * w, w), vf, offsets[o], bmm, dimV);      // (B·H·nb, w, Dv)
+            output = o == 0 ? term : output + term;
+        }
+        output = shaw.AddToOutput(output.view(batch, heads, nb, w, dimV), probs, distance)   // (B, H, nb, w, Dv)
+                     .view(batch, heads, nb * w, dimV);
+        var rowLse = lse.masked_fill(empty, double.NegativeInfinity)
+                        .expand(batch, heads, nb, w, 1).reshape(batch, heads, nb * w);  // (B, H, nb·w)
+        return pad == 0 ? (output, rowLse) : (output.narrow(2, 0, seqLen), rowLse.narrow(2, 0, seqLen));
+    }
+
+    private sealed record NearSettings(Plan Plan, double Scale);
+
+    /// <summary>Shaw's near band as one autograd node that keeps only its inputs: the band's score-sized intermediates
+    /// (scores, probabilities, gathered keys and values, distance indices: tens of MB per layer at T = 8192) live only
+    /// while the forward runs, and the backward recomputes them (the same <see cref="Near"/>, differentiated by autograd)
+    /// one layer at a time, instead of every layer's being kept from the forward to the backward.</summary>
+    private sealed class NearFunction : autograd.SingleTensorFunction<NearFunction>
+    {
+        public override string Name => "ShawNearBand";
+
+        public override Tensor forward(autograd.AutogradContext ctx, params object[] vars)
+        {
+            var inputs = vars.Take(5).Cast<Tensor>().ToArray();                       // q, k, v, key table, value table
+            var keyMask = vars[5] as Tensor;
+            var settings = (NearSettings)vars[6];
+            ctx.save_for_backward([.. inputs, keyMask ?? empty(0)]);
+            ctx.save_data("settings", settings);
+            using var noGrad = no_grad();
+            using var scope = NewDisposeScope();
+            var (output, lse) = Near(inputs[0], inputs[1], inputs[2], settings.Plan, keyMask, settings.Scale,
+                new ShawRelativePositions(inputs[3], inputs[4]));
+            return cat([output, lse.unsqueeze(-1)], 3).MoveToOuterDisposeScope();    // (B, H, T, Dv + 1)
+        }
+
+        public override List<Tensor> backward(autograd.AutogradContext ctx, Tensor grad)
+        {
+            var saved = ctx.get_saved_variables();
+            var settings = (NearSettings)ctx.get_data("settings");
+            var keyMask = saved[5].numel() == 0 ? null : saved[5];
+            using var scope = NewDisposeScope();
+            var leaves = saved.Take(5).Select(t => t.detach().requires_grad_(true)).ToArray();
+            long dimV = leaves[2].shape[3];
+            var dOutput = grad.narrow(3, 0, dimV);                                     // (B, H, T, Dv)
+            var dLse = grad.select(3, dimV).nan_to_num(0);                             // (B, H, T)
+            IList<Tensor> grads;
+            using (enable_grad())
+            {
+                var (output, lse) = Near(leaves[0], leaves[1], leaves[2], settings.Plan, keyMask, settings.Scale,
+                    new ShawRelativePositions(leaves[3], leaves[4]));
+                grads = autograd.grad([output, lse], leaves, [dOutput, dLse], allow_unused: true);
+            }
+            var result = grads.Select((g, i) => (g ?? zeros_like(leaves[i])).MoveToOuterDisposeScope()).ToList();
+            result.Add(null!);                                                         // key mask
+            result.Add(null!);                                                         // settings
+            return result;
+        }
     }
 
     /// <summary>The fused kernel over <paramref name="mask"/>: normalised output (B, H, T, Dv) and row log-sum-exp
