@@ -16,7 +16,8 @@ internal static class ModelBench
     /// <summary>The configurations <c>--model-kinds</c> accepts (see <see cref="ModelConfig"/>).</summary>
     public static readonly string[] Models = [.. new[] { "dense", "local", "routing", "dense-reversible", "local-reversible", "routing-reversible" }
                                               .SelectMany(m => new[] { m, m + "-bf16" }),
-                                              .. new[] { "local", "routing" }.SelectMany(m => new[] { m + "-shaw", m + "-alibi" })];
+                                              .. new[] { "local", "routing" }.SelectMany(m => new[] { m + "-shaw", m + "-alibi" }),
+                                              .. Presets.Names.SelectMany(p => new[] { "preset:" + p, "preset:" + p + "-shaw", "preset:" + p + "-alibi" })];
 
     /// <summary>One model training-step figure (the <c>"model_results"</c> JSON rows).</summary>
     internal sealed record ModelResult(string model, long seq_len, long batch, long dim, long heads, long depth,
@@ -78,7 +79,8 @@ internal static class ModelBench
                 for (int i = 0; i < kinds.Length; i++)
                 {
                     double ms = medians[i];
-                    modelResults.Add(new ModelResult(kinds[i], seqLen, batch, modelDim, modelHeads, modelDepth, Math.Round(ms, 3),
+                    var config = steps[i].Config;
+                    modelResults.Add(new ModelResult(kinds[i], seqLen, batch, config.Dim, config.Heads, config.Depth, Math.Round(ms, 3),
                         Math.Round(batch * seqLen / (ms / 1000.0), 1), dense >= 0 ? Math.Round(medians[dense] / ms, 2) : null, Math.Round(rss[i], 1)));
                 }
             }
@@ -96,9 +98,23 @@ internal static class ModelBench
     /// <c>routing</c> = half local heads, the rest routing heads (WindowSize = window, so clusters = T / window).
     /// A <c>-reversible</c> suffix gives the same configuration with reversible layers, a <c>-bf16</c> suffix (last) with bfloat16
     /// projections and feed-forward, <c>-shaw</c> / <c>-alibi</c> relative positions (Shaw tables clipped at ±16, ALiBi) instead of rotary.
+    /// <c>preset:NAME</c> is a shipped preset as it is (its own size and heads, MaxSeqLen = T), with the same suffixes.
     /// </summary>
     internal static TransformerConfig ModelConfig(string kind, int seqLen, int dim, int heads, int dimHead, int depth, int window)
     {
+        if (kind.StartsWith("preset:", StringComparison.Ordinal))
+        {
+            string name = kind["preset:".Length..].Replace("-bf16", "").Replace("-reversible", "").Replace("-shaw", "").Replace("-alibi", "");
+            var preset = Presets.Load(name);
+            return (preset with
+            {
+                MaxSeqLen = seqLen,
+                Reversible = preset.Reversible || kind.Contains("-reversible"),
+                ComputeDtype = kind.EndsWith("-bf16") ? ComputeDtype.BFloat16 : preset.ComputeDtype,
+                PositionalEncoding = kind.EndsWith("-shaw") ? PositionalEncoding.RelativeShaw
+                    : kind.EndsWith("-alibi") ? PositionalEncoding.Alibi : preset.PositionalEncoding,
+            }).Validate();
+        }
         var config = new TransformerConfig
         {
             NumTokens = 256, Dim = dim, Heads = heads, DimHead = dimHead, Depth = depth, MaxSeqLen = seqLen, Causal = true,
@@ -125,8 +141,11 @@ internal static class ModelBench
         private readonly TrainingStep step;
         private readonly Tensor tokens;
 
+        public TransformerConfig Config { get; }
+
         public ModelStep(TransformerConfig config, int batch, Device device)
         {
+            Config = config;
             random.manual_seed(1);
             lm = new RoutingTransformerLM(config);
             if (device.type != DeviceType.CPU) lm.to(device);

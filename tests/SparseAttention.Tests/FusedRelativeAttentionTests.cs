@@ -71,6 +71,26 @@ public sealed class FusedRelativeAttentionTests
 
     /// <summary>The far part alone is the fused kernel with Shaw's clipped row, so a pattern whose every pair is far from
     /// the diagonal (a dilated band) tests it without a near band; the near band alone is a window narrower than R.</summary>
+    /// <summary>The near band in chunks of one or a few blocks (a chunk's first and last blocks need the key blocks of
+    /// its neighbours, or zeros at the ends of the flattened block axis): the same outputs and gradients.</summary>
+    [Theory]
+    [InlineData(1)]
+    [InlineData(3)]
+    public void NearBandInSmallChunksEqualsOps(int blocksPerChunk)
+    {
+        int saved = FusedRelativeAttention.NearChunkScores;
+        try
+        {
+            foreach (var (batch, heads, seqLen, r, causal, padded) in new[] { (2, 2, 21, 3, true, true), (2, 3, 19, 2, false, true), (1, 2, 40, 4, false, false) })
+            {
+                int band = Math.Max(16, r), width = (causal ? 2 : 3) * band;
+                FusedRelativeAttention.NearChunkScores = blocksPerChunk * band * width;
+                FusedEqualsOpsInOutputsAndGradients("shaw", batch, heads, seqLen, 4, 1, r, causal, padded);
+            }
+        }
+        finally { FusedRelativeAttention.NearChunkScores = saved; }
+    }
+
     [Theory]
     [InlineData(1)]
     [InlineData(5)]

@@ -135,17 +135,16 @@ internal static class FusedRelativeAttention
     private static Tensor Shaw(Tensor q, Tensor k, Tensor v, Plan plan, Tensor? keyMask, double s, ShawRelativePositions shaw)
     {
         int r = shaw.MaxDistance;
-        var keyTable = shaw.KeyTable.to(q.dtype);                                      // (2R+1, D)
-        var valueTable = shaw.ValueTable.to(q.dtype);                                  // (2R+1, Dv)
-        var near = NearFunction.apply(q, k, v, shaw.KeyTable, shaw.ValueTable, keyMask, new NearSettings(plan, s));   // (B, H, T, Dv + 1)
-        long dimV = v.shape[3];
-        var parts = new List<(Tensor Output, Tensor Lse)> { (near.narrow(3, 0, dimV), near.select(3, dimV)) };
-        foreach (var (far, row) in new[] { (plan.Below, 0), (plan.Above, 2 * r) })
+        var near = Near(q, k, v, plan, keyMask, s, shaw);                              // (B, H, T, Dv + 1)
+        var below = plan.Below is null ? null : PartWithLse(q, k, v, plan.Below, keyMask, s);   // (B, H, T, Dv + 1)
+        var above = plan.Above is null ? null : PartWithLse(q, k, v, plan.Above, keyMask, s);
+        var parts = new List<(Tensor Output, Tensor Lse, Tensor? Shift)> { Part(near) };
+        foreach (var (far, row) in new[] { (below, 0), (above, 2 * r) })
         {
             if (far is null) continue;
-            var (output, lse) = Part(q, k, v, far, keyMask, s);
-            var rowTerm = matmul(q, keyTable[row]) * s;                                // (B, H, T): s·qᵢ·aᴷ
-            parts.Add((output + valueTable[row], lse + rowTerm));
+            var (output, lse, _) = Part(far);
+            var rowTerm = matmul(q, shaw.KeyTable[row].to(q.dtype)) * s;                 // (B, H, T): s·qᵢ·aᴷ
+            parts.Add((output, lse + rowTerm, shaw.ValueTable[row].to(q.dtype)));
         }
         return Merge(parts);
     }
@@ -173,138 +172,112 @@ internal static class FusedRelativeAttention
                  + FusedBlockSparseAttention.Attention(qx, KeysFrom(oddStart), v, plan.Above, keyMask, s);   // disjoint rows
         }
         var rowTerm = (slopes * position).squeeze(-1);                                 // (1, H, T): m·i
-        var (below, lseBelow) = Part(qx, KeysWith(1), v, plan.Below!, keyMask, s);
-        var (above, lseAbove) = Part(qx, KeysWith(-1), v, plan.Above, keyMask, s);
-        return Merge([(below, lseBelow - rowTerm), (above, lseAbove + rowTerm)]);
+        var (below, lseBelow, _) = Part(PartWithLse(qx, KeysWith(1), v, plan.Below!, keyMask, s));
+        var (above, lseAbove, _) = Part(PartWithLse(qx, KeysWith(-1), v, plan.Above, keyMask, s));
+        return Merge([(below, lseBelow - rowTerm, null), (above, lseAbove + rowTerm, null)]);
     }
 
     /// <summary>Shaw's near band |j − i| &lt; R with tensor ops: query block n of w rows against key blocks n − 1 … n
-    /// (+ 1), the full terms on every pair. Output (B, H, T, Dv) and row log-sum-exp (B, H, T), −∞ for no key.</summary>
-    /// <remarks>The (B, H, blocks) axes are flattened into one batch of blocks, so the keys of block n + δ are the same
-    /// tensor shifted by δ along it: no gathered copy of k or v. Pairs that cross into another head's blocks (the first
-    /// block's previous one, the last block's next one) lie outside the sequence, so the plan never allows them.</remarks>
-    private static (Tensor Output, Tensor Lse) Near(Tensor q, Tensor k, Tensor v, Plan plan, Tensor? keyMask, double s,
-        ShawRelativePositions shaw)
+    /// (+ 1), the full terms on every pair. Returns (B, H, T, Dv + 1): the output, then the row log-sum-exp (−∞ for
+    /// no key).</summary>
+    /// <remarks>The (B, H, blocks) axes are flattened into one axis of blocks, cut into chunks of about 2¹⁷ scores; each
+    /// chunk is one <see cref="Recomputation"/>, so its score-sized intermediates exist only while that chunk runs,
+    /// forward or backward. The keys of block b + δ are the flattened keys shifted by δ: a chunk needs only the key
+    /// blocks next to its own. Pairs that cross into another head's blocks (a head's first block's previous one, its
+    /// last block's next one) lie outside the sequence, so the plan never allows them.</remarks>
+    /// <summary>Scores per chunk of the near band (tests make it small to cross chunk boundaries).</summary>
+    internal static int NearChunkScores { get; set; } = 1 << 17;
+
+    private static Tensor Near(Tensor q, Tensor k, Tensor v, Plan plan, Tensor? keyMask, double s, ShawRelativePositions shaw)
     {
-        long batch = q.shape[0], heads = q.shape[1], seqLen = q.shape[2], dim = q.shape[3], dimV = v.shape[3];
-        int w = plan.Band, slots = plan.Slots;
+        long batch = q.shape[0], heads = q.shape[1], seqLen = q.shape[2], dimV = v.shape[3];
+        int w = plan.Band, slots = plan.Slots, width = slots * w;
         long nb = (seqLen + w - 1) / w, pad = nb * w - seqLen, blocks = batch * heads * nb;
+        var allowed = plan.NearAllowed!;                                               // (1, H, nb, w, slots·w)
         if (keyMask is not null)
         {
             var drop = keyMask.logical_not().view(batch, 1, seqLen, 1);                // (B, 1, T, 1)
             k = k.masked_fill(drop, 0);                                                // NaN in padding must not leak via 0·x
             v = v.masked_fill(drop, 0);
-        }
-        Tensor Blocks(Tensor x) =>                                                     // (B, H, T, ·) → (B·H·nb, w, ·)
-            (pad == 0 ? x : nn.functional.pad(x, [0, 0, 0, pad])).reshape(blocks, w, x.shape[3]);
-        var qf = Blocks(q);                                                            // (B·H·nb, w, D)
-        var kf = Blocks(k);                                                            // (B·H·nb, w, D)
-        var vf = Blocks(v);                                                            // (B·H·nb, w, Dv)
-        int[] offsets = slots == 2 ? [-1, 0] : [-1, 0, 1];                             // slot o: key block n + offsets[o]
-
-        // (B·H·nb, w, ·): block n of a times block n + δ of b (zeros where n + δ falls off the flattened axis).
-        Tensor Shifted(Tensor a, Tensor b, int delta, Func<Tensor, Tensor, Tensor> product, long width)
-        {
-            if (delta == 0) return product(a, b);
-            long n = blocks - 1;
-            var none = zeros(1, w, width, dtype: a.dtype, device: a.device);
-            return delta < 0 ? cat([none, product(a.narrow(0, 1, n), b.narrow(0, 0, n))], 0)
-                             : cat([product(a.narrow(0, 0, n), b.narrow(0, 1, n)), none], 0);
-        }
-        var qk = cat(offsets.Select(o => Shifted(qf, kf, o, (a, b) => bmm(a, b.transpose(1, 2)), w)).ToArray(), 2)
-                 .view(batch, heads, nb, w, slots * w);                                // (B, H, nb, w, slots·w)
-        var qb = qf.view(batch, heads, nb, w, dim);                                    // (B, H, nb, w, D)
-        var distance = (arange(slots * w).view(1, slots * w) - w - arange(w).view(w, 1))   // (w, slots·w): j − i
-                       .view(1, 1, 1, w, slots * w);
-        var scores = shaw.AddToScores(qk * s, qb, distance, s);                        // (B, H, nb, w, slots·w)
-        var allowed = plan.NearAllowed!;                                               // (1, H, nb, w, slots·w)
-        if (keyMask is not null)
-        {
             var km = nn.functional.pad(keyMask, [w, pad + (slots == 3 ? w : 0)], value: 0).view(batch, nb + slots - 1, w);
             var around = cat(Enumerable.Range(0, slots).Select(o => km.narrow(1, o, nb)).ToArray(), 2);  // (B, nb, slots·w)
-            allowed = allowed.logical_and(around.view(batch, 1, nb, 1, slots * w));    // (B, H, nb, w, slots·w)
+            allowed = allowed.logical_and(around.view(batch, 1, nb, 1, width));        // (B, H, nb, w, slots·w)
         }
-        var refused = allowed.logical_not();
-        var empty = refused.all(-1, keepdim: true);                                    // (·, H, nb, w, 1): no key at all
+        var allowedFlat = allowed.expand(batch, heads, nb, w, width).reshape(blocks, w, width);   // (B·H·nb, w, slots·w)
+        Tensor Blocks(Tensor x) =>                                                     // (B, H, T, ·) → (B·H·nb, w, ·)
+            (pad == 0 ? x : nn.functional.pad(x, [0, 0, 0, pad])).reshape(blocks, w, x.shape[3]);
+        var qf = Blocks(q);
+        var kf = Blocks(k);
+        var vf = Blocks(v);
+        long chunk = Math.Max(1, NearChunkScores / (w * width));
+        var chunks = new List<Tensor>();
+        for (long b0 = 0; b0 < blocks; b0 += chunk)
+        {
+            long n = Math.Min(chunk, blocks - b0);
+            long k0 = Math.Max(0, b0 - 1), k1 = Math.Min(blocks, b0 + n + slots - 2);  // key blocks [b0 − 1, b0 + n (+ 1)) that exist
+            int lead = (int)(k0 - (b0 - 1)), trail = (int)(b0 + n + slots - 2 - k1);
+            chunks.Add(Recomputation.Of(x => NearChunk(x[0]!, x[1]!, x[2]!, x[3]!, new ShawRelativePositions(x[4]!, x[5]!), s, lead, trail),
+                qf.narrow(0, b0, n), kf.narrow(0, k0, k1 - k0), vf.narrow(0, k0, k1 - k0), allowedFlat.narrow(0, b0, n),
+                shaw.KeyTable, shaw.ValueTable));
+        }
+        var both = cat(chunks, 0).view(batch, heads, nb * w, dimV + 1);               // (B, H, nb·w, Dv + 1)
+        return pad == 0 ? both : both.narrow(2, 0, seqLen);
+    }
+
+    /// <summary>The near band of n query blocks.</summary>
+    /// <param name="qc">(n, w, D) the query blocks b.</param>
+    /// <param name="kc">(m, w, D) the existing key blocks among b − 1 … b (+ 1); <paramref name="lead"/> missing before
+    /// them, <paramref name="trail"/> after.</param>
+    /// <param name="vc">(m, w, Dv) their values.</param>
+    /// <param name="allowedC">(n, w, slots·w) bool: the allowed near pairs, slot o = key block b − 1 + o.</param>
+    /// <returns>(n, w, Dv + 1): output, then the row log-sum-exp (−∞ for no key).</returns>
+    private static Tensor NearChunk(Tensor qc, Tensor kc, Tensor vc, Tensor allowedC, ShawRelativePositions shaw, double s, int lead, int trail)
+    {
+        long n = qc.shape[0], w = qc.shape[1], width = allowedC.shape[2];
+        int slots = (int)(width / w);
+        Tensor Extend(Tensor x) => lead + trail == 0 ? x : cat([                     // (n + slots − 1, w, ·): zeros for missing blocks
+            .. Enumerable.Repeat(zeros(1, w, x.shape[2], dtype: x.dtype, device: x.device), lead), x,
+            .. Enumerable.Repeat(zeros(1, w, x.shape[2], dtype: x.dtype, device: x.device), trail)], 0);
+        var kx = Extend(kc);
+        var vx = Extend(vc);
+        var qk = cat(Enumerable.Range(0, slots).Select(o => bmm(qc, kx.narrow(0, o, n).transpose(1, 2))).ToArray(), 2);   // (n, w, slots·w)
+        var distance = (arange(width, device: qc.device).view(1, width) - w - arange(w, device: qc.device).view(w, 1))
+                       .view(1, w, width);                                             // (1, w, slots·w): j − i
+        var scores = shaw.AddToScores(qk * s, qc, distance, s);                        // (n, w, slots·w)
+        var refused = allowedC.logical_not();
+        var empty = refused.all(-1, keepdim: true);                                    // (n, w, 1): no key at all
         var masked = scores.masked_fill(refused, double.NegativeInfinity).masked_fill(empty, 0);   // finite on empty rows
-        var lse = masked.logsumexp(-1, keepdim: true);                                 // (B, H, nb, w, 1)
-        var probs = (masked - lse).exp().masked_fill(empty, 0);                        // (B, H, nb, w, slots·w)
-        var pf = probs.view(blocks, w, slots * w);
+        var lse = masked.logsumexp(-1, keepdim: true);                                 // (n, w, 1)
+        var probs = (masked - lse).exp().masked_fill(empty, 0);                        // (n, w, slots·w)
         Tensor output = null!;
         for (int o = 0; o < slots; o++)
         {
-            var term = Shifted(pf.narrow(2, o * w, w), vf, offsets[o], bmm, dimV);      // (B·H·nb, w, Dv)
+            var term = bmm(probs.narrow(2, o * w, w), vx.narrow(0, o, n));            // (n, w, Dv)
             output = o == 0 ? term : output + term;
         }
-        output = shaw.AddToOutput(output.view(batch, heads, nb, w, dimV), probs, distance)   // (B, H, nb, w, Dv)
-                     .view(batch, heads, nb * w, dimV);
-        var rowLse = lse.masked_fill(empty, double.NegativeInfinity)
-                        .expand(batch, heads, nb, w, 1).reshape(batch, heads, nb * w);  // (B, H, nb·w)
-        return pad == 0 ? (output, rowLse) : (output.narrow(2, 0, seqLen), rowLse.narrow(2, 0, seqLen));
+        output = shaw.AddToOutput(output, probs, distance);                            // (n, w, Dv)
+        return cat([output, lse.masked_fill(empty, double.NegativeInfinity)], 2);      // (n, w, Dv + 1)
     }
 
-    private sealed record NearSettings(Plan Plan, double Scale);
+    /// <summary>The fused kernel over <paramref name="mask"/>: (B, H, T, Dv + 1), the output, then the row log-sum-exp
+    /// (+∞ for a row with no key).</summary>
+    private static Tensor PartWithLse(Tensor q, Tensor k, Tensor v, BlockMask mask, Tensor? keyMask, double s) =>
+        PartFunction.apply(q, k, v, keyMask,
+            new FusedBlockSparseAttention.Settings(mask, (float)s, FusedBlockSparseAttention.DefaultThreads, 0));
 
-    /// <summary>Shaw's near band as one autograd node that keeps only its inputs: the band's score-sized intermediates
-    /// (scores, probabilities, gathered keys and values, distance indices: tens of MB per layer at T = 8192) live only
-    /// while the forward runs, and the backward recomputes them (the same <see cref="Near"/>, differentiated by autograd)
-    /// one layer at a time, instead of every layer's being kept from the forward to the backward.</summary>
-    private sealed class NearFunction : autograd.SingleTensorFunction<NearFunction>
+    /// <summary>A part for <see cref="Merge"/> from (B, H, T, Dv + 1) output and log-sum-exp: the output (B, H, T, Dv),
+    /// the log-sum-exp (B, H, T) with −∞ for a row with no key, no shift.</summary>
+    private static (Tensor Output, Tensor Lse, Tensor? Shift) Part(Tensor both)
     {
-        public override string Name => "ShawNearBand";
-
-        public override Tensor forward(autograd.AutogradContext ctx, params object[] vars)
-        {
-            var inputs = vars.Take(5).Cast<Tensor>().ToArray();                       // q, k, v, key table, value table
-            var keyMask = vars[5] as Tensor;
-            var settings = (NearSettings)vars[6];
-            ctx.save_for_backward([.. inputs, keyMask ?? empty(0)]);
-            ctx.save_data("settings", settings);
-            using var noGrad = no_grad();
-            using var scope = NewDisposeScope();
-            var (output, lse) = Near(inputs[0], inputs[1], inputs[2], settings.Plan, keyMask, settings.Scale,
-                new ShawRelativePositions(inputs[3], inputs[4]));
-            return cat([output, lse.unsqueeze(-1)], 3).MoveToOuterDisposeScope();    // (B, H, T, Dv + 1)
-        }
-
-        public override List<Tensor> backward(autograd.AutogradContext ctx, Tensor grad)
-        {
-            var saved = ctx.get_saved_variables();
-            var settings = (NearSettings)ctx.get_data("settings");
-            var keyMask = saved[5].numel() == 0 ? null : saved[5];
-            using var scope = NewDisposeScope();
-            var leaves = saved.Take(5).Select(t => t.detach().requires_grad_(true)).ToArray();
-            long dimV = leaves[2].shape[3];
-            var dOutput = grad.narrow(3, 0, dimV);                                     // (B, H, T, Dv)
-            var dLse = grad.select(3, dimV).nan_to_num(0);                             // (B, H, T)
-            IList<Tensor> grads;
-            using (enable_grad())
-            {
-                var (output, lse) = Near(leaves[0], leaves[1], leaves[2], settings.Plan, keyMask, settings.Scale,
-                    new ShawRelativePositions(leaves[3], leaves[4]));
-                grads = autograd.grad([output, lse], leaves, [dOutput, dLse], allow_unused: true);
-            }
-            var result = grads.Select((g, i) => (g ?? zeros_like(leaves[i])).MoveToOuterDisposeScope()).ToList();
-            result.Add(null!);                                                         // key mask
-            result.Add(null!);                                                         // settings
-            return result;
-        }
-    }
-
-    /// <summary>The fused kernel over <paramref name="mask"/>: normalised output (B, H, T, Dv) and row log-sum-exp
-    /// (B, H, T), −∞ for a row with no key; both carry gradients.</summary>
-    private static (Tensor Output, Tensor Lse) Part(Tensor q, Tensor k, Tensor v, BlockMask mask, Tensor? keyMask, double s)
-    {
-        var both = PartFunction.apply(q, k, v, keyMask,
-            new FusedBlockSparseAttention.Settings(mask, (float)s, FusedBlockSparseAttention.DefaultThreads, 0));   // (B, H, T, Dv + 1)
-        long dimV = v.shape[3];
-        var lse = both.select(3, dimV);                                                // (B, H, T), +∞ for no key
-        return (both.narrow(3, 0, dimV), lse.masked_fill(lse.isposinf(), double.NegativeInfinity));
+        long dimV = both.shape[3] - 1;
+        var lse = both.select(3, dimV);
+        return (both.narrow(3, 0, dimV), lse.masked_fill(lse.isposinf(), double.NegativeInfinity), null);
     }
 
     /// <summary>One softmax over the union of the parts' keys: weights softmax(lse) across parts; a row with no key in
-    /// any part gets zeros.</summary>
-    private static Tensor Merge(List<(Tensor Output, Tensor Lse)> parts)
+    /// any part gets zeros. A part's shift (Dv) is added to its output (every key of the part carries that value term),
+    /// as weight·shift after the sum, so no shifted copy of a part's output is formed and kept for the backward.</summary>
+    private static Tensor Merge(List<(Tensor Output, Tensor Lse, Tensor? Shift)> parts)
     {
         var lse = stack(parts.Select(p => p.Lse).ToArray(), -1);                       // (B, H, T, P)
         var none = lse.isfinite().any(-1, keepdim: true).logical_not();                // (B, H, T, 1)
@@ -315,6 +288,9 @@ internal static class FusedRelativeAttention
             var term = parts[p].Output * weights.narrow(3, p, 1);                      // (B, H, T, Dv)
             output = p == 0 ? term : output + term;
         }
+        for (int p = 0; p < parts.Count; p++)
+            if (parts[p].Shift is Tensor shift)
+                output = output + weights.narrow(3, p, 1) * shift;                     // (B, H, T, Dv)
         return output.masked_fill(none, 0);
     }
 
@@ -331,18 +307,23 @@ internal static class FusedRelativeAttention
             var (k, v, keyBias) = FusedBlockSparseAttention.MaskKeys(((Tensor)vars[1]).contiguous(), ((Tensor)vars[2]).contiguous(), vars[3] as Tensor);
             var settings = (FusedBlockSparseAttention.Settings)vars[4];
             var (output, lse) = FusedBlockSparseAttention.ForwardKernel(settings.Mask, q, k, v, keyBias, settings.Scale, settings.Threads);
-            ctx.save_for_backward([q, k, v, output, lse, keyBias ?? empty(0)]);
+            var both = cat([output, lse.unsqueeze(-1)], 3);                            // (B, H, T, Dv + 1)
+            ctx.save_for_backward([q, k, v, both, keyBias ?? empty(0)]);               // the result, not a second copy of the output
             ctx.save_data("settings", settings);
-            return cat([output, lse.unsqueeze(-1)], 3);                                // (B, H, T, Dv + 1)
+            output.Dispose();
+            lse.Dispose();
+            return both;
         }
 
         public override List<Tensor> backward(autograd.AutogradContext ctx, Tensor grad)
         {
             var saved = ctx.get_saved_variables();
-            var (q, k, v, output, lse, keyBias) = (saved[0], saved[1], saved[2], saved[3], saved[4], saved[5]);
+            var (q, k, v, both, keyBias) = (saved[0], saved[1], saved[2], saved[3], saved[4]);
             var settings = (FusedBlockSparseAttention.Settings)ctx.get_data("settings");
             long dimV = v.shape[3];
             using var scope = NewDisposeScope();
+            var output = both.narrow(3, 0, dimV).contiguous();                         // (B, H, T, Dv)
+            var lse = both.select(3, dimV).contiguous();                               // (B, H, T)
             var dO = grad.narrow(3, 0, dimV).contiguous();                             // (B, H, T, Dv)
             var delta = ((dO * output).sum(-1) - grad.select(3, dimV).nan_to_num(0)).contiguous();   // (B, H, T): Δ − d lse
             var (dq, dk, dv) = FusedBlockSparseAttention.BackwardKernel(settings.Mask, q, k, v, keyBias.numel() == 0 ? null : keyBias,

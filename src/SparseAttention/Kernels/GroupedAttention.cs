@@ -77,7 +77,11 @@ public static class GroupedAttention
             case AttentionKernel.Reference:
                 throw new ArgumentException("kernel: grouped attention has Ops and Fused kernels; its oracle is ReferenceAttention with the implied mask.", nameof(kernel));
         }
-        return OpsAttention(q, k, v, queryIndices, keyIndices, causal, sharedQk, keyMask, lookBackward, memoryKeys, memoryValues, scale, relative);
+        if (relative is null)
+            return OpsAttention(q, k, v, queryIndices, keyIndices, causal, sharedQk, keyMask, lookBackward, memoryKeys, memoryValues, scale, null);
+        // Score-sized intermediates (scores, gathered distances, probabilities) exist only while the layer runs.
+        return Recomputation.Of(x => OpsAttention(x[0]!, x[1]!, x[2]!, x[3]!, x[4]!, causal, sharedQk, x[5], lookBackward, x[6], x[7], scale,
+            relative.With(x[8..]!)), [q, k, v, queryIndices, keyIndices, keyMask, memoryKeys, memoryValues, .. relative.Tensors]);
     }
 
     /// <summary>Argument checks shared by the Ops and fused grouped kernels.</summary>
@@ -225,8 +229,9 @@ public static class GroupedAttention
         relative.CheckFits(q.shape[1], q.shape[3], v.shape[3], nameof(relative));
         Check.That(kernel is AttentionKernel.Auto or AttentionKernel.Ops, nameof(kernel),
             $"merged grouped attention takes relative-position terms on the Ops kernel only (Auto or Ops), got {kernel}.");
-        return MergedOps(q, k, v, queryIndices, keyIndices, previousGroup, rounds, causal, sharedQk, keyMask, queryLabels, keyLabels, dedup,
-            scale, relative);
+        // Score-sized intermediates (scores, gathered distances, probabilities) exist only while the layer runs.
+        return Recomputation.Of(x => MergedOps(x[0]!, x[1]!, x[2]!, x[3]!, x[4]!, x[5]!, rounds, causal, sharedQk, x[6], x[7], x[8], dedup,
+            scale, relative.With(x[9..]!)), [q, k, v, queryIndices, keyIndices, previousGroup, keyMask, queryLabels, keyLabels, .. relative.Tensors]);
     }
 
     /// <summary><see cref="MergedAttention(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, int, bool, bool, Tensor?, Tensor?, Tensor?, bool, double?, AttentionKernel)"/>;

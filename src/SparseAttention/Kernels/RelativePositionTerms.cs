@@ -31,6 +31,12 @@ public abstract class RelativePositionTerms
     /// <summary>Heads this term is built for, or null when the same for every head.</summary>
     public abstract int? Heads { get; }
 
+    /// <summary>The tensors the terms are made of (their learned tables), for kernels that recompute the terms.</summary>
+    internal virtual Tensor[] Tensors => [];
+
+    /// <summary>The same terms made of <paramref name="tensors"/> (shaped as <see cref="Tensors"/>).</summary>
+    internal virtual RelativePositionTerms With(Tensor[] tensors) => this;
+
     /// <summary>Checks that the term fits attention with <paramref name="heads"/> heads of width <paramref name="dim"/>.</summary>
     internal void CheckFits(long heads, long dim, long dimV, string argument)
     {
@@ -67,6 +73,10 @@ public sealed class ShawRelativePositions(Tensor KeyTable, Tensor ValueTable) : 
     public int MaxDistance => (int)(KeyTable.shape[0] - 1) / 2;
 
     public override int? Heads => null;
+
+    internal override Tensor[] Tensors => [KeyTable, ValueTable];
+
+    internal override RelativePositionTerms With(Tensor[] tensors) => new ShawRelativePositions(tensors[0], tensors[1]);
 
     private static Tensor CheckTable(Tensor table, string name)
     {
