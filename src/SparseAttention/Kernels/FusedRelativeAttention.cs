@@ -180,13 +180,13 @@ internal static class FusedRelativeAttention
     /// <summary>Shaw's near band |j − i| &lt; R with tensor ops: query block n of w rows against key blocks n − 1 … n
     /// (+ 1), the full terms on every pair. Returns (B, H, T, Dv + 1): the output, then the row log-sum-exp (−∞ for
     /// no key).</summary>
-    /// <remarks>The (B, H, blocks) axes are flattened into one axis of blocks, cut into chunks of about 2¹⁷ scores; each
+    /// <remarks>The (B, H, blocks) axes are flattened into one axis of blocks, cut into chunks of about 2²⁰ scores; each
     /// chunk is one <see cref="Recomputation"/>, so its score-sized intermediates exist only while that chunk runs,
     /// forward or backward. The keys of block b + δ are the flattened keys shifted by δ: a chunk needs only the key
     /// blocks next to its own. Pairs that cross into another head's blocks (a head's first block's previous one, its
     /// last block's next one) lie outside the sequence, so the plan never allows them.</remarks>
     /// <summary>Scores per chunk of the near band (tests make it small to cross chunk boundaries).</summary>
-    internal static int NearChunkScores { get; set; } = 1 << 17;
+    internal static int NearChunkScores { get; set; } = 1 << 20;
 
     private static Tensor Near(Tensor q, Tensor k, Tensor v, Plan plan, Tensor? keyMask, double s, ShawRelativePositions shaw)
     {
