@@ -74,6 +74,25 @@ public partial class ModelTests
         AssertRejectedBy(WithRouting() with { HashItems = true, NumClusters = 3 }, nameof(TransformerConfig.HashItems));
     }
 
+    /// <summary>sparsity_cluster_strided_num_heads: an encoder with strided cluster heads runs forward and backward with
+    /// finite gradients reaching every projection; decoders and too many strided heads are refused by name.</summary>
+    [Fact]
+    public void StridedClusterHeadsTrainInAnEncoderAndAreRefusedInADecoder()
+    {
+        random.manual_seed(4);
+        var config = WithRouting(causal: false) with { NLocalAttnHeads = [0], StaticHeadGroups = null, SparsityClusterStridedNumHeads = 1 };
+        var model = new RoutingTransformerLM(config);
+        model.train();
+        var (logits, aux) = model.forward(RoutingTokens(2, 23, 8));
+        (logits.square().mean() + aux).backward();
+        var grads = model.named_parameters().Where(p => p.name.Contains("to_q") || p.name.Contains("to_qk")).Select(p => p.parameter.grad).ToList();
+        Assert.NotEmpty(grads);
+        Assert.All(grads, g => Assert.True(g is not null && g.isfinite().all().item<bool>() && g.abs().sum().item<float>() > 0));
+        AssertRejectedBy(WithRouting() with { SparsityClusterStridedNumHeads = 1 }, nameof(TransformerConfig.SparsityClusterStridedNumHeads));
+        AssertRejectedBy(config with { SparsityClusterStridedNumHeads = config.Heads + 1 }, nameof(TransformerConfig.SparsityClusterStridedNumHeads));
+        AssertRejectedBy(config with { SparsityClusterStridedNumHeads = -1 }, nameof(TransformerConfig.SparsityClusterStridedNumHeads));
+    }
+
     [Fact]
     public void RoutingLanguageModelOverfitsAFixedBatchAndMovesItsCentroids()
     {

@@ -411,20 +411,13 @@ public class RoutingAttentionTests
         Assert.Equal(module.Clusters, 1 << bits);
         TestSupport.AssertClose(eye(bits, dtype: ScalarType.Float64).expand(Heads, bits, bits), directions.matmul(directions.transpose(1, 2)), "orthonormal");
         var real = keyMask ?? ones(batch, seqLen, dtype: ScalarType.Bool);
-        Tensor Projections(Tensor x) => einsum("bhtd,hkd->bhtk", nn.functional.normalize(x, 2, -1), directions);   // (B, H, T, bits)
         Tensor Bucket(Tensor x)
         {
             var weights = pow(2, arange(bits, dtype: ScalarType.Int64));                       // (bits)
-            return (Projections(x).gt(0).to(ScalarType.Int64) * weights).sum(-1)
+            return (HashedProjections(module, x).gt(0).to(ScalarType.Int64) * weights).sum(-1)
                    .masked_fill(real.logical_not().unsqueeze(1), -1);                         // (B, H, T)
         }
-        Tensor Similarities(Tensor x)                                                          // Σ_b ±(x̂·r_b), sign = bit b of the cluster
-        {
-            var signs = zeros(module.Clusters, bits, dtype: ScalarType.Float64);
-            for (int c = 0; c < module.Clusters; c++)
-                for (int b = 0; b < bits; b++) signs[c, b] = tensor(((c >> b) & 1) == 1 ? 1.0 : -1.0, dtype: ScalarType.Float64);
-            return einsum("bhtk,ck->bhtc", Projections(x), signs);
-        }
+        Tensor Similarities(Tensor x) => HashedSimilarities(module, x);
         var keySource = sharedQk ? q : k!;
         Tensor queryIdx, keyIdx;
         if (causal)
@@ -450,6 +443,87 @@ public class RoutingAttentionTests
         Assert.Equal("HashItems", Assert.ThrowsAny<ArgumentException>(() => new RoutingAttention(Heads, Dim, 12, 4) { HashItems = true }).ParamName);   // 3 clusters
         Assert.Equal("HashItems", Assert.ThrowsAny<ArgumentException>(() => new RoutingAttention(Heads, 2, 16, 2) { HashItems = true }).ParamName);    // 3 bits > D = 2
         if (!sharedQk) Assert.Equal("HashItems", Assert.ThrowsAny<ArgumentException>(() => module.CrossForward(q, q, v, null, null, 2)).ParamName);
+    }
+
+    /// <summary>x̂·r_b for the hashing directions r_b of every head: (B, H, T, bits).</summary>
+    private static Tensor HashedProjections(RoutingAttention module, Tensor x) =>
+        einsum("bhtd,hkd->bhtk", nn.functional.normalize(x, 2, -1), module.HashProjections());
+
+    /// <summary>Token–bucket similarities of hashed clusters: Σ_b ±(x̂·r_b), sign = bit b of the cluster; (B, H, T, C).</summary>
+    private static Tensor HashedSimilarities(RoutingAttention module, Tensor x)
+    {
+        int bits = (int)module.HashProjections().shape[1];
+        var signs = zeros(module.Clusters, bits, dtype: ScalarType.Float64);
+        for (int c = 0; c < module.Clusters; c++)
+            for (int b = 0; b < bits; b++) signs[c, b] = tensor(((c >> b) & 1) == 1 ? 1.0 : -1.0, dtype: ScalarType.Float64);
+        return einsum("bhtk,ck->bhtc", HashedProjections(module, x), signs);
+    }
+
+    /// <summary>Strided groups by hand: per (batch, head, centroid), the real positions sorted by similarity (highest
+    /// first), ranks 0, s, 2s, … with s = max(1, ⌊n / W⌋), W = min(window, T); ranks ≥ n are empty slots.</summary>
+    [Theory]
+    [InlineData(13, 4, true)]
+    [InlineData(16, 4, false)]
+    [InlineData(5, 8, true)]
+    [InlineData(1, 3, false)]
+    public void StridedGroupsTakeEveryStrideThRankOfTheRealTokens(int seqLen, int window, bool padded)
+    {
+        const int batch = 2, heads = 2, clusters = 3;
+        var sims = randn(new long[] { batch, heads, seqLen, clusters }, dtype: ScalarType.Float64, generator: new Generator(41));
+        var keyMask = padded ? PaddingMask(batch, seqLen, true) : null;
+        var actual = RoutingAttention.StridedGroups(sims, keyMask, window);
+        int w = Math.Min(window, seqLen);
+        Assert.Equal(new long[] { batch, heads, clusters, w }, actual.shape);
+        for (int b = 0; b < batch; b++)
+            for (int h = 0; h < heads; h++)
+                for (int c = 0; c < clusters; c++)
+                {
+                    var ranked = Enumerable.Range(0, seqLen).Where(t => keyMask is null || keyMask[b, t].item<bool>())
+                        .OrderByDescending(t => sims[b, h, t, c].item<double>()).ToArray();
+                    int stride = Math.Max(1, ranked.Length / w);
+                    var expected = Enumerable.Range(0, w).Select(i => i * stride < ranked.Length ? (long)ranked[i * stride] : -1L).Order().ToArray();
+                    Assert.Equal(expected, actual[b, h, c].data<long>().ToArray());
+                }
+    }
+
+    /// <summary>StridedHeads = 1 of 2: head 0 groups by balanced top-W, head 1 by strided ranks (over the hashed
+    /// similarities, which the test can compute), and the output and gradients are those of the grouped oracle.</summary>
+    [Theory]
+    [InlineData(true, 13)]
+    [InlineData(false, 16)]
+    public void StridedHeadsGroupByRankStridesAndAttendAsTheOracle(bool sharedQk, int seqLen)
+    {
+        const long batch = 2;
+        var module = new RoutingAttention(Heads, Dim, MaxSeqLen, Window, causal: false, sharedQk, seed: 5) { HashItems = true, StridedHeads = 1 };
+        module.to(ScalarType.Float64);
+        var (q, k, v) = Inputs(91 + seqLen, batch, seqLen, sharedQk);
+        var keyMask = PaddingMask(batch, seqLen, true);
+        var result = module.forward(q, k, v, keyMask);
+        Tensor Groups(Tensor x)
+        {
+            var sims = HashedSimilarities(module, x);                                          // (B, H, T, C)
+            return cat([RoutingAttention.BalancedGroups(sims.narrow(1, 0, 1), keyMask, Window),
+                        RoutingAttention.StridedGroups(sims.narrow(1, 1, 1), keyMask, Window)], 1);   // (B, H, C, W)
+        }
+        var queryIdx = Groups(q);
+        var keyIdx = sharedQk ? queryIdx : Groups(k!);
+        Assert.Equal(queryIdx.data<long>().ToArray(), result.QueryIndices.data<long>().ToArray());
+        Assert.Equal(keyIdx.data<long>().ToArray(), result.KeyIndices.data<long>().ToArray());
+        Assert.False(queryIdx[.., 1].equal(RoutingAttention.BalancedGroups(HashedSimilarities(module, q).narrow(1, 1, 1), keyMask, Window)[.., 0]).all().item<bool>(),
+            "the strided head groups otherwise than top-W");
+
+        var upstream = randn(result.Output.shape, dtype: ScalarType.Float64, generator: new Generator(6));
+        var inputs = sharedQk ? new[] { q, v } : new[] { q, k!, v };
+        Tensor Module(Tensor[] x) => module.forward(x[0], sharedQk ? null : x[1], x[^1], keyMask).Output;
+        Tensor Oracle(Tensor[] x) => GroupedOracle.Attention(x[0], sharedQk ? nn.functional.normalize(x[0], 2, -1) : x[1], x[^1],
+            queryIdx, keyIdx, false, sharedQk, keyMask);
+        var expected = GroupedAttentionTests.Grad(Oracle, upstream, inputs);
+        var actual = GroupedAttentionTests.Grad(Module, upstream, inputs);
+        TestSupport.AssertClose(expected.Output, actual.Output, "output");
+        for (int n = 0; n < inputs.Length; n++) TestSupport.AssertClose(expected.Grads[n], actual.Grads[n], $"gradient {n}");
+
+        Assert.Equal("StridedHeads", Assert.ThrowsAny<ArgumentException>(() => new RoutingAttention(Heads, Dim, MaxSeqLen, Window, causal: true) { StridedHeads = 1 }).ParamName);
+        Assert.Equal("StridedHeads", Assert.ThrowsAny<ArgumentException>(() => new RoutingAttention(Heads, Dim, MaxSeqLen, Window, causal: false) { StridedHeads = 3 }).ParamName);
     }
 
     public static TheoryData<bool, string> LeakCases()

@@ -142,7 +142,8 @@ public sealed partial class RoutingHeadGroup : HeadGroupAttention
         routing = new RoutingAttention(heads, config.ResolvedDimHead, config.MaxSeqLen, config.WindowSize, config.Causal,
             config.ResolvedSharedQk, config.ResolvedNumMemKv, config.KmeansEmaDecay, config.CommitmentFactor, config.KmeansNorm, seed: layer,
             lookBackward: config.RoutingLookBack, numClusters: config.NumClusters)
-        { Kernel = config.Kernel, AttendNormalized = config.KmeansAttendNormalized, HashItems = config.HashItems };
+        { Kernel = config.Kernel, AttendNormalized = config.KmeansAttendNormalized, HashItems = config.HashItems,
+          StridedHeads = config.SparsityClusterStridedNumHeads };
         dropout = config.AttnDropout;
         if (config.PositionalEncoding == PositionalEncoding.RelativeShaw) (rel_k, rel_v) = NewShawTables(config.MaxRelativePosition, config.ResolvedDimHead);
         if (alibiSlopes is not null) alibi = new AlibiPositions(alibiSlopes);

@@ -245,6 +245,11 @@ public sealed record TransformerConfig
     /// no centroids to learn, no commitment loss (see <see cref="Modules.RoutingAttention.HashItems"/>). Needs a power-of-two
     /// number of clusters no larger than 2^DimHead.</summary>
     [JsonPropertyName("hash_items")] public bool HashItems { get; init; }
+    /// <summary>0 — in every layer with routing heads, this many of them (the last) are strided cluster heads, as the
+    /// authors' <c>sparsity_cluster_strided_num_heads</c>: each centroid takes every ⌊n / WindowSize⌋-th token of its
+    /// similarity ranking instead of its WindowSize nearest (see <see cref="Modules.RoutingAttention.StridedHeads"/>).
+    /// Non-causal self-attention only (encoders): the ranking covers the whole sequence.</summary>
+    [JsonPropertyName("sparsity_cluster_strided_num_heads")] public int SparsityClusterStridedNumHeads { get; init; }
     /// <summary>1e-4 — used by routing heads: weight of the k-means commitment loss in the auxiliary loss.</summary>
     [JsonPropertyName("commitment_factor")] public double CommitmentFactor { get; init; } = 1e-4;
 
@@ -391,6 +396,16 @@ public sealed record TransformerConfig
             $"must be in [0, Depth = {Depth}], got {SparsitySkipFirst}.");
         bool anyRouting = Enumerable.Range(0, Depth).Any(l => HeadGroupsForLayer(l).Any(g => g.Kind == HeadGroupKind.Routing));
         Check.That(NumClusters is null or > 0, nameof(NumClusters), $"must be positive when given, got {NumClusters}.");
+        if (SparsityClusterStridedNumHeads != 0)
+        {
+            Check.That(SparsityClusterStridedNumHeads > 0, nameof(SparsityClusterStridedNumHeads), $"must be ≥ 0, got {SparsityClusterStridedNumHeads}.");
+            Check.That(!Causal, nameof(SparsityClusterStridedNumHeads),
+                "strided cluster heads rank the whole sequence (a token's group depends on later tokens), so they need causal = false.");
+            for (int l = 0; l < Depth; l++)
+                foreach (var g in HeadGroupsForLayer(l).Where(g => g.Kind == HeadGroupKind.Routing))
+                    Check.That(g.Heads >= SparsityClusterStridedNumHeads, nameof(SparsityClusterStridedNumHeads),
+                        $"layer {l} has {g.Heads} routing heads, fewer than the {SparsityClusterStridedNumHeads} strided ones asked for.");
+        }
         if (HashItems)
         {
             int hashed = NumClusters ?? Math.Max(1, MaxSeqLen / Math.Max(1, WindowSize));

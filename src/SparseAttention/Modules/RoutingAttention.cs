@@ -153,6 +153,26 @@ public sealed partial class RoutingAttention : nn.Module<Tensor, Tensor?, Tensor
         }
     }
     private bool hashItems;
+
+    /// <summary>
+    /// Strided cluster heads (the Routing Transformer authors' <c>sparsity_cluster_strided_num_heads</c>), for
+    /// non-causal self-attention: in the last <see cref="StridedHeads"/> heads a centroid does not take its windowSize
+    /// most similar tokens but ranks all real tokens by similarity and takes every ⌊n / windowSize⌋-th (ranks 0, s, 2s, …),
+    /// so a group spans the whole similarity range — mostly tokens of other clusters. Whether a token is taken depends on
+    /// every other token of the sequence, so causal heads cannot have it.
+    /// </summary>
+    public int StridedHeads
+    {
+        get => stridedHeads;
+        init
+        {
+            Check.That(value >= 0 && value <= heads, nameof(StridedHeads), $"must be in [0, heads = {heads}], got {value}.");
+            Check.That(value == 0 || !causal, nameof(StridedHeads),
+                "strided cluster heads rank the whole sequence (a token's group depends on later tokens), so they need causal = false.");
+            stridedHeads = value;
+        }
+    }
+    private int stridedHeads;
     private Tensor? hashProjections;   // (H, bits, D) float64 CPU, made on first use
 
     /// <summary>With <see cref="HashItems"/>: the (H, log2 C, D) float64 orthonormal hashing directions of every head.</summary>
@@ -266,8 +286,8 @@ public sealed partial class RoutingAttention : nn.Module<Tensor, Tensor?, Tensor
             (queryIdx, keyIdx, groupClusters) = CausalGroups(queryNearest, keyNearest, windowSize, clusters);
         else
         {
-            queryIdx = BalancedGroups(querySims, keyMask, windowSize);                 // (B, H, C, W)
-            keyIdx = sharedQk ? queryIdx : BalancedGroups(keySims, keyMask, windowSize);
+            queryIdx = Groups(querySims, keyMask);                                     // (B, H, C, W)
+            keyIdx = sharedQk ? queryIdx : Groups(keySims, keyMask);
             groupClusters = arange(clusters, dtype: ScalarType.Int64, device: q.device)
                             .view(1, 1, clusters).expand(batch, heads, clusters).contiguous(); // (B, H, C)
         }
@@ -369,6 +389,44 @@ public sealed partial class RoutingAttention : nn.Module<Tensor, Tensor?, Tensor
         var index = arange(groups, dtype: ScalarType.Int64, device: groupClusters.device).view(1, 1, groups) - 1;       // (1, 1, G)
         var same = groupClusters.ge(0).logical_and(before.eq(groupClusters));
         return where(same, index.expand_as(groupClusters), full_like(groupClusters, -1L)).MoveToOuterDisposeScope();
+    }
+
+    /// <summary>Non-causal groups (B, H, C, W): balanced top-W in the first heads, strided in the last <see cref="StridedHeads"/>.</summary>
+    private Tensor Groups(Tensor similarities, Tensor? keyMask)
+    {
+        if (stridedHeads == 0) return BalancedGroups(similarities, keyMask, windowSize);
+        if (stridedHeads == heads) return StridedGroups(similarities, keyMask, windowSize);
+        int balanced = heads - stridedHeads;
+        return cat([BalancedGroups(similarities.narrow(1, 0, balanced), keyMask, windowSize),
+                    StridedGroups(similarities.narrow(1, balanced, stridedHeads), keyMask, windowSize)], 1);
+    }
+
+    /// <summary>Strided routing: every centroid ranks the n real tokens of its sequence by similarity and takes those
+    /// of rank 0, s, 2s, … (s = max(1, ⌊n / W⌋), W = min(windowSize, T)): W tokens spread over the whole ranking.</summary>
+    /// <param name="similarities">(B, H, T, C) token–centroid similarities.</param>
+    /// <param name="keyMask">Optional (B, T) bool, true = real; padding is never chosen (slot −1 instead).</param>
+    /// <param name="windowSize">Tokens per centroid.</param>
+    /// <returns>(B, H, C, W) int64 positions per centroid, ascending, −1 = empty slot (sorted first).</returns>
+    public static Tensor StridedGroups(Tensor similarities, Tensor? keyMask, int windowSize)
+    {
+        Check.Positive(windowSize, nameof(windowSize));
+        Check.Shape(similarities, nameof(similarities), "(B, H, T, C)", -1, -1, -1, -1);
+        long batch = similarities.shape[0], heads = similarities.shape[1], seqLen = similarities.shape[2], clusters = similarities.shape[3];
+        Check.KeyMask(keyMask, batch, seqLen);
+        using var scope = NewDisposeScope();
+        int window = (int)Math.Min(windowSize, seqLen);
+        var sims = similarities.detach();
+        if (keyMask is not null)
+            sims = sims.masked_fill(keyMask.logical_not().view(batch, 1, seqLen, 1), double.NegativeInfinity);
+        var real = keyMask?.sum(1) ?? full(batch, seqLen, dtype: ScalarType.Int64, device: sims.device);   // (B) n
+        var stride = real.div(window, rounding_mode: RoundingMode.floor).clamp_min(1);                     // (B) s
+        var ranks = (arange(window, dtype: ScalarType.Int64, device: sims.device).view(1, window) * stride.view(batch, 1))
+                    .clamp_max(seqLen - 1);                                            // (B, W): ranks ≥ n land on padding
+        var order = sims.argsort(dim: 2, descending: true);                            // (B, H, T, C) positions by rank
+        var index = order.gather(2, ranks.view(batch, 1, window, 1).expand(batch, heads, window, clusters));   // (B, H, W, C)
+        index = index.masked_fill(sims.gather(2, index).isneginf(), -1);               // padding → empty slot
+        var (sorted, _) = index.sort(dim: 2);                                          // position order
+        return sorted.transpose(2, 3).contiguous().MoveToOuterDisposeScope();         // (B, H, C, W)
     }
 
     /// <summary>Balanced routing: every centroid takes its min(windowSize, T) most similar real tokens.</summary>

@@ -62,6 +62,7 @@ public static class PyTorchRoutingTransformer
         If(c.KmeansNorm != KMeansNorm.L2, "kmeans_norm LayerNorm (the library normalises with L2)");
         If(c.KmeansAttendNormalized, "kmeans_attend_normalized (the library attends with the raw q and k)");
         If(c.HashItems, "hash_items (the library clusters with k-means only)");
+        If(c.SparsityClusterStridedNumHeads > 0, "sparsity_cluster_strided_num_heads (the library has no strided cluster heads)");
         If(c.MaxSeqLen % c.WindowSize != 0, $"max_seq_len {c.MaxSeqLen} not divisible by window_size {c.WindowSize} (the library asserts it)");
         bool routes = Enumerable.Range(0, c.Depth).Any(l => c.HeadGroupsForLayer(l).Any(g => g.Kind == HeadGroupKind.Routing));
         If(routes && c.Causal && !c.ResolvedSharedQk && c.ResolvedNumMemKv == 0, "num_mem_kv 0 with causal routing without shared QK (the library forces at least one memory key/value there)");
