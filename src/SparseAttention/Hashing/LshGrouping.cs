@@ -69,26 +69,29 @@ public static class LshGrouping
         int wq = Math.Max(1, perUnit.Max(p => MaxLength(p.QueryStart)));
         int wk = Math.Max(1, perUnit.Max(p => MaxLength(p.KeyStart)));
         int groups = rounds * groupsPerRound;
-        var qi = new long[(long)batch * heads * groups * wq];
-        var ki = new long[(long)batch * heads * groups * wk];
-        var prev = new long[(long)batch * heads * groups];
-        Array.Fill(qi, -1L); Array.Fill(ki, -1L); Array.Fill(prev, -1L);
-        for (int u = 0; u < units; u++)
+        // Filled in place in libtorch's memory: no managed copies (large arrays would be fresh, page-faulting memory each call).
+        var qi = full(new long[] { batch, heads, groups, wq }, -1L, dtype: ScalarType.Int64);   // (B, H, G, Wq)
+        var ki = full(new long[] { batch, heads, groups, wk }, -1L, dtype: ScalarType.Int64);   // (B, H, G, Wk)
+        var prev = full(new long[] { batch, heads, groups }, -1L, dtype: ScalarType.Int64);     // (B, H, G)
+        unsafe
         {
-            int bh = u / rounds, r = u % rounds;
-            var c = perUnit[u];
-            for (int g = 0; g < c.Count; g++)
+            long* qiData = (long*)Kernels.FusedBlockSparseAttention.Pointer(qi);
+            long* kiData = (long*)Kernels.FusedBlockSparseAttention.Pointer(ki);
+            long* prevData = (long*)Kernels.FusedBlockSparseAttention.Pointer(prev);
+            for (int u = 0; u < units; u++)
             {
-                long group = (long)bh * groups + r * groupsPerRound + g;
-                for (int s = c.QueryStart[g]; s < c.QueryStart[g + 1]; s++) qi[group * wq + s - c.QueryStart[g]] = c.QueryPos[s];
-                for (int s = c.KeyStart[g]; s < c.KeyStart[g + 1]; s++) ki[group * wk + s - c.KeyStart[g]] = c.KeyPos[s];
-                prev[group] = c.Previous[g] < 0 ? -1 : r * groupsPerRound + c.Previous[g];
+                int bh = u / rounds, r = u % rounds;
+                var c = perUnit[u];
+                for (int g = 0; g < c.Count; g++)
+                {
+                    long group = (long)bh * groups + r * groupsPerRound + g;
+                    for (int s = c.QueryStart[g]; s < c.QueryStart[g + 1]; s++) qiData[group * wq + s - c.QueryStart[g]] = c.QueryPos[s];
+                    for (int s = c.KeyStart[g]; s < c.KeyStart[g + 1]; s++) kiData[group * wk + s - c.KeyStart[g]] = c.KeyPos[s];
+                    prevData[group] = c.Previous[g] < 0 ? -1 : r * groupsPerRound + c.Previous[g];
+                }
             }
         }
-        return new LshGroups(
-            tensor(qi, new long[] { batch, heads, groups, wq }).to(queryBuckets.device),
-            tensor(ki, new long[] { batch, heads, groups, wk }).to(queryBuckets.device),
-            tensor(prev, new long[] { batch, heads, groups }).to(queryBuckets.device), rounds);
+        return new LshGroups(qi.to(queryBuckets.device), ki.to(queryBuckets.device), prev.to(queryBuckets.device), rounds);
     }
 
     /// <summary>The chunks of one (batch, head, round): chunk c holds queries QueryPos[QueryStart[c] .. QueryStart[c + 1])

@@ -174,6 +174,17 @@ internal static unsafe class GroupedKernel
         for (long i = 0; i < slots; i++) if (queryIndex[i] >= 0) count[queryIndex[i]] += 1f;
     }
 
+    // Rows are gathered from random positions of a head's q, k, v (megabytes: beyond L2), so each copy would wait for
+    // memory; asking for the row a few slots ahead overlaps those waits.
+    private const int PrefetchAhead = 8;
+
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static void Prefetch(float* row, int width)
+    {
+        if (!System.Runtime.Intrinsics.X86.Sse.IsSupported) return;
+        for (int b = 0; b < width * sizeof(float); b += 64) System.Runtime.Intrinsics.X86.Sse.Prefetch0((byte*)row + b);
+    }
+
     /// <summary>
     /// Permutes one (batch, head) into group order (see the class remarks): real query rows and real, unpadded keys
     /// of each group packed in slot order, each group's key block padded to the vector width with sentinel keys;
@@ -194,6 +205,7 @@ internal static unsafe class GroupedKernel
             long* qi = queryIndex + (long)g * wq;
             for (int s = 0; s < wq; s++)
             {
+                if (s + PrefetchAhead < wq && qi[s + PrefetchAhead] >= 0) Prefetch(q + qi[s + PrefetchAhead] * D, D);
                 long p = qi[s];
                 if (p < 0) continue;
                 x.QPos[nq] = (int)p;
@@ -206,6 +218,11 @@ internal static unsafe class GroupedKernel
             long* ki = keyIndex + (long)g * wk;
             for (int s = 0; s < wk; s++)
             {
+                if (s + PrefetchAhead < wk && ki[s + PrefetchAhead] is long ahead and >= 0)
+                {
+                    Prefetch(k + ahead * D, D);
+                    Prefetch(v + ahead * Dv, Dv);
+                }
                 long p = ki[s];
                 if (p < 0 || (keyMask != null && keyMask[p] == 0)) continue;               // never attended: not in the tile
                 x.KPos[nk] = (int)p;
