@@ -174,8 +174,8 @@ internal static unsafe class GroupedKernel
         for (long i = 0; i < slots; i++) if (queryIndex[i] >= 0) count[queryIndex[i]] += 1f;
     }
 
-    // Rows are gathered from random positions of a head's q, k, v (megabytes: beyond L2), so each copy would wait for
-    // memory; asking for the row a few slots ahead overlaps those waits.
+    // Rows are gathered from (and gradients added to) random positions of a head's tensors (megabytes: beyond L2), so
+    // each copy would wait for memory; asking for the row a few slots ahead overlaps those waits.
     private const int PrefetchAhead = 8;
 
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
@@ -438,7 +438,11 @@ internal static unsafe class GroupedKernel
             }
             TileTimesKeyRows<TS, TV>(x, x.S, m, n, prev, pn, g, x.Vp, Dv, x.DOg);                 // (m, Dv)
             int* queryPos = x.QPos + x.QOff[g];
-            for (int r = 0; r < m; r++) Tile<TS, TV>.AddTo(o + (long)queryPos[r] * Dv, x.DOg + (long)r * Dv, Dv);   // un-permute
+            for (int r = 0; r < m; r++)                                                        // un-permute
+            {
+                if (r + PrefetchAhead < m) Prefetch(o + (long)queryPos[r + PrefetchAhead] * Dv, Dv);
+                Tile<TS, TV>.AddTo(o + (long)queryPos[r] * Dv, x.DOg + (long)r * Dv, Dv);
+            }
         }
         for (int t = 0; t < T; t++)
             if (x.Count[t] > 1f) Tile<TS, TV>.Scale(o + (long)t * Dv, Dv, 1f / x.Count[t]);     // mean over groups
@@ -466,6 +470,7 @@ internal static unsafe class GroupedKernel
         TileTimesKeyRows<TS, TV>(x, x.P, m, n, prev, pn, g, x.Kp, D, x.DQ);                      // dQ = dS·K (m, D)
         for (int r = 0; r < m; r++)
         {
+            if (r + PrefetchAhead < m) Prefetch(dq + (long)queryPos[r + PrefetchAhead] * D, D);
             Tile<TS, TV>.Scale(x.DQ + (long)r * D, D, a.Scale);
             Tile<TS, TV>.AddTo(dq + (long)queryPos[r] * D, x.DQ + (long)r * D, D);
         }
@@ -480,6 +485,11 @@ internal static unsafe class GroupedKernel
         int D = a.Dim, Dv = a.DimV;
         for (int c = 0; c < x.KTotal; c++)
         {
+            if (c + PrefetchAhead < x.KTotal && x.KPos[c + PrefetchAhead] is int ahead and not int.MaxValue)
+            {
+                Prefetch(dk + (long)ahead * D, D);
+                Prefetch(dv + (long)ahead * Dv, Dv);
+            }
             long p = x.KPos[c];
             if (p == int.MaxValue) continue;
             Tile<TS, TV>.Scale(x.DKp + (long)c * D, D, a.Scale);
@@ -584,7 +594,11 @@ internal static unsafe class GroupedKernel
                 x.PosSum[p] += Tile<TS, TV>.ExpShiftSum(si, n, x.PosMax[p]);                    // row ← exp(s − max so far)
             }
             TileTimesKeyRows<TS, TV>(x, x.S, m, n, prev, pn, g, x.Vp, Dv, x.DOg);                 // (m, Dv)
-            for (int r = 0; r < m; r++) Tile<TS, TV>.AddTo(o + (long)queryPos[r] * Dv, x.DOg + (long)r * Dv, Dv);
+            for (int r = 0; r < m; r++)
+            {
+                if (r + PrefetchAhead < m) Prefetch(o + (long)queryPos[r + PrefetchAhead] * Dv, Dv);
+                Tile<TS, TV>.AddTo(o + (long)queryPos[r] * Dv, x.DOg + (long)r * Dv, Dv);
+            }
         }
         for (int t = 0; t < T; t++)
         {
