@@ -185,6 +185,15 @@ internal static unsafe class GroupedKernel
         for (int b = 0; b < width * sizeof(float); b += 64) System.Runtime.Intrinsics.X86.Sse.Prefetch0((byte*)row + b);
     }
 
+    /// <summary>dst[0..n) = src[0..n) in vector registers (a row is a few vectors: a call to memmove costs more).</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static void CopyRow<TS, TV>(float* src, float* dst, int n) where TS : struct, ISimd<TV> where TV : unmanaged
+    {
+        int i = 0;
+        for (; i + TS.Width <= n; i += TS.Width) TS.Store(dst + i, TS.Load(src + i));
+        for (; i < n; i++) dst[i] = src[i];
+    }
+
     /// <summary>
     /// Permutes one (batch, head) into group order (see the class remarks): real query rows and real, unpadded keys
     /// of each group packed in slot order, each group's key block padded to the vector width with sentinel keys;
@@ -210,7 +219,7 @@ internal static unsafe class GroupedKernel
                 if (p < 0) continue;
                 x.QPos[nq] = (int)p;
                 x.QSlot[nq] = s;
-                new Span<float>(q + p * D, D).CopyTo(new Span<float>(x.Qp + (long)nq * D, D));
+                CopyRow<TS, TV>(q + p * D, x.Qp + (long)nq * D, D);
                 nq++;
             }
             x.QCount[g] = nq - x.QOff[g];
@@ -226,8 +235,8 @@ internal static unsafe class GroupedKernel
                 long p = ki[s];
                 if (p < 0 || (keyMask != null && keyMask[p] == 0)) continue;               // never attended: not in the tile
                 x.KPos[nk] = (int)p;
-                new Span<float>(v + p * Dv, Dv).CopyTo(new Span<float>(x.Vp + (long)nk * Dv, Dv));
-                new Span<float>(k + p * D, D).CopyTo(new Span<float>(x.Kp + (long)nk * D, D));
+                CopyRow<TS, TV>(v + p * Dv, x.Vp + (long)nk * Dv, Dv);
+                CopyRow<TS, TV>(k + p * D, x.Kp + (long)nk * D, D);
                 nk++;
             }
             for (; nk % w != 0; nk++)                                                      // sentinel keys up to the vector width
