@@ -48,6 +48,32 @@ public sealed class CliPlotTests : TrainedModelTestBase
     }
 
     [Fact]
+    public void Positions_draw_bpc_by_position_from_eval_json_outputs()
+    {
+        TrainCheckpoint();
+        string data = Path.Combine(Dir, "positions.txt");
+        File.WriteAllBytes(data, Text[..200]);
+        var eval = CliRunner.Run("eval", "--checkpoint", RunDir, "--data", data, "--json", "--bucket-size", "4");
+        Assert.True(eval.Code == 0, eval.Err);
+        string first = Path.Combine(Dir, "micro.json"), second = Path.Combine(Dir, "micro again.json");
+        File.WriteAllText(first, eval.Out);
+        File.WriteAllText(second, eval.Out.Replace("\"bpc_by_position\":[", "\"bpc_by_position\":[null, "));   // an empty bucket is skipped
+        string png = Path.Combine(Dir, "positions.png");
+        var (code, stdout, stderr) = CliRunner.Run("plot", "positions", "--eval", first, "--eval", second, "--out", png);
+        Assert.True(code == 0, stderr);
+        Assert.Contains("2 model(s)", stdout);
+        using var bitmap = Png(png);
+        Assert.Equal((900, 540), (bitmap.Width, bitmap.Height));
+        Assert.True(HasColor(bitmap, c => c.Red < 60 && c.Green > 100 && c.Green < 140 && c.Blue > 160), "no first line (blue)");
+        Assert.True(HasColor(bitmap, c => c.Red > 190 && c.Green < 60 && c.Blue < 60), "no second line (red)");
+
+        AssertUsageError(CliRunner.Run("plot", "positions", "--eval", Path.Combine(Dir, "none.json"), "--out", png), "--eval: no such file");
+        File.WriteAllText(Path.Combine(Dir, "old.json"), "{\"bpc\":2.0}");
+        AssertUsageError(CliRunner.Run("plot", "positions", "--eval", Path.Combine(Dir, "old.json"), "--out", png), "is not an output of eval --json");
+        AssertUsageError(CliRunner.Run("eval", "--checkpoint", RunDir, "--data", data, "--bucket-size", "0"), "--bucket-size must be > 0");
+    }
+
+    [Fact]
     public void Attention_masks_follow_the_patterns_and_the_chosen_clusters()
     {
         string checkpoint = TrainCheckpoint();
