@@ -88,12 +88,12 @@ public sealed class MpiTrainTests : IDisposable
     }
 
     [Fact]
-    public void A_killed_rank_stops_the_job_and_the_last_checkpoint_stays_loadable()
+    public async Task A_killed_rank_stops_the_job_and_the_last_checkpoint_stays_loadable()
     {
         string run = Path.Combine(dir, "killed");
         using var mpirun = StartMpirun(["-np", "2", "dotnet", Cli, .. TrainArgs(run, 2, 100_000, "--checkpoint-every", "2")]);
-        var output = mpirun.StandardOutput.ReadToEndAsync();
-        var errors = mpirun.StandardError.ReadToEndAsync();
+        var output = mpirun.StandardOutput.ReadToEndAsync(TestContext.Current.CancellationToken);
+        var errors = mpirun.StandardError.ReadToEndAsync(TestContext.Current.CancellationToken);
         try
         {
             var clock = Stopwatch.StartNew();
@@ -108,12 +108,12 @@ public sealed class MpiTrainTests : IDisposable
         {
             if (!mpirun.HasExited) mpirun.Kill(entireProcessTree: true);
         }
-        Assert.Contains("step", output.Result);
+        Assert.Contains("step", await output);
         string newest = Checkpoint.List(run)[^1].Path;
         Assert.Equal(newest, Checkpoint.NewestIntact(run));
         using var corpus = ByteCorpus.Load(data, 0.05, 128);
         using var trainer = Checkpoint.Load(newest, corpus.Train, corpus.Validation);
-        Assert.True(trainer.Step >= 2, errors.Result);
+        Assert.True(trainer.Step >= 2, await errors);
     }
 
     [Fact]
