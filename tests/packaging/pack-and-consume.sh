@@ -156,7 +156,7 @@ if check "dotnet tool install sparse-attn $version from the local feed" \
     expect "train reports validation bits per byte" "bpc"
   if ls "$work/run"/ckpt-*.sat >/dev/null 2>&1; then ok "train wrote a checkpoint"; else not_ok "train wrote a checkpoint"; fi
   check "sparse-attn eval of the trained checkpoint" "$sa" eval --checkpoint "$work/run" --data "$work/corpus.txt" --max-bytes 2000 --json &&
-    expect "eval prints bits per byte as JSON" '^\{"bpc":[0-9.]+, "tokens":[0-9]+, "bytes":[0-9]+, "loss":[0-9.]+, "tokenizer":"bytes"\}$'
+    expect "eval prints bits per byte as JSON" '^\{"bpc":[0-9.]+, "tokens":[0-9]+, "bytes":[0-9]+, "loss":[0-9.]+, "tokenizer":"bytes", "bucket_size":256, "bpc_by_position":\[[0-9.]+(, ([0-9.]+|null))*\]\}$'
   check "sparse-attn demo --help" "$sa" demo --help && expect "demo --help shows usage" "^Usage:"
   if "$sa" config show --preset no-such-preset >"$work/last.log" 2>&1; then not_ok "a bad preset exits non-zero"
   elif [ $? -eq 2 ]; then ok "a bad preset exits 2 (usage error)"; else not_ok "a bad preset exits 2 (usage error)"; fi
