@@ -192,6 +192,7 @@ public static class Sampling
             long[]? appended = null;
             for (int step = 0; step < maxNewTokens; step++)
             {
+                using var quiet = NoGcSection.Enter();                                  // see NoGcSection: no collection mid-token
                 using var scope = NewDisposeScope();
                 var last = next(appended);                                                // (B, V)
                 if (!last.isfinite().all().item<bool>())

@@ -46,6 +46,7 @@ internal static class NextTokenEvaluation
                 int length = sameLength.Key;
                 for (int first = 0; first < list.Count; first += batchSize)
                 {
+                    using var quiet = NoGcSection.Enter();                              // see NoGcSection: no collection mid-batch
                     using var scope = NewDisposeScope();
                     int b = Math.Min(batchSize, list.Count - first);
                     var ids = new long[b * length];

@@ -113,6 +113,7 @@ public sealed partial class Trainer : IDisposable
     /// the weights, the optimizer moments or the k-means centroids.</summary>
     public StepResult TrainStep()
     {
+        using var quiet = NoGcSection.Enter();                                         // see NoGcSection: no collection mid-step
         trainingStep.Begin();
         Parallel?.ReseedReplica(Options.Seed, Step);
         double lossSum = 0, totalSum = 0;

@@ -81,6 +81,7 @@ internal sealed class TrainingStep : IDisposable
     /// without the finite check); returns the logits (B, T, V) and the next-token loss, in the caller's dispose scope.</summary>
     public (Tensor Logits, Tensor Loss) Run(Tensor tokens, Tensor? targets, double learningRate, double clipNorm)
     {
+        using var quiet = NoGcSection.Enter();                                         // see NoGcSection: no collection mid-step
         Begin();
         var (logits, loss, _) = Backward(tokens, targets);
         Apply(learningRate, clipNorm);
