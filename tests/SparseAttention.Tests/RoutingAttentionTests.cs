@@ -427,10 +427,21 @@ public class RoutingAttentionTests
             queryIdx = RoutingAttention.BalancedGroups(Similarities(q), keyMask, Window);
             keyIdx = RoutingAttention.BalancedGroups(Similarities(keySource), keyMask, Window);
         }
+        AssertGroupsAndOracle(module, result, q, k, v, keyMask, queryIdx, keyIdx, causal, sharedQk, seed: 5);
+
+        Assert.Equal("HashItems", Assert.ThrowsAny<ArgumentException>(() => new RoutingAttention(Heads, Dim, 12, 4) { HashItems = true }).ParamName);   // 3 clusters
+        Assert.Equal("HashItems", Assert.ThrowsAny<ArgumentException>(() => new RoutingAttention(Heads, 2, 16, 2) { HashItems = true }).ParamName);    // 3 bits > D = 2
+        if (!sharedQk) Assert.Equal("HashItems", Assert.ThrowsAny<ArgumentException>(() => module.CrossForward(q, q, v, null, null, 2)).ParamName);
+    }
+
+    /// <summary>The module chose <paramref name="queryIdx"/> / <paramref name="keyIdx"/>, and its output and the gradients
+    /// of q, (k,) v equal the grouped oracle's on those groups.</summary>
+    private static void AssertGroupsAndOracle(RoutingAttention module, RoutingAttentionOutput result, Tensor q, Tensor? k, Tensor v,
+        Tensor? keyMask, Tensor queryIdx, Tensor keyIdx, bool causal, bool sharedQk, ulong seed)
+    {
         Assert.Equal(queryIdx.data<long>().ToArray(), result.QueryIndices.data<long>().ToArray());
         Assert.Equal(keyIdx.data<long>().ToArray(), result.KeyIndices.data<long>().ToArray());
-
-        var upstream = randn(result.Output.shape, dtype: ScalarType.Float64, generator: new Generator(5));
+        var upstream = randn(result.Output.shape, dtype: ScalarType.Float64, generator: new Generator(seed));
         var inputs = sharedQk ? new[] { q, v } : new[] { q, k!, v };
         Tensor Module(Tensor[] x) => module.forward(x[0], sharedQk ? null : x[1], x[^1], keyMask).Output;
         Tensor Oracle(Tensor[] x) => GroupedOracle.Attention(x[0], sharedQk ? nn.functional.normalize(x[0], 2, -1) : x[1], x[^1],
@@ -439,10 +450,6 @@ public class RoutingAttentionTests
         var actual = GroupedAttentionTests.Grad(Module, upstream, inputs);
         TestSupport.AssertClose(expected.Output, actual.Output, "output");
         for (int n = 0; n < inputs.Length; n++) TestSupport.AssertClose(expected.Grads[n], actual.Grads[n], $"gradient {n}");
-
-        Assert.Equal("HashItems", Assert.ThrowsAny<ArgumentException>(() => new RoutingAttention(Heads, Dim, 12, 4) { HashItems = true }).ParamName);   // 3 clusters
-        Assert.Equal("HashItems", Assert.ThrowsAny<ArgumentException>(() => new RoutingAttention(Heads, 2, 16, 2) { HashItems = true }).ParamName);    // 3 bits > D = 2
-        if (!sharedQk) Assert.Equal("HashItems", Assert.ThrowsAny<ArgumentException>(() => module.CrossForward(q, q, v, null, null, 2)).ParamName);
     }
 
     /// <summary>x̂·r_b for the hashing directions r_b of every head: (B, H, T, bits).</summary>
@@ -507,20 +514,9 @@ public class RoutingAttentionTests
         }
         var queryIdx = Groups(q);
         var keyIdx = sharedQk ? queryIdx : Groups(k!);
-        Assert.Equal(queryIdx.data<long>().ToArray(), result.QueryIndices.data<long>().ToArray());
-        Assert.Equal(keyIdx.data<long>().ToArray(), result.KeyIndices.data<long>().ToArray());
         Assert.False(queryIdx[.., 1].equal(RoutingAttention.BalancedGroups(HashedSimilarities(module, q).narrow(1, 1, 1), keyMask, Window)[.., 0]).all().item<bool>(),
             "the strided head groups otherwise than top-W");
-
-        var upstream = randn(result.Output.shape, dtype: ScalarType.Float64, generator: new Generator(6));
-        var inputs = sharedQk ? new[] { q, v } : new[] { q, k!, v };
-        Tensor Module(Tensor[] x) => module.forward(x[0], sharedQk ? null : x[1], x[^1], keyMask).Output;
-        Tensor Oracle(Tensor[] x) => GroupedOracle.Attention(x[0], sharedQk ? nn.functional.normalize(x[0], 2, -1) : x[1], x[^1],
-            queryIdx, keyIdx, false, sharedQk, keyMask);
-        var expected = GroupedAttentionTests.Grad(Oracle, upstream, inputs);
-        var actual = GroupedAttentionTests.Grad(Module, upstream, inputs);
-        TestSupport.AssertClose(expected.Output, actual.Output, "output");
-        for (int n = 0; n < inputs.Length; n++) TestSupport.AssertClose(expected.Grads[n], actual.Grads[n], $"gradient {n}");
+        AssertGroupsAndOracle(module, result, q, k, v, keyMask, queryIdx, keyIdx, causal: false, sharedQk, seed: 6);
 
         Assert.Equal("StridedHeads", Assert.ThrowsAny<ArgumentException>(() => new RoutingAttention(Heads, Dim, MaxSeqLen, Window, causal: true) { StridedHeads = 1 }).ParamName);
         Assert.Equal("StridedHeads", Assert.ThrowsAny<ArgumentException>(() => new RoutingAttention(Heads, Dim, MaxSeqLen, Window, causal: false) { StridedHeads = 3 }).ParamName);

@@ -409,15 +409,9 @@ public sealed partial class RoutingAttention : nn.Module<Tensor, Tensor?, Tensor
     /// <returns>(B, H, C, W) int64 positions per centroid, ascending, −1 = empty slot (sorted first).</returns>
     public static Tensor StridedGroups(Tensor similarities, Tensor? keyMask, int windowSize)
     {
-        Check.Positive(windowSize, nameof(windowSize));
-        Check.Shape(similarities, nameof(similarities), "(B, H, T, C)", -1, -1, -1, -1);
-        long batch = similarities.shape[0], heads = similarities.shape[1], seqLen = similarities.shape[2], clusters = similarities.shape[3];
-        Check.KeyMask(keyMask, batch, seqLen);
         using var scope = NewDisposeScope();
-        int window = (int)Math.Min(windowSize, seqLen);
-        var sims = similarities.detach();
-        if (keyMask is not null)
-            sims = sims.masked_fill(keyMask.logical_not().view(batch, 1, seqLen, 1), double.NegativeInfinity);
+        var (sims, window) = RealSimilarities(similarities, keyMask, windowSize);       // (B, H, T, C)
+        long batch = sims.shape[0], heads = sims.shape[1], seqLen = sims.shape[2], clusters = sims.shape[3];
         var real = keyMask?.sum(1) ?? full(batch, seqLen, dtype: ScalarType.Int64, device: sims.device);   // (B) n
         var stride = real.div(window, rounding_mode: RoundingMode.floor).clamp_min(1);                     // (B) s
         var ranks = (arange(window, dtype: ScalarType.Int64, device: sims.device).view(1, window) * stride.view(batch, 1))
@@ -425,8 +419,7 @@ public sealed partial class RoutingAttention : nn.Module<Tensor, Tensor?, Tensor
         var order = sims.argsort(dim: 2, descending: true);                            // (B, H, T, C) positions by rank
         var index = order.gather(2, ranks.view(batch, 1, window, 1).expand(batch, heads, window, clusters));   // (B, H, W, C)
         index = index.masked_fill(sims.gather(2, index).isneginf(), -1);               // padding → empty slot
-        var (sorted, _) = index.sort(dim: 2);                                          // position order
-        return sorted.transpose(2, 3).contiguous().MoveToOuterDisposeScope();         // (B, H, C, W)
+        return InPositionOrder(index).MoveToOuterDisposeScope();                      // (B, H, C, W)
     }
 
     /// <summary>Balanced routing: every centroid takes its min(windowSize, T) most similar real tokens.</summary>
@@ -436,20 +429,28 @@ public sealed partial class RoutingAttention : nn.Module<Tensor, Tensor?, Tensor
     /// <returns>(B, H, C, W) int64 positions per centroid, ascending, −1 = empty slot (sorted first).</returns>
     public static Tensor BalancedGroups(Tensor similarities, Tensor? keyMask, int windowSize)
     {
+        using var scope = NewDisposeScope();
+        var (sims, window) = RealSimilarities(similarities, keyMask, windowSize);       // (B, H, T, C)
+        var (top, index) = sims.topk(window, dim: 2);                                  // (B, H, W, C)
+        index = index.masked_fill(top.isneginf(), -1);                                 // padding → empty slot
+        return InPositionOrder(index).MoveToOuterDisposeScope();                      // (B, H, C, W)
+    }
+
+    /// <summary>Checked, detached similarities with padding tokens at −∞ (never chosen), and W = min(windowSize, T).</summary>
+    private static (Tensor Sims, int Window) RealSimilarities(Tensor similarities, Tensor? keyMask, int windowSize)
+    {
         Check.Positive(windowSize, nameof(windowSize));
         Check.Shape(similarities, nameof(similarities), "(B, H, T, C)", -1, -1, -1, -1);
         long batch = similarities.shape[0], seqLen = similarities.shape[2];
         Check.KeyMask(keyMask, batch, seqLen);
-        using var scope = NewDisposeScope();
-        int window = (int)Math.Min(windowSize, seqLen);
         var sims = similarities.detach();
         if (keyMask is not null)
             sims = sims.masked_fill(keyMask.logical_not().view(batch, 1, seqLen, 1), double.NegativeInfinity);
-        var (top, index) = sims.topk(window, dim: 2);                                  // (B, H, W, C)
-        index = index.masked_fill(top.isneginf(), -1);                                 // padding → empty slot
-        var (sorted, _) = index.sort(dim: 2);                                          // position order
-        return sorted.transpose(2, 3).contiguous().MoveToOuterDisposeScope();         // (B, H, C, W)
+        return (sims, (int)Math.Min(windowSize, seqLen));
     }
+
+    /// <summary>(B, H, W, C) chosen positions → (B, H, C, W) in ascending position order (empty slots, −1, first).</summary>
+    private static Tensor InPositionOrder(Tensor index) => index.sort(dim: 2).Values.transpose(2, 3).contiguous();
 
     /// <summary>
     /// Causal routing groups: the members of each cluster (tokens whose query or key chose it), in position order,
