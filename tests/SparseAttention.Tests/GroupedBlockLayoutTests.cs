@@ -43,7 +43,7 @@ public class GroupedBlockLayoutTests
 
     /// <summary>Per round, a random permutation of the positions cut into groups of <paramref name="width"/>, about a
     /// tenth of the slots left empty; each group's look-back link points to a random other group of its round.</summary>
-    private static (Tensor Query, Tensor Key, Tensor Previous) MergedGroups(int seed, long batch, long heads, int rounds, int perRound, int width, long seqLen)
+    internal static (Tensor Query, Tensor Key, Tensor Previous) MergedGroups(int seed, long batch, long heads, int rounds, int perRound, int width, long seqLen)
     {
         var rng = new Random(seed);
         int groups = rounds * perRound;

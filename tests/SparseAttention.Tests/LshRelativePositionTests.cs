@@ -100,12 +100,29 @@ public sealed class LshRelativePositionTests
         TestSupport.AssertClose(output, matmul(probabilities, v) + valueTerm, "rebuilt");
     }
 
+    /// <summary>The fused kernel takes Shaw and ALiBi on LSH heads (equal to Ops in float32) and refuses a term it does
+    /// not know by name.</summary>
     [Fact]
-    public void FusedKernelRefusesRelativeTermsOnLshByName()
+    public void FusedKernelTakesShawAndAlibiOnLshAndRefusesOtherTermsByName()
     {
-        var module = new LshAttention(2, Dim, maxSeqLen: 16, 4, seed: 1) { Kernel = AttentionKernel.Fused };
+        var module = new LshAttention(2, Dim, maxSeqLen: 16, 4, seed: 1);
         var (q, _, v) = TestSupport.RandomQkv(1, 2, 8, Dim, seed: 2, dtype: ScalarType.Float32);
-        var e = Assert.Throws<ArgumentException>(() => module.forward(q, null, v, null, new AlibiPositions([0.5, 0.25])));
-        Assert.Equal("kernel", e.ParamName);
+        var gen = new Generator(3);
+        var shaw = new ShawRelativePositions(randn(new long[] { 2 * MaxDistance + 1, Dim }, generator: gen), randn(new long[] { 2 * MaxDistance + 1, Dim }, generator: gen));
+        foreach (var terms in new RelativePositionTerms[] { new AlibiPositions([0.5, 0.25]), shaw })
+        {
+            module.Kernel = AttentionKernel.Ops;
+            var ops = module.forward(q, null, v, null, terms).Output;
+            module.Kernel = AttentionKernel.Fused;
+            TestSupport.AssertClose(ops, module.forward(q, null, v, null, terms).Output, terms.GetType().Name);
+        }
+        var e = Assert.Throws<ArgumentException>(() => module.forward(q, null, v, null, new Offset()));
+        Assert.Equal("relative", e.ParamName);
+    }
+
+    private sealed class Offset : RelativePositionTerms
+    {
+        public override int? Heads => null;
+        public override Tensor AddToScores(Tensor scaledScores, Tensor q, Tensor distance, double scale) => scaledScores + 1;
     }
 }

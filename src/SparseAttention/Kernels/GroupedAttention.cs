@@ -51,10 +51,12 @@ public static class GroupedAttention
     /// <param name="memoryValues">Optional (B or 1, H, G, M, Dv) memory values; given iff <paramref name="memoryKeys"/> is.</param>
     /// <param name="scale">Score scale; default 1/√D.</param>
     /// <returns>(B, H, Tq, Dv); never NaN from masking (rows with no allowed key are zeros).</returns>
-    /// <param name="kernel">Auto: the fused kernel for float32 CPU self-attention (Tq = Tk) without memory key/values or
-    /// relative terms when the machine has a hardware-accelerated vector width (<see cref="AttentionKernel.Auto"/>), else Ops.</param>
+    /// <param name="kernel">Auto: the fused kernel for float32 CPU self-attention (Tq = Tk) without memory key/values, with
+    /// no relative terms or Shaw (float32 tables) or ALiBi ones, when the machine has a hardware-accelerated vector width
+    /// (<see cref="AttentionKernel.Auto"/>), else Ops.</param>
     /// <param name="relative">Optional terms of the distance j − i between the original positions of each attended pair
-    /// (self-attention only; memory key/values have no position and get none). Ops kernel only.</param>
+    /// (self-attention only; memory key/values have no position and get none). The fused kernel evaluates Shaw and ALiBi
+    /// inside its tiles; other terms need the Ops kernel.</param>
     public static Tensor Attention(Tensor q, Tensor k, Tensor v, Tensor queryIndices, Tensor keyIndices,
         bool causal = false, bool sharedQk = false, Tensor? keyMask = null, bool lookBackward = false,
         Tensor? memoryKeys = null, Tensor? memoryValues = null, double? scale = null, AttentionKernel kernel = AttentionKernel.Auto,
@@ -70,10 +72,10 @@ public static class GroupedAttention
         {
             case AttentionKernel.Fused:
                 Check.That(memoryKeys is null, nameof(memoryKeys), "the fused grouped kernel does not take memory key/values; use the Ops kernel.");
-                Check.That(relative is null, nameof(relative), "the fused grouped kernel does not take relative-position terms; use the Ops kernel.");
-                return FusedGroupedAttention.AttentionChecked(q, k, v, queryIndices, keyIndices, causal, sharedQk, keyMask, lookBackward, scale, null);
-            case AttentionKernel.Auto when relative is null && SimdWidth.Vectorised && FusedGroupedAttention.Supports(q, memoryKeys) && k.shape[2] == q.shape[2]:
-                return FusedGroupedAttention.AttentionChecked(q, k, v, queryIndices, keyIndices, causal, sharedQk, keyMask, lookBackward, scale, null);
+                return FusedGroupedAttention.AttentionChecked(q, k, v, queryIndices, keyIndices, causal, sharedQk, keyMask, lookBackward, scale, null, relative);
+            case AttentionKernel.Auto when (relative is null || FusedGroupedAttention.Handles(relative)) && SimdWidth.Vectorised
+                                           && FusedGroupedAttention.Supports(q, memoryKeys) && k.shape[2] == q.shape[2]:
+                return FusedGroupedAttention.AttentionChecked(q, k, v, queryIndices, keyIndices, causal, sharedQk, keyMask, lookBackward, scale, null, relative);
             case AttentionKernel.Reference:
                 throw new ArgumentException("kernel: grouped attention has Ops and Fused kernels; its oracle is ReferenceAttention with the implied mask.", nameof(kernel));
         }
@@ -216,7 +218,7 @@ public static class GroupedAttention
             scale, kernel, builtGroups: false);
 
     /// <summary>Merged grouped attention with optional <paramref name="relative"/> terms of the distance j − i between
-    /// the original positions of every attended pair, on the Ops kernel (Auto takes Ops with them, Fused refuses them);
+    /// the original positions of every attended pair (the fused kernel takes Shaw and ALiBi, the Ops kernel any term);
     /// the shared-QK last resort (a token alone with itself) gets the distance-0 terms, as attending itself would.</summary>
     internal static Tensor MergedAttention(Tensor q, Tensor k, Tensor v, Tensor queryIndices, Tensor keyIndices, Tensor previousGroup,
         int rounds, bool causal, bool sharedQk, Tensor? keyMask, Tensor? queryLabels, Tensor? keyLabels, bool dedup, double? scale,
@@ -227,8 +229,15 @@ public static class GroupedAttention
                 dedup, scale, kernel, builtGroups);
         CheckMergedArguments(q, k, v, queryIndices, keyIndices, previousGroup, rounds, keyMask, queryLabels, keyLabels, values: !builtGroups);
         relative.CheckFits(q.shape[1], q.shape[3], v.shape[3], nameof(relative));
-        Check.That(kernel is AttentionKernel.Auto or AttentionKernel.Ops, nameof(kernel),
-            $"merged grouped attention takes relative-position terms on the Ops kernel only (Auto or Ops), got {kernel}.");
+        switch (kernel)
+        {
+            case AttentionKernel.Fused:
+            case AttentionKernel.Auto when FusedGroupedAttention.Handles(relative) && SimdWidth.Vectorised && FusedGroupedAttention.Supports(q, null):
+                return FusedGroupedAttention.MergedAttentionChecked(q, k, v, queryIndices, keyIndices, previousGroup, rounds, causal, sharedQk,
+                    keyMask, queryLabels, keyLabels, dedup, scale, null, relative);
+            case AttentionKernel.Reference:
+                throw new ArgumentException("kernel: merged grouped attention has Ops and Fused kernels; its oracle is ReferenceAttention with the implied mask.", nameof(kernel));
+        }
         // Score-sized intermediates (scores, gathered distances, probabilities) exist only while the layer runs.
         return Recomputation.Of(x => MergedOps(x[0]!, x[1]!, x[2]!, x[3]!, x[4]!, x[5]!, rounds, causal, sharedQk, x[6], x[7], x[8], dedup,
             scale, relative.With(x[9..]!)), [q, k, v, queryIndices, keyIndices, previousGroup, keyMask, queryLabels, keyLabels, .. relative.Tensors]);

@@ -22,6 +22,11 @@ internal struct GroupedArgs
     public nint PreviousGroup;       // (B, H, G) int64 look-back group, −1 = none (merged mode; LookBackward is then set)
     public nint QueryLabels, KeyLabels; // (B, H, R, T) int64 or 0: a pair needs equal labels in its round
     public nint PositionLse;         // (B, H, T) log-sum-exp of each position's merged softmax, +∞ = nothing attended
+    // Relative-position terms of the distance j − i between original positions (either or none): Shaw tables, row
+    // clip(j − i, ±R) + R of (RelRows = 2R + 1, D) and (RelRows, Dv); or ALiBi slopes (H) float32.
+    public nint RelKey, RelValue, AlibiSlopes;
+    public int RelRows;
+    public nint DRelKey, DRelValue;  // backward, Shaw: per (batch, head) table gradients (B·H, 2R + 1, D), (B·H, 2R + 1, Dv)
 }
 
 /// <summary>
@@ -42,6 +47,10 @@ internal struct GroupedArgs
 /// groups, each position keeps a running max and sum over every row it gets in any group (a log-sum-exp merge across
 /// groups and rounds), look-back follows explicit previous-group links, optional labels and exact de-duplication apply
 /// per pair, and the backward uses the positions' final log-sum-exp.</para>
+/// <para>Relative positions (Shaw, ALiBi) ride on the tiles: Shaw's score term s·qᵢ·aᴷ[c] is read per pair from a
+/// (rows × 2R + 1) tile of qᵢ·aᴷ (one small GEMM per group), its value term Σⱼ pᵢⱼ·aⱽ[c] is the probabilities summed per
+/// clipped distance c times aⱽ (another); the backward mirrors both (dO·aⱽ per distance into dP, dS summed per distance
+/// into dQ and the key table's gradient, P summed per distance into the value table's). Memory stays O(T·W).</para>
 /// </remarks>
 internal static unsafe class GroupedKernel
 {
@@ -91,6 +100,9 @@ internal static unsafe class GroupedKernel
         // Merged mode, set per (batch, head) and group: labels (R·T) or null, look-back links (G) or null, the group's round.
         public long* QueryLabels, KeyLabels, PreviousGroup;
         public int Round;
+        // Shaw: the tables transposed (aᴷᵀ: D × rows, aⱽᵀ: Dv × rows) and three per-distance tiles (Wq × rows): q·aᴷ or
+        // dO·aⱽ, probabilities summed per distance, dS summed per distance.
+        public float* RelKT, RelVT, RelA, RelB, RelC;
 
         public static Scratch Rent(in GroupedArgs a, bool backward, int width)
         {
@@ -121,6 +133,9 @@ internal static unsafe class GroupedKernel
             long qpos = Take(nq, 4), qslot = Take(nq, 4), kpos = Take(nk, 4);
             long qoff = Take(groups, 4), qcount = Take(groups, 4), koff = Take(groups, 4), kcols = Take(groups, 4);
             long keyKey = Take(n, 4), queryGroup = Take(rounds * T, 4), keyGroup = Take(rounds * T, 4);
+            long rows = a.RelKey != 0 ? a.RelRows : 0;
+            long relKT = Take(D * rows, 4), relVT = Take(Dv * rows, 4);
+            long relA = Take(a.QuerySlots * rows, 4), relB = Take(a.QuerySlots * rows, 4), relC = Take(a.QuerySlots * rows, 4);
             if (bytes > capacity)
             {
                 if (memory != null) NativeMemory.AlignedFree(memory);
@@ -138,6 +153,15 @@ internal static unsafe class GroupedKernel
             KeyKey = (int*)(m + keyKey); QueryGroup = (int*)(m + queryGroup); KeyGroup = (int*)(m + keyGroup);
             QueryLabels = KeyLabels = PreviousGroup = null;
             Round = 0;
+            RelKT = RelVT = RelA = RelB = RelC = null;
+            if (rows == 0) return;
+            RelKT = (float*)(m + relKT); RelVT = (float*)(m + relVT);
+            RelA = (float*)(m + relA); RelB = (float*)(m + relB); RelC = (float*)(m + relC);
+            for (int r = 0; r < rows; r++)                                                  // tiny: a scalar transpose
+            {
+                for (int d = 0; d < a.Dim; d++) RelKT[d * rows + r] = ((float*)a.RelKey)[r * a.Dim + d];
+                for (int d = 0; d < a.DimV; d++) RelVT[d * rows + r] = ((float*)a.RelValue)[r * a.DimV + d];
+            }
         }
 
         public void Dispose()
@@ -266,7 +290,7 @@ internal static unsafe class GroupedKernel
     /// rules). Returns m = 0 when the group has no query or no key.
     /// </summary>
     [MethodImpl(Hot)]
-    private static (int M, int N, int Prev, int PrevCols) ScoreTile<TS, TV>(in GroupedArgs a, Scratch x, int g, float* q, float* k)
+    private static (int M, int N, int Prev, int PrevCols) ScoreTile<TS, TV>(in GroupedArgs a, Scratch x, int bh, int g, float* q, float* k)
         where TS : struct, ISimd<TV> where TV : unmanaged
     {
         int D = a.Dim, m = x.QCount[g], prev = PreviousOf(a, x, g);
@@ -294,7 +318,69 @@ internal static unsafe class GroupedKernel
                 for (int j = 0; j < n; j++) if (key[j] == qp) si[j] = selfScore;
             }
         }
+        AddRelativeScores<TS, TV>(a, x, bh, qg, m, n, key, queryPos);
         return (m, n, prev, pn);
+    }
+
+    /// <summary>Row of the Shaw tables for a distance: clip(d, ±R) + R with rows = 2R + 1.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static int TableRow(int distance, int rows) => Math.Clamp(distance, -(rows / 2), rows / 2) + rows / 2;
+
+    /// <summary>Adds the relative score term to the allowed (finite) entries of a score tile (m × n) whose keys are at
+    /// positions key[j] and rows at queryPos[r]: Shaw's scale·qᵢ·aᴷ[row(j − i)], ALiBi's −m·|j − i|.</summary>
+    [MethodImpl(Hot)]
+    private static void AddRelativeScores<TS, TV>(in GroupedArgs a, Scratch x, int bh, float* qg, int m, int n, int* key, int* queryPos)
+        where TS : struct, ISimd<TV> where TV : unmanaged
+    {
+        if (a.RelKey != 0)
+        {
+            int rows = a.RelRows;
+            Tile<TS, TV>.Gemm(m, rows, a.Dim, qg, a.Dim, x.RelKT, rows, x.RelA, rows, accumulate: false);   // (m, rows): qᵢ·aᴷ
+            for (int r = 0; r < m; r++)
+            {
+                float* si = x.S + (long)r * n, qa = x.RelA + (long)r * rows;
+                int qp = queryPos[r];
+                for (int j = 0; j < n; j++)
+                    if (!float.IsNegativeInfinity(si[j])) si[j] += a.Scale * qa[TableRow(key[j] - qp, rows)];
+            }
+        }
+        else if (a.AlibiSlopes != 0)
+        {
+            float slope = ((float*)a.AlibiSlopes)[bh % a.Heads];
+            for (int r = 0; r < m; r++)
+            {
+                float* si = x.S + (long)r * n;
+                int qp = queryPos[r];
+                for (int j = 0; j < n; j++)
+                    if (!float.IsNegativeInfinity(si[j])) si[j] -= slope * Math.Abs(key[j] - qp);
+            }
+        }
+    }
+
+    /// <summary>sums (m × rows) = a tile's entries (m × n, keys at key[j], rows at queryPos[r]) summed per Shaw table row
+    /// of their distance; sentinel keys skipped.</summary>
+    [MethodImpl(Hot)]
+    private static void DistanceSums(float* tile, int m, int n, int* key, int* queryPos, int rows, float* sums)
+    {
+        new Span<float>(sums, m * rows).Clear();
+        for (int r = 0; r < m; r++)
+        {
+            float* tr = tile + (long)r * n, sr = sums + (long)r * rows;
+            int qp = queryPos[r];
+            for (int j = 0; j < n; j++)
+                if (key[j] != int.MaxValue) sr[TableRow(key[j] - qp, rows)] += tr[j];
+        }
+    }
+
+    /// <summary>Shaw's value term for a tile of (normalised or running) probabilities: output rows (m × Dv) +=
+    /// (probabilities summed per distance) · aⱽ.</summary>
+    [MethodImpl(Hot)]
+    private static void AddRelativeValues<TS, TV>(in GroupedArgs a, Scratch x, int m, int n, int* queryPos, float* output)
+        where TS : struct, ISimd<TV> where TV : unmanaged
+    {
+        if (a.RelValue == 0) return;
+        DistanceSums(x.S, m, n, x.KeyKey, queryPos, a.RelRows, x.RelB);
+        Tile<TS, TV>.Gemm(m, a.DimV, a.RelRows, x.RelB, a.RelRows, (float*)a.RelValue, a.DimV, output, a.DimV, accumulate: true);
     }
 
     /// <summary>dst (m × width) = tile (m × n) · rows, the tile's first pn columns against the previous group's key rows and
@@ -433,7 +519,7 @@ internal static unsafe class GroupedKernel
         {
             float* lse = (float*)a.Lse + ((long)bh * a.Groups + g) * wq;
             new Span<float>(lse, wq).Fill(float.PositiveInfinity);                              // empty slots: no key, zero output
-            var (m, n, prev, pn) = ScoreTile<TS, TV>(a, x, g, q, k);
+            var (m, n, prev, pn) = ScoreTile<TS, TV>(a, x, bh, g, q, k);
             if (m == 0) continue;
             int* slot = x.QSlot + x.QOff[g];
             for (int r = 0; r < m; r++)
@@ -447,6 +533,7 @@ internal static unsafe class GroupedKernel
             }
             TileTimesKeyRows<TS, TV>(x, x.S, m, n, prev, pn, g, x.Vp, Dv, x.DOg);                 // (m, Dv)
             int* queryPos = x.QPos + x.QOff[g];
+            AddRelativeValues<TS, TV>(a, x, m, n, queryPos, x.DOg);
             for (int r = 0; r < m; r++)                                                        // un-permute
             {
                 if (r + PrefetchAhead < m) Prefetch(o + (long)queryPos[r + PrefetchAhead] * Dv, Dv);
@@ -463,20 +550,37 @@ internal static unsafe class GroupedKernel
     /// dQ rows added at their positions, dK and dV accumulated in the permuted key layout.
     /// </summary>
     [MethodImpl(Hot)]
-    private static void BackwardTile<TS, TV>(in GroupedArgs a, Scratch x, int g, int m, int n, int prev, int pn, float* dq,
+    private static void BackwardTile<TS, TV>(in GroupedArgs a, Scratch x, int bh, int g, int m, int n, int prev, int pn, float* dq,
         float* lse, int* lseIndex, float* positionDelta) where TS : struct, ISimd<TV> where TV : unmanaged
     {
-        int D = a.Dim, Dv = a.DimV;
+        int D = a.Dim, Dv = a.DimV, rows = a.RelRows;
+        bool shaw = a.RelKey != 0;
         RowsTimesKeyColumns<TS, TV>(x, x.DOg, m, Dv, x.VT, n, prev, pn, g, x.P);                 // dP = dO·Vᵀ (m, n)
-        int* queryPos = x.QPos + x.QOff[g];
+        if (shaw) Tile<TS, TV>.Gemm(m, rows, Dv, x.DOg, Dv, x.RelVT, rows, x.RelA, rows, accumulate: false);   // (m, rows): dO·aⱽ
+        int* queryPos = x.QPos + x.QOff[g], key = x.KeyKey;
         for (int r = 0; r < m; r++)
         {
             float* pr = x.S + (long)r * n, dpr = x.P + (long)r * n;
             Tile<TS, TV>.ExpShiftSum(pr, n, lse[lseIndex[r]]);                                      // P = exp(S − lse), 0 if lse = +∞
+            if (shaw)                                                                          // dP += dO·aⱽ[row(j − i)]
+            {
+                float* da = x.RelA + (long)r * rows;
+                int qp = queryPos[r];
+                for (int j = 0; j < n; j++) if (key[j] != int.MaxValue) dpr[j] += da[TableRow(key[j] - qp, rows)];
+            }
             float delta = positionDelta != null ? positionDelta[queryPos[r]] : Tile<TS, TV>.Dot(pr, dpr, n);   // dO·O = Σ P·dP
             Tile<TS, TV>.SoftmaxGrad(pr, dpr, n, delta);                                    // dS in P
         }
         TileTimesKeyRows<TS, TV>(x, x.P, m, n, prev, pn, g, x.Kp, D, x.DQ);                      // dQ = dS·K (m, D)
+        if (shaw)
+        {
+            DistanceSums(x.S, m, n, key, queryPos, rows, x.RelB);                              // P per distance (m, rows)
+            DistanceSums(x.P, m, n, key, queryPos, rows, x.RelC);                              // dS per distance (m, rows)
+            Tile<TS, TV>.Gemm(m, D, rows, x.RelC, rows, (float*)a.RelKey, D, x.DQ, D, accumulate: true);   // dQ += dS·aᴷ
+            float* qg = x.Qp + (long)x.QOff[g] * D;
+            Tile<TS, TV>.GemmTransA(rows, D, m, x.RelC, rows, qg, D, (float*)a.DRelKey + (long)bh * rows * D, D, accumulate: true);    // daᴷ += dSᵀ·Q (scaled later)
+            Tile<TS, TV>.GemmTransA(rows, Dv, m, x.RelB, rows, x.DOg, Dv, (float*)a.DRelValue + (long)bh * rows * Dv, Dv, accumulate: true);   // daⱽ += Pᵀ·dO
+        }
         for (int r = 0; r < m; r++)
         {
             if (r + PrefetchAhead < m) Prefetch(dq + (long)queryPos[r + PrefetchAhead] * D, D);
@@ -485,6 +589,15 @@ internal static unsafe class GroupedKernel
         }
         AccumulateKeyRows<TS, TV>(x, x.S, m, n, prev, pn, g, x.DOg, Dv, x.DVp);                  // dV += Pᵀ·dO
         AccumulateKeyRows<TS, TV>(x, x.P, m, n, prev, pn, g, x.Qp + (long)x.QOff[g] * D, D, x.DKp);   // dK += dSᵀ·Q (scaled later)
+    }
+
+    /// <summary>Zeroes this (batch, head)'s share of the Shaw tables' gradients (each head accumulates its own, summed
+    /// over heads afterwards in a fixed order, so results do not depend on the thread count).</summary>
+    private static void ClearTableGradients(in GroupedArgs a, int bh)
+    {
+        if (a.DRelKey == 0) return;
+        new Span<float>((float*)a.DRelKey + (long)bh * a.RelRows * a.Dim, a.RelRows * a.Dim).Clear();
+        new Span<float>((float*)a.DRelValue + (long)bh * a.RelRows * a.DimV, a.RelRows * a.DimV).Clear();
     }
 
     /// <summary>Adds the permuted dK (times the score scale) and dV rows to their positions.</summary>
@@ -519,11 +632,12 @@ internal static unsafe class GroupedKernel
         new Span<float>(dq, T * D).Clear();
         new Span<float>(dk, T * D).Clear();
         new Span<float>(dv, T * Dv).Clear();
+        ClearTableGradients(a, bh);
         CountSlots(a, queryIndex, x.Count);
         Permute<TS, TV>(a, bh, x, backward: true);
         for (int g = 0; g < a.Groups; g++)
         {
-            var (m, n, prev, pn) = ScoreTile<TS, TV>(a, x, g, q, k);
+            var (m, n, prev, pn) = ScoreTile<TS, TV>(a, x, bh, g, q, k);
             if (m == 0) continue;                                                             // no allowed pair: no gradient
             float* lse = (float*)a.Lse + ((long)bh * a.Groups + g) * wq;
             int* slot = x.QSlot + x.QOff[g], queryPos = x.QPos + x.QOff[g];
@@ -534,9 +648,10 @@ internal static unsafe class GroupedKernel
                 new Span<float>(dOut + p * Dv, Dv).CopyTo(new Span<float>(x.DOg + (long)r * Dv, Dv));
                 Tile<TS, TV>.Scale(x.DOg + (long)r * Dv, Dv, 1f / x.Count[p]);
             }
-            BackwardTile<TS, TV>(a, x, g, m, n, prev, pn, dq, lse, slot, null);
+            BackwardTile<TS, TV>(a, x, bh, g, m, n, prev, pn, dq, lse, slot, null);
         }
         UnpermuteKeyGradients<TS, TV>(a, x, dk, dv);
+        if (a.DRelKey != 0) Tile<TS, TV>.Scale((float*)a.DRelKey + (long)bh * a.RelRows * D, (long)a.RelRows * D, a.Scale);
     }
 
     /// <summary>Per-head pointers of merged mode in the scratch; with dedup, the group of each position per round.</summary>
@@ -580,7 +695,7 @@ internal static unsafe class GroupedKernel
         for (int g = 0; g < a.Groups; g++)
         {
             x.Round = g / perRound;
-            var (m, n, prev, pn) = ScoreTile<TS, TV>(a, x, g, q, k);
+            var (m, n, prev, pn) = ScoreTile<TS, TV>(a, x, bh, g, q, k);
             if (m == 0) continue;
             int* queryPos = x.QPos + x.QOff[g];
             for (int r = 0; r < m; r++)
@@ -603,6 +718,7 @@ internal static unsafe class GroupedKernel
                 x.PosSum[p] += Tile<TS, TV>.ExpShiftSum(si, n, x.PosMax[p]);                    // row ← exp(s − max so far)
             }
             TileTimesKeyRows<TS, TV>(x, x.S, m, n, prev, pn, g, x.Vp, Dv, x.DOg);                 // (m, Dv)
+            AddRelativeValues<TS, TV>(a, x, m, n, queryPos, x.DOg);                            // same running scale as the rows
             for (int r = 0; r < m; r++)
             {
                 if (r + PrefetchAhead < m) Prefetch(o + (long)queryPos[r + PrefetchAhead] * Dv, Dv);
@@ -621,7 +737,11 @@ internal static unsafe class GroupedKernel
             {
                 lse[t] = float.PositiveInfinity;
                 if (a.SharedQk && (keyMask == null || keyMask[t] != 0))
+                {
                     new Span<float>(v + (long)t * Dv, Dv).CopyTo(new Span<float>(o + (long)t * Dv, Dv));   // self, the last resort
+                    if (a.RelValue != 0)                                                       // at distance 0
+                        Tile<TS, TV>.AddTo(o + (long)t * Dv, (float*)a.RelValue + (long)(a.RelRows / 2) * Dv, Dv);
+                }
             }
         }
     }
@@ -643,25 +763,30 @@ internal static unsafe class GroupedKernel
         new Span<float>(dq, T * D).Clear();
         new Span<float>(dk, T * D).Clear();
         new Span<float>(dv, T * Dv).Clear();
+        ClearTableGradients(a, bh);
         float* delta = x.PosSum;
         for (int t = 0; t < T; t++)
         {
             delta[t] = Tile<TS, TV>.Dot(dOut + (long)t * Dv, o + (long)t * Dv, Dv);
             if (float.IsPositiveInfinity(lse[t]) && a.SharedQk && (keyMask == null || keyMask[t] != 0))
-                Tile<TS, TV>.AddTo(dv + (long)t * Dv, dOut + (long)t * Dv, Dv);             // self-only: O = v
+            {
+                Tile<TS, TV>.AddTo(dv + (long)t * Dv, dOut + (long)t * Dv, Dv);             // self-only: O = v (+ aⱽ at distance 0)
+                if (a.DRelValue != 0) Tile<TS, TV>.AddTo((float*)a.DRelValue + ((long)bh * a.RelRows + a.RelRows / 2) * Dv, dOut + (long)t * Dv, Dv);
+            }
         }
         PrepareMerged(a, bh, queryIndex, keyIndex, x);
         Permute<TS, TV>(a, bh, x, backward: true);
         for (int g = 0; g < a.Groups; g++)
         {
             x.Round = g / perRound;
-            var (m, n, prev, pn) = ScoreTile<TS, TV>(a, x, g, q, k);
+            var (m, n, prev, pn) = ScoreTile<TS, TV>(a, x, bh, g, q, k);
             if (m == 0) continue;
             int* queryPos = x.QPos + x.QOff[g];
             for (int r = 0; r < m; r++)
                 new Span<float>(dOut + (long)queryPos[r] * Dv, Dv).CopyTo(new Span<float>(x.DOg + (long)r * Dv, Dv));
-            BackwardTile<TS, TV>(a, x, g, m, n, prev, pn, dq, lse, queryPos, delta);
+            BackwardTile<TS, TV>(a, x, bh, g, m, n, prev, pn, dq, lse, queryPos, delta);
         }
         UnpermuteKeyGradients<TS, TV>(a, x, dk, dv);
+        if (a.DRelKey != 0) Tile<TS, TV>.Scale((float*)a.DRelKey + (long)bh * a.RelRows * D, (long)a.RelRows * D, a.Scale);
     }
 }
