@@ -132,22 +132,9 @@ internal static class FusedRelativeAttention
         return result.MoveToOuterDisposeScope();
     }
 
-    private static Tensor Shaw(Tensor q, Tensor k, Tensor v, Plan plan, Tensor? keyMask, double s, ShawRelativePositions shaw)
-    {
-        int r = shaw.MaxDistance;
-        var near = Near(q, k, v, plan, keyMask, s, shaw);                              // (B, H, T, Dv + 1)
-        var below = plan.Below is null ? null : PartWithLse(q, k, v, plan.Below, keyMask, s);   // (B, H, T, Dv + 1)
-        var above = plan.Above is null ? null : PartWithLse(q, k, v, plan.Above, keyMask, s);
-        var parts = new List<(Tensor Output, Tensor Lse, Tensor? Shift)> { Part(near) };
-        foreach (var (far, row) in new[] { (below, 0), (above, 2 * r) })
-        {
-            if (far is null) continue;
-            var (output, lse, _) = Part(far);
-            var rowTerm = matmul(q, shaw.KeyTable[row].to(q.dtype)) * s;                 // (B, H, T): s·qᵢ·aᴷ
-            parts.Add((output, lse + rowTerm, shaw.ValueTable[row].to(q.dtype)));
-        }
-        return Merge(parts);
-    }
+    private static Tensor Shaw(Tensor q, Tensor k, Tensor v, Plan plan, Tensor? keyMask, double s, ShawRelativePositions shaw) =>
+        ShawFunction.apply(q, k, v, keyMask, shaw.KeyTable.to(q.dtype), shaw.ValueTable.to(q.dtype),
+            new ShawSettings(plan, (float)s, FusedBlockSparseAttention.DefaultThreads));
 
     private static Tensor Alibi(Tensor q, Tensor k, Tensor v, BlockMask mask, Plan plan, Tensor? keyMask, double s, AlibiPositions alibi)
     {
@@ -172,91 +159,228 @@ internal static class FusedRelativeAttention
                  + FusedBlockSparseAttention.Attention(qx, KeysFrom(oddStart), v, plan.Above, keyMask, s);   // disjoint rows
         }
         var rowTerm = (slopes * position).squeeze(-1);                                 // (1, H, T): m·i
-        var (below, lseBelow, _) = Part(PartWithLse(qx, KeysWith(1), v, plan.Below!, keyMask, s));
-        var (above, lseAbove, _) = Part(PartWithLse(qx, KeysWith(-1), v, plan.Above, keyMask, s));
-        return Merge([(below, lseBelow - rowTerm, null), (above, lseAbove + rowTerm, null)]);
+        var (below, lseBelow) = Part(PartWithLse(qx, KeysWith(1), v, plan.Below!, keyMask, s));
+        var (above, lseAbove) = Part(PartWithLse(qx, KeysWith(-1), v, plan.Above, keyMask, s));
+        return Merge([(below, lseBelow - rowTerm), (above, lseAbove + rowTerm)]).Output;
     }
 
-    /// <summary>Shaw's near band |j − i| &lt; R with tensor ops: query block n of w rows against key blocks n − 1 … n
-    /// (+ 1), the full terms on every pair. Returns (B, H, T, Dv + 1): the output, then the row log-sum-exp (−∞ for
-    /// no key).</summary>
-    /// <remarks>The (B, H, blocks) axes are flattened into one axis of blocks, cut into chunks of about 2²⁰ scores; each
-    /// chunk is one <see cref="Recomputation"/>, so its score-sized intermediates exist only while that chunk runs,
-    /// forward or backward. The keys of block b + δ are the flattened keys shifted by δ: a chunk needs only the key
-    /// blocks next to its own. Pairs that cross into another head's blocks (a head's first block's previous one, its
-    /// last block's next one) lie outside the sequence, so the plan never allows them.</remarks>
     /// <summary>Scores per chunk of the near band (tests make it small to cross chunk boundaries).</summary>
     internal static int NearChunkScores { get; set; } = 1 << 20;
 
-    private static Tensor Near(Tensor q, Tensor k, Tensor v, Plan plan, Tensor? keyMask, double s, ShawRelativePositions shaw)
+    private sealed record ShawSettings(Plan Plan, float Scale, int Threads);
+
+    /// <summary>
+    /// Shaw's terms on a block-sparse mask as one autograd function that keeps only q, k, v, the output and the row
+    /// log-sum-exp (as the plain fused kernel does):
+    /// <list type="bullet">
+    /// <item>Far pairs (j − i ≤ −R, and j − i ≥ R unless causal) all carry the same clipped table row, so qᵢ·(kⱼ + aᴷ) and
+    /// vⱼ + aⱽ make them the plain fused kernel on shifted keys and values; the tables' gradients are the shifted
+    /// keys' and values' gradients summed.</item>
+    /// <item>The near band |j − i| &lt; R (query block n of w rows against key blocks n − 1 … n (+ 1)) runs on tensor ops
+    /// in chunks of about <see cref="NearChunkScores"/> scores, forward and a hand-written backward.</item>
+    /// </list>
+    /// The parts are merged by log-sum-exp in the forward; the backward needs no part's own result: with the merged
+    /// log-sum-exp L and Δ = rowsum(dO ∘ O), every pair's probability is exp(Sᵢⱼ − Lᵢ) and dSᵢⱼ = Pᵢⱼ·(dPᵢⱼ − Δᵢ) whichever
+    /// part it belongs to, so each part's backward runs alone on (L, Δ).
+    /// </summary>
+    private sealed class ShawFunction : autograd.SingleTensorFunction<ShawFunction>
     {
-        long batch = q.shape[0], heads = q.shape[1], seqLen = q.shape[2], dimV = v.shape[3];
-        int w = plan.Band, slots = plan.Slots, width = slots * w;
-        long nb = (seqLen + w - 1) / w, pad = nb * w - seqLen, blocks = batch * heads * nb;
-        var allowed = plan.NearAllowed!;                                               // (1, H, nb, w, slots·w)
-        if (keyMask is not null)
+        public override string Name => "FusedShawAttention";
+
+        public override Tensor forward(autograd.AutogradContext ctx, params object[] vars)
         {
-            var drop = keyMask.logical_not().view(batch, 1, seqLen, 1);                // (B, 1, T, 1)
-            k = k.masked_fill(drop, 0);                                                // NaN in padding must not leak via 0·x
-            v = v.masked_fill(drop, 0);
-            var km = nn.functional.pad(keyMask, [w, pad + (slots == 3 ? w : 0)], value: 0).view(batch, nb + slots - 1, w);
-            var around = cat(Enumerable.Range(0, slots).Select(o => km.narrow(1, o, nb)).ToArray(), 2);  // (B, nb, slots·w)
-            allowed = allowed.logical_and(around.view(batch, 1, nb, 1, width));        // (B, H, nb, w, slots·w)
+            var q = ((Tensor)vars[0]).contiguous();
+            var keyMask = vars[3] as Tensor;
+            var (k, v, keyBias) = FusedBlockSparseAttention.MaskKeys(((Tensor)vars[1]).contiguous(), ((Tensor)vars[2]).contiguous(), keyMask);
+            var (keyTable, valueTable) = (((Tensor)vars[4]).contiguous(), ((Tensor)vars[5]).contiguous());
+            var settings = (ShawSettings)vars[6];
+            var plan = settings.Plan;
+            int r = (int)keyTable.shape[0] / 2;
+            Tensor[] kept = [q, k, v, keyBias ?? empty(0), keyMask ?? empty(0, dtype: ScalarType.Bool), keyTable, valueTable];   // made outside the scope below:
+            using var scope = NewDisposeScope();                                       // saved after forward returns
+            var near = new NearBand(q, k, v, keyMask, plan);
+            var parts = new List<(Tensor Output, Tensor Lse)> { near.Forward(keyTable, valueTable, settings.Scale) };
+            foreach (var (mask, row) in Far(plan, r))
+            {
+                var (output, lse) = FusedBlockSparseAttention.ForwardKernel(mask, q, (k + keyTable[row]).contiguous(), v + valueTable[row],
+                    keyBias, settings.Scale, settings.Threads);
+                parts.Add((output, lse.masked_fill(lse.isposinf(), double.NegativeInfinity)));
+            }
+            var (merged, total) = Merge(parts);
+            ctx.save_for_backward([.. kept, merged, total]);
+            ctx.save_data("settings", settings);
+            total.MoveToOuterDisposeScope();
+            return merged.MoveToOuterDisposeScope();
         }
-        var allowedFlat = allowed.expand(batch, heads, nb, w, width).reshape(blocks, w, width);   // (B·H·nb, w, slots·w)
-        Tensor Blocks(Tensor x) =>                                                     // (B, H, T, ·) → (B·H·nb, w, ·)
-            (pad == 0 ? x : nn.functional.pad(x, [0, 0, 0, pad])).reshape(blocks, w, x.shape[3]);
-        var qf = Blocks(q);
-        var kf = Blocks(k);
-        var vf = Blocks(v);
-        long chunk = Math.Max(1, NearChunkScores / (w * width));
-        var chunks = new List<Tensor>();
-        for (long b0 = 0; b0 < blocks; b0 += chunk)
+
+        public override List<Tensor> backward(autograd.AutogradContext ctx, Tensor grad)
         {
-            long n = Math.Min(chunk, blocks - b0);
-            long k0 = Math.Max(0, b0 - 1), k1 = Math.Min(blocks, b0 + n + slots - 2);  // key blocks [b0 − 1, b0 + n (+ 1)) that exist
-            int lead = (int)(k0 - (b0 - 1)), trail = (int)(b0 + n + slots - 2 - k1);
-            chunks.Add(Recomputation.Of(x => NearChunk(x[0]!, x[1]!, x[2]!, x[3]!, new ShawRelativePositions(x[4]!, x[5]!), s, lead, trail),
-                qf.narrow(0, b0, n), kf.narrow(0, k0, k1 - k0), vf.narrow(0, k0, k1 - k0), allowedFlat.narrow(0, b0, n),
-                shaw.KeyTable, shaw.ValueTable));
+            var saved = ctx.get_saved_variables();
+            var (q, k, v, keyTable, valueTable, output, lse) = (saved[0], saved[1], saved[2], saved[5], saved[6], saved[7], saved[8]);
+            var keyBias = saved[3].numel() == 0 ? null : saved[3];
+            var keyMask = saved[4].numel() == 0 ? null : saved[4];
+            var settings = (ShawSettings)ctx.get_data("settings");
+            int r = (int)keyTable.shape[0] / 2;
+            using var scope = NewDisposeScope();
+            var dO = grad.contiguous();
+            var delta = (dO * output).sum(-1).contiguous();                                // (B, H, T): Δ = rowsum(dO ∘ O)
+            var (dq, dk, dv, dKeyTable, dValueTable) = new NearBand(q, k, v, keyMask, settings.Plan)
+                .Backward(keyTable, valueTable, lse, dO, delta, settings.Scale);
+            foreach (var (mask, row) in Far(settings.Plan, r))
+            {
+                var (dqFar, dkFar, dvFar) = FusedBlockSparseAttention.BackwardKernel(mask, q, (k + keyTable[row]).contiguous(),
+                    (v + valueTable[row]).contiguous(), keyBias, output, lse, dO, settings.Scale, settings.Threads, delta: delta);
+                dq.add_(dqFar);
+                dk.add_(dkFar);
+                dv.add_(dvFar);
+                dKeyTable[row].add_(dkFar.sum([0, 1, 2]));                                 // the shifted keys' gradient, summed
+                dValueTable[row].add_(dvFar.sum([0, 1, 2]));
+            }
+            return [dq.MoveToOuterDisposeScope(), dk.MoveToOuterDisposeScope(), dv.MoveToOuterDisposeScope(), null!,
+                    dKeyTable.MoveToOuterDisposeScope(), dValueTable.MoveToOuterDisposeScope(), null!];
         }
-        var both = cat(chunks, 0).view(batch, heads, nb * w, dimV + 1);               // (B, H, nb·w, Dv + 1)
-        return pad == 0 ? both : both.narrow(2, 0, seqLen);
+
+        /// <summary>The far masks with the table row their pairs carry: below (row 0), above (row 2R) unless causal.</summary>
+        private static IEnumerable<(BlockMask Mask, int Row)> Far(Plan plan, int r)
+        {
+            if (plan.Below is not null) yield return (plan.Below, 0);
+            if (plan.Above is not null) yield return (plan.Above, 2 * r);
+        }
     }
 
-    /// <summary>The near band of n query blocks.</summary>
-    /// <param name="qc">(n, w, D) the query blocks b.</param>
-    /// <param name="kc">(m, w, D) the existing key blocks among b − 1 … b (+ 1); <paramref name="lead"/> missing before
-    /// them, <paramref name="trail"/> after.</param>
-    /// <param name="vc">(m, w, Dv) their values.</param>
-    /// <param name="allowedC">(n, w, slots·w) bool: the allowed near pairs, slot o = key block b − 1 + o.</param>
-    /// <returns>(n, w, Dv + 1): output, then the row log-sum-exp (−∞ for no key).</returns>
-    private static Tensor NearChunk(Tensor qc, Tensor kc, Tensor vc, Tensor allowedC, ShawRelativePositions shaw, double s, int lead, int trail)
+    /// <summary>
+    /// Shaw's near band |j − i| &lt; R of one call, flattened: the (B, H, blocks) axes as one axis of nb·B·H blocks of w
+    /// rows; query block b sees key blocks b − 1 … b (+ 1), which are the flattened keys shifted by a block, so a chunk
+    /// of query blocks needs only its neighbours' key blocks. Pairs that cross into another head's blocks (a head's
+    /// first block's previous one, its last block's next one) lie outside the sequence, so the plan never allows them.
+    /// </summary>
+    private sealed class NearBand
     {
-        long n = qc.shape[0], w = qc.shape[1], width = allowedC.shape[2];
-        int slots = (int)(width / w);
-        Tensor Extend(Tensor x) => lead + trail == 0 ? x : cat([                     // (n + slots − 1, w, ·): zeros for missing blocks
-            .. Enumerable.Repeat(zeros(1, w, x.shape[2], dtype: x.dtype, device: x.device), lead), x,
-            .. Enumerable.Repeat(zeros(1, w, x.shape[2], dtype: x.dtype, device: x.device), trail)], 0);
-        var kx = Extend(kc);
-        var vx = Extend(vc);
-        var qk = cat(Enumerable.Range(0, slots).Select(o => bmm(qc, kx.narrow(0, o, n).transpose(1, 2))).ToArray(), 2);   // (n, w, slots·w)
-        var distance = (arange(width, device: qc.device).view(1, width) - w - arange(w, device: qc.device).view(w, 1))
-                       .view(1, w, width);                                             // (1, w, slots·w): j − i
-        var scores = shaw.AddToScores(qk * s, qc, distance, s);                        // (n, w, slots·w)
-        var refused = allowedC.logical_not();
-        var empty = refused.all(-1, keepdim: true);                                    // (n, w, 1): no key at all
-        var masked = scores.masked_fill(refused, double.NegativeInfinity).masked_fill(empty, 0);   // finite on empty rows
-        var lse = masked.logsumexp(-1, keepdim: true);                                 // (n, w, 1)
-        var probs = (masked - lse).exp().masked_fill(empty, 0);                        // (n, w, slots·w)
-        Tensor output = null!;
-        for (int o = 0; o < slots; o++)
+        private readonly Tensor qf, kf, vf, allowed;                                   // (blocks, w, ·), allowed (blocks, w, slots·w)
+        private readonly long batch, heads, seqLen, blocks, pad, chunk;
+        private readonly int w, slots;
+
+        public NearBand(Tensor q, Tensor k, Tensor v, Tensor? keyMask, Plan plan)
         {
-            var term = bmm(probs.narrow(2, o * w, w), vx.narrow(0, o, n));            // (n, w, Dv)
-            output = o == 0 ? term : output + term;
+            (batch, heads, seqLen) = (q.shape[0], q.shape[1], q.shape[2]);
+            (w, slots) = (plan.Band, plan.Slots);
+            int width = slots * w;
+            long nb = (seqLen + w - 1) / w;
+            (pad, blocks) = (nb * w - seqLen, batch * heads * nb);
+            var near = plan.NearAllowed!;                                               // (1, H, nb, w, slots·w)
+            if (keyMask is not null)
+            {
+                var km = nn.functional.pad(keyMask, [w, pad + (slots == 3 ? w : 0)], value: 0).view(batch, nb + slots - 1, w);
+                var around = cat(Enumerable.Range(0, slots).Select(o => km.narrow(1, o, nb)).ToArray(), 2);  // (B, nb, slots·w)
+                near = near.logical_and(around.view(batch, 1, nb, 1, width));          // (B, H, nb, w, slots·w)
+            }
+            allowed = near.expand(batch, heads, nb, w, width).reshape(blocks, w, width);   // (blocks, w, slots·w)
+            qf = Blocks(q);
+            kf = Blocks(k);
+            vf = Blocks(v);
+            chunk = Math.Max(1, NearChunkScores / (w * width));
         }
-        output = shaw.AddToOutput(output, probs, distance);                            // (n, w, Dv)
-        return cat([output, lse.masked_fill(empty, double.NegativeInfinity)], 2);      // (n, w, Dv + 1)
+
+        private Tensor Blocks(Tensor x) =>                                             // (B, H, T, ·) → (blocks, w, ·)
+            (pad == 0 ? x : nn.functional.pad(x, [0, 0, 0, pad])).reshape(blocks, w, x.shape[3]);
+
+        private Tensor Unblocks(Tensor x) =>                                           // (blocks, w, ·) → (B, H, T, ·)
+            pad == 0 ? x.view(batch, heads, seqLen, x.shape[2]) : x.view(batch, heads, blocks / batch / heads * w, x.shape[2]).narrow(2, 0, seqLen);
+
+        /// <summary>Query blocks [b0, b0 + n) of every chunk.</summary>
+        private IEnumerable<(long B0, long N)> Chunks()
+        {
+            for (long b0 = 0; b0 < blocks; b0 += chunk) yield return (b0, Math.Min(chunk, blocks - b0));
+        }
+
+        /// <summary>(n + slots − 1, w, ·): blocks b0 − 1 … b0 + n (+ 1) of x, zeros where they fall outside.</summary>
+        private Tensor Around(Tensor x, long b0, long n)
+        {
+            long k0 = Math.Max(0, b0 - 1), k1 = Math.Min(blocks, b0 + n + slots - 2);
+            long lead = k0 - (b0 - 1), trail = b0 + n + slots - 2 - k1;
+            var inside = x.narrow(0, k0, k1 - k0);
+            return lead + trail == 0 ? inside : nn.functional.pad(inside, [0, 0, 0, 0, lead, trail]);
+        }
+
+        /// <summary>Scaled scores with the Shaw term, −∞ where not allowed: (n, w, slots·w), and the table row of
+        /// each pair (1, w, slots·w).</summary>
+        private (Tensor Scores, Tensor Row) Scores(Tensor qc, Tensor kx, Tensor allowedC, Tensor keyTable, float s)
+        {
+            long n = qc.shape[0];
+            int width = slots * w, r = (int)keyTable.shape[0] / 2;
+            var qk = cat(Enumerable.Range(0, slots).Select(o => bmm(qc, kx.narrow(0, o, n).transpose(1, 2))).ToArray(), 2);   // (n, w, slots·w)
+            var distance = arange(width).view(1, width) - w - arange(w).view(w, 1);   // (w, slots·w): j − i
+            var row = (distance.clamp(-r, r) + r).view(1, w, width);
+            var perRow = matmul(qc, keyTable.t());                                     // (n, w, 2R + 1): qᵢ·aᴷ
+            var scores = (qk + perRow.gather(2, row.expand(n, w, width))) * s;
+            return (scores.masked_fill(allowedC.logical_not(), double.NegativeInfinity), row);
+        }
+
+        /// <summary>x (n, w, slots·w) summed per table row: (n, w, 2R + 1).</summary>
+        private static Tensor PerRow(Tensor x, Tensor row, long rows) =>
+            zeros(x.shape[0], x.shape[1], rows).scatter_add(2, row.expand_as(x), x);
+
+        /// <summary>The near band's normalised output (B, H, T, Dv) and row log-sum-exp (B, H, T), −∞ for no key.</summary>
+        public (Tensor Output, Tensor Lse) Forward(Tensor keyTable, Tensor valueTable, float s)
+        {
+            var outputs = new List<Tensor>();
+            var lses = new List<Tensor>();
+            foreach (var (b0, n) in Chunks())
+            {
+                using var scope = NewDisposeScope();
+                var qc = qf.narrow(0, b0, n);
+                var (vx, allowedC) = (Around(vf, b0, n), allowed.narrow(0, b0, n));
+                var (scores, row) = Scores(qc, Around(kf, b0, n), allowedC, keyTable, s);
+                var lse = scores.logsumexp(-1, keepdim: true);                        // (n, w, 1): −∞ for no key
+                var probs = (scores - lse.masked_fill(lse.isneginf(), 0)).exp();       // (n, w, slots·w): 0 on no-key rows
+                var output = matmul(PerRow(probs, row, keyTable.shape[0]), valueTable);   // (n, w, Dv): Σ p·aⱽ
+                for (int o = 0; o < slots; o++) output.add_(bmm(probs.narrow(2, o * w, w), vx.narrow(0, o, n)));
+                outputs.Add(output.MoveToOuterDisposeScope());
+                lses.Add(lse.MoveToOuterDisposeScope());
+            }
+            return (Unblocks(cat(outputs, 0)), Unblocks(cat(lses, 0)).squeeze(-1));
+        }
+
+        /// <summary>The near pairs' share of the gradients, given the merged softmax's row log-sum-exp L and
+        /// Δ = rowsum(dO ∘ O): P = exp(S − L), dP = dO·(v + aⱽ), dS = P ∘ (dP − Δ); returns fresh dq, dk, dv and
+        /// the tables' gradients for the far parts to add to.</summary>
+        public (Tensor Dq, Tensor Dk, Tensor Dv, Tensor DKeyTable, Tensor DValueTable) Backward(Tensor keyTable, Tensor valueTable,
+            Tensor lse, Tensor dO, Tensor delta, float s)
+        {
+            long rows = keyTable.shape[0], dim = qf.shape[2], dimV = vf.shape[2];
+            var dq = zeros(blocks, w, dim);
+            var dkAround = zeros(blocks + 2, w, dim);                                  // block b at b + 1: room for b − 1 and b + 1
+            var dvAround = zeros(blocks + 2, w, dimV);
+            var (dKeyTable, dValueTable) = (zeros_like(keyTable), zeros_like(valueTable));
+            var lseF = Blocks(lse.unsqueeze(-1));                                      // (blocks, w, 1)
+            var deltaF = Blocks(delta.unsqueeze(-1));
+            var dOF = Blocks(dO);
+            foreach (var (b0, n) in Chunks())
+            {
+                using var scope = NewDisposeScope();
+                var (qc, dOc) = (qf.narrow(0, b0, n), dOF.narrow(0, b0, n));
+                var (kx, vx) = (Around(kf, b0, n), Around(vf, b0, n));
+                var (scores, row) = Scores(qc, kx, allowed.narrow(0, b0, n), keyTable, s);
+                var probs = (scores - lseF.narrow(0, b0, n)).exp();                   // (n, w, slots·w); L = +∞ on no-key rows
+                var dOValueRows = matmul(dOc, valueTable.t()).gather(2, row.expand_as(probs));   // dO·aⱽ per pair
+                var dP = cat(Enumerable.Range(0, slots).Select(o => bmm(dOc, vx.narrow(0, o, n).transpose(1, 2))).ToArray(), 2) + dOValueRows;
+                var dS = probs * (dP - deltaF.narrow(0, b0, n));                       // (n, w, slots·w)
+                var dSRows = PerRow(dS, row, rows);                                    // (n, w, 2R + 1)
+                var dqc = matmul(dSRows, keyTable);                                    // (n, w, D): dS·aᴷ
+                for (int o = 0; o < slots; o++)
+                {
+                    var dSo = dS.narrow(2, o * w, w);                                   // (n, w, w): key block b − 1 + o
+                    dqc.add_(bmm(dSo, kx.narrow(0, o, n)));
+                    dkAround.narrow(0, b0 + o, n).add_(bmm(dSo.transpose(1, 2), qc), alpha: s);
+                    dvAround.narrow(0, b0 + o, n).add_(bmm(probs.narrow(2, o * w, w).transpose(1, 2), dOc));
+                }
+                dq.narrow(0, b0, n).add_(dqc, alpha: s);
+                dKeyTable.add_(matmul(dSRows.reshape(-1, rows).t(), qc.reshape(-1, dim)), alpha: s);
+                dValueTable.add_(matmul(PerRow(probs, row, rows).reshape(-1, rows).t(), dOc.reshape(-1, dimV)));
+            }
+            return (Unblocks(dq).contiguous(), Unblocks(dkAround.narrow(0, 1, blocks)).contiguous(),
+                    Unblocks(dvAround.narrow(0, 1, blocks)).contiguous(), dKeyTable, dValueTable);
+        }
     }
 
     /// <summary>The fused kernel over <paramref name="mask"/>: (B, H, T, Dv + 1), the output, then the row log-sum-exp
@@ -265,19 +389,18 @@ internal static class FusedRelativeAttention
         PartFunction.apply(q, k, v, keyMask,
             new FusedBlockSparseAttention.Settings(mask, (float)s, FusedBlockSparseAttention.DefaultThreads, 0));
 
-    /// <summary>A part for <see cref="Merge"/> from (B, H, T, Dv + 1) output and log-sum-exp: the output (B, H, T, Dv),
-    /// the log-sum-exp (B, H, T) with −∞ for a row with no key, no shift.</summary>
-    private static (Tensor Output, Tensor Lse, Tensor? Shift) Part(Tensor both)
+    /// <summary>A part for <see cref="Merge"/> from (B, H, T, Dv + 1) output and log-sum-exp: the output (B, H, T, Dv)
+    /// and the log-sum-exp (B, H, T) with −∞ for a row with no key.</summary>
+    private static (Tensor Output, Tensor Lse) Part(Tensor both)
     {
         long dimV = both.shape[3] - 1;
         var lse = both.select(3, dimV);
-        return (both.narrow(3, 0, dimV), lse.masked_fill(lse.isposinf(), double.NegativeInfinity), null);
+        return (both.narrow(3, 0, dimV), lse.masked_fill(lse.isposinf(), double.NegativeInfinity));
     }
 
-    /// <summary>One softmax over the union of the parts' keys: weights softmax(lse) across parts; a row with no key in
-    /// any part gets zeros. A part's shift (Dv) is added to its output (every key of the part carries that value term),
-    /// as weight·shift after the sum, so no shifted copy of a part's output is formed and kept for the backward.</summary>
-    private static Tensor Merge(List<(Tensor Output, Tensor Lse, Tensor? Shift)> parts)
+    /// <summary>One softmax over the union of the parts' keys: weights softmax(lse) across parts, and the union's
+    /// log-sum-exp (+∞ for a row with no key in any part, whose output is zeros — the kernels' convention).</summary>
+    private static (Tensor Output, Tensor Lse) Merge(List<(Tensor Output, Tensor Lse)> parts)
     {
         var lse = stack(parts.Select(p => p.Lse).ToArray(), -1);                       // (B, H, T, P)
         var none = lse.isfinite().any(-1, keepdim: true).logical_not();                // (B, H, T, 1)
@@ -288,10 +411,8 @@ internal static class FusedRelativeAttention
             var term = parts[p].Output * weights.narrow(3, p, 1);                      // (B, H, T, Dv)
             output = p == 0 ? term : output + term;
         }
-        for (int p = 0; p < parts.Count; p++)
-            if (parts[p].Shift is Tensor shift)
-                output = output + weights.narrow(3, p, 1) * shift;                     // (B, H, T, Dv)
-        return output.masked_fill(none, 0);
+        var total = lse.logsumexp(-1).masked_fill(none.squeeze(-1), double.PositiveInfinity);   // (B, H, T)
+        return (output.masked_fill(none, 0), total);
     }
 
     /// <summary>The fused forward returning [output, lse] as (B, H, T, Dv + 1), and a backward that takes the
